@@ -1,0 +1,3 @@
+"""twinvol: replicated block storage served over NBD."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from twinvol.cli.main import main
+
+main()

@@ -1,0 +1,70 @@
+"""What every CLI command shares: cluster loading, API calls, output and errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from twinvol import cluster as cluster_mod
+from twinvol.cluster import ClusterConfig, ClusterError
+
+ClusterOpt = typer.Option(None, "--cluster", "-c", envvar="TWINVOL_CLUSTER",
+                          help="Cluster file (default: $TWINVOL_CLUSTER).", show_envvar=False)
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON.")
+NodeOpt = typer.Option(None, "--node", "-n", help="Node name from the cluster file.")
+
+console = Console()
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, non-zero exit."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def load_cluster(path: str | None) -> ClusterConfig:
+    try:
+        return cluster_mod.load(path)
+    except ClusterError as e:
+        raise CliError(str(e)) from None
+
+
+class ApiError(CliError):
+    def __init__(self, message: str, status: int, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def api(cfg: ClusterConfig, node: str, method: str, path: str,
+        body: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
+    """Call a node's HTTP API; raise CliError with the server's message on failure."""
+    url = cfg.node(node).api_url + path
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        try:
+            err = json.loads(e.read())["error"]
+            raise ApiError(f"node {node}: {err['message']}", e.code, err["code"]) from None
+        except (ValueError, KeyError, TypeError):
+            raise ApiError(f"node {node}: HTTP {e.code} {e.reason}", e.code, "http") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise CliError(f"node {node} ({url}) is not reachable: {reason}; is it running "
+                       "(`twinvol node run` or `twinvol up`)?") from None
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")

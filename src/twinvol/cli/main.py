@@ -1,0 +1,54 @@
+"""The `twinvol` command. Errors are one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from twinvol import __version__
+from twinvol.cli import node, up, volume
+from twinvol.cli.common import CliError
+
+app = typer.Typer(
+    name="twinvol",
+    help="twinvol: replicated block storage served over NBD.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(node.app, name="node")
+app.add_typer(volume.app, name="volume")
+app.command("up")(up.up)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    print(__version__)
+
+
+def _fail(message: str, code: int) -> None:
+    sys.stderr.write(f"twinvol: error: {message}\n")
+    sys.exit(code)
+
+
+def main() -> None:
+    try:
+        rc = app(standalone_mode=False)
+    except CliError as e:
+        _fail(str(e), e.exit_code)
+    except click.exceptions.NoArgsIsHelpError:
+        sys.exit(0)
+    except click.UsageError as e:
+        where = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
+        _fail(f"{e.format_message()}{where}", 2)
+    except click.exceptions.Abort:
+        _fail("aborted", 130)
+    except click.ClickException as e:
+        _fail(e.format_message(), e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)

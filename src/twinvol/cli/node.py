@@ -1,0 +1,76 @@
+"""`twinvol node run|status`."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from twinvol import logs
+from twinvol.cli.common import (
+    CliError,
+    ClusterOpt,
+    JsonOpt,
+    NodeOpt,
+    api,
+    console,
+    emit_json,
+    load_cluster,
+)
+from twinvol.cluster import ClusterError
+from twinvol.sizes import format_size
+from twinvol.storage.catalog import CatalogError
+
+app = typer.Typer(help="Run and inspect storage nodes.", no_args_is_help=True)
+
+
+@app.command()
+def run(
+    node: str = typer.Option(..., "--node", "-n", help="Node name from the cluster file."),
+    cluster: str = ClusterOpt,
+) -> None:
+    """Run a storage node in the foreground (stops on SIGTERM/SIGINT)."""
+    from twinvol.node.daemon import NodeStartError
+    from twinvol.node.daemon import run as run_node
+
+    cfg = load_cluster(cluster)
+    try:
+        cfg.node(node)
+    except ClusterError as e:
+        raise CliError(str(e)) from None
+    logs.setup(f"node-{node}")
+    try:
+        run_node(cfg, node)
+    except (NodeStartError, CatalogError) as e:
+        raise CliError(f"node {node} cannot start: {e}") from None
+
+
+@app.command()
+def status(
+    node: str = NodeOpt,
+    cluster: str = ClusterOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Show the status of every node (or one)."""
+    cfg = load_cluster(cluster)
+    names = [node] if node else list(cfg.nodes)
+    out: dict[str, object] = {}
+    for n in names:
+        cfg.node(n)
+        try:
+            out[n] = api(cfg, n, "GET", "/api/v1/node", timeout=5)
+        except CliError as e:
+            if node:
+                raise
+            out[n] = {"node": n, "error": str(e)}
+    if json_out:
+        emit_json({"nodes": out})
+        return
+    table = Table("node", "site", "pid", "nbd", "api", "volumes", "conns", "free")
+    for n, s in out.items():
+        assert isinstance(s, dict)
+        if "error" in s:
+            table.add_row(n, "-", "-", "-", "-", "-", "-", f"[red]{s['error']}[/]")
+        else:
+            table.add_row(n, s["site"], str(s["pid"]), s["nbd"], s["api"], str(s["volumes"]),
+                          str(s["connections"]), format_size(s["capacity"]["free"]))
+    console.print(table)

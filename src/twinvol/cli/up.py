@@ -1,0 +1,112 @@
+"""`twinvol up`: the local demo cluster on loopback, in the foreground.
+
+Starts nodes A, B and C (sites A, B, C), each its own process, creates the
+volume `demo` (1 GiB) on A, prints one ready line (or one JSON object with
+`--json`) and runs until SIGINT/SIGTERM, then stops everything. Running it again
+on the same directory reuses the cluster file and the data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+import typer
+
+from twinvol import cluster as cluster_mod
+from twinvol.cli.common import ApiError, CliError, api
+from twinvol.cluster import ClusterConfig, ClusterError, ClusterSection, NodeConfig
+from twinvol.supervisor import Supervisor, free_ports, twinvol_argv
+
+NODES = ("A", "B", "C")
+DEMO_VOLUME = "demo"
+DEMO_SIZE = 1 << 30
+
+
+def _new_cluster(directory: str) -> ClusterConfig:
+    ports = iter(free_ports(2 * len(NODES)))
+    nodes = {
+        name: NodeConfig(site=name, nbd=f"127.0.0.1:{next(ports)}",
+                         api=f"127.0.0.1:{next(ports)}", data_dir=name)
+        for name in NODES
+    }
+    return ClusterConfig(nodes=nodes, cluster=ClusterSection(name="twinvol-up"))
+
+
+def up(
+    directory: str = typer.Option("twinvol-data", "--dir", "-d",
+                                  help="Directory for the cluster file, data and logs."),
+    json_out: bool = typer.Option(False, "--json", help="Print the ready object as JSON."),
+) -> None:
+    """Start the local demo cluster (nodes A, B, C and volume `demo`) until Ctrl-C."""
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "cluster.toml")
+    if os.path.exists(path):
+        try:
+            cfg = cluster_mod.load(path)
+        except ClusterError as e:
+            raise CliError(f"{e}; remove it or choose another --dir") from None
+    else:
+        cfg = _new_cluster(directory)
+        cluster_mod.dump(cfg, path)
+        cfg = cluster_mod.load(path)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    sup = Supervisor()
+    try:
+        for name in cfg.nodes:
+            sup.start(name, twinvol_argv("node", "run", "--cluster", path, "--node", name),
+                      os.path.join(directory, "logs", f"{name}.log"))
+        for name, node in cfg.nodes.items():
+            try:
+                sup.wait_http(name, node.api_url + "/api/v1/health")
+            except RuntimeError as e:
+                raise CliError(f"node {name} failed to start: {e}") from None
+        first = next(iter(cfg.nodes))
+        try:
+            api(cfg, first, "GET", f"/api/v1/volumes/{DEMO_VOLUME}")
+        except ApiError as e:
+            if e.status != 404:
+                raise
+            api(cfg, first, "POST", "/api/v1/volumes",
+                {"name": DEMO_VOLUME, "size": DEMO_SIZE,
+                 "description": "twinvol demo volume"})
+        ready = _ready(cfg, sup, path, first)
+        if json_out:
+            sys.stdout.write(json.dumps(ready) + "\n")
+        else:
+            nodes = " ".join(f"{n}(pid {v['pid']}, {v['nbd']}, {v['api']})"
+                             for n, v in ready["nodes"].items())
+            vols = " ".join(f"{k}={v}" for k, v in ready["volumes"].items())
+            sys.stdout.write(f"twinvol up: ready; cluster {path}; nodes {nodes}; "
+                             f"volumes {vols}; Ctrl-C stops\n")
+        sys.stdout.flush()
+        reported: set[str] = set()
+        while not stop.wait(0.5):
+            for name, comp in sup.components.items():
+                if comp.proc is not None and not comp.alive() and name not in reported:
+                    reported.add(name)
+                    sys.stderr.write(f"twinvol up: warning: {name} exited with status "
+                                     f"{comp.proc.returncode}; see {comp.log_path}\n")
+    finally:
+        sup.stop_all()
+
+
+def _ready(cfg: ClusterConfig, sup: Supervisor, path: str, first: str) -> dict[str, Any]:
+    return {
+        "cluster": path,
+        "nodes": {name: {"pid": sup.components[name].pid, "nbd": node.nbd_uri(),
+                         "api": node.api_url, "site": node.site}
+                  for name, node in cfg.nodes.items()},
+        "witness": None,
+        "host": None,
+        "volumes": {DEMO_VOLUME: cfg.node(first).nbd_uri(DEMO_VOLUME)},
+    }

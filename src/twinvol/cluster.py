@@ -1,0 +1,126 @@
+"""The cluster file (TOML): which nodes exist, their sites, addresses and data directories.
+
+Example::
+
+    [cluster]
+    name = "demo"
+
+    [nodes.A]
+    site = "A"
+    nbd = "127.0.0.1:10809"
+    api = "127.0.0.1:8701"
+    data_dir = "A"          # relative paths are relative to this file
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from typing import Any
+
+import msgspec
+import tomli_w
+
+
+class ClusterError(Exception):
+    """The cluster file is missing, unreadable or inconsistent."""
+
+
+class NodeConfig(msgspec.Struct, forbid_unknown_fields=True):
+    site: str
+    nbd: str
+    api: str
+    data_dir: str
+
+    @property
+    def nbd_hostport(self) -> tuple[str, int]:
+        return split_hostport(self.nbd)
+
+    @property
+    def api_hostport(self) -> tuple[str, int]:
+        return split_hostport(self.api)
+
+    @property
+    def api_url(self) -> str:
+        host, port = self.api_hostport
+        return f"http://{_urlhost(host)}:{port}"
+
+    def nbd_uri(self, export: str = "") -> str:
+        host, port = self.nbd_hostport
+        return f"nbd://{_urlhost(host)}:{port}/{export}"
+
+
+class ClusterSection(msgspec.Struct, forbid_unknown_fields=True):
+    name: str = "twinvol"
+
+
+class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
+    nodes: dict[str, NodeConfig]
+    cluster: ClusterSection = msgspec.field(default_factory=ClusterSection)
+    path: str = ""  # where it was loaded from (not stored in the file)
+
+    def node(self, name: str) -> NodeConfig:
+        try:
+            return self.nodes[name]
+        except KeyError:
+            known = ", ".join(sorted(self.nodes)) or "none"
+            raise ClusterError(f"node {name!r} is not in cluster file {self.path} "
+                               f"(nodes: {known})") from None
+
+    def data_dir(self, name: str) -> str:
+        d = self.node(name).data_dir
+        return d if os.path.isabs(d) else os.path.join(os.path.dirname(self.path), d)
+
+
+def split_hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ClusterError(f"address {value!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _urlhost(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def load(path: str | None) -> ClusterConfig:
+    """Load and validate a cluster file; `None` means `$TWINVOL_CLUSTER`."""
+    path = path or os.environ.get("TWINVOL_CLUSTER")
+    if not path:
+        raise ClusterError("no cluster file: pass --cluster FILE or set TWINVOL_CLUSTER")
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ClusterError(f"cluster file {path} does not exist") from None
+    except OSError as e:
+        raise ClusterError(f"cannot read cluster file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ClusterError(f"cluster file {path} is not valid TOML: {e}") from None
+    try:
+        cfg = msgspec.convert(raw, ClusterConfig)
+    except msgspec.ValidationError as e:
+        raise ClusterError(f"cluster file {path}: {e}") from None
+    if not cfg.nodes:
+        raise ClusterError(f"cluster file {path} names no nodes")
+    for name, node in cfg.nodes.items():
+        try:
+            split_hostport(node.nbd)
+            split_hostport(node.api)
+        except ClusterError as e:
+            raise ClusterError(f"cluster file {path}, node {name}: {e}") from None
+    cfg.path = path
+    return cfg
+
+
+def dump(cfg: ClusterConfig, path: str) -> None:
+    """Write a cluster file atomically."""
+    data: dict[str, Any] = msgspec.to_builtins(cfg)
+    data.pop("path", None)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        tomli_w.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,252 @@
+"""Thin asyncio layer around the sans-IO `ServerConnection`.
+
+Fast operations (reads and writes to a page-cached file, hole punching,
+allocation maps) run inline on the event loop, which is what keeps small I/O
+fast in Python; fdatasync (FLUSH, FUA) runs on a thread so other requests keep
+flowing and their replies may overtake it (replies are out of order by design).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from typing import Protocol
+
+from twinvol.nbd.constants import Cmd, Err
+from twinvol.nbd.server import (
+    FAST_ZERO,
+    FUA,
+    NEED_DATA,
+    NO_HOLE,
+    REQ_ONE,
+    Disconnect,
+    ExportInfo,
+    ExportProvider,
+    Ready,
+    Request,
+    ServerConnection,
+)
+from twinvol.storage.backing import NotFast
+
+log = logging.getLogger("twinvol.nbd")
+
+MAX_PENDING = 256  # async operations in flight per connection before reading pauses
+
+
+class Backend(Protocol):
+    """The block operations an export needs (a `BackingStore` has them all)."""
+
+    def pread(self, offset: int, length: int) -> bytes: ...
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
+    def trim(self, offset: int, length: int) -> None: ...
+    def write_zeroes(self, offset: int, length: int, *, no_hole: bool, fast: bool) -> None: ...
+    def flush(self) -> None: ...
+    def cache(self, offset: int, length: int) -> None: ...
+    def extents(self, offset: int, length: int) -> list[tuple[int, int]]: ...
+
+
+class ExportRegistry(ExportProvider, Protocol):
+    """Export lookup plus attaching a connection to an export's backend."""
+
+    def attach(self, export: ExportInfo) -> Backend: ...
+    def detach(self, export: ExportInfo) -> None: ...
+
+
+def nbd_errno(e: OSError) -> int:
+    """Map a host errno to the NBD error value the spec asks for."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return Err.ENOSPC
+    if e.errno in (errno.EPERM, errno.EACCES, errno.EROFS):
+        return Err.EPERM
+    if e.errno == errno.EINVAL:
+        return Err.EINVAL
+    if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
+        return Err.ENOTSUP
+    return Err.EIO
+
+
+class NbdServerProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, registry: ExportRegistry, executor: Executor,
+                 connections: set[NbdServerProtocol]) -> None:
+        self.registry = registry
+        self.executor = executor
+        self.connections = connections
+        self.conn = ServerConnection(registry)
+        self.transport: asyncio.Transport | None = None
+        self.backend: Backend | None = None
+        self.export: ExportInfo | None = None
+        self.peer = "?"
+        self._pending: set[asyncio.Future[None]] = set()
+        self._paused_pending = False
+        self._write_paused = False
+        self._closing = False
+
+    # ---- asyncio callbacks ----------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.connections.add(self)
+        transport.write(self.conn.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        self._pump()
+
+    def eof_received(self) -> bool:
+        self.conn.receive_data(b"")
+        self._pump()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connections.discard(self)
+        self._closing = True
+        if self.export is not None:
+            self.registry.detach(self.export)
+            self.export = None
+            self.backend = None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    # ---- event handling -------------------------------------------------
+
+    def _pump(self) -> None:
+        conn = self.conn
+        transport = self.transport
+        assert transport is not None
+        while not self._closing:
+            ev = conn.next_event()
+            if conn._out:
+                transport.write(conn.data_to_send())
+            if ev is NEED_DATA:
+                break
+            if type(ev) is Request:
+                self._handle(ev)
+            elif type(ev) is Ready:
+                self._ready(ev)
+            elif type(ev) is Disconnect:
+                self._disconnect(ev)
+                break
+
+    def _ready(self, ev: Ready) -> None:
+        self.export = ev.export
+        self.backend = self.registry.attach(ev.export)
+        log.info("nbd client connected", extra={"peer": self.peer, "export": ev.export.name,
+                                                "structured": ev.structured})
+
+    def _disconnect(self, ev: Disconnect) -> None:
+        assert self.transport is not None
+        self._closing = True
+        if ev.error:
+            log.warning("nbd protocol error, hard disconnect",
+                        extra={"peer": self.peer, "reason": ev.reason})
+            self.transport.abort()
+            return
+        if self._pending:
+            waiter = asyncio.gather(*self._pending, return_exceptions=True)
+            waiter.add_done_callback(lambda _f: self._close())
+        else:
+            self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _handle(self, req: Request) -> None:
+        backend = self.backend
+        transport = self.transport
+        assert backend is not None and transport is not None
+        cmd = req.command
+        conn = self.conn
+        try:
+            if cmd == Cmd.READ:
+                data = backend.pread(req.offset, req.length)
+                transport.writelines(conn.reply_read(req.cookie, req.offset, data))
+                return
+            if cmd == Cmd.WRITE:
+                assert req.data is not None
+                backend.pwrite(req.offset, req.data)
+            elif cmd == Cmd.FLUSH:
+                self._sync(req)
+                return
+            elif cmd == Cmd.TRIM:
+                backend.trim(req.offset, req.length)
+            elif cmd == Cmd.WRITE_ZEROES:
+                backend.write_zeroes(req.offset, req.length, no_hole=bool(req.flags & NO_HOLE),
+                                     fast=bool(req.flags & FAST_ZERO))
+            elif cmd == Cmd.BLOCK_STATUS:
+                extents = backend.extents(req.offset, req.length)
+                if req.flags & REQ_ONE:
+                    extents = [(min(extents[0][0], req.length), extents[0][1])]
+                transport.write(conn.reply_block_status(req.cookie, extents))
+                return
+            elif cmd == Cmd.CACHE:
+                backend.cache(req.offset, req.length)
+        except NotFast as e:
+            transport.writelines(conn.reply_error(req.cookie, Err.ENOTSUP, str(e)))
+            return
+        except OSError as e:
+            log.error("backing storage error", extra={"peer": self.peer, "op": cmd.name,
+                                                      "offset": req.offset, "errno": e.errno})
+            transport.writelines(conn.reply_error(req.cookie, nbd_errno(e),
+                                                  f"{cmd.name} failed: {e.strerror}"))
+            return
+        if req.flags & FUA:
+            self._sync(req)
+        else:
+            transport.write(conn.reply_ok(req.cookie))
+
+    def _sync(self, req: Request) -> None:
+        """fdatasync off the loop, then reply; later requests do not wait for it."""
+        backend = self.backend
+        assert backend is not None
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self.executor, backend.flush)
+        self._pending.add(fut)
+        self._update_reading()
+
+        def done(f: asyncio.Future[None]) -> None:
+            self._pending.discard(f)
+            self._update_reading()
+            if self.transport is None or self.transport.is_closing():
+                return
+            exc = f.exception()
+            if exc is None:
+                self.transport.write(self.conn.reply_ok(req.cookie))
+            else:
+                err = nbd_errno(exc) if isinstance(exc, OSError) else Err.EIO
+                self.transport.writelines(self.conn.reply_error(req.cookie, err,
+                                                                f"flush failed: {exc}"))
+
+        fut.add_done_callback(done)
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        pause = self._write_paused or len(self._pending) >= MAX_PENDING
+        if pause and not self._paused_pending:
+            self._paused_pending = True
+            transport.pause_reading()
+        elif not pause and self._paused_pending:
+            self._paused_pending = False
+            transport.resume_reading()
+
+
+def close_all(connections: Sequence[NbdServerProtocol] | set[NbdServerProtocol]) -> None:
+    for c in list(connections):
+        if c.transport is not None:
+            c.transport.close()
+

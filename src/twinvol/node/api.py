@@ -1,0 +1,150 @@
+"""The node's HTTP JSON management API (aiohttp).
+
+Errors are `{"error": {"code": ..., "message": ...}}` with a matching HTTP status,
+so the CLI can print one clear line.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from aiohttp import web
+
+from twinvol import __version__
+from twinvol.sizes import SizeError, parse_size
+from twinvol.storage.volumes import Volume, VolumeError
+
+if TYPE_CHECKING:
+    from twinvol.node.daemon import Node
+
+_STATUS = {"invalid": 400, "not_found": 404, "conflict": 409, "busy": 409, "io": 500}
+
+
+class CreateVolume(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    size: int | str | None = None
+    path: str | None = None
+    export_name: str | None = None
+    description: str = ""
+    read_only: bool = False
+
+
+class ResizeVolume(msgspec.Struct, forbid_unknown_fields=True):
+    size: int | str
+
+
+def error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def _size(value: int | str | None) -> int | None:
+    if value is None or isinstance(value, int):
+        return value
+    try:
+        return parse_size(value)
+    except SizeError as e:
+        raise VolumeError(str(e)) from None
+
+
+async def _body(request: web.Request, kind: type[Any]) -> Any:
+    raw = await request.read()
+    try:
+        return msgspec.json.decode(raw or b"{}", type=kind)
+    except msgspec.DecodeError as e:
+        raise VolumeError(f"bad request body: {e}") from None
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except VolumeError as e:
+        return error(_STATUS.get(e.code, 400), e.code, str(e))
+    except web.HTTPException as e:
+        if e.status >= 400:
+            return error(e.status, "http", e.reason)
+        raise
+
+
+def volume_view(node: Node, vol: Volume) -> dict[str, Any]:
+    rec = vol.record
+    out: dict[str, Any] = msgspec.to_builtins(rec)
+    out["node"] = node.name
+    out["site"] = node.config.site
+    out["connections"] = vol.connections
+    out["nbd_uri"] = node.config.nbd_uri(rec.export_name)
+    try:
+        out["allocated"] = os.stat(rec.path).st_blocks * 512 if rec.kind != "device" else rec.size
+    except OSError:
+        out["allocated"] = None
+    out["virtual_identity"] = {"serial": rec.serial, "volume_id": rec.vvol_id,
+                               "export_name": rec.export_name}
+    return out
+
+
+def make_app(node: Node) -> web.Application:
+    app = web.Application(middlewares=[errors], client_max_size=1 << 20)
+    routes = web.RouteTableDef()
+
+    @routes.get("/api/v1/health")
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "node": node.name})
+
+    @routes.get("/api/v1/node")
+    async def status(_: web.Request) -> web.Response:
+        st = os.statvfs(node.data_dir)
+        return web.json_response({
+            "node": node.name,
+            "site": node.config.site,
+            "pid": os.getpid(),
+            "version": __version__,
+            "serial": node.volumes.serial,
+            "uptime": round(time.monotonic() - node.started, 3),
+            "nbd": node.config.nbd_uri(),
+            "api": node.config.api_url,
+            "data_dir": node.data_dir,
+            "volumes": len(node.volumes.volumes),
+            "connections": len(node.connections),
+            "capacity": {"total": st.f_blocks * st.f_frsize, "free": st.f_bavail * st.f_frsize},
+        })
+
+    @routes.get("/api/v1/volumes")
+    async def list_volumes(_: web.Request) -> web.Response:
+        vols = [volume_view(node, v) for v in node.volumes.volumes.values()]
+        return web.json_response({"volumes": vols})
+
+    @routes.post("/api/v1/volumes")
+    async def create_volume(request: web.Request) -> web.Response:
+        body: CreateVolume = await _body(request, CreateVolume)
+        vol = node.volumes.create(body.name, _size(body.size), path=body.path,
+                                  export_name=body.export_name, description=body.description,
+                                  read_only=body.read_only)
+        node.log.info("volume created", extra={"volume": vol.record.name,
+                                               "size": vol.record.size})
+        return web.json_response(volume_view(node, vol), status=201)
+
+    @routes.get("/api/v1/volumes/{name}")
+    async def show_volume(request: web.Request) -> web.Response:
+        return web.json_response(volume_view(node, node.volumes.get(request.match_info["name"])))
+
+    @routes.post("/api/v1/volumes/{name}/resize")
+    async def resize_volume(request: web.Request) -> web.Response:
+        body: ResizeVolume = await _body(request, ResizeVolume)
+        size = _size(body.size)
+        assert size is not None
+        vol = node.volumes.resize(request.match_info["name"], size)
+        node.log.info("volume resized", extra={"volume": vol.record.name, "size": size})
+        return web.json_response(volume_view(node, vol))
+
+    @routes.delete("/api/v1/volumes/{name}")
+    async def delete_volume(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        force = request.query.get("force", "") in ("1", "true", "yes")
+        rec = node.delete_volume(name, force=force)
+        return web.json_response({"deleted": rec.name, "id": rec.id})
+
+    app.add_routes(routes)
+    return app

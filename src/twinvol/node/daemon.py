@@ -1,0 +1,167 @@
+"""The storage node daemon: one asyncio process owning one data directory.
+
+Wires the volume manager (catalog + backing stores), the NBD server and the
+HTTP API, and shuts them down in order on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from twinvol.cluster import ClusterConfig
+from twinvol.nbd.aio import Backend, NbdServerProtocol, close_all
+from twinvol.nbd.server import ExportInfo
+from twinvol.node.api import make_app
+from twinvol.storage.catalog import VolumeRecord
+from twinvol.storage.volumes import VolumeError, VolumeManager
+
+
+class NodeStartError(Exception):
+    """The node cannot start (data directory locked, port taken, catalog damaged...)."""
+
+
+class Node:
+    """A running storage node."""
+
+    def __init__(self, cluster: ClusterConfig, name: str) -> None:
+        self.cluster = cluster
+        self.name = name
+        self.config = cluster.node(name)
+        self.data_dir = cluster.data_dir(name)
+        self.log = logging.getLogger("twinvol.node")
+        self.started = time.monotonic()
+        self.connections: set[NbdServerProtocol] = set()
+        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="flush")
+        os.makedirs(self.data_dir, exist_ok=True)
+        self._lock_fd = self._lock_data_dir()
+        self._check_identity()
+        self.volumes = VolumeManager(self.data_dir)
+        self._nbd_server: asyncio.base_events.Server | None = None
+        self._runner: web.AppRunner | None = None
+
+    def _lock_data_dir(self) -> int:
+        fd = os.open(os.path.join(self.data_dir, "node.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise NodeStartError(f"data directory {self.data_dir} is in use by another node "
+                                 "process") from None
+        return fd
+
+    def _check_identity(self) -> None:
+        marker = os.path.join(self.data_dir, "node-name")
+        try:
+            with open(marker) as f:
+                owner = f.read().strip()
+        except FileNotFoundError:
+            with open(marker, "w") as f:
+                f.write(self.name + "\n")
+            return
+        if owner != self.name:
+            raise NodeStartError(f"data directory {self.data_dir} belongs to node {owner!r}, "
+                                 f"not {self.name!r}")
+
+    # ---- ExportRegistry -------------------------------------------------
+
+    def lookup(self, name: str) -> ExportInfo | None:
+        return self.volumes.lookup(name)
+
+    def list_exports(self) -> list[ExportInfo]:
+        return list(self.volumes.list_exports())
+
+    def attach(self, export: ExportInfo) -> Backend:
+        vol = self.volumes.by_export(export.name)
+        assert vol is not None
+        vol.connections += 1
+        return vol.store
+
+    def detach(self, export: ExportInfo) -> None:
+        vol = self.volumes.by_export(export.name)
+        if vol is not None and vol.export is export:
+            vol.connections = max(0, vol.connections - 1)
+
+    # ---- operations that touch connections ------------------------------
+
+    def delete_volume(self, name: str, *, force: bool) -> VolumeRecord:
+        vol = self.volumes.get(name)
+        export = vol.export
+        if force:
+            close_all([c for c in self.connections if c.export is export])
+        rec = self.volumes.delete(name, force=force)
+        self.log.info("volume deleted", extra={"volume": name})
+        return rec
+
+    # ---- lifecycle ------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = self.config.nbd_hostport
+        try:
+            self._nbd_server = await loop.create_server(
+                lambda: NbdServerProtocol(self, self.executor, self.connections),
+                host, port, reuse_address=True, backlog=256)
+        except OSError as e:
+            raise NodeStartError(f"cannot listen for NBD on {host}:{port}: {e.strerror}") from e
+        for sock in self._nbd_server.sockets:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._runner = web.AppRunner(make_app(self), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        ahost, aport = self.config.api_hostport
+        try:
+            await web.TCPSite(self._runner, ahost, aport, reuse_address=True).start()
+        except OSError as e:
+            raise NodeStartError(f"cannot listen for the API on {ahost}:{aport}: "
+                                 f"{e.strerror}") from e
+        self.log.info("node serving", extra={"node": self.name, "nbd": self.config.nbd,
+                                             "api": self.config.api, "pid": os.getpid(),
+                                             "volumes": len(self.volumes.volumes)})
+
+    async def stop(self) -> None:
+        if self._nbd_server is not None:
+            self._nbd_server.close()
+        close_all(self.connections)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await asyncio.sleep(0)
+        self.executor.shutdown(wait=True)
+        self.volumes.close()
+        os.close(self._lock_fd)
+        self.log.info("node stopped", extra={"node": self.name})
+
+
+async def serve(cluster: ClusterConfig, name: str) -> None:
+    node = Node(cluster, name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await node.start()
+        await stop.wait()
+    finally:
+        await node.stop()
+
+
+def run(cluster: ClusterConfig, name: str) -> None:
+    """Run a node in the foreground until SIGTERM/SIGINT."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a pinned dependency
+        asyncio.run(serve(cluster, name))
+        return
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(serve(cluster, name))
+
+
+__all__ = ["Node", "NodeStartError", "VolumeError", "run", "serve"]

@@ -1,0 +1,172 @@
+"""Backing storage of one volume: a sparse file or a block device, reached by offset.
+
+This is the block-store interface the rest of twinvol uses for the disk. Calls
+are synchronous and cheap on a page-cached file; only `flush` (fdatasync) is
+slow, and the NBD layer runs it off the event loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+
+from twinvol.nbd.constants import STATE_HOLE, STATE_ZERO
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+MAX_EXTENTS = 1 << 16
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+class NotFast(Exception):
+    """Zeroing cannot be done faster than writing zeroes (NBD's FAST_ZERO answer)."""
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+class BackingStore:
+    """Byte-addressed access to one volume's backing file or device."""
+
+    def __init__(self, path: str, *, writable: bool = True) -> None:
+        self.path = path
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        self.fd = os.open(path, flags)
+        st = os.fstat(self.fd)
+        self.is_device = stat.S_ISBLK(st.st_mode)
+        self.size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_device else st.st_size
+        self._can_zero_range = True
+
+    @staticmethod
+    def create_thin(path: str, size: int) -> None:
+        """Create a sparse file of `size` bytes, durably (file and directory entry)."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(os.path.dirname(path))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def pread(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:  # a file shorter than the volume reads as zeroes past its end
+            data += bytes(length - len(data))
+        return data
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        done = os.pwrite(self.fd, view, offset)
+        while done < len(view):
+            n = os.pwrite(self.fd, view[done:], offset + done)
+            if n == 0:
+                raise OSError(errno.ENOSPC, "short write")
+            done += n
+
+    def trim(self, offset: int, length: int) -> None:
+        if length:
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def write_zeroes(self, offset: int, length: int, *, no_hole: bool, fast: bool) -> None:
+        """Make the range read as zeroes; allocate it when `no_hole` is set."""
+        if not length:
+            return
+        if not no_hole:
+            try:
+                self.trim(offset, length)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+        if self._can_zero_range:
+            try:
+                fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self._can_zero_range = False
+        if fast:
+            raise NotFast("zeroing would be no faster than writing")
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(len(_ZERO_CHUNK), end - pos)
+            self.pwrite(pos, memoryview(_ZERO_CHUNK)[:n])
+            pos += n
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def cache(self, offset: int, length: int) -> None:
+        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def resize(self, size: int) -> None:
+        """Grow the backing file (devices cannot be grown here)."""
+        if self.is_device:
+            real = os.lseek(self.fd, 0, os.SEEK_END)
+            if size > real:
+                raise OSError(errno.ENOSPC, f"device is only {real} bytes")
+        else:
+            os.ftruncate(self.fd, size)
+            os.fsync(self.fd)
+        self.size = size
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Allocation map of [offset, offset+length) as (length, base:allocation flags)."""
+        end = min(offset + length, self.size)
+        out: list[tuple[int, int]] = []
+        pos = offset
+        while pos < end and len(out) < MAX_EXTENTS:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # no SEEK_DATA here: report data
+                    _append(out, end - pos, 0)
+                    break
+                data = end  # only a hole remains
+            if data > pos:
+                stop = min(data, end)
+                _append(out, stop - pos, STATE_HOLE | STATE_ZERO)
+                pos = stop
+                continue
+            try:
+                hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
+            except OSError:
+                hole = end
+            stop = min(max(hole, pos + 1), end)
+            _append(out, stop - pos, 0)
+            pos = stop
+        return out
+
+
+def _append(out: list[tuple[int, int]], length: int, flags: int) -> None:
+    if out and out[-1][1] == flags:
+        out[-1] = (out[-1][0] + length, flags)
+    else:
+        out.append((length, flags))
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,235 @@
+"""Volumes of one node: create, list, show, resize (grow), delete, and export lookup.
+
+The catalog is the source of truth; backing files follow it. Creation writes
+the file before the catalog row and deletion removes the row before the file,
+so a crash between the two leaves only an orphan thin file, which `open`
+removes on the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import stat
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from twinvol.nbd.server import ExportInfo
+from twinvol.storage.backing import BackingStore, fsync_dir
+from twinvol.storage.catalog import Catalog, VolumeRecord, now
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SECTOR = 512
+MAX_VOLUME_SIZE = 1 << 62
+
+
+class VolumeError(Exception):
+    """A volume operation was refused; `code` maps to an HTTP status."""
+
+    def __init__(self, message: str, code: str = "invalid") -> None:
+        super().__init__(message)
+        self.code = code  # invalid | not_found | conflict | busy | io
+
+
+@dataclass(slots=True)
+class Volume:
+    """An open volume: its record, its backing store and what NBD clients see."""
+
+    record: VolumeRecord
+    store: BackingStore
+    export: ExportInfo
+    connections: int = 0
+
+
+class VolumeManager:
+    """Owns the catalog and the open backing stores of one node's data directory."""
+
+    def __init__(self, data_dir: str) -> None:
+        self.data_dir = data_dir
+        self.volume_dir = os.path.join(data_dir, "volumes")
+        os.makedirs(self.volume_dir, exist_ok=True)
+        self.catalog = Catalog(os.path.join(data_dir, "catalog.sqlite"))
+        self.serial = self.catalog.node_serial()
+        self.volumes: dict[str, Volume] = {}
+        self._by_export: dict[str, Volume] = {}
+        for rec in self.catalog.volumes():
+            self._open(rec)
+        self._remove_orphans()
+
+    def close(self) -> None:
+        for vol in self.volumes.values():
+            with contextlib.suppress(OSError):
+                vol.store.flush()
+            vol.store.close()
+        self.volumes.clear()
+        self._by_export.clear()
+        self.catalog.close()
+
+    # ---- ExportProvider -------------------------------------------------
+
+    def lookup(self, name: str) -> ExportInfo | None:
+        vol = self._by_export.get(name)
+        return None if vol is None else vol.export
+
+    def list_exports(self) -> Sequence[ExportInfo]:
+        return [v.export for v in self.volumes.values()]
+
+    def by_export(self, name: str) -> Volume | None:
+        return self._by_export.get(name)
+
+    # ---- operations -----------------------------------------------------
+
+    def get(self, name: str) -> Volume:
+        vol = self.volumes.get(name)
+        if vol is None:
+            raise VolumeError(f"volume {name!r} does not exist", "not_found")
+        return vol
+
+    def create(self, name: str, size: int | None, *, path: str | None = None,
+               export_name: str | None = None, description: str = "",
+               read_only: bool = False) -> Volume:
+        if not NAME_RE.match(name):
+            raise VolumeError(f"invalid volume name {name!r}: use 1-64 letters, digits, '.', "
+                              "'_' or '-', starting with a letter or digit")
+        export_name = export_name or name
+        if not export_name or len(export_name.encode()) > 4096:
+            raise VolumeError("export name must be 1 to 4096 bytes")
+        if name in self.volumes:
+            raise VolumeError(f"volume {name!r} already exists", "conflict")
+        if export_name in self._by_export:
+            raise VolumeError(f"export name {export_name!r} is already used by volume "
+                              f"{self._by_export[export_name].record.name!r}", "conflict")
+        if size is not None:
+            _check_size(size)
+        vol_id = uuid.uuid4().hex
+        if path is None:
+            if size is None:
+                raise VolumeError("a thin volume needs a size (e.g. --size 1G)")
+            kind = "thin"
+            path = os.path.join(self.volume_dir, f"{vol_id}.img")
+            BackingStore.create_thin(path, size)
+        else:
+            path = os.path.abspath(path)
+            for v in self.volumes.values():
+                if v.record.path == path:
+                    raise VolumeError(f"{path} already backs volume {v.record.name!r}",
+                                      "conflict")
+            kind, size = _prepare_path(path, size)
+        rec = VolumeRecord(vol_id, name, export_name, size, kind, path, description,
+                           self.serial, self.catalog.next_vvol_id(), read_only, now())
+        try:
+            vol = self._open(rec)
+        except OSError as e:
+            if kind == "thin":
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise VolumeError(f"cannot open {path}: {e.strerror}", "io") from e
+        self.catalog.insert(rec)
+        return vol
+
+    def resize(self, name: str, size: int) -> Volume:
+        vol = self.get(name)
+        _check_size(size)
+        if size < vol.record.size:
+            raise VolumeError(f"volume {name!r} is {vol.record.size} bytes; shrinking is not "
+                              "supported because it would destroy data")
+        if size == vol.record.size:
+            return vol
+        try:
+            vol.store.resize(size)
+        except OSError as e:
+            raise VolumeError(f"cannot grow {vol.record.path}: {e.strerror}", "io") from e
+        self.catalog.update_size(vol.record.id, size)
+        vol.record = msgspec_replace(vol.record, size=size)
+        vol.export.size = size
+        return vol
+
+    def delete(self, name: str, *, force: bool = False) -> VolumeRecord:
+        vol = self.get(name)
+        if vol.connections and not force:
+            raise VolumeError(f"volume {name!r} has {vol.connections} open NBD connection(s); "
+                              "disconnect the clients or use --force", "busy")
+        self.catalog.delete(vol.record.id)
+        del self.volumes[name]
+        del self._by_export[vol.record.export_name]
+        vol.store.close()
+        if vol.record.kind == "thin":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(vol.record.path)
+            fsync_dir(self.volume_dir)
+        return vol.record
+
+    # ---- internals ------------------------------------------------------
+
+    def _open(self, rec: VolumeRecord) -> Volume:
+        store = BackingStore(rec.path)
+        if not store.is_device and store.size < rec.size:
+            # A resize that reached the catalog but not the file (or a file shrunk
+            # behind our back): the volume keeps its size, missing bytes read as zero.
+            os.ftruncate(store.fd, rec.size)
+        store.size = rec.size
+        export = ExportInfo(rec.export_name, rec.size, rec.description, rec.read_only)
+        vol = Volume(rec, store, export)
+        self.volumes[rec.name] = vol
+        self._by_export[rec.export_name] = vol
+        return vol
+
+    def _remove_orphans(self) -> None:
+        known = {os.path.basename(v.record.path) for v in self.volumes.values()
+                 if v.record.kind == "thin"}
+        for entry in os.listdir(self.volume_dir):
+            if entry.endswith(".img") and entry not in known:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.volume_dir, entry))
+
+
+def _check_size(size: int) -> None:
+    if size <= 0 or size % SECTOR:
+        raise VolumeError(f"size {size} must be a positive multiple of {SECTOR} bytes")
+    if size > MAX_VOLUME_SIZE:
+        raise VolumeError(f"size {size} is larger than the maximum {MAX_VOLUME_SIZE}")
+
+
+def _prepare_path(path: str, size: int | None) -> tuple[str, int]:
+    """Validate (or create) a user-given backing path; returns (kind, size)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if size is None:
+            raise VolumeError(f"{path} does not exist; give --size to create it") from None
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            raise VolumeError(f"directory {parent} does not exist") from None
+        BackingStore.create_thin(path, size)
+        return "file", size
+    if stat.S_ISBLK(st.st_mode):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            dev_size = os.lseek(fd, 0, os.SEEK_END)
+        finally:
+            os.close(fd)
+        if size is not None and size > dev_size:
+            raise VolumeError(f"device {path} holds only {dev_size} bytes")
+        return "device", size or dev_size
+    if not stat.S_ISREG(st.st_mode):
+        raise VolumeError(f"{path} is neither a regular file nor a block device")
+    if size is None:
+        if st.st_size == 0 or st.st_size % SECTOR:
+            raise VolumeError(f"{path} is {st.st_size} bytes, not a positive multiple of "
+                              f"{SECTOR}; give --size")
+        return "file", st.st_size
+    if size < st.st_size:
+        raise VolumeError(f"{path} is already {st.st_size} bytes, larger than --size {size}")
+    if size > st.st_size:
+        with open(path, "r+b") as f:
+            f.truncate(size)
+            os.fsync(f.fileno())
+    return "file", size
+
+
+def msgspec_replace(rec: VolumeRecord, **changes: object) -> VolumeRecord:
+    import msgspec
+
+    return msgspec.structs.replace(rec, **changes)

@@ -1,0 +1,129 @@
+"""Start, watch and stop twinvol component processes (used by `twinvol up`, tests, bench)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Child setup: get SIGTERM when the supervising process dies, even by kill -9."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct free TCP ports (all held open together while choosing)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def twinvol_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "twinvol", *args]
+
+
+@dataclass
+class Component:
+    name: str
+    argv: list[str]
+    log_path: str
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tail(self, lines: int = 5) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return b"\n".join(f.read().splitlines()[-lines:]).decode(errors="replace")
+        except OSError:
+            return ""
+
+
+@dataclass
+class Supervisor:
+    components: dict[str, Component] = field(default_factory=dict)
+
+    def start(self, name: str, argv: list[str], log_path: str,
+              env: dict[str, str] | None = None) -> Component:
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        comp = self.components.get(name) or Component(name, argv, log_path)
+        comp.argv = argv
+        with open(log_path, "ab") as log:
+            comp.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                                         env=env)
+        self.components[name] = comp
+        return comp
+
+    def wait_http(self, name: str, url: str, timeout: float = 30.0) -> None:
+        """Wait until `url` answers 200, or raise with the component's last log lines."""
+        comp = self.components[name]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not comp.alive():
+                status = comp.proc.returncode if comp.proc else "?"
+                raise RuntimeError(f"{name} exited with status {status}: {comp.tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{name} did not become ready within {timeout:.0f}s: {comp.tail()}")
+
+    def stop(self, name: str, timeout: float = 10.0) -> None:
+        comp = self.components.get(name)
+        if comp is None or comp.proc is None or comp.proc.poll() is not None:
+            return
+        comp.proc.send_signal(signal.SIGTERM)
+        try:
+            comp.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            comp.proc.kill()
+            comp.proc.wait()
+
+    def kill(self, name: str) -> None:
+        """kill -9, for failure tests."""
+        comp = self.components[name]
+        if comp.proc is not None and comp.proc.poll() is None:
+            comp.proc.kill()
+            comp.proc.wait()
+
+    def stop_all(self, timeout: float = 10.0) -> None:
+        for comp in self.components.values():
+            if comp.alive() and comp.proc is not None:
+                comp.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for comp in self.components.values():
+            if comp.proc is None:
+                continue
+            try:
+                comp.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                comp.proc.kill()
+                comp.proc.wait()
