@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -10,6 +11,7 @@ import typer
 from twinvol import __version__
 from twinvol.cli import node, up, volume
 from twinvol.cli.common import CliError
+from twinvol.cluster import ClusterError
 
 app = typer.Typer(
     name="twinvol",
@@ -39,6 +41,8 @@ def main() -> None:
         rc = app(standalone_mode=False)
     except CliError as e:
         _fail(str(e), e.exit_code)
+    except ClusterError as e:
+        _fail(str(e), 1)
     except click.exceptions.NoArgsIsHelpError:
         sys.exit(0)
     except click.UsageError as e:
@@ -50,5 +54,10 @@ def main() -> None:
         _fail(e.format_message(), e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as e:  # a bug, not a user mistake: still one line unless debugging
+        if os.environ.get("TWINVOL_DEBUG"):
+            raise
+        _fail(f"internal error: {type(e).__name__}: {e} (rerun with TWINVOL_DEBUG=1 for the "
+              "traceback)", 70)
     if isinstance(rc, int) and rc:
         sys.exit(rc)
