@@ -9,6 +9,13 @@ range validation, oversize handling) is decided here, so it can be tested byte
 by byte. Buffers are bounded: option data over `MAX_OPTION_DATA` is skipped
 without being stored, and a write payload over `MAX_PAYLOAD` is a hard
 disconnect (the spec's denial-of-service allowance).
+
+Zero-copy receive: `receive_data` accepts any bytes-like object (e.g. a view of
+the I/O layer's reusable scratch buffer); whatever the machine still needs when
+`next_event` returns `NEED_DATA` it has copied, so the caller may then reuse
+its buffer. While a write payload is arriving, `payload_buffer()` offers the
+destination itself so the socket can `recv_into` it (`payload_received(n)`).
+A `Request.data` view is valid until the next `next_event` call.
 """
 
 from __future__ import annotations
@@ -126,7 +133,8 @@ class Ready:
 class Request:
     """A valid transmission request the I/O layer must perform and answer.
 
-    `data` holds the write payload (a bytes-like object the event owns).
+    `data` is the write payload: a view valid until the next `next_event` call
+    (copy it to keep it longer).
     """
 
     command: Cmd
@@ -182,18 +190,19 @@ class ServerConnection:
         self.structured = False
         self.meta_context = False
         self._neg = _Negotiated()
-        self._data: bytes = b""
+        self._data: bytes | memoryview = b""
         self._pos = 0
         self._out: list[bytes] = [struct.pack(">QQH", NBDMAGIC, IHAVEOPT,
                                               FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)]
         self._payload: _Payload | None = None
+        self._spare: bytearray | None = None
         self._skip = 0  # option bytes still to discard
         self._skip_opt = 0
         self._events: list[Event] = []
 
     # ---- byte plumbing -------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes received from the client. An empty `data` means EOF."""
         if self.phase is Phase.CLOSED:
             return
@@ -204,10 +213,32 @@ class ServerConnection:
                 self._close("client closed the connection", error=False)
             return
         if self._pos >= len(self._data):
-            self._data = data
+            self._data = data if isinstance(data, bytes | memoryview) else memoryview(data)
         else:
-            self._data = self._data[self._pos:] + data
+            self._data = bytes(self._data[self._pos:]) + bytes(data)
         self._pos = 0
+
+    def payload_buffer(self) -> memoryview | None:
+        """Where the rest of the current write payload can be received directly, if anywhere."""
+        p = self._payload
+        if p is None or p.buf is None or self._pos < len(self._data):
+            return None
+        return memoryview(p.buf)[p.got:p.length]
+
+    def payload_received(self, n: int) -> None:
+        """`n` bytes were written into the view `payload_buffer()` returned."""
+        p = self._payload
+        assert p is not None and p.got + n <= p.length
+        p.got += n
+
+    def _stash(self) -> None:
+        """Keep only what is unparsed, as our own bytes, so the caller can reuse its buffer."""
+        if self._pos >= len(self._data):
+            self._data = b""
+            self._pos = 0
+        elif not isinstance(self._data, bytes):
+            self._data = bytes(self._data[self._pos:])
+            self._pos = 0
 
     def data_to_send(self) -> bytes:
         """Bytes produced by the state machine itself (handshake and error replies)."""
@@ -221,7 +252,7 @@ class ServerConnection:
         return len(self._data) - self._pos
 
     def _take(self, n: int) -> bytes:
-        b = self._data[self._pos:self._pos + n]
+        b = bytes(self._data[self._pos:self._pos + n])
         self._pos += n
         return b
 
@@ -246,10 +277,12 @@ class ServerConnection:
             elif phase is Phase.CLIENT_FLAGS:
                 ev = self._client_flags()
             else:
+                self._stash()
                 return NEED_DATA
             if ev is NEED_DATA:
                 if self._events:
                     continue
+                self._stash()
                 return NEED_DATA
             if ev is not None:
                 return ev
@@ -500,7 +533,7 @@ class ServerConnection:
                 self._pos = end
                 return Request(Cmd.WRITE, flags, cookie, offset, length, view)
             if err is None:
-                p.buf = bytearray(length)
+                p.buf = self._payload_storage(length)
             self._payload = p
             return self._continue_payload(p)
         if cmd not in _KNOWN_CMDS:
@@ -530,7 +563,16 @@ class ServerConnection:
         if p.error is not None:
             self._reply_error_now(p.cookie, p.error[0], p.error[1])
             return None
-        return Request(Cmd.WRITE, p.flags, p.cookie, p.offset, p.length, p.buf)
+        assert p.buf is not None
+        return Request(Cmd.WRITE, p.flags, p.cookie, p.offset, p.length,
+                       memoryview(p.buf)[:p.length])
+
+    def _payload_storage(self, length: int) -> bytearray:
+        """A payload buffer, reused across writes (one per connection, at most max_payload)."""
+        spare = self._spare
+        if spare is None or len(spare) < length:
+            spare = self._spare = bytearray(length)
+        return spare
 
     def _check(self, cmd: Cmd, flags: int, offset: int, length: int) -> tuple[int, str] | None:
         """Validate a request against negotiated state; return (errno, message) or None."""
