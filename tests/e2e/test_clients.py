@@ -59,7 +59,7 @@ def test_nbdinfo_list_map_can(node: NodeProc) -> None:
     data = [(e["offset"], e["length"]) for e in extents if e["type"] == 0]
     holes = [e for e in extents if e["type"] == 3]
     assert sum(n for _, n in data) >= 2 * MiB
-    assert all(o <= 1 * MiB and o + n >= 1 * MiB or o >= 1 * MiB for o, n in data)
+    assert all((o <= 1 * MiB and o + n >= 1 * MiB) or o >= 1 * MiB for o, n in data)
     assert holes and holes[0]["offset"] == 0
 
 

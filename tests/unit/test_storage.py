@@ -118,7 +118,7 @@ def test_corrupt_catalog_refused(tmp_path: object) -> None:
     VolumeManager(d).close()
     with open(os.path.join(d, "catalog.sqlite"), "wb") as f:
         f.write(b"garbage" * 100)
-    with pytest.raises(CatalogError, match="unreadable|integrity"):
+    with pytest.raises(CatalogError, match=r"unreadable|integrity"):
         VolumeManager(d)
 
 
