@@ -150,6 +150,19 @@ def parse_option_replies(buf: bytes) -> tuple[list[OptReply], bytes]:
     return out, bytes(buf[pos:])
 
 
+def leading_option_replies(buf: bytes) -> tuple[list[OptReply], bytes]:
+    """Complete option replies at the start of `buf`, and whatever follows them."""
+    out: list[OptReply] = []
+    pos = 0
+    while len(buf) - pos >= 20:
+        magic, opt, rep, length = struct.unpack_from(">QIII", buf, pos)
+        if magic != OPTION_REPLY_MAGIC or len(buf) - pos - 20 < length:
+            break
+        out.append(OptReply(opt, rep, bytes(buf[pos + 20:pos + 20 + length])))
+        pos += 20 + length
+    return out, bytes(buf[pos:])
+
+
 def option_replies(buf: bytes) -> list[OptReply]:
     """Decode option replies that must make up all of `buf` exactly."""
     replies, rest = parse_option_replies(buf)
@@ -315,7 +328,8 @@ class Client:
             if ev is NEED_DATA:
                 break
             assert isinstance(ev, Ready | Request | Disconnect), ev
-            got.append(ev)
+            # A write payload is only valid until the next next_event call: copy it now.
+            got.append(as_bytes(ev))
         else:  # pragma: no cover
             raise AssertionError("next_event never returned NEED_DATA")
         self.events += got
@@ -332,11 +346,36 @@ class Client:
             got += self.drain()
         return got
 
-    def send_pieces(self, parts: Sequence[bytes]) -> list[Event]:
+    def send_pieces(self, parts: Sequence[bytes], *, scratch: bool = False,
+                    direct: bool = False) -> list[Event]:
+        """Deliver `parts` one receive each, draining events after each.
+
+        `scratch`: deliver through one reused bytearray (as memoryview slices) that is
+        scribbled over as soon as `next_event` has returned NEED_DATA, as an I/O layer
+        reusing its receive buffer would. `direct`: whenever the server offers
+        `payload_buffer()`, write the bytes straight into it (`recv_into` style).
+        """
         got: list[Event] = []
-        for p in parts:
-            self.conn.receive_data(p)
-            got += self.drain()
+        buf = bytearray(max((len(p) for p in parts), default=0))
+        for part in parts:
+            rest = memoryview(part)
+            while rest:
+                pb = self.conn.payload_buffer() if direct else None
+                if pb is not None and len(pb):
+                    k = min(len(pb), len(rest))
+                    pb[:k] = rest[:k]
+                    self.conn.payload_received(k)
+                elif scratch:
+                    k = len(rest)
+                    buf[:k] = rest
+                    self.conn.receive_data(memoryview(buf)[:k])
+                else:
+                    k = len(rest)
+                    self.conn.receive_data(bytes(rest))
+                rest = rest[k:]
+                got += self.drain()
+                if scratch:
+                    buf[:] = b"\xee" * len(buf)
         return got
 
     def eof(self) -> list[Event]:

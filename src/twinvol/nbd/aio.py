@@ -195,6 +195,17 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         else:
             self._close()
 
+    async def drain_and_close(self, timeout: float) -> None:
+        self._closing = True
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.pause_reading()
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=timeout)
+        self._flush_replies()
+        transport.close()
+
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
@@ -278,6 +289,11 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         elif not pause and self._paused_pending:
             self._paused_pending = False
             transport.resume_reading()
+
+
+async def shutdown_all(connections: set[NbdServerProtocol], timeout: float = 10.0) -> None:
+    """Server shutdown: stop reading, let in-flight requests finish and reply, then close."""
+    await asyncio.gather(*(c.drain_and_close(timeout) for c in list(connections)))
 
 
 def close_all(connections: Sequence[NbdServerProtocol] | set[NbdServerProtocol]) -> None:

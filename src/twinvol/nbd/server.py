@@ -304,7 +304,7 @@ class ServerConnection:
         self._out.append(_OPT_REPLY_HDR.pack(OPTION_REPLY_MAGIC, opt, rep, len(data)) + data)
 
     def _error(self, opt: int, rep: Rep, message: str) -> None:
-        self._reply(opt, rep, message.encode()[:MAX_STRING])
+        self._reply(opt, rep, _utf8(message))
 
     def _next_option(self) -> Event | _NeedData | None:
         if self._skip:
@@ -313,6 +313,13 @@ class ServerConnection:
             self._skip -= n
             if self._skip:
                 return NEED_DATA
+            if self._skip_opt == Opt.ABORT:  # data with ABORT is ignored, never refused
+                self._reply(Opt.ABORT, Rep.ACK)
+                self._close("client aborted negotiation", error=False)
+                return None
+            if self._skip_opt == Opt.SET_META_CONTEXT:  # a failed SET still clears the selection
+                self._neg.meta_selected = False
+                self._neg.meta_export = None
             self._error(self._skip_opt, Rep.ERR_TOO_BIG,
                         f"option data larger than {MAX_OPTION_DATA} bytes")
             return None
@@ -449,7 +456,8 @@ class ServerConnection:
                         struct.pack(">H", Info.DESCRIPTION) + exp.description.encode())
         # Block size is sent even unrequested: min 1 imposes nothing on the client.
         self._reply(opt, Rep.INFO, struct.pack(">HIII", Info.BLOCK_SIZE, MIN_BLOCK,
-                                               PREFERRED_BLOCK, self.max_payload))
+                                               min(PREFERRED_BLOCK, self.max_payload),
+                                               self.max_payload))
         self._reply(opt, Rep.ACK)
         if opt == Opt.GO:
             return self._enter_transmission(exp)
@@ -587,8 +595,10 @@ class ServerConnection:
         if cmd in _WRITES and exp.read_only:
             return Err.EPERM, "export is read-only"
         if cmd == Cmd.READ and length > self.max_payload:
-            if flags & DF:
-                return Err.EOVERFLOW, f"read of {length} bytes cannot be sent unfragmented"
+            # Structured clients may retry smaller on EOVERFLOW; simple ones broke a MUST.
+            if self.structured:
+                return Err.EOVERFLOW, f"read of {length} bytes is over the {self.max_payload} " \
+                                      "byte maximum; split it"
             return Err.EINVAL, f"read of {length} bytes exceeds the maximum payload"
         if cmd == Cmd.BLOCK_STATUS:
             if not self.meta_context:
@@ -611,6 +621,8 @@ class ServerConnection:
     def reply_read(self, cookie: int, offset: int,
                    data: bytes | bytearray | memoryview) -> list[bytes | bytearray | memoryview]:
         if self.structured:
+            if not data:  # a chunk must describe at least one byte: zero-length reads get NONE
+                return [_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, Reply.NONE, cookie, 0)]
             hdr = _CHUNK_OFFSET.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, Reply.OFFSET_DATA,
                                      cookie, 8 + len(data), offset)
         else:
@@ -626,7 +638,7 @@ class ServerConnection:
 
     def reply_error(self, cookie: int, err: int, message: str = "") -> list[bytes]:
         if self.structured:
-            msg = message.encode()[:MAX_STRING]
+            msg = _utf8(message)
             return [_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, Reply.ERROR, cookie,
                                 6 + len(msg)) + _ERROR_BODY.pack(err, len(msg)) + msg]
         return [_SIMPLE.pack(SIMPLE_REPLY_MAGIC, err, cookie)]
@@ -636,3 +648,11 @@ class ServerConnection:
         body = b"".join(struct.pack(">II", n, f) for n, f in extents)
         return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, Reply.BLOCK_STATUS, cookie,
                            4 + len(body)) + struct.pack(">I", META_CONTEXT_ID) + body
+
+
+def _utf8(message: str) -> bytes:
+    """Encode a message, cut to the spec's string limit on a character boundary."""
+    raw = message.encode()
+    if len(raw) <= MAX_STRING:
+        return raw
+    return raw[:MAX_STRING].decode("utf-8", "ignore").encode()

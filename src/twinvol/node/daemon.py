@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from twinvol.cluster import ClusterConfig
-from twinvol.nbd.aio import Backend, NbdServerProtocol, close_all
+from twinvol.nbd.aio import Backend, NbdServerProtocol, close_all, shutdown_all
 from twinvol.nbd.server import ExportInfo
 from twinvol.node.api import make_app
 from twinvol.storage.catalog import VolumeRecord
@@ -130,7 +130,7 @@ class Node:
     async def stop(self) -> None:
         if self._nbd_server is not None:
             self._nbd_server.close()
-        close_all(self.connections)
+        await shutdown_all(self.connections)
         if self._runner is not None:
             await self._runner.cleanup()
         await asyncio.sleep(0)
