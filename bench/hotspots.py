@@ -9,9 +9,11 @@ pasted into a report or compared between runs.
 from __future__ import annotations
 
 import argparse
+import linecache
 import re
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,23 +40,35 @@ def _short(path: str) -> str:
     return path
 
 
-def _parse(frame: str) -> tuple[str, str]:
-    """(function key, line key) of one frame."""
+SourceLine = Callable[[str, int], str]  # (path, line number) -> source text, "" if unknown
+
+
+def _parse(frame: str, source: SourceLine) -> tuple[str, str]:
+    """(function key, line key) of one frame; the line key quotes the source when known."""
     m = _FRAME.match(frame)
     if not m:
         return frame, frame
     fn = f"{m['func']} ({_short(m['file'])})"
-    return fn, f"{fn[:-1]}:{m['line']})" if m["line"] else fn
+    if not m["line"]:
+        return fn, fn
+    text = source(m["file"], int(m["line"])).strip()
+    return fn, f"{fn[:-1]}:{m['line']})" + (f"  {text}" if text else "")
 
 
-def summarise(raw: str) -> Hotspots:
+def summarise(raw: str, source: SourceLine | None = None) -> Hotspots:
+    """Count samples per function and line.
+
+    `source` should return the code as it was when profiled; the default reads the files now,
+    which quotes the wrong lines if they were edited since.
+    """
+    src = source or linecache.getline
     h = Hotspots()
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         n = int(count)
-        frames = [_parse(f) for f in stack.split(";")]
+        frames = [_parse(f, src) for f in stack.split(";")]
         h.total += n
         h.self_fn[frames[-1][0]] += n
         h.self_line[frames[-1][1]] += n
@@ -66,10 +80,13 @@ def summarise(raw: str) -> Hotspots:
 def format_hotspots(h: Hotspots, top: int = 15) -> str:
     if not h.total:
         return "no samples (was the process idle, or did py-spy fail to attach?)"
-    out = [f"{h.total} samples (idle threads excluded)"]
+    out = [f"{h.total} samples (idle threads excluded); time in C calls and syscalls counts "
+           "as self time of the Python line that made them"]
+    # Frames on every stack (interpreter start-up, CLI, event loop entry) say nothing.
+    incl = Counter({k: n for k, n in h.incl_fn.items() if n < h.total})
     for title, counter in (("self time by function", h.self_fn),
                            ("self time by line", h.self_line),
-                           ("inclusive time by function", h.incl_fn)):
+                           ("inclusive time by function (frames on every stack omitted)", incl)):
         out.append(f"  {title}:")
         out += [f"    {100 * n / h.total:5.1f}%  {key}" for key, n in counter.most_common(top)]
     return "\n".join(out)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
+import linecache
 import os
 import platform
 import shutil
@@ -148,6 +150,23 @@ def _wait_nbd(sup: Supervisor, name: str, uri: str, size: int, timeout: float = 
     raise RuntimeError(f"{name} did not serve {uri} within {timeout:.0f}s: {last}")
 
 
+_SOURCES: dict[str, list[str]] = {}
+
+
+def snapshot_sources() -> None:
+    """Keep the project's sources as the node imports them, so profiles quote the code that ran
+    even if someone edits the tree during the benchmark."""
+    for f in (REPO / "src").rglob("*.py"):
+        _SOURCES[str(f)] = f.read_text().splitlines()
+
+
+def source_line(path: str, lineno: int) -> str:
+    lines = _SOURCES.get(path)
+    if lines is None:
+        return linecache.getline(path, lineno)
+    return lines[lineno - 1] if 0 < lineno <= len(lines) else ""
+
+
 def start_servers(sup: Supervisor, tmp: Path, size: int, names: list[str]) -> dict[str, Server]:
     """One sparse file and one server per name, each on fresh loopback ports."""
     servers: dict[str, Server] = {}
@@ -165,6 +184,7 @@ def start_servers(sup: Supervisor, tmp: Path, size: int, names: list[str]) -> di
             f'nbd = "127.0.0.1:{nbd_port}"\napi = "127.0.0.1:{api_port}"\n'
             f'data_dir = "{tmp / "twinvol-data"}"\n')
         api = f"http://127.0.0.1:{api_port}/api/v1"
+        snapshot_sources()
         sup.start("twinvol", twinvol_argv("node", "run", "--cluster", str(cluster), "--node", "A"),
                   str(logs / "twinvol.log"))
         sup.wait_http("twinvol", f"{api}/health")
@@ -286,8 +306,11 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    git = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                         capture_output=True, text=True).stdout.strip()
+    git = _version(["git", "-C", str(REPO), "describe", "--always", "--dirty"])
+    # The tree may hold uncommitted edits; a digest of the sources pins what was measured.
+    digest = hashlib.sha256()
+    for f in sorted((REPO / "src").rglob("*.py")):
+        digest.update(f.relative_to(REPO).as_posix().encode() + b"\0" + f.read_bytes())
     return {
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "nproc": os.cpu_count(),
@@ -297,7 +320,8 @@ def machine_info() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "twinvol": twinvol_version,
-        "git": git or None,
+        "git": git,
+        "src_sha256": digest.hexdigest()[:16],
         "fio": _version(["fio", "--version"]),
         "nbdkit": _version(["nbdkit", "--version"]),
         "qemu-nbd": _version(["qemu-nbd", "--version"]),
@@ -356,17 +380,21 @@ def print_table(results: list[Result], names: list[str], title: str) -> None:
                       for p in PEERS if p in names]
         table.add_row(*cells)
     console.print(table)
-    cpu = Table(title="server CPU use during each case (cores busy; fio shares the same cores)",
+    cpu = Table(title="server CPU: cores busy, and IOPS per busy core (fio shares these cores)",
                 title_justify="left")
     cpu.add_column("workload")
     cpu.add_column("conns", justify="right")
     for name in names:
-        cpu.add_column(name, justify="right")
+        cpu.add_column(f"{name}\ncores  IOPS/core", justify="right", no_wrap=True)
     for wl, conns in cases:
         row = [wl, str(conns)]
         for name in names:
             r = by.get((wl, conns, name))
-            row.append(f"{r.server_cpu_cores:.2f}" if r and not r.error else "-")
+            if r is None or r.error:
+                row.append("-")
+            else:
+                per_core = r.iops / r.server_cpu_cores if r.server_cpu_cores else 0.0
+                row.append(f"{r.server_cpu_cores:.2f}  {_iops(per_core):>6}")
         cpu.add_row(*row)
     console.print(cpu)
 
@@ -453,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     prefill_mbs: dict[str, float] = {}
     sup = Supervisor()
-    profile_dir = args.json_out.parent / "profiles" if args.profile else None
+    profile_dir = args.json_out.parent / "profiles" / args.json_out.stem if args.profile else None
     if profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
     interrupted = False
@@ -490,11 +518,13 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             interrupted = True
             console.print("[yellow]interrupted - stopping servers[/]")
-        except RuntimeError as e:
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
             console.print(f"[red]setup failed: {e}[/]")
             return 1
         finally:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip this
+            # A second Ctrl-C or SIGTERM must not skip stopping the servers.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             dead = [c for c in sup.components.values()
                     if c.proc is not None and c.proc.poll() not in (None, 0, -signal.SIGINT)]
             for c in dead:
@@ -502,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
                               f":[/]\n{c.tail(10)}")
             sup.stop_all()
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, _raise_interrupt)
     info["loadavg_end"] = list(os.getloadavg())
     if results:
         title = (f"fio nbd engine, {format_size(args.size)} files, {args.runtime:g} s per case"
@@ -525,8 +556,9 @@ def main(argv: list[str] | None = None) -> int:
         if r.profile and os.path.exists(r.profile):
             console.print(f"\n[bold]py-spy: twinvol during {r.workload} x{r.connections}[/] "
                           f"({r.profile})")
-            console.print(format_hotspots(summarise(Path(r.profile).read_text()), top=15),
-                          markup=False, highlight=False)
+            text = format_hotspots(summarise(Path(r.profile).read_text(), source_line), top=15)
+            Path(r.profile).with_suffix(".summary.txt").write_text(text + "\n")
+            console.print(text, markup=False, highlight=False, soft_wrap=True)
     if interrupted:
         return 130
     return 1 if any(r.error for r in results) else 0
