@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -26,9 +27,12 @@ app.command("up")(up.up)
 
 
 @app.command()
-def version() -> None:
+def version(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Print the version."""
-    print(__version__)
+    if json_out:
+        print(json.dumps({"version": __version__}))
+    else:
+        print(__version__)
 
 
 def _fail(message: str, code: int) -> None:
