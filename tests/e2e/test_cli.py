@@ -34,7 +34,9 @@ def test_volume_lifecycle_json(node: NodeProc) -> None:
     assert created["name"] == "clivol" and created["size"] == 8 * MiB
     assert created["node"] == "A" and created["kind"] == "thin"
     assert created["nbd_uri"] == node.uri("clivol")
-    assert set(created["virtual_identity"]) == {"serial", "volume_id", "export_name"}
+    assert set(created["virtual_identity"]) == {"serial", "volume_id", "export_name", "size",
+                                                "description"}
+    assert created["io_mode"] == "local"
 
     listed = json.loads(node.cli("volume", "list", "--json", check=True).stdout)
     assert "clivol" in {v["name"] for v in listed["volumes"]}

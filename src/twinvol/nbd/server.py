@@ -94,6 +94,9 @@ class ExportInfo:
     size: int
     description: str = ""
     read_only: bool = False
+    # Set while this copy must not serve hosts (a stale side of a pair): negotiation
+    # is refused with NBD_REP_ERR_POLICY and this text.
+    blocked: str | None = None
 
 
 class ExportProvider(Protocol):
@@ -409,9 +412,10 @@ class ServerConnection:
             self._close("export name is not valid UTF-8", error=True)
             return None
         exp = self.exports.lookup(name)
-        if exp is None:
+        if exp is None or exp.blocked:
             # The spec allows no error reply here: the only answer is to hang up.
-            self._close(f"unknown export {name!r} requested with NBD_OPT_EXPORT_NAME", error=True)
+            why = "unknown" if exp is None else "blocked"
+            self._close(f"{why} export {name!r} requested with NBD_OPT_EXPORT_NAME", error=True)
             return None
         ready = self._enter_transmission(exp)
         tail = b"" if self._neg.no_zeroes else bytes(124)
@@ -446,6 +450,9 @@ class ServerConnection:
         exp = self.exports.lookup(name)
         if exp is None:
             self._error(opt, Rep.ERR_UNKNOWN, f"export {name!r} does not exist on this node")
+            return None
+        if exp.blocked:
+            self._error(opt, Rep.ERR_POLICY, exp.blocked)
             return None
         flags = self._flags_for(exp)
         self._reply(opt, Rep.INFO, struct.pack(">HQH", Info.EXPORT, exp.size, flags))

@@ -6,6 +6,7 @@ so the CLI can print one clear line.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,8 @@ class CreateVolume(msgspec.Struct, forbid_unknown_fields=True):
     export_name: str | None = None
     description: str = ""
     read_only: bool = False
+    serial: str | None = None  # virtual identity override (default: this node's serial)
+    volume_id: int | None = None
 
 
 class ResizeVolume(msgspec.Struct, forbid_unknown_fields=True):
@@ -80,9 +83,15 @@ def volume_view(node: Node, vol: Volume) -> dict[str, Any]:
         out["allocated"] = os.stat(rec.path).st_blocks * 512 if rec.kind != "device" else rec.size
     except OSError:
         out["allocated"] = None
-    out["virtual_identity"] = {"serial": rec.serial, "volume_id": rec.vvol_id,
-                               "export_name": rec.export_name}
+    out["virtual_identity"] = identity(rec)
+    out["io_mode"] = vol.io_mode
     return out
+
+
+def identity(rec: Any) -> dict[str, Any]:
+    """What a host compares before using two paths together as one device."""
+    return {"serial": rec.serial, "volume_id": rec.vvol_id, "export_name": rec.export_name,
+            "size": rec.size, "description": rec.description}
 
 
 def make_app(node: Node) -> web.Application:
@@ -121,7 +130,10 @@ def make_app(node: Node) -> web.Application:
         body: CreateVolume = await _body(request, CreateVolume)
         vol = node.volumes.create(body.name, _size(body.size), path=body.path,
                                   export_name=body.export_name, description=body.description,
-                                  read_only=body.read_only)
+                                  read_only=body.read_only, serial=body.serial,
+                                  vvol_id=body.volume_id)
+        node.events.publish("volume_created", volume=vol.record.name,
+                            export=vol.record.export_name)
         node.log.info("volume created", extra={"volume": vol.record.name,
                                                "size": vol.record.size})
         return web.json_response(volume_view(node, vol), status=201)
@@ -145,6 +157,51 @@ def make_app(node: Node) -> web.Application:
         force = request.query.get("force", "") in ("1", "true", "yes")
         rec = node.delete_volume(name, force=force)
         return web.json_response({"deleted": rec.name, "id": rec.id})
+
+    @routes.get("/api/v1/exports/{export}")
+    async def show_export(request: web.Request) -> web.Response:
+        """Identity and I/O mode of an export, as a host agent checks it."""
+        export = request.match_info["export"]
+        vol = node.volumes.by_export(export)
+        if vol is None:
+            raise VolumeError(f"export {export!r} does not exist on node {node.name}",
+                              "not_found")
+        return web.json_response({"node": node.name, "site": node.config.site,
+                                  "volume": vol.record.name, "io_mode": vol.io_mode,
+                                  "virtual_identity": identity(vol.record)})
+
+    @routes.get("/api/v1/events")
+    async def events(request: web.Request) -> web.StreamResponse:
+        """Events as JSON lines: those after `since`, then (with follow=1) live ones."""
+        try:
+            since = int(request.query.get("since", "0"))
+        except ValueError:
+            raise VolumeError("since must be an integer") from None
+        follow = request.query.get("follow", "") in ("1", "true", "yes")
+        if not follow:
+            return web.json_response({"events": node.events.since(since),
+                                      "seq": node.events.seq})
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        q = node.events.subscribe()
+        try:
+            for ev in node.events.since(since):
+                await resp.write(msgspec.json.encode(ev) + b"\n")
+            # A heartbeat line every few seconds lets subscribers detect a dead link.
+            while True:
+                try:
+                    got: dict[str, Any] | None = await asyncio.wait_for(q.get(), timeout=2.0)
+                except TimeoutError:
+                    await resp.write(b'{"type": "heartbeat", "seq": %d}\n' % node.events.seq)
+                    continue
+                if got is None:
+                    break
+                await resp.write(msgspec.json.encode(got) + b"\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            node.events.unsubscribe(q)
+        return resp
 
     app.add_routes(routes)
     return app

@@ -22,6 +22,7 @@ from twinvol.cluster import ClusterConfig
 from twinvol.nbd.aio import Backend, NbdServerProtocol, close_all, shutdown_all
 from twinvol.nbd.server import ExportInfo
 from twinvol.node.api import make_app
+from twinvol.node.events import EventBus
 from twinvol.storage.catalog import VolumeRecord
 from twinvol.storage.volumes import VolumeError, VolumeManager
 
@@ -46,6 +47,7 @@ class Node:
         self._lock_fd = self._lock_data_dir()
         self._check_identity()
         self.volumes = VolumeManager(self.data_dir)
+        self.events = EventBus(name, self.config.site)
         self._nbd_server: asyncio.base_events.Server | None = None
         self._runner: web.AppRunner | None = None
 
@@ -77,6 +79,22 @@ class Node:
     def lookup(self, name: str) -> ExportInfo | None:
         return self.volumes.lookup(name)
 
+    def set_io_mode(self, vol_name: str, mode: str, reason: str = "") -> None:
+        """Change a volume's I/O mode; `block` refuses new clients and drops current ones."""
+        vol = self.volumes.get(vol_name)
+        if vol.io_mode == mode:
+            return
+        old, vol.io_mode = vol.io_mode, mode
+        if mode == "block":
+            vol.export.blocked = (f"volume {vol_name!r} on node {self.name} is blocked "
+                                  f"(stale copy){': ' + reason if reason else ''}; use the "
+                                  "partner node")
+            close_all([c for c in self.connections if c.export is vol.export])
+        else:
+            vol.export.blocked = None
+        self.events.publish("io_mode", volume=vol_name, export=vol.record.export_name,
+                            mode=mode, previous=old, reason=reason)
+
     def list_exports(self) -> list[ExportInfo]:
         return list(self.volumes.list_exports())
 
@@ -100,6 +118,7 @@ class Node:
             close_all([c for c in self.connections if c.export is export])
         rec = self.volumes.delete(name, force=force)
         self.log.info("volume deleted", extra={"volume": name})
+        self.events.publish("volume_deleted", volume=name, export=rec.export_name)
         return rec
 
     # ---- lifecycle ------------------------------------------------------

@@ -41,6 +41,9 @@ class Volume:
     store: BackingStore
     export: ExportInfo
     connections: int = 0
+    # I/O mode as the design defines it: "mirror" (pair in sync), "local" (this side
+    # only; every simplex volume), "block" (stale copy: no host I/O).
+    io_mode: str = "local"
 
 
 class VolumeManager:
@@ -89,7 +92,8 @@ class VolumeManager:
 
     def create(self, name: str, size: int | None, *, path: str | None = None,
                export_name: str | None = None, description: str = "",
-               read_only: bool = False) -> Volume:
+               read_only: bool = False, serial: str | None = None,
+               vvol_id: int | None = None) -> Volume:
         if not NAME_RE.match(name):
             raise VolumeError(f"invalid volume name {name!r}: use 1-64 letters, digits, '.', "
                               "'_' or '-', starting with a letter or digit")
@@ -117,8 +121,14 @@ class VolumeManager:
                     raise VolumeError(f"{path} already backs volume {v.record.name!r}",
                                       "conflict")
             kind, size = _prepare_path(path, size)
+        if serial is not None and not re.match(r"^[A-Za-z0-9-]{1,32}$", serial):
+            raise VolumeError(f"invalid serial {serial!r}: 1-32 letters, digits or '-'")
+        if vvol_id is not None and not 0 <= vvol_id < 2**32:
+            raise VolumeError(f"invalid volume id {vvol_id}: 0 to 2^32-1")
         rec = VolumeRecord(vol_id, name, export_name, size, kind, path, description,
-                           self.serial, self.catalog.next_vvol_id(), read_only, now())
+                           serial or self.serial,
+                           self.catalog.next_vvol_id() if vvol_id is None else vvol_id,
+                           read_only, now())
         try:
             vol = self._open(rec)
         except OSError as e:
