@@ -31,6 +31,12 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True):
     nbd: str
     api: str
     data_dir: str
+    peer: str | None = None  # replication listen address; nodes without one cannot pair
+
+    @property
+    def peer_hostport(self) -> tuple[str, int]:
+        assert self.peer is not None
+        return split_hostport(self.peer)
 
     @property
     def nbd_hostport(self) -> tuple[str, int]:
@@ -52,11 +58,15 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 class ClusterSection(msgspec.Struct, forbid_unknown_fields=True):
     name: str = "twinvol"
+    secret: str = ""  # shared by every component; peers and API clients must prove it
 
 
 class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
     nodes: dict[str, NodeConfig]
     cluster: ClusterSection = msgspec.field(default_factory=ClusterSection)
+    # Sections owned by the witness and the host agent, validated by them.
+    witness: dict[str, Any] | None = None
+    host: dict[str, Any] | None = None
     path: str = ""  # where it was loaded from (not stored in the file)
 
     def node(self, name: str) -> NodeConfig:
@@ -108,6 +118,8 @@ def load(path: str | None) -> ClusterConfig:
         try:
             split_hostport(node.nbd)
             split_hostport(node.api)
+            if node.peer is not None:
+                split_hostport(node.peer)
         except ClusterError as e:
             raise ClusterError(f"cluster file {path}, node {name}: {e}") from None
     cfg.path = path
@@ -118,6 +130,12 @@ def dump(cfg: ClusterConfig, path: str) -> None:
     """Write a cluster file atomically."""
     data: dict[str, Any] = msgspec.to_builtins(cfg)
     data.pop("path", None)
+    for key in ("witness", "host"):
+        if data.get(key) is None:
+            data.pop(key, None)
+    for node in data["nodes"].values():
+        if node.get("peer") is None:
+            node.pop("peer", None)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         tomli_w.dump(data, f)

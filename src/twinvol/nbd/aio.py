@@ -69,6 +69,7 @@ def nbd_errno(e: OSError) -> int:
 
 
 SCRATCH_SIZE = 256 * 1024
+_ASYNC_CMDS = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES, Cmd.FLUSH)
 
 
 class NbdServerProtocol(asyncio.BufferedProtocol):
@@ -216,6 +217,9 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         cmd = req.command
         conn = self.conn
         replies = self._replies
+        if cmd in _ASYNC_CMDS and getattr(backend, "async_writes", False):
+            self._submit(req)
+            return
         try:
             if cmd == Cmd.READ:
                 data = backend.pread(req.offset, req.length)
@@ -253,6 +257,38 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
             self._sync(req)
         else:
             replies.append(conn.reply_ok(req.cookie))
+
+    def _submit(self, req: Request) -> None:
+        """Hand a write to an asynchronous (replicated) backend; reply when it completes."""
+        backend = self.backend
+        data = None if req.data is None else bytes(req.data)  # the view dies with this call
+        fut = asyncio.ensure_future(backend.submit(  # type: ignore[union-attr]
+            int(req.command), req.offset, req.length, data, req.flags))
+        self._pending.add(fut)
+        self._update_reading()
+        cookie = req.command, req.cookie
+
+        def done(f: asyncio.Future[None]) -> None:
+            self._pending.discard(f)
+            self._update_reading()
+            if self.transport is None or self.transport.is_closing():
+                if not f.cancelled():
+                    f.exception()
+                return
+            exc = None if f.cancelled() else f.exception()
+            if f.cancelled():
+                self.transport.writelines(self.conn.reply_error(cookie[1], Err.EIO, "cancelled"))
+            elif exc is None:
+                self.transport.write(self.conn.reply_ok(cookie[1]))
+            else:
+                err = getattr(exc, "errno", None)
+                if isinstance(exc, OSError):
+                    err = nbd_errno(exc)
+                self.transport.writelines(self.conn.reply_error(
+                    cookie[1], int(err) if isinstance(err, int) else Err.EIO,
+                    f"{cookie[0].name} failed: {exc}"))
+
+        fut.add_done_callback(done)
 
     def _sync(self, req: Request) -> None:
         """fdatasync off the loop, then reply; later requests do not wait for it."""

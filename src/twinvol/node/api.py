@@ -35,6 +35,14 @@ class CreateVolume(msgspec.Struct, forbid_unknown_fields=True):
     volume_id: int | None = None
 
 
+class CreatePair(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    secondary: str
+    mode: str = "active-active"
+    primary_volume: str | None = None
+    secondary_volume: str | None = None
+
+
 class ResizeVolume(msgspec.Struct, forbid_unknown_fields=True):
     size: int | str
 
@@ -147,6 +155,7 @@ def make_app(node: Node) -> web.Application:
         body: ResizeVolume = await _body(request, ResizeVolume)
         size = _size(body.size)
         assert size is not None
+        node.check_unpaired(request.match_info["name"], "resize")
         vol = node.volumes.resize(request.match_info["name"], size)
         node.log.info("volume resized", extra={"volume": vol.record.name, "size": size})
         return web.json_response(volume_view(node, vol))
@@ -157,6 +166,44 @@ def make_app(node: Node) -> web.Application:
         force = request.query.get("force", "") in ("1", "true", "yes")
         rec = node.delete_volume(name, force=force)
         return web.json_response({"deleted": rec.name, "id": rec.id})
+
+    @routes.get("/api/v1/pairs")
+    async def list_pairs(_: web.Request) -> web.Response:
+        mgr = node.replication
+        return web.json_response({"pairs": [mgr.view(p) for p in mgr.pairs.values()]})
+
+    @routes.post("/api/v1/pairs")
+    async def create_pair(request: web.Request) -> web.Response:
+        body: CreatePair = await _body(request, CreatePair)
+        if body.mode != "active-active":
+            raise VolumeError(f"pair mode {body.mode!r} is not supported yet (active-active)")
+        rec = await node.replication.create(body.name, body.primary_volume or body.name,
+                                            body.secondary,
+                                            body.secondary_volume or body.name)
+        return web.json_response(node.replication.view(node.replication.pairs[rec.name]),
+                                 status=201)
+
+    @routes.get("/api/v1/pairs/{name}")
+    async def show_pair(request: web.Request) -> web.Response:
+        mgr = node.replication
+        return web.json_response(mgr.view(mgr.get(request.match_info["name"])))
+
+    @routes.post("/api/v1/pairs/{name}/{action}")
+    async def pair_action(request: web.Request) -> web.Response:
+        mgr = node.replication
+        name, action = request.match_info["name"], request.match_info["action"]
+        ops = {"split": mgr.split, "resync": mgr.resync, "swap": mgr.swap}
+        if action not in ops:
+            raise VolumeError(f"unknown pair action {action!r} (split, resync, swap)",
+                              "not_found")
+        await ops[action](name)
+        return web.json_response(mgr.view(mgr.get(name)))
+
+    @routes.delete("/api/v1/pairs/{name}")
+    async def delete_pair(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        await node.replication.delete(name)
+        return web.json_response({"deleted": name})
 
     @routes.get("/api/v1/exports/{export}")
     async def show_export(request: web.Request) -> web.Response:

@@ -48,6 +48,9 @@ class Node:
         self._check_identity()
         self.volumes = VolumeManager(self.data_dir)
         self.events = EventBus(name, self.config.site)
+        from twinvol.replication.manager import ReplicationManager
+
+        self.replication = ReplicationManager(self)
         self._nbd_server: asyncio.base_events.Server | None = None
         self._runner: web.AppRunner | None = None
 
@@ -102,7 +105,8 @@ class Node:
         vol = self.volumes.by_export(export.name)
         assert vol is not None
         vol.connections += 1
-        return vol.store
+        replicated = self.replication.backend_for(vol)
+        return vol.store if replicated is None else replicated
 
     def detach(self, export: ExportInfo) -> None:
         vol = self.volumes.by_export(export.name)
@@ -111,7 +115,14 @@ class Node:
 
     # ---- operations that touch connections ------------------------------
 
+    def check_unpaired(self, name: str, action: str) -> None:
+        pr = self.replication.by_volume.get(name)
+        if pr is not None:
+            raise VolumeError(f"volume {name!r} is in pair {pr.rec.name!r}; delete the pair "
+                              f"before you {action} it", "conflict")
+
     def delete_volume(self, name: str, *, force: bool) -> VolumeRecord:
+        self.check_unpaired(name, "delete")
         vol = self.volumes.get(name)
         export = vol.export
         if force:
@@ -142,6 +153,7 @@ class Node:
         except OSError as e:
             raise NodeStartError(f"cannot listen for the API on {ahost}:{aport}: "
                                  f"{e.strerror}") from e
+        await self.replication.start()
         self.log.info("node serving", extra={"node": self.name, "nbd": self.config.nbd,
                                              "api": self.config.api, "pid": os.getpid(),
                                              "volumes": len(self.volumes.volumes)})
@@ -150,6 +162,7 @@ class Node:
         if self._nbd_server is not None:
             self._nbd_server.close()
         await shutdown_all(self.connections)
+        await self.replication.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         await asyncio.sleep(0)

@@ -119,6 +119,12 @@ class Catalog:
     def update_size(self, vol_id: str, size: int) -> None:
         self.db.execute("UPDATE volumes SET size = ? WHERE id = ?", (size, vol_id))
 
+    def update_identity(self, vol_id: str, serial: str, vvol_id: int, export_name: str,
+                        description: str) -> None:
+        self.db.execute("UPDATE volumes SET serial = ?, vvol_id = ?, export_name = ?, "
+                        "description = ? WHERE id = ?",
+                        (serial, vvol_id, export_name, description, vol_id))
+
     def delete(self, vol_id: str) -> None:
         self.db.execute("DELETE FROM volumes WHERE id = ?", (vol_id,))
 

@@ -156,6 +156,23 @@ class VolumeManager:
         vol.export.size = size
         return vol
 
+    def set_identity(self, name: str, *, serial: str, vvol_id: int, export_name: str,
+                     description: str) -> Volume:
+        """Take another volume's virtual identity (the secondary of a pair does)."""
+        vol = self.get(name)
+        other = self._by_export.get(export_name)
+        if other is not None and other is not vol:
+            raise VolumeError(f"export name {export_name!r} is already used by volume "
+                              f"{other.record.name!r}", "conflict")
+        self.catalog.update_identity(vol.record.id, serial, vvol_id, export_name, description)
+        del self._by_export[vol.record.export_name]
+        vol.record = msgspec_replace(vol.record, serial=serial, vvol_id=vvol_id,
+                                     export_name=export_name, description=description)
+        vol.export.name = export_name
+        vol.export.description = description
+        self._by_export[export_name] = vol
+        return vol
+
     def delete(self, name: str, *, force: bool = False) -> VolumeRecord:
         vol = self.get(name)
         if vol.connections and not force:

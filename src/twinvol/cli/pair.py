@@ -1,0 +1,215 @@
+"""`twinvol pair create|list|show|split|resync|swap|delete`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from twinvol.cli.common import (
+    ApiError,
+    CliError,
+    ClusterOpt,
+    JsonOpt,
+    api,
+    console,
+    emit_json,
+    load_cluster,
+)
+from twinvol.cluster import ClusterConfig
+
+app = typer.Typer(help="Pairs: two volumes kept identical (active-active).",
+                  no_args_is_help=True)
+
+WaitOpt = typer.Option(False, "--wait", help="Wait until the pair is mirrored, with progress.")
+TimeoutOpt = typer.Option(3600.0, "--timeout", help="Give up waiting after this many seconds.")
+
+
+def _side(text: str, default_volume: str) -> tuple[str, str]:
+    node, _, vol = text.partition(":")
+    if not node:
+        raise CliError(f"bad side {text!r}: use NODE or NODE:VOLUME")
+    return node, vol or default_volume
+
+
+def _find(cfg: ClusterConfig, name: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every node's view of pair `name` (reachable nodes only)."""
+    views = []
+    for n in cfg.nodes:
+        try:
+            views.append((n, api(cfg, n, "GET", f"/api/v1/pairs/{name}", timeout=5)))
+        except ApiError as e:
+            if e.status != 404:
+                raise
+        except CliError:
+            continue
+    if not views:
+        raise CliError(f"pair {name!r} does not exist on any reachable node")
+    return views
+
+
+def _primary(cfg: ClusterConfig, name: str) -> tuple[str, dict[str, Any]]:
+    views = _find(cfg, name)
+    for n, v in views:
+        if v["role"] == "primary" and v["io_mode"] != "block":
+            return n, v
+    for n, v in views:
+        if v["role"] == "primary":
+            return n, v
+    return views[0]
+
+
+def _wait(cfg: ClusterConfig, node: str, name: str, timeout: float, quiet: bool) -> dict[str, Any]:
+    """Poll the copy source until the pair is mirrored, showing a progress bar."""
+    deadline = time.monotonic() + timeout
+    view = api(cfg, node, "GET", f"/api/v1/pairs/{name}")
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed:.0f}/{task.total:.0f} chunks"),
+                  TextColumn("{task.fields[sent]}"), TimeRemainingColumn(),
+                  console=console, disable=quiet, transient=True) as progress:
+        task = progress.add_task(f"copy {name}", total=max(1, view["copy"]["total_chunks"]),
+                                 sent="")
+        while view["state"] != "mirrored":
+            if time.monotonic() > deadline:
+                raise CliError(f"pair {name!r} is still {view['state']} after {timeout:.0f}s")
+            if view["state"] == "suspended" and "split brain" in view.get("reason", ""):
+                raise CliError(f"pair {name!r}: {view['reason']}")
+            c = view["copy"]
+            total = max(1, c["total_chunks"])
+            progress.update(task, total=total, completed=max(0, total - c["remaining_chunks"]),
+                            sent=f"{c['bytes_sent'] / 2**20:.1f} MiB sent")
+            time.sleep(0.2)
+            view = api(cfg, node, "GET", f"/api/v1/pairs/{name}")
+    return dict(view)
+
+
+@app.command()
+def create(
+    name: str = typer.Argument(..., help="Pair name (also the default volume name)."),
+    mode: str = typer.Option("active-active", "--mode", help="Pair mode: active-active."),
+    primary: str = typer.Option(..., "--primary", help="NODE or NODE:VOLUME of the primary."),
+    secondary: str = typer.Option(..., "--secondary",
+                                  help="NODE or NODE:VOLUME of the secondary (created if "
+                                       "missing, with the primary's size)."),
+    wait: bool = WaitOpt,
+    timeout: float = TimeoutOpt,
+    cluster: str = ClusterOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Pair two volumes; the secondary takes the primary's identity and gets a full copy."""
+    cfg = load_cluster(cluster)
+    pnode, pvol = _side(primary, name)
+    snode, svol = _side(secondary, name)
+    cfg.node(pnode)
+    cfg.node(snode)
+    if pnode == snode:
+        raise CliError("primary and secondary must be on different nodes")
+    view = api(cfg, pnode, "POST", "/api/v1/pairs",
+               {"name": name, "mode": mode, "primary_volume": pvol, "secondary": snode,
+                "secondary_volume": svol})
+    if wait:
+        view = _wait(cfg, pnode, name, timeout, json_out)
+    if json_out:
+        emit_json(view)
+    else:
+        console.print(f"pair [bold]{name}[/]: {pnode}:{pvol} (primary) -> {snode}:{svol}, "
+                      f"{view['state']}")
+
+
+@app.command("list")
+def list_(cluster: str = ClusterOpt, json_out: bool = JsonOpt) -> None:
+    """List pairs as every reachable node sees them."""
+    cfg = load_cluster(cluster)
+    rows: list[dict[str, Any]] = []
+    unreachable: dict[str, str] = {}
+    for n in cfg.nodes:
+        try:
+            rows.extend(api(cfg, n, "GET", "/api/v1/pairs", timeout=5)["pairs"])
+        except ApiError:
+            raise
+        except CliError as e:
+            unreachable[n] = str(e)
+    if json_out:
+        emit_json({"pairs": rows, "unreachable": unreachable})
+        return
+    table = Table("pair", "node", "role", "volume", "partner", "state", "io mode", "link",
+                  "dirty")
+    for r in rows:
+        table.add_row(r["name"], r["node"], r["role"], r["volume"], r["partner"], r["state"],
+                      r["io_mode"], r["peer_link"], str(r["dirty_chunks"]))
+    console.print(table)
+    for msg in unreachable.values():
+        console.print(f"[yellow]warning:[/] {msg}", highlight=False)
+
+
+@app.command()
+def show(name: str = typer.Argument(...), cluster: str = ClusterOpt,
+         json_out: bool = JsonOpt) -> None:
+    """Show a pair from both sides."""
+    cfg = load_cluster(cluster)
+    views = _find(cfg, name)
+    if json_out:
+        emit_json({"pair": name, "sides": {n: v for n, v in views}})
+        return
+    for n, v in views:
+        table = Table(show_header=False, box=None, title=f"{name} on {n}")
+        for key in ("role", "volume", "export_name", "partner", "state", "io_mode", "reason",
+                    "peer_link", "dirty_chunks"):
+            table.add_row(key, str(v.get(key, "")))
+        table.add_row("generation", v["generation"]["current"])
+        c = v["copy"]
+        if c["running"]:
+            table.add_row("copy", f"{c['total_chunks'] - c['remaining_chunks']}/"
+                                  f"{c['total_chunks']} chunks, {c['bytes_sent']} bytes sent")
+        console.print(table)
+
+
+def _action(name: str, action: str, cluster: str | None, json_out: bool, wait: bool = False,
+            timeout: float = 3600.0) -> None:
+    cfg = load_cluster(cluster)
+    node, _ = _primary(cfg, name)
+    view = api(cfg, node, "POST", f"/api/v1/pairs/{name}/{action}")
+    if wait:
+        view = _wait(cfg, node, name, timeout, json_out)
+    if json_out:
+        emit_json(view)
+    else:
+        console.print(f"pair [bold]{name}[/] on {node}: {view['state']}, role {view['role']}, "
+                      f"I/O mode {view['io_mode']}")
+
+
+@app.command()
+def split(name: str = typer.Argument(...), cluster: str = ClusterOpt,
+          json_out: bool = JsonOpt) -> None:
+    """Stop mirroring: the primary continues alone and records what changes."""
+    _action(name, "split", cluster, json_out)
+
+
+@app.command()
+def resync(name: str = typer.Argument(...), wait: bool = WaitOpt, timeout: float = TimeoutOpt,
+           cluster: str = ClusterOpt, json_out: bool = JsonOpt) -> None:
+    """Copy what changed to the secondary and return to mirrored."""
+    _action(name, "resync", cluster, json_out, wait, timeout)
+
+
+@app.command()
+def swap(name: str = typer.Argument(...), cluster: str = ClusterOpt,
+         json_out: bool = JsonOpt) -> None:
+    """Exchange the primary and secondary roles of a mirrored pair."""
+    _action(name, "swap", cluster, json_out)
+
+
+@app.command()
+def delete(name: str = typer.Argument(...), cluster: str = ClusterOpt,
+           json_out: bool = JsonOpt) -> None:
+    """Dissolve a pair; the secondary volume gets its own identity back."""
+    cfg = load_cluster(cluster)
+    node, _ = _primary(cfg, name)
+    res = api(cfg, node, "DELETE", f"/api/v1/pairs/{name}")
+    if json_out:
+        emit_json({**res, "node": node})
+    else:
+        console.print(f"pair [bold]{name}[/] deleted")

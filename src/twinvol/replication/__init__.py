@@ -1,0 +1,1 @@
+"""Replication between nodes: peer links, pairs, the mirrored write path, resync."""

@@ -1,0 +1,128 @@
+"""Persistent bitmaps: the dirty bitmap (chunks the partner lacks) and the activity log.
+
+A bit is durable before the write it covers is applied, so after a crash every
+chunk that may differ between the copies is known: the dirty bitmap records
+chunks written while the partner was away, and the activity log records the
+extents that had writes in flight while mirrored (DRBD's activity log), which
+recovery folds into the dirty bitmap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor
+
+CHUNK = 64 * 1024          # resync granularity
+AL_EXTENT = 4 * 1024 * 1024  # activity-log granularity
+
+
+class PersistentBits:
+    """A bit array kept in a file; `sync` makes the in-memory bits durable."""
+
+    def __init__(self, path: str, nbits: int) -> None:
+        self.path = path
+        self.nbits = nbits
+        size = (nbits + 7) // 8
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        data = os.pread(self.fd, size, 0)
+        self.bits = bytearray(data) + bytearray(size - len(data))
+        # Bits past nbits (a corrupt or foreign file) are ignored, never trusted.
+        self._dirty = False
+        self._sync_task: asyncio.Future[None] | None = None
+        self._sync_waiters = 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def resize(self, nbits: int) -> None:
+        size = (nbits + 7) // 8
+        if size > len(self.bits):
+            self.bits += bytearray(size - len(self.bits))
+        self.nbits = nbits
+        self._dirty = True
+
+    def test(self, i: int) -> bool:
+        return bool(self.bits[i >> 3] & (1 << (i & 7)))
+
+    def set(self, i: int) -> bool:
+        """Set bit i; True if it changed."""
+        b = 1 << (i & 7)
+        if self.bits[i >> 3] & b:
+            return False
+        self.bits[i >> 3] |= b
+        self._dirty = True
+        return True
+
+    def set_many(self, idx: Iterable[int]) -> bool:
+        changed = False
+        for i in idx:
+            changed |= self.set(i)
+        return changed
+
+    def clear(self, i: int) -> None:
+        b = 1 << (i & 7)
+        if self.bits[i >> 3] & b:
+            self.bits[i >> 3] &= ~b & 0xFF
+            self._dirty = True
+
+    def set_all(self) -> None:
+        for i in range(self.nbits):
+            self.set(i)
+
+    def clear_all(self) -> None:
+        if any(self.bits):
+            self.bits[:] = bytes(len(self.bits))
+            self._dirty = True
+
+    def count(self) -> int:
+        return sum(1 for _ in self.iter_set())
+
+    def iter_set(self, start: int = 0) -> Iterator[int]:
+        bits = self.bits
+        for byte_i in range(start >> 3, len(bits)):
+            v = bits[byte_i]
+            if not v:
+                continue
+            for j in range(8):
+                i = (byte_i << 3) | j
+                if i >= self.nbits:
+                    return
+                if i >= start and v & (1 << j):
+                    yield i
+
+    def sync_now(self) -> None:
+        """Write and fdatasync the bits (blocking)."""
+        if not self._dirty:
+            return
+        self._dirty = False
+        snapshot = bytes(self.bits)
+        os.pwrite(self.fd, snapshot, 0)
+        os.fdatasync(self.fd)
+
+    async def sync(self, executor: Executor) -> None:
+        """Make the current bits durable; concurrent callers share one fdatasync."""
+        while self._dirty or self._sync_task is not None:
+            task = self._sync_task
+            if task is None:
+                loop = asyncio.get_running_loop()
+                task = self._sync_task = loop.run_in_executor(executor, self.sync_now)
+                try:
+                    await task
+                finally:
+                    self._sync_task = None
+            else:
+                await asyncio.shield(task)
+
+
+def chunks_of(offset: int, length: int, unit: int = CHUNK) -> range:
+    if length <= 0:
+        return range(0)
+    return range(offset // unit, (offset + length - 1) // unit + 1)
+
+
+def nchunks(size: int, unit: int = CHUNK) -> int:
+    return (size + unit - 1) // unit

@@ -1,0 +1,806 @@
+"""Active-active pairs on one node: the mirrored write path, copies, and partner loss.
+
+The primary orders writes: a host write at the primary is applied locally and
+sent to the secondary on the (ordered) peer link in the same loop step, so both
+copies apply overlapping writes in the same order; a host write at the
+secondary is forwarded to the primary and acknowledged when the primary's
+mirrored write completed on both. Copies (initial copy, resync) read a chunk and
+send it in one loop step too, so a host write to that chunk can only follow it.
+
+When the partner is lost, the side that may continue (the witness decides; the
+primary by default) goes `local`, starts a new generation and marks every chunk
+it changes in a persistent dirty bitmap; the other side goes `block`. When the
+two meet again, generations decide the direction and only dirty chunks move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from twinvol.nbd.constants import Cmd, Err
+from twinvol.replication.bitmap import AL_EXTENT, CHUNK, PersistentBits, chunks_of, nchunks
+from twinvol.replication.pairs import (
+    PairRecord,
+    PairStore,
+    fork_generation,
+    new_generation,
+    resync_direction,
+)
+from twinvol.replication.peer import Message, PeerDown, PeerService, RemoteError
+from twinvol.storage.volumes import Volume, VolumeError
+
+if TYPE_CHECKING:
+    from twinvol.node.daemon import Node
+
+log = logging.getLogger("twinvol.replication")
+
+COPY_WINDOW = 16       # copy messages in flight
+CURSOR_EVERY = 64      # persist the copy cursor every N chunks
+AL_IDLE = 1.0          # seconds without writes before an activity-log extent is retired
+
+
+class WriteFailed(Exception):
+    """A replicated write could not be completed; `errno` is the NBD error to return."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+Decider = Callable[[PairRecord], Awaitable[str]]
+
+
+@dataclass
+class PairRuntime:
+    """In-memory companions of a pair record: bitmaps, copy progress, in-flight writes."""
+
+    rec: PairRecord
+    vol: Volume
+    dirty: PersistentBits
+    al: PersistentBits
+    al_last: dict[int, float] = field(default_factory=dict)
+    al_inflight: dict[int, int] = field(default_factory=dict)
+    copy_task: asyncio.Task[None] | None = None
+    copied_bytes: int = 0       # bytes sent by the running/last copy
+    copy_started: float = 0.0
+    decide_task: asyncio.Task[None] | None = None
+
+
+class ReplicatedBackend:
+    """What NBD connections of a paired volume use: reads local, writes replicated."""
+
+    async_writes = True
+
+    def __init__(self, mgr: ReplicationManager, pr: PairRuntime) -> None:
+        self.mgr = mgr
+        self.pr = pr
+        store = pr.vol.store
+        self.pread = store.pread
+        self.cache = store.cache
+        self.extents = store.extents
+
+    # Synchronous write methods exist for the Backend protocol but are never used.
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        raise NotImplementedError
+
+    def trim(self, offset: int, length: int) -> None:
+        raise NotImplementedError
+
+    def write_zeroes(self, offset: int, length: int, *, no_hole: bool, fast: bool) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        self.pr.vol.store.flush()
+
+    def submit(self, cmd: int, offset: int, length: int, data: bytes | None,
+               flags: int) -> Awaitable[None]:
+        if cmd == Cmd.FLUSH:
+            return self.mgr.host_flush(self.pr)
+        return self.mgr.host_write(self.pr, cmd, offset, length, data, flags)
+
+
+class ReplicationManager:
+    """Owns the pairs of one node and the peer messages about them."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.store = PairStore(node.volumes.catalog.db)
+        self.pairs: dict[str, PairRuntime] = {}
+        self.by_volume: dict[str, PairRuntime] = {}
+        self.peers = PeerService(node.cluster, node.name, self._on_message, self._on_up,
+                                 self._on_down, self._on_refused)
+        self.decide: Decider = self._default_decision
+        self.bitmap_dir = os.path.join(node.data_dir, "bitmaps")
+        os.makedirs(self.bitmap_dir, exist_ok=True)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        for rec in self.store.all():
+            self._load(rec)
+
+    # ---- lifecycle ------------------------------------------------------------
+
+    def _load(self, rec: PairRecord) -> PairRuntime:
+        vol = self.node.volumes.get(rec.volume)
+        n = nchunks(vol.record.size)
+        dirty = PersistentBits(os.path.join(self.bitmap_dir, f"{rec.name}.dirty"), n)
+        al = PersistentBits(os.path.join(self.bitmap_dir, f"{rec.name}.al"),
+                            nchunks(vol.record.size, AL_EXTENT))
+        pr = PairRuntime(rec, vol, dirty, al)
+        # Recovery: extents that had writes in flight at a crash may differ from the partner.
+        per = AL_EXTENT // CHUNK
+        for ext in list(al.iter_set()):
+            dirty.set_many(range(ext * per, min((ext + 1) * per, n)))
+            al.clear(ext)
+        dirty.sync_now()
+        al.sync_now()
+        self.pairs[rec.name] = pr
+        self.by_volume[rec.volume] = pr
+        # Until the partner is met (or the witness says otherwise) a copy serves no host,
+        # unless it is the side that already continues alone.
+        if rec.io_mode != "local":
+            self._set_mode(pr, "block", "waiting for the partner after a restart", save=False)
+        else:
+            self._apply_mode(pr)
+        return pr
+
+    async def start(self) -> None:
+        await self.peers.start()
+        self._spawn(self._al_retirer())
+        self._spawn(self._after_restart())
+
+    async def stop(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        for pr in self.pairs.values():
+            for task in (pr.copy_task, pr.decide_task):
+                if task is not None:
+                    task.cancel()
+        await self.peers.stop()
+        for pr in self.pairs.values():
+            with contextlib.suppress(OSError):
+                pr.dirty.sync_now()
+                pr.al.sync_now()
+            pr.dirty.close()
+            pr.al.close()
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def backend_for(self, vol: Volume) -> ReplicatedBackend | None:
+        pr = self.by_volume.get(vol.record.name)
+        return None if pr is None else ReplicatedBackend(self, pr)
+
+    # ---- state helpers ----------------------------------------------------------
+
+    def _save(self, pr: PairRuntime) -> None:
+        self.store.save(pr.rec)
+
+    def _set_state(self, pr: PairRuntime, state: str, reason: str = "") -> None:
+        if pr.rec.state != state or pr.rec.reason != reason:
+            old = pr.rec.state
+            pr.rec.state = state
+            pr.rec.reason = reason
+            self._save(pr)
+            self.node.events.publish("pair_state", pair=pr.rec.name, state=state, previous=old,
+                                     reason=reason, role=pr.rec.role)
+
+    def _set_mode(self, pr: PairRuntime, mode: str, reason: str = "", save: bool = True) -> None:
+        pr.rec.io_mode = mode
+        if save:
+            self._save(pr)
+        self._apply_mode(pr, reason)
+
+    def _apply_mode(self, pr: PairRuntime, reason: str = "") -> None:
+        self.node.set_io_mode(pr.rec.volume, pr.rec.io_mode, reason)
+
+    # ---- pair creation (primary side drives) -------------------------------------
+
+    async def create(self, name: str, primary_volume: str, secondary: str,
+                     secondary_volume: str) -> PairRecord:
+        if name in self.pairs:
+            raise VolumeError(f"pair {name!r} already exists", "conflict")
+        vol = self.node.volumes.get(primary_volume)
+        if vol.record.name in self.by_volume:
+            raise VolumeError(f"volume {primary_volume!r} is already in pair "
+                              f"{self.by_volume[vol.record.name].rec.name!r}", "conflict")
+        if secondary == self.node.name:
+            raise VolumeError("the secondary must be another node")
+        self.node.cluster.node(secondary)
+        if self.node.config.peer is None or self.node.cluster.node(secondary).peer is None:
+            raise VolumeError("both nodes need a `peer` address in the cluster file to pair")
+        try:
+            link = self.peers.link(secondary)
+        except PeerDown:
+            raise VolumeError(f"node {secondary} is not connected (peer link down); check that "
+                              "it runs and shares this cluster's secret", "io") from None
+        rec = vol.record
+        gen = new_generation()
+        try:
+            await link.request({"t": "pair_prepare", "pair": name, "volume": secondary_volume,
+                                "partner_volume": rec.name, "size": rec.size,
+                                "serial": rec.serial, "vvol_id": rec.vvol_id,
+                                "export_name": rec.export_name,
+                                "description": rec.description, "gen": gen})
+        except RemoteError as e:
+            raise VolumeError(f"node {secondary}: {e}", e.code if e.code in (
+                "invalid", "not_found", "conflict", "busy") else "io") from None
+        except PeerDown as e:
+            raise VolumeError(f"node {secondary} went away: {e}", "io") from None
+        prec = PairRecord(name=name, mode="active-active", role="primary", volume=rec.name,
+                          partner=secondary, partner_volume=secondary_volume, state="copying",
+                          io_mode="local", gen_current=gen, copy_cursor=0,
+                          copy_total=nchunks(rec.size), copy_source=self.node.name)
+        self.store.save(prec)
+        pr = self._load(prec)
+        pr.dirty.set_all()
+        await pr.dirty.sync(self.node.executor)
+        self.node.events.publish("pair_created", pair=name, role="primary", partner=secondary)
+        self._start_copy(pr)
+        return prec
+
+    def _prepare(self, h: dict[str, Any]) -> Message:
+        """Secondary side of pair creation: take the primary's identity, block hosts."""
+        name = str(h["pair"])
+        if name in self.pairs:
+            raise RemoteError(f"pair {name!r} already exists here", "conflict")
+        vname = str(h["volume"])
+        size = int(h["size"])
+        vols = self.node.volumes
+        try:
+            vol = vols.get(vname)
+        except VolumeError:
+            try:
+                vol = vols.create(vname, size, export_name=f".pairing-{name}")
+            except VolumeError as e:
+                raise RemoteError(str(e), e.code) from None
+        if vol.record.name in self.by_volume:
+            raise RemoteError(f"volume {vname!r} is already in a pair", "conflict")
+        if vol.record.size != size:
+            raise RemoteError(f"volume {vname!r} is {vol.record.size} bytes but the primary "
+                              f"volume is {size} bytes; sizes must match", "invalid")
+        if vol.connections:
+            raise RemoteError(f"volume {vname!r} has {vol.connections} NBD connection(s); its "
+                              "data will be overwritten: disconnect them first", "busy")
+        own = {"serial": vol.record.serial, "vvol_id": vol.record.vvol_id,
+               "export_name": vol.record.export_name, "description": vol.record.description}
+        try:
+            vols.set_identity(vname, serial=str(h["serial"]), vvol_id=int(h["vvol_id"]),
+                              export_name=str(h["export_name"]),
+                              description=str(h["description"]))
+        except VolumeError as e:
+            raise RemoteError(str(e), e.code) from None
+        rec = PairRecord(name=name, mode="active-active", role="secondary", volume=vname,
+                         partner=self._peer_of(h), partner_volume=str(h["partner_volume"]),
+                         state="copying", io_mode="block", gen_current=str(h["gen"]),
+                         copy_total=nchunks(size), own_identity=own)
+        self.store.save(rec)
+        self._load(rec)
+        self.node.events.publish("pair_created", pair=name, role="secondary",
+                                 partner=rec.partner)
+        return {}, b""
+
+    def _peer_of(self, h: dict[str, Any]) -> str:
+        return str(h.get("_peer", ""))
+
+    # ---- copies (initial copy and resync) -----------------------------------------
+
+    def _start_copy(self, pr: PairRuntime) -> None:
+        if pr.copy_task is None or pr.copy_task.done():
+            pr.copy_task = asyncio.ensure_future(self._copy(pr))
+
+    async def _copy(self, pr: PairRuntime) -> None:
+        """Send every dirty chunk at or after the cursor to the partner, then go mirrored."""
+        rec = pr.rec
+        store = pr.vol.store
+        pr.copied_bytes = 0
+        pr.copy_started = time.monotonic()
+        rec.copy_source = self.node.name
+        rec.copy_total = pr.dirty.count() + 0
+        self._save(pr)
+        inflight: set[asyncio.Future[Message]] = set()
+        sent: list[int] = []  # chunks sent since the last checkpoint (bits cleared once acked)
+        try:
+            link = self.peers.link(rec.partner)
+            for chunk in list(pr.dirty.iter_set(0)):
+                off = chunk * CHUNK
+                n = min(CHUNK, pr.vol.record.size - off)
+                if n <= 0:
+                    pr.dirty.clear(chunk)
+                    continue
+                ext = store.extents(off, n)
+                # Read and send in one step: later host writes to the chunk follow it.
+                if len(ext) == 1 and ext[0][1] & 2:
+                    fut = link.request({"t": "copy", "pair": rec.name, "off": off, "len": n,
+                                        "zero": True})
+                else:
+                    data = store.pread(off, n)
+                    fut = link.request({"t": "copy", "pair": rec.name, "off": off, "len": n},
+                                       data)
+                    pr.copied_bytes += n
+                sent.append(chunk)
+                inflight.add(fut)
+                if len(inflight) >= COPY_WINDOW:
+                    done, inflight = await asyncio.wait(inflight,
+                                                        return_when=asyncio.FIRST_COMPLETED)
+                    for f in done:
+                        f.result()
+                if len(sent) >= CURSOR_EVERY:
+                    await self._checkpoint(pr, inflight, sent)
+                    inflight = set()
+            await self._checkpoint(pr, inflight, sent)
+            # Both sides now hold the same data: one generation, mirrored.
+            await link.request({"t": "pair_done", "pair": rec.name, "gen": rec.gen_current,
+                                "history": rec.gen_history, "role": "secondary"
+                                if rec.role == "primary" else "primary"})
+            rec.copy_cursor = 0
+            rec.copy_source = ""
+            self._set_mode(pr, "mirror")
+            self._set_state(pr, "mirrored")
+            self.node.events.publish("copy_done", pair=rec.name, bytes=pr.copied_bytes,
+                                     seconds=round(time.monotonic() - pr.copy_started, 3))
+        except (PeerDown, RemoteError) as e:
+            # Chunks sent but not acknowledged keep their dirty bit: they go again next time.
+            log.warning("copy interrupted", extra={"pair": rec.name, "error": str(e)})
+            for f in inflight:
+                if f.done() and not f.cancelled():
+                    f.exception()
+            self._save(pr)
+
+    async def _checkpoint(self, pr: PairRuntime, inflight: set[asyncio.Future[Message]],
+                          sent: list[int]) -> None:
+        """Wait for acks, then durably record the progress (bits and cursor)."""
+        if inflight:
+            await asyncio.gather(*inflight)
+        for c in sent:
+            pr.dirty.clear(c)
+        if sent:
+            pr.rec.copy_cursor = sent[-1] + 1
+        sent.clear()
+        self._save(pr)
+        await pr.dirty.sync(self.node.executor)
+
+    # ---- host writes -------------------------------------------------------------------
+
+    async def host_write(self, pr: PairRuntime, cmd: int, offset: int, length: int,
+                         data: bytes | None, flags: int) -> None:
+        rec = pr.rec
+        if rec.io_mode == "block":
+            raise WriteFailed(Err.EIO, f"volume {rec.volume} is blocked on node {self.node.name}")
+        if rec.role == "secondary" and rec.io_mode == "mirror":
+            link = self._link_or_none(rec.partner)
+            if link is None:
+                self._on_partner_lost(pr, "partner unreachable")
+                raise WriteFailed(Err.EIO, "partner unreachable: this copy is blocked")
+            try:
+                await link.request({"t": "fw", "pair": rec.name, "cmd": cmd, "off": offset,
+                                    "len": length, "flags": flags}, data or b"")
+            except RemoteError as e:
+                raise WriteFailed(int(e.code) if e.code.isdigit() else Err.EIO, str(e)) from None
+            except PeerDown as e:
+                raise WriteFailed(Err.EIO, f"partner lost during the write: {e}") from None
+            return
+        await self._primary_write(pr, cmd, offset, length, data, flags)
+
+    async def _primary_write(self, pr: PairRuntime, cmd: int, offset: int, length: int,
+                             data: bytes | None, flags: int) -> None:
+        rec = pr.rec
+        ex = self.node.executor
+        replicate = rec.io_mode == "mirror" or (rec.copy_source == self.node.name
+                                               and self.peers.is_up(rec.partner)
+                                               and pr.copy_task is not None
+                                               and not pr.copy_task.done())
+        chunks = chunks_of(offset, length)
+        exts = chunks_of(offset, length, AL_EXTENT)
+        if replicate:
+            if pr.al.set_many(exts) or pr.al._dirty or pr.al._sync_task is not None:
+                await pr.al.sync(ex)
+        else:
+            if pr.dirty.set_many(chunks) or pr.dirty._dirty or pr.dirty._sync_task is not None:
+                await pr.dirty.sync(ex)
+        if rec.io_mode == "block":
+            raise WriteFailed(Err.EIO, f"volume {rec.volume} was blocked")
+        self._apply(pr, cmd, offset, length, data, flags)
+        fut = None
+        if replicate and rec.io_mode != "block":
+            link = self._link_or_none(rec.partner)
+            if link is not None:
+                for x in exts:
+                    pr.al_inflight[x] = pr.al_inflight.get(x, 0) + 1
+                fut = link.request({"t": "w", "pair": rec.name, "cmd": cmd, "off": offset,
+                                    "len": length, "flags": flags}, data or b"")
+            else:
+                await self._partner_missing(pr, chunks)
+        local_sync = None
+        if flags & 1:  # FUA
+            local_sync = asyncio.get_running_loop().run_in_executor(ex, pr.vol.store.flush)
+        try:
+            if fut is not None:
+                try:
+                    await fut
+                except PeerDown:
+                    await self._partner_missing(pr, chunks)
+                except RemoteError as e:
+                    log.error("partner failed a mirrored write",
+                              extra={"pair": rec.name, "error": str(e)})
+                    await self._partner_missing(pr, chunks)
+        finally:
+            if fut is not None:
+                now = time.monotonic()
+                for x in exts:
+                    pr.al_inflight[x] -= 1
+                    pr.al_last[x] = now
+        if local_sync is not None:
+            await local_sync
+
+    def _apply(self, pr: PairRuntime, cmd: int, offset: int, length: int, data: bytes | None,
+               flags: int) -> None:
+        store = pr.vol.store
+        if cmd == Cmd.WRITE:
+            assert data is not None
+            store.pwrite(offset, data)
+        elif cmd == Cmd.TRIM:
+            store.trim(offset, length)
+        elif cmd == Cmd.WRITE_ZEROES:
+            store.write_zeroes(offset, length, no_hole=bool(flags & 2), fast=bool(flags & 16))
+
+    async def _partner_missing(self, pr: PairRuntime, chunks: range) -> None:
+        """A write reached only this copy: record it, then continue only if allowed."""
+        pr.dirty.set_many(chunks)
+        await pr.dirty.sync(self.node.executor)
+        self._on_partner_lost(pr, "partner lost during a mirrored write")
+        if pr.decide_task is not None:
+            await asyncio.shield(pr.decide_task)
+        if pr.rec.io_mode != "local":
+            raise WriteFailed(Err.EIO, f"partner lost and this copy may not continue: "
+                                       f"{pr.rec.reason}")
+
+    async def host_flush(self, pr: PairRuntime) -> None:
+        ex = self.node.executor
+        local = asyncio.get_running_loop().run_in_executor(ex, pr.vol.store.flush)
+        link = self._link_or_none(pr.rec.partner) if pr.rec.io_mode == "mirror" else None
+        if link is not None:
+            with contextlib.suppress(PeerDown):
+                await link.request({"t": "flush", "pair": pr.rec.name})
+        await local
+
+    def _link_or_none(self, peer: str) -> Any:
+        try:
+            return self.peers.link(peer)
+        except PeerDown:
+            return None
+
+    # ---- partner loss and return ------------------------------------------------------
+
+    def _on_partner_lost(self, pr: PairRuntime, reason: str, *, restart: bool = False) -> None:
+        if pr.decide_task is not None and not pr.decide_task.done():
+            return
+        if pr.rec.io_mode != "mirror" and pr.rec.state != "copying" and not restart:
+            return
+        pr.decide_task = asyncio.ensure_future(self._decide(pr, reason))
+
+    async def _after_restart(self) -> None:
+        """Pairs whose partner stays away after our restart get a decision like a link loss."""
+        from twinvol.replication.peer import DEAD_AFTER
+
+        await asyncio.sleep(DEAD_AFTER + 0.5)
+        for pr in list(self.pairs.values()):
+            if pr.rec.io_mode == "block" and not self.peers.is_up(pr.rec.partner) \
+                    and pr.rec.state in ("mirrored", "suspended", "copying"):
+                self._on_partner_lost(pr, f"partner {pr.rec.partner} unreachable after restart",
+                                      restart=True)
+
+    async def _decide(self, pr: PairRuntime, reason: str) -> None:
+        rec = pr.rec
+        if rec.state == "copying":
+            # A copy target is inconsistent and never serves; the source keeps going alone.
+            if rec.copy_source == self.node.name:
+                self._set_mode(pr, "local", reason)
+            else:
+                self._set_mode(pr, "block", reason)
+            self._set_state(pr, "copying", reason)
+            return
+        # The secondary may be stale from this moment: hosts must stop reading it. The
+        # primary keeps serving reads and holds writes until the decision.
+        if rec.role == "secondary" or rec.io_mode == "block":
+            self._set_mode(pr, "block", reason)
+        self._set_state(pr, "suspended", reason)
+        while True:
+            try:
+                verdict = await self.decide(rec)
+            except Exception as e:  # witness unreachable: never write alone
+                verdict = "wait"
+                reason = f"witness unreachable: {e}"
+            if verdict == "continue":
+                fork_generation(rec)
+                if rec.role == "secondary":
+                    rec.role = "primary"
+                    self.node.events.publish("pair_takeover", pair=rec.name)
+                self._set_mode(pr, "local", reason)
+                self._set_state(pr, "suspended", reason)
+                return
+            if verdict == "block":
+                self._set_mode(pr, "block", "the partner continues: this copy is stale")
+                return
+            await asyncio.sleep(0.3)
+            if self.peers.is_up(rec.partner):
+                return
+
+    async def _default_decision(self, rec: PairRecord) -> str:
+        """Without a witness, the primary continues and the secondary blocks."""
+        return "continue" if rec.role == "primary" else "block"
+
+    def _on_down(self, peer: str, reason: str) -> None:
+        self.node.events.publish("peer_down", peer=peer, reason=reason)
+        for pr in list(self.pairs.values()):
+            if pr.rec.partner == peer:
+                self._on_partner_lost(pr, f"peer link to {peer} down: {reason}")
+
+    def _on_refused(self, peer: str, reason: str) -> None:
+        self.node.events.publish("peer_refused", peer=peer, reason=reason)
+
+    def _on_up(self, peer: str) -> None:
+        self.node.events.publish("peer_up", peer=peer)
+        for pr in list(self.pairs.values()):
+            if pr.rec.partner != peer:
+                continue
+            if pr.decide_task is not None and not pr.decide_task.done():
+                pr.decide_task.cancel()
+            if self.node.name < peer:  # one side leads the exchange; the other answers
+                self._spawn(self._meet(pr))
+
+    async def _meet(self, pr: PairRuntime) -> None:
+        """Partner is back: compare generations; the newer side sends what differs."""
+        rec = pr.rec
+        if pr.decide_task is not None and not pr.decide_task.done():
+            pr.decide_task.cancel()
+        link = self._link_or_none(rec.partner)
+        if link is None:
+            return
+        try:
+            h, peer_bits = await link.request(
+                {"t": "pair_state", "pair": rec.name, "gen": rec.gen_current,
+                 "history": rec.gen_history, "role": rec.role, "state": rec.state,
+                 "io_mode": rec.io_mode, "copy_source": rec.copy_source},
+                bytes(pr.dirty.bits))
+        except (PeerDown, RemoteError) as e:
+            log.warning("pair state exchange failed", extra={"pair": rec.name, "error": str(e)})
+            return
+        await self._reconcile(pr, h, peer_bits)
+
+    async def _reconcile(self, pr: PairRuntime, h: dict[str, Any], peer_bits: bytes) -> None:
+        rec = pr.rec
+        if rec.state == "copying" or h.get("state") == "copying":
+            source = rec.copy_source or str(h.get("copy_source", ""))
+            if source == self.node.name:
+                self._start_copy(pr)
+            return
+        direction = resync_direction(rec.gen_current, rec.gen_history, str(h["gen"]),
+                                     list(h["history"]))
+        if direction == "none":
+            # Same data generation: only chunks touched around a crash can differ; the
+            # primary sends them (from both sides' bitmaps).
+            direction = "to_peer" if rec.role == "primary" else "from_peer"
+        if direction == "split_brain":
+            self._set_mode(pr, "block", "split brain: both copies were written alone")
+            self._set_state(pr, "suspended", "split brain: both copies were written alone; "
+                            "resolve with `twinvol pair resync NAME --from NODE`")
+            return
+        if direction == "to_peer":
+            for i in range(min(len(peer_bits) * 8, pr.dirty.nbits)):
+                if peer_bits[i >> 3] & (1 << (i & 7)):
+                    pr.dirty.set(i)
+            rec.role = "primary"
+            if rec.io_mode == "block":
+                # Neither side continued alone (e.g. both restarted): this side serves.
+                self._set_mode(pr, "local", "resync source")
+            self._start_copy(pr)
+        # from_peer: the partner runs the copy towards us; we stay blocked until done.
+
+    # ---- peer messages ---------------------------------------------------------------
+
+    def _on_message(self, peer: str, h: dict[str, Any], payload: bytes
+                    ) -> Message | Awaitable[Message] | None:
+        t = h["t"]
+        h["_peer"] = peer
+        if t == "pair_prepare":
+            return self._prepare(h)
+        pr = self.pairs.get(str(h.get("pair")))
+        if pr is None:
+            raise RemoteError(f"no pair {h.get('pair')!r} on node {self.node.name}", "not_found")
+        if t == "w" or t == "copy":
+            return self._peer_write(pr, h, payload)
+        if t == "fw":
+            return self._forwarded(pr, h, payload)
+        if t == "flush":
+            return self._peer_flush(pr)
+        if t == "pair_state":
+            return self._peer_state(pr, h, payload)
+        if t == "pair_done":
+            return self._peer_done(pr, h)
+        if t == "pair_split":
+            self._set_mode(pr, "block", "pair split: the primary continues alone")
+            self._set_state(pr, "split", "split by operator")
+            return {}, b""
+        if t == "pair_delete":
+            self._dissolve(pr)
+            return {}, b""
+        if t == "pair_swap":
+            pr.rec.role = str(h["role"])
+            self._save(pr)
+            return {}, b""
+        raise RemoteError(f"unknown peer message {t!r}", "invalid")
+
+    def _peer_write(self, pr: PairRuntime, h: dict[str, Any], payload: bytes
+                    ) -> Message | Awaitable[Message]:
+        off, n = int(h["off"]), int(h["len"])
+        if off < 0 or n < 0 or off + n > pr.vol.record.size:
+            raise RemoteError(f"write [{off}, +{n}) outside volume {pr.rec.volume}", "invalid")
+        if h["t"] == "copy":
+            if h.get("zero"):
+                pr.vol.store.write_zeroes(off, n, no_hole=False, fast=False)
+            else:
+                pr.vol.store.pwrite(off, payload)
+            return {}, b""
+        self._apply(pr, int(h["cmd"]), off, n, payload, int(h.get("flags", 0)))
+        if int(h.get("flags", 0)) & 1:
+            return self._sync_reply(pr)
+        return {}, b""
+
+    async def _sync_reply(self, pr: PairRuntime) -> Message:
+        await asyncio.get_running_loop().run_in_executor(self.node.executor, pr.vol.store.flush)
+        return {}, b""
+
+    async def _peer_flush(self, pr: PairRuntime) -> Message:
+        return await self._sync_reply(pr)
+
+    async def _forwarded(self, pr: PairRuntime, h: dict[str, Any], payload: bytes) -> Message:
+        try:
+            await self._primary_write(pr, int(h["cmd"]), int(h["off"]), int(h["len"]),
+                                      payload, int(h.get("flags", 0)))
+        except WriteFailed as e:
+            raise RemoteError(str(e), str(e.errno)) from None
+        return {}, b""
+
+    def _peer_state(self, pr: PairRuntime, h: dict[str, Any], peer_bits: bytes) -> Message:
+        reply = ({"gen": pr.rec.gen_current, "history": pr.rec.gen_history,
+                  "role": pr.rec.role, "state": pr.rec.state, "io_mode": pr.rec.io_mode,
+                  "copy_source": pr.rec.copy_source}, bytes(pr.dirty.bits))
+        self._spawn(self._reconcile(pr, h, peer_bits))
+        return reply
+
+    def _peer_done(self, pr: PairRuntime, h: dict[str, Any]) -> Message:
+        rec = pr.rec
+        rec.gen_current = str(h["gen"])
+        rec.gen_history = list(h["history"])
+        rec.role = str(h["role"])
+        rec.copy_cursor = 0
+        rec.copy_source = ""
+        pr.dirty.clear_all()
+        pr.dirty.sync_now()
+        self._set_mode(pr, "mirror")
+        self._set_state(pr, "mirrored")
+        return {}, b""
+
+    # ---- operator commands -------------------------------------------------------------
+
+    def get(self, name: str) -> PairRuntime:
+        pr = self.pairs.get(name)
+        if pr is None:
+            raise VolumeError(f"pair {name!r} does not exist on node {self.node.name}",
+                              "not_found")
+        return pr
+
+    async def split(self, name: str) -> PairRecord:
+        pr = self.get(name)
+        rec = pr.rec
+        if rec.role != "primary":
+            raise VolumeError(f"run split on the primary ({rec.partner})")
+        if rec.state != "mirrored":
+            raise VolumeError(f"pair {name!r} is {rec.state}, not mirrored")
+        link = self._link_or_none(rec.partner)
+        if link is not None:
+            await link.request({"t": "pair_split", "pair": name})
+        fork_generation(rec)
+        self._set_mode(pr, "local", "split by operator")
+        self._set_state(pr, "split", "split by operator")
+        return rec
+
+    async def resync(self, name: str) -> PairRecord:
+        pr = self.get(name)
+        rec = pr.rec
+        if rec.role != "primary":
+            raise VolumeError(f"run resync on the primary ({rec.partner})")
+        if rec.state == "mirrored":
+            return rec
+        if not self.peers.is_up(rec.partner):
+            raise VolumeError(f"node {rec.partner} is not connected", "io")
+        self._start_copy(pr)
+        return rec
+
+    async def swap(self, name: str) -> PairRecord:
+        pr = self.get(name)
+        rec = pr.rec
+        if rec.state != "mirrored":
+            raise VolumeError(f"pair {name!r} is {rec.state}; swap needs mirrored")
+        link = self._link_or_none(rec.partner)
+        if link is None:
+            raise VolumeError(f"node {rec.partner} is not connected", "io")
+        await link.request({"t": "pair_swap", "pair": name, "role": rec.role})
+        rec.role = "secondary" if rec.role == "primary" else "primary"
+        self._save(pr)
+        self.node.events.publish("pair_swapped", pair=name, role=rec.role)
+        return rec
+
+    async def delete(self, name: str) -> None:
+        pr = self.get(name)
+        link = self._link_or_none(pr.rec.partner)
+        if link is not None:
+            with contextlib.suppress(PeerDown, RemoteError):
+                await link.request({"t": "pair_delete", "pair": name})
+        self._dissolve(pr)
+
+    def _dissolve(self, pr: PairRuntime) -> None:
+        rec = pr.rec
+        if pr.copy_task is not None:
+            pr.copy_task.cancel()
+        if rec.own_identity:
+            own = rec.own_identity
+            export = str(own["export_name"])
+            if export.startswith(".pairing-"):
+                export = rec.volume
+            with contextlib.suppress(VolumeError):
+                self.node.volumes.set_identity(
+                    rec.volume, serial=str(own["serial"]), vvol_id=int(str(own["vvol_id"])),
+                    export_name=export, description=str(own["description"]))
+        self.store.delete(rec.name)
+        del self.pairs[rec.name]
+        del self.by_volume[rec.volume]
+        pr.dirty.close()
+        pr.al.close()
+        for suffix in (".dirty", ".al"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.bitmap_dir, rec.name + suffix))
+        self.node.set_io_mode(rec.volume, "local", "pair deleted")
+        self.node.events.publish("pair_deleted", pair=rec.name)
+
+    def view(self, pr: PairRuntime) -> dict[str, Any]:
+        rec = pr.rec
+        out: dict[str, Any] = {
+            "name": rec.name, "mode": rec.mode, "node": self.node.name, "role": rec.role,
+            "volume": rec.volume, "partner": rec.partner, "partner_volume": rec.partner_volume,
+            "state": rec.state, "io_mode": rec.io_mode, "reason": rec.reason,
+            "generation": {"current": rec.gen_current, "history": rec.gen_history},
+            "peer_link": "up" if self.peers.is_up(rec.partner) else "down",
+            "dirty_chunks": pr.dirty.count(), "chunk_size": CHUNK,
+            "export_name": pr.vol.record.export_name,
+        }
+        running = pr.copy_task is not None and not pr.copy_task.done()
+        out["copy"] = {"running": running, "source": rec.copy_source,
+                       "cursor": rec.copy_cursor, "remaining_chunks": pr.dirty.count(),
+                       "total_chunks": rec.copy_total, "bytes_sent": pr.copied_bytes}
+        return out
+
+    # ---- activity log upkeep -------------------------------------------------------------
+
+    async def _al_retirer(self) -> None:
+        while True:
+            await asyncio.sleep(AL_IDLE)
+            now = time.monotonic()
+            for pr in list(self.pairs.values()):
+                changed = False
+                for ext in list(pr.al.iter_set()):
+                    if pr.al_inflight.get(ext, 0) == 0 and now - pr.al_last.get(ext, 0) > AL_IDLE:
+                        pr.al.clear(ext)
+                        pr.al_last.pop(ext, None)
+                        changed = True
+                if changed:
+                    await pr.al.sync(self.node.executor)

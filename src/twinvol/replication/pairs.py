@@ -1,0 +1,100 @@
+"""Pair records (one per pair per node) and the generation rules that decide resync direction.
+
+Generations follow DRBD's data-generation UUIDs: both sides share `current`
+while mirrored; a side that starts writing without its partner pushes its
+`current` onto `history` and takes a new one. On reconnect, the side whose
+history contains the other's current is newer and is the resync source; if
+neither contains the other's, both wrote alone: split brain, never resolved
+automatically.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import time
+from typing import Literal
+
+import msgspec
+
+STATES = ("copying", "mirrored", "split", "suspended", "takeover")
+IO_MODES = ("mirror", "local", "block")
+HISTORY = 8
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pairs (
+    name TEXT PRIMARY KEY,
+    body TEXT NOT NULL
+);
+"""
+
+
+class PairRecord(msgspec.Struct):
+    """This node's view of one pair, stored in its catalog and shown by `pair show`."""
+
+    name: str
+    mode: str                       # active-active
+    role: str                       # primary | secondary (the primary orders writes)
+    volume: str                     # local volume name
+    partner: str                    # partner node
+    partner_volume: str
+    state: str                      # copying | mirrored | split | suspended | takeover
+    io_mode: str                    # mirror | local | block
+    gen_current: str
+    gen_history: list[str] = msgspec.field(default_factory=list)
+    copy_cursor: int = 0            # chunks below this were copied (initial copy / resync)
+    copy_total: int = 0
+    copy_source: str = ""           # node that feeds the running copy
+    own_identity: dict[str, object] = msgspec.field(default_factory=dict)
+    reason: str = ""
+    updated: float = 0.0
+
+
+def new_generation() -> str:
+    return secrets.token_hex(8)
+
+
+def fork_generation(rec: PairRecord) -> None:
+    """This side starts writing without its partner: a new generation."""
+    rec.gen_history = [rec.gen_current, *rec.gen_history][:HISTORY]
+    rec.gen_current = new_generation()
+
+
+Direction = Literal["none", "to_peer", "from_peer", "split_brain"]
+
+
+def resync_direction(mine_current: str, mine_history: list[str], peer_current: str,
+                     peer_history: list[str]) -> Direction:
+    """Which way data must flow when two sides of a pair meet again."""
+    if mine_current == peer_current:
+        return "none"
+    if peer_current in mine_history:
+        return "to_peer"
+    if mine_current in peer_history:
+        return "from_peer"
+    return "split_brain"
+
+
+class PairStore:
+    """Pair records in the node's catalog database (same transactional guarantees)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        db.executescript(_SCHEMA)
+
+    def all(self) -> list[PairRecord]:
+        rows = self.db.execute("SELECT body FROM pairs ORDER BY name").fetchall()
+        return [msgspec.json.decode(r[0], type=PairRecord) for r in rows]
+
+    def save(self, rec: PairRecord) -> None:
+        rec.updated = time.time()
+        self.db.execute("INSERT OR REPLACE INTO pairs (name, body) VALUES (?, ?)",
+                        (rec.name, msgspec.json.encode(rec).decode()))
+
+    def delete(self, name: str) -> None:
+        self.db.execute("DELETE FROM pairs WHERE name = ?", (name,))
+
+
+def dumps(rec: PairRecord) -> str:
+    return json.dumps(msgspec.to_builtins(rec))

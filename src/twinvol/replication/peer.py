@@ -1,0 +1,350 @@
+"""Peer links between nodes: authenticated, multiplexed request/response over TCP.
+
+One link per pair of nodes: the node whose name sorts first dials, with
+backoff, and the other accepts. Both sides prove they hold the cluster secret
+(HMAC over the other side's nonce), so a node refuses peers that are not in
+its cluster file. Messages on a link are handled in arrival order, which the
+mirrored write path relies on (writes are applied in the order sent).
+A link with no traffic for `DEAD_AFTER` seconds is declared down, so a cut
+that TCP does not notice (a dead proxy) is still detected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from twinvol.cluster import ClusterConfig
+from twinvol.replication.wire import PROTOCOL_VERSION, FrameDecoder, WireError, encode
+
+log = logging.getLogger("twinvol.peer")
+
+PING_EVERY = 0.5
+DEAD_AFTER = 2.0
+HANDSHAKE_TIMEOUT = 3.0
+
+Message = tuple[dict[str, Any], bytes]
+Handler = Callable[[str, dict[str, Any], bytes], "Message | Awaitable[Message] | None"]
+
+
+class PeerDown(Exception):
+    """The link to the peer is down (or went down while a request was in flight)."""
+
+
+class RemoteError(Exception):
+    """The peer handled the request and answered with an error."""
+
+    def __init__(self, message: str, code: str = "error") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _mac(secret: str, nonce: str, sender: str, receiver: str) -> str:
+    msg = f"{nonce}:{sender}:{receiver}".encode()
+    return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()
+
+
+class PeerLink(asyncio.Protocol):
+    """One authenticated connection to one peer node."""
+
+    def __init__(self, service: PeerService, dialer_for: str | None) -> None:
+        self.service = service
+        self.expect = dialer_for  # peer name we dialed, or None when accepting
+        self.peer: str | None = None
+        self.transport: asyncio.Transport | None = None
+        self.decoder = FrameDecoder()
+        self.nonce = secrets.token_hex(16)
+        self.peer_nonce: str | None = None
+        self.authed = False
+        self.ready = asyncio.get_running_loop().create_future()
+        self.pending: dict[int, asyncio.Future[Message]] = {}
+        self.ids = itertools.count(1)
+        self.last_rx = time.monotonic()
+        self.closed = False
+
+    # ---- asyncio ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._send({"t": "hello", "v": PROTOCOL_VERSION,
+                    "cluster": self.service.cluster.cluster.name,
+                    "node": self.service.node, "nonce": self.nonce})
+
+    def data_received(self, data: bytes) -> None:
+        self.last_rx = time.monotonic()
+        try:
+            frames = self.decoder.feed(data)
+        except WireError as e:
+            self._fail(f"bad frame from peer: {e}")
+            return
+        for header, payload in frames:
+            if self.closed:
+                return
+            try:
+                self._on_frame(header, payload)
+            except Exception as e:  # a handler bug must not kill the link silently
+                log.exception("peer message handling failed", extra={"peer": self.peer})
+                self._fail(f"internal error handling {header.get('t')}: {e}")
+                return
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._down("connection lost" if exc is None else f"connection lost: {exc}")
+
+    # ---- handshake --------------------------------------------------------
+
+    def _on_frame(self, h: dict[str, Any], payload: bytes) -> None:
+        t = h["t"]
+        if not self.authed:
+            self._handshake(t, h)
+            return
+        if t == "resp":
+            fut = self.pending.pop(int(h["id"]), None)
+            if fut is not None and not fut.done():
+                if "error" in h:
+                    fut.set_exception(RemoteError(str(h["error"]), str(h.get("code", "error"))))
+                else:
+                    fut.set_result((h, payload))
+            return
+        if t == "ping":
+            return
+        self._dispatch(h, payload)
+
+    def _handshake(self, t: str, h: dict[str, Any]) -> None:
+        svc = self.service
+        if t == "refused":
+            self._fail(f"peer refused us: {h.get('reason')}")
+            return
+        if t == "hello" and self.peer_nonce is None:
+            name = h.get("node")
+            if h.get("v") != PROTOCOL_VERSION:
+                self._refuse(f"protocol version {h.get('v')} is not {PROTOCOL_VERSION}")
+                return
+            if h.get("cluster") != svc.cluster.cluster.name or name not in svc.cluster.nodes \
+                    or name == svc.node:
+                self._refuse(f"node {name!r} of cluster {h.get('cluster')!r} is not a peer "
+                             "in this cluster file")
+                return
+            if self.expect is not None and name != self.expect:
+                self._refuse(f"dialed {self.expect!r} but {name!r} answered")
+                return
+            self.peer = str(name)
+            self.peer_nonce = str(h.get("nonce", ""))
+            self._send({"t": "auth", "mac": _mac(svc.secret, self.peer_nonce, svc.node,
+                                                 self.peer)})
+            return
+        if t == "auth" and self.peer is not None and self.peer_nonce is not None:
+            want = _mac(svc.secret, self.nonce, self.peer, svc.node)
+            if not hmac.compare_digest(str(h.get("mac", "")), want):
+                self._refuse("wrong cluster secret")
+                return
+            self.authed = True
+            svc._link_up(self)
+            if not self.ready.done():
+                self.ready.set_result(None)
+            return
+        self._fail(f"unexpected {t!r} during the peer handshake")
+
+    def _refuse(self, reason: str) -> None:
+        log.warning("peer refused", extra={"peer": self.peer, "reason": reason})
+        self.service.on_refused(self.peer or "?", reason)
+        self._send({"t": "refused", "reason": reason})
+        self._fail(reason)
+
+    # ---- messaging ----------------------------------------------------------
+
+    def _send(self, header: dict[str, Any], payload: bytes | bytearray | memoryview = b"") -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise PeerDown(f"link to {self.peer} is closed")
+        self.transport.writelines(encode(header, payload))
+
+    def request(self, header: dict[str, Any],
+                payload: bytes | bytearray | memoryview = b"") -> asyncio.Future[Message]:
+        """Send a request now (in order with everything else sent) and return its reply."""
+        if not self.authed or self.closed:
+            raise PeerDown(f"link to {self.peer} is down")
+        rid = next(self.ids)
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self.pending[rid] = fut
+        self._send({**header, "id": rid}, payload)
+        return fut
+
+    def _dispatch(self, h: dict[str, Any], payload: bytes) -> None:
+        rid = h.get("id")
+        try:
+            result = self.service.handler(self.peer or "?", h, payload)
+        except RemoteError as e:
+            self._reply_error(rid, str(e), e.code)
+            return
+        except Exception as e:
+            log.exception("peer request failed", extra={"peer": self.peer, "t": h.get("t")})
+            self._reply_error(rid, f"{type(e).__name__}: {e}", "internal")
+            return
+        if result is None or rid is None:
+            return
+        if isinstance(result, tuple):
+            self._reply(rid, result)
+            return
+        task = asyncio.ensure_future(result)
+        task.add_done_callback(lambda f: self._finish(rid, f))
+
+    def _finish(self, rid: int, f: asyncio.Future[Message]) -> None:
+        if self.closed:
+            return
+        exc = f.exception()
+        if exc is None:
+            self._reply(rid, f.result())
+        elif isinstance(exc, RemoteError):
+            self._reply_error(rid, str(exc), exc.code)
+        else:
+            self._reply_error(rid, f"{type(exc).__name__}: {exc}", "internal")
+
+    def _reply(self, rid: int, result: Message) -> None:
+        header, payload = result
+        with contextlib.suppress(PeerDown):
+            self._send({**header, "t": "resp", "id": rid}, payload)
+
+    def _reply_error(self, rid: Any, message: str, code: str) -> None:
+        if rid is None:
+            return
+        with contextlib.suppress(PeerDown):
+            self._send({"t": "resp", "id": rid, "error": message, "code": code})
+
+    def ping(self) -> None:
+        with contextlib.suppress(PeerDown):
+            self._send({"t": "ping"})
+
+    # ---- teardown -------------------------------------------------------------
+
+    def _fail(self, reason: str) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        self._down(reason)
+
+    def _down(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+        if not self.ready.done():
+            self.ready.set_exception(PeerDown(reason))
+            self.ready.exception()  # mark retrieved
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(PeerDown(reason))
+        self.pending.clear()
+        if self.authed:
+            self.service._link_down(self, reason)
+
+
+class PeerService:
+    """All peer links of one node: listening, dialing with backoff, liveness."""
+
+    def __init__(self, cluster: ClusterConfig, node: str, handler: Handler,
+                 on_up: Callable[[str], None], on_down: Callable[[str, str], None],
+                 on_refused: Callable[[str, str], None] | None = None) -> None:
+        self.cluster = cluster
+        self.node = node
+        self.secret = cluster.cluster.secret
+        self.handler = handler
+        self.on_up = on_up
+        self.on_down = on_down
+        self.on_refused = on_refused or (lambda _p, _r: None)
+        self.links: dict[str, PeerLink] = {}
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    def peers(self) -> list[str]:
+        return [n for n, cfg in self.cluster.nodes.items() if n != self.node and cfg.peer]
+
+    def link(self, peer: str) -> PeerLink:
+        link = self.links.get(peer)
+        if link is None or link.closed or not link.authed:
+            raise PeerDown(f"no link to node {peer}")
+        return link
+
+    def is_up(self, peer: str) -> bool:
+        link = self.links.get(peer)
+        return link is not None and link.authed and not link.closed
+
+    async def start(self) -> None:
+        cfg = self.cluster.node(self.node)
+        if cfg.peer is None:
+            return
+        host, port = cfg.peer_hostport
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: PeerLink(self, None), host, port,
+                                                reuse_address=True)
+        for peer in self.peers():
+            if self.node < peer:
+                self._tasks.append(asyncio.create_task(self._dial_forever(peer)))
+        self._tasks.append(asyncio.create_task(self._liveness()))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self._server is not None:
+            self._server.close()
+        for link in list(self.links.values()):
+            link._fail("node stopping")
+
+    async def _dial_forever(self, peer: str) -> None:
+        delay = 0.1
+        host, port = self.cluster.node(peer).peer_hostport
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            link = self.links.get(peer)
+            if link is not None and not link.closed:
+                await asyncio.sleep(0.2)
+                continue
+            try:
+                _t, proto = await asyncio.wait_for(
+                    loop.create_connection(lambda: PeerLink(self, peer), host, port),
+                    HANDSHAKE_TIMEOUT)
+                await asyncio.wait_for(proto.ready, HANDSHAKE_TIMEOUT)
+                delay = 0.1
+            except (OSError, PeerDown, TimeoutError) as e:
+                log.debug("peer dial failed", extra={"peer": peer, "error": str(e)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _liveness(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(PING_EVERY)
+            now = time.monotonic()
+            for link in list(self.links.values()):
+                if link.closed:
+                    continue
+                if now - link.last_rx > DEAD_AFTER:
+                    link._fail(f"no traffic for {DEAD_AFTER}s")
+                else:
+                    link.ping()
+
+    def _link_up(self, link: PeerLink) -> None:
+        assert link.peer is not None
+        old = self.links.get(link.peer)
+        if old is not None and old is not link and not old.closed:
+            old._fail("replaced by a new link")
+        self.links[link.peer] = link
+        log.info("peer link up", extra={"peer": link.peer})
+        self.on_up(link.peer)
+
+    def _link_down(self, link: PeerLink, reason: str) -> None:
+        assert link.peer is not None
+        if self.links.get(link.peer) is link:
+            del self.links[link.peer]
+            log.warning("peer link down", extra={"peer": link.peer, "reason": reason})
+            self.on_down(link.peer, reason)
