@@ -7,11 +7,13 @@ import hashlib
 import json
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from clusterproc import ClusterProc
+from linkproxy import LinkProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -142,3 +144,62 @@ def test_pair_bad_input(two: ClusterProc) -> None:
     _, pairs = two.api("A", "GET", "/api/v1/pairs")
     assert pairs["pairs"] == []
     assert "does not exist" in err("pair", "show", "ghost")
+
+
+def test_link_cut_exactly_one_side_writes(tmp_path: object) -> None:
+    c = ClusterProc(str(tmp_path))
+    real_b = c.cfg.node("B").peer
+    assert real_b is not None
+    host, port = real_b.rsplit(":", 1)
+    proxy = LinkProxy((host, int(port)))
+    c.route_peer("A", "B", proxy.addr)  # A dials B through the proxy
+    c.start()
+    try:
+        c.wait_peer("A", "B")
+        make_pair(c, size=8 * MiB)
+        proxy.cut()
+        c.wait_pair("A", "vol", "suspended", "local")
+        c.wait_pair("B", "vol", "suspended", "block")
+        qemu_io(c.uri("A", "vol"), "write -P 0x44 0 64k", "flush")
+        p = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x45 0 64k",
+                            c.uri("B", "vol")], capture_output=True, text=True, timeout=60)
+        assert p.returncode != 0  # the stale side refuses hosts
+        _, eb = c.api("B", "GET", "/api/v1/exports/vol")
+        assert eb["io_mode"] == "block"
+        proxy.restore()
+        c.wait_pair("A", "vol", "mirrored", "mirror")
+        c.wait_pair("B", "vol", "mirrored", "mirror")
+        qemu_io(c.uri("B", "vol"), "read -P 0x44 0 64k")
+        assert digest(c.uri("A", "vol"), 8 * MiB) == digest(c.uri("B", "vol"), 8 * MiB)
+    finally:
+        c.stop()
+        proxy.close()
+
+
+def test_peer_with_wrong_secret_is_refused(tmp_path: object) -> None:
+    c = ClusterProc(str(tmp_path), names=("A", "B"))
+    from twinvol import cluster as cluster_mod
+
+    bad = cluster_mod.load(c.path)
+    bad.cluster.secret = "not-the-secret"
+    path = str(tmp_path) + "/cluster-B.toml"
+    cluster_mod.dump(bad, path)
+    c.node_files["B"] = path
+    c.start()
+    try:
+        deadline = time.monotonic() + 10
+        refused: list[dict[str, object]] = []
+        while not refused and time.monotonic() < deadline:
+            _, body = c.api("A", "GET", "/api/v1/events")
+            refused = [e for e in body["events"] if e["type"] == "peer_refused"]
+            time.sleep(0.1)
+        assert refused, "A never reported the refused peer"
+        _, body_b = c.api("B", "GET", "/api/v1/events")
+        reasons = [e["reason"] for e in body_b["events"] if e["type"] == "peer_refused"]
+        assert any("wrong cluster secret" in str(r) for r in reasons), reasons
+        c.api("A", "POST", "/api/v1/volumes", {"name": "s", "size": MiB})
+        p = c.cli("pair", "create", "s", "--primary", "A", "--secondary", "B")
+        assert p.returncode == 1 and "not connected" in p.stderr
+        assert not [e for e in body["events"] if e["type"] == "peer_up"]
+    finally:
+        c.stop()
