@@ -203,6 +203,45 @@ def swap(name: str = typer.Argument(...), cluster: str = ClusterOpt,
 
 
 @app.command()
+def verify(name: str = typer.Argument(...), timeout: float = TimeoutOpt,
+           cluster: str = ClusterOpt, json_out: bool = JsonOpt) -> None:
+    """Compare both copies by chunk hashes; block and repair the stale side."""
+    cfg = load_cluster(cluster)
+    node, _ = _primary(cfg, name)
+    view = api(cfg, node, "POST", f"/api/v1/pairs/{name}/verify")
+    deadline = time.monotonic() + timeout
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed:.0f}/{task.total:.0f} chunks"),
+                  TextColumn("{task.fields[found]}"), console=console, disable=json_out,
+                  transient=True) as progress:
+        v = view["verify"]
+        task = progress.add_task(f"verify {name}", total=max(1, v["total_chunks"]), found="")
+        while v["running"]:
+            if time.monotonic() > deadline:
+                raise CliError(f"verify of {name!r} still running after {timeout:.0f}s")
+            time.sleep(0.2)
+            v = api(cfg, node, "GET", f"/api/v1/pairs/{name}")["verify"]
+            progress.update(task, completed=v["checked_chunks"],
+                            found=f"{len(v['mismatched_chunks'])} mismatched")
+    if "error" in v:
+        raise CliError(f"verify of {name!r} failed: {v['error']}")
+    report = {"pair": name, "node": node, "checked_chunks": v["checked_chunks"],
+              "mismatched_chunks": len(v["mismatched_chunks"]),
+              "mismatched_offsets": [c * view["chunk_size"] for c in v["mismatched_chunks"]],
+              "latest": v.get("latest"), "stale": v.get("stale"),
+              "repaired_chunks": v["repaired_chunks"], "repaired_bytes": v["repaired_bytes"],
+              "seconds": v.get("seconds")}
+    if json_out:
+        emit_json(report)
+    elif report["mismatched_chunks"]:
+        console.print(f"pair [bold]{name}[/]: {report['mismatched_chunks']} chunk(s) differed; "
+                      f"latest copy on {report['latest']}, {report['stale']} was blocked and "
+                      f"repaired ({report['repaired_bytes']} bytes)")
+    else:
+        console.print(f"pair [bold]{name}[/]: {report['checked_chunks']} chunks identical")
+
+
+@app.command()
 def delete(name: str = typer.Argument(...), cluster: str = ClusterOpt,
            json_out: bool = JsonOpt) -> None:
     """Dissolve a pair; the secondary volume gets its own identity back."""

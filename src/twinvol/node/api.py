@@ -192,9 +192,11 @@ def make_app(node: Node) -> web.Application:
     async def pair_action(request: web.Request) -> web.Response:
         mgr = node.replication
         name, action = request.match_info["name"], request.match_info["action"]
+        if action == "verify":
+            return web.json_response(mgr.view(mgr.start_verify(name)))
         ops = {"split": mgr.split, "resync": mgr.resync, "swap": mgr.swap}
         if action not in ops:
-            raise VolumeError(f"unknown pair action {action!r} (split, resync, swap)",
+            raise VolumeError(f"unknown pair action {action!r} (split, resync, swap, verify)",
                               "not_found")
         await ops[action](name)
         return web.json_response(mgr.view(mgr.get(name)))
