@@ -171,7 +171,12 @@ def test_up_json_and_clean_stop(tmp_path: object, sig: signal.Signals) -> None:
         listed = json.loads(subprocess.run(
             [sys.executable, "-m", "twinvol", "volume", "list", "--json"], env=env,
             capture_output=True, text=True, check=True).stdout)
-        assert [v["name"] for v in listed["volumes"]] == ["demo"]
+        assert sorted((v["name"], v["node"], v["io_mode"]) for v in listed["volumes"]) == [
+            ("demo", "A", "mirror"), ("demo", "B", "mirror")]
+        pairs = json.loads(subprocess.run(
+            [sys.executable, "-m", "twinvol", "pair", "list", "--json"], env=env,
+            capture_output=True, text=True, check=True).stdout)["pairs"]
+        assert {(p["node"], p["state"]) for p in pairs} == {("A", "mirrored"), ("B", "mirrored")}
         proc.send_signal(sig)
         assert proc.wait(30) == 0
         deadline = time.monotonic() + 10

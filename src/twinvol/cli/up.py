@@ -1,7 +1,8 @@
 """`twinvol up`: the local demo cluster on loopback, in the foreground.
 
 Starts nodes A, B and C (sites A, B, C), each its own process, creates the
-volume `demo` (1 GiB) on A, prints one ready line (or one JSON object with
+volume `demo` (1 GiB) on A as an active-active pair with B, waits until it is
+mirrored, prints one ready line (or one JSON object with
 `--json`) and runs until SIGINT/SIGTERM, then stops everything. Running it again
 on the same directory reuses the cluster file and the data.
 """
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 import typer
@@ -25,16 +28,19 @@ from twinvol.supervisor import Supervisor, free_ports, twinvol_argv
 NODES = ("A", "B", "C")
 DEMO_VOLUME = "demo"
 DEMO_SIZE = 1 << 30
+PAIR_SECONDARY = "B"
 
 
 def _new_cluster(directory: str) -> ClusterConfig:
-    ports = iter(free_ports(2 * len(NODES)))
+    ports = iter(free_ports(3 * len(NODES)))
     nodes = {
         name: NodeConfig(site=name, nbd=f"127.0.0.1:{next(ports)}",
-                         api=f"127.0.0.1:{next(ports)}", data_dir=name)
+                         api=f"127.0.0.1:{next(ports)}", data_dir=name,
+                         peer=f"127.0.0.1:{next(ports)}")
         for name in NODES
     }
-    return ClusterConfig(nodes=nodes, cluster=ClusterSection(name="twinvol-up"))
+    return ClusterConfig(nodes=nodes, cluster=ClusterSection(name="twinvol-up",
+                                                             secret=secrets.token_hex(16)))
 
 
 def up(
@@ -79,6 +85,7 @@ def up(
             api(cfg, first, "POST", "/api/v1/volumes",
                 {"name": DEMO_VOLUME, "size": DEMO_SIZE,
                  "description": "twinvol demo volume"})
+        _ensure_pair(cfg, first, PAIR_SECONDARY)
         ready = _ready(cfg, sup, path, first)
         if json_out:
             sys.stdout.write(json.dumps(ready) + "\n")
@@ -98,6 +105,30 @@ def up(
                                      f"{comp.proc.returncode}; see {comp.log_path}\n")
     finally:
         sup.stop_all()
+
+
+def _ensure_pair(cfg: ClusterConfig, primary: str, secondary: str) -> None:
+    """Make `demo` an active-active pair and wait until it is mirrored."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            view = api(cfg, primary, "GET", f"/api/v1/pairs/{DEMO_VOLUME}")
+            break
+        except ApiError as e:
+            if e.status != 404:
+                raise
+        try:
+            api(cfg, primary, "POST", "/api/v1/pairs",
+                {"name": DEMO_VOLUME, "mode": "active-active", "secondary": secondary})
+        except ApiError as e:
+            if "not connected" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    while view["state"] != "mirrored":
+        if time.monotonic() > deadline:
+            raise CliError(f"pair {DEMO_VOLUME} is still {view['state']} after 120s")
+        time.sleep(0.2)
+        view = api(cfg, primary, "GET", f"/api/v1/pairs/{DEMO_VOLUME}")
 
 
 def _ready(cfg: ClusterConfig, sup: Supervisor, path: str, first: str) -> dict[str, Any]:
