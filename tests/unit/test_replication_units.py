@@ -1,0 +1,78 @@
+"""Peer-link framing, generation rules and persistent bitmaps, without processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from twinvol.replication.bitmap import CHUNK, PersistentBits, chunks_of, nchunks
+from twinvol.replication.pairs import resync_direction
+from twinvol.replication.wire import MAX_HEADER, FrameDecoder, WireError, encode
+
+frames = st.lists(st.tuples(
+    st.dictionaries(st.sampled_from(["pair", "off", "len", "x"]),
+                    st.integers(0, 2**40) | st.text(max_size=20), max_size=4),
+    st.binary(max_size=3000)), max_size=20)
+
+
+@settings(max_examples=150, deadline=None)
+@given(frames, st.data())
+def test_frames_survive_any_split(msgs: list[tuple[dict[str, object], bytes]],
+                                  data: st.DataObject) -> None:
+    stream = b"".join(b"".join(encode({"t": "w", **h}, p)) for h, p in msgs)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    dec = FrameDecoder()
+    got = []
+    prev = 0
+    for cut in [*cuts, len(stream)]:
+        got += dec.feed(stream[prev:cut])
+        prev = cut
+    assert [(h, p) for h, p in got] == [({"t": "w", **h}, p) for h, p in msgs]
+
+
+def test_oversized_or_garbage_frames_are_errors() -> None:
+    with pytest.raises(WireError, match="exceed"):
+        FrameDecoder().feed(struct.pack(">II", MAX_HEADER + 1, 0))
+    with pytest.raises(WireError, match="undecodable"):
+        FrameDecoder().feed(struct.pack(">II", 3, 0) + b"\xc1\xc1\xc1")
+    with pytest.raises(WireError, match="no type"):
+        FrameDecoder().feed(b"".join(encode({"x": 1})))
+
+
+def test_resync_direction() -> None:
+    assert resync_direction("g1", [], "g1", []) == "none"
+    assert resync_direction("g2", ["g1"], "g1", []) == "to_peer"
+    assert resync_direction("g1", [], "g2", ["g1"]) == "from_peer"
+    assert resync_direction("g2", ["g1"], "g3", ["g1"]) == "split_brain"
+
+
+def test_bits_persist_and_share_one_sync(tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "bits")
+    b = PersistentBits(path, 1000)
+    assert b.set(3) and not b.set(3)
+    assert b.set_many([999, 500])
+    ex = ThreadPoolExecutor(2)
+
+    async def both() -> None:
+        await asyncio.gather(b.sync(ex), b.sync(ex))
+
+    asyncio.run(both())
+    b.close()
+    again = PersistentBits(path, 1000)
+    assert list(again.iter_set()) == [3, 500, 999]
+    again.clear(500)
+    again.sync_now()
+    assert PersistentBits(path, 1000).count() == 2
+
+
+def test_chunk_math() -> None:
+    assert list(chunks_of(0, CHUNK)) == [0]
+    assert list(chunks_of(CHUNK - 1, 2)) == [0, 1]
+    assert list(chunks_of(5, 0)) == []
+    assert nchunks(CHUNK + 1) == 2
