@@ -21,14 +21,18 @@ class ClusterProc:
     own copy of the cluster file (to route a link through a proxy)."""
 
     def __init__(self, directory: str, names: tuple[str, ...] = ("A", "B"),
-                 secret: str = "test-secret") -> None:
+                 secret: str = "test-secret", witness: bool = False,
+                 takeover_after: float = 1.0) -> None:
         self.dir = directory
-        ports = iter(free_ports(3 * len(names)))
+        self.takeover_after = takeover_after
+        ports = iter(free_ports(3 * len(names) + 1))
         self.cfg = ClusterConfig(
             nodes={n: NodeConfig(site=n, nbd=f"127.0.0.1:{next(ports)}",
                                  api=f"127.0.0.1:{next(ports)}", data_dir=f"data-{n}",
                                  peer=f"127.0.0.1:{next(ports)}") for n in names},
-            cluster=ClusterSection(name="test", secret=secret))
+            cluster=ClusterSection(name="test", secret=secret),
+            witness={"addr": f"127.0.0.1:{next(ports)}", "data_dir": "witness"}
+            if witness else None)
         self.path = os.path.join(directory, "cluster.toml")
         cluster_mod.dump(self.cfg, self.path)
         self.cfg = cluster_mod.load(self.path)
@@ -43,7 +47,17 @@ class ClusterProc:
         cluster_mod.dump(raw, path)
         self.node_files[node] = path
 
+    def start_witness(self) -> None:
+        assert self.cfg.witness is not None
+        self.sup.start("witness", twinvol_argv("witness", "run", "--cluster", self.path,
+                                               "--takeover-after", str(self.takeover_after)),
+                       os.path.join(self.dir, "witness.log"))
+        self.sup.wait_http("witness", f"http://{self.cfg.witness['addr']}/api/v1/health",
+                           headers={"Authorization": f"Bearer {self.cfg.cluster.secret}"})
+
     def start(self, *names: str) -> None:
+        if not names and self.cfg.witness is not None:
+            self.start_witness()
         for n in names or tuple(self.cfg.nodes):
             self.sup.start(n, twinvol_argv("node", "run", "--cluster", self.node_files[n],
                                            "--node", n), os.path.join(self.dir, f"{n}.log"))

@@ -79,7 +79,8 @@ class Supervisor:
         self.components[name] = comp
         return comp
 
-    def wait_http(self, name: str, url: str, timeout: float = 30.0) -> None:
+    def wait_http(self, name: str, url: str, timeout: float = 30.0,
+                  headers: dict[str, str] | None = None) -> None:
         """Wait until `url` answers 200, or raise with the component's last log lines."""
         comp = self.components[name]
         deadline = time.monotonic() + timeout
@@ -88,7 +89,8 @@ class Supervisor:
                 status = comp.proc.returncode if comp.proc else "?"
                 raise RuntimeError(f"{name} exited with status {status}: {comp.tail()}")
             try:
-                with urllib.request.urlopen(url, timeout=1) as r:
+                req = urllib.request.Request(url, headers=headers or {})
+                with urllib.request.urlopen(req, timeout=1) as r:
                     if r.status == 200:
                         return
             except OSError:

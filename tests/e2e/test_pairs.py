@@ -231,3 +231,100 @@ def test_verify_finds_blocks_and_repairs_a_planted_mismatch(two: ClusterProc) ->
     qemu_io(two.uri("B", "vol"), "read -P 0x61 5M 256k", "read -P 0 12M 64k")
     assert digest(two.uri("A", "vol"), 16 * MiB) == digest(two.uri("B", "vol"), 16 * MiB)
     two.wait_pair("B", "vol", "mirrored", "mirror")
+
+
+WRITER = r"""
+import sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+i = 0
+try:
+    while True:
+        h.pwrite(i.to_bytes(8, "little") * 512, (i % 2048) * 4096, nbd.CMD_FLAG_FUA)
+        print("acked", i, flush=True)
+        i += 1
+except nbd.Error:
+    pass
+"""
+
+
+def test_primary_killed_mid_write_returns_and_resyncs(two: ClusterProc) -> None:
+    """kill -9 the primary during FUA writes: without a witness the secondary blocks; the
+    primary comes back, sends what its activity log covers, and every acked write is on
+    both copies."""
+    make_pair(two, size=8 * MiB)
+    w = subprocess.Popen(["/usr/bin/python3", "-c", WRITER, two.uri("A", "vol")],
+                         stdout=subprocess.PIPE, text=True)
+    assert w.stdout is not None
+    last = -1
+    while last < 300:
+        last = int(w.stdout.readline().split()[1])
+    two.kill9("A")
+    for line in w.stdout:
+        last = int(line.split()[1])
+    w.wait(30)
+    two.wait_pair("B", "vol", "suspended", "block")
+    two.start("A")
+    two.wait_pair("A", "vol", "mirrored", "mirror")
+    two.wait_pair("B", "vol", "mirrored", "mirror")
+    check = r"""
+import sys, nbd
+for uri in sys.argv[2:]:
+    h = nbd.NBD(); h.connect_uri(uri)
+    for i in range(max(0, int(sys.argv[1]) - 2047), int(sys.argv[1]) + 1):
+        assert h.pread(4096, (i % 2048) * 4096) == i.to_bytes(8, "little") * 512, (uri, i)
+print("OK")
+"""
+    out = subprocess.run(["/usr/bin/python3", "-c", check, str(last), two.uri("A", "vol"),
+                          two.uri("B", "vol")], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "OK", out.stderr
+    assert digest(two.uri("A", "vol"), 8 * MiB) == digest(two.uri("B", "vol"), 8 * MiB)
+
+
+@pytest.fixture
+def witnessed(tmp_path: object) -> Iterator[ClusterProc]:
+    c = ClusterProc(str(tmp_path), witness=True)
+    c.start()
+    c.wait_peer("A", "B")
+    yield c
+    c.stop()
+
+
+def test_primary_killed_witness_lets_secondary_take_over(witnessed: ClusterProc) -> None:
+    c = witnessed
+    make_pair(c, size=8 * MiB)
+    c.kill9("A")
+    b = c.wait_pair("B", "vol", "suspended", "local", timeout=20)
+    assert b["role"] == "primary"  # it orders writes now
+    qemu_io(c.uri("B", "vol"), "write -P 0x5b 64k 128k", "flush")
+    c.start("A")
+    a = c.wait_pair("A", "vol", "mirrored", "mirror", timeout=30)
+    b = c.wait_pair("B", "vol", "mirrored", "mirror")
+    assert (a["role"], b["role"]) == ("secondary", "primary")
+    assert b["copy"]["bytes_sent"] <= 4 * 64 * 1024 + 64 * 64 * 1024  # dirty + A's AL extents
+    qemu_io(c.uri("A", "vol"), "read -P 0x5b 64k 128k")
+    assert digest(c.uri("A", "vol"), 8 * MiB) == digest(c.uri("B", "vol"), 8 * MiB)
+
+
+def test_link_cut_with_witness_primary_keeps_writing(tmp_path: object) -> None:
+    c = ClusterProc(str(tmp_path), witness=True)
+    real_b = c.cfg.node("B").peer
+    assert real_b is not None
+    host, port = real_b.rsplit(":", 1)
+    proxy = LinkProxy((host, int(port)))
+    c.route_peer("A", "B", proxy.addr)
+    c.start()
+    try:
+        c.wait_peer("A", "B")
+        make_pair(c, size=8 * MiB)
+        proxy.cut()
+        # Both still reach the witness: the primary continues, the secondary blocks.
+        c.wait_pair("A", "vol", "suspended", "local", timeout=20)
+        c.wait_pair("B", "vol", "suspended", "block", timeout=20)
+        qemu_io(c.uri("A", "vol"), "write -P 0x46 0 64k")
+        proxy.restore()
+        c.wait_pair("B", "vol", "mirrored", "mirror", timeout=30)
+        qemu_io(c.uri("B", "vol"), "read -P 0x46 0 64k")
+    finally:
+        c.stop()
+        proxy.close()

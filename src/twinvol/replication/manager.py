@@ -122,6 +122,13 @@ class ReplicationManager:
         self.peers = PeerService(node.cluster, node.name, self._on_message, self._on_up,
                                  self._on_down, self._on_refused)
         self.decide: Decider = self._default_decision
+        self.witness: Any = None
+        wcfg = node.cluster.witness
+        if wcfg and wcfg.get("addr"):
+            from twinvol.witness.client import HttpWitness
+
+            self.witness = HttpWitness(str(wcfg["addr"]), node.cluster.cluster.secret or None)
+            self.decide = self._witness_decision
         self.bitmap_dir = os.path.join(node.data_dir, "bitmaps")
         os.makedirs(self.bitmap_dir, exist_ok=True)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -157,6 +164,8 @@ class ReplicationManager:
     async def start(self) -> None:
         await self.peers.start()
         self._spawn(self._al_retirer())
+        if self.witness is not None:
+            self._spawn(self._heartbeats())
         self._spawn(self._after_restart())
 
     async def stop(self) -> None:
@@ -167,6 +176,9 @@ class ReplicationManager:
                 if task is not None:
                     task.cancel()
         await self.peers.stop()
+        if self.witness is not None:
+            with contextlib.suppress(Exception):
+                await self.witness.close()
         for pr in self.pairs.values():
             with contextlib.suppress(OSError):
                 pr.dirty.sync_now()
@@ -350,6 +362,7 @@ class ReplicationManager:
             rec.copy_source = ""
             self._set_mode(pr, "mirror")
             self._set_state(pr, "mirrored")
+            self._release(pr)
             self.node.events.publish("copy_done", pair=rec.name, bytes=pr.copied_bytes,
                                      seconds=round(time.monotonic() - pr.copy_started, 3))
         except (PeerDown, RemoteError) as e:
@@ -539,6 +552,38 @@ class ReplicationManager:
             if self.peers.is_up(rec.partner):
                 return
 
+    async def _witness_decision(self, rec: PairRecord) -> str:
+        d = await self.witness.arbitrate(rec.name, self.node.name, rec.partner, rec.role,
+                                         rec.gen_current)
+        return str(d.decision)
+
+    async def _heartbeats(self) -> None:
+        from twinvol.witness.client import WitnessError
+
+        reported = False
+        while True:
+            try:
+                await self.witness.heartbeat(self.node.name)
+                if reported:
+                    self.node.events.publish("witness_reachable")
+                reported = False
+            except WitnessError as e:
+                if not reported:
+                    self.node.events.publish("witness_unreachable", error=str(e))
+                reported = True
+            await asyncio.sleep(0.5)
+
+    def _release(self, pr: PairRuntime) -> None:
+        """Mirrored again: give the witness hold back (no-op if the partner holds it)."""
+        if self.witness is None:
+            return
+
+        async def go() -> None:
+            with contextlib.suppress(Exception):
+                await self.witness.release(pr.rec.name, self.node.name)
+
+        self._spawn(go())
+
     async def _default_decision(self, rec: PairRecord) -> str:
         """Without a witness, the primary continues and the secondary blocks."""
         return "continue" if rec.role == "primary" else "block"
@@ -702,6 +747,7 @@ class ReplicationManager:
         pr.dirty.sync_now()
         self._set_mode(pr, "mirror")
         self._set_state(pr, "mirrored")
+        self._release(pr)
         return {}, b""
 
     # ---- operator commands -------------------------------------------------------------
