@@ -32,7 +32,7 @@ PAIR_SECONDARY = "B"
 
 
 def _new_cluster(directory: str) -> ClusterConfig:
-    ports = iter(free_ports(3 * len(NODES)))
+    ports = iter(free_ports(3 * len(NODES) + 1))
     nodes = {
         name: NodeConfig(site=name, nbd=f"127.0.0.1:{next(ports)}",
                          api=f"127.0.0.1:{next(ports)}", data_dir=name,
@@ -40,7 +40,8 @@ def _new_cluster(directory: str) -> ClusterConfig:
         for name in NODES
     }
     return ClusterConfig(nodes=nodes, cluster=ClusterSection(name="twinvol-up",
-                                                             secret=secrets.token_hex(16)))
+                                                             secret=secrets.token_hex(16)),
+                         witness={"addr": f"127.0.0.1:{next(ports)}", "data_dir": "witness"})
 
 
 def up(
@@ -68,6 +69,14 @@ def up(
 
     sup = Supervisor()
     try:
+        if cfg.witness:
+            sup.start("witness", twinvol_argv("witness", "run", "--cluster", path),
+                      os.path.join(directory, "logs", "witness.log"))
+            try:
+                sup.wait_http("witness", f"http://{cfg.witness['addr']}/api/v1/health",
+                              headers={"Authorization": f"Bearer {cfg.cluster.secret}"})
+            except RuntimeError as e:
+                raise CliError(f"the witness failed to start: {e}") from None
         for name in cfg.nodes:
             sup.start(name, twinvol_argv("node", "run", "--cluster", path, "--node", name),
                       os.path.join(directory, "logs", f"{name}.log"))
@@ -137,7 +146,8 @@ def _ready(cfg: ClusterConfig, sup: Supervisor, path: str, first: str) -> dict[s
         "nodes": {name: {"pid": sup.components[name].pid, "nbd": node.nbd_uri(),
                          "api": node.api_url, "site": node.site}
                   for name, node in cfg.nodes.items()},
-        "witness": None,
+        "witness": ({"pid": sup.components["witness"].pid, "addr": cfg.witness["addr"]}
+                    if cfg.witness else None),
         "host": None,
         "volumes": {DEMO_VOLUME: cfg.node(first).nbd_uri(DEMO_VOLUME)},
     }
