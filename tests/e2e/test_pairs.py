@@ -328,3 +328,47 @@ def test_link_cut_with_witness_primary_keeps_writing(tmp_path: object) -> None:
     finally:
         c.stop()
         proxy.close()
+
+
+HELD_WRITE = r"""
+import sys, time, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+c = h.aio_pwrite(b"h" * 4096, 0)
+deadline = time.monotonic() + float(sys.argv[2])
+state = "held"
+while time.monotonic() < deadline:
+    h.poll(100)
+    try:
+        if h.aio_command_completed(c):
+            state = "completed"
+            break
+    except nbd.Error as e:
+        state = "failed " + str(e)
+        break
+print(state)
+"""
+
+
+def test_no_witness_and_no_partner_means_no_writes(tmp_path: object) -> None:
+    c = ClusterProc(str(tmp_path), witness=True)
+    real_b = c.cfg.node("B").peer
+    assert real_b is not None
+    host, port = real_b.rsplit(":", 1)
+    proxy = LinkProxy((host, int(port)))
+    c.route_peer("A", "B", proxy.addr)
+    c.start()
+    try:
+        c.wait_peer("A", "B")
+        make_pair(c, size=8 * MiB)
+        c.kill9("witness")
+        proxy.cut()
+        c.wait_pair("B", "vol", "suspended", "block", timeout=20)
+        c.wait_pair("A", "vol", "suspended", timeout=20)
+        out = subprocess.run(["/usr/bin/python3", "-c", HELD_WRITE, c.uri("A", "vol"), "3"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.stdout.strip() == "held", out.stdout + out.stderr
+        assert c.pair("A", "vol")["io_mode"] != "local"
+    finally:
+        c.stop()
+        proxy.close()
