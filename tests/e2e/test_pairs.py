@@ -188,15 +188,15 @@ def test_peer_with_wrong_secret_is_refused(tmp_path: object) -> None:
     c.start()
     try:
         deadline = time.monotonic() + 10
-        refused: list[dict[str, object]] = []
-        while not refused and time.monotonic() < deadline:
-            _, body = c.api("A", "GET", "/api/v1/events")
-            refused = [e for e in body["events"] if e["type"] == "peer_refused"]
+        reasons: list[str] = []
+        while not reasons and time.monotonic() < deadline:
+            for n in ("A", "B"):
+                _, body = c.api(n, "GET", "/api/v1/events")
+                reasons += [str(e["reason"]) for e in body["events"]
+                            if e["type"] == "peer_refused"]
             time.sleep(0.1)
-        assert refused, "A never reported the refused peer"
-        _, body_b = c.api("B", "GET", "/api/v1/events")
-        reasons = [e["reason"] for e in body_b["events"] if e["type"] == "peer_refused"]
-        assert any("wrong cluster secret" in str(r) for r in reasons), reasons
+        # Whichever side checks first refuses; the other just sees the link close.
+        assert any("wrong cluster secret" in r for r in reasons), reasons
         c.api("A", "POST", "/api/v1/volumes", {"name": "s", "size": MiB})
         p = c.cli("pair", "create", "s", "--primary", "A", "--secondary", "B")
         assert p.returncode == 1 and "not connected" in p.stderr

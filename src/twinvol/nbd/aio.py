@@ -9,8 +9,10 @@ flowing and their replies may overtake it (replies are out of order by design).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
+import socket
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from typing import Protocol
@@ -96,12 +98,17 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         self._closing = False
         self._scratch = memoryview(bytearray(SCRATCH_SIZE))
         self._replies: list[bytes | bytearray | memoryview] = []
+        self._flush_pending = False
         self._into_payload = False
 
     # ---- asyncio callbacks ----------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.connections.add(self)
@@ -165,6 +172,16 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
                 self._flush_replies()
                 self._disconnect(ev)
                 break
+        self._flush_replies()
+
+    def _schedule_flush(self) -> None:
+        """Replies completed by callbacks in one loop iteration leave in one write."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._flush_pending = False
         self._flush_replies()
 
     def _flush_replies(self) -> None:
@@ -263,7 +280,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         backend = self.backend
         data = None if req.data is None else bytes(req.data)  # the view dies with this call
         fut = asyncio.ensure_future(backend.submit(  # type: ignore[union-attr]
-            int(req.command), req.offset, req.length, data, req.flags))
+            int(req.command), req.offset, req.length, data, req.flags))  # no-op on a Future
         self._pending.add(fut)
         self._update_reading()
         cookie = req.command, req.cookie
@@ -277,16 +294,17 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
                 return
             exc = None if f.cancelled() else f.exception()
             if f.cancelled():
-                self.transport.writelines(self.conn.reply_error(cookie[1], Err.EIO, "cancelled"))
+                self._replies.extend(self.conn.reply_error(cookie[1], Err.EIO, "cancelled"))
             elif exc is None:
-                self.transport.write(self.conn.reply_ok(cookie[1]))
+                self._replies.append(self.conn.reply_ok(cookie[1]))
             else:
                 err = getattr(exc, "errno", None)
                 if isinstance(exc, OSError):
                     err = nbd_errno(exc)
-                self.transport.writelines(self.conn.reply_error(
+                self._replies.extend(self.conn.reply_error(
                     cookie[1], int(err) if isinstance(err, int) else Err.EIO,
                     f"{cookie[0].name} failed: {exc}"))
+            self._schedule_flush()
 
         fut.add_done_callback(done)
 

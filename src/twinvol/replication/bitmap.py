@@ -31,7 +31,6 @@ class PersistentBits:
         # Bits past nbits (a corrupt or foreign file) are ignored, never trusted.
         self._dirty = False
         self._sync_task: asyncio.Future[None] | None = None
-        self._sync_waiters = 0
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -105,17 +104,18 @@ class PersistentBits:
 
     async def sync(self, executor: Executor) -> None:
         """Make the current bits durable; concurrent callers share one fdatasync."""
-        while self._dirty or self._sync_task is not None:
+        while True:
             task = self._sync_task
+            if task is not None and task.done():
+                self._sync_task = None
+                task.result()
+                continue
             if task is None:
+                if not self._dirty:
+                    return
                 loop = asyncio.get_running_loop()
                 task = self._sync_task = loop.run_in_executor(executor, self.sync_now)
-                try:
-                    await task
-                finally:
-                    self._sync_task = None
-            else:
-                await asyncio.shield(task)
+            await asyncio.shield(task)
 
 
 def chunks_of(offset: int, length: int, unit: int = CHUNK) -> range:

@@ -388,8 +388,82 @@ class ReplicationManager:
 
     # ---- host writes -------------------------------------------------------------------
 
-    async def host_write(self, pr: PairRuntime, cmd: int, offset: int, length: int,
-                         data: bytes | None, flags: int) -> None:
+    def host_write(self, pr: PairRuntime, cmd: int, offset: int, length: int,
+                   data: bytes | None, flags: int) -> Awaitable[None]:
+        """Start a host write; the common mirrored case completes without a Task."""
+        fast = self._fast_write(pr, cmd, offset, length, data, flags)
+        if fast is not None:
+            return fast
+        return self._host_write(pr, cmd, offset, length, data, flags)
+
+    def _fast_write(self, pr: PairRuntime, cmd: int, offset: int, length: int,
+                    data: bytes | None, flags: int) -> asyncio.Future[None] | None:
+        """Mirrored write with nothing to wait for but the partner: apply, send, chain.
+
+        Returns None when the general path is needed (AL update pending, FUA, no link,
+        copy running, not mirrored)."""
+        rec = pr.rec
+        if rec.io_mode != "mirror" or flags & 1:
+            return None
+        link = self._link_or_none(rec.partner)
+        if link is None:
+            return None
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[None] = loop.create_future()
+        if rec.role == "secondary":
+            peer_fut = link.request({"t": "fw", "pair": rec.name, "cmd": cmd, "off": offset,
+                                     "len": length, "flags": flags}, data or b"")
+
+            def fw_done(f: asyncio.Future[Message]) -> None:
+                exc = f.exception()
+                if exc is None:
+                    result.set_result(None)
+                elif isinstance(exc, RemoteError):
+                    result.set_exception(WriteFailed(
+                        int(exc.code) if exc.code.isdigit() else Err.EIO, str(exc)))
+                else:
+                    result.set_exception(WriteFailed(Err.EIO, f"partner lost: {exc}"))
+
+            peer_fut.add_done_callback(fw_done)
+            return result
+        if pr.al._dirty or pr.al._sync_task is not None:
+            return None
+        exts = chunks_of(offset, length, AL_EXTENT)
+        al = pr.al
+        for x in exts:
+            if not al.test(x):
+                return None
+        self._apply(pr, cmd, offset, length, data, flags)
+        for x in exts:
+            pr.al_inflight[x] = pr.al_inflight.get(x, 0) + 1
+        peer_fut = link.request({"t": "w", "pair": rec.name, "cmd": cmd, "off": offset,
+                                 "len": length, "flags": flags}, data or b"")
+
+        def done(f: asyncio.Future[Message]) -> None:
+            now = time.monotonic()
+            for x in exts:
+                pr.al_inflight[x] -= 1
+                pr.al_last[x] = now
+            if f.exception() is None:
+                result.set_result(None)
+                return
+            # The write reached only this copy: the general path records it and decides.
+            task = asyncio.ensure_future(self._partner_missing(pr, chunks_of(offset, length)))
+
+            def settle(t: asyncio.Future[None]) -> None:
+                exc = t.exception()
+                if exc is not None:
+                    result.set_exception(exc)
+                else:
+                    result.set_result(None)
+
+            task.add_done_callback(settle)
+
+        peer_fut.add_done_callback(done)
+        return result
+
+    async def _host_write(self, pr: PairRuntime, cmd: int, offset: int, length: int,
+                          data: bytes | None, flags: int) -> None:
         rec = pr.rec
         if rec.io_mode == "block":
             raise WriteFailed(Err.EIO, f"volume {rec.volume} is blocked on node {self.node.name}")
@@ -721,7 +795,29 @@ class ReplicationManager:
     async def _peer_flush(self, pr: PairRuntime) -> Message:
         return await self._sync_reply(pr)
 
-    async def _forwarded(self, pr: PairRuntime, h: dict[str, Any], payload: bytes) -> Message:
+    def _forwarded(self, pr: PairRuntime, h: dict[str, Any], payload: bytes
+                   ) -> Awaitable[Message]:
+        if pr.rec.role == "primary":
+            fast = self._fast_write(pr, int(h["cmd"]), int(h["off"]), int(h["len"]), payload,
+                                    int(h.get("flags", 0)))
+            if fast is not None:
+                out: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+
+                def done(f: asyncio.Future[None]) -> None:
+                    exc = f.exception()
+                    if exc is None:
+                        out.set_result(({}, b""))
+                    elif isinstance(exc, WriteFailed):
+                        out.set_exception(RemoteError(str(exc), str(exc.errno)))
+                    else:
+                        out.set_exception(exc)
+
+                fast.add_done_callback(done)
+                return out
+        return self._forwarded_slow(pr, h, payload)
+
+    async def _forwarded_slow(self, pr: PairRuntime, h: dict[str, Any], payload: bytes
+                              ) -> Message:
         try:
             await self._primary_write(pr, int(h["cmd"]), int(h["off"]), int(h["len"]),
                                       payload, int(h.get("flags", 0)))

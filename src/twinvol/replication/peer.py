@@ -18,6 +18,7 @@ import hmac
 import itertools
 import logging
 import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -69,11 +70,17 @@ class PeerLink(asyncio.Protocol):
         self.ids = itertools.count(1)
         self.last_rx = time.monotonic()
         self.closed = False
+        self._outq: list[bytes] = []
+        self._flush_scheduled = False
 
     # ---- asyncio ----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # small acks must not wait for Nagle
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._send({"t": "hello", "v": PROTOCOL_VERSION,
                     "cluster": self.service.cluster.cluster.name,
                     "node": self.service.node, "nonce": self.nonce})
@@ -161,9 +168,19 @@ class PeerLink(asyncio.Protocol):
     # ---- messaging ----------------------------------------------------------
 
     def _send(self, header: dict[str, Any], payload: bytes | bytearray | memoryview = b"") -> None:
+        """Queue a frame; frames queued in one loop iteration leave in one write."""
         if self.transport is None or self.transport.is_closing():
             raise PeerDown(f"link to {self.peer} is closed")
-        self.transport.writelines(encode(header, payload))
+        self._outq.extend(encode(header, payload))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_out)
+
+    def _flush_out(self) -> None:
+        self._flush_scheduled = False
+        out, self._outq = self._outq, []
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
 
     def request(self, header: dict[str, Any],
                 payload: bytes | bytearray | memoryview = b"") -> asyncio.Future[Message]:
