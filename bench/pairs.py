@@ -1,0 +1,160 @@
+"""Active-active pair benchmark: mirrored writes and local reads as ratios to a single node,
+and the write stall a host sees when the secondary is killed.
+
+    .venv/bin/python bench/pairs.py [--runtime S] [--size SIZE] [--json-out FILE]
+
+Starts a witness and nodes A and B on loopback, makes one plain volume and one
+active-active pair, and runs fio's nbd engine against: the plain volume on A
+(baseline), the pair through A (primary) and through B (secondary). Then it
+writes through A with one request in flight, kills B with SIGKILL, and reports
+the longest gap between acknowledged writes (the stall the host sees while the
+primary asks the witness and continues alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from twinvol import cluster as cluster_mod
+from twinvol.cluster import ClusterConfig, ClusterSection, NodeConfig
+from twinvol.sizes import parse_size
+from twinvol.supervisor import Supervisor, free_ports, twinvol_argv
+
+WORKLOADS = [("randwrite-4k", "randwrite", "4k", 32), ("write-1m", "write", "1m", 16),
+             ("randread-4k", "randread", "4k", 32)]
+
+STALL = r"""
+import sys, time, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+end = time.monotonic() + float(sys.argv[2])
+last = time.monotonic()
+worst = 0.0
+i = 0
+while time.monotonic() < end:
+    h.pwrite(b"s" * 4096, (i % 1024) * 4096)
+    now = time.monotonic()
+    worst = max(worst, now - last)
+    last = now
+    i += 1
+    if i == 200:
+        print("go", flush=True)
+print(f"{worst:.6f} {i}", flush=True)
+"""
+
+
+def api(cfg: ClusterConfig, node: str, method: str, path: str,
+        body: dict[str, Any] | None = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(cfg.node(node).api_url + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def fio(uri: str, rw: str, bs: str, qd: int, size: int, runtime: float) -> dict[str, float]:
+    out = subprocess.run(["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
+                          f"--bs={bs}", f"--iodepth={qd}", f"--size={size}", "--time_based",
+                          f"--runtime={runtime}", "--output-format=json"],
+                         capture_output=True, text=True, check=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    io = job["write"] if "write" in rw else job["read"]
+    return {"iops": io["iops"], "mbps": io["bw_bytes"] / 1e6}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runtime", type=float, default=8.0)
+    ap.add_argument("--size", default="512M")
+    ap.add_argument("--json-out", default="bench/results/pairs.json")
+    args = ap.parse_args()
+    size = parse_size(args.size)
+    console = Console()
+    with tempfile.TemporaryDirectory(prefix="twinvol-pairbench-") as d:
+        ports = iter(free_ports(7))
+        cfg = ClusterConfig(
+            nodes={n: NodeConfig(site=n, nbd=f"127.0.0.1:{next(ports)}",
+                                 api=f"127.0.0.1:{next(ports)}", data_dir=n,
+                                 peer=f"127.0.0.1:{next(ports)}") for n in ("A", "B")},
+            cluster=ClusterSection(name="bench", secret=secrets.token_hex(8)),
+            witness={"addr": f"127.0.0.1:{next(ports)}", "data_dir": "witness"})
+        path = os.path.join(d, "cluster.toml")
+        cluster_mod.dump(cfg, path)
+        cfg = cluster_mod.load(path)
+        sup = Supervisor()
+        try:
+            assert cfg.witness is not None
+            sup.start("witness", twinvol_argv("witness", "run", "--cluster", path),
+                      os.path.join(d, "witness.log"))
+            sup.wait_http("witness", f"http://{cfg.witness['addr']}/api/v1/health",
+                          headers={"Authorization": f"Bearer {cfg.cluster.secret}"})
+            for n in ("A", "B"):
+                sup.start(n, twinvol_argv("node", "run", "--cluster", path, "--node", n),
+                          os.path.join(d, f"{n}.log"))
+            for n in ("A", "B"):
+                sup.wait_http(n, cfg.node(n).api_url + "/api/v1/health")
+            api(cfg, "A", "POST", "/api/v1/volumes", {"name": "single", "size": size})
+            api(cfg, "A", "POST", "/api/v1/volumes", {"name": "pair", "size": size})
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    api(cfg, "A", "POST", "/api/v1/pairs", {"name": "pair", "secondary": "B"})
+                    break
+                except urllib.error.HTTPError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            while api(cfg, "A", "GET", "/api/v1/pairs/pair")["state"] != "mirrored":
+                time.sleep(0.2)
+            targets = {"single A": cfg.node("A").nbd_uri("single"),
+                       "pair via A": cfg.node("A").nbd_uri("pair"),
+                       "pair via B": cfg.node("B").nbd_uri("pair")}
+            for uri in targets.values():  # write everything once so reads are of data
+                fio(uri, "write", "1m", 8, size, 2) if "single" in uri else None
+            fio(targets["pair via A"], "write", "1m", 8, size, 3)
+            results: dict[str, dict[str, dict[str, float]]] = {}
+            for wl, rw, bs, qd in WORKLOADS:
+                results[wl] = {name: fio(uri, rw, bs, qd, size, args.runtime)
+                               for name, uri in targets.items()}
+            # The stall a host sees when the secondary dies mid-stream.
+            w = subprocess.Popen(["/usr/bin/python3", "-c", STALL, targets["pair via A"], "6"],
+                                 stdout=subprocess.PIPE, text=True)
+            assert w.stdout is not None
+            w.stdout.readline()
+            time.sleep(1)
+            sup.kill("B")
+            worst, count = w.stdout.readline().split()
+            w.wait()
+        finally:
+            sup.stop_all()
+    table = Table("workload", *targets, "A/single", "B/single")
+    for wl, r in results.items():
+        base = r["single A"]["iops"]
+        table.add_row(wl, *(f"{r[t]['iops'] / 1000:.1f}k" for t in targets),
+                      f"{r['pair via A']['iops'] / base:.2f}x",
+                      f"{r['pair via B']['iops'] / base:.2f}x")
+    console.print(table)
+    console.print(f"write stall when the secondary was killed: {float(worst) * 1000:.0f} ms "
+                  f"({count} writes, 1 in flight)")
+    os.makedirs(os.path.dirname(args.json_out) or ".", exist_ok=True)
+    with open(args.json_out, "w") as f:
+        json.dump({"time": time.time(), "size": size, "runtime": args.runtime,
+                   "results": results, "stall_seconds": float(worst)}, f, indent=2)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    main()
