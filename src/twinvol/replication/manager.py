@@ -104,7 +104,7 @@ class ReplicatedBackend:
     def flush(self) -> None:
         self.pr.vol.store.flush()
 
-    def submit(self, cmd: int, offset: int, length: int, data: bytes | None,
+    def submit(self, cmd: int, offset: int, length: int, data: bytes | bytearray | None,
                flags: int) -> Awaitable[None]:
         if cmd == Cmd.FLUSH:
             return self.mgr.host_flush(self.pr)
@@ -389,7 +389,7 @@ class ReplicationManager:
     # ---- host writes -------------------------------------------------------------------
 
     def host_write(self, pr: PairRuntime, cmd: int, offset: int, length: int,
-                   data: bytes | None, flags: int) -> Awaitable[None]:
+                   data: bytes | bytearray | None, flags: int) -> Awaitable[None]:
         """Start a host write; the common mirrored case completes without a Task."""
         fast = self._fast_write(pr, cmd, offset, length, data, flags)
         if fast is not None:
@@ -397,7 +397,7 @@ class ReplicationManager:
         return self._host_write(pr, cmd, offset, length, data, flags)
 
     def _fast_write(self, pr: PairRuntime, cmd: int, offset: int, length: int,
-                    data: bytes | None, flags: int) -> asyncio.Future[None] | None:
+                    data: bytes | bytearray | None, flags: int) -> asyncio.Future[None] | None:
         """Mirrored write with nothing to wait for but the partner: apply, send, chain.
 
         Returns None when the general path is needed (AL update pending, FUA, no link,
@@ -463,7 +463,7 @@ class ReplicationManager:
         return result
 
     async def _host_write(self, pr: PairRuntime, cmd: int, offset: int, length: int,
-                          data: bytes | None, flags: int) -> None:
+                          data: bytes | bytearray | None, flags: int) -> None:
         rec = pr.rec
         if rec.io_mode == "block":
             raise WriteFailed(Err.EIO, f"volume {rec.volume} is blocked on node {self.node.name}")
@@ -483,7 +483,7 @@ class ReplicationManager:
         await self._primary_write(pr, cmd, offset, length, data, flags)
 
     async def _primary_write(self, pr: PairRuntime, cmd: int, offset: int, length: int,
-                             data: bytes | None, flags: int) -> None:
+                             data: bytes | bytearray | None, flags: int) -> None:
         rec = pr.rec
         ex = self.node.executor
         replicate = rec.io_mode == "mirror" or (rec.copy_source == self.node.name
@@ -533,8 +533,8 @@ class ReplicationManager:
         if local_sync is not None:
             await local_sync
 
-    def _apply(self, pr: PairRuntime, cmd: int, offset: int, length: int, data: bytes | None,
-               flags: int) -> None:
+    def _apply(self, pr: PairRuntime, cmd: int, offset: int, length: int,
+               data: bytes | bytearray | None, flags: int) -> None:
         store = pr.vol.store
         if cmd == Cmd.WRITE:
             assert data is not None
@@ -700,7 +700,8 @@ class ReplicationManager:
             return
         await self._reconcile(pr, h, peer_bits)
 
-    async def _reconcile(self, pr: PairRuntime, h: dict[str, Any], peer_bits: bytes) -> None:
+    async def _reconcile(self, pr: PairRuntime, h: dict[str, Any],
+                         peer_bits: bytes | bytearray) -> None:
         rec = pr.rec
         if rec.state == "copying" or h.get("state") == "copying":
             source = rec.copy_source or str(h.get("copy_source", ""))
@@ -731,7 +732,7 @@ class ReplicationManager:
 
     # ---- peer messages ---------------------------------------------------------------
 
-    def _on_message(self, peer: str, h: dict[str, Any], payload: bytes
+    def _on_message(self, peer: str, h: dict[str, Any], payload: bytes | bytearray
                     ) -> Message | Awaitable[Message] | None:
         t = h["t"]
         h["_peer"] = peer
@@ -772,7 +773,7 @@ class ReplicationManager:
             return {}, b""
         raise RemoteError(f"unknown peer message {t!r}", "invalid")
 
-    def _peer_write(self, pr: PairRuntime, h: dict[str, Any], payload: bytes
+    def _peer_write(self, pr: PairRuntime, h: dict[str, Any], payload: bytes | bytearray
                     ) -> Message | Awaitable[Message]:
         off, n = int(h["off"]), int(h["len"])
         if off < 0 or n < 0 or off + n > pr.vol.record.size:
@@ -795,7 +796,7 @@ class ReplicationManager:
     async def _peer_flush(self, pr: PairRuntime) -> Message:
         return await self._sync_reply(pr)
 
-    def _forwarded(self, pr: PairRuntime, h: dict[str, Any], payload: bytes
+    def _forwarded(self, pr: PairRuntime, h: dict[str, Any], payload: bytes | bytearray
                    ) -> Awaitable[Message]:
         if pr.rec.role == "primary":
             fast = self._fast_write(pr, int(h["cmd"]), int(h["off"]), int(h["len"]), payload,
@@ -816,7 +817,7 @@ class ReplicationManager:
                 return out
         return self._forwarded_slow(pr, h, payload)
 
-    async def _forwarded_slow(self, pr: PairRuntime, h: dict[str, Any], payload: bytes
+    async def _forwarded_slow(self, pr: PairRuntime, h: dict[str, Any], payload: bytes | bytearray
                               ) -> Message:
         try:
             await self._primary_write(pr, int(h["cmd"]), int(h["off"]), int(h["len"]),
@@ -825,7 +826,8 @@ class ReplicationManager:
             raise RemoteError(str(e), str(e.errno)) from None
         return {}, b""
 
-    def _peer_state(self, pr: PairRuntime, h: dict[str, Any], peer_bits: bytes) -> Message:
+    def _peer_state(self, pr: PairRuntime, h: dict[str, Any],
+                    peer_bits: bytes | bytearray) -> Message:
         reply = ({"gen": pr.rec.gen_current, "history": pr.rec.gen_history,
                   "role": pr.rec.role, "state": pr.rec.state, "io_mode": pr.rec.io_mode,
                   "copy_source": pr.rec.copy_source}, bytes(pr.dirty.bits))

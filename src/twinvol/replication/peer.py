@@ -32,8 +32,8 @@ PING_EVERY = 0.5
 DEAD_AFTER = 2.0
 HANDSHAKE_TIMEOUT = 3.0
 
-Message = tuple[dict[str, Any], bytes]
-Handler = Callable[[str, dict[str, Any], bytes], "Message | Awaitable[Message] | None"]
+Message = tuple[dict[str, Any], bytes | bytearray]
+Handler = Callable[[str, dict[str, Any], bytes | bytearray], "Message | Awaitable[Message] | None"]
 
 
 class PeerDown(Exception):
@@ -107,7 +107,7 @@ class PeerLink(asyncio.Protocol):
 
     # ---- handshake --------------------------------------------------------
 
-    def _on_frame(self, h: dict[str, Any], payload: bytes) -> None:
+    def _on_frame(self, h: dict[str, Any], payload: bytes | bytearray) -> None:
         t = h["t"]
         if not self.authed:
             self._handshake(t, h)
@@ -193,7 +193,7 @@ class PeerLink(asyncio.Protocol):
         self._send({**header, "id": rid}, payload)
         return fut
 
-    def _dispatch(self, h: dict[str, Any], payload: bytes) -> None:
+    def _dispatch(self, h: dict[str, Any], payload: bytes | bytearray) -> None:
         rid = h.get("id")
         try:
             result = self.service.handler(self.peer or "?", h, payload)

@@ -38,32 +38,63 @@ def encode(header: dict[str, Any], payload: bytes | bytearray | memoryview = b""
 
 
 class FrameDecoder:
-    """Accumulates received bytes and yields complete frames."""
+    """Accumulates received bytes and yields complete frames.
+
+    A payload is received straight into a buffer of its exact size, so a large write
+    is copied once, not once per received piece.
+    """
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._header: dict[str, Any] | None = None
+        self._payload: bytearray | None = None
+        self._got = 0
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[dict[str, Any], bytes]]:
-        self._buf += data
-        out: list[tuple[dict[str, Any], bytes]] = []
-        buf = self._buf
+    def feed(self, data: bytes | bytearray | memoryview
+             ) -> list[tuple[dict[str, Any], bytes | bytearray]]:
+        out: list[tuple[dict[str, Any], bytes | bytearray]] = []
+        view = memoryview(data)
         pos = 0
-        while len(buf) - pos >= _LEN.size:
-            hlen, plen = _LEN.unpack_from(buf, pos)
+        while True:
+            payload = self._payload
+            if payload is not None:
+                n = min(len(payload) - self._got, len(view) - pos)
+                payload[self._got:self._got + n] = view[pos:pos + n]
+                self._got += n
+                pos += n
+                if self._got < len(payload):
+                    return out
+                assert self._header is not None
+                out.append((self._header, payload))
+                self._header = self._payload = None
+                continue
+            buf = self._buf
+            if len(buf) < _LEN.size:
+                take = min(_LEN.size - len(buf), len(view) - pos)
+                buf += view[pos:pos + take]
+                pos += take
+                if len(buf) < _LEN.size:
+                    return out
+            hlen, plen = _LEN.unpack_from(buf, 0)
             if hlen > MAX_HEADER or plen > MAX_FRAME_PAYLOAD:
                 raise WireError(f"frame lengths {hlen}/{plen} exceed the limits")
-            end = pos + _LEN.size + hlen + plen
-            if len(buf) < end:
-                break
-            hstart = pos + _LEN.size
+            want = _LEN.size + hlen
+            if len(buf) < want:
+                take = min(want - len(buf), len(view) - pos)
+                buf += view[pos:pos + take]
+                pos += take
+                if len(buf) < want:
+                    return out
             try:
-                header = _decoder.decode(buf[hstart:hstart + hlen])
+                header = _decoder.decode(buf[_LEN.size:want])
             except msgspec.DecodeError as e:
                 raise WireError(f"undecodable frame header: {e}") from None
             if not isinstance(header.get("t"), str):
                 raise WireError("frame header has no type")
-            out.append((header, bytes(buf[hstart + hlen:end])))
-            pos = end
-        if pos:
-            del buf[:pos]
-        return out
+            buf.clear()
+            if plen == 0:
+                out.append((header, b""))
+                continue
+            self._header = header
+            self._payload = bytearray(plen)
+            self._got = 0
