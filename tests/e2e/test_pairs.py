@@ -372,3 +372,27 @@ def test_no_witness_and_no_partner_means_no_writes(tmp_path: object) -> None:
     finally:
         c.stop()
         proxy.close()
+
+
+def test_initial_copy_resumes_from_its_cursor_after_kill9(two: ClusterProc) -> None:
+    size = 256 * MiB
+    status, _ = two.api("A", "POST", "/api/v1/volumes", {"name": "big", "size": size})
+    assert status == 201
+    subprocess.run(["fio", "--name=fill", "--ioengine=nbd", f"--uri={two.uri('A', 'big')}",
+                    "--rw=write", "--bs=1m", "--iodepth=8", f"--size={size}",
+                    "--refill_buffers=1"], check=True, capture_output=True, timeout=300)
+    status, body = two.api("A", "POST", "/api/v1/pairs", {"name": "big", "secondary": "B"})
+    assert status == 201, body
+    deadline = time.monotonic() + 60
+    while True:
+        cur = two.pair("A", "big")["copy"]["cursor"]
+        if cur >= 256 or time.monotonic() > deadline:  # 16 MiB copied and checkpointed
+            break
+        time.sleep(0.005)
+    two.kill9("A")
+    two.start("A")
+    a = two.wait_pair("A", "big", "mirrored", "mirror", timeout=120)
+    total = size // (64 * 1024)
+    assert a["copy"]["bytes_sent"] <= (total - cur) * 64 * 1024  # nothing before the cursor
+    assert a["copy"]["bytes_sent"] > 0
+    assert digest(two.uri("A", "big"), size) == digest(two.uri("B", "big"), size)
