@@ -146,14 +146,20 @@ def test_pair_bad_input(two: ClusterProc) -> None:
     assert "does not exist" in err("pair", "show", "ghost")
 
 
-def test_link_cut_exactly_one_side_writes(tmp_path: object) -> None:
-    c = ClusterProc(str(tmp_path))
+def proxied(directory: str, witness: bool = False) -> tuple[ClusterProc, LinkProxy]:
+    """Nodes A and B whose peer link runs through a proxy the test can cut."""
+    c = ClusterProc(directory, witness=witness)
     real_b = c.cfg.node("B").peer
     assert real_b is not None
     host, port = real_b.rsplit(":", 1)
     proxy = LinkProxy((host, int(port)))
-    c.route_peer("A", "B", proxy.addr)  # A dials B through the proxy
+    c.route_peer("A", "B", proxy.addr)  # A dials B, so the whole link crosses the proxy
     c.start()
+    return c, proxy
+
+
+def test_link_cut_exactly_one_side_writes(tmp_path: object) -> None:
+    c, proxy = proxied(str(tmp_path))
     try:
         c.wait_peer("A", "B")
         make_pair(c, size=8 * MiB)
@@ -307,13 +313,7 @@ def test_primary_killed_witness_lets_secondary_take_over(witnessed: ClusterProc)
 
 
 def test_link_cut_with_witness_primary_keeps_writing(tmp_path: object) -> None:
-    c = ClusterProc(str(tmp_path), witness=True)
-    real_b = c.cfg.node("B").peer
-    assert real_b is not None
-    host, port = real_b.rsplit(":", 1)
-    proxy = LinkProxy((host, int(port)))
-    c.route_peer("A", "B", proxy.addr)
-    c.start()
+    c, proxy = proxied(str(tmp_path), witness=True)
     try:
         c.wait_peer("A", "B")
         make_pair(c, size=8 * MiB)
@@ -351,13 +351,7 @@ print(state)
 
 
 def test_no_witness_and_no_partner_means_no_writes(tmp_path: object) -> None:
-    c = ClusterProc(str(tmp_path), witness=True)
-    real_b = c.cfg.node("B").peer
-    assert real_b is not None
-    host, port = real_b.rsplit(":", 1)
-    proxy = LinkProxy((host, int(port)))
-    c.route_peer("A", "B", proxy.addr)
-    c.start()
+    c, proxy = proxied(str(tmp_path), witness=True)
     try:
         c.wait_peer("A", "B")
         make_pair(c, size=8 * MiB)
