@@ -390,3 +390,27 @@ def test_initial_copy_resumes_from_its_cursor_after_kill9(two: ClusterProc) -> N
     assert a["copy"]["bytes_sent"] <= (total - cur) * 64 * 1024  # nothing before the cursor
     assert a["copy"]["bytes_sent"] > 0
     assert digest(two.uri("A", "big"), size) == digest(two.uri("B", "big"), size)
+
+
+def test_split_resync_and_resync_from_the_secondary(two: ClusterProc) -> None:
+    make_pair(two, size=8 * MiB)
+    p = two.cli("pair", "split", "vol", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["state"] == "split"
+    two.wait_pair("B", "vol", "split", "block")
+    qemu_io(two.uri("A", "vol"), "write -P 0x91 0 64k")
+    p = two.cli("pair", "resync", "vol", "--wait", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["copy"]["bytes_sent"] == 64 * 1024
+    two.wait_pair("B", "vol", "mirrored", "mirror")
+    qemu_io(two.uri("B", "vol"), "read -P 0x91 0 64k")
+    # Split again, change A, then choose B's data: A's change is rolled back.
+    assert two.cli("pair", "split", "vol").returncode == 0
+    qemu_io(two.uri("A", "vol"), "write -P 0x92 0 64k")
+    p = two.cli("pair", "resync", "vol", "--from", "B", "--wait", "--json")
+    assert p.returncode == 0, p.stderr
+    b = two.wait_pair("B", "vol", "mirrored", "mirror")
+    a = two.wait_pair("A", "vol", "mirrored", "mirror")
+    assert (a["role"], b["role"]) == ("secondary", "primary")
+    qemu_io(two.uri("A", "vol"), "read -P 0x91 0 64k")
+    assert digest(two.uri("A", "vol"), 8 * MiB) == digest(two.uri("B", "vol"), 8 * MiB)

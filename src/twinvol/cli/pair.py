@@ -190,9 +190,23 @@ def split(name: str = typer.Argument(...), cluster: str = ClusterOpt,
 
 @app.command()
 def resync(name: str = typer.Argument(...), wait: bool = WaitOpt, timeout: float = TimeoutOpt,
+           source: str = typer.Option(None, "--from",
+                                      help="Node whose data wins; the other side's changes "
+                                           "are discarded (resolves a split brain)."),
            cluster: str = ClusterOpt, json_out: bool = JsonOpt) -> None:
-    """Copy what changed to the secondary and return to mirrored."""
-    _action(name, "resync", cluster, json_out, wait, timeout)
+    """Copy what changed to the partner and return to mirrored."""
+    if source is None:
+        _action(name, "resync", cluster, json_out, wait, timeout)
+        return
+    cfg = load_cluster(cluster)
+    cfg.node(source)
+    view = api(cfg, source, "POST", f"/api/v1/pairs/{name}/resync?from={source}")
+    if wait:
+        view = _wait(cfg, source, name, timeout, json_out)
+    if json_out:
+        emit_json(view)
+    else:
+        console.print(f"pair [bold]{name}[/] resyncing from {source}: {view['state']}")
 
 
 @app.command()

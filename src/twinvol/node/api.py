@@ -194,7 +194,10 @@ def make_app(node: Node) -> web.Application:
         name, action = request.match_info["name"], request.match_info["action"]
         if action == "verify":
             return web.json_response(mgr.view(mgr.start_verify(name)))
-        ops = {"split": mgr.split, "resync": mgr.resync, "swap": mgr.swap}
+        if action == "resync":
+            await mgr.resync(name, request.query.get("from") or None)
+            return web.json_response(mgr.view(mgr.get(name)))
+        ops = {"split": mgr.split, "swap": mgr.swap}
         if action not in ops:
             raise VolumeError(f"unknown pair action {action!r} (split, resync, swap, verify)",
                               "not_found")

@@ -758,6 +758,13 @@ class ReplicationManager:
         if t == "pair_delete":
             self._dissolve(pr)
             return {}, b""
+        if t == "pair_yield":
+            # The operator chose the partner's data: stop serving and hand over our bitmap.
+            self._set_mode(pr, "block", "resync from the partner chosen by the operator")
+            self._set_state(pr, "suspended", "being resynced from the partner")
+            pr.rec.role = "secondary"
+            self._save(pr)
+            return {}, bytes(pr.dirty.bits)
         if t == "hash":
             return self._peer_hash(pr, h)
         if t == "pair_block":
@@ -872,15 +879,34 @@ class ReplicationManager:
         self._set_state(pr, "split", "split by operator")
         return rec
 
-    async def resync(self, name: str) -> PairRecord:
+    async def resync(self, name: str, source: str | None = None) -> PairRecord:
+        """Copy what differs to the partner. `source` (this node) forces the direction,
+        discarding the partner's own changes: how an operator resolves a split brain or
+        rolls a split pair back to the secondary's data."""
         pr = self.get(name)
         rec = pr.rec
-        if rec.role != "primary":
+        if source is not None and source != self.node.name:
+            raise VolumeError(f"run resync --from {source} on node {source}")
+        if source is None and rec.role != "primary":
             raise VolumeError(f"run resync on the primary ({rec.partner})")
         if rec.state == "mirrored":
             return rec
-        if not self.peers.is_up(rec.partner):
+        link = self._link_or_none(rec.partner)
+        if link is None:
             raise VolumeError(f"node {rec.partner} is not connected", "io")
+        if source is not None:
+            # Everything either side changed since they diverged must come from here.
+            _, peer_bits = await link.request(
+                {"t": "pair_yield", "pair": name}, b"")
+            for i in range(min(len(peer_bits) * 8, pr.dirty.nbits)):
+                if peer_bits[i >> 3] & (1 << (i & 7)):
+                    pr.dirty.set(i)
+            await pr.dirty.sync(self.node.executor)
+            if rec.role != "primary":
+                rec.role = "primary"
+                self.node.events.publish("pair_takeover", pair=name, reason="resync --from")
+            self._set_mode(pr, "local", "resync source chosen by the operator")
+            self._set_state(pr, "suspended", "resync from this copy")
         self._start_copy(pr)
         return rec
 
