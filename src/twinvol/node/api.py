@@ -218,8 +218,11 @@ def make_app(node: Node) -> web.Application:
         if vol is None:
             raise VolumeError(f"export {export!r} does not exist on node {node.name}",
                               "not_found")
+        pr = node.replication.by_volume.get(vol.record.name)
         return web.json_response({"node": node.name, "site": node.config.site,
                                   "volume": vol.record.name, "io_mode": vol.io_mode,
+                                  "role": None if pr is None else pr.rec.role,
+                                  "pair": None if pr is None else pr.rec.name,
                                   "virtual_identity": identity(vol.record)})
 
     @routes.get("/api/v1/events")

@@ -163,6 +163,7 @@ class Node:
             self._nbd_server.close()
         await shutdown_all(self.connections)
         await self.replication.stop()
+        self.events.close()
         if self._runner is not None:
             await self._runner.cleanup()
         await asyncio.sleep(0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from typing import Any
@@ -51,3 +52,10 @@ class EventBus:
 
     def unsubscribe(self, q: asyncio.Queue[dict[str, Any] | None]) -> None:
         self.subscribers.discard(q)
+
+    def close(self) -> None:
+        """End every live stream now (shutdown must not wait for a heartbeat)."""
+        for q in list(self.subscribers):
+            with contextlib.suppress(asyncio.QueueFull):
+                q.put_nowait(None)
+        self.subscribers.clear()

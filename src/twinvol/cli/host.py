@@ -1,0 +1,71 @@
+"""`twinvol host run|status`: the host agent (multipath NBD proxy)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from twinvol import logs
+from twinvol.cli.common import CliError, ClusterOpt, JsonOpt, console, emit_json
+from twinvol.cluster import ClusterError, split_hostport
+
+app = typer.Typer(help="Run and inspect the host agent (multipath NBD proxy).",
+                  no_args_is_help=True)
+
+
+def _setup(cluster: str | None) -> Any:
+    from twinvol import host
+
+    try:
+        return host.load(cluster)
+    except ClusterError as e:
+        raise CliError(str(e)) from None
+
+
+@app.command()
+def run(cluster: str = ClusterOpt) -> None:
+    """Run the host agent in the foreground (stops on SIGTERM/SIGINT)."""
+    from twinvol.host.agent import AgentStartError
+    from twinvol.host.agent import run as run_agent
+
+    setup = _setup(cluster)
+    logs.setup("host")
+    try:
+        run_agent(setup)
+    except AgentStartError as e:
+        raise CliError(f"host agent cannot start: {e}") from None
+
+
+@app.command()
+def status(cluster: str = ClusterOpt, json_out: bool = JsonOpt) -> None:
+    """Show the host agent's exports, paths and counters."""
+    setup = _setup(cluster)
+    host, port = split_hostport(setup.config.api)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/api/v1/status"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            st = json.loads(r.read())
+    except (urllib.error.URLError, OSError) as e:
+        raise CliError(f"host agent ({url}) is not reachable: {getattr(e, 'reason', e)}; is "
+                       "it running (`twinvol host run`)?") from None
+    if json_out:
+        emit_json(st)
+        return
+    table = Table("export", "sessions", "node", "path", "io mode", "requests", "held",
+                  "failovers")
+    for name, ex in st["exports"].items():
+        for i, (node, p) in enumerate(ex["paths"].items()):
+            colour = {"up": "green", "blocked": "yellow", "down": "red",
+                      "mismatch": "red"}.get(p["state"], "white")
+            table.add_row(name if i == 0 else "", str(ex["sessions"]) if i == 0 else "", node,
+                          f"[{colour}]{p['state']}[/]", p["io_mode"] or "-",
+                          str(p["requests"]), str(ex["held"]) if i == 0 else "",
+                          str(ex["failovers"]) if i == 0 else "")
+    console.print(table)
+    console.print(f"held {st['held']}  failovers {st['failovers']}  retries {st['retries']}  "
+                  f"connections {st['connections']}")

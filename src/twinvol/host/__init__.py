@@ -1,0 +1,122 @@
+"""The host agent: a multipath NBD proxy on the host (dm-multipath + HDLM in one process).
+
+Clients (qemu, fio, nbdcopy...) connect to the agent as to any NBD server; the agent
+forwards each request over NBD "paths" to the storage nodes that serve the same
+virtual identity, fails over between them, holds I/O while no path is usable, and
+learns I/O mode changes from the nodes' pushed event streams.
+
+Configuration is the `[host]` table of the cluster file::
+
+    [host]
+    nbd = "127.0.0.1:10810"      # where clients connect
+    api = "127.0.0.1:8710"       # status API
+    hold_timeout = 30.0          # seconds to hold I/O while no path is usable
+    nodes = ["A", "B"]           # which nodes are this host's paths (default: all)
+    io_timeout = 15.0            # a path silent this long with requests outstanding is dead
+
+`[cluster] secret`, when set, is sent to the nodes' APIs as a bearer token.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from twinvol.cluster import ClusterError, split_hostport
+
+
+class HostConfig(msgspec.Struct, forbid_unknown_fields=True):
+    nbd: str
+    api: str
+    hold_timeout: float = 30.0
+    nodes: list[str] | None = None
+    # A path with requests outstanding and no reply for this long is declared dead
+    # (a hung node or a cut link that TCP has not noticed yet).
+    io_timeout: float = 15.0
+
+
+class NodeAddr(msgspec.Struct):
+    """What the agent needs of a `[nodes.X]` table (unknown keys are other components')."""
+
+    site: str
+    nbd: str
+    api: str
+
+    @property
+    def nbd_hostport(self) -> tuple[str, int]:
+        return split_hostport(self.nbd)
+
+    @property
+    def api_url(self) -> str:
+        host, port = split_hostport(self.api)
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+@dataclass
+class HostSetup:
+    """Everything the agent reads from the cluster file."""
+
+    config: HostConfig
+    nodes: dict[str, NodeAddr]  # the path nodes, in preference order
+    secret: str | None
+    path: str
+
+
+def load(path: str | None) -> HostSetup:
+    """Read the `[host]` table and node addresses; raise ClusterError with one clear line."""
+    path = path or os.environ.get("TWINVOL_CLUSTER")
+    if not path:
+        raise ClusterError("no cluster file: pass --cluster FILE or set TWINVOL_CLUSTER")
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw: dict[str, Any] = tomllib.load(f)
+    except FileNotFoundError:
+        raise ClusterError(f"cluster file {path} does not exist") from None
+    except OSError as e:
+        raise ClusterError(f"cannot read cluster file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ClusterError(f"cluster file {path} is not valid TOML: {e}") from None
+    if "host" not in raw:
+        raise ClusterError(f"cluster file {path} has no [host] table (nbd = \"HOST:PORT\", "
+                           "api = \"HOST:PORT\")")
+    try:
+        config = msgspec.convert(raw["host"], HostConfig)
+        nodes = msgspec.convert(raw.get("nodes", {}), dict[str, NodeAddr])
+    except msgspec.ValidationError as e:
+        raise ClusterError(f"cluster file {path}: {e}") from None
+    section = raw.get("cluster", {})
+    secret = section.get("secret") if isinstance(section, dict) else None
+    if secret is not None and not isinstance(secret, str):
+        raise ClusterError(f"cluster file {path}: [cluster] secret must be a string")
+    for what, addr in (("nbd", config.nbd), ("api", config.api)):
+        try:
+            split_hostport(addr)
+        except ClusterError as e:
+            raise ClusterError(f"cluster file {path}, [host] {what}: {e}") from None
+    if config.hold_timeout < 0 or config.io_timeout <= 0:
+        raise ClusterError(f"cluster file {path}: [host] hold_timeout must be >= 0 and "
+                           "io_timeout > 0")
+    names = config.nodes if config.nodes is not None else list(nodes)
+    if not names:
+        raise ClusterError(f"cluster file {path}: no nodes for the host agent to use")
+    chosen: dict[str, NodeAddr] = {}
+    for name in names:
+        if name not in nodes:
+            known = ", ".join(sorted(nodes)) or "none"
+            raise ClusterError(f"cluster file {path}: [host] nodes names {name!r}, which is "
+                               f"not a [nodes.{name}] table (nodes: {known})")
+        try:
+            split_hostport(nodes[name].nbd)
+            split_hostport(nodes[name].api)
+        except ClusterError as e:
+            raise ClusterError(f"cluster file {path}, node {name}: {e}") from None
+        chosen[name] = nodes[name]
+    return HostSetup(config, chosen, secret, path)
+
+
+__all__ = ["HostConfig", "HostSetup", "NodeAddr", "load"]

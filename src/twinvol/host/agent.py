@@ -1,0 +1,816 @@
+"""The host agent process: NBD server for clients, NBD client to the nodes, status API.
+
+Negotiation uses the sans-IO `ServerConnection` unchanged. Its export lookups are
+pure, but answering one needs the nodes (their view of the export's identity and
+I/O mode, and path connections), so the protocol layer splits the client's
+option stream itself: when an option naming an export is complete it resolves
+that export asynchronously first, and only then feeds the option to the state
+machine, whose lookup now finds the answer ready.
+
+Resolution: every path node is asked for the export (GET /api/v1/exports/NAME);
+the nodes that have it must report the same virtual identity, or the export is
+refused (NBD_REP_ERR_POLICY naming both nodes and what differs) and nothing is
+forwarded. For NBD_OPT_GO/INFO the session's paths are connected right away, so
+the first request finds them ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from collections import deque
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from twinvol import __version__
+from twinvol.cluster import split_hostport
+from twinvol.host import HostSetup
+from twinvol.host.events import NodeWatcher
+from twinvol.host.nodes import HttpNodeLink, NodeLink, NodeUnreachable
+from twinvol.host.paths import Clock, Op, PathState, Session, identity_diff
+from twinvol.nbd.client import Completed
+from twinvol.nbd.constants import IHAVEOPT, MAX_OPTION_DATA, Cmd, Opt
+from twinvol.nbd.server import (
+    NEED_DATA,
+    Disconnect,
+    ExportInfo,
+    Phase,
+    Ready,
+    Request,
+    ServerConnection,
+)
+
+log = logging.getLogger("twinvol.host")
+
+SCRATCH_SIZE = 256 * 1024
+MAX_OUTSTANDING = 256  # requests per client connection before reading from it pauses
+TICK = 0.5
+MAX_NEGOTIATION_BACKLOG = 256 * 1024  # unfed option bytes before reading pauses
+MAX_CANDIDATES = 4  # exports one connection may have open paths for while negotiating
+_OPT_HDR = struct.Struct(">QII")
+_READ = int(Cmd.READ)
+_BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
+_COUNTERS = ("failovers", "retries", "held_total", "hold_failed", "sessions_total", "refused")
+
+
+class ExportState:
+    """What the agent knows about one export across sessions."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.identity: dict[str, Any] | None = None
+        self.sessions: set[Session] = set()
+        self.modes: dict[str, str] = {}
+        self.counters = dict.fromkeys(_COUNTERS, 0)
+        self.requests: dict[str, int] = {}  # per node, of sessions already closed
+
+
+class _ConnExports:
+    """The `ExportProvider` of one client connection: answers resolved beforehand."""
+
+    def __init__(self) -> None:
+        self.resolved: dict[str, ExportInfo | None] = {}
+        self.listed: list[ExportInfo] = []
+
+    def lookup(self, name: str) -> ExportInfo | None:
+        return self.resolved.get(name)
+
+    def list_exports(self) -> list[ExportInfo]:
+        return self.listed
+
+
+def _option_name(opt: int, data: bytes) -> str | None:
+    """The export an option names (None when it names none or is malformed)."""
+    if opt == Opt.EXPORT_NAME:
+        raw = data
+    elif opt in (Opt.INFO, Opt.GO, Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
+        if len(data) < 4:
+            return None
+        (n,) = struct.unpack_from(">I", data)
+        if n > len(data) - 4:
+            return None
+        raw = data[4:4 + n]
+    else:
+        return None
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+class AgentProtocol(asyncio.BufferedProtocol):
+    """One client connection to the agent."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.exports = _ConnExports()
+        self.conn = ServerConnection(self.exports)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.session: Session | None = None
+        self.candidates: dict[str, Session] = {}  # sessions opened while negotiating
+        self._go_done: set[str] = set()
+        self._listed = False
+        self._neg = bytearray()  # negotiation bytes not yet fed to the state machine
+        self._flags_fed = False
+        self._skip = 0
+        self._resolving: asyncio.Task[None] | None = None
+        self._transmission = False
+        self._closed = False
+        self._drain_close = False
+        self._scratch = memoryview(bytearray(SCRATCH_SIZE))
+        self._into_payload = False
+        self._replies: list[bytes | bytearray | memoryview] = []
+        self._flush_scheduled = False
+        self._read_paused = False
+        self._write_paused = False
+
+    # ---- asyncio callbacks ----------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.agent.connections.add(self)
+        transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._transmission:
+            buf = self.conn.payload_buffer()
+            if buf is not None and len(buf) >= 65536:
+                self._into_payload = True
+                return buf
+        self._into_payload = False
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._into_payload:
+            self.conn.payload_received(nbytes)
+            self._pump()
+        elif self._transmission:
+            self.conn.receive_data(self._scratch[:nbytes])
+            self._pump()
+        else:
+            self._neg += self._scratch[:nbytes]
+            self._negotiate()
+            if self._resolving is not None and len(self._neg) > MAX_NEGOTIATION_BACKLOG \
+                    and self.transport is not None and not self._read_paused:
+                # A client pipelining options while one is being resolved: stop reading.
+                self._read_paused = True
+                self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        if self._transmission or not self._resolving:
+            self.conn.receive_data(b"")
+            self._pump()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.agent.connections.discard(self)
+        if self._resolving is not None:
+            self._resolving.cancel()
+        for s in self.candidates.values():
+            s.close()
+        self.candidates.clear()
+        if self.session is not None:
+            self.agent.unregister(self.session)
+            self.session.close()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    # ---- negotiation ----------------------------------------------------
+
+    def _feed(self, n: int) -> None:
+        chunk = bytes(self._neg[:n])
+        del self._neg[:n]
+        self.conn.receive_data(chunk)
+        self._pump()
+
+    def _negotiate(self) -> None:
+        """Feed complete options to the state machine, resolving named exports first."""
+        buf = self._neg
+        while not self._closed and not self._transmission and self._resolving is None:
+            if self._skip:
+                n = min(self._skip, len(buf))
+                if not n:
+                    return
+                self._skip -= n
+                self._feed(n)
+                continue
+            if not self._flags_fed:
+                if len(buf) < 4:
+                    return
+                self._flags_fed = True
+                self._feed(4)
+                continue
+            if len(buf) < _OPT_HDR.size:
+                return
+            magic, opt, length = _OPT_HDR.unpack_from(buf)
+            if magic != IHAVEOPT:
+                self._feed(len(buf))  # the state machine hangs up on it
+                return
+            if length > MAX_OPTION_DATA:  # skipped unread by the state machine
+                n = min(len(buf), _OPT_HDR.size + length)
+                self._skip = _OPT_HDR.size + length - n
+                self._feed(n)
+                continue
+            if len(buf) < _OPT_HDR.size + length:
+                return
+            data = bytes(buf[_OPT_HDR.size:_OPT_HDR.size + length])
+            if not self._prepared(opt, data):
+                return
+            self._feed(_OPT_HDR.size + length)
+        if self._transmission and buf and not self._closed:
+            self._feed(len(buf))
+
+    def _prepared(self, opt: int, data: bytes) -> bool:
+        """True if the state machine can answer `opt` now; else start resolving for it."""
+        if opt == Opt.LIST:
+            if self._listed:
+                return True
+            self._start(self._resolve_list())
+            return False
+        name = _option_name(opt, data)
+        if name is None:
+            return True
+        if opt in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
+            if name in self.exports.resolved:
+                return True
+            self._start(self._resolve(name, connect=False))
+            return False
+        if name in self._go_done:
+            return True
+        self._start(self._resolve(name, connect=True))
+        return False
+
+    def _start(self, coro: Any) -> None:
+        self._resolving = asyncio.get_running_loop().create_task(coro)
+
+    async def _resolve_list(self) -> None:
+        try:
+            self.exports.listed = await self.agent.list_exports()
+        finally:
+            self._listed = True
+            self._resolved()
+
+    async def _resolve(self, name: str, *, connect: bool) -> None:
+        try:
+            info, session = await self.agent.resolve(name, connect=connect, peer=self.peer)
+            if session is not None:
+                if self._closed:
+                    session.close()
+                else:
+                    old = self.candidates.pop(name, None)
+                    if old is not None:
+                        old.close()
+                    while len(self.candidates) >= MAX_CANDIDATES:
+                        oldest = next(iter(self.candidates))
+                        self.candidates.pop(oldest).close()
+                        self._go_done.discard(oldest)
+                    self.candidates[name] = session
+            self.exports.resolved[name] = info
+        except Exception as e:
+            log.exception("export resolution failed", extra={"export": name})
+            self.exports.resolved[name] = ExportInfo(
+                name, 0, blocked=f"host agent could not resolve export {name!r}: {e}")
+        finally:
+            if connect:
+                self._go_done.add(name)
+            self._resolved()
+
+    def _resolved(self) -> None:
+        self._resolving = None
+        if not self._closed:
+            if self._read_paused and not self._transmission and self.transport is not None:
+                self._read_paused = False
+                self.transport.resume_reading()
+            self._negotiate()
+            if not self._transmission and self.conn.phase is Phase.CLOSED:
+                self._close_transport()
+
+    def _ready(self, ev: Ready) -> None:
+        self._transmission = True
+        session = self.candidates.pop(ev.export.name, None)
+        for other in self.candidates.values():
+            other.close()
+        self.candidates.clear()
+        if session is None:  # pragma: no cover - GO/EXPORT_NAME are always resolved first
+            log.error("no session for a negotiated export", extra={"export": ev.export.name})
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        self.session = session
+        session.responder = self
+        session.after_batch = self.flush_replies
+        self.agent.register(session)
+        log.info("client connected", extra={"peer": self.peer, "export": ev.export.name,
+                                            "structured": ev.structured,
+                                            "usable": [p.node for p in session.up]})
+
+    # ---- transmission ---------------------------------------------------
+
+    def _pump(self) -> None:
+        conn = self.conn
+        replies = self._replies
+        session = self.session
+        while not self._closed:
+            ev = conn.next_event()
+            if conn._out:
+                replies.append(conn.data_to_send())
+            if ev is NEED_DATA:
+                break
+            if type(ev) is Request:
+                if session is None:  # pragma: no cover
+                    break
+                data = ev.data
+                session.submit(ev.command, ev.flags, ev.cookie, ev.offset, ev.length,
+                               None if data is None else bytes(data))
+            elif type(ev) is Ready:
+                self._ready(ev)
+                session = self.session
+            elif type(ev) is Disconnect:
+                self._disconnect(ev)
+                break
+        if session is not None:
+            session.flush_paths()
+            self._update_reading()
+        self.flush_replies()
+
+    def _disconnect(self, ev: Disconnect) -> None:
+        self.flush_replies()
+        if ev.error:
+            log.warning("client protocol error, hard disconnect",
+                        extra={"peer": self.peer, "reason": ev.reason})
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if self.session is not None and self.session.outstanding:
+            self._drain_close = True  # answer what is in flight, then close
+            return
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        self.flush_replies()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def reply(self, op: Op, res: Completed) -> None:
+        conn = self.conn
+        replies = self._replies
+        if res.error:
+            replies.extend(conn.reply_error(op.cookie, res.error, res.message))
+        elif op.cmd == _READ:
+            data = res.data
+            if data is None:
+                replies.append(conn.reply_read_hole(op.cookie, op.offset, op.length))
+            else:
+                replies.extend(conn.reply_read(op.cookie, op.offset, data))
+        elif op.cmd == _BLOCK_STATUS:
+            extents = res.extents or [(op.length, 0)]
+            replies.append(conn.reply_block_status(op.cookie, extents))
+        else:
+            replies.append(conn.reply_ok(op.cookie))
+        self._replied()
+
+    def reply_error(self, op: Op, err: int, message: str) -> None:
+        self._replies.extend(self.conn.reply_error(op.cookie, err, message))
+        self._replied()
+
+    def _replied(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush_replies)
+        if self._read_paused:
+            self._update_reading()
+        if self._drain_close and self.session is not None and not self.session.outstanding:
+            self._close_transport()
+
+    def flush_replies(self) -> None:
+        self._flush_scheduled = False
+        replies = self._replies
+        if not replies:
+            return
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if len(replies) == 1:
+                transport.write(replies[0])
+            else:
+                transport.writelines(replies)
+        replies.clear()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        session = self.session
+        if transport is None or transport.is_closing() or session is None:
+            return
+        pause = self._write_paused or session.outstanding >= MAX_OUTSTANDING
+        if pause and not self._read_paused:
+            self._read_paused = True
+            transport.pause_reading()
+        elif not pause and self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+
+
+class Agent:
+    """The host agent: serves NBD to clients and multipaths it to the storage nodes."""
+
+    def __init__(self, setup: HostSetup, links: dict[str, NodeLink] | None = None, *,
+                 silence: float = 6.0) -> None:
+        self.setup = setup
+        self.config = setup.config
+        self.clock = Clock()
+        self._http: aiohttp.ClientSession | None = None
+        self._given_links = links
+        self.links: dict[str, NodeLink] = {}
+        self.watchers: dict[str, NodeWatcher] = {}
+        self.silence = silence
+        self.exports: dict[str, ExportState] = {}
+        self.connections: set[AgentProtocol] = set()
+        self.totals = dict.fromkeys(_COUNTERS, 0)
+        self.refusals: deque[dict[str, Any]] = deque(maxlen=20)
+        self.started = time.monotonic()
+        self._server: asyncio.base_events.Server | None = None
+        self._runner: web.AppRunner | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.nbd_port = 0
+        self.api_port = 0
+
+    # ---- Hooks for sessions -----------------------------------------------
+
+    def events_up(self, node: str) -> bool:
+        w = self.watchers.get(node)
+        return w is not None and w.up
+
+    def count(self, export: str, what: str, n: int = 1) -> None:
+        self.totals[what] = self.totals.get(what, 0) + n
+        st = self.exports.get(export)
+        if st is not None:
+            st.counters[what] = st.counters.get(what, 0) + n
+
+    def _state(self, name: str) -> ExportState:
+        st = self.exports.get(name)
+        if st is None:
+            st = self.exports[name] = ExportState(name)
+        return st
+
+    def register(self, session: Session) -> None:
+        st = self._state(session.export)
+        st.sessions.add(session)
+        self.count(session.export, "sessions_total")
+
+    def unregister(self, session: Session) -> None:
+        st = self.exports.get(session.export)
+        if st is None:
+            return
+        st.sessions.discard(session)
+        for p in session.paths:
+            st.requests[p.node] = st.requests.get(p.node, 0) + p.requests
+
+    # ---- resolution -------------------------------------------------------
+
+    async def _probe(self, name: str) -> dict[str, dict[str, Any] | BaseException | None]:
+        async def one(link: NodeLink) -> dict[str, Any] | BaseException | None:
+            try:
+                return await link.export(name)
+            except NodeUnreachable as e:
+                return e
+
+        names = list(self.links)
+        got = await asyncio.gather(*(one(self.links[n]) for n in names))
+        return dict(zip(names, got, strict=True))
+
+    async def resolve(self, name: str, *, connect: bool, peer: str = ""
+                      ) -> tuple[ExportInfo | None, Session | None]:
+        """Find `name` on the path nodes; check they agree; optionally open a session."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.hold_timeout
+        delay = 0.1
+        while True:
+            views = await self._probe(name)
+            found = {n: v for n, v in views.items() if isinstance(v, dict)}
+            unreachable = {n: v for n, v in views.items() if isinstance(v, BaseException)}
+            if found or not unreachable or loop.time() + delay > deadline:
+                break
+            # No node answered: hold the negotiation like I/O, up to hold_timeout.
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        if not found:
+            if not unreachable:
+                return None, None
+            why = "; ".join(f"{n}: {e}" for n, e in unreachable.items())
+            return ExportInfo(name, 0, blocked=f"no storage node could be asked about "
+                                                f"export {name!r} ({why})"), None
+        items = list(found.items())
+        first_node, first = items[0]
+        ident: dict[str, Any] = first["virtual_identity"]
+        for node, view in items[1:]:
+            other = view["virtual_identity"]
+            if other != ident:
+                diff = identity_diff(ident, other)
+                msg = (f"export {name!r} is not the same volume on node {first_node} and node "
+                       f"{node} ({diff}); the host agent will not use them as one device")
+                log.error("virtual identity mismatch, export refused",
+                          extra={"export": name, "nodes": [first_node, node], "diff": diff,
+                                 "peer": peer})
+                self.refusals.append({"time": round(time.time(), 3), "export": name,
+                                      "peer": peer, "message": msg})
+                self._state(name)
+                self.count(name, "refused")
+                return ExportInfo(name, int(ident.get("size") or 0), blocked=msg), None
+        st = self._state(name)
+        st.identity = ident
+        for node, view in found.items():
+            if isinstance(view.get("io_mode"), str):
+                st.modes[node] = view["io_mode"]
+        try:
+            size = int(ident["size"])
+        except (KeyError, TypeError, ValueError):
+            return ExportInfo(name, 0, blocked=f"export {name!r}: node {first_node} reported "
+                                               "no usable size"), None
+        info = ExportInfo(name, size, description=str(ident.get("description") or ""))
+        if not connect:
+            return info, None
+        session = Session(self, name, ident, list(self.links.values()),
+                          hold_timeout=self.config.hold_timeout,
+                          io_timeout=self.config.io_timeout, peer=peer)
+        try:
+            await session.open(views)
+        except BaseException:
+            session.close()
+            raise
+        info.read_only = session.read_only
+        return info, session
+
+    async def list_exports(self) -> list[ExportInfo]:
+        """Exports every node that has them agrees on (for NBD_OPT_LIST)."""
+        async def one(link: NodeLink) -> list[dict[str, Any]]:
+            try:
+                return await link.volumes()
+            except NodeUnreachable:
+                return []
+
+        lists = await asyncio.gather(*(one(link) for link in self.links.values()))
+        idents: dict[str, list[dict[str, Any]]] = {}
+        for vols in lists:
+            for v in vols:
+                ident = v.get("virtual_identity")
+                name = v.get("export_name")
+                if isinstance(ident, dict) and isinstance(name, str):
+                    idents.setdefault(name, []).append(ident)
+        out = []
+        for name in sorted(idents):
+            group = idents[name]
+            if all(i == group[0] for i in group):
+                out.append(ExportInfo(name, int(group[0].get("size") or 0),
+                                      description=str(group[0].get("description") or "")))
+        return out
+
+    # ---- node events ------------------------------------------------------
+
+    def on_node_event(self, node: str, ev: dict[str, Any]) -> None:
+        kind = ev.get("type")
+        export = ev.get("export")
+        if not isinstance(export, str):
+            return
+        st = self.exports.get(export)
+        if kind == "io_mode":
+            mode = ev.get("mode")
+            if not isinstance(mode, str):
+                return
+            log.info("node pushed an I/O mode change", extra={
+                "node": node, "export": export, "mode": mode, "seq": ev.get("seq")})
+            if st is None:
+                return
+            st.modes[node] = mode
+            reason = ev.get("reason") or ""
+            for s in list(st.sessions):
+                s.node_mode(node, mode, f"node {node} put {export!r} in I/O mode {mode}"
+                                        f"{': ' + reason if reason else ''}")
+        elif kind in ("volume_created", "volume_deleted", "volume_resized") and st is not None:
+            for s in list(st.sessions):
+                s.kick(node)
+
+    def on_stream_state(self, node: str, up: bool) -> None:
+        log.info("node event stream " + ("up" if up else "down"), extra={"node": node})
+        if up:
+            # Events may have been missed while the stream was down: read the present.
+            task = asyncio.get_running_loop().create_task(self._refresh(node))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _refresh(self, node: str) -> None:
+        link = self.links[node]
+        for name, st in list(self.exports.items()):
+            if not st.sessions:
+                continue
+            try:
+                view = await link.export(name)
+            except NodeUnreachable:
+                return
+            if view is None:
+                continue
+            mode = view.get("io_mode")
+            if isinstance(mode, str):
+                st.modes[node] = mode
+                for s in list(st.sessions):
+                    s.node_mode(node, mode)
+
+    # ---- lifecycle ----------------------------------------------------------
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self.clock.now = loop.time()
+            for st in self.exports.values():
+                for s in list(st.sessions):
+                    s.check_stalls(self.clock.now)
+            await asyncio.sleep(TICK)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.clock.now = loop.time()
+        host, port = split_hostport(self.config.nbd)
+        ahost, aport = split_hostport(self.config.api)
+        if self._given_links is not None:
+            self.links = dict(self._given_links)
+        else:
+            self._http = aiohttp.ClientSession()
+            self.links = {n: HttpNodeLink(n, addr, self._http, self.setup.secret)
+                          for n, addr in self.setup.nodes.items()}
+        try:
+            self._server = await loop.create_server(lambda: AgentProtocol(self), host, port,
+                                                    reuse_address=True, backlog=256)
+        except OSError as e:
+            await self._close_http()
+            raise AgentStartError(f"cannot listen for NBD on {host}:{port}: "
+                                  f"{e.strerror}") from e
+        self.nbd_port = self._server.sockets[0].getsockname()[1]
+        self._runner = web.AppRunner(make_app(self), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, ahost, aport, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            await self.stop()
+            raise AgentStartError(f"cannot listen for the API on {ahost}:{aport}: "
+                                  f"{e.strerror}") from e
+        socks = getattr(site._server, "sockets", None)
+        if socks:
+            self.api_port = socks[0].getsockname()[1]
+        for name, link in self.links.items():
+            w = NodeWatcher(link, self.on_node_event, self.on_stream_state,
+                            silence=self.silence)
+            self.watchers[name] = w
+            w.start()
+        self._ticker = loop.create_task(self._tick())
+        log.info("host agent serving", extra={"nbd": self.config.nbd, "api": self.config.api,
+                                              "nodes": list(self.links), "pid": os.getpid(),
+                                              "hold_timeout": self.config.hold_timeout})
+
+    async def _close_http(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for c in list(self.connections):
+            if c.transport is not None:
+                c.flush_replies()
+                c.transport.close()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        for w in self.watchers.values():
+            await w.stop()
+        for t in list(self._tasks):
+            t.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        for st in self.exports.values():
+            for s in list(st.sessions):
+                s.close()
+        await asyncio.sleep(0)
+        await self._close_http()
+        log.info("host agent stopped")
+
+    # ---- status -------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        exports: dict[str, Any] = {}
+        held = 0
+        for name, st in sorted(self.exports.items()):
+            sessions = list(st.sessions)
+            paths: dict[str, Any] = {}
+            for node in self.links:
+                states = [s.by_node[node] for s in sessions if node in s.by_node]
+                up = sum(1 for p in states if p.state is PathState.UP)
+                if up:
+                    state = "up"
+                elif any(p.state is PathState.BLOCKED for p in states) \
+                        or st.modes.get(node) == "block":
+                    state = "blocked"
+                elif any(p.state is PathState.MISMATCH for p in states):
+                    state = "mismatch"
+                elif any(p.state is PathState.ABSENT for p in states):
+                    state = "absent"
+                elif states:
+                    state = "down"
+                else:
+                    state = "idle"
+                reasons = [p.reason for p in states if p.reason]
+                paths[node] = {
+                    "state": state, "io_mode": st.modes.get(node), "connections": up,
+                    "inflight": sum(p.inflight for p in states),
+                    "requests": st.requests.get(node, 0) + sum(p.requests for p in states),
+                    "reason": reasons[0] if reasons else ""}
+            ex_held = sum(len(s.held) for s in sessions)
+            held += ex_held
+            exports[name] = {"identity": st.identity, "sessions": len(sessions),
+                             "held": ex_held, "paths": paths, **st.counters}
+        return {
+            "component": "host", "version": __version__, "pid": os.getpid(),
+            "uptime": round(time.monotonic() - self.started, 3),
+            "nbd": self.config.nbd, "api": self.config.api,
+            "hold_timeout": self.config.hold_timeout, "io_timeout": self.config.io_timeout,
+            "nodes": {n: {"nbd": f"{link.nbd[0]}:{link.nbd[1]}", "events": w.status()}
+                      for n, link in self.links.items()
+                      for w in [self.watchers.get(n)] if w is not None},
+            "connections": len(self.connections),
+            "held": held, "held_total": self.totals["held_total"],
+            "failovers": self.totals["failovers"],
+            "retries": self.totals["retries"], "hold_failed": self.totals["hold_failed"],
+            "refused": list(self.refusals),
+            "exports": exports,
+            "sessions": [s.status() for st in self.exports.values() for s in st.sessions],
+        }
+
+
+class AgentStartError(Exception):
+    """The agent cannot start (port taken...)."""
+
+
+def make_app(agent: Agent) -> web.Application:
+    app = web.Application()
+    routes = web.RouteTableDef()
+
+    @routes.get("/api/v1/health")
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "component": "host",
+                                  "nbd": agent.config.nbd})
+
+    @routes.get("/api/v1/status")
+    async def status(_: web.Request) -> web.Response:
+        return web.json_response(agent.status())
+
+    app.add_routes(routes)
+    return app
+
+
+async def serve(setup: HostSetup) -> None:
+    agent = Agent(setup)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await agent.start()
+    try:
+        await stop.wait()
+    finally:
+        await agent.stop()
+
+
+def run(setup: HostSetup) -> None:
+    """Run the host agent in the foreground until SIGTERM/SIGINT."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a pinned dependency
+        asyncio.run(serve(setup))
+        return
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(serve(setup))
+
+
+__all__ = ["Agent", "AgentProtocol", "AgentStartError", "run", "serve"]

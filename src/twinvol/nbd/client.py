@@ -1,0 +1,815 @@
+"""Sans-IO NBD client connection: bytes in, events and bytes out.
+
+The mirror image of `twinvol.nbd.server`: no sockets, no clock. The I/O layer
+feeds what the server sent with `receive_data`, pulls `Event`s with
+`next_event` until `NEED_DATA`, and sends `data_to_send()` (handshake) and the
+headers `request()` returns (transmission; a write's payload goes right after
+its header).
+
+Negotiation is fixed newstyle only: NO_ZEROES when offered, then
+NBD_OPT_STRUCTURED_REPLY, optionally NBD_OPT_SET_META_CONTEXT base:allocation,
+then NBD_OPT_GO asking for name, description and block sizes (falling back to
+NBD_OPT_EXPORT_NAME if the server does not know GO). One option is in flight at
+a time, so each reply is checked against the option it answers.
+
+Everything the server sends is distrusted: a reply for a cookie not in flight,
+a chunk outside its request, a length over the bounds below, an unknown chunk
+type... ends the connection with a `ProtocolError` event. Nothing raises for
+bad input and nothing is buffered past its bound: option replies are at most
+`MAX_OPTION_DATA`, non-data chunks at most `MAX_STATUS_CHUNK`, and read data
+goes straight into the request's own buffer (sized by the request, not by the
+server). Misuse by the caller (a request before negotiation ended) raises
+`ClientStateError`.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from twinvol.nbd.constants import (
+    BASE_ALLOCATION,
+    FLAG_C_FIXED_NEWSTYLE,
+    FLAG_C_NO_ZEROES,
+    FLAG_FIXED_NEWSTYLE,
+    FLAG_NO_ZEROES,
+    IHAVEOPT,
+    MAX_OPTION_DATA,
+    MAX_PAYLOAD,
+    MAX_STRING,
+    NBDMAGIC,
+    OPTION_REPLY_MAGIC,
+    REP_ERR,
+    REPLY_FLAG_DONE,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    Cmd,
+    CmdFlag,
+    Err,
+    Info,
+    Opt,
+    Rep,
+    Reply,
+)
+
+_GREETING = struct.Struct(">QQH")
+_OPT_HDR = struct.Struct(">QII")
+_OPT_REPLY_HDR = struct.Struct(">QIII")
+_REQ_HDR = struct.Struct(">IHHQQI")
+_SIMPLE = struct.Struct(">IIQ")
+_CHUNK = struct.Struct(">IHHQI")
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+_HOLE = struct.Struct(">QI")
+_ERR_HEAD = struct.Struct(">IH")
+
+# Spec: a block status chunk should stay under 4 + 8 * 2^20 bytes.
+MAX_STATUS_CHUNK = 4 + 8 * (1 << 20)
+# Error chunks carry a message of at most 4096 bytes plus fixed fields.
+MAX_ERROR_CHUNK = 6 + MAX_STRING + 8 + 1024
+
+_CHUNK_DATA = _CHUNK.size + 8  # chunk header and the data chunk's offset
+_OFFSET_DATA = int(Reply.OFFSET_DATA)
+_READ = int(Cmd.READ)
+_BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
+_REQ_ONE = int(CmdFlag.REQ_ONE)
+_CHUNK_ERROR_BIT = 1 << 15
+
+
+class ClientStateError(Exception):
+    """The caller used the connection in a way its state does not allow (a local bug)."""
+
+
+class Phase(Enum):
+    GREETING = "greeting"
+    OPTIONS = "options"
+    TRANSMISSION = "transmission"
+    CLOSING = "closing"  # NBD_CMD_DISC sent: replies still parsed, no new requests
+    CLOSED = "closed"
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+
+@dataclass(slots=True)
+class Negotiated:
+    """Transmission starts: what the server said about the export."""
+
+    export: str
+    size: int
+    flags: int
+    structured: bool
+    meta_context: bool
+    name: str | None = None
+    description: str = ""
+    min_block: int = 1
+    preferred_block: int = 4096
+    max_block: int = MAX_PAYLOAD
+
+
+@dataclass(slots=True)
+class Refused:
+    """The server refused the export (NBD_REP_ERR_*); `message` is its text."""
+
+    rep: int
+    message: str
+
+    @property
+    def rep_name(self) -> str:
+        try:
+            return Rep(self.rep).name
+        except ValueError:
+            return f"error {self.rep:#x}"
+
+
+@dataclass(slots=True)
+class Completed:
+    """A request's final reply.
+
+    `error` is the NBD error value (0 on success) and `message` the server's
+    text, if any. For a successful read `data` is the request's own buffer of
+    exactly `length` bytes, or None when the whole range was reported as a hole
+    (all zeroes, nothing sent). For block status `extents` is the list of
+    (length, flags) of the negotiated base:allocation context.
+    """
+
+    tag: Any
+    cookie: int
+    command: int
+    error: int
+    message: str = ""
+    data: bytearray | None = None
+    extents: list[tuple[int, int]] | None = None
+
+
+@dataclass(slots=True)
+class ProtocolError:
+    """The server broke the protocol; the connection is dead (hard disconnect it)."""
+
+    reason: str
+
+
+@dataclass(slots=True)
+class Closed:
+    """The server closed the connection (EOF)."""
+
+    reason: str
+
+
+Event = Negotiated | Refused | Completed | ProtocolError | Closed
+
+
+class _Pending:
+    """One request in flight, and what its reply chunks said so far."""
+
+    __slots__ = ("buf", "command", "cookie", "covered", "error", "extents", "flags", "length",
+                 "message", "offset", "ranges", "tag")
+
+    def __init__(self, tag: Any, cookie: int, command: int, flags: int, offset: int,
+                 length: int) -> None:
+        self.tag = tag
+        self.cookie = cookie
+        self.command = command
+        self.flags = flags
+        self.offset = offset
+        self.length = length
+        self.buf: bytearray | None = None
+        self.covered = 0
+        self.error = 0
+        self.message = ""
+        self.extents: list[tuple[int, int]] | None = None
+        self.ranges: list[tuple[int, int]] | None = None  # content chunks seen so far
+
+
+class ClientConnection:
+    """One NBD connection, client side, as a pure state machine."""
+
+    def __init__(self, export: str, *, structured: bool = True, meta_context: bool = False,
+                 max_read: int = MAX_PAYLOAD) -> None:
+        raw = export.encode()
+        if len(raw) > MAX_STRING:
+            raise ClientStateError(f"export name longer than {MAX_STRING} bytes")
+        self.export = export
+        self._export_raw = raw
+        self.want_structured = structured
+        self.want_meta = meta_context
+        self.max_read = max_read
+        self.phase = Phase.GREETING
+        self.structured = False
+        self.meta_context_id: int | None = None
+        self.size = 0
+        self.flags = 0
+        self.negotiated: Negotiated | None = None
+        self._no_zeroes = False
+        self._opt: int | None = None  # option awaiting its reply
+        self._info: dict[str, Any] = {}
+        self._meta_id: int | None = None
+        self._data: bytes | bytearray | memoryview = b""
+        self._pos = 0
+        self._tail = bytearray()  # unparsed bytes kept between receive_data calls
+        self._out: list[bytes] = []
+        self._events: list[Event] = []
+        self._inflight: dict[int, _Pending] = {}
+        self._next_cookie = 0
+        # Read data being received straight into a request's buffer.
+        self._target: memoryview | None = None
+        self._target_req: _Pending | None = None
+        self._target_done = False
+
+    # ---- byte plumbing -------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Add bytes received from the server. An empty `data` means EOF."""
+        if self.phase is Phase.CLOSED:
+            return
+        if not data:
+            self._close(Closed("server closed the connection"))
+            return
+        if self._pos < len(self._data):
+            # Unparsed bytes remain: keep them in `_tail` and append in place.
+            if self._data is not self._tail:
+                self._tail[:] = self._data[self._pos:]
+            elif self._pos:
+                del self._tail[:self._pos]
+            self._pos = 0
+            self._tail += data
+            self._data = self._tail
+        else:
+            self._data = data
+            self._pos = 0
+
+    def payload_buffer(self) -> memoryview | None:
+        """Where the rest of the current read chunk can be received directly, if anywhere."""
+        if self._target is None or self._pos < len(self._data):
+            return None
+        return self._target
+
+    def payload_received(self, n: int) -> None:
+        """`n` bytes were written into the view `payload_buffer()` returned."""
+        target = self._target
+        assert target is not None and n <= len(target)
+        self._target = target[n:]
+
+    def data_to_send(self) -> bytes:
+        """Handshake bytes to send (transmission requests come from `request()`)."""
+        if not self._out:
+            return b""
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def _stash(self) -> None:
+        """Keep only the unparsed bytes, in our own buffer, so the caller may reuse theirs."""
+        data = self._data
+        rest = len(data) - self._pos
+        if data is self._tail:
+            if rest:
+                del self._tail[:self._pos]
+            else:
+                self._tail.clear()
+                self._data = b""
+        elif rest:
+            self._tail[:] = data[self._pos:]
+            self._data = self._tail
+        else:
+            self._data = b""
+        self._pos = 0
+
+    def _avail(self) -> int:
+        return len(self._data) - self._pos
+
+    def _take(self, n: int) -> bytes:
+        b = bytes(self._data[self._pos:self._pos + n])
+        self._pos += n
+        return b
+
+    def _close(self, ev: ProtocolError | Closed) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self.phase = Phase.CLOSED
+        self._data = b""
+        self._pos = 0
+        self._tail = bytearray()
+        self._target = None
+        self._target_req = None
+        self._events.append(ev)
+
+    def _violation(self, reason: str) -> None:
+        self._close(ProtocolError(reason))
+
+    def take_inflight(self) -> list[Any]:
+        """Tags of every request still waiting for a reply, forgetting them (after a close)."""
+        tags = [p.tag for p in self._inflight.values()]
+        self._inflight.clear()
+        return tags
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    # ---- events ---------------------------------------------------------
+
+    def next_event(self) -> Event | _NeedData:
+        """Return the next event, or `NEED_DATA` when more bytes are needed."""
+        while True:
+            if self._events:
+                return self._events.pop(0)
+            phase = self.phase
+            if phase is Phase.TRANSMISSION or phase is Phase.CLOSING:
+                progressed = self._next_reply()
+            elif phase is Phase.OPTIONS:
+                progressed = self._next_option_reply()
+            elif phase is Phase.GREETING:
+                progressed = self._greeting()
+            else:
+                progressed = False
+            if not progressed and not self._events:
+                self._stash()
+                return NEED_DATA
+
+    # ---- negotiation ----------------------------------------------------
+
+    def _greeting(self) -> bool:
+        if self._avail() < _GREETING.size:
+            return False
+        magic, opt_magic, flags = _GREETING.unpack_from(self._data, self._pos)
+        self._pos += _GREETING.size
+        if magic != NBDMAGIC:
+            self._violation(f"bad server greeting magic {magic:#x}")
+            return True
+        if opt_magic != IHAVEOPT:
+            self._violation("server does not speak the newstyle handshake (oldstyle server?)")
+            return True
+        if not flags & FLAG_FIXED_NEWSTYLE:
+            self._violation("server does not support fixed newstyle negotiation")
+            return True
+        self._no_zeroes = bool(flags & FLAG_NO_ZEROES)
+        cflags = FLAG_C_FIXED_NEWSTYLE | (FLAG_C_NO_ZEROES if self._no_zeroes else 0)
+        self._out.append(_U32.pack(cflags))
+        self.phase = Phase.OPTIONS
+        if self.want_structured:
+            self._send_option(Opt.STRUCTURED_REPLY)
+        else:
+            self._send_go()
+        return True
+
+    def _send_option(self, opt: int, data: bytes = b"") -> None:
+        self._opt = opt
+        self._out.append(_OPT_HDR.pack(IHAVEOPT, opt, len(data)) + data)
+
+    def _name_field(self) -> bytes:
+        return _U32.pack(len(self._export_raw)) + self._export_raw
+
+    def _send_meta(self) -> None:
+        query = BASE_ALLOCATION.encode()
+        self._meta_id = None
+        self._send_option(Opt.SET_META_CONTEXT,
+                          self._name_field() + _U32.pack(1) + _U32.pack(len(query)) + query)
+
+    def _send_go(self) -> None:
+        self._info = {}
+        wanted = (Info.NAME, Info.DESCRIPTION, Info.BLOCK_SIZE)
+        self._send_option(Opt.GO, self._name_field() + struct.pack(f">H{len(wanted)}H",
+                                                                   len(wanted), *wanted))
+
+    def _next_option_reply(self) -> bool:
+        if self._opt == Opt.EXPORT_NAME:
+            return self._export_name_reply()
+        if self._avail() < _OPT_REPLY_HDR.size:
+            return False
+        magic, opt, rep, length = _OPT_REPLY_HDR.unpack_from(self._data, self._pos)
+        if magic != OPTION_REPLY_MAGIC:
+            self._violation(f"bad option reply magic {magic:#x}")
+            return True
+        if opt != self._opt:
+            self._violation(f"reply to option {opt} while waiting for option {self._opt}")
+            return True
+        if length > MAX_OPTION_DATA:
+            self._violation(f"option reply of {length} bytes is over the "
+                            f"{MAX_OPTION_DATA} byte bound")
+            return True
+        if self._avail() < _OPT_REPLY_HDR.size + length:
+            return False
+        self._pos += _OPT_REPLY_HDR.size
+        data = self._take(length)
+        if opt == Opt.STRUCTURED_REPLY:
+            self._on_structured_reply(rep, data)
+        elif opt == Opt.SET_META_CONTEXT:
+            self._on_meta_reply(rep, data)
+        else:
+            self._on_go_reply(rep, data)
+        return True
+
+    def _on_structured_reply(self, rep: int, data: bytes) -> None:
+        if rep == Rep.ACK:
+            if data:
+                self._violation("NBD_REP_ACK with data")
+                return
+            self.structured = True
+        elif not rep & REP_ERR:
+            self._violation(f"unexpected reply {rep:#x} to NBD_OPT_STRUCTURED_REPLY")
+            return
+        if self.structured and self.want_meta:
+            self._send_meta()
+        else:
+            self._send_go()
+
+    def _on_meta_reply(self, rep: int, data: bytes) -> None:
+        if rep == Rep.META_CONTEXT:
+            if len(data) < 5:
+                self._violation("NBD_REP_META_CONTEXT too short")
+                return
+            (ctx_id,) = _U32.unpack_from(data)
+            if data[4:] == BASE_ALLOCATION.encode():
+                self._meta_id = ctx_id
+            # A context we did not ask for is ignored; we only ever send our own id back.
+            return
+        if rep == Rep.ACK:
+            self.meta_context_id = self._meta_id
+        elif not rep & REP_ERR:
+            self._violation(f"unexpected reply {rep:#x} to NBD_OPT_SET_META_CONTEXT")
+            return
+        self._send_go()
+
+    def _on_go_reply(self, rep: int, data: bytes) -> None:
+        if rep == Rep.INFO:
+            self._on_info(data)
+            return
+        if rep == Rep.ACK:
+            if "size" not in self._info:
+                self._violation("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT")
+                return
+            self._start_transmission()
+            return
+        if rep == Rep.ERR_UNSUP:
+            # A server without GO: the old way, which cannot report errors.
+            self._send_option(Opt.EXPORT_NAME, self._export_raw)
+            return
+        if rep & REP_ERR:
+            msg = data[:MAX_STRING].decode("utf-8", "replace")
+            self._opt = None
+            self._out.append(_OPT_HDR.pack(IHAVEOPT, Opt.ABORT, 0))
+            self._close(Closed("export refused"))
+            self._events.insert(0, Refused(rep, msg))
+            return
+        self._violation(f"unexpected reply {rep:#x} to NBD_OPT_GO")
+
+    def _on_info(self, data: bytes) -> None:
+        if len(data) < 2:
+            self._violation("NBD_REP_INFO too short")
+            return
+        (kind,) = struct.unpack_from(">H", data)
+        info = self._info
+        if kind == Info.EXPORT:
+            if len(data) != 12:
+                self._violation("NBD_INFO_EXPORT has the wrong length")
+                return
+            info["size"], info["flags"] = struct.unpack_from(">QH", data, 2)
+        elif kind == Info.NAME:
+            info["name"] = data[2:].decode("utf-8", "replace")
+        elif kind == Info.DESCRIPTION:
+            info["description"] = data[2:].decode("utf-8", "replace")
+        elif kind == Info.BLOCK_SIZE:
+            if len(data) != 14:
+                self._violation("NBD_INFO_BLOCK_SIZE has the wrong length")
+                return
+            lo, pref, hi = struct.unpack_from(">III", data, 2)
+            if not (lo and pref and hi) or lo > pref or (lo & (lo - 1)) or (pref & (pref - 1)):
+                self._violation(f"bad block sizes min={lo} preferred={pref} max={hi}")
+                return
+            info["min_block"], info["preferred_block"], info["max_block"] = lo, pref, hi
+        # Unknown information types are ignored, as the spec asks.
+
+    def _export_name_reply(self) -> bool:
+        need = 10 if self._no_zeroes else 134
+        if self._avail() < need:
+            return False
+        size, flags = struct.unpack_from(">QH", self._data, self._pos)
+        self._pos += need
+        self._info = {"size": size, "flags": flags}
+        # EXPORT_NAME ends haggling: no metadata context can have been agreed for it.
+        self.meta_context_id = None
+        self._start_transmission()
+        return True
+
+    def _start_transmission(self) -> None:
+        info = self._info
+        self.size = info["size"]
+        self.flags = info["flags"]
+        self._opt = None
+        self.phase = Phase.TRANSMISSION
+        self.negotiated = Negotiated(
+            self.export, self.size, self.flags, self.structured,
+            self.meta_context_id is not None, info.get("name"), info.get("description", ""),
+            info.get("min_block", 1), info.get("preferred_block", 4096),
+            info.get("max_block", MAX_PAYLOAD))
+        self._events.append(self.negotiated)
+
+    # ---- transmission: requests ------------------------------------------
+
+    def request(self, command: int, offset: int, length: int, flags: int = 0,
+                tag: Any = None) -> bytes:
+        """The header of a new request (send a write's payload right after it)."""
+        if self.phase is not Phase.TRANSMISSION:
+            raise ClientStateError(f"cannot send a request in phase {self.phase.value}")
+        if command == _READ and length > self.max_read:
+            raise ClientStateError(f"read of {length} bytes is over the {self.max_read} "
+                                   "byte bound")
+        if command == _BLOCK_STATUS and self.meta_context_id is None:
+            raise ClientStateError("block status needs a negotiated base:allocation context")
+        if command == Cmd.DISC:
+            return self.disconnect()
+        cookie = self._next_cookie = (self._next_cookie + 1) & 0xFFFFFFFFFFFFFFFF
+        self._inflight[cookie] = _Pending(tag, cookie, command, flags, offset, length)
+        return _REQ_HDR.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
+
+    def disconnect(self) -> bytes:
+        """NBD_CMD_DISC: no more requests; replies to those in flight are still parsed."""
+        if self.phase is not Phase.TRANSMISSION:
+            return b""
+        self.phase = Phase.CLOSING
+        return _REQ_HDR.pack(REQUEST_MAGIC, 0, Cmd.DISC, 0, 0, 0)
+
+    # ---- transmission: replies -------------------------------------------
+
+    def _next_reply(self) -> bool:
+        if self._target_req is not None:
+            return self._continue_data()
+        avail = self._avail()
+        if avail < 4:
+            return False
+        (magic,) = _U32.unpack_from(self._data, self._pos)
+        if magic == SIMPLE_REPLY_MAGIC:
+            return self._simple_reply(avail)
+        if magic == STRUCTURED_REPLY_MAGIC:
+            if not self.structured:
+                self._violation("structured reply chunk without structured replies negotiated")
+                return True
+            return self._chunk(avail)
+        self._violation(f"bad reply magic {magic:#x}")
+        return True
+
+    def _lookup(self, cookie: int) -> _Pending | None:
+        req = self._inflight.get(cookie)
+        if req is None:
+            self._violation(f"reply for cookie {cookie:#x}, which is not in flight")
+        return req
+
+    def _finish(self, req: _Pending) -> None:
+        # A violation leaves the request in flight, so `take_inflight` still returns it.
+        if req.error:
+            del self._inflight[req.cookie]
+            self._events.append(Completed(req.tag, req.cookie, req.command, req.error,
+                                          req.message))
+            return
+        if req.command == _READ and req.covered != req.length:
+            self._violation(f"read reply covered {req.covered} of {req.length} bytes")
+            return
+        if req.command == _BLOCK_STATUS and req.extents is None:
+            self._violation("block status reply without a base:allocation chunk")
+            return
+        del self._inflight[req.cookie]
+        self._events.append(Completed(req.tag, req.cookie, req.command, 0, "", req.buf,
+                                      req.extents))
+
+    def _simple_reply(self, avail: int) -> bool:
+        if avail < _SIMPLE.size:
+            return False
+        _, error, cookie = _SIMPLE.unpack_from(self._data, self._pos)
+        self._pos += _SIMPLE.size
+        req = self._lookup(cookie)
+        if req is None:
+            return True
+        if error:
+            req.error = error
+            self._finish(req)
+            return True
+        if req.command == _READ:
+            # Data follows, as long as the request (structured servers should not do this,
+            # but the framing is unambiguous to us since we know the request).
+            if req.length:
+                req.buf = bytearray(req.length)
+                req.covered = req.length
+                self._target = memoryview(req.buf)
+                self._target_req = req
+                self._target_done = True
+                return True
+        elif req.command == _BLOCK_STATUS:
+            self._violation("simple reply with no extents to a block status request")
+            return True
+        self._finish(req)
+        return True
+
+    def _continue_data(self) -> bool:
+        target = self._target
+        req = self._target_req
+        assert req is not None and target is not None
+        n = min(len(target), self._avail())
+        if n:
+            target[:n] = self._data[self._pos:self._pos + n]
+            self._pos += n
+            target = self._target = target[n:]
+        if len(target):
+            return n > 0
+        self._target = None
+        self._target_req = None
+        if self._target_done:
+            self._finish(req)
+        return True
+
+    def _chunk(self, avail: int) -> bool:
+        if avail < _CHUNK.size:
+            return False
+        data = self._data
+        pos = self._pos
+        _, flags, kind, cookie, length = _CHUNK.unpack_from(data, pos)
+        req = self._lookup(cookie)
+        if req is None:
+            return True
+        done = bool(flags & REPLY_FLAG_DONE)
+        if kind == _OFFSET_DATA:
+            n = length - 8
+            if (done and n == req.length and avail >= _CHUNK_DATA + n and req.ranges is None
+                    and not req.error
+                    and req.command == _READ
+                    and _U64.unpack_from(data, pos + _CHUNK.size)[0] == req.offset):
+                # The common case, fast: one chunk with all the data, already here.
+                start = pos + _CHUNK_DATA
+                self._pos = start + n
+                del self._inflight[cookie]
+                self._events.append(Completed(req.tag, cookie, _READ, 0, "",
+                                              bytearray(data[start:start + n]), None))
+                return True
+            return self._data_chunk(req, length, done, avail)
+        # Every other chunk is read whole, within its bound.
+        if kind == Reply.BLOCK_STATUS:
+            bound = MAX_STATUS_CHUNK
+        elif kind == Reply.NONE:
+            bound = 0
+        elif kind == Reply.OFFSET_HOLE:
+            bound = 12
+        else:
+            bound = MAX_ERROR_CHUNK
+        if length > bound:
+            self._violation(f"reply chunk type {kind} of {length} bytes is over its "
+                            f"{bound} byte bound")
+            return True
+        if avail < _CHUNK.size + length:
+            return False
+        base = self._pos + _CHUNK.size
+        payload = self._data[base:base + length]
+        self._pos = base + length
+        if kind == Reply.NONE:
+            if not done:
+                self._violation("NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE")
+                return True
+        elif kind == Reply.OFFSET_HOLE:
+            if not self._hole_chunk(req, payload):
+                return True
+        elif kind == Reply.BLOCK_STATUS:
+            if not self._status_chunk(req, payload):
+                return True
+        elif kind & _CHUNK_ERROR_BIT:
+            if not self._error_chunk(req, kind, payload):
+                return True
+        else:
+            self._violation(f"unknown reply chunk type {kind}")
+            return True
+        if done:
+            self._finish(req)
+        return True
+
+    def _in_request(self, req: _Pending, offset: int, length: int) -> bool:
+        if offset < req.offset or offset + length > req.offset + req.length:
+            self._violation(f"chunk [{offset}, +{length}) lies outside the request "
+                            f"[{req.offset}, +{req.length})")
+            return False
+        end = offset + length
+        ranges = req.ranges
+        if ranges is None:
+            req.ranges = [(offset, end)]
+            return True
+        for lo, hi in ranges:
+            if offset < hi and lo < end:
+                self._violation(f"reply chunk [{offset}, +{length}) overlaps an earlier one")
+                return False
+        ranges.append((offset, end))
+        return True
+
+    def _data_chunk(self, req: _Pending, length: int, done: bool, avail: int) -> bool:
+        if req.command != _READ:
+            self._violation("NBD_REPLY_TYPE_OFFSET_DATA for a request that is not a read")
+            return True
+        if length < 9:
+            self._violation("NBD_REPLY_TYPE_OFFSET_DATA shorter than 9 bytes")
+            return True
+        if avail < _CHUNK.size + 8:
+            return False
+        (offset,) = _U64.unpack_from(self._data, self._pos + _CHUNK.size)
+        n = length - 8
+        if not self._in_request(req, offset, n):
+            return True
+        self._pos += _CHUNK.size + 8
+        if req.buf is None:
+            req.buf = bytearray(req.length)
+        req.covered += n
+        start = offset - req.offset
+        self._target = memoryview(req.buf)[start:start + n]
+        self._target_req = req
+        self._target_done = done
+        return True
+
+    def _hole_chunk(self, req: _Pending, payload: bytes | bytearray | memoryview) -> bool:
+        if req.command != _READ:
+            self._violation("NBD_REPLY_TYPE_OFFSET_HOLE for a request that is not a read")
+            return False
+        if len(payload) != 12:
+            self._violation("NBD_REPLY_TYPE_OFFSET_HOLE must be 12 bytes")
+            return False
+        offset, n = _HOLE.unpack_from(payload)
+        if n == 0:
+            self._violation("NBD_REPLY_TYPE_OFFSET_HOLE of zero bytes")
+            return False
+        if not self._in_request(req, offset, n):
+            return False
+        req.covered += n
+        if req.buf is not None:  # buffers start zeroed; only bytes already written need it
+            start = offset - req.offset
+            req.buf[start:start + n] = bytes(n)
+        return True
+
+    def _status_chunk(self, req: _Pending, payload: bytes | bytearray | memoryview) -> bool:
+        if req.command != _BLOCK_STATUS:
+            self._violation("NBD_REPLY_TYPE_BLOCK_STATUS for a request that is not block "
+                            "status")
+            return False
+        n = len(payload)
+        if n < 12 or (n - 4) % 8:
+            self._violation(f"NBD_REPLY_TYPE_BLOCK_STATUS of {n} bytes is not 4 + 8*k")
+            return False
+        (ctx,) = _U32.unpack_from(payload)
+        if ctx != self.meta_context_id:
+            self._violation(f"block status for context id {ctx}, which was not negotiated")
+            return False
+        if req.extents is not None:
+            self._violation("two block status chunks for one context")
+            return False
+        count = (n - 4) // 8
+        flat = struct.unpack_from(f">{2 * count}I", payload, 4)
+        extents = list(zip(flat[0::2], flat[1::2], strict=True))
+        if any(e[0] == 0 for e in extents):
+            self._violation("block status extent of length zero")
+            return False
+        if req.flags & _REQ_ONE:
+            # One extent, never past the request.
+            extents = [(min(extents[0][0], req.length), extents[0][1])]
+        req.extents = extents
+        return True
+
+    def _error_chunk(self, req: _Pending, kind: int,
+                     payload: bytes | bytearray | memoryview) -> bool:
+        fixed = 14 if kind == Reply.ERROR_OFFSET else 6
+        if len(payload) < fixed:
+            self._violation(f"error chunk of {len(payload)} bytes is too short")
+            return False
+        error, mlen = _ERR_HEAD.unpack_from(payload)
+        if mlen > len(payload) - fixed:
+            self._violation("error chunk message runs past the chunk")
+            return False
+        if error == 0:
+            self._violation("error chunk with error value 0")
+            return False
+        if not req.error:  # the first error is the one reported
+            req.error = error
+            req.message = bytes(payload[6:6 + mlen]).decode("utf-8", "replace")
+        return True
+
+
+def errname(err: int) -> str:
+    """The spec's name of an NBD error value (NBD_EIO -> "EIO")."""
+    try:
+        return Err(err).name
+    except ValueError:
+        return f"error {err}"
+
+__all__ = [
+    "NEED_DATA",
+    "ClientConnection",
+    "ClientStateError",
+    "Closed",
+    "Completed",
+    "Event",
+    "Negotiated",
+    "Phase",
+    "ProtocolError",
+    "Refused",
+    "errname",
+]
