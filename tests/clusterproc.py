@@ -22,17 +22,19 @@ class ClusterProc:
 
     def __init__(self, directory: str, names: tuple[str, ...] = ("A", "B"),
                  secret: str = "test-secret", witness: bool = False,
-                 takeover_after: float = 1.0) -> None:
+                 takeover_after: float = 1.0, host: bool = False) -> None:
         self.dir = directory
         self.takeover_after = takeover_after
-        ports = iter(free_ports(3 * len(names) + 1))
+        ports = iter(free_ports(3 * len(names) + 3))
         self.cfg = ClusterConfig(
             nodes={n: NodeConfig(site=n, nbd=f"127.0.0.1:{next(ports)}",
                                  api=f"127.0.0.1:{next(ports)}", data_dir=f"data-{n}",
                                  peer=f"127.0.0.1:{next(ports)}") for n in names},
             cluster=ClusterSection(name="test", secret=secret),
             witness={"addr": f"127.0.0.1:{next(ports)}", "data_dir": "witness"}
-            if witness else None)
+            if witness else None,
+            host={"nbd": f"127.0.0.1:{next(ports)}", "api": f"127.0.0.1:{next(ports)}",
+                  "nodes": list(names), "hold_timeout": 30.0} if host else None)
         self.path = os.path.join(directory, "cluster.toml")
         cluster_mod.dump(self.cfg, self.path)
         self.cfg = cluster_mod.load(self.path)
@@ -63,6 +65,14 @@ class ClusterProc:
                                            "--node", n), os.path.join(self.dir, f"{n}.log"))
         for n in names or tuple(self.cfg.nodes):
             self.sup.wait_http(n, self.cfg.node(n).api_url + "/api/v1/health")
+        if not names and self.cfg.host is not None:
+            self.sup.start("host", twinvol_argv("host", "run", "--cluster", self.path),
+                           os.path.join(self.dir, "host.log"))
+            self.sup.wait_http("host", f"http://{self.cfg.host['api']}/api/v1/health")
+
+    def host_uri(self, export: str) -> str:
+        assert self.cfg.host is not None
+        return f"nbd://{self.cfg.host['nbd']}/{export}"
 
     def stop(self) -> None:
         self.sup.stop_all()

@@ -117,15 +117,14 @@ class Supervisor:
             comp.proc.wait()
 
     def stop_all(self, timeout: float = 10.0) -> None:
-        for comp in self.components.values():
+        """SIGTERM in reverse start order: clients of a component (the host agent of its
+        nodes, nodes of the witness) stop while what they use is still there."""
+        comps = [c for c in reversed(self.components.values()) if c.proc is not None]
+        for comp in comps:
             if comp.alive() and comp.proc is not None:
                 comp.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for comp in self.components.values():
-            if comp.proc is None:
-                continue
-            try:
-                comp.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                comp.proc.kill()
-                comp.proc.wait()
+                try:
+                    comp.proc.wait(min(timeout, 5.0))
+                except subprocess.TimeoutExpired:
+                    comp.proc.kill()
+                    comp.proc.wait()

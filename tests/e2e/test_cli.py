@@ -161,8 +161,10 @@ def test_up_json_and_clean_stop(tmp_path: object, sig: signal.Signals) -> None:
         assert set(ready["nodes"]) == {"A", "B", "C"}
         for n in ready["nodes"].values():
             assert set(n) >= {"pid", "nbd", "api"}
-        pids = [n["pid"] for n in ready["nodes"].values()] + [ready["witness"]["pid"]]
-        assert len(_pids_alive(pids)) == 4
+        pids = [n["pid"] for n in ready["nodes"].values()] + [ready["witness"]["pid"],
+                                                               ready["host"]["pid"]]
+        assert len(_pids_alive(pids)) == 5
+        assert ready["volumes"]["demo"] == ready["host"]["nbd"] + "demo"
         assert ready["witness"]["addr"].startswith("127.0.0.1:")
         uri = ready["volumes"]["demo"]
         size = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True,

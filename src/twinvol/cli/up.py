@@ -28,11 +28,12 @@ from twinvol.supervisor import Supervisor, free_ports, twinvol_argv
 NODES = ("A", "B", "C")
 DEMO_VOLUME = "demo"
 DEMO_SIZE = 1 << 30
+PAIR_PRIMARY = "A"
 PAIR_SECONDARY = "B"
 
 
 def _new_cluster(directory: str) -> ClusterConfig:
-    ports = iter(free_ports(3 * len(NODES) + 1))
+    ports = iter(free_ports(3 * len(NODES) + 3))
     nodes = {
         name: NodeConfig(site=name, nbd=f"127.0.0.1:{next(ports)}",
                          api=f"127.0.0.1:{next(ports)}", data_dir=name,
@@ -41,7 +42,10 @@ def _new_cluster(directory: str) -> ClusterConfig:
     }
     return ClusterConfig(nodes=nodes, cluster=ClusterSection(name="twinvol-up",
                                                              secret=secrets.token_hex(16)),
-                         witness={"addr": f"127.0.0.1:{next(ports)}", "data_dir": "witness"})
+                         witness={"addr": f"127.0.0.1:{next(ports)}", "data_dir": "witness"},
+                         host={"nbd": f"127.0.0.1:{next(ports)}",
+                               "api": f"127.0.0.1:{next(ports)}",
+                               "nodes": [PAIR_PRIMARY, PAIR_SECONDARY]})
 
 
 def up(
@@ -95,6 +99,13 @@ def up(
                 {"name": DEMO_VOLUME, "size": DEMO_SIZE,
                  "description": "twinvol demo volume"})
         _ensure_pair(cfg, first, PAIR_SECONDARY)
+        if cfg.host:
+            sup.start("host", twinvol_argv("host", "run", "--cluster", path),
+                      os.path.join(directory, "logs", "host.log"))
+            try:
+                sup.wait_http("host", f"http://{cfg.host['api']}/api/v1/health")
+            except RuntimeError as e:
+                raise CliError(f"the host agent failed to start: {e}") from None
         ready = _ready(cfg, sup, path, first)
         if json_out:
             sys.stdout.write(json.dumps(ready) + "\n")
@@ -148,6 +159,8 @@ def _ready(cfg: ClusterConfig, sup: Supervisor, path: str, first: str) -> dict[s
                   for name, node in cfg.nodes.items()},
         "witness": ({"pid": sup.components["witness"].pid, "addr": cfg.witness["addr"]}
                     if cfg.witness else None),
-        "host": None,
-        "volumes": {DEMO_VOLUME: cfg.node(first).nbd_uri(DEMO_VOLUME)},
+        "host": ({"pid": sup.components["host"].pid, "nbd": f"nbd://{cfg.host['nbd']}/",
+                  "api": f"http://{cfg.host['api']}"} if cfg.host else None),
+        "volumes": {DEMO_VOLUME: (f"nbd://{cfg.host['nbd']}/{DEMO_VOLUME}" if cfg.host
+                                  else cfg.node(first).nbd_uri(DEMO_VOLUME))},
     }
