@@ -414,3 +414,18 @@ def test_split_resync_and_resync_from_the_secondary(two: ClusterProc) -> None:
     assert (a["role"], b["role"]) == ("secondary", "primary")
     qemu_io(two.uri("A", "vol"), "read -P 0x91 0 64k")
     assert digest(two.uri("A", "vol"), 8 * MiB) == digest(two.uri("B", "vol"), 8 * MiB)
+
+
+def test_pair_delete_restores_identities(two: ClusterProc) -> None:
+    make_pair(two, size=4 * MiB)
+    _, before_b = two.api("B", "GET", "/api/v1/volumes/vol")
+    p = two.cli("pair", "delete", "vol", "--json")
+    assert p.returncode == 0, p.stderr
+    _, a = two.api("A", "GET", "/api/v1/volumes/vol")
+    _, b = two.api("B", "GET", "/api/v1/volumes/vol")
+    assert (a["io_mode"], b["io_mode"]) == ("local", "local")
+    assert a["virtual_identity"] != b["virtual_identity"]  # never one device again
+    assert b["virtual_identity"]["serial"] != before_b["virtual_identity"]["serial"]
+    _, pairs = two.api("B", "GET", "/api/v1/pairs")
+    assert pairs["pairs"] == []
+    qemu_io(two.uri("B", "vol"), "write -P 0x31 0 64k", "read -P 0x31 0 64k")

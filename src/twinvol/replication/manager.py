@@ -954,6 +954,10 @@ class ReplicationManager:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.bitmap_dir, rec.name + suffix))
         self.node.set_io_mode(rec.volume, "local", "pair deleted")
+        # Open connections were bound to the pair's write path: make clients reconnect.
+        from twinvol.nbd.aio import close_all
+
+        close_all([c for c in self.node.connections if c.export is pr.vol.export])
         self.node.events.publish("pair_deleted", pair=rec.name)
 
     def view(self, pr: PairRuntime) -> dict[str, Any]:
