@@ -60,7 +60,8 @@ def api(cfg: ClusterConfig, node: str, method: str, path: str,
         body: dict[str, Any] | None = None) -> Any:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(cfg.node(node).api_url + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {cfg.cluster.secret}"})
     with urllib.request.urlopen(req, timeout=60) as r:
         return json.loads(r.read())
 

@@ -83,11 +83,14 @@ class ClusterProc:
     def uri(self, node: str, export: str) -> str:
         return self.cfg.node(node).nbd_uri(export)
 
-    def api(self, node: str, method: str, path: str, body: dict[str, Any] | None = None
-            ) -> tuple[int, Any]:
+    def api(self, node: str, method: str, path: str, body: dict[str, Any] | None = None,
+            secret: str | None = None) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.cfg.node(node).api_url + path, data=data,
-                                     method=method, headers={"Content-Type": "application/json"})
+                                     method=method,
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": "Bearer "
+                                              + (secret or self.cfg.cluster.secret)})
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 return r.status, json.loads(r.read())

@@ -196,8 +196,8 @@ def test_peer_with_wrong_secret_is_refused(tmp_path: object) -> None:
         deadline = time.monotonic() + 10
         reasons: list[str] = []
         while not reasons and time.monotonic() < deadline:
-            for n in ("A", "B"):
-                _, body = c.api(n, "GET", "/api/v1/events")
+            for n, secret in (("A", None), ("B", "not-the-secret")):
+                _, body = c.api(n, "GET", "/api/v1/events", secret=secret)
                 reasons += [str(e["reason"]) for e in body["events"]
                             if e["type"] == "peer_refused"]
             time.sleep(0.1)
@@ -206,7 +206,11 @@ def test_peer_with_wrong_secret_is_refused(tmp_path: object) -> None:
         c.api("A", "POST", "/api/v1/volumes", {"name": "s", "size": MiB})
         p = c.cli("pair", "create", "s", "--primary", "A", "--secondary", "B")
         assert p.returncode == 1 and "not connected" in p.stderr
+        _, body = c.api("A", "GET", "/api/v1/events")
         assert not [e for e in body["events"] if e["type"] == "peer_up"]
+        # The management API wants the secret too (the health probe excepted).
+        status, err = c.api("A", "GET", "/api/v1/volumes", secret="wrong")
+        assert status == 401 and err["error"]["code"] == "unauthorized"
     finally:
         c.stop()
 

@@ -49,8 +49,10 @@ def api(cfg: ClusterConfig, node: str, method: str, path: str,
     """Call a node's HTTP API; raise CliError with the server's message on failure."""
     url = cfg.node(node).api_url + path
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if cfg.cluster.secret:
+        headers["Authorization"] = f"Bearer {cfg.cluster.secret}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read() or b"null")

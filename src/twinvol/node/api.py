@@ -7,6 +7,7 @@ so the CLI can print one clear line.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -102,8 +103,24 @@ def identity(rec: Any) -> dict[str, Any]:
             "size": rec.size, "description": rec.description}
 
 
+def auth_middleware(secret: str) -> Any:
+    """With a cluster secret, every call but the health probe must carry it."""
+    expected = f"Bearer {secret}"
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
+        if secret and request.path != "/api/v1/health" and not hmac.compare_digest(
+                request.headers.get("Authorization", ""), expected):
+            return error(401, "unauthorized",
+                         "missing or wrong cluster secret (Authorization: Bearer ...)")
+        return await handler(request)  # type: ignore[no-any-return]
+
+    return auth
+
+
 def make_app(node: Node) -> web.Application:
-    app = web.Application(middlewares=[errors], client_max_size=1 << 20)
+    app = web.Application(middlewares=[auth_middleware(node.cluster.cluster.secret), errors],
+                          client_max_size=1 << 20)
     routes = web.RouteTableDef()
 
     @routes.get("/api/v1/health")
