@@ -250,7 +250,8 @@ def test_fio_verify_crc32c(node: NodeProc) -> None:
     node.create_volume("fio", 64 * MiB)
     out = run("fio", "--name=verify", "--ioengine=nbd", f"--uri={node.uri('fio')}",
               "--rw=randwrite", "--bs=4k", "--bssplit=4k/60:64k/30:1m/10", "--iodepth=16",
-              "--size=64m", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+              "--size=64m", "--verify=crc32c", "--verify_state_save=0", "--verify_fatal=1",
+              "--do_verify=1",
               "--output-format=json", timeout=300).stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]
     assert job["error"] == 0

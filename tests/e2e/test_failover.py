@@ -39,7 +39,8 @@ def full(tmp_path: object) -> Iterator[ClusterProc]:
 def fio_verify(uri: str, result: dict[str, object]) -> None:
     p = subprocess.run(["fio", "--name=failover", "--ioengine=nbd", f"--uri={uri}",
                         "--rw=randwrite", "--bs=4k", "--iodepth=8", f"--size={WRITTEN}",
-                        "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+                        "--verify=crc32c", "--verify_state_save=0", "--verify_fatal=1",
+                        "--do_verify=1",
                         "--rate_iops=3000",  # a write phase of ~2 s: the kill lands in it
                         "--output-format=json"], capture_output=True, text=True, timeout=600)
     result["rc"] = p.returncode
