@@ -16,6 +16,7 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -476,6 +477,45 @@ def test_both_nodes_down_longer_than_hold_timeout_is_eio(both: Pair) -> None:
     # After the hold timed out, new requests fail at once until a path returns.
     assert "ERR2 EIO" in out
     assert p.status()["hold_failed"] >= 1
+
+
+def test_sigterm_ends_the_agent_promptly_after_its_nodes_stopped(tmp_path: Any) -> None:
+    """Nodes stopped first (the agent's paths keep reconnecting, a request is held):
+    SIGTERM still ends the agent at once, the held request fails with ESHUTDOWN."""
+    p = Pair(str(tmp_path))
+    proc: subprocess.Popen[str] | None = None
+    try:
+        p.start_nodes(*NODES)
+        p.start_agent()
+        p.create("bye", 8 * MiB, volume_id=4700)
+        run("qemu-io", "-f", "raw", "-c", "write -P 7 0 1M", p.uri("bye"))
+        proc = _holder(p, "bye")
+        for n in NODES:
+            p.sup.stop(n)  # SIGTERM, as an operator stopping the nodes would
+        wait_for(lambda: all(v["state"] == "down"
+                             for v in p.status()["exports"]["bye"]["paths"].values()),
+                 "both paths down")
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        wait_for(lambda: p.status()["held"] >= 1, "the read to be held")
+        host = p.sup.components["host"].proc
+        assert host is not None
+        t = time.monotonic()
+        host.send_signal(signal.SIGTERM)
+        rc = host.wait(timeout=15)
+        took = time.monotonic() - t
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        p.sup.stop_all()
+    assert rc == 0, p.log("host")[-2000:]
+    assert took < 2.5, (took, p.log("host")[-2000:])
+    lines = out.split()
+    assert lines[:2] == ["ERR", "ESHUTDOWN"], (out, err)
+    assert float(lines[2]) < HOLD
+    assert "host agent stopped" in p.log("host")
 
 
 def test_node_death_is_noticed_without_io(both: Pair) -> None:

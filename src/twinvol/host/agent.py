@@ -53,6 +53,7 @@ log = logging.getLogger("twinvol.host")
 SCRATCH_SIZE = 256 * 1024
 MAX_OUTSTANDING = 256  # requests per client connection before reading from it pauses
 TICK = 0.5
+STOP_WAIT = 1.0  # the longest any one step of stopping waits (tasks, API, HTTP clients)
 MAX_NEGOTIATION_BACKLOG = 256 * 1024  # unfed option bytes before reading pauses
 MAX_CANDIDATES = 4  # exports one connection may have open paths for while negotiating
 _OPT_HDR = struct.Struct(">QII")
@@ -132,6 +133,7 @@ class AgentProtocol(asyncio.BufferedProtocol):
         self._flush_scheduled = False
         self._read_paused = False
         self._write_paused = False
+        self._loop = asyncio.get_running_loop()
 
     # ---- asyncio callbacks ----------------------------------------------
 
@@ -188,6 +190,20 @@ class AgentProtocol(asyncio.BufferedProtocol):
         if self.session is not None:
             self.agent.unregister(self.session)
             self.session.close()
+
+    def shutdown(self) -> None:
+        """The agent stops: answer what can be answered, close the connection and every
+        session it holds (without waiting for the client to read or hang up)."""
+        if self._resolving is not None:
+            self._resolving.cancel()
+        for s in self.candidates.values():
+            s.close()
+        self.candidates.clear()
+        if self.session is not None:
+            self.session.shutdown("the host agent is shutting down")
+        if self.transport is not None:
+            self.flush_replies()
+            self.transport.close()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -320,7 +336,6 @@ class AgentProtocol(asyncio.BufferedProtocol):
             return
         self.session = session
         session.responder = self
-        session.after_batch = self.flush_replies
         self.agent.register(session)
         log.info("client connected", extra={"peer": self.peer, "export": ev.export.name,
                                             "structured": ev.structured,
@@ -332,8 +347,9 @@ class AgentProtocol(asyncio.BufferedProtocol):
         conn = self.conn
         replies = self._replies
         session = self.session
+        next_event = conn.next_event
         while not self._closed:
-            ev = conn.next_event()
+            ev = next_event()
             if conn._out:
                 replies.append(conn.data_to_send())
             if ev is NEED_DATA:
@@ -342,8 +358,9 @@ class AgentProtocol(asyncio.BufferedProtocol):
                 if session is None:  # pragma: no cover
                     break
                 data = ev.data
-                session.submit(ev.command, ev.flags, ev.cookie, ev.offset, ev.length,
-                               None if data is None else bytes(data))
+                if data is not None:
+                    data = self._own(data)
+                session.submit(ev.command, ev.flags, ev.cookie, ev.offset, ev.length, data)
             elif type(ev) is Ready:
                 self._ready(ev)
                 session = self.session
@@ -354,6 +371,20 @@ class AgentProtocol(asyncio.BufferedProtocol):
             session.flush_paths()
             self._update_reading()
         self.flush_replies()
+
+    def _own(self, data: bytes | bytearray | memoryview) -> bytes | memoryview:
+        """A write payload the session may keep (for a retry on another path).
+
+        A payload received into the state machine's own payload buffer is taken over
+        whole (it allocates another for the next write): no copy of large writes. A
+        small one is a view of the receive buffer, which is reused: copy it.
+        """
+        conn = self.conn
+        spare = conn._spare
+        if spare is not None and isinstance(data, memoryview) and data.obj is spare:
+            conn._spare = None
+            return data
+        return bytes(data)
 
     def _disconnect(self, ev: Disconnect) -> None:
         self.flush_replies()
@@ -376,20 +407,27 @@ class AgentProtocol(asyncio.BufferedProtocol):
     def reply(self, op: Op, res: Completed) -> None:
         conn = self.conn
         replies = self._replies
+        cmd = op.cmd
         if res.error:
             replies.extend(conn.reply_error(op.cookie, res.error, res.message))
-        elif op.cmd == _READ:
+        elif cmd == _READ:
             data = res.data
             if data is None:
                 replies.append(conn.reply_read_hole(op.cookie, op.offset, op.length))
             else:
                 replies.extend(conn.reply_read(op.cookie, op.offset, data))
-        elif op.cmd == _BLOCK_STATUS:
+        elif cmd == _BLOCK_STATUS:
             extents = res.extents or [(op.length, 0)]
             replies.append(conn.reply_block_status(op.cookie, extents))
         else:
             replies.append(conn.reply_ok(op.cookie))
-        self._replied()
+        # Replies go out once per loop iteration: the replies of every path that
+        # answered in this iteration leave in one system call.
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush_replies)
+        if self._read_paused or self._drain_close:
+            self._replied()
 
     def reply_error(self, op: Op, err: int, message: str) -> None:
         self._replies.extend(self.conn.reply_error(op.cookie, err, message))
@@ -398,7 +436,7 @@ class AgentProtocol(asyncio.BufferedProtocol):
     def _replied(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush_replies)
+            self._loop.call_soon(self.flush_replies)
         if self._read_paused:
             self._update_reading()
         if self._drain_close and self.session is not None and not self.session.outstanding:
@@ -666,7 +704,8 @@ class Agent:
             raise AgentStartError(f"cannot listen for NBD on {host}:{port}: "
                                   f"{e.strerror}") from e
         self.nbd_port = self._server.sockets[0].getsockname()[1]
-        self._runner = web.AppRunner(make_app(self), access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(make_app(self), access_log=None, handle_signals=False,
+                                     shutdown_timeout=STOP_WAIT)
         await self._runner.setup()
         site = web.TCPSite(self._runner, ahost, aport, reuse_address=True)
         try:
@@ -694,26 +733,37 @@ class Agent:
             self._http = None
 
     async def stop(self) -> None:
+        """Stop serving, promptly whatever state the nodes and clients are in: held
+        requests fail (NBD_ESHUTDOWN), every path and client connection is closed, every
+        task ends, and no wait here is unbounded (a dead node must not hold it up)."""
         if self._server is not None:
             self._server.close()
-        for c in list(self.connections):
-            if c.transport is not None:
-                c.flush_replies()
-                c.transport.close()
         if self._ticker is not None:
             self._ticker.cancel()
-        for w in self.watchers.values():
-            await w.stop()
-        for t in list(self._tasks):
-            t.cancel()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        why = "the host agent is shutting down"
         for st in self.exports.values():
             for s in list(st.sessions):
-                s.close()
-        await asyncio.sleep(0)
-        await self._close_http()
+                s.shutdown(why)
+        for c in list(self.connections):
+            c.shutdown()
+        tasks: list[asyncio.Task[Any]] = [t for t in self._tasks if not t.done()]
+        for t in tasks:
+            t.cancel()
+        if self._ticker is not None:
+            tasks.append(self._ticker)
+        await asyncio.gather(*(w.stop(STOP_WAIT) for w in self.watchers.values()))
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_WAIT)
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            try:
+                await asyncio.wait_for(runner.cleanup(), STOP_WAIT)
+            except TimeoutError:
+                log.warning("status API did not close in time")
+        try:
+            await asyncio.wait_for(self._close_http(), STOP_WAIT)
+        except TimeoutError:
+            log.warning("node API connections did not close in time")
         log.info("host agent stopped")
 
     # ---- status -------------------------------------------------------------
@@ -793,8 +843,15 @@ async def serve(setup: HostSetup) -> None:
     agent = Agent(setup)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():  # a second signal while stopping: do not wait any more
+            log.warning("second signal while stopping: exiting now", extra={"signal": sig.name})
+            os._exit(1)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     await agent.start()
     try:
         await stop.wait()
@@ -802,15 +859,35 @@ async def serve(setup: HostSetup) -> None:
         await agent.stop()
 
 
+def _finish(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what is left and give it STOP_WAIT to end; then close the loop regardless
+    (asyncio.run would wait forever for a task that does not end when cancelled)."""
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for t in tasks:
+        t.cancel()
+    if tasks:
+        _, pending = loop.run_until_complete(asyncio.wait(tasks, timeout=STOP_WAIT))
+        for t in pending:
+            log.warning("task still running at exit, abandoned", extra={"task": t.get_name()})
+    with contextlib.suppress(Exception):
+        loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), STOP_WAIT))
+    loop.close()
+
+
 def run(setup: HostSetup) -> None:
     """Run the host agent in the foreground until SIGTERM/SIGINT."""
     try:
         import uvloop
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
     except ImportError:  # pragma: no cover - uvloop is a pinned dependency
-        asyncio.run(serve(setup))
-        return
-    with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(serve(setup))
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            loop.run_until_complete(serve(setup))
+    finally:
+        _finish(loop)
+        asyncio.set_event_loop(None)
 
 
 __all__ = ["Agent", "AgentProtocol", "AgentStartError", "run", "serve"]

@@ -10,7 +10,6 @@ its numbering went back).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -43,17 +42,19 @@ class NodeWatcher:
         self.events = 0
         self.last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(),
                                                             name=f"events-{self.node}")
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    async def stop(self, timeout: float = 1.0) -> None:
+        """End the watcher; wait at most `timeout` for its task (never forever)."""
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task], timeout=timeout)
 
     def status(self) -> dict[str, Any]:
         return {"state": "up" if self.up else "down", "seq": self.seq,
@@ -61,7 +62,7 @@ class NodeWatcher:
 
     async def _run(self) -> None:
         delay = self.min_backoff
-        while True:
+        while not self._stopping:
             src: LineSource | None = None
             try:
                 current = await self.link.event_seq()

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
 from enum import Enum
 from typing import Any, Protocol
 
@@ -97,7 +96,7 @@ class Op:
                  "tried")
 
     def __init__(self, session: Session, cmd: int, flags: int, cookie: int, offset: int,
-                 length: int, data: bytes | None) -> None:
+                 length: int, data: bytes | memoryview | None) -> None:
         self.session = session
         self.cmd = cmd
         self.flags = flags
@@ -324,7 +323,6 @@ class Path:
         self.client = client
         self.read_only = client.read_only
         client.on_lost = self._on_lost
-        client.after_batch = session._after_batch
         self._set(PathState.UP)
         self._logged_state = None
         session._path_up(self)
@@ -347,9 +345,10 @@ class Session:
         self.by_node = {p.node: p for p in self.paths}
         self.up: list[Path] = []
         self.writer: Path | None = None
+        self._alt: Path | None = None  # the last of two equally busy paths a read took
+        self._clock = hooks.clock
         self.policy = PathPolicy()
         self.responder: Responder | None = None
-        self.after_batch: Callable[[], None] | None = None
         self.held: deque[Op] = deque()
         self.failing = False  # held past hold_timeout with no path: fail at once
         self._hold_timer: asyncio.TimerHandle | None = None
@@ -372,7 +371,7 @@ class Session:
         for p in self.paths:
             p.start(views.get(p.node), p.node in views)
         deadline = loop.time() + OPEN_GRACE
-        while self._first_pending > 0:
+        while self._first_pending > 0 and not self.closed:
             if self.up and loop.time() >= deadline:
                 break
             self._changed.clear()
@@ -389,9 +388,11 @@ class Session:
         return any(p.read_only for p in self.paths)
 
     def close(self) -> None:
+        """Stop every path (their reconnect loops end) and forget held requests."""
         if self.closed:
             return
         self.closed = True
+        self._changed.set()  # an `open` still waiting returns
         if self._hold_timer is not None:
             self._hold_timer.cancel()
             self._hold_timer = None
@@ -401,16 +402,19 @@ class Session:
         for p in self.paths:
             p.close()
 
+    def shutdown(self, message: str) -> None:
+        """The agent is stopping: fail the held requests (NBD_ESHUTDOWN), then close."""
+        held = self.held
+        while held and not self.closed:
+            self.hold_failed += 1
+            self._answer_error(held.popleft(), _ESHUTDOWN, message)
+        self.close()
+
     def status(self) -> dict[str, Any]:
         return {"export": self.export, "peer": self.peer, "outstanding": self.outstanding,
                 "held": len(self.held), "failing": self.failing, "retries": self.retries,
                 "failovers": self.failovers,
                 "paths": {p.node: p.status() for p in self.paths}}
-
-    def _after_batch(self) -> None:
-        cb = self.after_batch
-        if cb is not None:
-            cb()
 
     def flush_paths(self) -> None:
         """Send the requests queued on every path now rather than at the next loop turn."""
@@ -484,7 +488,7 @@ class Session:
     # ---- the data path --------------------------------------------------
 
     def submit(self, cmd: int, flags: int, cookie: int, offset: int, length: int,
-               data: bytes | None) -> None:
+               data: bytes | memoryview | None) -> None:
         self.outstanding += 1
         self._dispatch(Op(self, cmd, flags, cookie, offset, length, data))
 
@@ -494,8 +498,21 @@ class Session:
             self._hold(op)
             return
         if op.cmd in _READ_LIKE:
-            path = up[0] if len(up) == 1 and op.tried is None \
-                else self.policy.read_path(up, op.tried)
+            if op.tried is not None:
+                path = self.policy.read_path(up, op.tried)
+            elif len(up) == 1:
+                path = up[0]
+            elif len(up) == 2:
+                # Fewest outstanding; equals alternate (the policy's rule, inlined).
+                a, b = up
+                if a.inflight < b.inflight:
+                    path = a
+                elif b.inflight < a.inflight:
+                    path = b
+                else:
+                    path = self._alt = b if self._alt is a else a
+            else:
+                path = self.policy.read_path(up)
         else:
             path = self.writer
             if path is None or op.tried is not None:
@@ -512,7 +529,7 @@ class Session:
             return
         op.path = path
         if not path.inflight:
-            path.progress = self.hooks.clock.now
+            path.progress = self._clock.now
         path.inflight += 1
         client.submit(op.cmd, op.offset, op.length, op.flags, op.data, op)
 
@@ -520,14 +537,17 @@ class Session:
         path = op.path
         assert path is not None
         path.inflight -= 1
-        path.progress = self.hooks.clock.now
+        path.progress = self._clock.now
         if self.closed:
             return
-        if type(res) is Completed:
+        if isinstance(res, Completed):
             err = res.error
             if not err:
                 path.requests += 1
-                self._answer(op, res)
+                self.outstanding -= 1
+                r = self.responder
+                if r is not None:
+                    r.reply(op, res)
                 return
             if err == _ESHUTDOWN:
                 # The node is going away; the spec says disconnect softly.

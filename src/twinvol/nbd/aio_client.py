@@ -133,6 +133,7 @@ class NbdClient:
         self._transport: asyncio.Transport | None = None
         self._out: list[bytes | bytearray | memoryview] = []
         self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Future[Negotiated] | None = None
         self._closed: asyncio.Future[None] | None = None
         self.lost_reason: str | None = None
@@ -149,7 +150,7 @@ class NbdClient:
         """Connect and negotiate; raises NegotiationError, ConnectionLost, OSError or
         TimeoutError."""
         self = cls(export, structured=structured, meta_context=meta_context)
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self._closed = loop.create_future()
         self.peer = f"{host}:{port}"
@@ -200,11 +201,12 @@ class NbdClient:
 
     def _pump(self) -> None:
         conn = self.conn
+        next_event = conn.next_event
         while True:
-            ev = conn.next_event()
+            ev = next_event()
             if ev is NEED_DATA:
                 break
-            if type(ev) is Completed:
+            if isinstance(ev, Completed):
                 try:
                     ev.tag(ev)
                 except Exception:  # a bug in a callback must not kill the parser
@@ -229,9 +231,8 @@ class NbdClient:
                 if self._transport is not None:
                     self._transport.close()
                 break
-        out = conn.data_to_send()
-        if out:
-            self._write(out)
+        if conn._out:
+            self._write(conn.data_to_send())
         if self.after_batch is not None:
             self.after_batch()
 
@@ -265,23 +266,30 @@ class NbdClient:
 
         A write's `data` must stay unchanged until `done` runs (pass bytes).
         """
-        if self.lost_reason is not None or self.conn.phase is not Phase.TRANSMISSION:
-            asyncio.get_running_loop().call_soon(
+        conn = self.conn
+        if self.lost_reason is not None or conn.phase is not Phase.TRANSMISSION:
+            self._get_loop().call_soon(
                 done, ConnectionLost(f"{self.peer}: {self.lost_reason or 'not connected'}"))
             return
-        out = self._out
         try:
-            hdr = self.conn.request(command, offset, length, flags, done)
+            hdr = conn.request(command, offset, length, flags, done)
         except ClientStateError as e:  # e.g. block status without a metadata context
-            asyncio.get_running_loop().call_soon(
+            self._get_loop().call_soon(
                 done, Completed(done, 0, command, int(Err.EINVAL), f"{self.peer}: {e}"))
             return
+        out = self._out
         out.append(hdr)
         if data is not None:
             out.append(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            self._get_loop().call_soon(self.flush)
+
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def flush(self) -> None:
         """Send every queued request now (one system call for a batch)."""
@@ -299,7 +307,7 @@ class NbdClient:
 
     def _call(self, command: int, offset: int, length: int, flags: int,
               data: bytes | bytearray | memoryview | None = None) -> asyncio.Future[Completed]:
-        fut: asyncio.Future[Completed] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Completed] = self._get_loop().create_future()
         self.submit(command, offset, length, flags, data, partial(_resolve, fut))
         return fut
 
@@ -347,13 +355,18 @@ class NbdClient:
 
     async def aclose(self) -> None:
         self.close()
-        if self._closed is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(self._closed)
+        await self.wait_closed()
 
     async def wait_closed(self) -> None:
-        if self._closed is not None:
-            await asyncio.shield(self._closed)
+        """Until the connection is gone (at once if it never connected). Cancelling the
+        wait cancels only the wait."""
+        closed = self._closed
+        if closed is None or closed.done():
+            return
+        if self._transport is None:  # never connected: nothing will close
+            closed.set_result(None)
+            return
+        await asyncio.shield(closed)
 
 
 def _resolve(fut: asyncio.Future[Completed], res: Any) -> None:

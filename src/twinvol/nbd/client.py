@@ -73,6 +73,7 @@ MAX_ERROR_CHUNK = 6 + MAX_STRING + 8 + 1024
 
 _CHUNK_DATA = _CHUNK.size + 8  # chunk header and the data chunk's offset
 _OFFSET_DATA = int(Reply.OFFSET_DATA)
+_NONE = int(Reply.NONE)
 _READ = int(Cmd.READ)
 _BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
 _REQ_ONE = int(CmdFlag.REQ_ONE)
@@ -167,25 +168,28 @@ class Closed:
 Event = Negotiated | Refused | Completed | ProtocolError | Closed
 
 
-class _Pending:
-    """One request in flight, and what its reply chunks said so far."""
+class _Pending(Completed):
+    """One request in flight, and what its reply chunks said so far.
 
-    __slots__ = ("buf", "command", "cookie", "covered", "error", "extents", "flags", "length",
-                 "message", "offset", "ranges", "tag")
+    It is the request's `Completed` event once the reply is whole (no second object
+    per reply); `data` is the read buffer being filled until then.
+    """
+
+    __slots__ = ("covered", "flags", "length", "offset", "ranges")
 
     def __init__(self, tag: Any, cookie: int, command: int, flags: int, offset: int,
                  length: int) -> None:
         self.tag = tag
         self.cookie = cookie
         self.command = command
+        self.error = 0
+        self.message = ""
+        self.data = None
+        self.extents = None
         self.flags = flags
         self.offset = offset
         self.length = length
-        self.buf: bytearray | None = None
         self.covered = 0
-        self.error = 0
-        self.message = ""
-        self.extents: list[tuple[int, int]] | None = None
         self.ranges: list[tuple[int, int]] | None = None  # content chunks seen so far
 
 
@@ -319,6 +323,10 @@ class ClientConnection:
 
     def next_event(self) -> Event | _NeedData:
         """Return the next event, or `NEED_DATA` when more bytes are needed."""
+        if not self._events and self.phase is Phase.TRANSMISSION and self._target_req is None:
+            ev = self._fast_reply()
+            if ev is not None:
+                return ev
         while True:
             if self._events:
                 return self._events.pop(0)
@@ -334,6 +342,54 @@ class ClientConnection:
             if not progressed and not self._events:
                 self._stash()
                 return NEED_DATA
+
+    def _fast_reply(self) -> Completed | None:
+        """The common whole replies in one step: a read's single data chunk, a structured
+        or simple success (or simple error) for anything but a read or block status.
+        Consumes nothing and returns None for anything else (the general parser decides).
+        """
+        data = self._data
+        pos = self._pos
+        avail = len(data) - pos
+        if avail < _SIMPLE.size:
+            return None
+        magic = _U32.unpack_from(data, pos)[0]
+        if magic == STRUCTURED_REPLY_MAGIC:
+            if avail < _CHUNK.size or not self.structured:
+                return None
+            _, flags, kind, cookie, length = _CHUNK.unpack_from(data, pos)
+            if not flags & REPLY_FLAG_DONE:
+                return None
+            req = self._inflight.get(cookie)
+            if req is None or req.ranges is not None or req.error:
+                return None
+            command = req.command
+            if kind == _OFFSET_DATA:
+                n = length - 8
+                if (command != _READ or n != req.length or avail < _CHUNK_DATA + n
+                        or _U64.unpack_from(data, pos + _CHUNK.size)[0] != req.offset):
+                    return None
+                start = pos + _CHUNK_DATA
+                self._pos = start + n
+                del self._inflight[cookie]
+                req.data = bytearray(data[start:start + n])
+                return req
+            if kind != _NONE or length or command in (_READ, _BLOCK_STATUS):
+                return None
+            self._pos = pos + _CHUNK.size
+            del self._inflight[cookie]
+            return req
+        if magic == SIMPLE_REPLY_MAGIC:
+            _, error, cookie = _SIMPLE.unpack_from(data, pos)
+            req = self._inflight.get(cookie)
+            if req is None or req.error or req.command == _READ \
+                    or req.command == _BLOCK_STATUS:
+                return None
+            self._pos = pos + _SIMPLE.size
+            del self._inflight[cookie]
+            req.error = error
+            return req
+        return None
 
     # ---- negotiation ----------------------------------------------------
 
@@ -567,8 +623,9 @@ class ClientConnection:
         # A violation leaves the request in flight, so `take_inflight` still returns it.
         if req.error:
             del self._inflight[req.cookie]
-            self._events.append(Completed(req.tag, req.cookie, req.command, req.error,
-                                          req.message))
+            req.data = None
+            req.extents = None
+            self._events.append(req)
             return
         if req.command == _READ and req.covered != req.length:
             self._violation(f"read reply covered {req.covered} of {req.length} bytes")
@@ -577,8 +634,7 @@ class ClientConnection:
             self._violation("block status reply without a base:allocation chunk")
             return
         del self._inflight[req.cookie]
-        self._events.append(Completed(req.tag, req.cookie, req.command, 0, "", req.buf,
-                                      req.extents))
+        self._events.append(req)
 
     def _simple_reply(self, avail: int) -> bool:
         if avail < _SIMPLE.size:
@@ -596,9 +652,9 @@ class ClientConnection:
             # Data follows, as long as the request (structured servers should not do this,
             # but the framing is unambiguous to us since we know the request).
             if req.length:
-                req.buf = bytearray(req.length)
+                req.data = bytearray(req.length)
                 req.covered = req.length
-                self._target = memoryview(req.buf)
+                self._target = memoryview(req.data)
                 self._target_req = req
                 self._target_done = True
                 return True
@@ -645,8 +701,8 @@ class ClientConnection:
                 start = pos + _CHUNK_DATA
                 self._pos = start + n
                 del self._inflight[cookie]
-                self._events.append(Completed(req.tag, cookie, _READ, 0, "",
-                                              bytearray(data[start:start + n]), None))
+                req.data = bytearray(data[start:start + n])
+                self._events.append(req)
                 return True
             return self._data_chunk(req, length, done, avail)
         # Every other chunk is read whole, within its bound.
@@ -718,11 +774,11 @@ class ClientConnection:
         if not self._in_request(req, offset, n):
             return True
         self._pos += _CHUNK.size + 8
-        if req.buf is None:
-            req.buf = bytearray(req.length)
+        if req.data is None:
+            req.data = bytearray(req.length)
         req.covered += n
         start = offset - req.offset
-        self._target = memoryview(req.buf)[start:start + n]
+        self._target = memoryview(req.data)[start:start + n]
         self._target_req = req
         self._target_done = done
         return True
@@ -741,9 +797,9 @@ class ClientConnection:
         if not self._in_request(req, offset, n):
             return False
         req.covered += n
-        if req.buf is not None:  # buffers start zeroed; only bytes already written need it
+        if req.data is not None:  # buffers start zeroed; only bytes already written need it
             start = offset - req.offset
-            req.buf[start:start + n] = bytes(n)
+            req.data[start:start + n] = bytes(n)
         return True
 
     def _status_chunk(self, req: _Pending, payload: bytes | bytearray | memoryview) -> bool:
