@@ -373,18 +373,8 @@ class AgentProtocol(asyncio.BufferedProtocol):
         self.flush_replies()
 
     def _own(self, data: bytes | bytearray | memoryview) -> bytes | memoryview:
-        """A write payload the session may keep (for a retry on another path).
-
-        A payload received into the state machine's own payload buffer is taken over
-        whole (it allocates another for the next write): no copy of large writes. A
-        small one is a view of the receive buffer, which is reused: copy it.
-        """
-        conn = self.conn
-        spare = conn._spare
-        if spare is not None and isinstance(data, memoryview) and data.obj is spare:
-            conn._spare = None
-            return data
-        return bytes(data)
+        """A write payload the session may keep (for a retry on another path)."""
+        return self.conn.own_payload(data)
 
     def _disconnect(self, ev: Disconnect) -> None:
         self.flush_replies()

@@ -278,7 +278,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
     def _submit(self, req: Request) -> None:
         """Hand a write to an asynchronous (replicated) backend; reply when it completes."""
         backend = self.backend
-        data = None if req.data is None else bytes(req.data)  # the view dies with this call
+        data = None if req.data is None else self.conn.own_payload(req.data)
         fut = asyncio.ensure_future(backend.submit(  # type: ignore[union-attr]
             int(req.command), req.offset, req.length, data, req.flags))  # no-op on a Future
         self._pending.add(fut)

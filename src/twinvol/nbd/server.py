@@ -582,6 +582,19 @@ class ServerConnection:
         return Request(Cmd.WRITE, p.flags, p.cookie, p.offset, p.length,
                        memoryview(p.buf)[:p.length])
 
+    def own_payload(self, data: bytes | bytearray | memoryview) -> bytes | memoryview:
+        """Take ownership of a Request's payload, to keep it past the next event.
+
+        A payload received into the connection's payload buffer is handed over whole
+        (the connection allocates another for the next large write): no copy. A small
+        one is a view of the caller's receive buffer, which is reused: it is copied.
+        """
+        spare = self._spare
+        if spare is not None and isinstance(data, memoryview) and data.obj is spare:
+            self._spare = None
+            return data
+        return bytes(data)
+
     def _payload_storage(self, length: int) -> bytearray:
         """A payload buffer, reused across writes (one per connection, at most max_payload)."""
         spare = self._spare

@@ -70,7 +70,7 @@ class PeerLink(asyncio.Protocol):
         self.ids = itertools.count(1)
         self.last_rx = time.monotonic()
         self.closed = False
-        self._outq: list[bytes] = []
+        self._outq: list[bytes | bytearray | memoryview] = []
         self._flush_scheduled = False
 
     # ---- asyncio ----------------------------------------------------------

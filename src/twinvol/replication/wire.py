@@ -28,12 +28,15 @@ class WireError(Exception):
     """The peer broke the framing; the link must be dropped."""
 
 
-def encode(header: dict[str, Any], payload: bytes | bytearray | memoryview = b"") -> list[bytes]:
+def encode(header: dict[str, Any], payload: bytes | bytearray | memoryview = b""
+           ) -> list[bytes | bytearray | memoryview]:
+    """Frame parts, ready for writelines; the payload is not copied (its owner must not
+    change it afterwards)."""
     h = _encoder.encode(header)
     if len(h) > MAX_HEADER or len(payload) > MAX_FRAME_PAYLOAD:
         raise WireError("frame too large")
     if payload:
-        return [_LEN.pack(len(h), len(payload)) + h, bytes(payload)]
+        return [_LEN.pack(len(h), len(payload)) + h, payload]
     return [_LEN.pack(len(h), 0) + h]
 
 
