@@ -48,8 +48,7 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True):
 
     @property
     def api_url(self) -> str:
-        host, port = self.api_hostport
-        return f"http://{_urlhost(host)}:{port}"
+        return http_url(self.api)
 
     def nbd_uri(self, export: str = "") -> str:
         host, port = self.nbd_hostport
@@ -93,21 +92,33 @@ def _urlhost(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def load(path: str | None) -> ClusterConfig:
-    """Load and validate a cluster file; `None` means `$TWINVOL_CLUSTER`."""
+def http_url(addr: str) -> str:
+    """`http://HOST:PORT` for a HOST:PORT address (IPv6 hosts bracketed)."""
+    host, port = split_hostport(addr)
+    return f"http://{_urlhost(host)}:{port}"
+
+
+def read_toml(path: str | None) -> tuple[str, dict[str, Any]]:
+    """Read a cluster file as plain TOML: (absolute path, tables). `None` means
+    `$TWINVOL_CLUSTER`. Components read their own tables from it."""
     path = path or os.environ.get("TWINVOL_CLUSTER")
     if not path:
         raise ClusterError("no cluster file: pass --cluster FILE or set TWINVOL_CLUSTER")
     path = os.path.abspath(path)
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            return path, tomllib.load(f)
     except FileNotFoundError:
         raise ClusterError(f"cluster file {path} does not exist") from None
     except OSError as e:
         raise ClusterError(f"cannot read cluster file {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ClusterError(f"cluster file {path} is not valid TOML: {e}") from None
+
+
+def load(path: str | None) -> ClusterConfig:
+    """Load and validate a cluster file; `None` means `$TWINVOL_CLUSTER`."""
+    path, raw = read_toml(path)
     try:
         cfg = msgspec.convert(raw, ClusterConfig)
     except msgspec.ValidationError as e:

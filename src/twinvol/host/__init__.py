@@ -19,14 +19,11 @@ Configuration is the `[host]` table of the cluster file::
 
 from __future__ import annotations
 
-import os
-import tomllib
 from dataclasses import dataclass
-from typing import Any
 
 import msgspec
 
-from twinvol.cluster import ClusterError, split_hostport
+from twinvol.cluster import ClusterError, http_url, read_toml, split_hostport
 
 
 class HostConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -52,8 +49,7 @@ class NodeAddr(msgspec.Struct):
 
     @property
     def api_url(self) -> str:
-        host, port = split_hostport(self.api)
-        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        return http_url(self.api)
 
 
 @dataclass
@@ -68,19 +64,7 @@ class HostSetup:
 
 def load(path: str | None) -> HostSetup:
     """Read the `[host]` table and node addresses; raise ClusterError with one clear line."""
-    path = path or os.environ.get("TWINVOL_CLUSTER")
-    if not path:
-        raise ClusterError("no cluster file: pass --cluster FILE or set TWINVOL_CLUSTER")
-    path = os.path.abspath(path)
-    try:
-        with open(path, "rb") as f:
-            raw: dict[str, Any] = tomllib.load(f)
-    except FileNotFoundError:
-        raise ClusterError(f"cluster file {path} does not exist") from None
-    except OSError as e:
-        raise ClusterError(f"cannot read cluster file {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ClusterError(f"cluster file {path} is not valid TOML: {e}") from None
+    path, raw = read_toml(path)
     if "host" not in raw:
         raise ClusterError(f"cluster file {path} has no [host] table (nbd = \"HOST:PORT\", "
                            "api = \"HOST:PORT\")")

@@ -15,13 +15,12 @@ and ``[cluster] secret = "..."``, when set, is the bearer token every request mu
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-from twinvol.cluster import ClusterError, split_hostport
+from twinvol.cluster import ClusterError, http_url, read_toml, split_hostport
 
 
 class WitnessConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -36,8 +35,7 @@ class WitnessConfig(msgspec.Struct, forbid_unknown_fields=True):
 
     @property
     def url(self) -> str:
-        host, port = self.hostport
-        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        return http_url(self.addr)
 
     def data_path(self, cluster_path: str) -> str:
         """`data_dir` resolved against the cluster file's directory."""
@@ -60,23 +58,6 @@ class WitnessSettings:
         return self.config.data_path(self.cluster_path)
 
 
-def _raw(cluster_path: str | None) -> tuple[str, dict[str, Any]]:
-    # Read as plain TOML: ClusterConfig does not know [witness] or [cluster] secret yet.
-    path = cluster_path or os.environ.get("TWINVOL_CLUSTER")
-    if not path:
-        raise ClusterError("no cluster file: pass --cluster FILE or set TWINVOL_CLUSTER")
-    path = os.path.abspath(path)
-    try:
-        with open(path, "rb") as f:
-            return path, tomllib.load(f)
-    except FileNotFoundError:
-        raise ClusterError(f"cluster file {path} does not exist") from None
-    except OSError as e:
-        raise ClusterError(f"cannot read cluster file {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ClusterError(f"cluster file {path} is not valid TOML: {e}") from None
-
-
 def _config(path: str, raw: dict[str, Any]) -> WitnessConfig:
     table = raw.get("witness")
     if table is None:
@@ -94,13 +75,13 @@ def _config(path: str, raw: dict[str, Any]) -> WitnessConfig:
 
 def witness_config(cluster_path: str | None) -> WitnessConfig:
     """The ``[witness]`` table of a cluster file (`None` means ``$TWINVOL_CLUSTER``)."""
-    path, raw = _raw(cluster_path)
+    path, raw = read_toml(cluster_path)
     return _config(path, raw)
 
 
 def witness_settings(cluster_path: str | None) -> WitnessSettings:
     """The witness table, the node names and the shared secret of a cluster file."""
-    path, raw = _raw(cluster_path)
+    path, raw = read_toml(cluster_path)
     cfg = _config(path, raw)
     nodes = raw.get("nodes")
     if not isinstance(nodes, dict) or not nodes:
