@@ -31,19 +31,26 @@ from typing import Any
 
 from twinvol.nbd.constants import (
     BASE_ALLOCATION,
+    CHUNK_HEADER,
+    ERROR_PAYLOAD,
     FLAG_C_FIXED_NEWSTYLE,
     FLAG_C_NO_ZEROES,
     FLAG_FIXED_NEWSTYLE,
     FLAG_NO_ZEROES,
+    GREETING,
     IHAVEOPT,
     MAX_OPTION_DATA,
     MAX_PAYLOAD,
     MAX_STRING,
     NBDMAGIC,
+    OPTION_HEADER,
+    OPTION_REPLY_HEADER,
     OPTION_REPLY_MAGIC,
     REP_ERR,
     REPLY_FLAG_DONE,
+    REQUEST_HEADER,
     REQUEST_MAGIC,
+    SIMPLE_REPLY,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
     Cmd,
@@ -55,23 +62,16 @@ from twinvol.nbd.constants import (
     Reply,
 )
 
-_GREETING = struct.Struct(">QQH")
-_OPT_HDR = struct.Struct(">QII")
-_OPT_REPLY_HDR = struct.Struct(">QIII")
-_REQ_HDR = struct.Struct(">IHHQQI")
-_SIMPLE = struct.Struct(">IIQ")
-_CHUNK = struct.Struct(">IHHQI")
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
 _HOLE = struct.Struct(">QI")
-_ERR_HEAD = struct.Struct(">IH")
 
 # Spec: a block status chunk should stay under 4 + 8 * 2^20 bytes.
 MAX_STATUS_CHUNK = 4 + 8 * (1 << 20)
 # Error chunks carry a message of at most 4096 bytes plus fixed fields.
 MAX_ERROR_CHUNK = 6 + MAX_STRING + 8 + 1024
 
-_CHUNK_DATA = _CHUNK.size + 8  # chunk header and the data chunk's offset
+_CHUNK_DATA = CHUNK_HEADER.size + 8  # chunk header and the data chunk's offset
 _OFFSET_DATA = int(Reply.OFFSET_DATA)
 _NONE = int(Reply.NONE)
 _READ = int(Cmd.READ)
@@ -351,13 +351,13 @@ class ClientConnection:
         data = self._data
         pos = self._pos
         avail = len(data) - pos
-        if avail < _SIMPLE.size:
+        if avail < SIMPLE_REPLY.size:
             return None
         magic = _U32.unpack_from(data, pos)[0]
         if magic == STRUCTURED_REPLY_MAGIC:
-            if avail < _CHUNK.size or not self.structured:
+            if avail < CHUNK_HEADER.size or not self.structured:
                 return None
-            _, flags, kind, cookie, length = _CHUNK.unpack_from(data, pos)
+            _, flags, kind, cookie, length = CHUNK_HEADER.unpack_from(data, pos)
             if not flags & REPLY_FLAG_DONE:
                 return None
             req = self._inflight.get(cookie)
@@ -367,7 +367,7 @@ class ClientConnection:
             if kind == _OFFSET_DATA:
                 n = length - 8
                 if (command != _READ or n != req.length or avail < _CHUNK_DATA + n
-                        or _U64.unpack_from(data, pos + _CHUNK.size)[0] != req.offset):
+                        or _U64.unpack_from(data, pos + CHUNK_HEADER.size)[0] != req.offset):
                     return None
                 start = pos + _CHUNK_DATA
                 self._pos = start + n
@@ -376,16 +376,16 @@ class ClientConnection:
                 return req
             if kind != _NONE or length or command in (_READ, _BLOCK_STATUS):
                 return None
-            self._pos = pos + _CHUNK.size
+            self._pos = pos + CHUNK_HEADER.size
             del self._inflight[cookie]
             return req
         if magic == SIMPLE_REPLY_MAGIC:
-            _, error, cookie = _SIMPLE.unpack_from(data, pos)
+            _, error, cookie = SIMPLE_REPLY.unpack_from(data, pos)
             req = self._inflight.get(cookie)
             if req is None or req.error or req.command == _READ \
                     or req.command == _BLOCK_STATUS:
                 return None
-            self._pos = pos + _SIMPLE.size
+            self._pos = pos + SIMPLE_REPLY.size
             del self._inflight[cookie]
             req.error = error
             return req
@@ -394,10 +394,10 @@ class ClientConnection:
     # ---- negotiation ----------------------------------------------------
 
     def _greeting(self) -> bool:
-        if self._avail() < _GREETING.size:
+        if self._avail() < GREETING.size:
             return False
-        magic, opt_magic, flags = _GREETING.unpack_from(self._data, self._pos)
-        self._pos += _GREETING.size
+        magic, opt_magic, flags = GREETING.unpack_from(self._data, self._pos)
+        self._pos += GREETING.size
         if magic != NBDMAGIC:
             self._violation(f"bad server greeting magic {magic:#x}")
             return True
@@ -419,7 +419,7 @@ class ClientConnection:
 
     def _send_option(self, opt: int, data: bytes = b"") -> None:
         self._opt = opt
-        self._out.append(_OPT_HDR.pack(IHAVEOPT, opt, len(data)) + data)
+        self._out.append(OPTION_HEADER.pack(IHAVEOPT, opt, len(data)) + data)
 
     def _name_field(self) -> bytes:
         return _U32.pack(len(self._export_raw)) + self._export_raw
@@ -439,9 +439,9 @@ class ClientConnection:
     def _next_option_reply(self) -> bool:
         if self._opt == Opt.EXPORT_NAME:
             return self._export_name_reply()
-        if self._avail() < _OPT_REPLY_HDR.size:
+        if self._avail() < OPTION_REPLY_HEADER.size:
             return False
-        magic, opt, rep, length = _OPT_REPLY_HDR.unpack_from(self._data, self._pos)
+        magic, opt, rep, length = OPTION_REPLY_HEADER.unpack_from(self._data, self._pos)
         if magic != OPTION_REPLY_MAGIC:
             self._violation(f"bad option reply magic {magic:#x}")
             return True
@@ -452,9 +452,9 @@ class ClientConnection:
             self._violation(f"option reply of {length} bytes is over the "
                             f"{MAX_OPTION_DATA} byte bound")
             return True
-        if self._avail() < _OPT_REPLY_HDR.size + length:
+        if self._avail() < OPTION_REPLY_HEADER.size + length:
             return False
-        self._pos += _OPT_REPLY_HDR.size
+        self._pos += OPTION_REPLY_HEADER.size
         data = self._take(length)
         if opt == Opt.STRUCTURED_REPLY:
             self._on_structured_reply(rep, data)
@@ -512,7 +512,7 @@ class ClientConnection:
         if rep & REP_ERR:
             msg = data[:MAX_STRING].decode("utf-8", "replace")
             self._opt = None
-            self._out.append(_OPT_HDR.pack(IHAVEOPT, Opt.ABORT, 0))
+            self._out.append(OPTION_HEADER.pack(IHAVEOPT, Opt.ABORT, 0))
             self._close(Closed("export refused"))
             self._events.insert(0, Refused(rep, msg))
             return
@@ -585,14 +585,14 @@ class ClientConnection:
             return self.disconnect()
         cookie = self._next_cookie = (self._next_cookie + 1) & 0xFFFFFFFFFFFFFFFF
         self._inflight[cookie] = _Pending(tag, cookie, command, flags, offset, length)
-        return _REQ_HDR.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
+        return REQUEST_HEADER.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
 
     def disconnect(self) -> bytes:
         """NBD_CMD_DISC: no more requests; replies to those in flight are still parsed."""
         if self.phase is not Phase.TRANSMISSION:
             return b""
         self.phase = Phase.CLOSING
-        return _REQ_HDR.pack(REQUEST_MAGIC, 0, Cmd.DISC, 0, 0, 0)
+        return REQUEST_HEADER.pack(REQUEST_MAGIC, 0, Cmd.DISC, 0, 0, 0)
 
     # ---- transmission: replies -------------------------------------------
 
@@ -637,10 +637,10 @@ class ClientConnection:
         self._events.append(req)
 
     def _simple_reply(self, avail: int) -> bool:
-        if avail < _SIMPLE.size:
+        if avail < SIMPLE_REPLY.size:
             return False
-        _, error, cookie = _SIMPLE.unpack_from(self._data, self._pos)
-        self._pos += _SIMPLE.size
+        _, error, cookie = SIMPLE_REPLY.unpack_from(self._data, self._pos)
+        self._pos += SIMPLE_REPLY.size
         req = self._lookup(cookie)
         if req is None:
             return True
@@ -682,11 +682,11 @@ class ClientConnection:
         return True
 
     def _chunk(self, avail: int) -> bool:
-        if avail < _CHUNK.size:
+        if avail < CHUNK_HEADER.size:
             return False
         data = self._data
         pos = self._pos
-        _, flags, kind, cookie, length = _CHUNK.unpack_from(data, pos)
+        _, flags, kind, cookie, length = CHUNK_HEADER.unpack_from(data, pos)
         req = self._lookup(cookie)
         if req is None:
             return True
@@ -696,7 +696,7 @@ class ClientConnection:
             if (done and n == req.length and avail >= _CHUNK_DATA + n and req.ranges is None
                     and not req.error
                     and req.command == _READ
-                    and _U64.unpack_from(data, pos + _CHUNK.size)[0] == req.offset):
+                    and _U64.unpack_from(data, pos + CHUNK_HEADER.size)[0] == req.offset):
                 # The common case, fast: one chunk with all the data, already here.
                 start = pos + _CHUNK_DATA
                 self._pos = start + n
@@ -718,9 +718,9 @@ class ClientConnection:
             self._violation(f"reply chunk type {kind} of {length} bytes is over its "
                             f"{bound} byte bound")
             return True
-        if avail < _CHUNK.size + length:
+        if avail < CHUNK_HEADER.size + length:
             return False
-        base = self._pos + _CHUNK.size
+        base = self._pos + CHUNK_HEADER.size
         payload = self._data[base:base + length]
         self._pos = base + length
         if kind == Reply.NONE:
@@ -767,13 +767,13 @@ class ClientConnection:
         if length < 9:
             self._violation("NBD_REPLY_TYPE_OFFSET_DATA shorter than 9 bytes")
             return True
-        if avail < _CHUNK.size + 8:
+        if avail < CHUNK_HEADER.size + 8:
             return False
-        (offset,) = _U64.unpack_from(self._data, self._pos + _CHUNK.size)
+        (offset,) = _U64.unpack_from(self._data, self._pos + CHUNK_HEADER.size)
         n = length - 8
         if not self._in_request(req, offset, n):
             return True
-        self._pos += _CHUNK.size + 8
+        self._pos += CHUNK_HEADER.size + 8
         if req.data is None:
             req.data = bytearray(req.length)
         req.covered += n
@@ -836,7 +836,7 @@ class ClientConnection:
         if len(payload) < fixed:
             self._violation(f"error chunk of {len(payload)} bytes is too short")
             return False
-        error, mlen = _ERR_HEAD.unpack_from(payload)
+        error, mlen = ERROR_PAYLOAD.unpack_from(payload)
         if mlen > len(payload) - fixed:
             self._violation("error chunk message runs past the chunk")
             return False

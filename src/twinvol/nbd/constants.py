@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from enum import IntEnum, IntFlag
 
 NBDMAGIC = 0x4E42444D41474943
@@ -10,6 +11,15 @@ OPTION_REPLY_MAGIC = 0x3E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
+
+# Wire layouts shared by the server and client state machines.
+GREETING = struct.Struct(">QQH")           # NBDMAGIC, IHAVEOPT, handshake flags
+OPTION_HEADER = struct.Struct(">QII")      # IHAVEOPT, option, length
+OPTION_REPLY_HEADER = struct.Struct(">QIII")  # magic, option, reply type, length
+REQUEST_HEADER = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
+SIMPLE_REPLY = struct.Struct(">IIQ")       # magic, error, cookie
+CHUNK_HEADER = struct.Struct(">IHHQI")     # magic, flags, type, cookie, length
+ERROR_PAYLOAD = struct.Struct(">IH")       # error, message length
 
 # Handshake flags (server) and client flags.
 FLAG_FIXED_NEWSTYLE = 1 << 0

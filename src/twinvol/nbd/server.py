@@ -28,6 +28,8 @@ from typing import Protocol
 
 from twinvol.nbd.constants import (
     BASE_ALLOCATION,
+    CHUNK_HEADER,
+    ERROR_PAYLOAD,
     FLAG_C_FIXED_NEWSTYLE,
     FLAG_C_NO_ZEROES,
     FLAG_FIXED_NEWSTYLE,
@@ -38,10 +40,14 @@ from twinvol.nbd.constants import (
     MAX_STRING,
     MIN_BLOCK,
     NBDMAGIC,
+    OPTION_HEADER,
+    OPTION_REPLY_HEADER,
     OPTION_REPLY_MAGIC,
     PREFERRED_BLOCK,
     REPLY_FLAG_DONE,
+    REQUEST_HEADER,
     REQUEST_MAGIC,
+    SIMPLE_REPLY,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
     Cmd,
@@ -54,15 +60,9 @@ from twinvol.nbd.constants import (
     TxFlag,
 )
 
-_OPT_HDR = struct.Struct(">QII")
-_OPT_REPLY_HDR = struct.Struct(">QIII")
-_REQ_HDR = struct.Struct(">IHHQQI")
-_SIMPLE = struct.Struct(">IIQ")
-_CHUNK = struct.Struct(">IHHQI")
 _CHUNK_OFFSET = struct.Struct(">IHHQIQ")
-_ERROR_BODY = struct.Struct(">IH")
 
-REQUEST_SIZE = _REQ_HDR.size  # 28
+REQUEST_SIZE = REQUEST_HEADER.size  # 28
 META_CONTEXT_ID = 1  # id of base:allocation once selected
 
 FUA = int(CmdFlag.FUA)
@@ -304,7 +304,7 @@ class ServerConnection:
     # ---- option haggling ------------------------------------------------
 
     def _reply(self, opt: int, rep: int, data: bytes = b"") -> None:
-        self._out.append(_OPT_REPLY_HDR.pack(OPTION_REPLY_MAGIC, opt, rep, len(data)) + data)
+        self._out.append(OPTION_REPLY_HEADER.pack(OPTION_REPLY_MAGIC, opt, rep, len(data)) + data)
 
     def _error(self, opt: int, rep: Rep, message: str) -> None:
         self._reply(opt, rep, _utf8(message))
@@ -326,23 +326,23 @@ class ServerConnection:
             self._error(self._skip_opt, Rep.ERR_TOO_BIG,
                         f"option data larger than {MAX_OPTION_DATA} bytes")
             return None
-        if self._avail() < _OPT_HDR.size:
+        if self._avail() < OPTION_HEADER.size:
             return NEED_DATA
-        magic, opt, length = _OPT_HDR.unpack_from(self._data, self._pos)
+        magic, opt, length = OPTION_HEADER.unpack_from(self._data, self._pos)
         if magic != IHAVEOPT:
             self._close(f"bad option magic {magic:#x}", error=True)
             return None
         if length > MAX_OPTION_DATA:
-            self._pos += _OPT_HDR.size
+            self._pos += OPTION_HEADER.size
             if opt == Opt.EXPORT_NAME:
                 self._close("NBD_OPT_EXPORT_NAME with an oversized name", error=True)
                 return None
             self._skip = length
             self._skip_opt = opt
             return None
-        if self._avail() < _OPT_HDR.size + length:
+        if self._avail() < OPTION_HEADER.size + length:
             return NEED_DATA
-        self._pos += _OPT_HDR.size
+        self._pos += OPTION_HEADER.size
         data = self._take(length)
         return self._handle_option(opt, data)
 
@@ -529,7 +529,8 @@ class ServerConnection:
             return self._continue_payload(p)
         if len(self._data) - self._pos < REQUEST_SIZE:
             return NEED_DATA
-        magic, flags, cmd, cookie, offset, length = _REQ_HDR.unpack_from(self._data, self._pos)
+        magic, flags, cmd, cookie, offset, length = REQUEST_HEADER.unpack_from(self._data,
+                                                                               self._pos)
         self._pos += REQUEST_SIZE
         if magic != REQUEST_MAGIC:
             self._close(f"bad request magic {magic:#x}", error=True)
@@ -636,17 +637,18 @@ class ServerConnection:
     # ---- reply builders (for the I/O layer) ------------------------------
 
     def reply_ok(self, cookie: int) -> bytes:
-        return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+        return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
 
     def reply_read(self, cookie: int, offset: int,
                    data: bytes | bytearray | memoryview) -> list[bytes | bytearray | memoryview]:
         if self.structured:
             if not data:  # a chunk must describe at least one byte: zero-length reads get NONE
-                return [_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, Reply.NONE, cookie, 0)]
+                return [CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, Reply.NONE,
+                                          cookie, 0)]
             hdr = _CHUNK_OFFSET.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, Reply.OFFSET_DATA,
                                      cookie, 8 + len(data), offset)
         else:
-            hdr = _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+            hdr = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
         return [hdr, data]
 
     def reply_read_hole(self, cookie: int, offset: int, length: int) -> bytes:
@@ -654,20 +656,20 @@ class ServerConnection:
         if self.structured:
             return _CHUNK_OFFSET.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, Reply.OFFSET_HOLE,
                                       cookie, 12, offset) + struct.pack(">I", length)
-        return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie) + bytes(length)
+        return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie) + bytes(length)
 
     def reply_error(self, cookie: int, err: int, message: str = "") -> list[bytes]:
         if self.structured:
             msg = _utf8(message)
-            return [_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, Reply.ERROR, cookie,
-                                6 + len(msg)) + _ERROR_BODY.pack(err, len(msg)) + msg]
-        return [_SIMPLE.pack(SIMPLE_REPLY_MAGIC, err, cookie)]
+            return [CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, Reply.ERROR, cookie,
+                                6 + len(msg)) + ERROR_PAYLOAD.pack(err, len(msg)) + msg]
+        return [SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, err, cookie)]
 
     def reply_block_status(self, cookie: int, extents: Sequence[tuple[int, int]]) -> bytes:
         """`extents` is a non-empty list of (length, status flags) from the request offset."""
         body = b"".join(struct.pack(">II", n, f) for n, f in extents)
-        return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, Reply.BLOCK_STATUS, cookie,
-                           4 + len(body)) + struct.pack(">I", META_CONTEXT_ID) + body
+        return CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, Reply.BLOCK_STATUS,
+                                 cookie, 4 + len(body)) + struct.pack(">I", META_CONTEXT_ID) + body
 
 
 def _utf8(message: str) -> bytes:
