@@ -93,6 +93,11 @@ class PersistentBits:
                 if i >= start and v & (1 << j):
                     yield i
 
+    @property
+    def durable(self) -> bool:
+        """Every set bit is on disk (nothing changed since the last completed sync)."""
+        return not self._dirty and self._sync_task is None
+
     def sync_now(self) -> None:
         """Write and fdatasync the bits (blocking)."""
         if not self._dirty:

@@ -426,7 +426,7 @@ class ReplicationManager:
 
             peer_fut.add_done_callback(fw_done)
             return result
-        if pr.al._dirty or pr.al._sync_task is not None:
+        if not pr.al.durable:
             return None
         exts = chunks_of(offset, length, AL_EXTENT)
         al = pr.al
@@ -492,12 +492,11 @@ class ReplicationManager:
                                                and not pr.copy_task.done())
         chunks = chunks_of(offset, length)
         exts = chunks_of(offset, length, AL_EXTENT)
-        if replicate:
-            if pr.al.set_many(exts) or pr.al._dirty or pr.al._sync_task is not None:
-                await pr.al.sync(ex)
-        else:
-            if pr.dirty.set_many(chunks) or pr.dirty._dirty or pr.dirty._sync_task is not None:
-                await pr.dirty.sync(ex)
+        # Mirrored writes are covered by the activity log, lone writes by the dirty
+        # bitmap; either way the bit is durable before the data is written.
+        bits, idx = (pr.al, exts) if replicate else (pr.dirty, chunks)
+        bits.set_many(idx)
+        await bits.sync(ex)
         if rec.io_mode == "block":
             raise WriteFailed(Err.EIO, f"volume {rec.volume} was blocked")
         self._apply(pr, cmd, offset, length, data, flags)
