@@ -78,7 +78,12 @@ class PersistentBits:
             self._dirty = True
 
     def count(self) -> int:
-        return sum(1 for _ in self.iter_set())
+        """Set bits below nbits (a popcount: the API asks often, volumes can be large)."""
+        full, rest = divmod(self.nbits, 8)
+        total = int.from_bytes(self.bits[:full], "little").bit_count()
+        if rest:
+            total += (self.bits[full] & ((1 << rest) - 1)).bit_count()
+        return total
 
     def iter_set(self, start: int = 0) -> Iterator[int]:
         bits = self.bits

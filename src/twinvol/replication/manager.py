@@ -317,32 +317,21 @@ class ReplicationManager:
     async def _copy(self, pr: PairRuntime) -> None:
         """Send every dirty chunk at or after the cursor to the partner, then go mirrored."""
         rec = pr.rec
-        store = pr.vol.store
         pr.copied_bytes = 0
         pr.copy_started = time.monotonic()
         rec.copy_source = self.node.name
-        rec.copy_total = pr.dirty.count() + 0
+        rec.copy_total = pr.dirty.count()
         self._save(pr)
         inflight: set[asyncio.Future[Message]] = set()
         sent: list[int] = []  # chunks sent since the last checkpoint (bits cleared once acked)
         try:
             link = self.peers.link(rec.partner)
             for chunk in list(pr.dirty.iter_set(0)):
-                off = chunk * CHUNK
-                n = min(CHUNK, pr.vol.record.size - off)
-                if n <= 0:
+                if chunk * CHUNK >= pr.vol.record.size:
                     pr.dirty.clear(chunk)
                     continue
-                ext = store.extents(off, n)
-                # Read and send in one step: later host writes to the chunk follow it.
-                if len(ext) == 1 and ext[0][1] & 2:
-                    fut = link.request({"t": "copy", "pair": rec.name, "off": off, "len": n,
-                                        "zero": True})
-                else:
-                    data = store.pread(off, n)
-                    fut = link.request({"t": "copy", "pair": rec.name, "off": off, "len": n},
-                                       data)
-                    pr.copied_bytes += n
+                fut, nbytes = self._send_chunk(pr, link, chunk)
+                pr.copied_bytes += nbytes
                 sent.append(chunk)
                 inflight.add(fut)
                 if len(inflight) >= COPY_WINDOW:
@@ -372,6 +361,21 @@ class ReplicationManager:
                 if f.done() and not f.cancelled():
                     f.exception()
             self._save(pr)
+
+    def _send_chunk(self, pr: PairRuntime, link: Any, chunk: int
+                    ) -> tuple[asyncio.Future[Message], int]:
+        """Read one chunk and send it in the same loop step, so a host write to it can
+        only follow it on the ordered link. Holes go as a zero request. Returns the
+        reply future and the payload bytes sent."""
+        store = pr.vol.store
+        off = chunk * CHUNK
+        n = min(CHUNK, pr.vol.record.size - off)
+        ext = store.extents(off, n)
+        if len(ext) == 1 and ext[0][1] & 2:
+            return link.request({"t": "copy", "pair": pr.rec.name, "off": off, "len": n,
+                                 "zero": True}), 0
+        return link.request({"t": "copy", "pair": pr.rec.name, "off": off, "len": n},
+                            store.pread(off, n)), n
 
     async def _checkpoint(self, pr: PairRuntime, inflight: set[asyncio.Future[Message]],
                           sent: list[int]) -> None:
@@ -1051,15 +1055,12 @@ class ReplicationManager:
                                     "reason": f"verify found {len(suspects)} stale chunk(s)"})
                 for c in suspects:
                     pr.dirty.set(c)
-                store = pr.vol.store
                 for c in suspects:
-                    off = c * CHUNK
-                    n = min(CHUNK, pr.vol.record.size - off)
-                    await link.request({"t": "copy", "pair": rec.name, "off": off, "len": n},
-                                       store.pread(off, n))
+                    fut, _ = self._send_chunk(pr, link, c)
+                    await fut
                     pr.dirty.clear(c)
                     v["repaired_chunks"] += 1
-                    v["repaired_bytes"] += n
+                    v["repaired_bytes"] += min(CHUNK, pr.vol.record.size - c * CHUNK)
                 await link.request({"t": "flush", "pair": rec.name})
                 await link.request({"t": "pair_unblock", "pair": rec.name})
             self.node.events.publish("verify_done", pair=rec.name, mismatches=len(suspects),
