@@ -68,5 +68,29 @@ def api(cfg: ClusterConfig, node: str, method: str, path: str,
                        "(`twinvol node run` or `twinvol up`)?") from None
 
 
+def collect(cfg: ClusterConfig, path: str, key: str, only: str | None = None
+            ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """`key` items from `path` on every node (or `only`): (items, unreachable node -> error).
+    An unreachable node is reported, not fatal, unless it was asked for by name."""
+    items: list[dict[str, Any]] = []
+    unreachable: dict[str, str] = {}
+    for n in [only] if only else list(cfg.nodes):
+        cfg.node(n)
+        try:
+            items.extend(api(cfg, n, "GET", path, timeout=5)[key])
+        except ApiError:
+            raise
+        except CliError as e:
+            if only:
+                raise
+            unreachable[n] = str(e)
+    return items, unreachable
+
+
+def warn_unreachable(unreachable: dict[str, str]) -> None:
+    for msg in unreachable.values():
+        console.print(f"[yellow]warning:[/] {msg}", highlight=False)
+
+
 def emit_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")

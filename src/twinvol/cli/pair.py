@@ -15,9 +15,11 @@ from twinvol.cli.common import (
     ClusterOpt,
     JsonOpt,
     api,
+    collect,
     console,
     emit_json,
     load_cluster,
+    warn_unreachable,
 )
 from twinvol.cluster import ClusterConfig
 
@@ -123,15 +125,7 @@ def create(
 def list_(cluster: str = ClusterOpt, json_out: bool = JsonOpt) -> None:
     """List pairs as every reachable node sees them."""
     cfg = load_cluster(cluster)
-    rows: list[dict[str, Any]] = []
-    unreachable: dict[str, str] = {}
-    for n in cfg.nodes:
-        try:
-            rows.extend(api(cfg, n, "GET", "/api/v1/pairs", timeout=5)["pairs"])
-        except ApiError:
-            raise
-        except CliError as e:
-            unreachable[n] = str(e)
+    rows, unreachable = collect(cfg, "/api/v1/pairs", "pairs")
     if json_out:
         emit_json({"pairs": rows, "unreachable": unreachable})
         return
@@ -141,8 +135,7 @@ def list_(cluster: str = ClusterOpt, json_out: bool = JsonOpt) -> None:
         table.add_row(r["name"], r["node"], r["role"], r["volume"], r["partner"], r["state"],
                       r["io_mode"], r["peer_link"], str(r["dirty_chunks"]))
     console.print(table)
-    for msg in unreachable.values():
-        console.print(f"[yellow]warning:[/] {msg}", highlight=False)
+    warn_unreachable(unreachable)
 
 
 @app.command()

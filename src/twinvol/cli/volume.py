@@ -14,9 +14,11 @@ from twinvol.cli.common import (
     JsonOpt,
     NodeOpt,
     api,
+    collect,
     console,
     emit_json,
     load_cluster,
+    warn_unreachable,
 )
 from twinvol.cluster import ClusterConfig
 from twinvol.sizes import SizeError, format_size, parse_size
@@ -108,19 +110,7 @@ def list_(
 ) -> None:
     """List volumes on every node (or one node)."""
     cfg = load_cluster(cluster)
-    nodes = [node] if node else list(cfg.nodes)
-    vols: list[dict[str, Any]] = []
-    unreachable: dict[str, str] = {}
-    for n in nodes:
-        cfg.node(n)
-        try:
-            vols.extend(api(cfg, n, "GET", "/api/v1/volumes", timeout=5)["volumes"])
-        except ApiError:
-            raise
-        except CliError as e:
-            if node:
-                raise
-            unreachable[n] = str(e)
+    vols, unreachable = collect(cfg, "/api/v1/volumes", "volumes", node)
     if json_out:
         emit_json({"volumes": vols, "unreachable": unreachable})
         return
@@ -129,8 +119,7 @@ def list_(
         table.add_row(v["name"], v["node"], format_size(v["size"]), v["export_name"], v["kind"],
                       str(v["connections"]), v["nbd_uri"])
     console.print(table)
-    for msg in unreachable.values():
-        console.print(f"[yellow]warning:[/] {msg}", highlight=False)
+    warn_unreachable(unreachable)
 
 
 @app.command()
