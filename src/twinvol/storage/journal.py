@@ -1,0 +1,324 @@
+"""The journal of a consistency group: an ordered, bounded, checksummed log of writes.
+
+Async remote copy records every write acknowledged at the primary site here, in
+sequence-number order per consistency group, and ships the records to the far
+site, which applies them in the same order (so its copy is always a
+crash-consistent point in time). The standby node of an active-active pair keeps
+a journal with the same sequence numbers, so it can feed the far site when the
+primary is lost (delta resync); the far site keeps one for what it received.
+
+On disk: segment files named by their first sequence number, each a run of
+records `header | pair name | data`. The CRC covers all three, so a flipped
+byte anywhere is found before a record is shipped or applied. A record cut
+short at the very end (a crash during the append) is discarded on open; a bad
+record anywhere else is corruption: reading stops before it (`corrupt_at`) and
+nothing past it is ever shipped or applied.
+
+Record encoding is pure (`encode_record`, `decode_records`); `Journal` only adds
+files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+MAGIC = b"TVJ1"
+# magic, cmd, flags, name length, seq, time, offset, length, data length, crc
+HEADER = struct.Struct(">4sBBHQdQIII")
+SEGMENT_BYTES = 8 * 1024 * 1024
+MAX_NAME = 255
+MAX_DATA = 64 * 1024 * 1024
+
+
+class JournalError(Exception):
+    """A journal cannot be used (bad directory, unreadable files)."""
+
+
+class JournalFull(JournalError):
+    """Appending would pass the journal's size limit: the caller falls back to bitmaps."""
+
+
+class JournalCorrupt(JournalError):
+    """A record failed its CRC or framing check; `seq` is the last good sequence number."""
+
+    def __init__(self, message: str, seq: int) -> None:
+        super().__init__(message)
+        self.seq = seq
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One journaled write (WRITE carries data; TRIM / WRITE_ZEROES only a range)."""
+
+    seq: int
+    pair: str
+    cmd: int
+    flags: int
+    offset: int
+    length: int
+    time: float
+    data: bytes = b""
+
+
+def encode_record(rec: Record) -> bytes:
+    name = rec.pair.encode()
+    if len(name) > MAX_NAME:
+        raise ValueError("pair name too long for a journal record")
+    head = HEADER.pack(MAGIC, rec.cmd, rec.flags, len(name), rec.seq, rec.time, rec.offset,
+                       rec.length, len(rec.data), 0)
+    crc = zlib.crc32(rec.data, zlib.crc32(name, zlib.crc32(head)))
+    return HEADER.pack(MAGIC, rec.cmd, rec.flags, len(name), rec.seq, rec.time, rec.offset,
+                       rec.length, len(rec.data), crc) + name + rec.data
+
+
+def _decode_one(mv: memoryview, pos: int, after: int) -> tuple[Record, int] | None:
+    """The record at `pos` and where it ends; None if it is cut short."""
+    if len(mv) - pos < HEADER.size:
+        return None
+    magic, cmd, flags, nlen, seq, t, off, length, dlen, crc = HEADER.unpack_from(mv, pos)
+    if magic != MAGIC or nlen > MAX_NAME or dlen > MAX_DATA:
+        raise JournalCorrupt(f"bad journal record header after sequence {after}", after)
+    end = pos + HEADER.size + nlen + dlen
+    if end > len(mv):
+        return None
+    head = HEADER.pack(magic, cmd, flags, nlen, seq, t, off, length, dlen, 0)
+    name = bytes(mv[pos + HEADER.size:pos + HEADER.size + nlen])
+    data = bytes(mv[pos + HEADER.size + nlen:end])
+    if zlib.crc32(data, zlib.crc32(name, zlib.crc32(head))) != crc:
+        raise JournalCorrupt(f"journal record {seq} failed its CRC check", after)
+    if after and seq != after + 1:
+        raise JournalCorrupt(f"journal record {seq} does not follow {after}", after)
+    return Record(seq, name.decode(errors="replace"), cmd, flags, off, length, t, data), end
+
+
+def decode_records(buf: bytes | bytearray | memoryview, after: int = 0
+                   ) -> tuple[list[Record], int]:
+    """Decode whole records from `buf`. Returns the records and the bytes consumed.
+
+    Stops at an incomplete record at the end (the caller decides whether that is a
+    torn tail). Raises JournalCorrupt for a record that is complete but wrong, or whose
+    sequence number does not follow `after` (when `after` is non-zero)."""
+    mv = memoryview(buf)
+    out: list[Record] = []
+    pos = 0
+    while True:
+        got = _decode_one(mv, pos, after)
+        if got is None:
+            return out, pos
+        rec, pos = got
+        out.append(rec)
+        after = rec.seq
+
+
+@dataclass(slots=True)
+class _Segment:
+    first: int
+    path: str
+    size: int = 0
+    last: int = 0      # 0 while empty
+
+
+class Journal:
+    """Segment files in `directory`, holding sequence numbers `first..last` contiguously."""
+
+    def __init__(self, directory: str, limit: int) -> None:
+        self.dir = directory
+        self.limit = limit
+        # Several segments fit in the limit, so trimming frees space before it fills.
+        self.segment_bytes = max(64 * 1024, min(SEGMENT_BYTES, limit // 4))
+        self.segments: list[_Segment] = []
+        self.index: dict[int, tuple[_Segment, int, int]] = {}  # seq -> segment, pos, size
+        self.corrupt_at: int | None = None   # first sequence number that could not be read
+        self.size = 0
+        self._fd = -1
+        self._dirty = False
+        os.makedirs(directory, exist_ok=True)
+        self._open()
+
+    # ---- opening ------------------------------------------------------------
+
+    def _open(self) -> None:
+        names = sorted(n for n in os.listdir(self.dir)
+                       if n.endswith(".jnl") and n[:-4].isdigit())
+        last = 0
+        for i, name in enumerate(names):
+            seg = _Segment(int(name[:-4]), os.path.join(self.dir, name))
+            with open(seg.path, "rb") as f:
+                data = f.read()
+            mv = memoryview(data)
+            pos = 0
+            while self.corrupt_at is None:
+                try:
+                    got = _decode_one(mv, pos, last)
+                except JournalCorrupt:
+                    self.corrupt_at = last + 1
+                    break
+                if got is None:
+                    break
+                rec, end = got
+                self.index[rec.seq] = (seg, pos, end - pos)
+                seg.last = last = rec.seq
+                pos = end
+            seg.size = len(data)
+            if pos < len(data) and self.corrupt_at is None:
+                if i == len(names) - 1:
+                    # A record cut short by a crash during its append: never acknowledged.
+                    os.truncate(seg.path, pos)
+                    seg.size = pos
+                else:
+                    self.corrupt_at = last + 1
+            if seg.size == 0:
+                os.unlink(seg.path)
+                continue
+            self.segments.append(seg)
+            self.size += seg.size
+            if self.corrupt_at is not None:
+                break
+
+    # ---- state --------------------------------------------------------------
+
+    @property
+    def first(self) -> int:
+        """Lowest sequence number held (0 when empty)."""
+        for seg in self.segments:
+            if seg.last:
+                return seg.first
+        return 0
+
+    @property
+    def last(self) -> int:
+        for seg in reversed(self.segments):
+            if seg.last:
+                return seg.last
+        return 0
+
+    def holds(self, seq_from: int, seq_to: int) -> bool:
+        """True if every record seq_from..seq_to (inclusive) is here and readable."""
+        if seq_from > seq_to:
+            return True
+        return seq_from in self.index and seq_to in self.index
+
+    # ---- writing ------------------------------------------------------------
+
+    def append(self, rec: Record) -> int:
+        """Append one record (its seq must follow `last`); returns its encoded size."""
+        if self.corrupt_at is not None:
+            raise JournalCorrupt(f"journal is damaged at sequence {self.corrupt_at}",
+                                 self.corrupt_at - 1)
+        last = self.last
+        if last and rec.seq != last + 1:
+            raise JournalError(f"journal sequence {rec.seq} does not follow {last}")
+        blob = encode_record(rec)
+        if self.size + len(blob) > self.limit:
+            raise JournalFull(f"journal {self.dir} is full ({self.size} of {self.limit} bytes)")
+        seg = self.segments[-1] if self.segments else None
+        if seg is None or (seg.size and seg.size + len(blob) > self.segment_bytes):
+            seg = self._new_segment(rec.seq)
+        if self._fd < 0:
+            self._fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                               0o600)
+        os.write(self._fd, blob)
+        self.index[rec.seq] = (seg, seg.size, len(blob))
+        seg.size += len(blob)
+        seg.last = rec.seq
+        self.size += len(blob)
+        self._dirty = True
+        return len(blob)
+
+    def _new_segment(self, first: int) -> _Segment:
+        if self._fd >= 0:
+            os.fdatasync(self._fd) if self._dirty else None
+            os.close(self._fd)
+            self._fd = -1
+        seg = _Segment(first, os.path.join(self.dir, f"{first:020d}.jnl"))
+        self.segments.append(seg)
+        return seg
+
+    def sync(self) -> None:
+        """Make every appended record durable (fdatasync of the open segment)."""
+        if self._dirty and self._fd >= 0:
+            self._dirty = False
+            os.fdatasync(self._fd)
+
+    def trim(self, upto: int) -> int:
+        """Drop whole segments whose records are all <= upto; returns bytes freed."""
+        freed = 0
+        while self.segments and self.segments[0].last and self.segments[0].last <= upto:
+            seg = self.segments.pop(0)
+            if not self.segments and self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+                self._dirty = False
+            for s in range(seg.first, seg.last + 1):
+                self.index.pop(s, None)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(seg.path)
+            self.size -= seg.size
+            freed += seg.size
+        return freed
+
+    def reset(self) -> None:
+        """Discard every record (overflow to bitmaps, or a journal restarted elsewhere)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        for seg in self.segments:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(seg.path)
+        self.segments.clear()
+        self.index.clear()
+        self.size = 0
+        self.corrupt_at = None
+        self._dirty = False
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                if self._dirty:
+                    os.fdatasync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+    # ---- reading ------------------------------------------------------------
+
+    def read(self, seq_from: int, max_bytes: int = 4 * 1024 * 1024,
+             seq_to: int | None = None) -> list[Record]:
+        """Records seq_from..seq_to (at least one if any), read in one go from one segment
+        and verified by CRC. Raises JournalCorrupt at a damaged record, JournalError when
+        seq_from is no longer held."""
+        stop = self.last if seq_to is None else min(seq_to, self.last)
+        if seq_from > stop:
+            return []
+        where = self.index.get(seq_from)
+        if where is None:
+            raise JournalError(f"journal no longer holds sequence {seq_from}")
+        seg, pos, _n = where
+        end, seq = pos, seq_from
+        while seq <= stop and end - pos < max_bytes:
+            w = self.index.get(seq)
+            if w is None or w[0] is not seg:
+                break
+            end = w[1] + w[2]
+            seq += 1
+        fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            blob = os.pread(fd, end - pos, pos)
+        finally:
+            os.close(fd)
+        recs, used = decode_records(blob, after=seq_from - 1)
+        if used != end - pos or not recs:
+            raise JournalCorrupt(f"journal record {seq_from + len(recs)} is damaged",
+                                 seq_from - 1 + len(recs))
+        return recs
+
+    def iter_from(self, seq_from: int) -> Iterator[Record]:
+        seq = seq_from
+        while seq <= self.last:
+            batch = self.read(seq)
+            yield from batch
+            seq = batch[-1].seq + 1
