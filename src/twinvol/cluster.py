@@ -55,6 +55,24 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True):
         return f"nbd://{_urlhost(host)}:{port}/{export}"
 
 
+class VmHostConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """A hypervisor host (`[vmhosts.H]`): where its manager listens and which real
+    resources it registers under logical names (see `twinvol.vm`)."""
+
+    site: str
+    api: str                 # the host manager's HTTP API (HOST:PORT)
+    storage: str             # node serving its volumes (`volume:NAME`), or "host" (the agent)
+    data_dir: str            # VM definitions, QMP sockets, console logs
+    cpus: int = 4            # limits: vCPUs and memory of all its running VMs together
+    memory: str = "4G"
+    networks: dict[str, str] = msgspec.field(default_factory=dict)  # name -> "user"|"isolated"
+    accel: str = "auto"      # "kvm", "tcg" or "auto" (KVM when usable)
+
+    @property
+    def api_url(self) -> str:
+        return http_url(self.api)
+
+
 class ClusterSection(msgspec.Struct, forbid_unknown_fields=True):
     name: str = "twinvol"
     secret: str = ""  # shared by every component; peers and API clients must prove it
@@ -66,6 +84,7 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
     # Sections owned by the witness and the host agent, validated by them.
     witness: dict[str, Any] | None = None
     host: dict[str, Any] | None = None
+    vmhosts: dict[str, VmHostConfig] = msgspec.field(default_factory=dict)
     path: str = ""  # where it was loaded from (not stored in the file)
 
     def node(self, name: str) -> NodeConfig:
@@ -79,6 +98,14 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
     def data_dir(self, name: str) -> str:
         d = self.node(name).data_dir
         return d if os.path.isabs(d) else os.path.join(os.path.dirname(self.path), d)
+
+    def vmhost(self, name: str) -> VmHostConfig:
+        try:
+            return self.vmhosts[name]
+        except KeyError:
+            known = ", ".join(sorted(self.vmhosts)) or "none"
+            raise ClusterError(f"hypervisor host {name!r} is not in cluster file {self.path} "
+                               f"(vmhosts: {known})") from None
 
 
 def split_hostport(value: str) -> tuple[str, int]:
@@ -133,6 +160,14 @@ def load(path: str | None) -> ClusterConfig:
                 split_hostport(node.peer)
         except ClusterError as e:
             raise ClusterError(f"cluster file {path}, node {name}: {e}") from None
+    for name, vh in cfg.vmhosts.items():
+        try:
+            split_hostport(vh.api)
+        except ClusterError as e:
+            raise ClusterError(f"cluster file {path}, vmhost {name}: {e}") from None
+        if vh.storage not in cfg.nodes and not (vh.storage == "host" and cfg.host):
+            raise ClusterError(f"cluster file {path}, vmhost {name}: storage {vh.storage!r} "
+                               "is neither a node nor \"host\" (with a [host] table)")
     cfg.path = path
     return cfg
 
@@ -144,6 +179,8 @@ def dump(cfg: ClusterConfig, path: str) -> None:
     for key in ("witness", "host"):
         if data.get(key) is None:
             data.pop(key, None)
+    if not data.get("vmhosts"):
+        data.pop("vmhosts", None)
     for node in data["nodes"].values():
         if node.get("peer") is None:
             node.pop("peer", None)
