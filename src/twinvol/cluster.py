@@ -21,9 +21,27 @@ from typing import Any
 import msgspec
 import tomli_w
 
+from twinvol.sizes import SizeError, parse_size
+
 
 class ClusterError(Exception):
     """The cluster file is missing, unreadable or inconsistent."""
+
+
+class FaultConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Fault detection thresholds: `[faults]` for every node, `[nodes.X.faults]` to
+    override single fields for one node."""
+
+    capacity_warn: float = 0.90  # fraction of the data directory's space in use
+    capacity_critical: float = 0.97
+    capacity_quota: int | str | None = None  # bytes the data directory may use ("64M")
+    check_interval: float = 1.0  # seconds between capacity and disk probes
+    slow_io: float = 1.0  # seconds: a flush or disk probe slower than this is slow I/O
+    flap_count: int = 3  # peer link losses within flap_window that make it "flapping"
+    flap_window: float = 30.0
+    rate_burst: int = 20  # reports of one kind per rate_window before they are summarised
+    rate_window: float = 10.0
+    retention: int = 10000  # reports kept in each node's outbox and log
 
 
 class NodeConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -32,6 +50,7 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True):
     api: str
     data_dir: str
     peer: str | None = None  # replication listen address; nodes without one cannot pair
+    faults: dict[str, Any] | None = None  # overrides of [faults] for this node
 
     @property
     def peer_hostport(self) -> tuple[str, int]:
@@ -81,6 +100,7 @@ class ClusterSection(msgspec.Struct, forbid_unknown_fields=True):
 class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
     nodes: dict[str, NodeConfig]
     cluster: ClusterSection = msgspec.field(default_factory=ClusterSection)
+    faults: FaultConfig = msgspec.field(default_factory=FaultConfig)
     # Sections owned by the witness and the host agent, validated by them.
     witness: dict[str, Any] | None = None
     host: dict[str, Any] | None = None
@@ -94,6 +114,21 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
             known = ", ".join(sorted(self.nodes)) or "none"
             raise ClusterError(f"node {name!r} is not in cluster file {self.path} "
                                f"(nodes: {known})") from None
+
+    def fault_config(self, name: str) -> FaultConfig:
+        """`[faults]` with this node's `[nodes.NAME.faults]` overrides applied."""
+        over = self.node(name).faults or {}
+        merged = {**msgspec.to_builtins(self.faults), **over}
+        try:
+            cfg = msgspec.convert(merged, FaultConfig)
+            if cfg.capacity_quota is not None:
+                try:
+                    parse_size(str(cfg.capacity_quota))
+                except SizeError as e:
+                    raise ClusterError(f"capacity_quota: {e}") from None
+        except msgspec.ValidationError as e:
+            raise ClusterError(f"cluster file {self.path}, faults of node {name}: {e}") from None
+        return cfg
 
     def data_dir(self, name: str) -> str:
         d = self.node(name).data_dir
@@ -169,6 +204,8 @@ def load(path: str | None) -> ClusterConfig:
             raise ClusterError(f"cluster file {path}, vmhost {name}: storage {vh.storage!r} "
                                "is neither a node nor \"host\" (with a [host] table)")
     cfg.path = path
+    for name in cfg.nodes:
+        cfg.fault_config(name)
     return cfg
 
 
@@ -181,9 +218,14 @@ def dump(cfg: ClusterConfig, path: str) -> None:
             data.pop(key, None)
     if not data.get("vmhosts"):
         data.pop("vmhosts", None)
+    if data.get("faults") == msgspec.to_builtins(FaultConfig()):
+        data.pop("faults", None)
+    elif data.get("faults"):
+        data["faults"] = {k: v for k, v in data["faults"].items() if v is not None}
     for node in data["nodes"].values():
-        if node.get("peer") is None:
-            node.pop("peer", None)
+        for key in ("peer", "faults"):
+            if node.get(key) is None:
+                node.pop(key, None)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         tomli_w.dump(data, f)

@@ -13,7 +13,7 @@ import contextlib
 import errno
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Protocol
 
@@ -70,6 +70,26 @@ def nbd_errno(e: OSError) -> int:
     return Err.EIO
 
 
+class IoStats:
+    """Per-node request counters and fault hooks. Counting is one int increment per
+    request (exported by the node's metrics collector); the hooks run only on errors
+    and on flushes."""
+
+    __slots__ = ("errors", "on_error", "on_slow", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.on_error: Callable[[str, str, int, BaseException], None] | None = None
+        self.on_slow: Callable[[str, str, float], None] | None = None
+
+    def error(self, op: str, export: ExportInfo | None, offset: int,
+              exc: BaseException) -> None:
+        self.errors += 1
+        if self.on_error is not None:
+            self.on_error(op, export.name if export else "?", offset, exc)
+
+
 SCRATCH_SIZE = 256 * 1024
 _ASYNC_CMDS = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES, Cmd.FLUSH)
 
@@ -83,8 +103,9 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
     """
 
     def __init__(self, registry: ExportRegistry, executor: Executor,
-                 connections: set[NbdServerProtocol]) -> None:
+                 connections: set[NbdServerProtocol], stats: IoStats | None = None) -> None:
         self.registry = registry
+        self.stats = stats if stats is not None else IoStats()
         self.executor = executor
         self.connections = connections
         self.conn = ServerConnection(registry)
@@ -231,6 +252,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
     def _handle(self, req: Request) -> None:
         backend = self.backend
         assert backend is not None
+        self.stats.requests += 1
         cmd = req.command
         conn = self.conn
         replies = self._replies
@@ -267,6 +289,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         except OSError as e:
             log.error("backing storage error", extra={"peer": self.peer, "op": cmd.name,
                                                       "offset": req.offset, "errno": e.errno})
+            self.stats.error(cmd.name, self.export, req.offset, e)
             replies.extend(conn.reply_error(req.cookie, nbd_errno(e),
                                             f"{cmd.name} failed: {e.strerror}"))
             return
@@ -301,6 +324,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
                 err = getattr(exc, "errno", None)
                 if isinstance(exc, OSError):
                     err = nbd_errno(exc)
+                    self.stats.error(cookie[0].name, self.export, 0, exc)
                 self._replies.extend(self.conn.reply_error(
                     cookie[1], int(err) if isinstance(err, int) else Err.EIO,
                     f"{cookie[0].name} failed: {exc}"))
@@ -316,13 +340,20 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         fut = loop.run_in_executor(self.executor, backend.flush)
         self._pending.add(fut)
         self._update_reading()
+        started = loop.time()
 
         def done(f: asyncio.Future[None]) -> None:
             self._pending.discard(f)
             self._update_reading()
-            if self.transport is None or self.transport.is_closing():
+            if f.cancelled():
                 return
             exc = f.exception()
+            if exc is not None:
+                self.stats.error("FLUSH", self.export, 0, exc)
+            elif self.stats.on_slow is not None and self.export is not None:
+                self.stats.on_slow("FLUSH", self.export.name, loop.time() - started)
+            if self.transport is None or self.transport.is_closing():
+                return
             if exc is None:
                 self.transport.write(self.conn.reply_ok(req.cookie))
             else:

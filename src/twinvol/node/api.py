@@ -16,6 +16,7 @@ import msgspec
 from aiohttp import web
 
 from twinvol import __version__
+from twinvol.faults.api import fault_routes
 from twinvol.sizes import SizeError, parse_size
 from twinvol.storage.volumes import Volume, VolumeError
 
@@ -276,4 +277,5 @@ def make_app(node: Node) -> web.Application:
         return resp
 
     app.add_routes(routes)
+    app.add_routes(fault_routes(node))
     return app

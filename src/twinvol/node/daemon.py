@@ -19,7 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from twinvol.cluster import ClusterConfig
-from twinvol.nbd.aio import Backend, NbdServerProtocol, close_all, shutdown_all
+from twinvol.faults.node import FaultManager
+from twinvol.faults.store import FaultStoreError
+from twinvol.nbd.aio import Backend, IoStats, NbdServerProtocol, close_all, shutdown_all
 from twinvol.nbd.server import ExportInfo
 from twinvol.node.api import make_app
 from twinvol.node.events import EventBus
@@ -48,6 +50,13 @@ class Node:
         self._check_identity()
         self.volumes = VolumeManager(self.data_dir)
         self.events = EventBus(name, self.config.site)
+        try:
+            self.faults = FaultManager(cluster, name, self.data_dir, self.events.listen)
+        except FaultStoreError as e:
+            raise NodeStartError(str(e)) from None
+        self.io_stats = IoStats()  # NBD request counter and the disk fault hooks
+        self.io_stats.on_error = self.faults.on_io_error
+        self.io_stats.on_slow = self.faults.on_slow_io
         from twinvol.replication.manager import ReplicationManager
 
         self.replication = ReplicationManager(self)
@@ -139,7 +148,7 @@ class Node:
         host, port = self.config.nbd_hostport
         try:
             self._nbd_server = await loop.create_server(
-                lambda: NbdServerProtocol(self, self.executor, self.connections),
+                lambda: NbdServerProtocol(self, self.executor, self.connections, self.io_stats),
                 host, port, reuse_address=True, backlog=256)
         except OSError as e:
             raise NodeStartError(f"cannot listen for NBD on {host}:{port}: {e.strerror}") from e
@@ -153,6 +162,7 @@ class Node:
         except OSError as e:
             raise NodeStartError(f"cannot listen for the API on {ahost}:{aport}: "
                                  f"{e.strerror}") from e
+        await self.faults.start()
         await self.replication.start()
         self.log.info("node serving", extra={"node": self.name, "nbd": self.config.nbd,
                                              "api": self.config.api, "pid": os.getpid(),
@@ -163,6 +173,7 @@ class Node:
             self._nbd_server.close()
         await shutdown_all(self.connections)
         await self.replication.stop()
+        await self.faults.stop()
         self.events.close()
         if self._runner is not None:
             await self._runner.cleanup()

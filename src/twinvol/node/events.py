@@ -12,6 +12,7 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 RING = 4096
@@ -27,6 +28,11 @@ class EventBus:
         self.seq = 0
         self.ring: collections.deque[dict[str, Any]] = collections.deque(maxlen=RING)
         self.subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
+        # Called in publish, never dropped (fault detection must see every event).
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    def listen(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        self.listeners.append(fn)
 
     def publish(self, type_: str, **fields: Any) -> dict[str, Any]:
         self.seq += 1
@@ -34,6 +40,11 @@ class EventBus:
               "site": self.site, "type": type_, **fields}
         self.ring.append(ev)
         log.info("event", extra={"event": ev})
+        for fn in self.listeners:
+            try:
+                fn(ev)
+            except Exception:
+                log.exception("event listener failed", extra={"event": ev})
         for q in list(self.subscribers):
             try:
                 q.put_nowait(ev)
