@@ -10,7 +10,7 @@ import click
 import typer
 
 from twinvol import __version__
-from twinvol.cli import host, node, pair, up, volume, witness
+from twinvol.cli import events, host, node, pair, up, volume, witness
 from twinvol.cli.common import CliError
 from twinvol.cluster import ClusterError
 
@@ -27,6 +27,7 @@ app.add_typer(pair.app, name="pair")
 app.add_typer(witness.app, name="witness")
 app.add_typer(host.app, name="host")
 app.command("up")(up.up)
+app.command("events")(events.events)
 
 
 @app.command()

@@ -13,17 +13,23 @@ Configuration is the `[host]` table of the cluster file::
     hold_timeout = 30.0          # seconds to hold I/O while no path is usable
     nodes = ["A", "B"]           # which nodes are this host's paths (default: all)
     io_timeout = 15.0            # a path silent this long with requests outstanding is dead
+    fault_log = "host-faults.jsonl"  # received fault reports (JSON lines)
+    [[host.sinks]]               # optional: type = "webhook" (url), "syslog" (address),
+    type = "webhook"             # or "command" (command = [argv]); min_severity = "error"
+    url = "http://127.0.0.1:9000/hook"
 
 `[cluster] secret`, when set, is sent to the nodes' APIs as a bearer token.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import msgspec
 
 from twinvol.cluster import ClusterError, http_url, read_toml, split_hostport
+from twinvol.faults.sinks import SinkConfig
 
 
 class HostConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -34,6 +40,10 @@ class HostConfig(msgspec.Struct, forbid_unknown_fields=True):
     # A path with requests outstanding and no reply for this long is declared dead
     # (a hung node or a cut link that TCP has not noticed yet).
     io_timeout: float = 15.0
+    # Fault reports pushed by the nodes: appended here (relative to the cluster file)
+    # and handed to the sinks (webhook, syslog, command).
+    fault_log: str = "host-faults.jsonl"
+    sinks: list[SinkConfig] = []
 
 
 class NodeAddr(msgspec.Struct):
@@ -60,6 +70,12 @@ class HostSetup:
     nodes: dict[str, NodeAddr]  # the path nodes, in preference order
     secret: str | None
     path: str
+    cluster_name: str = "twinvol"
+
+    @property
+    def fault_log(self) -> str:
+        p = self.config.fault_log
+        return p if os.path.isabs(p) else os.path.join(os.path.dirname(self.path), p)
 
 
 def load(path: str | None) -> HostSetup:
@@ -100,7 +116,8 @@ def load(path: str | None) -> HostSetup:
         except ClusterError as e:
             raise ClusterError(f"cluster file {path}, node {name}: {e}") from None
         chosen[name] = nodes[name]
-    return HostSetup(config, chosen, secret, path)
+    name = section.get("name", "twinvol") if isinstance(section, dict) else "twinvol"
+    return HostSetup(config, chosen, secret, path, str(name))
 
 
 __all__ = ["HostConfig", "HostSetup", "NodeAddr", "load"]

@@ -32,6 +32,7 @@ from aiohttp import web
 
 from twinvol import __version__
 from twinvol.cluster import split_hostport
+from twinvol.faults.host import HostFaults
 from twinvol.host import HostSetup
 from twinvol.host.events import NodeWatcher
 from twinvol.host.nodes import HttpNodeLink, NodeLink, NodeUnreachable
@@ -483,6 +484,7 @@ class Agent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.nbd_port = 0
         self.api_port = 0
+        self.faults: HostFaults | None = None
 
     # ---- Hooks for sessions -----------------------------------------------
 
@@ -686,6 +688,8 @@ class Agent:
             self._http = aiohttp.ClientSession()
             self.links = {n: HttpNodeLink(n, addr, self._http, self.setup.secret)
                           for n, addr in self.setup.nodes.items()}
+            self.faults = HostFaults(self.setup.fault_log, self.config.sinks,
+                                     self.setup.cluster_name)
         try:
             self._server = await loop.create_server(lambda: AgentProtocol(self), host, port,
                                                     reuse_address=True, backlog=256)
@@ -712,6 +716,10 @@ class Agent:
                             silence=self.silence)
             self.watchers[name] = w
             w.start()
+        if self.faults is not None and self._http is not None:
+            self.faults.start(self._http, {n: a.api_url for n, a in self.setup.nodes.items()},
+                              {"Authorization": f"Bearer {self.setup.secret}"}
+                              if self.setup.secret else {})
         self._ticker = loop.create_task(self._tick())
         log.info("host agent serving", extra={"nbd": self.config.nbd, "api": self.config.api,
                                               "nodes": list(self.links), "pid": os.getpid(),
@@ -742,6 +750,8 @@ class Agent:
         if self._ticker is not None:
             tasks.append(self._ticker)
         await asyncio.gather(*(w.stop(STOP_WAIT) for w in self.watchers.values()))
+        if self.faults is not None:
+            await self.faults.stop()
         if tasks:
             await asyncio.wait(tasks, timeout=STOP_WAIT)
         if self._runner is not None:
@@ -805,6 +815,7 @@ class Agent:
             "refused": list(self.refusals),
             "exports": exports,
             "sessions": [s.status() for st in self.exports.values() for s in st.sessions],
+            "faults": None if self.faults is None else self.faults.status(),
         }
 
 
@@ -826,6 +837,8 @@ def make_app(agent: Agent) -> web.Application:
         return web.json_response(agent.status())
 
     app.add_routes(routes)
+    if agent.faults is not None:
+        app.add_routes(agent.faults.routes())
     return app
 
 
