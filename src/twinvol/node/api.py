@@ -43,6 +43,12 @@ class CreatePair(msgspec.Struct, forbid_unknown_fields=True):
     mode: str = "active-active"
     primary_volume: str | None = None
     secondary_volume: str | None = None
+    group: str | None = None                  # async: consistency group (default: the name)
+    journal_size: int | str | None = None     # async: journal limit of a new group
+
+
+class Takeover(msgspec.Struct, forbid_unknown_fields=True):
+    force: bool = False
 
 
 class ResizeVolume(msgspec.Struct, forbid_unknown_fields=True):
@@ -193,11 +199,19 @@ def make_app(node: Node) -> web.Application:
     @routes.post("/api/v1/pairs")
     async def create_pair(request: web.Request) -> web.Response:
         body: CreatePair = await _body(request, CreatePair)
-        if body.mode != "active-active":
-            raise VolumeError(f"pair mode {body.mode!r} is not supported yet (active-active)")
+        if body.mode not in ("active-active", "async"):
+            raise VolumeError(f"pair mode {body.mode!r} is not supported (active-active, "
+                              "async)")
+        if body.mode != "async" and (body.group or body.journal_size):
+            raise VolumeError("group and journal_size apply to async pairs only")
+        journal = _size(body.journal_size) or 0
+        if body.journal_size is not None and journal < 1024 * 1024:
+            raise VolumeError("journal_size must be at least 1M")
         rec = await node.replication.create(body.name, body.primary_volume or body.name,
                                             body.secondary,
-                                            body.secondary_volume or body.name)
+                                            body.secondary_volume or body.name,
+                                            mode=body.mode, group=body.group or "",
+                                            journal_limit=journal)
         return web.json_response(node.replication.view(node.replication.pairs[rec.name]),
                                  status=201)
 
@@ -227,6 +241,15 @@ def make_app(node: Node) -> web.Application:
         name = request.match_info["name"]
         await node.replication.delete(name)
         return web.json_response({"deleted": name})
+
+    @routes.post("/api/v1/dr/takeover")
+    async def dr_takeover(request: web.Request) -> web.Response:
+        """Disaster recovery at this node's site: feed or serve every remote copy here."""
+        body: Takeover = await _body(request, Takeover) if request.can_read_body \
+            else Takeover()
+        groups = await node.replication.remote.takeover(force=body.force)
+        return web.json_response({"node": node.name, "site": node.config.site,
+                                  "groups": groups})
 
     @routes.get("/api/v1/exports/{export}")
     async def show_export(request: web.Request) -> web.Response:

@@ -37,6 +37,12 @@ from twinvol.replication.pairs import (
     resync_direction,
 )
 from twinvol.replication.peer import Message, PeerDown, PeerService, RemoteError
+from twinvol.replication.remote import (
+    DEFAULT_JOURNAL,
+    JournalingBackend,
+    RemoteCopy,
+    TakeoverBackend,
+)
 from twinvol.storage.volumes import Volume, VolumeError
 
 if TYPE_CHECKING:
@@ -132,6 +138,7 @@ class ReplicationManager:
         self.bitmap_dir = os.path.join(node.data_dir, "bitmaps")
         os.makedirs(self.bitmap_dir, exist_ok=True)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.remote = RemoteCopy(self)
         for rec in self.store.all():
             self._load(rec)
 
@@ -152,6 +159,14 @@ class ReplicationManager:
         dirty.sync_now()
         al.sync_now()
         self.pairs[rec.name] = pr
+        if rec.mode == "async":
+            self.remote.attach(pr)
+            if rec.role == "secondary":
+                self.by_volume[rec.volume] = pr
+                self._apply_mode(pr)
+            elif rec.volume not in self.by_volume:
+                self.by_volume[rec.volume] = pr
+            return pr
         self.by_volume[rec.volume] = pr
         # Until the partner is met (or the witness says otherwise) a copy serves no host,
         # unless it is the side that already continues alone.
@@ -163,6 +178,7 @@ class ReplicationManager:
 
     async def start(self) -> None:
         await self.peers.start()
+        await self.remote.start()
         self._spawn(self._al_retirer())
         if self.witness is not None:
             self._spawn(self._heartbeats())
@@ -176,6 +192,7 @@ class ReplicationManager:
                 if task is not None:
                     task.cancel()
         await self.peers.stop()
+        await self.remote.stop()
         if self.witness is not None:
             with contextlib.suppress(Exception):
                 await self.witness.close()
@@ -192,9 +209,15 @@ class ReplicationManager:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def backend_for(self, vol: Volume) -> ReplicatedBackend | None:
+    def backend_for(self, vol: Volume) -> ReplicatedBackend | TakeoverBackend | None:
         pr = self.by_volume.get(vol.record.name)
-        return None if pr is None else ReplicatedBackend(self, pr)
+        if pr is None:
+            return None
+        if pr.rec.mode != "async":
+            return ReplicatedBackend(self, pr)
+        if pr.rec.role == "secondary":
+            return TakeoverBackend(self.remote, pr)
+        return JournalingBackend(self.remote, pr)
 
     # ---- state helpers ----------------------------------------------------------
 
@@ -222,18 +245,23 @@ class ReplicationManager:
     # ---- pair creation (primary side drives) -------------------------------------
 
     async def create(self, name: str, primary_volume: str, secondary: str,
-                     secondary_volume: str) -> PairRecord:
+                     secondary_volume: str, mode: str = "active-active", group: str = "",
+                     journal_limit: int = 0) -> PairRecord:
         if name in self.pairs:
             raise VolumeError(f"pair {name!r} already exists", "conflict")
         vol = self.node.volumes.get(primary_volume)
-        if vol.record.name in self.by_volume:
-            raise VolumeError(f"volume {primary_volume!r} is already in pair "
-                              f"{self.by_volume[vol.record.name].rec.name!r}", "conflict")
         if secondary == self.node.name:
             raise VolumeError("the secondary must be another node")
         self.node.cluster.node(secondary)
         if self.node.config.peer is None or self.node.cluster.node(secondary).peer is None:
             raise VolumeError("both nodes need a `peer` address in the cluster file to pair")
+        if mode == "async":
+            return await self.remote.create(name, vol.record.name, secondary,
+                                            secondary_volume, group or name,
+                                            journal_limit or DEFAULT_JOURNAL)
+        if vol.record.name in self.by_volume:
+            raise VolumeError(f"volume {primary_volume!r} is already in pair "
+                              f"{self.by_volume[vol.record.name].rec.name!r}", "conflict")
         try:
             link = self.peers.link(secondary)
         except PeerDown:
@@ -271,6 +299,21 @@ class ReplicationManager:
             raise RemoteError(f"pair {name!r} already exists here", "conflict")
         vname = str(h["volume"])
         size = int(h["size"])
+        _vol, own = self._take_identity(name, vname, size, h)
+        rec = PairRecord(name=name, mode="active-active", role="secondary", volume=vname,
+                         partner=self._peer_of(h), partner_volume=str(h["partner_volume"]),
+                         state="copying", io_mode="block", gen_current=str(h["gen"]),
+                         copy_total=nchunks(size), own_identity=own)
+        self.store.save(rec)
+        self._load(rec)
+        self.node.events.publish("pair_created", pair=name, role="secondary",
+                                 partner=rec.partner)
+        return {}, b""
+
+    def _take_identity(self, name: str, vname: str, size: int, h: dict[str, Any]
+                       ) -> tuple[Volume, dict[str, object]]:
+        """Secondary side of pairing: the volume (created if missing) takes the primary's
+        virtual identity. Returns it and its own identity (restored when unpaired)."""
         vols = self.node.volumes
         try:
             vol = vols.get(vname)
@@ -295,15 +338,7 @@ class ReplicationManager:
                               description=str(h["description"]))
         except VolumeError as e:
             raise RemoteError(str(e), e.code) from None
-        rec = PairRecord(name=name, mode="active-active", role="secondary", volume=vname,
-                         partner=self._peer_of(h), partner_volume=str(h["partner_volume"]),
-                         state="copying", io_mode="block", gen_current=str(h["gen"]),
-                         copy_total=nchunks(size), own_identity=own)
-        self.store.save(rec)
-        self._load(rec)
-        self.node.events.publish("pair_created", pair=name, role="secondary",
-                                 partner=rec.partner)
-        return {}, b""
+        return vol, own
 
     def _peer_of(self, h: dict[str, Any]) -> str:
         return str(h.get("_peer", ""))
@@ -348,10 +383,14 @@ class ReplicationManager:
                                 "history": rec.gen_history, "role": "secondary"
                                 if rec.role == "primary" else "primary"})
             rec.copy_cursor = 0
-            rec.copy_source = ""
-            self._set_mode(pr, "mirror")
-            self._set_state(pr, "mirrored")
-            self._release(pr)
+            if rec.mode == "async":
+                self._set_state(pr, "mirrored")
+                self.remote.copy_done(pr)
+            else:
+                rec.copy_source = ""
+                self._set_mode(pr, "mirror")
+                self._set_state(pr, "mirrored")
+                self._release(pr)
             self.node.events.publish("copy_done", pair=rec.name, bytes=pr.copied_bytes,
                                      seconds=round(time.monotonic() - pr.copy_started, 3))
         except (PeerDown, RemoteError) as e:
@@ -440,10 +479,17 @@ class ReplicationManager:
         self._apply(pr, cmd, offset, length, data, flags)
         for x in exts:
             pr.al_inflight[x] = pr.al_inflight.get(x, 0) + 1
-        peer_fut = link.request({"t": "w", "pair": rec.name, "cmd": cmd, "off": offset,
-                                 "len": length, "flags": flags}, data or b"")
+        header = {"t": "w", "pair": rec.name, "cmd": cmd, "off": offset, "len": length,
+                  "flags": flags}
+        seq = 0
+        if self.remote.feeds:
+            seq = header["j"] = self.remote.on_applied(rec.volume, cmd, offset, length, data,
+                                                       flags, committed=False)
+        peer_fut = link.request(header, data or b"")
 
         def done(f: asyncio.Future[Message]) -> None:
+            if seq:
+                self.remote.commit(seq)
             now = time.monotonic()
             for x in exts:
                 pr.al_inflight[x] -= 1
@@ -504,14 +550,32 @@ class ReplicationManager:
         if rec.io_mode == "block":
             raise WriteFailed(Err.EIO, f"volume {rec.volume} was blocked")
         self._apply(pr, cmd, offset, length, data, flags)
+        seq = self.remote.on_applied(rec.volume, cmd, offset, length, data, flags,
+                                     committed=False) if self.remote.feeds else 0
+        try:
+            await self._replicate(pr, cmd, offset, length, data, flags, replicate, seq)
+        finally:
+            self.remote.commit(seq)
+
+    async def _replicate(self, pr: PairRuntime, cmd: int, offset: int, length: int,
+                         data: bytes | bytearray | None, flags: int, replicate: bool,
+                         seq: int) -> None:
+        """Second half of a primary write: the partner's copy, FUA, partner loss."""
+        rec = pr.rec
+        ex = self.node.executor
+        chunks = chunks_of(offset, length)
+        exts = chunks_of(offset, length, AL_EXTENT)
         fut = None
         if replicate and rec.io_mode != "block":
             link = self._link_or_none(rec.partner)
             if link is not None:
                 for x in exts:
                     pr.al_inflight[x] = pr.al_inflight.get(x, 0) + 1
-                fut = link.request({"t": "w", "pair": rec.name, "cmd": cmd, "off": offset,
-                                    "len": length, "flags": flags}, data or b"")
+                header = {"t": "w", "pair": rec.name, "cmd": cmd, "off": offset,
+                          "len": length, "flags": flags}
+                if seq:
+                    header["j"] = seq
+                fut = link.request(header, data or b"")
             else:
                 await self._partner_missing(pr, chunks)
         local_sync = None
@@ -561,6 +625,9 @@ class ReplicationManager:
     async def host_flush(self, pr: PairRuntime) -> None:
         ex = self.node.executor
         local = asyncio.get_running_loop().run_in_executor(ex, pr.vol.store.flush)
+        feed = self.remote.feeds.get(pr.rec.volume)
+        if feed is not None:
+            await asyncio.get_running_loop().run_in_executor(ex, feed.journal.sync)
         link = self._link_or_none(pr.rec.partner) if pr.rec.io_mode == "mirror" else None
         if link is not None:
             with contextlib.suppress(PeerDown):
@@ -589,6 +656,7 @@ class ReplicationManager:
         await asyncio.sleep(DEAD_AFTER + 0.5)
         for pr in list(self.pairs.values()):
             if pr.rec.io_mode == "block" and not self.peers.is_up(pr.rec.partner) \
+                    and pr.rec.mode != "async" \
                     and pr.rec.state in ("mirrored", "suspended", "copying"):
                 self._on_partner_lost(pr, f"partner {pr.rec.partner} unreachable after restart",
                                       restart=True)
@@ -668,7 +736,7 @@ class ReplicationManager:
     def _on_down(self, peer: str, reason: str) -> None:
         self.node.events.publish("peer_down", peer=peer, reason=reason)
         for pr in list(self.pairs.values()):
-            if pr.rec.partner == peer:
+            if pr.rec.partner == peer and pr.rec.mode != "async":
                 self._on_partner_lost(pr, f"peer link to {peer} down: {reason}")
 
     def _on_refused(self, peer: str, reason: str) -> None:
@@ -676,8 +744,9 @@ class ReplicationManager:
 
     def _on_up(self, peer: str) -> None:
         self.node.events.publish("peer_up", peer=peer)
+        self.remote.on_up(peer)
         for pr in list(self.pairs.values()):
-            if pr.rec.partner != peer:
+            if pr.rec.partner != peer or pr.rec.mode == "async":
                 continue
             if pr.decide_task is not None and not pr.decide_task.done():
                 pr.decide_task.cancel()
@@ -741,6 +810,8 @@ class ReplicationManager:
         h["_peer"] = peer
         if t == "pair_prepare":
             return self._prepare(h)
+        if t[0] == "j" or t.startswith("a_"):
+            return self.remote.on_message(peer, h, payload)
         pr = self.pairs.get(str(h.get("pair")))
         if pr is None:
             raise RemoteError(f"no pair {h.get('pair')!r} on node {self.node.name}", "not_found")
@@ -793,8 +864,18 @@ class ReplicationManager:
                 pr.vol.store.write_zeroes(off, n, no_hole=False, fast=False)
             else:
                 pr.vol.store.pwrite(off, payload)
+            if self.remote.feeds:
+                self.remote.on_copied(pr.rec.volume, off, n, int(h.get("j", 0)))
             return {}, b""
-        self._apply(pr, int(h["cmd"]), off, n, payload, int(h.get("flags", 0)))
+        cmd, flags = int(h["cmd"]), int(h.get("flags", 0))
+        self._apply(pr, cmd, off, n, payload, flags)
+        if self.remote.feeds:
+            if "j" in h:
+                self.remote.on_standby_write(pr.rec.volume, int(h["j"]), cmd, off, n, payload,
+                                             flags)
+            else:
+                self.remote.on_applied(pr.rec.volume, cmd, off, n, payload, flags,
+                                       committed=True)
         if int(h.get("flags", 0)) & 1:
             return self._sync_reply(pr)
         return {}, b""
@@ -846,6 +927,13 @@ class ReplicationManager:
 
     def _peer_done(self, pr: PairRuntime, h: dict[str, Any]) -> Message:
         rec = pr.rec
+        if rec.mode == "async":
+            # The far copy is complete but serves no host until a DR takeover.
+            rec.copy_cursor = 0
+            pr.dirty.clear_all()
+            pr.dirty.sync_now()
+            self._set_state(pr, "mirrored")
+            return {}, b""
         rec.gen_current = str(h["gen"])
         rec.gen_history = list(h["history"])
         rec.role = str(h["role"])
@@ -929,10 +1017,14 @@ class ReplicationManager:
 
     async def delete(self, name: str) -> None:
         pr = self.get(name)
-        link = self._link_or_none(pr.rec.partner)
-        if link is not None:
-            with contextlib.suppress(PeerDown, RemoteError):
-                await link.request({"t": "pair_delete", "pair": name})
+        others = [pr.rec.partner]
+        if pr.rec.mode == "async":
+            others += self.remote.other_sides(pr)
+        for other in others:
+            link = self._link_or_none(other)
+            if link is not None:
+                with contextlib.suppress(PeerDown, RemoteError):
+                    await link.request({"t": "pair_delete", "pair": name})
         self._dissolve(pr)
 
     def _dissolve(self, pr: PairRuntime) -> None:
@@ -950,18 +1042,28 @@ class ReplicationManager:
                     export_name=export, description=str(own["description"]))
         self.store.delete(rec.name)
         del self.pairs[rec.name]
-        del self.by_volume[rec.volume]
+        owned = self.by_volume.get(rec.volume) is pr
+        if owned:
+            del self.by_volume[rec.volume]
+        if rec.mode == "async":
+            self.remote.detach(pr)
+            # The volume's own pair (if any) takes it back.
+            for other in self.pairs.values():
+                if other.rec.volume == rec.volume and rec.volume not in self.by_volume:
+                    self.by_volume[rec.volume] = other
         pr.dirty.close()
         pr.al.close()
         for suffix in (".dirty", ".al"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.bitmap_dir, rec.name + suffix))
+        self.node.events.publish("pair_deleted", pair=rec.name)
+        if not owned or rec.volume in self.by_volume:
+            return  # another pair still governs the volume's I/O
         self.node.set_io_mode(rec.volume, "local", "pair deleted")
         # Open connections were bound to the pair's write path: make clients reconnect.
         from twinvol.nbd.aio import close_all
 
         close_all([c for c in self.node.connections if c.export is pr.vol.export])
-        self.node.events.publish("pair_deleted", pair=rec.name)
 
     def view(self, pr: PairRuntime) -> dict[str, Any]:
         rec = pr.rec
@@ -977,6 +1079,8 @@ class ReplicationManager:
         running = pr.copy_task is not None and not pr.copy_task.done()
         if pr.verify:
             out["verify"] = pr.verify
+        if rec.mode == "async":
+            out["remote_copy"] = self.remote.view(pr)
         out["copy"] = {"running": running, "source": rec.copy_source,
                        "cursor": rec.copy_cursor, "remaining_chunks": pr.dirty.count(),
                        "total_chunks": rec.copy_total, "bytes_sent": pr.copied_bytes}

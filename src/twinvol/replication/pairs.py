@@ -34,8 +34,8 @@ class PairRecord(msgspec.Struct):
     """This node's view of one pair, stored in its catalog and shown by `pair show`."""
 
     name: str
-    mode: str                       # active-active
-    role: str                       # primary | secondary (the primary orders writes)
+    mode: str                       # active-active | async
+    role: str                       # primary | secondary | standby (async: feeds on loss)
     volume: str                     # local volume name
     partner: str                    # partner node
     partner_volume: str
@@ -47,6 +47,7 @@ class PairRecord(msgspec.Struct):
     copy_total: int = 0
     copy_source: str = ""           # node that feeds the running copy
     own_identity: dict[str, object] = msgspec.field(default_factory=dict)
+    group: str = ""                 # consistency group (async pairs)
     reason: str = ""
     updated: float = 0.0
 

@@ -1,0 +1,1018 @@
+"""Asynchronous remote copy: journals per consistency group, shipping, ordered apply, DR.
+
+Roles of a node in a consistency group (`GroupRecord.role`):
+- `primary` feeds the far site: every write it applies to a volume of the group gets the
+  next sequence number and a journal record; records are shipped to the target only once
+  committed (for an active-active volume: once the partner has the write too), so the
+  standby never lacks a record the target has.
+- `standby` is the active-active partner of the primary: mirrored writes arrive with their
+  sequence numbers and are journaled here too (the same numbers), so this node can feed
+  the target if the primary is lost (delta resync). What it holds no record for (writes
+  copied by a resync, a journal overflow) is marked in the pair's dirty bitmap instead.
+- `secondary` is the far-site target: records are journaled on arrival (so a crash
+  re-applies them locally, never leaving a half-applied batch) and applied in sequence
+  order across every volume of the group, so its copy is always a crash-consistent point.
+
+Copy-management information (sequence numbers written / sent / received / applied, with
+the primary-site time of each) is kept in every participating node's catalog: the target
+reports progress in its replies, the primary passes it on to the standby.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from twinvol.nbd.constants import Cmd
+from twinvol.replication.bitmap import CHUNK, chunks_of, nchunks
+from twinvol.replication.pairs import PairRecord, fork_generation, new_generation
+from twinvol.replication.peer import Message, PeerDown, RemoteError
+from twinvol.storage.journal import (
+    Journal,
+    JournalCorrupt,
+    JournalError,
+    JournalFull,
+    Record,
+    decode_records,
+    encode_record,
+)
+from twinvol.storage.volumes import VolumeError
+
+if TYPE_CHECKING:
+    from twinvol.replication.manager import PairRuntime, ReplicationManager
+
+log = logging.getLogger("twinvol.remote")
+
+DEFAULT_JOURNAL = 256 * 1024 * 1024
+BATCH_BYTES = 1024 * 1024
+WINDOW = 4                 # journal batches in flight to the target
+CHECKPOINT_EVERY = 0.3     # seconds between durable apply checkpoints at the target
+PROGRESS_EVERY = 0.3       # seconds between progress reports to the standby
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS groups (
+    name TEXT PRIMARY KEY,
+    body TEXT NOT NULL
+);
+"""
+
+
+class GroupRecord(msgspec.Struct):
+    """This node's copy-management information for one consistency group."""
+
+    name: str
+    role: str                   # primary | standby | secondary
+    target: str                 # the far-site node
+    feeder: str                 # the node that feeds the target now
+    journal_limit: int = DEFAULT_JOURNAL
+    state: str = "copying"      # copying | mirrored | suspended | takeover
+    reason: str = ""
+    mode: str = "journal"       # journal | bitmap (records missing: dirty chunks instead)
+    written: int = 0            # last sequence number written at the primary site
+    written_time: float = 0.0
+    sent: int = 0
+    received: int = 0
+    applied: int = 0            # last sequence number applied at the target (durably)
+    applied_time: float = 0.0   # primary-site time of that write: the recovery point
+    bitmap_until: int = 0       # (standby) dirty chunks cover writes up to this sequence
+    bytes_shipped: int = 0      # journal bytes sent to the target (all time)
+    records_shipped: int = 0
+    updated: float = 0.0
+
+
+@dataclass
+class GroupRuntime:
+    rec: GroupRecord
+    journal: Journal
+    pairs: dict[str, PairRuntime] = field(default_factory=dict)
+    inflight: dict[int, None] = field(default_factory=dict)  # assigned, not yet committed
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    ship_task: asyncio.Task[None] | None = None
+    need_stat: bool = True
+    last_save: float = 0.0
+    last_progress: float = 0.0
+    checkpoint_due: bool = False
+    delta: dict[str, Any] = field(default_factory=dict)  # the last DR delta resync
+
+    def committed(self) -> int:
+        """Highest sequence number below which every record may be shipped."""
+        for seq in self.inflight:
+            return seq - 1
+        return self.rec.written
+
+    def volumes(self) -> list[str]:
+        return [pr.rec.volume for pr in self.pairs.values()]
+
+
+class RemoteCopy:
+    """The async-copy side of a node's replication manager."""
+
+    def __init__(self, mgr: ReplicationManager) -> None:
+        self.mgr = mgr
+        self.node = mgr.node
+        self.db = self.node.volumes.catalog.db
+        self.db.executescript(_SCHEMA)
+        self.dir = os.path.join(self.node.data_dir, "journals")
+        self.groups: dict[str, GroupRuntime] = {}
+        self.feeds: dict[str, GroupRuntime] = {}   # volume -> group it feeds (primary/standby)
+        for (body,) in self.db.execute("SELECT body FROM groups ORDER BY name").fetchall():
+            rec = msgspec.json.decode(body, type=GroupRecord)
+            self._open_group(rec)
+
+    # ---- records and lifecycle ----------------------------------------------------
+
+    def _open_group(self, rec: GroupRecord) -> GroupRuntime:
+        journal = Journal(os.path.join(self.dir, rec.name), rec.journal_limit)
+        g = GroupRuntime(rec, journal)
+        self.groups[rec.name] = g
+        if journal.corrupt_at is not None:
+            rec.state = "suspended"
+            rec.reason = f"journal damaged at sequence {journal.corrupt_at}"
+        return g
+
+    def save(self, g: GroupRuntime) -> None:
+        g.rec.updated = time.time()
+        g.last_save = time.monotonic()
+        self.db.execute("INSERT OR REPLACE INTO groups (name, body) VALUES (?, ?)",
+                        (g.rec.name, msgspec.json.encode(g.rec).decode()))
+
+    def attach(self, pr: PairRuntime) -> None:
+        """An async pair record was loaded: link it to its group."""
+        g = self.groups.get(pr.rec.group)
+        if g is None:
+            log.error("async pair without its group", extra={"pair": pr.rec.name})
+            return
+        g.pairs[pr.rec.name] = pr
+        if g.rec.role in ("primary", "standby"):
+            self.feeds[pr.rec.volume] = g
+
+    def detach(self, pr: PairRuntime) -> None:
+        g = self.groups.get(pr.rec.group)
+        if g is None:
+            return
+        g.pairs.pop(pr.rec.name, None)
+        if self.feeds.get(pr.rec.volume) is g:
+            del self.feeds[pr.rec.volume]
+        if not g.pairs:
+            if g.ship_task is not None:
+                g.ship_task.cancel()
+            g.journal.reset()
+            g.journal.close()
+            with contextlib.suppress(OSError):
+                os.rmdir(g.journal.dir)
+            self.db.execute("DELETE FROM groups WHERE name = ?", (g.rec.name,))
+            del self.groups[g.rec.name]
+
+    async def start(self) -> None:
+        for g in self.groups.values():
+            if g.rec.role == "secondary":
+                self._redo(g)
+            if g.rec.feeder == self.node.name and g.rec.role == "primary":
+                self._start_shipping(g)
+        self.mgr._spawn(self._housekeeping())
+
+    async def stop(self) -> None:
+        for g in self.groups.values():
+            if g.ship_task is not None:
+                g.ship_task.cancel()
+        for g in self.groups.values():
+            if g.rec.role == "secondary":
+                with contextlib.suppress(OSError):
+                    self._checkpoint_now(g)
+            with contextlib.suppress(OSError):
+                g.journal.sync()
+            self.save(g)
+            g.journal.close()
+
+    # ---- the write path (primary and standby) ---------------------------------------
+
+    def on_applied(self, volume: str, cmd: int, offset: int, length: int,
+                   data: bytes | bytearray | None, flags: int, *, committed: bool) -> int:
+        """This node applied a write to `volume`. As the primary of its group: journal it
+        and return its sequence number (committed later unless `committed`). As the
+        standby without a sequence number: mark its chunks dirty. Otherwise 0."""
+        g = self.feeds.get(volume)
+        if g is None:
+            return 0
+        rec = g.rec
+        pr = self._pair_of(g, volume)
+        if rec.role != "primary":
+            self._mark(pr, offset, length)
+            return 0
+        seq = rec.written + 1
+        now = time.time()
+        if rec.mode == "journal":
+            try:
+                g.journal.append(Record(seq, pr.rec.name, cmd, flags, offset, length, now,
+                                        bytes(data) if cmd == Cmd.WRITE and data else b""))
+            except JournalFull as e:
+                self._overflow(g, str(e))
+                self._mark(pr, offset, length)
+            except JournalError as e:
+                self._suspend(g, f"journal: {e}")
+                self._mark(pr, offset, length)
+        else:
+            self._mark(pr, offset, length)
+        rec.written = seq
+        rec.written_time = now
+        if committed:
+            g.wake.set()
+        else:
+            g.inflight[seq] = None
+        return seq
+
+    def commit(self, seq: int) -> None:
+        """The write with this sequence number is complete (on both active-active copies)."""
+        if not seq:
+            return
+        for g in self.groups.values():
+            if g.inflight.pop(seq, 0) is None:
+                g.wake.set()
+                return
+
+    def on_standby_write(self, volume: str, seq: int, cmd: int, offset: int, length: int,
+                         data: bytes | bytearray | None, flags: int) -> None:
+        """A mirrored write with the primary's sequence number: keep the same record."""
+        g = self.feeds.get(volume)
+        if g is None:
+            return
+        pr = self._pair_of(g, volume)
+        if g.rec.role != "standby":
+            # We feed the target ourselves now (takeover): this write still needs a record.
+            self.on_applied(volume, cmd, offset, length, data, flags, committed=True)
+            return
+        rec = g.rec
+        last = g.journal.last
+        if rec.mode == "journal" and (last == 0 or seq == last + 1):
+            try:
+                g.journal.append(Record(seq, pr.rec.name, cmd, flags, offset, length,
+                                        time.time(),
+                                        bytes(data) if cmd == Cmd.WRITE and data else b""))
+            except JournalError as e:
+                self._standby_to_bitmap(g, f"standby journal: {e}")
+                self._mark(pr, offset, length)
+        else:
+            if rec.mode == "journal":
+                self._standby_to_bitmap(g, f"sequence gap: {seq} after {last}")
+            self._mark(pr, offset, length)
+        rec.bitmap_until = max(rec.bitmap_until, seq) if rec.mode == "bitmap" \
+            else rec.bitmap_until
+        rec.written = max(rec.written, seq)
+
+    def on_copied(self, volume: str, offset: int, length: int, seq: int) -> None:
+        """A resync chunk arrived from the active-active partner (no record exists)."""
+        g = self.feeds.get(volume)
+        if g is None:
+            return
+        pr = self._pair_of(g, volume)
+        self._mark(pr, offset, length)
+        if g.rec.role == "standby":
+            g.rec.bitmap_until = max(g.rec.bitmap_until, seq, g.rec.written)
+
+    def _pair_of(self, g: GroupRuntime, volume: str) -> PairRuntime:
+        for pr in g.pairs.values():
+            if pr.rec.volume == volume:
+                return pr
+        raise KeyError(volume)
+
+    def _mark(self, pr: PairRuntime, offset: int, length: int) -> None:
+        if pr.dirty.set_many(chunks_of(offset, length)):
+            self.mgr._spawn(pr.dirty.sync(self.node.executor))
+
+    def _overflow(self, g: GroupRuntime, reason: str) -> None:
+        """The journal is full: track chunks instead of blocking hosts, catch up later."""
+        rec = g.rec
+        for r in self._unapplied(g):
+            self._mark(g.pairs[r.pair], r.offset, r.length)
+        g.journal.reset()
+        rec.mode = "bitmap"
+        self.save(g)
+        self.node.events.publish("journal_overflow", group=rec.name, reason=reason,
+                                 written=rec.written, applied=rec.applied)
+        log.warning("journal overflow", extra={"group": rec.name, "reason": reason})
+        g.wake.set()
+
+    def _unapplied(self, g: GroupRuntime) -> list[Record]:
+        start = max(g.rec.applied + 1, g.journal.first)
+        try:
+            return [r for r in g.journal.iter_from(start) if r.pair in g.pairs]
+        except JournalError:
+            return []
+
+    def _standby_to_bitmap(self, g: GroupRuntime, reason: str) -> None:
+        for r in self._unapplied(g):
+            self._mark(g.pairs[r.pair], r.offset, r.length)
+        g.journal.reset()
+        g.rec.mode = "bitmap"
+        self.save(g)
+        self.node.events.publish("journal_overflow", group=g.rec.name, role="standby",
+                                 reason=reason)
+
+    def _suspend(self, g: GroupRuntime, reason: str) -> None:
+        if g.rec.state == "suspended" and g.rec.reason == reason:
+            return
+        g.rec.state = "suspended"
+        g.rec.reason = reason
+        self.save(g)
+        for pr in g.pairs.values():
+            self.mgr._set_state(pr, "suspended", reason)
+        self.node.events.publish("group_suspended", group=g.rec.name, reason=reason)
+        log.error("remote copy suspended", extra={"group": g.rec.name, "reason": reason})
+
+    # ---- shipping (the feeder) --------------------------------------------------------
+
+    def _start_shipping(self, g: GroupRuntime) -> None:
+        if g.ship_task is None or g.ship_task.done():
+            g.need_stat = True
+            g.ship_task = asyncio.ensure_future(self._ship(g))
+
+    async def _ship(self, g: GroupRuntime) -> None:
+        rec = g.rec
+        window: list[asyncio.Future[Message]] = []
+        while True:
+            g.wake.clear()
+            link = self.mgr._link_or_none(rec.target)
+            if link is None or rec.state == "suspended" or rec.feeder != self.node.name:
+                window.clear()
+                g.need_stat = True
+                await self._idle(g, 1.0)
+                continue
+            try:
+                if g.need_stat:
+                    h, _ = await link.request({"t": "jstat", "group": rec.name})
+                    self._learn(g, h)
+                    rec.sent = max(int(h["received"]), rec.applied)
+                    g.need_stat = False
+                committed = g.committed()
+                if rec.mode != "journal" or rec.sent >= committed:
+                    while window:
+                        self._progress(g, (await window.pop(0))[0])
+                    if rec.applied < rec.sent:
+                        # Learn the target's next durable checkpoint (trims the journal).
+                        await asyncio.sleep(CHECKPOINT_EVERY)
+                        h, _ = await link.request({"t": "jstat", "group": rec.name})
+                        self._progress(g, h)
+                    self._report_standby(g)
+                    await self._idle(g, PROGRESS_EVERY)
+                    continue
+                if rec.sent < g.journal.first - 1 or (g.journal.first == 0
+                                                      and rec.sent < committed):
+                    # The journal no longer holds what the target needs.
+                    self._overflow(g, f"journal lacks sequence {rec.sent + 1}")
+                    continue
+                recs = g.journal.read(rec.sent + 1, BATCH_BYTES, seq_to=committed)
+                blob = b"".join(encode_record(r) for r in recs)
+                window.append(link.request(
+                    {"t": "jr", "group": rec.name, "first": recs[0].seq, "last": recs[-1].seq,
+                     "written": rec.written, "wtime": rec.written_time}, blob))
+                rec.sent = recs[-1].seq
+                rec.bytes_shipped += len(blob)
+                rec.records_shipped += len(recs)
+                if len(window) >= WINDOW:
+                    self._progress(g, (await window.pop(0))[0])
+            except JournalCorrupt as e:
+                self._suspend(g, f"journal record {e.seq + 1} failed its CRC check: nothing "
+                                 "past it is shipped; resync the pair to repair the copy")
+                self.node.events.publish("journal_corrupt", group=rec.name, seq=e.seq + 1)
+            except RemoteError as e:
+                window.clear()
+                if e.code == "corrupt":
+                    self._suspend(g, f"the target refused a damaged record: {e}")
+                    self.node.events.publish("journal_corrupt", group=rec.name, error=str(e))
+                else:
+                    log.warning("journal shipping refused", extra={"group": rec.name,
+                                                                   "error": str(e)})
+                    g.need_stat = True
+                    await asyncio.sleep(0.5)
+            except PeerDown:
+                window.clear()
+                g.need_stat = True
+
+    async def _idle(self, g: GroupRuntime, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(g.wake.wait(), timeout)
+
+    def _learn(self, g: GroupRuntime, h: dict[str, Any]) -> None:
+        rec = g.rec
+        rec.received = int(h["received"])
+        if int(h["applied"]) >= rec.applied:
+            rec.applied = int(h["applied"])
+            rec.applied_time = float(h.get("applied_time", rec.applied_time))
+
+    def _progress(self, g: GroupRuntime, h: dict[str, Any]) -> None:
+        """A reply from the target: it received/applied up to these sequence numbers."""
+        self._learn(g, h)
+        g.journal.trim(g.rec.applied)
+        if time.monotonic() - g.last_save > 0.5:
+            self.save(g)
+
+    def _report_standby(self, g: GroupRuntime) -> None:
+        """Piggy-back the copy progress to the standby (when it changed, throttled)."""
+        now = time.monotonic()
+        if now - g.last_progress < PROGRESS_EVERY:
+            return
+        g.last_progress = now
+        self.save(g)
+        for pr in g.pairs.values():
+            aa = self.mgr.by_volume.get(pr.rec.volume)
+            if aa is None or aa.rec.mode != "active-active":
+                continue
+            link = self.mgr._link_or_none(aa.rec.partner)
+            if link is None:
+                continue
+            fut = link.request({"t": "jprog", "group": g.rec.name, "written": g.rec.written,
+                                "wtime": g.rec.written_time, "received": g.rec.received,
+                                "applied": g.rec.applied, "atime": g.rec.applied_time,
+                                "state": g.rec.state})
+            fut.add_done_callback(lambda f: f.exception())
+            return
+
+    async def _housekeeping(self) -> None:
+        """Target: durable checkpoints of what was applied. Everyone: save progress."""
+        while True:
+            await asyncio.sleep(CHECKPOINT_EVERY)
+            for g in list(self.groups.values()):
+                if g.rec.role == "secondary" and g.checkpoint_due:
+                    g.checkpoint_due = False
+                    await asyncio.get_running_loop().run_in_executor(
+                        self.node.executor, self._sync_group, g)
+                    self._checkpoint_done(g)
+
+    def _sync_group(self, g: GroupRuntime) -> None:
+        for pr in list(g.pairs.values()):
+            pr.vol.store.flush()
+        g.journal.sync()
+
+    def _checkpoint_now(self, g: GroupRuntime) -> None:
+        self._sync_group(g)
+        self._checkpoint_done(g)
+
+    def _checkpoint_done(self, g: GroupRuntime) -> None:
+        g.rec.applied = g.rec.received
+        self.save(g)
+        g.journal.trim(g.rec.applied)
+
+    # ---- the target ---------------------------------------------------------------------
+
+    def _redo(self, g: GroupRuntime) -> None:
+        """After a restart, apply journaled records past the last checkpoint, in order."""
+        rec = g.rec
+        n = 0
+        try:
+            for r in g.journal.iter_from(max(rec.applied + 1, g.journal.first or 1)):
+                self._apply_record(g, r)
+                n += 1
+        except JournalError as e:
+            self._suspend(g, f"receive journal: {e}")
+        rec.received = max(rec.applied, g.journal.last)
+        if n:
+            self._checkpoint_now(g)
+            log.info("journal redo", extra={"group": rec.name, "records": n})
+
+    def _apply_record(self, g: GroupRuntime, r: Record) -> None:
+        pr = g.pairs.get(r.pair)
+        if pr is None:
+            raise RemoteError(f"record {r.seq} names pair {r.pair!r}, which is not in group "
+                              f"{g.rec.name!r} on node {self.node.name}", "invalid")
+        if r.offset < 0 or r.offset + r.length > pr.vol.record.size:
+            raise RemoteError(f"record {r.seq} is outside volume {pr.rec.volume}", "corrupt")
+        self.mgr._apply(pr, r.cmd, r.offset, r.length, r.data, r.flags)
+        if pr.rec.state == "takeover" or pr.rec.io_mode == "local":
+            return
+        g.rec.applied_time = r.time
+
+    def _on_records(self, peer: str, h: dict[str, Any], payload: bytes | bytearray) -> Message:
+        g = self._group(h)
+        rec = g.rec
+        if rec.role != "secondary":
+            raise RemoteError(f"node {self.node.name} is not the target of group "
+                              f"{rec.name!r}", "conflict")
+        if rec.feeder != peer:
+            raise RemoteError(f"group {rec.name!r} is fed by {rec.feeder}, not {peer}",
+                              "conflict")
+        if rec.state == "takeover":
+            raise RemoteError(f"group {rec.name!r} was taken over at {self.node.name}",
+                              "conflict")
+        error: JournalCorrupt | None = None
+        try:
+            recs, used = decode_records(payload)
+            if used != len(payload):
+                raise JournalCorrupt("journal batch cut short", 0)
+        except JournalCorrupt as e:
+            error = e
+            recs = self._good_prefix(payload)
+        for r in recs:
+            if r.seq <= rec.received:
+                continue
+            if r.seq != rec.received + 1:
+                raise RemoteError(f"record {r.seq} does not follow {rec.received}", "gap")
+            g.journal.append(r)
+            self._apply_record(g, r)
+            rec.received = r.seq
+        rec.written = max(rec.written, int(h.get("written", 0)))
+        rec.written_time = max(rec.written_time, float(h.get("wtime", 0.0)))
+        if rec.state == "copying" and not any(p.rec.state == "copying"
+                                              for p in g.pairs.values()):
+            rec.state = "mirrored"
+        g.checkpoint_due = True
+        if error is not None:
+            self._suspend(g, f"journal record after {rec.received} failed its CRC check; "
+                             "nothing past it was applied")
+            self.node.events.publish("journal_corrupt", group=rec.name, seq=rec.received + 1)
+            raise RemoteError(str(error), "corrupt")
+        return self._stat(g), b""
+
+    @staticmethod
+    def _good_prefix(payload: bytes | bytearray) -> list[Record]:
+        from twinvol.storage.journal import _decode_one
+
+        mv = memoryview(payload)
+        out: list[Record] = []
+        pos, after = 0, 0
+        with contextlib.suppress(JournalCorrupt):
+            while (got := _decode_one(mv, pos, after)) is not None:
+                r, pos = got
+                out.append(r)
+                after = r.seq
+        return out
+
+    def _stat(self, g: GroupRuntime) -> dict[str, Any]:
+        rec = g.rec
+        return {"received": rec.received, "applied": rec.applied,
+                "applied_time": rec.applied_time, "state": rec.state, "feeder": rec.feeder,
+                "written": rec.written}
+
+    def _group(self, h: dict[str, Any]) -> GroupRuntime:
+        g = self.groups.get(str(h.get("group")))
+        if g is None:
+            raise RemoteError(f"no consistency group {h.get('group')!r} on node "
+                              f"{self.node.name}", "not_found")
+        return g
+
+    # ---- peer messages ------------------------------------------------------------------
+
+    def on_message(self, peer: str, h: dict[str, Any], payload: bytes | bytearray
+                   ) -> Message:
+        t = h["t"]
+        if t == "jr":
+            return self._on_records(peer, h, payload)
+        if t == "jstat":
+            return self._stat(self._group(h)), b""
+        if t == "jprog":
+            return self._on_progress(h)
+        if t == "a_prepare":
+            return self._prepare_target(peer, h)
+        if t == "a_standby":
+            return self._prepare_standby(peer, h)
+        if t == "jfeeder":
+            return self._on_new_feeder(peer, h)
+        if t == "jresume":
+            g = self._group(h)
+            g.journal.reset()
+            g.rec.received = g.rec.applied = int(h["seq"])
+            g.rec.applied_time = float(h.get("time", time.time()))
+            g.rec.state = "mirrored"
+            self._checkpoint_now(g)
+            return self._stat(g), b""
+        raise RemoteError(f"unknown remote-copy message {t!r}", "invalid")
+
+    def _on_progress(self, h: dict[str, Any]) -> Message:
+        g = self._group(h)
+        rec = g.rec
+        if rec.role != "standby":
+            return {}, b""
+        rec.written = max(rec.written, int(h["written"]))
+        rec.written_time = float(h["wtime"])
+        rec.received = int(h["received"])
+        rec.applied = int(h["applied"])
+        rec.applied_time = float(h["atime"])
+        rec.state = str(h.get("state", rec.state))
+        g.journal.trim(rec.applied)
+        if rec.applied >= rec.bitmap_until and rec.state == "mirrored":
+            # The target has everything the dirty chunks stood for.
+            for pr in g.pairs.values():
+                pr.dirty.clear_all()
+                self.mgr._spawn(pr.dirty.sync(self.node.executor))
+            if rec.mode == "bitmap" and g.journal.last == 0:
+                rec.mode = "journal"
+        self.save(g)
+        return {}, b""
+
+    def _ensure_group(self, name: str, role: str, target: str, feeder: str,
+                      limit: int) -> GroupRuntime:
+        g = self.groups.get(name)
+        if g is not None:
+            if g.rec.role != role or g.rec.target != target:
+                raise RemoteError(f"group {name!r} on node {self.node.name} is already "
+                                  f"{g.rec.role} towards {g.rec.target}", "conflict")
+            return g
+        g = self._open_group(GroupRecord(name=name, role=role, target=target, feeder=feeder,
+                                         journal_limit=limit))
+        self.save(g)
+        return g
+
+    def _prepare_target(self, peer: str, h: dict[str, Any]) -> Message:
+        """Far-site side of async pair creation: a blocked volume with the same identity."""
+        mgr = self.mgr
+        name, vname, size = str(h["pair"]), str(h["volume"]), int(h["size"])
+        if name in mgr.pairs:
+            raise RemoteError(f"pair {name!r} already exists here", "conflict")
+        _vol, own = mgr._take_identity(name, vname, size, h)
+        g = self._ensure_group(str(h["group"]), "secondary", self.node.name, peer,
+                               int(h["journal_limit"]))
+        rec = PairRecord(name=name, mode="async", role="secondary", volume=vname,
+                         partner=peer, partner_volume=str(h["partner_volume"]),
+                         state="copying", io_mode="block", gen_current=str(h["gen"]),
+                         copy_total=nchunks(size), own_identity=own, group=g.rec.name)
+        g.rec.state = "copying"
+        self.save(g)
+        mgr.store.save(rec)
+        mgr._load(rec)
+        self.node.events.publish("pair_created", pair=name, role="secondary", partner=peer,
+                                 mode="async")
+        return {}, b""
+
+    def _prepare_standby(self, peer: str, h: dict[str, Any]) -> Message:
+        """Active-active partner of the primary: keep records with the same numbers."""
+        mgr = self.mgr
+        name, vname = str(h["pair"]), str(h["volume"])
+        if name in mgr.pairs:
+            raise RemoteError(f"pair {name!r} already exists here", "conflict")
+        vol = self.node.volumes.get(vname)
+        g = self._ensure_group(str(h["group"]), "standby", str(h["target"]), peer,
+                               int(h["journal_limit"]))
+        g.rec.written = max(g.rec.written, int(h["written"]))
+        # Until the initial copy is done the standby could only feed the target in full.
+        g.rec.bitmap_until = max(g.rec.bitmap_until, int(h["written"]) + 1)
+        self.save(g)
+        rec = PairRecord(name=name, mode="async", role="standby", volume=vol.record.name,
+                         partner=str(h["target"]), partner_volume=str(h["target_volume"]),
+                         state="copying", io_mode=vol.io_mode, gen_current=str(h["gen"]),
+                         copy_total=nchunks(vol.record.size), group=g.rec.name)
+        mgr.store.save(rec)
+        pr = mgr._load(rec)
+        pr.dirty.set_all()
+        pr.dirty.sync_now()
+        return {}, b""
+
+    def _on_new_feeder(self, peer: str, h: dict[str, Any]) -> Message:
+        """DR takeover at the standby: it feeds this target from now on."""
+        g = self._group(h)
+        if g.rec.role != "secondary":
+            raise RemoteError(f"node {self.node.name} is not the target of group "
+                              f"{g.rec.name!r}", "conflict")
+        if g.rec.state == "takeover":
+            raise RemoteError(f"group {g.rec.name!r} was taken over at {self.node.name}",
+                              "conflict")
+        old = g.rec.feeder
+        g.rec.feeder = peer
+        for pr in g.pairs.values():
+            pr.rec.partner = peer
+            self.mgr._save(pr)
+        self.save(g)
+        self.node.events.publish("group_feeder", group=g.rec.name, feeder=peer, previous=old)
+        return self._stat(g), b""
+
+    # ---- creation (on the primary) ---------------------------------------------------------
+
+    async def create(self, name: str, volume: str, target: str, target_volume: str,
+                     group: str, journal_limit: int) -> PairRecord:
+        mgr = self.mgr
+        vol = self.node.volumes.get(volume)
+        aa = mgr.by_volume.get(vol.record.name)
+        if aa is not None and aa.rec.mode != "active-active":
+            raise VolumeError(f"volume {volume!r} is already in pair {aa.rec.name!r}",
+                              "conflict")
+        if vol.record.name in self.feeds:
+            raise VolumeError(f"volume {volume!r} already has a remote copy "
+                              f"(group {self.feeds[vol.record.name].rec.name!r})", "conflict")
+        if aa is not None and aa.rec.role != "primary":
+            raise VolumeError(f"volume {volume!r} is the secondary of active-active pair "
+                              f"{aa.rec.name!r}: create the remote copy on its primary "
+                              f"({aa.rec.partner})")
+        if aa is not None and target == aa.rec.partner:
+            raise VolumeError(f"node {target} already holds the active-active copy")
+        g = self.groups.get(group)
+        if g is not None and (g.rec.role != "primary" or g.rec.target != target):
+            raise VolumeError(f"consistency group {group!r} is {g.rec.role} towards "
+                              f"{g.rec.target} on this node; its volumes must share one "
+                              "primary and one target", "conflict")
+        link = mgr.peers.link(target) if mgr.peers.is_up(target) else None
+        if link is None:
+            raise VolumeError(f"node {target} is not connected (peer link down)", "io")
+        r = vol.record
+        gen = new_generation()
+        limit = g.rec.journal_limit if g is not None else journal_limit
+        try:
+            await link.request({"t": "a_prepare", "pair": name, "volume": target_volume,
+                                "partner_volume": r.name, "size": r.size, "serial": r.serial,
+                                "vvol_id": r.vvol_id, "export_name": r.export_name,
+                                "description": r.description, "gen": gen, "group": group,
+                                "journal_limit": limit})
+            if aa is not None:
+                plink = mgr.peers.link(aa.rec.partner)
+                await plink.request({"t": "a_standby", "pair": name,
+                                     "volume": aa.rec.partner_volume, "target": target,
+                                     "target_volume": target_volume, "group": group,
+                                     "journal_limit": limit, "gen": gen,
+                                     "written": g.rec.written if g else 0})
+        except RemoteError as e:
+            raise VolumeError(f"{e}", e.code if e.code in (
+                "invalid", "not_found", "conflict", "busy") else "io") from None
+        except PeerDown as e:
+            raise VolumeError(f"a node went away while pairing: {e}", "io") from None
+        if g is None:
+            g = self._open_group(GroupRecord(name=group, role="primary", target=target,
+                                             feeder=self.node.name, journal_limit=limit))
+        g.rec.state = "copying"
+        self.save(g)
+        prec = PairRecord(name=name, mode="async", role="primary", volume=r.name,
+                          partner=target, partner_volume=target_volume, state="copying",
+                          io_mode=vol.io_mode, gen_current=gen, copy_total=nchunks(r.size),
+                          copy_source=self.node.name, group=group)
+        mgr.store.save(prec)
+        pr = mgr._load(prec)
+        pr.dirty.set_all()
+        await pr.dirty.sync(self.node.executor)
+        self.node.events.publish("pair_created", pair=name, role="primary", partner=target,
+                                 mode="async", group=group)
+        self._start_shipping(g)
+        mgr._start_copy(pr)
+        return prec
+
+    def other_sides(self, pr: PairRuntime) -> list[str]:
+        """Nodes besides the partner that hold this async pair (the standby / the feeder)."""
+        g = self.groups.get(pr.rec.group)
+        if g is None:
+            return []
+        nodes = {g.rec.feeder, g.rec.target}
+        aa = self.mgr.by_volume.get(pr.rec.volume)
+        if aa is not None and aa.rec.mode == "active-active":
+            nodes.add(aa.rec.partner)
+        nodes.discard(self.node.name)
+        nodes.discard(pr.rec.partner)
+        return sorted(nodes)
+
+    def on_up(self, peer: str) -> None:
+        for g in self.groups.values():
+            if g.rec.target == peer and g.rec.feeder == self.node.name:
+                g.need_stat = True
+                self._start_shipping(g)
+                g.wake.set()
+                for pr in g.pairs.values():
+                    if pr.rec.state == "copying" and pr.rec.copy_source == self.node.name:
+                        self.mgr._start_copy(pr)
+
+    def copy_done(self, pr: PairRuntime) -> None:
+        """An initial copy or catch-up to the target finished."""
+        g = self.groups.get(pr.rec.group)
+        if g is None:
+            return
+        if all(p.rec.state != "copying" for p in g.pairs.values()):
+            g.rec.state = "mirrored"
+            g.rec.reason = ""
+            self.save(g)
+            g.wake.set()
+
+    # ---- views ---------------------------------------------------------------------------
+
+    def view(self, pr: PairRuntime) -> dict[str, Any]:
+        g = self.groups.get(pr.rec.group)
+        if g is None:
+            return {}
+        rec = g.rec
+        lag_seq = max(0, rec.written - rec.applied)
+        lag_s = max(0.0, rec.written_time - rec.applied_time) if lag_seq else 0.0
+        out: dict[str, Any] = {
+            "group": rec.name, "group_role": rec.role, "feeder": rec.feeder,
+            "target": rec.target, "group_state": rec.state, "journal_mode": rec.mode,
+            "sequence": {"written": rec.written, "sent": rec.sent, "received": rec.received,
+                         "applied": rec.applied, "committed": g.committed()
+                         if rec.role == "primary" else rec.written},
+            "recovery_point": {"applied_time": rec.applied_time,
+                               "written_time": rec.written_time},
+            "lag": {"sequences": lag_seq, "seconds": round(lag_s, 3),
+                    "bytes": self._lag_bytes(g)},
+            "journal": {"bytes": g.journal.size, "limit": g.journal.limit,
+                        "first": g.journal.first, "last": g.journal.last,
+                        "damaged_at": g.journal.corrupt_at},
+            "shipped": {"bytes": rec.bytes_shipped, "records": rec.records_shipped},
+        }
+        if rec.bitmap_until:
+            out["bitmap_until"] = rec.bitmap_until
+        if g.delta:
+            out["delta_resync"] = g.delta
+        return out
+
+    def _lag_bytes(self, g: GroupRuntime) -> int:
+        """Bytes of journal records the target has not applied (what a loss would cost)."""
+        j = g.journal
+        if not j.last or g.rec.applied >= j.last:
+            return 0
+        total = 0
+        for seq in range(max(g.rec.applied + 1, j.first), j.last + 1):
+            where = j.index.get(seq)
+            if where is not None:
+                total += where[2]
+        return total
+
+    # ---- disaster recovery ---------------------------------------------------------------
+
+    async def takeover(self, force: bool = False) -> list[dict[str, Any]]:
+        """Run at a surviving site: every group this node can feed or serve, recovered."""
+        out = []
+        for g in list(self.groups.values()):
+            if g.rec.role == "standby":
+                out.append(await self._takeover_standby(g, force))
+            elif g.rec.role == "secondary":
+                out.append(await self._takeover_target(g, force))
+        if not out:
+            raise VolumeError(f"node {self.node.name} holds no remote copy (no async pair has "
+                              "a copy here): nothing to take over", "not_found")
+        return out
+
+    async def _takeover_standby(self, g: GroupRuntime, force: bool) -> dict[str, Any]:
+        """The primary is lost: feed the target from here, shipping only what it lacks."""
+        mgr, rec = self.mgr, g.rec
+        if mgr.peers.is_up(rec.feeder) and not force:
+            raise VolumeError(f"node {rec.feeder} still feeds group {rec.name!r} (its peer "
+                              "link is up); takeover is for when it is lost", "conflict")
+        for pr in g.pairs.values():
+            aa = mgr.by_volume.get(pr.rec.volume)
+            if aa is not None and aa.rec.io_mode == "block":
+                raise VolumeError(f"volume {pr.rec.volume!r} on node {self.node.name} is "
+                                  f"blocked (stale copy: {aa.rec.reason}); it cannot feed "
+                                  "the remote copy", "conflict")
+        link = mgr._link_or_none(rec.target)
+        if link is None:
+            raise VolumeError(f"node {rec.target} (the remote copy) is not connected", "io")
+        h, _ = await link.request({"t": "jfeeder", "group": rec.name})
+        received = int(h["received"])
+        rec.applied = int(h["applied"])
+        rec.applied_time = float(h["applied_time"])
+        j = g.journal
+        covered = rec.mode == "journal" and (j.last <= received or j.holds(received + 1,
+                                                                           j.last))
+        bits = sum(pr.dirty.count() for pr in g.pairs.values())
+        bits_needed = bits and not (rec.bitmap_until <= received
+                                    and str(h["state"]) == "mirrored")
+        rec.role = "primary"
+        old_feeder, rec.feeder = rec.feeder, self.node.name
+        rec.sent = received
+        rec.received = received
+        for pr in g.pairs.values():
+            pr.rec.role = "primary"
+            pr.rec.copy_source = self.node.name
+            mgr._save(pr)
+        report: dict[str, Any] = {"group": rec.name, "node": self.node.name,
+                                  "action": "feed", "previous_feeder": old_feeder,
+                                  "target": rec.target, "target_received": received,
+                                  "target_applied": rec.applied,
+                                  "recovery_point_time": rec.applied_time}
+        if covered and not bits_needed:
+            delta_recs = max(0, j.last - received)
+            delta_bytes = sum(j.index[s][2] for s in range(received + 1, j.last + 1))
+            rec.written = max(j.last, received)
+            if not bits:
+                pass
+            else:
+                for pr in g.pairs.values():
+                    pr.dirty.clear_all()
+                    await pr.dirty.sync(self.node.executor)
+            report.update(method="journal", records=delta_recs, bytes=delta_bytes,
+                          full_copy=False)
+            rec.state = "mirrored"
+        else:
+            # Bitmap catch-up: dirty chunks plus the chunks of every record past the target.
+            for r in self._unapplied_from(g, received + 1):
+                self._mark(g.pairs[r.pair], r.offset, r.length)
+            j.reset()
+            rec.mode = "bitmap"
+            rec.written = max(rec.written, received)
+            chunks = sum(pr.dirty.count() for pr in g.pairs.values())
+            total = sum(nchunks(pr.vol.record.size) for pr in g.pairs.values())
+            report.update(method="bitmap", chunks=chunks, bytes=chunks * CHUNK,
+                          full_copy=chunks >= total)
+            rec.state = "copying"
+            for pr in g.pairs.values():
+                if pr.dirty.count():
+                    pr.rec.state = "copying"
+                    mgr._save(pr)
+                    mgr._start_copy(pr)
+        g.delta = report
+        self.save(g)
+        for pr in g.pairs.values():
+            self.feeds[pr.rec.volume] = g
+        self.node.events.publish("dr_takeover", **report)
+        self._start_shipping(g)
+        g.wake.set()
+        return report
+
+    def _unapplied_from(self, g: GroupRuntime, start: int) -> list[Record]:
+        try:
+            return [r for r in g.journal.iter_from(max(start, g.journal.first or start))
+                    if r.pair in g.pairs]
+        except JournalError:
+            return []
+
+    async def _takeover_target(self, g: GroupRuntime, force: bool) -> dict[str, Any]:
+        """Both the primary and the standby are lost: serve hosts from the far copy."""
+        mgr, rec = self.mgr, g.rec
+        if rec.state == "takeover":
+            return {"group": rec.name, "node": self.node.name, "action": "none",
+                    "reason": "already taken over"}
+        if mgr.peers.is_up(rec.feeder) and not force:
+            raise VolumeError(f"node {rec.feeder} still feeds group {rec.name!r} (its peer "
+                              "link is up); take over there or stop it first", "conflict")
+        if rec.state == "copying" and not force:
+            raise VolumeError(f"the copy of group {rec.name!r} on node {self.node.name} is "
+                              "inconsistent (its initial copy or catch-up had not finished): "
+                              "refusing to serve it (--force to serve it anyway)", "conflict")
+        self._checkpoint_now(g)
+        lost = max(0, rec.written - rec.applied)
+        report = {"group": rec.name, "node": self.node.name, "action": "serve",
+                  "recovery_point": {"sequence": rec.applied, "time": rec.applied_time},
+                  "lost": {"sequences": lost, "last_written": rec.written,
+                           "seconds": round(max(0.0, rec.written_time - rec.applied_time), 3)
+                           if lost else 0.0}}
+        rec.state = "takeover"
+        rec.reason = f"taken over at {self.node.name}"
+        for pr in g.pairs.values():
+            fork_generation(pr.rec)
+            pr.dirty.clear_all()
+            await pr.dirty.sync(self.node.executor)
+            mgr._set_state(pr, "takeover", rec.reason)
+            mgr._set_mode(pr, "local", rec.reason)
+            self.feeds.pop(pr.rec.volume, None)
+        g.delta = report
+        self.save(g)
+        self.node.events.publish("dr_takeover", **report)
+        return report
+
+
+class TakeoverBackend:
+    """Host I/O on a far-site copy that was taken over: every changed chunk is marked
+    (durably, before the write) so failback copies only what changed."""
+
+    async_writes = True
+
+    def __init__(self, remote: RemoteCopy, pr: PairRuntime) -> None:
+        self.remote = remote
+        self.pr = pr
+        store = pr.vol.store
+        self.pread = store.pread
+        self.cache = store.cache
+        self.extents = store.extents
+        self.flush = store.flush
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        raise NotImplementedError
+
+    def trim(self, offset: int, length: int) -> None:
+        raise NotImplementedError
+
+    def write_zeroes(self, offset: int, length: int, *, no_hole: bool, fast: bool) -> None:
+        raise NotImplementedError
+
+    async def submit(self, cmd: int, offset: int, length: int, data: bytes | bytearray | None,
+                     flags: int) -> None:
+        pr, ex = self.pr, self.remote.node.executor
+        loop = asyncio.get_running_loop()
+        if cmd == Cmd.FLUSH:
+            await loop.run_in_executor(ex, pr.vol.store.flush)
+            return
+        if pr.dirty.set_many(chunks_of(offset, length)):
+            await pr.dirty.sync(ex)
+        self.remote.mgr._apply(pr, cmd, offset, length, data, flags)
+        if flags & 1:
+            await loop.run_in_executor(ex, pr.vol.store.flush)
+
+
+class JournalingBackend(TakeoverBackend):
+    """Host I/O on the primary of an async pair that has no active-active partner."""
+
+    async def submit(self, cmd: int, offset: int, length: int, data: bytes | bytearray | None,
+                     flags: int) -> None:
+        pr, ex = self.pr, self.remote.node.executor
+        loop = asyncio.get_running_loop()
+        if cmd == Cmd.FLUSH:
+            await loop.run_in_executor(ex, self._flush_all)
+            return
+        self.remote.mgr._apply(pr, cmd, offset, length, data, flags)
+        self.remote.on_applied(pr.rec.volume, cmd, offset, length, data, flags,
+                               committed=True)
+        if flags & 1:
+            await loop.run_in_executor(ex, self._flush_all)
+
+    def _flush_all(self) -> None:
+        self.pr.vol.store.flush()
+        g = self.remote.feeds.get(self.pr.rec.volume)
+        if g is not None:
+            g.journal.sync()
