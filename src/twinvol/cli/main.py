@@ -10,7 +10,7 @@ import click
 import typer
 
 from twinvol import __version__
-from twinvol.cli import events, host, node, pair, up, volume, witness
+from twinvol.cli import dr, events, host, node, pair, up, volume, witness
 from twinvol.cli.common import CliError
 from twinvol.cluster import ClusterError
 
@@ -24,6 +24,7 @@ app = typer.Typer(
 app.add_typer(node.app, name="node")
 app.add_typer(volume.app, name="volume")
 app.add_typer(pair.app, name="pair")
+app.add_typer(dr.app, name="dr")
 app.add_typer(witness.app, name="witness")
 app.add_typer(host.app, name="host")
 app.command("up")(up.up)

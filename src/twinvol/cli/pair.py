@@ -91,17 +91,29 @@ def _wait(cfg: ClusterConfig, node: str, name: str, timeout: float, quiet: bool)
 @app.command()
 def create(
     name: str = typer.Argument(..., help="Pair name (also the default volume name)."),
-    mode: str = typer.Option("active-active", "--mode", help="Pair mode: active-active."),
+    mode: str = typer.Option("active-active", "--mode",
+                             help="Pair mode: active-active, or async (journal-based remote "
+                                  "copy to a far site)."),
     primary: str = typer.Option(..., "--primary", help="NODE or NODE:VOLUME of the primary."),
     secondary: str = typer.Option(..., "--secondary",
                                   help="NODE or NODE:VOLUME of the secondary (created if "
                                        "missing, with the primary's size)."),
+    group: str = typer.Option(None, "--group",
+                              help="async: consistency group (volumes whose far copies keep "
+                                   "one write order; default: the pair name)."),
+    journal_size: str = typer.Option(None, "--journal-size",
+                                     help="async: journal limit of a new group (default 256M); "
+                                          "past it the copy falls back to dirty bitmaps."),
     wait: bool = WaitOpt,
     timeout: float = TimeoutOpt,
     cluster: str = ClusterOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Pair two volumes; the secondary takes the primary's identity and gets a full copy."""
+    if mode not in ("active-active", "async"):
+        raise CliError(f"unknown pair mode {mode!r}: use active-active or async")
+    if mode != "async" and (group or journal_size):
+        raise CliError("--group and --journal-size apply to --mode async only")
     cfg = load_cluster(cluster)
     pnode, pvol = _side(primary, name)
     snode, svol = _side(secondary, name)
@@ -109,9 +121,13 @@ def create(
     cfg.node(snode)
     if pnode == snode:
         raise CliError("primary and secondary must be on different nodes")
-    view = api(cfg, pnode, "POST", "/api/v1/pairs",
-               {"name": name, "mode": mode, "primary_volume": pvol, "secondary": snode,
-                "secondary_volume": svol})
+    body: dict[str, Any] = {"name": name, "mode": mode, "primary_volume": pvol,
+                            "secondary": snode, "secondary_volume": svol}
+    if group:
+        body["group"] = group
+    if journal_size:
+        body["journal_size"] = journal_size
+    view = api(cfg, pnode, "POST", "/api/v1/pairs", body)
     if wait:
         view = _wait(cfg, pnode, name, timeout, json_out)
     if json_out:
@@ -157,6 +173,17 @@ def show(name: str = typer.Argument(...), cluster: str = ClusterOpt,
         if c["running"]:
             table.add_row("copy", f"{c['total_chunks'] - c['remaining_chunks']}/"
                                   f"{c['total_chunks']} chunks, {c['bytes_sent']} bytes sent")
+        rc = v.get("remote_copy")
+        if rc:
+            sq, lag, j = rc["sequence"], rc["lag"], rc["journal"]
+            table.add_row("group", f"{rc['group']} ({rc['group_role']}, {rc['group_state']}, "
+                                   f"fed by {rc['feeder']} to {rc['target']})")
+            table.add_row("sequence", f"written {sq['written']}  sent {sq['sent']}  received "
+                                      f"{sq['received']}  applied {sq['applied']}")
+            table.add_row("lag (RPO)", f"{lag['sequences']} writes, {lag['seconds']} s, "
+                                       f"{lag['bytes']} bytes")
+            table.add_row("journal", f"{rc['journal_mode']}: {j['bytes']} of {j['limit']} "
+                                     f"bytes, sequences {j['first']}..{j['last']}")
         console.print(table)
 
 
