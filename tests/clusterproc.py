@@ -49,6 +49,20 @@ class ClusterProc:
         cluster_mod.dump(raw, path)
         self.node_files[node] = path
 
+    def route_api(self, node: str, target: str, addr: str) -> None:
+        """Make `node` reach `target`'s API (fault relay) at `addr`; composes with earlier
+        routes of the same node."""
+        raw = cluster_mod.load(self.node_files[node])
+        raw.nodes[target].api = addr
+        path = os.path.join(self.dir, f"cluster-{node}.toml")
+        cluster_mod.dump(raw, path)
+        self.node_files[node] = path
+
+    def rewrite(self) -> None:
+        """Write `self.cfg` (edited by a test before start) back to the cluster file."""
+        cluster_mod.dump(self.cfg, self.path)
+        self.cfg = cluster_mod.load(self.path)
+
     def start_witness(self) -> None:
         assert self.cfg.witness is not None
         self.sup.start("witness", twinvol_argv("witness", "run", "--cluster", self.path,

@@ -60,7 +60,7 @@ class LinkProxy:
                     src = key.fileobj
                     assert isinstance(src, socket.socket)
                     data = src.recv(65536)
-                    if not data:
+                    if not data or self._cut.is_set():  # cut while waiting: bytes vanish
                         return
                     key.data.sendall(data)
         except OSError:

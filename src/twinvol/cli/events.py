@@ -138,13 +138,14 @@ def _table(entries: list[dict[str, Any]]) -> None:
         console.print("no fault reports received")
         return
     t = Table(box=None, header_style="bold")
-    for col in ("time", "severity", "origin", "component", "state", "description", "path"):
-        t.add_column(col, overflow="fold")
+    for col in ("time", "severity", "origin", "component", "state", "path"):
+        t.add_column(col, no_wrap=True)
+    t.add_column("description", overflow="fold", ratio=1)
     for e in entries:
         r = e["report"]
         sev = str(r.get("severity"))
         count = f" (x{r['count']})" if r.get("count", 1) > 1 else ""
         t.add_row(_when(r.get("time")), f"[{_STYLE.get(sev, '')}]{sev}[/]",
                   f"{r.get('origin')} ({r.get('site')})", f"{r.get('component')}/{r.get('kind')}",
-                  str(r.get("state")), f"{r.get('description')}{count}", _path(r))
+                  str(r.get("state")), _path(r), f"{r.get('description')}{count}")
     console.print(t)

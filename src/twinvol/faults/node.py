@@ -205,11 +205,13 @@ class FaultManager:
                                     f"({(total - st.f_bavail * st.f_frsize) >> 20} MiB of "
                                     f"{total >> 20} MiB)")
         if self.quota:
+            # With a quota the data directory has min(quota, what it uses + what the file
+            # system still has) to itself; the file system's own fill does not matter.
             used = dir_usage(self.data_dir)
-            if used / self.quota > used_frac:
-                used_frac = used / self.quota
-                what = (f"it uses {used_frac:.0%} of its quota ({used >> 20} MiB of "
-                        f"{self.quota >> 20} MiB)")
+            room = min(self.quota, used + st.f_bavail * st.f_frsize)
+            used_frac = used / room if room else 1.0
+            what = (f"it uses {used_frac:.0%} of its quota ({used >> 20} MiB of "
+                    f"{room >> 20} MiB)")
         level = self.capacity.update(used_frac)
         if level is None:
             return
