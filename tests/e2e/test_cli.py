@@ -174,12 +174,21 @@ def test_up_json_and_clean_stop(tmp_path: object, sig: signal.Signals) -> None:
         listed = json.loads(subprocess.run(
             [sys.executable, "-m", "twinvol", "volume", "list", "--json"], env=env,
             capture_output=True, text=True, check=True).stdout)
+        # demo: active-active between A and B, async copy on C (blocked until a DR takeover)
         assert sorted((v["name"], v["node"], v["io_mode"]) for v in listed["volumes"]) == [
-            ("demo", "A", "mirror"), ("demo", "B", "mirror")]
+            ("demo", "A", "mirror"), ("demo", "B", "mirror"), ("demo", "C", "block")]
+        dr = json.loads(subprocess.run(
+            [sys.executable, "-m", "twinvol", "pair", "show", "demo-dr", "--json"], env=env,
+            capture_output=True, text=True, check=True).stdout)["sides"]
+        assert {n: v["role"] for n, v in dr.items()} == {
+            "A": "primary", "B": "standby", "C": "secondary"}
+        assert dr["A"]["state"] == dr["C"]["state"] == "mirrored"
+        assert dr["C"]["io_mode"] == "block"
         pairs = json.loads(subprocess.run(
             [sys.executable, "-m", "twinvol", "pair", "list", "--json"], env=env,
             capture_output=True, text=True, check=True).stdout)["pairs"]
-        assert {(p["node"], p["state"]) for p in pairs} == {("A", "mirrored"), ("B", "mirrored")}
+        assert {(p["name"], p["node"], p["state"]) for p in pairs
+                if p["name"] == "demo"} == {("demo", "A", "mirrored"), ("demo", "B", "mirrored")}
         proc.send_signal(sig)
         assert proc.wait(30) == 0
         deadline = time.monotonic() + 10

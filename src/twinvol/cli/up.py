@@ -1,10 +1,11 @@
 """`twinvol up`: the local demo cluster on loopback, in the foreground.
 
 Starts nodes A, B and C (sites A, B, C), each its own process, creates the
-volume `demo` (1 GiB) on A as an active-active pair with B, waits until it is
-mirrored, prints one ready line (or one JSON object with
-`--json`) and runs until SIGINT/SIGTERM, then stops everything. Running it again
-on the same directory reuses the cluster file and the data.
+volume `demo` (1 GiB) on A as an active-active pair with B plus an async copy to C
+(pair `demo-dr`, consistency group `demo`), waits until both are mirrored, prints
+one ready line (or one JSON object with `--json`) and runs until SIGINT/SIGTERM,
+then stops everything. Running it again on the same directory reuses the cluster
+file and the data.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ DEMO_VOLUME = "demo"
 DEMO_SIZE = 1 << 30
 PAIR_PRIMARY = "A"
 PAIR_SECONDARY = "B"
+REMOTE_SECONDARY = "C"      # the far site: async copy of demo (three-data-centre layout)
+REMOTE_PAIR = "demo-dr"
 
 
 def _new_cluster(directory: str) -> ClusterConfig:
@@ -98,7 +101,13 @@ def up(
             api(cfg, first, "POST", "/api/v1/volumes",
                 {"name": DEMO_VOLUME, "size": DEMO_SIZE,
                  "description": "twinvol demo volume"})
-        _ensure_pair(cfg, first, PAIR_SECONDARY)
+        _ensure_pair(cfg, first, DEMO_VOLUME,
+                     {"name": DEMO_VOLUME, "mode": "active-active", "secondary": PAIR_SECONDARY})
+        if REMOTE_SECONDARY in cfg.nodes:
+            _ensure_pair(cfg, first, REMOTE_PAIR,
+                         {"name": REMOTE_PAIR, "mode": "async", "secondary": REMOTE_SECONDARY,
+                          "primary_volume": DEMO_VOLUME, "secondary_volume": DEMO_VOLUME,
+                          "group": DEMO_VOLUME})
         if cfg.host:
             sup.start("host", twinvol_argv("host", "run", "--cluster", path),
                       os.path.join(directory, "logs", "host.log"))
@@ -127,28 +136,27 @@ def up(
         sup.stop_all()
 
 
-def _ensure_pair(cfg: ClusterConfig, primary: str, secondary: str) -> None:
-    """Make `demo` an active-active pair and wait until it is mirrored."""
+def _ensure_pair(cfg: ClusterConfig, primary: str, name: str, body: dict[str, Any]) -> None:
+    """Create pair `name` unless it exists, and wait until it is mirrored."""
     deadline = time.monotonic() + 120
     while True:
         try:
-            view = api(cfg, primary, "GET", f"/api/v1/pairs/{DEMO_VOLUME}")
+            view = api(cfg, primary, "GET", f"/api/v1/pairs/{name}")
             break
         except ApiError as e:
             if e.status != 404:
                 raise
         try:
-            api(cfg, primary, "POST", "/api/v1/pairs",
-                {"name": DEMO_VOLUME, "mode": "active-active", "secondary": secondary})
+            api(cfg, primary, "POST", "/api/v1/pairs", body)
         except ApiError as e:
             if "not connected" not in str(e) or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
     while view["state"] != "mirrored":
         if time.monotonic() > deadline:
-            raise CliError(f"pair {DEMO_VOLUME} is still {view['state']} after 120s")
+            raise CliError(f"pair {name} is still {view['state']} after 120s")
         time.sleep(0.2)
-        view = api(cfg, primary, "GET", f"/api/v1/pairs/{DEMO_VOLUME}")
+        view = api(cfg, primary, "GET", f"/api/v1/pairs/{name}")
 
 
 def _ready(cfg: ClusterConfig, sup: Supervisor, path: str, first: str) -> dict[str, Any]:

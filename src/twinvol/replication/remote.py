@@ -595,6 +595,9 @@ class RemoteCopy:
         rec.applied_time = float(h["atime"])
         rec.state = str(h.get("state", rec.state))
         g.journal.trim(rec.applied)
+        for pr in g.pairs.values():
+            if pr.rec.state != rec.state and rec.state in ("mirrored", "copying", "suspended"):
+                self.mgr._set_state(pr, rec.state, rec.reason)
         if rec.applied >= rec.bitmap_until and rec.state == "mirrored":
             # The target has everything the dirty chunks stood for.
             for pr in g.pairs.values():
