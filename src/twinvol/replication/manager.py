@@ -410,11 +410,13 @@ class ReplicationManager:
         off = chunk * CHUNK
         n = min(CHUNK, pr.vol.record.size - off)
         ext = store.extents(off, n)
+        header: dict[str, Any] = {"t": "copy", "pair": pr.rec.name, "off": off, "len": n}
+        if self.remote.feeds:
+            # A partner that feeds a far copy learns which write this chunk reflects.
+            header["j"] = self.remote.written_for(pr.rec.volume)
         if len(ext) == 1 and ext[0][1] & 2:
-            return link.request({"t": "copy", "pair": pr.rec.name, "off": off, "len": n,
-                                 "zero": True}), 0
-        return link.request({"t": "copy", "pair": pr.rec.name, "off": off, "len": n},
-                            store.pread(off, n)), n
+            return link.request({**header, "zero": True}), 0
+        return link.request(header, store.pread(off, n)), n
 
     async def _checkpoint(self, pr: PairRuntime, inflight: set[asyncio.Future[Message]],
                           sent: list[int]) -> None:

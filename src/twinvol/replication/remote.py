@@ -55,6 +55,7 @@ BATCH_BYTES = 1024 * 1024
 WINDOW = 4                 # journal batches in flight to the target
 CHECKPOINT_EVERY = 0.3     # seconds between durable apply checkpoints at the target
 PROGRESS_EVERY = 0.3       # seconds between progress reports to the standby
+BITS_NEEDED = 1 << 62      # (standby) dirty chunks stand for writes no record holds
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS groups (
@@ -82,6 +83,7 @@ class GroupRecord(msgspec.Struct):
     applied: int = 0            # last sequence number applied at the target (durably)
     applied_time: float = 0.0   # primary-site time of that write: the recovery point
     bitmap_until: int = 0       # (standby) dirty chunks cover writes up to this sequence
+    seq_seen: int = 0           # (standby) last sequence number journaled here
     bytes_shipped: int = 0      # journal bytes sent to the target (all time)
     records_shipped: int = 0
     updated: float = 0.0
@@ -203,6 +205,8 @@ class RemoteCopy:
             return 0
         rec = g.rec
         pr = self._pair_of(g, volume)
+        if rec.role == "standby":
+            return self._standby_alone(g, pr, cmd, offset, length, data, flags)
         if rec.role != "primary":
             self._mark(pr, offset, length)
             return 0
@@ -228,6 +232,30 @@ class RemoteCopy:
             g.inflight[seq] = None
         return seq
 
+    def _standby_alone(self, g: GroupRuntime, pr: PairRuntime, cmd: int, offset: int,
+                       length: int, data: bytes | bytearray | None, flags: int) -> int:
+        """The standby writes as the active-active primary. When its partner (the feeder)
+        is lost, it continues the journal itself: the target never holds a sequence number
+        the standby lacks (records ship only once both copies have them), so the next
+        number after the last one it journaled is free. Otherwise: dirty chunks."""
+        rec = g.rec
+        aa = self.mgr.by_volume.get(pr.rec.volume)
+        alone = aa is not None and aa.rec.io_mode == "local"
+        if alone and rec.mode == "journal" and g.journal.corrupt_at is None:
+            seq = rec.seq_seen + 1
+            try:
+                g.journal.append(Record(seq, pr.rec.name, cmd, flags, offset, length,
+                                        time.time(),
+                                        bytes(data) if cmd == Cmd.WRITE and data else b""))
+                rec.seq_seen = seq
+                rec.written = max(rec.written, seq)
+                return 0
+            except JournalError as e:
+                self._standby_to_bitmap(g, f"standby journal: {e}")
+        self._mark(pr, offset, length)
+        rec.bitmap_until = BITS_NEEDED
+        return 0
+
     def commit(self, seq: int) -> None:
         """The write with this sequence number is complete (on both active-active copies)."""
         if not seq:
@@ -249,12 +277,13 @@ class RemoteCopy:
             self.on_applied(volume, cmd, offset, length, data, flags, committed=True)
             return
         rec = g.rec
-        last = g.journal.last
+        last = rec.seq_seen
         if rec.mode == "journal" and (last == 0 or seq == last + 1):
             try:
                 g.journal.append(Record(seq, pr.rec.name, cmd, flags, offset, length,
                                         time.time(),
                                         bytes(data) if cmd == Cmd.WRITE and data else b""))
+                rec.seq_seen = seq
             except JournalError as e:
                 self._standby_to_bitmap(g, f"standby journal: {e}")
                 self._mark(pr, offset, length)
@@ -275,6 +304,14 @@ class RemoteCopy:
         self._mark(pr, offset, length)
         if g.rec.role == "standby":
             g.rec.bitmap_until = max(g.rec.bitmap_until, seq, g.rec.written)
+        elif g.rec.mode == "journal":
+            # The feeder's copy was resynced by its partner: catch the target up by chunks.
+            self._overflow(g, "resynced from the active-active partner")
+
+    def written_for(self, volume: str) -> int:
+        """The last sequence number this node knows for the group `volume` feeds."""
+        g = self.feeds.get(volume)
+        return 0 if g is None else g.rec.written
 
     def _pair_of(self, g: GroupRuntime, volume: str) -> PairRuntime:
         for pr in g.pairs.values():
@@ -293,10 +330,22 @@ class RemoteCopy:
             self._mark(g.pairs[r.pair], r.offset, r.length)
         g.journal.reset()
         rec.mode = "bitmap"
+        rec.state = "copying"
+        rec.reason = f"catching up from dirty chunks: {reason}"
         self.save(g)
         self.node.events.publish("journal_overflow", group=rec.name, reason=reason,
                                  written=rec.written, applied=rec.applied)
         log.warning("journal overflow", extra={"group": rec.name, "reason": reason})
+        self._catch_up(g)
+
+    def _catch_up(self, g: GroupRuntime) -> None:
+        """Copy every dirty chunk of the group's pairs to the target (bitmap mode)."""
+        for pr in g.pairs.values():
+            if pr.rec.state != "copying":
+                self.mgr._set_state(pr, "copying", g.rec.reason)
+            pr.rec.copy_source = self.node.name
+            if self.mgr.peers.is_up(g.rec.target):
+                self.mgr._start_copy(pr)
         g.wake.set()
 
     def _unapplied(self, g: GroupRuntime) -> list[Record]:
@@ -778,11 +827,31 @@ class RemoteCopy:
         g = self.groups.get(pr.rec.group)
         if g is None:
             return
-        if all(p.rec.state != "copying" for p in g.pairs.values()):
-            g.rec.state = "mirrored"
-            g.rec.reason = ""
-            self.save(g)
-            g.wake.set()
+        if pr.dirty.count():
+            # Written again while being copied (bitmap mode): go round once more.
+            self.mgr._set_state(pr, "copying", g.rec.reason)
+            self.mgr._start_copy(pr)
+            return
+        if not all(p.rec.state != "copying" for p in g.pairs.values()):
+            return
+        rec = g.rec
+        if rec.mode == "bitmap":
+            # Caught up: the target now holds every write up to `written`; records resume
+            # after it, in this same loop step (no write can fall between).
+            g.journal.reset()
+            rec.mode = "journal"
+            link = self.mgr._link_or_none(rec.target)
+            if link is not None:
+                fut = link.request({"t": "jresume", "group": rec.name, "seq": rec.written,
+                                    "time": rec.written_time})
+                fut.add_done_callback(lambda f: None if f.cancelled() else f.exception())
+            rec.sent = rec.received = rec.applied = rec.written
+            rec.applied_time = rec.written_time
+            self.node.events.publish("journal_resumed", group=rec.name, seq=rec.written)
+        rec.state = "mirrored"
+        rec.reason = ""
+        self.save(g)
+        g.wake.set()
 
     # ---- views ---------------------------------------------------------------------------
 
@@ -861,8 +930,8 @@ class RemoteCopy:
         rec.applied = int(h["applied"])
         rec.applied_time = float(h["applied_time"])
         j = g.journal
-        covered = rec.mode == "journal" and (j.last <= received or j.holds(received + 1,
-                                                                           j.last))
+        covered = rec.mode == "journal" and (rec.seq_seen <= received
+                                             or j.holds(received + 1, rec.seq_seen))
         bits = sum(pr.dirty.count() for pr in g.pairs.values())
         bits_needed = bits and not (rec.bitmap_until <= received
                                     and str(h["state"]) == "mirrored")
@@ -882,7 +951,7 @@ class RemoteCopy:
         if covered and not bits_needed:
             delta_recs = max(0, j.last - received)
             delta_bytes = sum(j.index[s][2] for s in range(received + 1, j.last + 1))
-            rec.written = max(j.last, received)
+            rec.written = max(rec.seq_seen, received)
             if not bits:
                 pass
             else:
