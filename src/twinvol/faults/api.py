@@ -3,6 +3,7 @@
 - `POST /api/v1/faults/relay`: a node hands reports of its stream to this node;
 - `GET /api/v1/faults[?since=N][&follow=1]`: this node's fault log, or (follow) a JSON-lines
   stream of it that host agents keep open, with a heartbeat every 2 s;
+- `GET /api/v1/faults/status`: route, relay candidates, pending reports, counters;
 - `POST /api/v1/faults/test`: raise a test fault (to check sinks end to end);
 - `GET /metrics`: Prometheus text format.
 """
@@ -85,6 +86,11 @@ def fault_routes(node: Node) -> web.RouteTableDef:
                                   "suppressed": fm.limiter.suppressed_total,
                                   "last_seq": fm.outbox.last_seq, "stream": fm.stream})
 
+    @routes.get("/api/v1/faults/status")
+    async def status(_: web.Request) -> web.Response:
+        """Where this node's reports go (route, relays' watermarks) and its counters."""
+        return web.json_response(fm.status())
+
     @routes.get("/api/v1/faults")
     async def faults(request: web.Request) -> web.StreamResponse:
         try:
@@ -93,7 +99,7 @@ def fault_routes(node: Node) -> web.RouteTableDef:
             return _err(400, "invalid", "since must be an integer")
         if request.query.get("follow", "") not in ("1", "true", "yes"):
             return web.json_response({
-                "log": fm.incarnation, "lseq": fm.lseq, "status": fm.status(),
+                "log": fm.incarnation, "lseq": fm.lseq,
                 "faults": [{"lseq": n, "report": msgspec.to_builtins(r)}
                            for n, r in fm.since(since)]})
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
