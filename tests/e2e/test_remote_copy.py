@@ -1,0 +1,364 @@
+"""Async remote copy with real node processes: write order at the far site, delta resync
+from the standby after the primary is lost, takeover at the far site, journal overflow and
+corruption, and refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from clusterproc import ClusterProc
+
+pytestmark = pytest.mark.e2e
+
+MiB = 1 << 20
+BLOCK = 4096
+BLOCKS = 256          # each volume: the writer stamps blocks 0..255
+
+# Writes stamped blocks alternately to two volumes through one node, one at a time (so the
+# order they are acknowledged in is the order the primary applied them), for `seconds`.
+# Block content: (write number, volume index, block) repeated. Writes the log of
+# acknowledged writes to a file (stops at the first error: its node was killed).
+STAMP_WRITER = r"""
+import json, random, struct, sys, time, nbd
+uris, seconds, out = sys.argv[1:3], float(sys.argv[3]), sys.argv[4]
+hs = []
+for u in uris:
+    h = nbd.NBD(); h.connect_uri(u); hs.append(h)
+rng = random.Random(7)
+log = []
+i = 0
+end = time.monotonic() + seconds
+try:
+    while time.monotonic() < end:
+        i += 1
+        v, b = i % 2, rng.randrange(256)
+        hs[v].pwrite(struct.pack(">QQQ", i, v, b) * (4096 // 24) + bytes(4096 % 24), b * 4096)
+        log.append((i, v, b))
+    for h in hs:
+        h.flush(); h.shutdown()
+except nbd.Error as e:
+    print("writer stopped:", e, file=sys.stderr)
+with open(out, "w") as f:
+    json.dump(log, f)
+"""
+
+
+def start_writer(c: ClusterProc, seconds: float) -> tuple[subprocess.Popen[bytes], str]:
+    out = os.path.join(c.dir, "writes.json")
+    return subprocess.Popen(["/usr/bin/python3", "-c", STAMP_WRITER, c.uri("A", "v1"),
+                             c.uri("A", "v2"), str(seconds), out]), out
+
+
+def writer_log(proc: subprocess.Popen[bytes], out: str) -> list[list[int]]:
+    assert proc.wait(60) == 0
+    with open(out) as f:
+        return json.load(f)  # type: ignore[no-any-return]
+
+
+def stamps(path: str) -> list[int]:
+    """The write number stamped in each block of a volume file (0: never written)."""
+    out = []
+    with open(path, "rb") as f:
+        for b in range(BLOCKS):
+            f.seek(b * BLOCK)
+            head = f.read(8)
+            out.append(int.from_bytes(head, "big") if len(head) == 8 else 0)
+    return out
+
+
+def expected_at(log: list[list[int]], k: int) -> list[list[int]]:
+    """Each block's stamp after the first k writes of the log."""
+    state = [[0] * BLOCKS, [0] * BLOCKS]
+    for i, v, b in log:
+        if i > k:
+            break
+        state[v][b] = i
+    return state
+
+
+def volume_path(c: ClusterProc, node: str, vol: str) -> str:
+    status, body = c.api(node, "GET", f"/api/v1/volumes/{vol}")
+    assert status == 200, body
+    return str(body["path"])
+
+
+def remote(c: ClusterProc, node: str, pair: str) -> dict[str, Any]:
+    return c.pair(node, pair)["remote_copy"]  # type: ignore[no-any-return]
+
+
+def wait_applied(c: ClusterProc, feeder: str, pair: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    rc: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        rc = remote(c, feeder, pair)
+        sq = rc["sequence"]
+        if rc["group_state"] == "mirrored" and sq["applied"] == sq["written"] \
+                and rc["journal_mode"] == "journal":
+            return rc
+        time.sleep(0.1)
+    raise AssertionError(f"far copy of {pair} did not catch up: {rc}")
+
+
+def make_volume(c: ClusterProc, node: str, name: str, size: int) -> None:
+    status, body = c.api(node, "POST", "/api/v1/volumes", {"name": name, "size": size})
+    assert status == 201, body
+
+
+def make_async(c: ClusterProc, name: str, volume: str, group: str, target: str = "C",
+               **extra: Any) -> None:
+    status, body = c.api("A", "POST", "/api/v1/pairs",
+                         {"name": name, "mode": "async", "secondary": target,
+                          "primary_volume": volume, "secondary_volume": volume,
+                          "group": group, **extra})
+    assert status == 201, body
+    c.wait_pair("A", name, "mirrored", timeout=60)
+    c.wait_pair(target, name, "mirrored", "block", timeout=30)
+
+
+def file_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture
+def ac(tmp_path: object) -> Iterator[ClusterProc]:
+    c = ClusterProc(str(tmp_path), names=("A", "C"))
+    c.start()
+    c.wait_peer("A", "C")
+    yield c
+    c.stop()
+
+
+def test_far_copy_is_always_a_prefix_of_the_write_sequence(ac: ClusterProc) -> None:
+    c = ac
+    for v in ("v1", "v2"):
+        make_volume(c, "A", v, 8 * MiB)
+        make_async(c, f"{v}-dr", v, "g")
+    paths_c = [volume_path(c, "C", v) for v in ("v1", "v2")]
+    paths_a = [volume_path(c, "A", v) for v in ("v1", "v2")]
+    writer, out = start_writer(c, 2.5)
+    pid_c = c.sup.components["C"].pid
+    snapshots = []
+    while writer.poll() is None:
+        # A frozen far site is a crash at an arbitrary instant: its volumes must hold
+        # exactly the first k writes of the sequence, across both volumes of the group.
+        os.kill(pid_c, signal.SIGSTOP)
+        try:
+            snapshots.append([stamps(p) for p in paths_c])
+        finally:
+            os.kill(pid_c, signal.SIGCONT)
+        time.sleep(0.1)
+    log = writer_log(writer, out)
+    assert len(log) > 200
+    for snap in snapshots:
+        k = max(max(s) for s in snap)
+        assert snap == expected_at(log, k), f"far copy is not the prefix of {k} writes"
+    assert any(0 < max(max(s) for s in snap) < len(log) for snap in snapshots)
+    rc = wait_applied(c, "A", "v1-dr")
+    assert rc["sequence"]["written"] == len(log)
+    for pa, pc in zip(paths_a, paths_c, strict=True):
+        assert file_bytes(pa) == file_bytes(pc)
+    view = c.pair("C", "v2-dr")
+    assert view["io_mode"] == "block"          # the far copy serves no host before DR
+    assert view["remote_copy"]["sequence"]["applied"] == len(log)
+    assert view["remote_copy"]["lag"] == {"sequences": 0, "seconds": 0.0, "bytes": 0}
+
+
+def test_takeover_at_the_far_site_serves_the_last_consistent_point(ac: ClusterProc) -> None:
+    c = ac
+    for v in ("v1", "v2"):
+        make_volume(c, "A", v, 8 * MiB)
+        make_async(c, f"{v}-dr", v, "g")
+    writer, out = start_writer(c, 1.5)
+    pid_c = c.sup.components["C"].pid
+    time.sleep(0.7)
+    os.kill(pid_c, signal.SIGSTOP)       # the far site falls behind ...
+    time.sleep(0.3)
+    c.kill9("A")                         # ... and the primary site is lost
+    log = writer_log(writer, out)
+    os.kill(pid_c, signal.SIGCONT)
+    p = c.cli("dr", "takeover", "--site", "B", "--json")
+    assert p.returncode == 1 and "no node is at site 'B'" in p.stderr, p.stderr
+    p = c.cli("dr", "takeover", "--site", "C", "--json")
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)["groups"][0]
+    assert report["action"] == "serve" and report["group"] == "g"
+    k = report["recovery_point"]["sequence"]
+    assert 0 < k <= len(log)
+    assert report["lost"]["last_written"] >= k
+    # C's data is exactly the first k writes: the recovery point it reported.
+    paths = [volume_path(c, "C", v) for v in ("v1", "v2")]
+    assert [stamps(p) for p in paths] == expected_at(log, k)
+    view = c.pair("C", "v1-dr")
+    assert (view["state"], view["io_mode"]) == ("takeover", "local")
+    # Hosts use the far copy now, under the same export name; changes are tracked.
+    q = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x7e 1M 64k",
+                        "-c", "read -P 0x7e 1M 64k", c.uri("C", "v1")],
+                       capture_output=True, text=True, timeout=60)
+    assert q.returncode == 0 and "verification failed" not in q.stdout, q.stdout + q.stderr
+    assert c.pair("C", "v1-dr")["dirty_chunks"] == 1
+    again = json.loads(c.cli("dr", "takeover", "--site", "C", "--json").stdout)
+    assert again["groups"][0]["action"] == "none"
+
+
+def test_journal_overflow_falls_back_to_bitmaps_and_catches_up(ac: ClusterProc) -> None:
+    c = ac
+    make_volume(c, "A", "vol", 16 * MiB)
+    make_async(c, "vol-dr", "vol", "vol", journal_size="1M")
+    c.kill9("C")
+    # Hosts keep writing while the far site is away: 4 MiB does not fit the 1 MiB journal.
+    q = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x42 0 4M",
+                        "-c", "write -P 0x43 8M 256k", c.uri("A", "vol")],
+                       capture_output=True, text=True, timeout=60)
+    assert q.returncode == 0, q.stderr
+    rc = remote(c, "A", "vol-dr")
+    assert rc["journal_mode"] == "bitmap" and rc["journal"]["bytes"] == 0
+    _, ev = c.api("A", "GET", "/api/v1/events")
+    assert any(e["type"] == "journal_overflow" for e in ev["events"])
+    dirty = c.pair("A", "vol-dr")["dirty_chunks"]
+    assert dirty == (4 * MiB + 256 * 1024) // (64 * 1024)
+    c.start("C")
+    rc = wait_applied(c, "A", "vol-dr")
+    view = c.pair("A", "vol-dr")
+    assert view["copy"]["bytes_sent"] == dirty * 64 * 1024   # only the dirty chunks
+    assert file_bytes(volume_path(c, "A", "vol")) == file_bytes(volume_path(c, "C", "vol"))
+    # Records flow again after the catch-up.
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x44 12M 4k", c.uri("A", "vol")],
+                   check=True, capture_output=True, timeout=60)
+    rc = wait_applied(c, "A", "vol-dr")
+    assert rc["journal_mode"] == "journal" and rc["sequence"]["written"] >= 1
+    assert file_bytes(volume_path(c, "A", "vol")) == file_bytes(volume_path(c, "C", "vol"))
+
+
+def test_corrupted_journal_record_suspends_and_applies_nothing_wrong(ac: ClusterProc) -> None:
+    c = ac
+    make_volume(c, "A", "vol", 8 * MiB)
+    make_async(c, "vol-dr", "vol", "vol")
+    c.kill9("C")
+    for i, off in enumerate(("0", "1M", "2M")):
+        subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P {0x61 + i} {off} 64k",
+                        c.uri("A", "vol")], check=True, capture_output=True, timeout=60)
+    jdir = os.path.join(c.dir, "data-A", "journals", "vol")
+    seg = os.path.join(jdir, sorted(os.listdir(jdir))[0])
+    size = os.path.getsize(seg)
+    assert size > 3 * 64 * 1024
+    with open(seg, "r+b") as f:       # flip one byte inside the second record's data
+        f.seek(size // 2)
+        b = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([b[0] ^ 0x10]))
+    c.start("C")
+    view = c.wait_pair("A", "vol-dr", "suspended", timeout=20)
+    assert "CRC" in view["reason"], view["reason"]
+    _, ev = c.api("A", "GET", "/api/v1/events")
+    assert any(e["type"] == "journal_corrupt" for e in ev["events"])
+    # Nothing from the damaged record or after it reached the far copy.
+    data = file_bytes(volume_path(c, "C", "vol"))
+    assert data[1 * MiB:1 * MiB + 65536] != bytes([0x62]) * 65536
+    assert data[2 * MiB:2 * MiB + 65536] == bytes(65536)
+    assert remote(c, "C", "vol-dr")["sequence"]["applied"] <= 1
+
+
+def test_refusals(tmp_path: object) -> None:
+    c = ClusterProc(str(tmp_path), names=("A", "B", "C"))
+    c.start()
+    try:
+        c.wait_peer("A", "B")
+        c.wait_peer("A", "C")
+        c.wait_peer("B", "C")
+        make_volume(c, "A", "vol", 8 * MiB)
+        status, body = c.api("A", "POST", "/api/v1/pairs", {"name": "vol", "secondary": "B"})
+        assert status == 201, body
+        c.wait_pair("B", "vol", "mirrored", "mirror")
+        # The remote copy is created on the active-active primary, to a third node.
+        p = c.cli("pair", "create", "vol-dr", "--mode", "async", "--primary", "B:vol",
+                  "--secondary", "C:vol")
+        assert p.returncode == 1
+        assert "secondary of active-active pair 'vol'" in p.stderr and "(A)" in p.stderr
+        p = c.cli("pair", "create", "vol-dr", "--mode", "async", "--primary", "A:vol",
+                  "--secondary", "B:vol")
+        assert p.returncode == 1 and "already holds the active-active copy" in p.stderr
+        p = c.cli("pair", "create", "x", "--mode", "active-active", "--primary", "A",
+                  "--secondary", "C", "--group", "g")
+        assert p.returncode == 1 and "apply to --mode async only" in p.stderr
+        status, body = c.api("A", "POST", "/api/v1/pairs",
+                             {"name": "vol-dr", "mode": "async", "secondary": "C",
+                              "primary_volume": "vol", "journal_size": "4k"})
+        assert status == 400 and "at least 1M" in body["error"]["message"]
+        p = c.cli("pair", "create", "vol-dr", "--mode", "async", "--primary", "A:vol",
+                  "--secondary", "C:vol", "--wait", "--json")
+        assert p.returncode == 0, p.stderr
+        assert {n: c.pair(n, "vol-dr")["role"] for n in "ABC"} == {
+            "A": "primary", "B": "standby", "C": "secondary"}
+        # Takeover needs a site with a copy, and a lost feeder.
+        p = c.cli("dr", "takeover", "--site", "A")
+        assert p.returncode == 1 and "holds no remote copy" in p.stderr, p.stderr
+        p = c.cli("dr", "takeover", "--site", "B")
+        assert p.returncode == 1 and "node A still feeds group 'vol-dr'" in p.stderr
+        p = c.cli("dr", "takeover", "--site", "C")
+        assert p.returncode == 1 and "node A still feeds group 'vol-dr'" in p.stderr
+        assert c.pair("C", "vol-dr")["io_mode"] == "block"      # nothing changed
+        assert remote(c, "B", "vol-dr")["group_role"] == "standby"
+    finally:
+        c.stop()
+
+
+def test_kill_primary_during_load_standby_feeds_only_the_delta(tmp_path: object) -> None:
+    c = ClusterProc(str(tmp_path), names=("A", "B", "C"), witness=True, host=True)
+    c.start()
+    try:
+        for a, b in (("A", "B"), ("A", "C"), ("B", "C")):
+            c.wait_peer(a, b)
+        size = 64 * MiB
+        make_volume(c, "A", "vol", size)
+        status, body = c.api("A", "POST", "/api/v1/pairs", {"name": "vol", "secondary": "B"})
+        assert status == 201, body
+        c.wait_pair("B", "vol", "mirrored", "mirror")
+        make_async(c, "vol-dr", "vol", "vol")
+        c.wait_pair("B", "vol-dr", "mirrored", timeout=10)
+        result: dict[str, Any] = {}
+
+        def fio() -> None:
+            p = subprocess.run(["fio", "--name=dr", "--ioengine=nbd",
+                                f"--uri={c.host_uri('vol')}", "--rw=randwrite", "--bs=4k",
+                                "--iodepth=8", "--size=16M", "--verify=crc32c",
+                                "--verify_state_save=0", "--verify_fatal=1", "--do_verify=1",
+                                "--rate_iops=2000", "--output-format=json"],
+                               capture_output=True, text=True, timeout=300)
+            result["rc"], result["out"], result["err"] = p.returncode, p.stdout, p.stderr
+
+        t = threading.Thread(target=fio)
+        t.start()
+        pid_c = c.sup.components["C"].pid
+        time.sleep(0.5)
+        os.kill(pid_c, signal.SIGSTOP)     # the far copy lags behind ...
+        time.sleep(0.5)
+        c.kill9("A")                       # ... when the primary site is lost
+        t.join()
+        assert result["rc"] == 0, result["err"]
+        job = json.loads(result["out"][result["out"].index("{"):])["jobs"][0]
+        assert job["error"] == 0 and job["read"]["io_bytes"] == 16 * MiB
+        os.kill(pid_c, signal.SIGCONT)
+        c.wait_peer("B", "C", timeout=20)
+        p = c.cli("dr", "takeover", "--site", "B", "--json")
+        assert p.returncode == 0, p.stderr
+        r = json.loads(p.stdout)["groups"][0]
+        assert (r["action"], r["method"], r["full_copy"]) == ("feed", "journal", False)
+        assert r["previous_feeder"] == "A" and r["records"] > 0
+        assert 0 < r["bytes"] < 16 * MiB + r["records"] * 64
+        rc = wait_applied(c, "B", "vol-dr")
+        # What was shipped is exactly the delta the takeover announced.
+        assert rc["shipped"] == {"bytes": r["bytes"], "records": r["records"]}
+        assert remote(c, "C", "vol-dr")["feeder"] == "B"
+        assert file_bytes(volume_path(c, "B", "vol")) == file_bytes(volume_path(c, "C", "vol"))
+    finally:
+        c.stop()
