@@ -362,3 +362,31 @@ def test_kill_primary_during_load_standby_feeds_only_the_delta(tmp_path: object)
         assert file_bytes(volume_path(c, "B", "vol")) == file_bytes(volume_path(c, "C", "vol"))
     finally:
         c.stop()
+
+
+def test_initial_copy_resumes_from_its_cursor_after_kill9(ac: ClusterProc) -> None:
+    c = ac
+    size = 128 * MiB
+    make_volume(c, "A", "big", size)
+    subprocess.run(["fio", "--name=fill", "--ioengine=nbd", f"--uri={c.uri('A', 'big')}",
+                    "--rw=write", "--bs=1m", "--iodepth=8", f"--size={size}",
+                    "--refill_buffers=1"], check=True, capture_output=True, timeout=300)
+    status, body = c.api("A", "POST", "/api/v1/pairs",
+                         {"name": "big-dr", "mode": "async", "secondary": "C",
+                          "primary_volume": "big", "secondary_volume": "big"})
+    assert status == 201, body
+    deadline = time.monotonic() + 60
+    while True:
+        view = c.pair("A", "big-dr")
+        cur = view["copy"]["cursor"]
+        if cur >= 256 or view["state"] != "copying" or time.monotonic() > deadline:
+            break
+        time.sleep(0.005)
+    assert view["state"] == "copying", "the copy finished before the kill: nothing to test"
+    c.kill9("A")
+    c.start("A")
+    a = c.wait_pair("A", "big-dr", "mirrored", timeout=120)
+    total = size // (64 * 1024)
+    assert 0 < a["copy"]["bytes_sent"] <= (total - cur) * 64 * 1024  # nothing before the cursor
+    c.wait_pair("C", "big-dr", "mirrored", "block")
+    assert file_bytes(volume_path(c, "A", "big")) == file_bytes(volume_path(c, "C", "big"))
