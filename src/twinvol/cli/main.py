@@ -10,7 +10,7 @@ import click
 import typer
 
 from twinvol import __version__
-from twinvol.cli import dr, events, host, node, pair, up, volume, witness
+from twinvol.cli import dr, events, host, node, pair, up, vm, volume, witness
 from twinvol.cli.common import CliError
 from twinvol.cluster import ClusterError
 
@@ -27,6 +27,7 @@ app.add_typer(pair.app, name="pair")
 app.add_typer(dr.app, name="dr")
 app.add_typer(witness.app, name="witness")
 app.add_typer(host.app, name="host")
+app.add_typer(vm.app, name="vm")
 app.command("up")(up.up)
 app.command("events")(events.events)
 
