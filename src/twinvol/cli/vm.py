@@ -229,12 +229,16 @@ def migrate(name: str, cluster: str = ClusterOpt,
             max_bandwidth: str = typer.Option(None, "--max-bandwidth",
                                               help="Migration bandwidth limit per second "
                                                    "(e.g. 64M); default unlimited."),
+            hold_lead: float = typer.Option(150.0, "--hold-lead",
+                                            help="Start holding the VM's writes this many ms "
+                                                 "before the expected switchover."),
             json_out: bool = JsonOpt) -> None:
     """Live-migrate a running VM to another hypervisor host."""
     cfg = load_cluster(cluster)
     cfg.vmhost(to)
     origin = find_vm(cfg, name)
-    body: dict[str, Any] = {"to": to, "downtime_limit_ms": downtime_limit, "timeout": timeout}
+    body: dict[str, Any] = {"to": to, "downtime_limit_ms": downtime_limit, "timeout": timeout,
+                            "hold_lead_ms": hold_lead}
     if max_bandwidth:
         body["max_bandwidth"] = max_bandwidth
     job = call(cfg, origin, "POST", f"/api/v1/vms/{name}/migrate", body)

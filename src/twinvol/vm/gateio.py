@@ -10,7 +10,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from twinvol.nbd.aio_client import ConnectionLost, NbdClient
+from twinvol.nbd.aio_client import ConnectionLost, NbdClient, NegotiationError
 from twinvol.nbd.client import Completed
 from twinvol.nbd.constants import Cmd, Err
 from twinvol.nbd.server import (
@@ -232,12 +232,17 @@ class GateServer:
     # ---- holding, releasing, replaying ------------------------------------------
 
     async def _call(self, op: HeldOp) -> None:
-        """One held request to storage, waiting for its reply."""
+        """One held request to storage, waiting for its reply (sent again once on a new
+        connection if the path dies meanwhile: a write applied twice in a row is the same
+        write)."""
         loop = asyncio.get_running_loop()
         for _attempt in range(2):
             client = self.client
             if client is None or not client.alive:
-                self.client = client = await self._connect()
+                try:
+                    self.client = client = await self._connect()
+                except (OSError, ConnectionLost, TimeoutError, NegotiationError) as e:
+                    raise GateError(f"held request {op.seq}: storage path: {e}") from None
             fut: asyncio.Future[Completed | BaseException] = loop.create_future()
 
             def done(r: Completed | BaseException,
@@ -257,16 +262,33 @@ class GateServer:
         raise GateError(f"held request {op.seq}: storage path lost")
 
     async def apply(self, ops: Iterable[HeldOp]) -> int:
-        """Apply held requests not yet applied here, one at a time in order, then flush
-        (held writes are acknowledged writes: they must be durable)."""
-        n = 0
-        for op in self.gate.to_apply(ops):
-            await self._call(op)
+        """Apply held requests not yet applied here, in order, then flush once.
+
+        A request waits only for the earlier ones it overlaps, so independent writes go
+        out together. Held flushes are met by the final flush: nobody reads this storage
+        before `apply` returns (the VM is paused, the origin still keeps the queue until
+        the destination confirms), so only the order of overlapping writes and the
+        durability of all of them at the end matter."""
+        pending = self.gate.to_apply(ops)
+        if not pending:
+            return 0
+        inflight: list[tuple[HeldOp, asyncio.Task[None]]] = []
+        try:
+            for op in pending:
+                if op.command != _FLUSH:
+                    deps = [t for o, t in inflight if o.offset < op.offset + op.length
+                            and op.offset < o.offset + o.length]
+                    if deps:
+                        await asyncio.gather(*deps)
+                    inflight.append((op, asyncio.ensure_future(self._call(op))))
+            await asyncio.gather(*(t for _, t in inflight))
+        finally:
+            for _, t in inflight:
+                t.cancel()
+        await self._call(HeldOp(0, _FLUSH, 0, 0, 0))
+        for op in pending:
             self.gate.applied(op)
-            n += 1
-        if n:
-            await self._call(HeldOp(0, _FLUSH, 0, 0, 0))
-        return n
+        return len(pending)
 
     async def release(self) -> int:
         """Origin after a failed switchover: apply what is held (and whatever arrives

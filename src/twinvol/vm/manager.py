@@ -108,6 +108,8 @@ class Migration:
     replayed: int = 0
     holds: int = 0  # times the gates started holding
     total_s: float | None = None
+    handover_ms: float | None = None  # held requests to the destination, applied there
+    resume_ms: float | None = None    # destination loaded the state and resumed
     downtime_ms: float | None = None
     qemu_downtime_ms: float | None = None
     error: str | None = None
@@ -411,6 +413,7 @@ class Manager:
             job.status = "handover"
             held = {f"disk{i}": g.gate.take_snapshot() for i, g in enumerate(vm.gates)}
             job.held = sum(len(v) for v in held.values())
+            t_hand = time.monotonic()
             try:
                 res = await self.call_host(opts.to, "POST", f"/api/v1/incoming/{name}/held",
                                            raw=encode_held(held), timeout=30)
@@ -421,12 +424,15 @@ class Manager:
                 if ops:
                     g.gate.discard_through(ops[-1].seq)
             job.replayed = int(res["applied"])
+            t_res = time.monotonic()
+            job.handover_ms = round((t_res - t_hand) * 1000, 1)
             try:
                 await self.call_host(opts.to, "POST", f"/api/v1/incoming/{name}/resume",
                                      timeout=30)
             except HostCallError as e:
                 raise VmError(f"resuming VM {name} at host {opts.to} failed: {e}") from None
             t_run = time.monotonic()
+            job.resume_ms = round((t_run - t_res) * 1000, 1)
         except (VmError, QemuError, GateError) as e:
             job.error = str(e)
             job.status = "failed"
@@ -487,10 +493,13 @@ class Manager:
                 await q.execute("migrate", {"uri": uri})
                 job.status = "migrating"
                 held_since: float | None = None
+                last: tuple[float, int] | None = None
                 while not done.done():
                     info = await q.execute("query-migrate")
                     self._progress(job, info)
                     now = time.monotonic()
+                    eta = self._eta(last, now, job)
+                    last = (now, job.remaining)
                     if info.get("status") in ("completed", "failed", "cancelled"):
                         if not done.done():
                             done.set_result(str(info["status"]))
@@ -503,7 +512,8 @@ class Manager:
                         await q.execute("migrate_cancel")
                         raise VmError("the switchover did not finish within "
                                       f"{SWITCHOVER_TIMEOUT:g}s; cancelled")
-                    if held_since is None and self._switchover_near(job, opts):
+                    if held_since is None and job.total and eta is not None and (
+                            eta * 1000 <= opts.downtime_limit_ms + opts.hold_lead_ms):
                         for g in gates:
                             g.gate.hold()
                         held_since = now
@@ -531,13 +541,19 @@ class Manager:
         return t_stop if t_stop is not None else time.monotonic()
 
     @staticmethod
-    def _switchover_near(job: Migration, opts: MigrateOptions) -> bool:
-        """QEMU switches over when what is dirty fits in the downtime limit; start holding
-        when it would fit in the limit plus a lead (QEMU decides the moment)."""
-        rate = job.mbps * 1e6 / 8 / 1000  # bytes per ms
-        if job.total == 0 or rate <= 0 or job.transferred == 0:
-            return False
-        return job.remaining <= rate * (opts.downtime_limit_ms + opts.hold_lead_ms)
+    def _eta(last: tuple[float, int] | None, now: float, job: Migration) -> float | None:
+        """Seconds until QEMU runs out of dirty RAM at the pace `remaining` fell since the
+        last sample (None while it is not falling). QEMU switches over about then: the
+        gates start holding when that is within the downtime limit plus a lead, so the
+        hold covers the switchover while QEMU still picks its moment."""
+        if last is None:
+            return None
+        dt, dropped = now - last[0], last[1] - job.remaining
+        if job.remaining == 0:
+            return 0.0
+        if dt <= 0 or dropped <= 0:
+            return None
+        return job.remaining / (dropped / dt)
 
     @staticmethod
     def _progress(job: Migration, info: dict[str, Any]) -> None:
