@@ -229,7 +229,7 @@ def migrate(name: str, cluster: str = ClusterOpt,
             max_bandwidth: str = typer.Option(None, "--max-bandwidth",
                                               help="Migration bandwidth limit per second "
                                                    "(e.g. 64M); default unlimited."),
-            hold_lead: float = typer.Option(150.0, "--hold-lead",
+            hold_lead: float = typer.Option(500.0, "--hold-lead",
                                             help="Start holding the VM's writes this many ms "
                                                  "before the expected switchover."),
             json_out: bool = JsonOpt) -> None:

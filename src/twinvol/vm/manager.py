@@ -51,7 +51,7 @@ from twinvol.vm.spec import SpecError, VmSpec, from_dict, logical
 log = logging.getLogger("twinvol.vm")
 
 POLL = 0.02
-HOLD_LEAD_MS = 150.0   # start holding when QEMU should switch over within about this long
+HOLD_LEAD_MS = 500.0   # start holding when QEMU should switch over within about this long
 HOLD_MAX = 1.0         # release and re-arm when the switchover has not come by then
 SWITCHOVER_TIMEOUT = 30.0  # VM stopped, state not sent by then: give up, run on at origin
 
