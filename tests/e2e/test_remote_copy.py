@@ -173,7 +173,7 @@ def test_far_copy_is_always_a_prefix_of_the_write_sequence(ac: ClusterProc) -> N
     assert view["remote_copy"]["lag"] == {"sequences": 0, "seconds": 0.0, "bytes": 0}
 
 
-def test_takeover_at_the_far_site_serves_the_last_consistent_point(ac: ClusterProc) -> None:
+def test_takeover_at_the_far_site_then_failback(ac: ClusterProc) -> None:
     c = ac
     for v in ("v1", "v2"):
         make_volume(c, "A", v, 8 * MiB)
@@ -208,6 +208,31 @@ def test_takeover_at_the_far_site_serves_the_last_consistent_point(ac: ClusterPr
     assert c.pair("C", "v1-dr")["dirty_chunks"] == 1
     again = json.loads(c.cli("dr", "takeover", "--site", "C", "--json").stdout)
     assert again["groups"][0]["action"] == "none"
+
+    # A comes back: it learns that C took over and refuses hosts until failback.
+    c.start("A")
+    c.wait_pair("A", "v1-dr", "suspended", timeout=20)
+    _, vol = c.api("A", "GET", "/api/v1/volumes/v1")
+    assert vol["io_mode"] == "block"
+    p = c.cli("dr", "failback", "--json")
+    assert p.returncode == 0, p.stderr
+    fb = json.loads(p.stdout)["groups"][0]
+    # Only what differs: C's chunk changed after the takeover, and A's writes after k.
+    after_k = {(v, b * BLOCK // (64 * 1024)) for i, v, b in log if i > k}
+    expected = len(after_k | {(0, 16)})
+    assert fb["recovery_point"] == k
+    assert expected <= fb["chunks"] <= expected + 1, (fb, expected)  # +1: a write in flight
+    for v in ("v1", "v2"):
+        assert file_bytes(volume_path(c, "A", v)) == file_bytes(volume_path(c, "C", v))
+    _, vol = c.api("A", "GET", "/api/v1/volumes/v1")
+    assert vol["io_mode"] == "local"
+    assert c.pair("C", "v1-dr")["io_mode"] == "block"
+    # The original direction again: a new write at A reaches C.
+    q = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5c 2M 4k", c.uri("A", "v2")],
+                       capture_output=True, text=True, timeout=60)
+    assert q.returncode == 0, q.stderr
+    wait_applied(c, "A", "v2-dr")
+    assert file_bytes(volume_path(c, "A", "v2")) == file_bytes(volume_path(c, "C", "v2"))
 
 
 def test_journal_overflow_falls_back_to_bitmaps_and_catches_up(ac: ClusterProc) -> None:

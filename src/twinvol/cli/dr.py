@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import typer
+from rich.progress import BarColumn, Progress, TextColumn
 
-from twinvol.cli.common import CliError, ClusterOpt, JsonOpt, api, console, emit_json, load_cluster
+from twinvol.cli.common import (
+    ApiError,
+    CliError,
+    ClusterOpt,
+    JsonOpt,
+    api,
+    console,
+    emit_json,
+    load_cluster,
+)
 
 app = typer.Typer(help="Disaster recovery of async remote copies.", no_args_is_help=True)
 
@@ -64,3 +75,69 @@ def takeover(
             console.print(f"group [bold]{r['group']}[/]: {r.get('reason', r['action'])}")
     for err in errors:
         console.print(f"[yellow]warning:[/] {err}")
+
+
+@app.command()
+def failback(
+    site: str = typer.Option(None, "--site",
+                             help="Site of the original primary (default: every node that "
+                                  "has a taken-over far copy)."),
+    timeout: float = typer.Option(3600.0, "--timeout", help="Give up waiting after this long."),
+    cluster: str = ClusterOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Return the original direction after a far-site takeover: the far copy stops serving,
+    sends back only the chunks that differ (its changes since the takeover and the
+    original primary's writes after the recovery point), and copying resumes from the
+    original primary."""
+    cfg = load_cluster(cluster)
+    nodes = _site_nodes(cfg, site) if site else list(cfg.nodes)
+    started: list[tuple[str, dict[str, Any]]] = []
+    errors: list[str] = []
+    for node in nodes:
+        try:
+            res = api(cfg, node, "POST", "/api/v1/dr/failback", {}, timeout=60)
+        except ApiError as e:
+            if e.status != 404 or site:
+                errors.append(str(e))
+            continue
+        except CliError as e:
+            if site:
+                errors.append(str(e))
+            continue
+        started += [(node, r) for r in res["groups"]]
+    if not started:
+        raise CliError("; ".join(errors) or "no taken-over far copy to fail back")
+    total = max(1, sum(r["chunks"] for _, r in started))
+    deadline = time.monotonic() + timeout
+    with Progress(TextColumn("[bold]failback"), BarColumn(),
+                  TextColumn("{task.completed:.0f}/{task.total:.0f} chunks"), console=console,
+                  disable=json_out, transient=True) as progress:
+        task = progress.add_task("failback", total=total)
+        while True:
+            remaining = 0
+            for node, r in started:
+                pairs = api(cfg, node, "GET", "/api/v1/pairs")["pairs"]
+                for p in pairs:
+                    rc = p.get("remote_copy") or {}
+                    if rc.get("group") != r["group"]:
+                        continue
+                    if rc.get("group_state") == "suspended":
+                        raise CliError(f"failback of group {r['group']!r} stopped: "
+                                       f"{p.get('reason') or 'suspended'}")
+                    if rc.get("group_state") != "mirrored":
+                        remaining += 1
+            progress.update(task, completed=total if not remaining else 0)
+            if not remaining:
+                break
+            if time.monotonic() > deadline:
+                raise CliError(f"failback still running after {timeout:.0f}s")
+            time.sleep(0.2)
+    reports = [r for _, r in started]
+    if json_out:
+        emit_json({"groups": reports, "errors": errors})
+        return
+    for r in reports:
+        console.print(f"group [bold]{r['group']}[/]: back on {r['node']} from {r['from']}; "
+                      f"copied {r['chunks']} chunk(s), {r['bytes']} bytes (recovery point "
+                      f"{r['recovery_point']})")

@@ -251,6 +251,15 @@ def make_app(node: Node) -> web.Application:
         return web.json_response({"node": node.name, "site": node.config.site,
                                   "groups": groups})
 
+    @routes.post("/api/v1/dr/failback")
+    async def dr_failback(_: web.Request) -> web.Response:
+        """At the original primary: copy the far copy's changes back, then feed it again."""
+        from twinvol.replication.remote import failback
+
+        groups = await failback(node.replication.remote)
+        return web.json_response({"node": node.name, "site": node.config.site,
+                                  "groups": groups})
+
     @routes.get("/api/v1/exports/{export}")
     async def show_export(request: web.Request) -> web.Response:
         """Identity and I/O mode of an export, as a host agent checks it."""

@@ -138,6 +138,7 @@ class ReplicationManager:
         self.bitmap_dir = os.path.join(node.data_dir, "bitmaps")
         os.makedirs(self.bitmap_dir, exist_ok=True)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.holds: dict[str, str] = {}   # volume -> why host I/O is refused (see hold)
         self.remote = RemoteCopy(self)
         for rec in self.store.all():
             self._load(rec)
@@ -240,7 +241,26 @@ class ReplicationManager:
         self._apply_mode(pr, reason)
 
     def _apply_mode(self, pr: PairRuntime, reason: str = "") -> None:
+        held = self.holds.get(pr.rec.volume)
+        if held is not None:
+            self.node.set_io_mode(pr.rec.volume, "block", held)
+            return
         self.node.set_io_mode(pr.rec.volume, pr.rec.io_mode, reason)
+
+    def hold(self, volume: str, reason: str) -> None:
+        """Refuse host I/O on this node's copy whatever its pairs decide (a far copy was
+        taken over: this copy is not the latest until failback)."""
+        self.holds[volume] = reason
+        self.node.set_io_mode(volume, "block", reason)
+
+    def unhold(self, volume: str) -> None:
+        if self.holds.pop(volume, None) is None:
+            return
+        pr = self.by_volume.get(volume)
+        if pr is not None:
+            self._apply_mode(pr, "failback done")
+        else:
+            self.node.set_io_mode(volume, "local", "failback done")
 
     # ---- pair creation (primary side drives) -------------------------------------
 
@@ -383,7 +403,9 @@ class ReplicationManager:
                                 "history": rec.gen_history, "role": "secondary"
                                 if rec.role == "primary" else "primary"})
             rec.copy_cursor = 0
-            if rec.mode == "async":
+            if rec.mode == "async" and rec.role == "secondary":
+                self.remote.failback_copied(pr)
+            elif rec.mode == "async":
                 self._set_state(pr, "mirrored")
                 self.remote.copy_done(pr)
             else:
@@ -425,11 +447,13 @@ class ReplicationManager:
             await asyncio.gather(*inflight)
         for c in sent:
             pr.dirty.clear(c)
-        if sent:
-            pr.rec.copy_cursor = sent[-1] + 1
+        last = sent[-1] if sent else None
         sent.clear()
-        self._save(pr)
+        # Bits first: the cursor shown (and saved) never runs ahead of what is durable.
         await pr.dirty.sync(self.node.executor)
+        if last is not None:
+            pr.rec.copy_cursor = last + 1
+        self._save(pr)
 
     # ---- host writes -------------------------------------------------------------------
 

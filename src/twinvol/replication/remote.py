@@ -84,6 +84,7 @@ class GroupRecord(msgspec.Struct):
     applied_time: float = 0.0   # primary-site time of that write: the recovery point
     bitmap_until: int = 0       # (standby) dirty chunks cover writes up to this sequence
     seq_seen: int = 0           # (standby) last sequence number journaled here
+    hold: bool = False          # (primary) the far copy was taken over: hosts refused here
     bytes_shipped: int = 0      # journal bytes sent to the target (all time)
     records_shipped: int = 0
     updated: float = 0.0
@@ -134,6 +135,12 @@ class RemoteCopy:
         journal = Journal(os.path.join(self.dir, rec.name), rec.journal_limit)
         g = GroupRuntime(rec, journal)
         self.groups[rec.name] = g
+        # The record is saved now and then; the journal is the truth after a crash: a
+        # sequence number it holds must never be handed out again.
+        if rec.role == "primary":
+            rec.written = max(rec.written, journal.last)
+        elif rec.role == "standby":
+            rec.seq_seen = max(rec.seq_seen, journal.last)
         if journal.corrupt_at is not None:
             rec.state = "suspended"
             rec.reason = f"journal damaged at sequence {journal.corrupt_at}"
@@ -174,6 +181,9 @@ class RemoteCopy:
 
     async def start(self) -> None:
         for g in self.groups.values():
+            if g.rec.hold:
+                for pr in g.pairs.values():
+                    self.mgr.hold(pr.rec.volume, g.rec.reason)
             if g.rec.role == "secondary":
                 self._redo(g)
             if g.rec.feeder == self.node.name and g.rec.role == "primary":
@@ -301,6 +311,13 @@ class RemoteCopy:
         if g is None:
             return
         pr = self._pair_of(g, volume)
+        if g.rec.hold:
+            # Failback from the far copy: the active-active partner needs these chunks too.
+            aa = self.mgr.by_volume.get(volume)
+            if aa is not None and aa.rec.mode == "active-active" \
+                    and aa.dirty.set_many(chunks_of(offset, length)):
+                self.mgr._spawn(aa.dirty.sync(self.node.executor))
+            return
         self._mark(pr, offset, length)
         if g.rec.role == "standby":
             g.rec.bitmap_until = max(g.rec.bitmap_until, seq, g.rec.written)
@@ -396,6 +413,9 @@ class RemoteCopy:
             try:
                 if g.need_stat:
                     h, _ = await link.request({"t": "jstat", "group": rec.name})
+                    if h.get("state") == "takeover":
+                        self._taken_over(g)
+                        continue
                     self._learn(g, h)
                     rec.sent = max(int(h["received"]), rec.applied)
                     g.need_stat = False
@@ -443,6 +463,19 @@ class RemoteCopy:
             except PeerDown:
                 window.clear()
                 g.need_stat = True
+
+    def _taken_over(self, g: GroupRuntime) -> None:
+        """The target serves hosts now (DR takeover there): this copy is not the latest,
+        so it must not serve hosts either until `twinvol dr failback`."""
+        rec = g.rec
+        reason = (f"the far copy at {rec.target} was taken over; run `twinvol dr failback` "
+                  "to copy its changes back")
+        if not rec.hold:
+            rec.hold = True
+            self.node.events.publish("group_taken_over", group=rec.name, at=rec.target)
+        for pr in g.pairs.values():
+            self.mgr.hold(pr.rec.volume, reason)
+        self._suspend(g, reason)
 
     async def _idle(self, g: GroupRuntime, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -622,6 +655,10 @@ class RemoteCopy:
             return self._prepare_standby(peer, h)
         if t == "jfeeder":
             return self._on_new_feeder(peer, h)
+        if t == "a_failback":
+            return self._on_failback(peer, h, payload)
+        if t == "a_failback_done":
+            return self._failback_done(h)
         if t == "jresume":
             g = self._group(h)
             g.journal.reset()
@@ -713,6 +750,94 @@ class RemoteCopy:
         pr.dirty.set_all()
         pr.dirty.sync_now()
         return {}, b""
+
+    def _on_failback(self, peer: str, h: dict[str, Any], bits: bytes | bytearray) -> Message:
+        """Far site after a takeover: stop serving hosts and send back what differs."""
+        g = self._group(h)
+        if g.rec.role != "secondary" or g.rec.state != "takeover":
+            raise RemoteError(f"group {g.rec.name!r} on node {self.node.name} was not taken "
+                              "over", "conflict")
+        if peer != g.rec.feeder:
+            raise RemoteError(f"group {g.rec.name!r} was fed by {g.rec.feeder}, not {peer}",
+                              "conflict")
+        pr = g.pairs.get(str(h["pair"]))
+        if pr is None:
+            raise RemoteError(f"no pair {h.get('pair')!r} in group {g.rec.name!r}",
+                              "not_found")
+        changed = pr.dirty.count()
+        for i in range(min(len(bits) * 8, pr.dirty.nbits)):
+            if bits[i >> 3] & (1 << (i & 7)):
+                pr.dirty.set(i)
+        pr.dirty.sync_now()
+        self.mgr.hold(pr.rec.volume, f"failback to {peer} running: use {peer}")
+        pr.rec.copy_source = self.node.name
+        self.mgr._set_state(pr, "copying", f"failback to {peer}")
+        self.mgr._start_copy(pr)
+        return {"changed": changed, "chunks": pr.dirty.count()}, b""
+
+    def failback_copied(self, pr: PairRuntime) -> None:
+        """Far site: one pair's reverse copy is done; when all are, hand the group back."""
+        g = self.groups.get(pr.rec.group)
+        if g is None:
+            return
+        if pr.dirty.count():
+            self.mgr._start_copy(pr)
+            return
+        self.mgr._set_state(pr, "mirrored", "")
+        if any(p.rec.state == "copying" for p in g.pairs.values()):
+            return
+        link = self.mgr._link_or_none(g.rec.feeder)
+        if link is None:
+            return
+        # A far copy again from this step on (before anything else on the link is handled):
+        # the feeder's next jstat must not see `takeover` any more.
+        rec = g.rec
+        rec.state = "mirrored"
+        rec.reason = ""
+        for p in g.pairs.values():
+            p.rec.copy_source = ""
+            self.mgr._set_mode(p, "block", "far copy again: failback done")
+            self.mgr.unhold(p.rec.volume)
+        self.save(g)
+        fut = link.request({"t": "a_failback_done", "group": g.rec.name,
+                            "received": rec.received})
+
+        def done(f: asyncio.Future[Message]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                log.warning("failback hand-back failed", extra={"group": g.rec.name})
+                return
+            h = f.result()[0]
+            g.journal.reset()
+            rec.received = rec.applied = int(h["seq"])
+            rec.applied_time = float(h["time"])
+            rec.written = max(rec.written, rec.received)
+            self._checkpoint_now(g)
+            self.node.events.publish("dr_failback_done", group=rec.name, to=rec.feeder)
+
+        fut.add_done_callback(done)
+
+    def _failback_done(self, h: dict[str, Any]) -> Message:
+        """Original primary: the far copy's data is here; records flow from here again."""
+        g = self._group(h)
+        rec = g.rec
+        rec.written = max(rec.written, g.journal.last, int(h.get("received", 0)))
+        g.journal.reset()
+        rec.mode = "journal"
+        rec.sent = rec.received = rec.applied = rec.written
+        rec.applied_time = rec.written_time = time.time()
+        rec.state = "mirrored"
+        rec.reason = ""
+        rec.hold = False
+        self.save(g)
+        for pr in g.pairs.values():
+            pr.dirty.clear_all()
+            pr.dirty.sync_now()
+            self.mgr._set_state(pr, "mirrored", "")
+            self.mgr.unhold(pr.rec.volume)
+        self.node.events.publish("dr_failback_done", group=rec.name, at=self.node.name)
+        g.need_stat = True
+        g.wake.set()
+        return {"seq": rec.written, "time": rec.applied_time}, b""
 
     def _on_new_feeder(self, peer: str, h: dict[str, Any]) -> Message:
         """DR takeover at the standby: it feeds this target from now on."""
@@ -1027,6 +1152,62 @@ class RemoteCopy:
         self.save(g)
         self.node.events.publish("dr_takeover", **report)
         return report
+
+
+# ---- failback (the reverse delta copy after a far-site takeover) ---------------------------
+
+async def failback(remote: RemoteCopy) -> list[dict[str, Any]]:
+    """Run at the original primary once it is back: the far copy sends back every chunk
+    it changed since its takeover plus every chunk this copy changed after the far copy's
+    recovery point (those must be rolled back to the far copy's data), then records flow
+    from here again. Returns one report per group."""
+    out = []
+    mgr, node = remote.mgr, remote.node
+    for g in list(remote.groups.values()):
+        rec = g.rec
+        if rec.role != "primary" or rec.feeder != node.name:
+            continue
+        link = mgr._link_or_none(rec.target)
+        if link is None:
+            raise VolumeError(f"node {rec.target} (the far copy of group {rec.name!r}) is not "
+                              "connected", "io")
+        h, _ = await link.request({"t": "jstat", "group": rec.name})
+        if h.get("state") != "takeover":
+            continue
+        remote._taken_over(g)
+        applied = int(h["applied"])
+        extra: dict[str, set[int]] = {name: set() for name in g.pairs}
+        try:
+            for r in g.journal.iter_from(max(applied + 1, g.journal.first or applied + 1)):
+                if r.pair in extra:
+                    extra[r.pair].update(chunks_of(r.offset, r.length))
+        except JournalError as e:
+            raise VolumeError(f"group {rec.name!r}: cannot read this node's journal ({e}); "
+                              "the changes after the far copy's recovery point are unknown",
+                              "io") from None
+        report: dict[str, Any] = {"group": rec.name, "node": node.name, "from": rec.target,
+                                  "recovery_point": applied, "pairs": {}}
+        for name, pr in g.pairs.items():
+            bits = bytearray(pr.dirty.bits)
+            for c in extra[name]:
+                bits[c >> 3] |= 1 << (c & 7)
+            mine = sum(1 for i in range(pr.dirty.nbits) if bits[i >> 3] & (1 << (i & 7)))
+            r, _ = await link.request({"t": "a_failback", "group": rec.name, "pair": name},
+                                      bytes(bits))
+            report["pairs"][name] = {"changed_here": mine, "changed_there": r["changed"],
+                                     "chunks": r["chunks"], "bytes": r["chunks"] * CHUNK}
+        report["chunks"] = sum(p["chunks"] for p in report["pairs"].values())
+        report["bytes"] = report["chunks"] * CHUNK
+        rec.state = "copying"
+        rec.reason = f"failback from {rec.target} running"
+        g.delta = report
+        remote.save(g)
+        node.events.publish("dr_failback", **{k: v for k, v in report.items() if k != "pairs"})
+        out.append(report)
+    if not out:
+        raise VolumeError(f"node {node.name} has no remote copy that was taken over: nothing "
+                          "to fail back", "not_found")
+    return out
 
 
 class TakeoverBackend:
