@@ -430,6 +430,16 @@ class Manager:
                 await self.call_host(opts.to, "POST", f"/api/v1/incoming/{name}/resume",
                                      timeout=30)
             except HostCallError as e:
+                if not e.unreachable and not await self._dropped(opts.to, name):
+                    # It may be running there: running it here too would split it in two.
+                    job.error = (f"resuming VM {name} at host {opts.to} failed ({e}) and "
+                                 f"host {opts.to} cannot confirm it stopped it: the VM stays "
+                                 f"paused at host {self.name}; check host {opts.to}")
+                    job.status = "failed"
+                    vm.state = "paused"
+                    vm.error = job.error
+                    log.error("migration in doubt", extra={"vm": name, "error": job.error})
+                    return
                 raise VmError(f"resuming VM {name} at host {opts.to} failed: {e}") from None
             t_run = time.monotonic()
             job.resume_ms = round((t_run - t_res) * 1000, 1)
@@ -539,6 +549,14 @@ class Manager:
                 with contextlib.suppress(BaseException):
                     await watcher
         return t_stop if t_stop is not None else time.monotonic()
+
+    async def _dropped(self, host: str, name: str) -> bool:
+        """Whether `host` confirms it dropped (killed) the incoming VM."""
+        try:
+            await self.call_host(host, "DELETE", f"/api/v1/incoming/{name}", timeout=10)
+            return True
+        except HostCallError as e:
+            return e.unreachable
 
     @staticmethod
     def _eta(last: tuple[float, int] | None, now: float, job: Migration) -> float | None:
@@ -747,11 +765,11 @@ class Manager:
                     msg = res["error"]["message"] if isinstance(res, dict) else str(res)
                     raise HostCallError(msg)
                 return res
-        except (aiohttp.ClientConnectionError, OSError) as e:
-            raise HostCallError(f"host {host} is not reachable ({e})", unreachable=True) \
-                from None
         except TimeoutError:
             raise HostCallError(f"host {host} did not answer within {timeout:g}s") from None
+        except (aiohttp.ClientConnectionError, OSError) as e:
+            raise HostCallError(f"host {host} is not reachable ({e or type(e).__name__})",
+                                unreachable=True) from None
         except (ValueError, KeyError, TypeError, aiohttp.ClientError) as e:
             raise HostCallError(f"host {host}: bad answer ({e})") from None
 
