@@ -218,9 +218,13 @@ def test_live_migration_keeps_the_guest_writing_without_gap_or_rewind(vc: VmClus
     assert heads == sorted(heads), "the head counter went back"
     last, _ = check_log(vc.uri("A", "demo"))
     assert last >= after
-    # The console of both hosts together is one run: 1, 2, ... with nothing missing.
-    seen = counters(vc.console("H1")) + counters(vc.console("H2"))
-    assert seen == list(range(1, len(seen) + 1))
+    # The consoles show one run: 1, 2, ... at H1, going on at H2. (The serial line's
+    # last partial output may be cut or repeated at the switchover: the disk is the
+    # record that must have no gap.)
+    h1, h2 = counters(vc.console("H1")), counters(vc.console("H2"))
+    assert h1 == list(range(1, len(h1) + 1))
+    assert h2 == list(range(h2[0], h2[0] + len(h2)))
+    assert h1[-1] <= h2[0] <= h1[-1] + 2, (h1[-3:], h2[:3])
 
 
 def host_view(c: VmCluster, host: str) -> dict[str, Any]:
