@@ -82,6 +82,9 @@ class PairRuntime:
     copied_bytes: int = 0       # bytes sent by the running/last copy
     copy_started: float = 0.0
     decide_task: asyncio.Task[None] | None = None
+    # Chunks marked again while a copy runs (async catch-up): their bits stay set after
+    # being sent, since the copy may have read them before the newest write.
+    recopy: set[int] = field(default_factory=set)
 
 
 class ReplicatedBackend:
@@ -446,7 +449,9 @@ class ReplicationManager:
         if inflight:
             await asyncio.gather(*inflight)
         for c in sent:
-            pr.dirty.clear(c)
+            if c not in pr.recopy:
+                pr.dirty.clear(c)
+        pr.recopy.difference_update(sent)
         last = sent[-1] if sent else None
         sent.clear()
         # Bits first: the cursor shown (and saved) never runs ahead of what is durable.

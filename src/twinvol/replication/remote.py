@@ -337,7 +337,10 @@ class RemoteCopy:
         raise KeyError(volume)
 
     def _mark(self, pr: PairRuntime, offset: int, length: int) -> None:
-        if pr.dirty.set_many(chunks_of(offset, length)):
+        chunks = chunks_of(offset, length)
+        if pr.copy_task is not None and not pr.copy_task.done():
+            pr.recopy.update(chunks)
+        if pr.dirty.set_many(chunks):
             self.mgr._spawn(pr.dirty.sync(self.node.executor))
 
     def _overflow(self, g: GroupRuntime, reason: str) -> None:
@@ -781,7 +784,7 @@ class RemoteCopy:
         if g is None:
             return
         if pr.dirty.count():
-            self.mgr._start_copy(pr)
+            asyncio.get_running_loop().call_soon(self.mgr._start_copy, pr)
             return
         self.mgr._set_state(pr, "mirrored", "")
         if any(p.rec.state == "copying" for p in g.pairs.values()):
@@ -953,9 +956,10 @@ class RemoteCopy:
         if g is None:
             return
         if pr.dirty.count():
-            # Written again while being copied (bitmap mode): go round once more.
+            # Written again while being copied (bitmap mode): go round once more, once
+            # this copy task has ended.
             self.mgr._set_state(pr, "copying", g.rec.reason)
-            self.mgr._start_copy(pr)
+            asyncio.get_running_loop().call_soon(self.mgr._start_copy, pr)
             return
         if not all(p.rec.state != "copying" for p in g.pairs.values()):
             return
