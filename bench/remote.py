@@ -39,15 +39,23 @@ from twinvol.supervisor import Supervisor, free_ports, twinvol_argv
 
 
 def start(directory: str, sup: Supervisor) -> ClusterConfig:
-    ports = iter(free_ports(9))
+    ports = iter(free_ports(10))
     cfg = ClusterConfig(
         nodes={n: NodeConfig(site=n, nbd=f"127.0.0.1:{next(ports)}",
                              api=f"127.0.0.1:{next(ports)}", data_dir=n,
                              peer=f"127.0.0.1:{next(ports)}") for n in "ABC"},
-        cluster=ClusterSection(name="bench", secret=secrets.token_hex(16)))
+        cluster=ClusterSection(name="bench", secret=secrets.token_hex(16)),
+        witness={"addr": f"127.0.0.1:{next(ports)}", "data_dir": "witness"})
     path = os.path.join(directory, "cluster.toml")
     cluster_mod.dump(cfg, path)
     cfg = cluster_mod.load(path)
+    assert cfg.witness is not None
+    # The witness lets B continue when A is lost (without it the secondary blocks).
+    sup.start("witness", twinvol_argv("witness", "run", "--cluster", path,
+                                      "--takeover-after", "1"),
+              os.path.join(directory, "witness.log"))
+    sup.wait_http("witness", f"http://{cfg.witness['addr']}/api/v1/health",
+                  headers={"Authorization": f"Bearer {cfg.cluster.secret}"})
     for n in "ABC":
         sup.start(n, twinvol_argv("node", "run", "--cluster", path, "--node", n),
                   os.path.join(directory, f"{n}.log"))
@@ -153,6 +161,7 @@ def main() -> None:
                            capture_output=True)
             sup.kill("A")
             os.kill(sup.components["C"].pid or 0, signal.SIGCONT)
+            wait_state(cfg, "B", "tri", "suspended")
             time.sleep(3.0)
             report = api(cfg, "B", "POST", "/api/v1/dr/takeover", {})["groups"][0]
             caught_up(cfg, "B", "tri-dr")

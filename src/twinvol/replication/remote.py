@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,8 +41,7 @@ from twinvol.storage.journal import (
     JournalError,
     JournalFull,
     Record,
-    decode_records,
-    encode_record,
+    decode_one,
 )
 from twinvol.storage.volumes import VolumeError
 
@@ -224,8 +224,8 @@ class RemoteCopy:
         now = time.time()
         if rec.mode == "journal":
             try:
-                g.journal.append(Record(seq, pr.rec.name, cmd, flags, offset, length, now,
-                                        bytes(data) if cmd == Cmd.WRITE and data else b""))
+                g.journal.append_write(seq, pr.rec.name, cmd, flags, offset, length, now,
+                                       data if cmd == Cmd.WRITE and data else b"")
             except JournalFull as e:
                 self._overflow(g, str(e))
                 self._mark(pr, offset, length)
@@ -254,9 +254,9 @@ class RemoteCopy:
         if alone and rec.mode == "journal" and g.journal.corrupt_at is None:
             seq = rec.seq_seen + 1
             try:
-                g.journal.append(Record(seq, pr.rec.name, cmd, flags, offset, length,
-                                        time.time(),
-                                        bytes(data) if cmd == Cmd.WRITE and data else b""))
+                g.journal.append_write(seq, pr.rec.name, cmd, flags, offset, length,
+                                       time.time(),
+                                       data if cmd == Cmd.WRITE and data else b"")
                 rec.seq_seen = seq
                 rec.written = max(rec.written, seq)
                 return 0
@@ -290,9 +290,9 @@ class RemoteCopy:
         last = rec.seq_seen
         if rec.mode == "journal" and (last == 0 or seq == last + 1):
             try:
-                g.journal.append(Record(seq, pr.rec.name, cmd, flags, offset, length,
-                                        time.time(),
-                                        bytes(data) if cmd == Cmd.WRITE and data else b""))
+                g.journal.append_write(seq, pr.rec.name, cmd, flags, offset, length,
+                                       time.time(),
+                                       data if cmd == Cmd.WRITE and data else b"")
                 rec.seq_seen = seq
             except JournalError as e:
                 self._standby_to_bitmap(g, f"standby journal: {e}")
@@ -301,8 +301,10 @@ class RemoteCopy:
             if rec.mode == "journal":
                 self._standby_to_bitmap(g, f"sequence gap: {seq} after {last}")
             self._mark(pr, offset, length)
-        rec.bitmap_until = max(rec.bitmap_until, seq) if rec.mode == "bitmap" \
-            else rec.bitmap_until
+        if rec.mode == "bitmap":
+            # Covered by dirty chunks; the journal resumes after it once they are cleared.
+            rec.bitmap_until = max(rec.bitmap_until, seq)
+            rec.seq_seen = max(rec.seq_seen, seq)
         rec.written = max(rec.written, seq)
 
     def on_copied(self, volume: str, offset: int, length: int, seq: int) -> None:
@@ -439,14 +441,14 @@ class RemoteCopy:
                     # The journal no longer holds what the target needs.
                     self._overflow(g, f"journal lacks sequence {rec.sent + 1}")
                     continue
-                recs = g.journal.read(rec.sent + 1, BATCH_BYTES, seq_to=committed)
-                blob = b"".join(encode_record(r) for r in recs)
+                first = rec.sent + 1
+                last, blob = g.journal.read_encoded(first, BATCH_BYTES, seq_to=committed)
                 window.append(link.request(
-                    {"t": "jr", "group": rec.name, "first": recs[0].seq, "last": recs[-1].seq,
+                    {"t": "jr", "group": rec.name, "first": first, "last": last,
                      "written": rec.written, "wtime": rec.written_time}, blob))
-                rec.sent = recs[-1].seq
+                rec.sent = last
                 rec.bytes_shipped += len(blob)
-                rec.records_shipped += len(recs)
+                rec.records_shipped += last - first + 1
                 if len(window) >= WINDOW:
                     self._progress(g, (await window.pop(0))[0])
             except JournalCorrupt as e:
@@ -586,21 +588,24 @@ class RemoteCopy:
             raise RemoteError(f"group {rec.name!r} was taken over at {self.node.name}",
                               "conflict")
         error: JournalCorrupt | None = None
-        try:
-            recs, used = decode_records(payload)
-            if used != len(payload):
-                raise JournalCorrupt("journal batch cut short", 0)
-        except JournalCorrupt as e:
-            error = e
-            recs = self._good_prefix(payload)
-        for r in recs:
-            if r.seq <= rec.received:
-                continue
-            if r.seq != rec.received + 1:
-                raise RemoteError(f"record {r.seq} does not follow {rec.received}", "gap")
-            g.journal.append(r)
-            self._apply_record(g, r)
-            rec.received = r.seq
+        mv = memoryview(payload)
+        pos = 0
+        while pos < len(mv):
+            try:
+                got = decode_one(mv, pos, 0)
+                if got is None:
+                    raise JournalCorrupt("journal batch cut short", rec.received)
+            except JournalCorrupt as e:
+                error = e
+                break
+            r, end = got
+            if r.seq > rec.received:
+                if r.seq != rec.received + 1:
+                    raise RemoteError(f"record {r.seq} does not follow {rec.received}", "gap")
+                g.journal.append_encoded(r.seq, mv[pos:end])
+                self._apply_record(g, r)
+                rec.received = r.seq
+            pos = end
         rec.written = max(rec.written, int(h.get("written", 0)))
         rec.written_time = max(rec.written_time, float(h.get("wtime", 0.0)))
         if rec.state == "copying" and not any(p.rec.state == "copying"
@@ -613,20 +618,6 @@ class RemoteCopy:
             self.node.events.publish("journal_corrupt", group=rec.name, seq=rec.received + 1)
             raise RemoteError(str(error), "corrupt")
         return self._stat(g), b""
-
-    @staticmethod
-    def _good_prefix(payload: bytes | bytearray) -> list[Record]:
-        from twinvol.storage.journal import _decode_one
-
-        mv = memoryview(payload)
-        out: list[Record] = []
-        pos, after = 0, 0
-        with contextlib.suppress(JournalCorrupt):
-            while (got := _decode_one(mv, pos, after)) is not None:
-                r, pos = got
-                out.append(r)
-                after = r.seq
-        return out
 
     def _stat(self, g: GroupRuntime) -> dict[str, Any]:
         rec = g.rec
@@ -1255,8 +1246,24 @@ class TakeoverBackend:
 class JournalingBackend(TakeoverBackend):
     """Host I/O on the primary of an async pair that has no active-active partner."""
 
-    async def submit(self, cmd: int, offset: int, length: int, data: bytes | bytearray | None,
-                     flags: int) -> None:
+    def submit(self, cmd: int, offset: int, length: int,  # type: ignore[override]
+               data: bytes | bytearray | None, flags: int) -> Awaitable[None]:
+        if cmd == Cmd.FLUSH or flags & 1:
+            return self._durable(cmd, offset, length, data, flags)
+        # The common case completes in this step: no task per write.
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            self.remote.mgr._apply(self.pr, cmd, offset, length, data, flags)
+            self.remote.on_applied(self.pr.rec.volume, cmd, offset, length, data, flags,
+                                   committed=True)
+        except Exception as e:
+            fut.set_exception(e)
+        else:
+            fut.set_result(None)
+        return fut
+
+    async def _durable(self, cmd: int, offset: int, length: int,
+                       data: bytes | bytearray | None, flags: int) -> None:
         pr, ex = self.pr, self.remote.node.executor
         loop = asyncio.get_running_loop()
         if cmd == Cmd.FLUSH:

@@ -65,18 +65,27 @@ class Record:
     data: bytes = b""
 
 
-def encode_record(rec: Record) -> bytes:
-    name = rec.pair.encode()
+Data = bytes | bytearray | memoryview
+
+
+def encode_parts(seq: int, pair: str, cmd: int, flags: int, offset: int, length: int,
+                 t: float, data: Data) -> tuple[bytes, bytes, Data]:
+    """A record as (header, pair name, data): written with one writev, never joined."""
+    name = pair.encode()
     if len(name) > MAX_NAME:
         raise ValueError("pair name too long for a journal record")
-    head = HEADER.pack(MAGIC, rec.cmd, rec.flags, len(name), rec.seq, rec.time, rec.offset,
-                       rec.length, len(rec.data), 0)
-    crc = zlib.crc32(rec.data, zlib.crc32(name, zlib.crc32(head)))
-    return HEADER.pack(MAGIC, rec.cmd, rec.flags, len(name), rec.seq, rec.time, rec.offset,
-                       rec.length, len(rec.data), crc) + name + rec.data
+    head = HEADER.pack(MAGIC, cmd, flags, len(name), seq, t, offset, length, len(data), 0)
+    crc = zlib.crc32(data, zlib.crc32(name, zlib.crc32(head)))
+    return head[:-4] + crc.to_bytes(4, "big"), name, data
 
 
-def _decode_one(mv: memoryview, pos: int, after: int) -> tuple[Record, int] | None:
+def encode_record(rec: Record) -> bytes:
+    head, name, data = encode_parts(rec.seq, rec.pair, rec.cmd, rec.flags, rec.offset,
+                                    rec.length, rec.time, rec.data)
+    return head + name + bytes(data)
+
+
+def decode_one(mv: memoryview, pos: int, after: int) -> tuple[Record, int] | None:
     """The record at `pos` and where it ends; None if it is cut short."""
     if len(mv) - pos < HEADER.size:
         return None
@@ -107,7 +116,7 @@ def decode_records(buf: bytes | bytearray | memoryview, after: int = 0
     out: list[Record] = []
     pos = 0
     while True:
-        got = _decode_one(mv, pos, after)
+        got = decode_one(mv, pos, after)
         if got is None:
             return out, pos
         rec, pos = got
@@ -154,7 +163,7 @@ class Journal:
             pos = 0
             while self.corrupt_at is None:
                 try:
-                    got = _decode_one(mv, pos, last)
+                    got = decode_one(mv, pos, last)
                 except JournalCorrupt:
                     self.corrupt_at = last + 1
                     break
@@ -207,28 +216,41 @@ class Journal:
 
     def append(self, rec: Record) -> int:
         """Append one record (its seq must follow `last`); returns its encoded size."""
+        return self.append_write(rec.seq, rec.pair, rec.cmd, rec.flags, rec.offset,
+                                 rec.length, rec.time, rec.data)
+
+    def append_write(self, seq: int, pair: str, cmd: int, flags: int, offset: int,
+                     length: int, t: float, data: Data) -> int:
+        """Append one write without building a Record or copying its data."""
+        return self.append_encoded(seq, *encode_parts(seq, pair, cmd, flags, offset, length,
+                                                      t, data))
+
+    def append_encoded(self, seq: int, *parts: Data) -> int:
+        """Append a record already encoded (and checked) elsewhere, e.g. as received."""
         if self.corrupt_at is not None:
             raise JournalCorrupt(f"journal is damaged at sequence {self.corrupt_at}",
                                  self.corrupt_at - 1)
         last = self.last
-        if last and rec.seq != last + 1:
-            raise JournalError(f"journal sequence {rec.seq} does not follow {last}")
-        blob = encode_record(rec)
-        if self.size + len(blob) > self.limit:
+        if last and seq != last + 1:
+            raise JournalError(f"journal sequence {seq} does not follow {last}")
+        n = sum(len(p) for p in parts)
+        if self.size + n > self.limit:
             raise JournalFull(f"journal {self.dir} is full ({self.size} of {self.limit} bytes)")
         seg = self.segments[-1] if self.segments else None
-        if seg is None or (seg.size and seg.size + len(blob) > self.segment_bytes):
-            seg = self._new_segment(rec.seq)
+        if seg is None or (seg.size and seg.size + n > self.segment_bytes):
+            seg = self._new_segment(seq)
         if self._fd < 0:
             self._fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                                0o600)
-        os.write(self._fd, blob)
-        self.index[rec.seq] = (seg, seg.size, len(blob))
-        seg.size += len(blob)
-        seg.last = rec.seq
-        self.size += len(blob)
+        if os.writev(self._fd, parts) != n:
+            os.ftruncate(self._fd, seg.size)   # never leave half a record behind
+            raise JournalError(f"short write to journal segment {seg.path}")
+        self.index[seq] = (seg, seg.size, n)
+        seg.size += n
+        seg.last = seq
+        self.size += n
         self._dirty = True
-        return len(blob)
+        return n
 
     def _new_segment(self, first: int) -> _Segment:
         if self._fd >= 0:
@@ -315,6 +337,32 @@ class Journal:
             raise JournalCorrupt(f"journal record {seq_from + len(recs)} is damaged",
                                  seq_from - 1 + len(recs))
         return recs
+
+    def read_encoded(self, seq_from: int, max_bytes: int = 4 * 1024 * 1024,
+                     seq_to: int | None = None) -> tuple[int, bytes]:
+        """The encoded records seq_from..(returned last) as one run of bytes, unparsed:
+        what is shipped (the receiver checks every CRC). Returns (last seq, bytes)."""
+        stop = self.last if seq_to is None else min(seq_to, self.last)
+        where = self.index.get(seq_from)
+        if where is None or seq_from > stop:
+            raise JournalError(f"journal no longer holds sequence {seq_from}")
+        seg, pos, _n = where
+        end, seq = pos, seq_from
+        while seq <= stop and end - pos < max_bytes:
+            w = self.index.get(seq)
+            if w is None or w[0] is not seg:
+                break
+            end = w[1] + w[2]
+            seq += 1
+        fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            blob = os.pread(fd, end - pos, pos)
+        finally:
+            os.close(fd)
+        if len(blob) != end - pos:
+            raise JournalCorrupt(f"journal segment {seg.path} is shorter than its index",
+                                 seq_from - 1)
+        return seq - 1, blob
 
     def iter_from(self, seq_from: int) -> Iterator[Record]:
         seq = seq_from
