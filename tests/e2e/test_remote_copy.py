@@ -314,7 +314,7 @@ def test_refusals(tmp_path: object) -> None:
         assert p.returncode == 1 and "already holds the active-active copy" in p.stderr
         p = c.cli("pair", "create", "x", "--mode", "active-active", "--primary", "A",
                   "--secondary", "C", "--group", "g")
-        assert p.returncode == 1 and "apply to --mode async only" in p.stderr
+        assert p.returncode == 1 and "apply to --mode async or sync only" in p.stderr
         status, body = c.api("A", "POST", "/api/v1/pairs",
                              {"name": "vol-dr", "mode": "async", "secondary": "C",
                               "primary_volume": "vol", "journal_size": "4k"})
@@ -415,3 +415,36 @@ def test_initial_copy_resumes_from_its_cursor_after_kill9(ac: ClusterProc) -> No
     assert 0 < a["copy"]["bytes_sent"] <= (total - cur) * 64 * 1024  # nothing before the cursor
     c.wait_pair("C", "big-dr", "mirrored", "block")
     assert file_bytes(volume_path(c, "A", "big")) == file_bytes(volume_path(c, "C", "big"))
+
+
+def test_sync_mode_writes_wait_for_the_far_site_and_continue_without_it(ac: ClusterProc) -> None:
+    c = ac
+    make_volume(c, "A", "vol", 8 * MiB)
+    status, body = c.api("A", "POST", "/api/v1/pairs",
+                         {"name": "vol-s", "mode": "sync", "secondary": "C",
+                          "primary_volume": "vol", "secondary_volume": "vol"})
+    assert status == 201, body
+    c.wait_pair("A", "vol-s", "mirrored", timeout=60)
+    pid_c = c.sup.components["C"].pid
+    path_c = volume_path(c, "C", "vol")
+    for i in range(5):
+        subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P {0x30 + i} {i}M 64k",
+                        c.uri("A", "vol")], check=True, capture_output=True, timeout=60)
+        # Acknowledged means the far site holds it: freeze C at once and look.
+        os.kill(pid_c, signal.SIGSTOP)
+        try:
+            data = file_bytes(path_c)
+        finally:
+            os.kill(pid_c, signal.SIGCONT)
+        assert data[i * MiB:i * MiB + 65536] == bytes([0x30 + i]) * 65536
+    assert c.pair("C", "vol-s")["mode"] == "sync"
+    # The far site is lost: host writes continue (recorded), and catch up when it returns.
+    c.kill9("C")
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x77 6M 64k", c.uri("A", "vol")],
+                   check=True, capture_output=True, timeout=60)
+    rc = remote(c, "A", "vol-s")
+    assert rc["sequence"]["written"] > rc["sequence"]["applied"]
+    c.start("C")
+    wait_applied(c, "A", "vol-s")
+    assert file_bytes(volume_path(c, "A", "vol")) == file_bytes(volume_path(c, "C", "vol"))
+

@@ -92,8 +92,9 @@ def _wait(cfg: ClusterConfig, node: str, name: str, timeout: float, quiet: bool)
 def create(
     name: str = typer.Argument(..., help="Pair name (also the default volume name)."),
     mode: str = typer.Option("active-active", "--mode",
-                             help="Pair mode: active-active, or async (journal-based remote "
-                                  "copy to a far site)."),
+                             help="Pair mode: active-active; async (journal-based remote "
+                                  "copy to a far site); sync (the same, but each write waits "
+                                  "until the far site has it)."),
     primary: str = typer.Option(..., "--primary", help="NODE or NODE:VOLUME of the primary."),
     secondary: str = typer.Option(..., "--secondary",
                                   help="NODE or NODE:VOLUME of the secondary (created if "
@@ -110,10 +111,10 @@ def create(
     json_out: bool = JsonOpt,
 ) -> None:
     """Pair two volumes; the secondary takes the primary's identity and gets a full copy."""
-    if mode not in ("active-active", "async"):
-        raise CliError(f"unknown pair mode {mode!r}: use active-active or async")
-    if mode != "async" and (group or journal_size):
-        raise CliError("--group and --journal-size apply to --mode async only")
+    if mode not in ("active-active", "async", "sync"):
+        raise CliError(f"unknown pair mode {mode!r}: use active-active, async or sync")
+    if mode not in ("async", "sync") and (group or journal_size):
+        raise CliError("--group and --journal-size apply to --mode async or sync only")
     cfg = load_cluster(cluster)
     pnode, pvol = _side(primary, name)
     snode, svol = _side(secondary, name)

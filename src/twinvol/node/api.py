@@ -199,11 +199,11 @@ def make_app(node: Node) -> web.Application:
     @routes.post("/api/v1/pairs")
     async def create_pair(request: web.Request) -> web.Response:
         body: CreatePair = await _body(request, CreatePair)
-        if body.mode not in ("active-active", "async"):
+        if body.mode not in ("active-active", "async", "sync"):
             raise VolumeError(f"pair mode {body.mode!r} is not supported (active-active, "
-                              "async)")
-        if body.mode != "async" and (body.group or body.journal_size):
-            raise VolumeError("group and journal_size apply to async pairs only")
+                              "async, sync)")
+        if body.mode not in ("async", "sync") and (body.group or body.journal_size):
+            raise VolumeError("group and journal_size apply to async and sync pairs only")
         journal = _size(body.journal_size) or 0
         if body.journal_size is not None and journal < 1024 * 1024:
             raise VolumeError("journal_size must be at least 1M")

@@ -30,6 +30,7 @@ import xxhash
 from twinvol.nbd.constants import Cmd, Err
 from twinvol.replication.bitmap import AL_EXTENT, CHUNK, PersistentBits, chunks_of, nchunks
 from twinvol.replication.pairs import (
+    REMOTE_MODES,
     PairRecord,
     PairStore,
     fork_generation,
@@ -163,7 +164,7 @@ class ReplicationManager:
         dirty.sync_now()
         al.sync_now()
         self.pairs[rec.name] = pr
-        if rec.mode == "async":
+        if rec.remote:
             self.remote.attach(pr)
             if rec.role == "secondary":
                 self.by_volume[rec.volume] = pr
@@ -217,7 +218,7 @@ class ReplicationManager:
         pr = self.by_volume.get(vol.record.name)
         if pr is None:
             return None
-        if pr.rec.mode != "async":
+        if not pr.rec.remote:
             return ReplicatedBackend(self, pr)
         if pr.rec.role == "secondary":
             return TakeoverBackend(self.remote, pr)
@@ -278,10 +279,11 @@ class ReplicationManager:
         self.node.cluster.node(secondary)
         if self.node.config.peer is None or self.node.cluster.node(secondary).peer is None:
             raise VolumeError("both nodes need a `peer` address in the cluster file to pair")
-        if mode == "async":
+        if mode in REMOTE_MODES:
             return await self.remote.create(name, vol.record.name, secondary,
                                             secondary_volume, group or name,
-                                            journal_limit or DEFAULT_JOURNAL)
+                                            journal_limit or DEFAULT_JOURNAL,
+                                            sync=mode == "sync")
         if vol.record.name in self.by_volume:
             raise VolumeError(f"volume {primary_volume!r} is already in pair "
                               f"{self.by_volume[vol.record.name].rec.name!r}", "conflict")
@@ -406,9 +408,9 @@ class ReplicationManager:
                                 "history": rec.gen_history, "role": "secondary"
                                 if rec.role == "primary" else "primary"})
             rec.copy_cursor = 0
-            if rec.mode == "async" and rec.role == "secondary":
+            if rec.remote and rec.role == "secondary":
                 self.remote.failback_copied(pr)
-            elif rec.mode == "async":
+            elif rec.remote:
                 self._set_state(pr, "mirrored")
                 self.remote.copy_done(pr)
             else:
@@ -687,7 +689,7 @@ class ReplicationManager:
         await asyncio.sleep(DEAD_AFTER + 0.5)
         for pr in list(self.pairs.values()):
             if pr.rec.io_mode == "block" and not self.peers.is_up(pr.rec.partner) \
-                    and pr.rec.mode != "async" \
+                    and not pr.rec.remote \
                     and pr.rec.state in ("mirrored", "suspended", "copying"):
                 self._on_partner_lost(pr, f"partner {pr.rec.partner} unreachable after restart",
                                       restart=True)
@@ -767,7 +769,7 @@ class ReplicationManager:
     def _on_down(self, peer: str, reason: str) -> None:
         self.node.events.publish("peer_down", peer=peer, reason=reason)
         for pr in list(self.pairs.values()):
-            if pr.rec.partner == peer and pr.rec.mode != "async":
+            if pr.rec.partner == peer and not pr.rec.remote:
                 self._on_partner_lost(pr, f"peer link to {peer} down: {reason}")
 
     def _on_refused(self, peer: str, reason: str) -> None:
@@ -777,7 +779,7 @@ class ReplicationManager:
         self.node.events.publish("peer_up", peer=peer)
         self.remote.on_up(peer)
         for pr in list(self.pairs.values()):
-            if pr.rec.partner != peer or pr.rec.mode == "async":
+            if pr.rec.partner != peer or pr.rec.remote:
                 continue
             if pr.decide_task is not None and not pr.decide_task.done():
                 pr.decide_task.cancel()
@@ -958,7 +960,7 @@ class ReplicationManager:
 
     def _peer_done(self, pr: PairRuntime, h: dict[str, Any]) -> Message:
         rec = pr.rec
-        if rec.mode == "async":
+        if rec.remote:
             # The far copy is complete but serves no host until a DR takeover.
             rec.copy_cursor = 0
             pr.dirty.clear_all()
@@ -1049,7 +1051,7 @@ class ReplicationManager:
     async def delete(self, name: str) -> None:
         pr = self.get(name)
         others = [pr.rec.partner]
-        if pr.rec.mode == "async":
+        if pr.rec.remote:
             others += self.remote.other_sides(pr)
         for other in others:
             link = self._link_or_none(other)
@@ -1076,7 +1078,7 @@ class ReplicationManager:
         owned = self.by_volume.get(rec.volume) is pr
         if owned:
             del self.by_volume[rec.volume]
-        if rec.mode == "async":
+        if rec.remote:
             self.remote.detach(pr)
             # The volume's own pair (if any) takes it back.
             for other in self.pairs.values():
@@ -1110,7 +1112,7 @@ class ReplicationManager:
         running = pr.copy_task is not None and not pr.copy_task.done()
         if pr.verify:
             out["verify"] = pr.verify
-        if rec.mode == "async":
+        if rec.remote:
             out["remote_copy"] = self.remote.view(pr)
         out["copy"] = {"running": running, "source": rec.copy_source,
                        "cursor": rec.copy_cursor, "remaining_chunks": pr.dirty.count(),

@@ -19,6 +19,7 @@ from typing import Literal
 import msgspec
 
 STATES = ("copying", "mirrored", "split", "suspended", "takeover")
+REMOTE_MODES = ("async", "sync")
 IO_MODES = ("mirror", "local", "block")
 HISTORY = 8
 
@@ -34,7 +35,7 @@ class PairRecord(msgspec.Struct):
     """This node's view of one pair, stored in its catalog and shown by `pair show`."""
 
     name: str
-    mode: str                       # active-active | async
+    mode: str                       # active-active | async | sync
     role: str                       # primary | secondary | standby (async: feeds on loss)
     volume: str                     # local volume name
     partner: str                    # partner node
@@ -47,7 +48,12 @@ class PairRecord(msgspec.Struct):
     copy_total: int = 0
     copy_source: str = ""           # node that feeds the running copy
     own_identity: dict[str, object] = msgspec.field(default_factory=dict)
-    group: str = ""                 # consistency group (async pairs)
+    group: str = ""                 # consistency group (async / sync remote copies)
+
+    @property
+    def remote(self) -> bool:
+        """A remote copy (journal-based, `async` or `sync`), not an active-active pair."""
+        return self.mode in REMOTE_MODES
     reason: str = ""
     updated: float = 0.0
 

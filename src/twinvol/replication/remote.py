@@ -85,6 +85,7 @@ class GroupRecord(msgspec.Struct):
     bitmap_until: int = 0       # (standby) dirty chunks cover writes up to this sequence
     seq_seen: int = 0           # (standby) last sequence number journaled here
     hold: bool = False          # (primary) the far copy was taken over: hosts refused here
+    sync: bool = False          # host writes wait until the target has their record
     bytes_shipped: int = 0      # journal bytes sent to the target (all time)
     records_shipped: int = 0
     updated: float = 0.0
@@ -103,6 +104,7 @@ class GroupRuntime:
     last_progress: float = 0.0
     checkpoint_due: bool = False
     delta: dict[str, Any] = field(default_factory=dict)  # the last DR delta resync
+    waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)  # sync
 
     def committed(self) -> int:
         """Highest sequence number below which every record may be shipped."""
@@ -411,6 +413,8 @@ class RemoteCopy:
             g.wake.clear()
             link = self.mgr._link_or_none(rec.target)
             if link is None or rec.state == "suspended" or rec.feeder != self.node.name:
+                if g.waiters:
+                    self._release_waiters(g, None)
                 window.clear()
                 g.need_stat = True
                 await self._idle(g, 1.0)
@@ -428,13 +432,12 @@ class RemoteCopy:
                 if rec.mode != "journal" or rec.sent >= committed:
                     while window:
                         self._progress(g, (await window.pop(0))[0])
-                    if rec.applied < rec.sent:
+                    self._report_standby(g)
+                    await self._idle(g, CHECKPOINT_EVERY)
+                    if rec.applied < rec.sent and not g.wake.is_set():
                         # Learn the target's next durable checkpoint (trims the journal).
-                        await asyncio.sleep(CHECKPOINT_EVERY)
                         h, _ = await link.request({"t": "jstat", "group": rec.name})
                         self._progress(g, h)
-                    self._report_standby(g)
-                    await self._idle(g, PROGRESS_EVERY)
                     continue
                 if rec.sent < g.journal.first - 1 or (g.journal.first == 0
                                                       and rec.sent < committed):
@@ -468,6 +471,8 @@ class RemoteCopy:
             except PeerDown:
                 window.clear()
                 g.need_stat = True
+                if g.waiters:
+                    self._release_waiters(g, None)
 
     def _taken_over(self, g: GroupRuntime) -> None:
         """The target serves hosts now (DR takeover there): this copy is not the latest,
@@ -481,6 +486,31 @@ class RemoteCopy:
         for pr in g.pairs.values():
             self.mgr.hold(pr.rec.volume, reason)
         self._suspend(g, reason)
+
+    def wait_sync(self, volume: str, seq: int) -> asyncio.Future[None] | None:
+        """Sync mode: a future done once the target holds record `seq` (None: no wait,
+        the target is unreachable or the copy is not streaming records)."""
+        g = self.feeds.get(volume)
+        if g is None or not g.rec.sync or not seq or g.rec.state != "mirrored" \
+                or g.rec.mode != "journal" or not self.mgr.peers.is_up(g.rec.target):
+            return None
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        g.waiters.append((seq, fut))
+        g.wake.set()
+        return fut
+
+    @staticmethod
+    def _release_waiters(g: GroupRuntime, upto: int | None) -> None:
+        """Complete sync writes the target holds (all of them when `upto` is None: the
+        target is lost and writes continue without it, recorded in the journal)."""
+        keep = []
+        for seq, fut in g.waiters:
+            if upto is None or seq <= upto:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                keep.append((seq, fut))
+        g.waiters = keep
 
     async def _idle(self, g: GroupRuntime, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -496,6 +526,8 @@ class RemoteCopy:
     def _progress(self, g: GroupRuntime, h: dict[str, Any]) -> None:
         """A reply from the target: it received/applied up to these sequence numbers."""
         self._learn(g, h)
+        if g.waiters:
+            self._release_waiters(g, g.rec.received)
         g.journal.trim(g.rec.applied)
         if time.monotonic() - g.last_save > 0.5:
             self.save(g)
@@ -710,7 +742,8 @@ class RemoteCopy:
         _vol, own = mgr._take_identity(name, vname, size, h)
         g = self._ensure_group(str(h["group"]), "secondary", self.node.name, peer,
                                int(h["journal_limit"]))
-        rec = PairRecord(name=name, mode="async", role="secondary", volume=vname,
+        rec = PairRecord(name=name, mode=str(h.get("mode", "async")), role="secondary",
+                         volume=vname,
                          partner=peer, partner_volume=str(h["partner_volume"]),
                          state="copying", io_mode="block", gen_current=str(h["gen"]),
                          copy_total=nchunks(size), own_identity=own, group=g.rec.name)
@@ -719,7 +752,7 @@ class RemoteCopy:
         mgr.store.save(rec)
         mgr._load(rec)
         self.node.events.publish("pair_created", pair=name, role="secondary", partner=peer,
-                                 mode="async")
+                                 mode=rec.mode)
         return {}, b""
 
     def _prepare_standby(self, peer: str, h: dict[str, Any]) -> Message:
@@ -854,10 +887,14 @@ class RemoteCopy:
     # ---- creation (on the primary) ---------------------------------------------------------
 
     async def create(self, name: str, volume: str, target: str, target_volume: str,
-                     group: str, journal_limit: int) -> PairRecord:
+                     group: str, journal_limit: int, sync: bool = False) -> PairRecord:
         mgr = self.mgr
+        mode = "sync" if sync else "async"
         vol = self.node.volumes.get(volume)
         aa = mgr.by_volume.get(vol.record.name)
+        if sync and aa is not None:
+            raise VolumeError(f"volume {volume!r} is in pair {aa.rec.name!r}: a sync remote "
+                              "copy needs a volume of its own (use --mode async)")
         if aa is not None and aa.rec.mode != "active-active":
             raise VolumeError(f"volume {volume!r} is already in pair {aa.rec.name!r}",
                               "conflict")
@@ -871,6 +908,10 @@ class RemoteCopy:
         if aa is not None and target == aa.rec.partner:
             raise VolumeError(f"node {target} already holds the active-active copy")
         g = self.groups.get(group)
+        if g is not None and g.rec.sync != sync:
+            raise VolumeError(f"consistency group {group!r} is "
+                              f"{'sync' if g.rec.sync else 'async'}; its pairs share one mode",
+                              "conflict")
         if g is not None and (g.rec.role != "primary" or g.rec.target != target):
             raise VolumeError(f"consistency group {group!r} is {g.rec.role} towards "
                               f"{g.rec.target} on this node; its volumes must share one "
@@ -886,7 +927,7 @@ class RemoteCopy:
                                 "partner_volume": r.name, "size": r.size, "serial": r.serial,
                                 "vvol_id": r.vvol_id, "export_name": r.export_name,
                                 "description": r.description, "gen": gen, "group": group,
-                                "journal_limit": limit})
+                                "journal_limit": limit, "mode": mode})
             if aa is not None:
                 plink = mgr.peers.link(aa.rec.partner)
                 await plink.request({"t": "a_standby", "pair": name,
@@ -901,10 +942,11 @@ class RemoteCopy:
             raise VolumeError(f"a node went away while pairing: {e}", "io") from None
         if g is None:
             g = self._open_group(GroupRecord(name=group, role="primary", target=target,
-                                             feeder=self.node.name, journal_limit=limit))
+                                             feeder=self.node.name, journal_limit=limit,
+                                             sync=sync))
         g.rec.state = "copying"
         self.save(g)
-        prec = PairRecord(name=name, mode="async", role="primary", volume=r.name,
+        prec = PairRecord(name=name, mode=mode, role="primary", volume=r.name,
                           partner=target, partner_volume=target_volume, state="copying",
                           io_mode=vol.io_mode, gen_current=gen, copy_total=nchunks(r.size),
                           copy_source=self.node.name, group=group)
@@ -913,7 +955,7 @@ class RemoteCopy:
         pr.dirty.set_all()
         await pr.dirty.sync(self.node.executor)
         self.node.events.publish("pair_created", pair=name, role="primary", partner=target,
-                                 mode="async", group=group)
+                                 mode=mode, group=group)
         self._start_shipping(g)
         mgr._start_copy(pr)
         return prec
@@ -985,6 +1027,7 @@ class RemoteCopy:
         out: dict[str, Any] = {
             "group": rec.name, "group_role": rec.role, "feeder": rec.feeder,
             "target": rec.target, "group_state": rec.state, "journal_mode": rec.mode,
+            "sync": rec.sync,
             "sequence": {"written": rec.written, "sent": rec.sent, "received": rec.received,
                          "applied": rec.applied, "committed": g.committed()
                          if rec.role == "primary" else rec.written},
@@ -1042,10 +1085,8 @@ class RemoteCopy:
                 raise VolumeError(f"volume {pr.rec.volume!r} on node {self.node.name} is "
                                   f"blocked (stale copy: {aa.rec.reason}); it cannot feed "
                                   "the remote copy", "conflict")
-        link = mgr._link_or_none(rec.target)
-        if link is None:
-            raise VolumeError(f"node {rec.target} (the remote copy) is not connected", "io")
-        h, _ = await link.request({"t": "jfeeder", "group": rec.name})
+        h, _ = await self.ask(rec.target, {"t": "jfeeder", "group": rec.name},
+                              f"node {rec.target} (the remote copy) is not connected")
         received = int(h["received"])
         rec.applied = int(h["applied"])
         rec.applied_time = float(h["applied_time"])
@@ -1107,6 +1148,23 @@ class RemoteCopy:
         g.wake.set()
         return report
 
+    async def ask(self, peer: str, header: dict[str, Any], unreachable: str,
+                  within: float = 5.0) -> Message:
+        """One request for an operator command, riding out a link that is just being
+        re-established (a site that was frozen or restarted a moment ago)."""
+        deadline = time.monotonic() + within
+        while True:
+            link = self.mgr._link_or_none(peer)
+            if link is not None:
+                try:
+                    reply: Message = await link.request(header)
+                    return reply
+                except PeerDown:
+                    pass
+            if time.monotonic() > deadline:
+                raise VolumeError(unreachable, "io")
+            await asyncio.sleep(0.1)
+
     def _unapplied_from(self, g: GroupRuntime, start: int) -> list[Record]:
         try:
             return [r for r in g.journal.iter_from(max(start, g.journal.first or start))
@@ -1162,12 +1220,11 @@ async def failback(remote: RemoteCopy) -> list[dict[str, Any]]:
         rec = g.rec
         if rec.role != "primary" or rec.feeder != node.name:
             continue
+        h, _ = await remote.ask(rec.target, {"t": "jstat", "group": rec.name},
+                                f"node {rec.target} (the far copy of group {rec.name!r}) is "
+                                "not connected")
         link = mgr._link_or_none(rec.target)
-        if link is None:
-            raise VolumeError(f"node {rec.target} (the far copy of group {rec.name!r}) is not "
-                              "connected", "io")
-        h, _ = await link.request({"t": "jstat", "group": rec.name})
-        if h.get("state") != "takeover":
+        if h.get("state") != "takeover" or link is None:
             continue
         remote._taken_over(g)
         applied = int(h["applied"])
@@ -1254,12 +1311,15 @@ class JournalingBackend(TakeoverBackend):
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
             self.remote.mgr._apply(self.pr, cmd, offset, length, data, flags)
-            self.remote.on_applied(self.pr.rec.volume, cmd, offset, length, data, flags,
-                                   committed=True)
+            seq = self.remote.on_applied(self.pr.rec.volume, cmd, offset, length, data, flags,
+                                         committed=True)
         except Exception as e:
             fut.set_exception(e)
-        else:
-            fut.set_result(None)
+            return fut
+        waiting = self.remote.wait_sync(self.pr.rec.volume, seq)
+        if waiting is not None:
+            return waiting
+        fut.set_result(None)
         return fut
 
     async def _durable(self, cmd: int, offset: int, length: int,
@@ -1270,10 +1330,13 @@ class JournalingBackend(TakeoverBackend):
             await loop.run_in_executor(ex, self._flush_all)
             return
         self.remote.mgr._apply(pr, cmd, offset, length, data, flags)
-        self.remote.on_applied(pr.rec.volume, cmd, offset, length, data, flags,
-                               committed=True)
+        seq = self.remote.on_applied(pr.rec.volume, cmd, offset, length, data, flags,
+                                     committed=True)
+        waiting = self.remote.wait_sync(pr.rec.volume, seq)
         if flags & 1:
             await loop.run_in_executor(ex, self._flush_all)
+        if waiting is not None:
+            await waiting
 
     def _flush_all(self) -> None:
         self.pr.vol.store.flush()
