@@ -448,3 +448,51 @@ def test_sync_mode_writes_wait_for_the_far_site_and_continue_without_it(ac: Clus
     wait_applied(c, "A", "vol-s")
     assert file_bytes(volume_path(c, "A", "vol")) == file_bytes(volume_path(c, "C", "vol"))
 
+
+
+def test_standby_without_records_catches_up_by_chunks_and_resumes_after_kill9(
+        tmp_path: object) -> None:
+    c = ClusterProc(str(tmp_path), names=("A", "B", "C"), witness=True)
+    c.start()
+    try:
+        for a, b in (("A", "B"), ("A", "C"), ("B", "C")):
+            c.wait_peer(a, b)
+        size = 128 * MiB
+        make_volume(c, "A", "vol", size)
+        status, body = c.api("A", "POST", "/api/v1/pairs", {"name": "vol", "secondary": "B"})
+        assert status == 201, body
+        c.wait_pair("B", "vol", "mirrored", "mirror")
+        make_async(c, "vol-dr", "vol", "vol", journal_size="1M")
+        c.wait_pair("B", "vol-dr", "mirrored", timeout=10)
+        pid_c = c.sup.components["C"].pid
+        os.kill(pid_c, signal.SIGSTOP)
+        # 64 MiB while the far site is frozen: neither A's nor B's 1 MiB journal holds it.
+        subprocess.run(["fio", "--name=fill", "--ioengine=nbd", f"--uri={c.uri('A', 'vol')}",
+                        "--rw=write", "--bs=1m", "--iodepth=8", "--size=64M",
+                        "--refill_buffers=1"], check=True, capture_output=True, timeout=300)
+        assert remote(c, "B", "vol-dr")["journal_mode"] == "bitmap"
+        c.kill9("A")
+        c.wait_pair("B", "vol", "suspended", "local", timeout=30)
+        os.kill(pid_c, signal.SIGCONT)
+        p = c.cli("dr", "takeover", "--site", "B", "--json")
+        assert p.returncode == 0, p.stderr
+        r = json.loads(p.stdout)["groups"][0]
+        assert (r["method"], r["full_copy"]) == ("bitmap", False)
+        assert r["chunks"] == 1024                      # exactly the 64 MiB written
+        deadline = time.monotonic() + 60
+        while True:
+            view = c.pair("B", "vol-dr")
+            cur = view["copy"]["cursor"]
+            if cur >= 128 or view["state"] != "copying" or time.monotonic() > deadline:
+                break
+            time.sleep(0.005)
+        assert view["state"] == "copying", "the catch-up ended before the kill"
+        c.kill9("B")                                    # during the delta resync
+        c.start("B")
+        rc = wait_applied(c, "B", "vol-dr", timeout=60)
+        assert rc["group_role"] == "primary" and rc["feeder"] == "B"
+        sent = c.pair("B", "vol-dr")["copy"]["bytes_sent"]
+        assert 0 < sent <= (1024 - cur) * 64 * 1024     # nothing before the cursor again
+        assert file_bytes(volume_path(c, "B", "vol")) == file_bytes(volume_path(c, "C", "vol"))
+    finally:
+        c.stop()

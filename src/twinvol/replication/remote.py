@@ -765,8 +765,9 @@ class RemoteCopy:
         g = self._ensure_group(str(h["group"]), "standby", str(h["target"]), peer,
                                int(h["journal_limit"]))
         g.rec.written = max(g.rec.written, int(h["written"]))
-        # Until the initial copy is done the standby could only feed the target in full.
-        g.rec.bitmap_until = max(g.rec.bitmap_until, int(h["written"]) + 1)
+        # Until the initial copy is done the standby could only feed the target in full;
+        # after it, its journal holds every write from here on.
+        g.rec.bitmap_until = max(g.rec.bitmap_until, int(h["written"]))
         self.save(g)
         rec = PairRecord(name=name, mode="async", role="standby", volume=vol.record.name,
                          partner=str(h["target"]), partner_volume=str(h["target_volume"]),
