@@ -496,3 +496,58 @@ def test_standby_without_records_catches_up_by_chunks_and_resumes_after_kill9(
         assert file_bytes(volume_path(c, "B", "vol")) == file_bytes(volume_path(c, "C", "vol"))
     finally:
         c.stop()
+
+
+def test_three_sites_lose_a_and_b_take_over_at_c_and_fail_back(tmp_path: object) -> None:
+    c = ClusterProc(str(tmp_path), names=("A", "B", "C"))
+    c.start()
+    try:
+        for a, b in (("A", "B"), ("A", "C"), ("B", "C")):
+            c.wait_peer(a, b)
+        make_volume(c, "A", "vol", 16 * MiB)
+        status, body = c.api("A", "POST", "/api/v1/pairs", {"name": "vol", "secondary": "B"})
+        assert status == 201, body
+        c.wait_pair("B", "vol", "mirrored", "mirror")
+        make_async(c, "vol-dr", "vol", "vol")
+        qemu = ["qemu-io", "-f", "raw"]
+        subprocess.run([*qemu, "-c", "write -P 0x11 0 1M", c.uri("A", "vol")], check=True,
+                       capture_output=True, timeout=60)
+        wait_applied(c, "A", "vol-dr")
+        c.kill9("C")
+        subprocess.run([*qemu, "-c", "write -P 0x22 4M 128k", c.uri("A", "vol")], check=True,
+                       capture_output=True, timeout=60)     # never reaches C
+        c.kill9("A")
+        c.kill9("B")
+        c.start("C")
+        p = c.cli("dr", "takeover", "--site", "C", "--json")
+        assert p.returncode == 0, p.stderr
+        r = json.loads(p.stdout)["groups"][0]
+        assert r["action"] == "serve"
+        assert r["recovery_point"]["sequence"] == remote(c, "C", "vol-dr")["sequence"]["applied"]
+        subprocess.run([*qemu, "-c", "write -P 0x33 8M 64k", c.uri("C", "vol")], check=True,
+                       capture_output=True, timeout=60)
+        # A comes back alone, refuses hosts, then gets C's data back with a delta copy.
+        c.start("A")
+        c.wait_pair("A", "vol-dr", "suspended", timeout=20)
+        p = c.cli("dr", "failback", "--site", "A", "--json")
+        assert p.returncode == 0, p.stderr
+        fb = json.loads(p.stdout)["groups"][0]
+        # A's 128k written after the recovery point (rolled back) + C's 64k since takeover.
+        assert fb["pairs"]["vol-dr"]["changed_here"] == 2
+        assert fb["pairs"]["vol-dr"]["changed_there"] == 1
+        assert fb["chunks"] == 3
+        data = file_bytes(volume_path(c, "A", "vol"))
+        assert data == file_bytes(volume_path(c, "C", "vol"))
+        assert data[4 * MiB:4 * MiB + 131072] == bytes(131072)   # rolled back to C's point
+        assert data[8 * MiB:8 * MiB + 65536] == b"\x33" * 65536
+        # B returns and gets the failback chunks through its active-active resync.
+        c.start("B")
+        c.wait_pair("A", "vol", "mirrored", "mirror", timeout=30)
+        c.wait_pair("B", "vol", "mirrored", "mirror", timeout=30)
+        assert file_bytes(volume_path(c, "B", "vol")) == data
+        subprocess.run([*qemu, "-c", "write -P 0x44 12M 4k", c.uri("B", "vol")], check=True,
+                       capture_output=True, timeout=60)
+        wait_applied(c, "A", "vol-dr")
+        assert file_bytes(volume_path(c, "C", "vol")) == file_bytes(volume_path(c, "A", "vol"))
+    finally:
+        c.stop()
