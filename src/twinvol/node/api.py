@@ -247,16 +247,14 @@ def make_app(node: Node) -> web.Application:
         """Disaster recovery at this node's site: feed or serve every remote copy here."""
         body: Takeover = await _body(request, Takeover) if request.can_read_body \
             else Takeover()
-        groups = await node.replication.remote.takeover(force=body.force)
+        groups = await node.replication.remote.dr.takeover(force=body.force)
         return web.json_response({"node": node.name, "site": node.config.site,
                                   "groups": groups})
 
     @routes.post("/api/v1/dr/failback")
     async def dr_failback(_: web.Request) -> web.Response:
         """At the original primary: copy the far copy's changes back, then feed it again."""
-        from twinvol.replication.remote import failback
-
-        groups = await failback(node.replication.remote)
+        groups = await node.replication.remote.dr.failback()
         return web.json_response({"node": node.name, "site": node.config.site,
                                   "groups": groups})
 

@@ -409,7 +409,7 @@ class ReplicationManager:
                                 if rec.role == "primary" else "primary"})
             rec.copy_cursor = 0
             if rec.remote and rec.role == "secondary":
-                self.remote.failback_copied(pr)
+                self.remote.dr.failback_copied(pr)
             elif rec.remote:
                 self._set_state(pr, "mirrored")
                 self.remote.copy_done(pr)

@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from twinvol.nbd.constants import Cmd
-from twinvol.replication.bitmap import CHUNK, chunks_of, nchunks
-from twinvol.replication.pairs import PairRecord, fork_generation, new_generation
+from twinvol.replication.bitmap import chunks_of, nchunks
+from twinvol.replication.dr import DisasterRecovery
+from twinvol.replication.pairs import PairRecord, new_generation
 from twinvol.replication.peer import Message, PeerDown, RemoteError
 from twinvol.storage.journal import (
     Journal,
@@ -127,6 +128,7 @@ class RemoteCopy:
         self.dir = os.path.join(self.node.data_dir, "journals")
         self.groups: dict[str, GroupRuntime] = {}
         self.feeds: dict[str, GroupRuntime] = {}   # volume -> group it feeds (primary/standby)
+        self.dr = DisasterRecovery(self)
         for (body,) in self.db.execute("SELECT body FROM groups ORDER BY name").fetchall():
             rec = msgspec.json.decode(body, type=GroupRecord)
             self._open_group(rec)
@@ -189,7 +191,7 @@ class RemoteCopy:
             if g.rec.role == "secondary":
                 self._redo(g)
             if g.rec.feeder == self.node.name and g.rec.role == "primary":
-                self._start_shipping(g)
+                self.start_shipping(g)
         self.mgr._spawn(self._housekeeping())
 
     async def stop(self) -> None:
@@ -199,7 +201,7 @@ class RemoteCopy:
         for g in self.groups.values():
             if g.rec.role == "secondary":
                 with contextlib.suppress(OSError):
-                    self._checkpoint_now(g)
+                    self.checkpoint_now(g)
             with contextlib.suppress(OSError):
                 g.journal.sync()
             self.save(g)
@@ -220,7 +222,7 @@ class RemoteCopy:
         if rec.role == "standby":
             return self._standby_alone(g, pr, cmd, offset, length, data, flags)
         if rec.role != "primary":
-            self._mark(pr, offset, length)
+            self.mark(pr, offset, length)
             return 0
         seq = rec.written + 1
         now = time.time()
@@ -230,12 +232,12 @@ class RemoteCopy:
                                        data if cmd == Cmd.WRITE and data else b"")
             except JournalFull as e:
                 self._overflow(g, str(e))
-                self._mark(pr, offset, length)
+                self.mark(pr, offset, length)
             except JournalError as e:
                 self._suspend(g, f"journal: {e}")
-                self._mark(pr, offset, length)
+                self.mark(pr, offset, length)
         else:
-            self._mark(pr, offset, length)
+            self.mark(pr, offset, length)
         rec.written = seq
         rec.written_time = now
         if committed:
@@ -264,7 +266,7 @@ class RemoteCopy:
                 return 0
             except JournalError as e:
                 self._standby_to_bitmap(g, f"standby journal: {e}")
-        self._mark(pr, offset, length)
+        self.mark(pr, offset, length)
         rec.bitmap_until = BITS_NEEDED
         return 0
 
@@ -298,11 +300,11 @@ class RemoteCopy:
                 rec.seq_seen = seq
             except JournalError as e:
                 self._standby_to_bitmap(g, f"standby journal: {e}")
-                self._mark(pr, offset, length)
+                self.mark(pr, offset, length)
         else:
             if rec.mode == "journal":
                 self._standby_to_bitmap(g, f"sequence gap: {seq} after {last}")
-            self._mark(pr, offset, length)
+            self.mark(pr, offset, length)
         if rec.mode == "bitmap":
             # Covered by dirty chunks; the journal resumes after it once they are cleared.
             rec.bitmap_until = max(rec.bitmap_until, seq)
@@ -322,7 +324,7 @@ class RemoteCopy:
                     and aa.dirty.set_many(chunks_of(offset, length)):
                 self.mgr._spawn(aa.dirty.sync(self.node.executor))
             return
-        self._mark(pr, offset, length)
+        self.mark(pr, offset, length)
         if g.rec.role == "standby":
             g.rec.bitmap_until = max(g.rec.bitmap_until, seq, g.rec.written)
         elif g.rec.mode == "journal":
@@ -340,7 +342,7 @@ class RemoteCopy:
                 return pr
         raise KeyError(volume)
 
-    def _mark(self, pr: PairRuntime, offset: int, length: int) -> None:
+    def mark(self, pr: PairRuntime, offset: int, length: int) -> None:
         chunks = chunks_of(offset, length)
         if pr.copy_task is not None and not pr.copy_task.done():
             pr.recopy.update(chunks)
@@ -351,7 +353,7 @@ class RemoteCopy:
         """The journal is full: track chunks instead of blocking hosts, catch up later."""
         rec = g.rec
         for r in self._unapplied(g):
-            self._mark(g.pairs[r.pair], r.offset, r.length)
+            self.mark(g.pairs[r.pair], r.offset, r.length)
         g.journal.reset()
         rec.mode = "bitmap"
         rec.state = "copying"
@@ -381,7 +383,7 @@ class RemoteCopy:
 
     def _standby_to_bitmap(self, g: GroupRuntime, reason: str) -> None:
         for r in self._unapplied(g):
-            self._mark(g.pairs[r.pair], r.offset, r.length)
+            self.mark(g.pairs[r.pair], r.offset, r.length)
         g.journal.reset()
         g.rec.mode = "bitmap"
         self.save(g)
@@ -401,7 +403,7 @@ class RemoteCopy:
 
     # ---- shipping (the feeder) --------------------------------------------------------
 
-    def _start_shipping(self, g: GroupRuntime) -> None:
+    def start_shipping(self, g: GroupRuntime) -> None:
         if g.ship_task is None or g.ship_task.done():
             g.need_stat = True
             g.ship_task = asyncio.ensure_future(self._ship(g))
@@ -423,7 +425,7 @@ class RemoteCopy:
                 if g.need_stat:
                     h, _ = await link.request({"t": "jstat", "group": rec.name})
                     if h.get("state") == "takeover":
-                        self._taken_over(g)
+                        self.taken_over(g)
                         continue
                     self._learn(g, h)
                     rec.sent = max(int(h["received"]), rec.applied)
@@ -474,7 +476,7 @@ class RemoteCopy:
                 if g.waiters:
                     self._release_waiters(g, None)
 
-    def _taken_over(self, g: GroupRuntime) -> None:
+    def taken_over(self, g: GroupRuntime) -> None:
         """The target serves hosts now (DR takeover there): this copy is not the latest,
         so it must not serve hosts either until `twinvol dr failback`."""
         rec = g.rec
@@ -569,7 +571,7 @@ class RemoteCopy:
             pr.vol.store.flush()
         g.journal.sync()
 
-    def _checkpoint_now(self, g: GroupRuntime) -> None:
+    def checkpoint_now(self, g: GroupRuntime) -> None:
         self._sync_group(g)
         self._checkpoint_done(g)
 
@@ -592,7 +594,7 @@ class RemoteCopy:
             self._suspend(g, f"receive journal: {e}")
         rec.received = max(rec.applied, g.journal.last)
         if n:
-            self._checkpoint_now(g)
+            self.checkpoint_now(g)
             log.info("journal redo", extra={"group": rec.name, "records": n})
 
     def _apply_record(self, g: GroupRuntime, r: Record) -> None:
@@ -608,7 +610,7 @@ class RemoteCopy:
         g.rec.applied_time = r.time
 
     def _on_records(self, peer: str, h: dict[str, Any], payload: bytes | bytearray) -> Message:
-        g = self._group(h)
+        g = self.group_of(h)
         rec = g.rec
         if rec.role != "secondary":
             raise RemoteError(f"node {self.node.name} is not the target of group "
@@ -649,15 +651,15 @@ class RemoteCopy:
                              "nothing past it was applied")
             self.node.events.publish("journal_corrupt", group=rec.name, seq=rec.received + 1)
             raise RemoteError(str(error), "corrupt")
-        return self._stat(g), b""
+        return self.stat(g), b""
 
-    def _stat(self, g: GroupRuntime) -> dict[str, Any]:
+    def stat(self, g: GroupRuntime) -> dict[str, Any]:
         rec = g.rec
         return {"received": rec.received, "applied": rec.applied,
                 "applied_time": rec.applied_time, "state": rec.state, "feeder": rec.feeder,
                 "written": rec.written}
 
-    def _group(self, h: dict[str, Any]) -> GroupRuntime:
+    def group_of(self, h: dict[str, Any]) -> GroupRuntime:
         g = self.groups.get(str(h.get("group")))
         if g is None:
             raise RemoteError(f"no consistency group {h.get('group')!r} on node "
@@ -672,7 +674,7 @@ class RemoteCopy:
         if t == "jr":
             return self._on_records(peer, h, payload)
         if t == "jstat":
-            return self._stat(self._group(h)), b""
+            return self.stat(self.group_of(h)), b""
         if t == "jprog":
             return self._on_progress(h)
         if t == "a_prepare":
@@ -680,23 +682,23 @@ class RemoteCopy:
         if t == "a_standby":
             return self._prepare_standby(peer, h)
         if t == "jfeeder":
-            return self._on_new_feeder(peer, h)
+            return self.dr.on_new_feeder(peer, h)
         if t == "a_failback":
-            return self._on_failback(peer, h, payload)
+            return self.dr.on_failback(peer, h, payload)
         if t == "a_failback_done":
-            return self._failback_done(h)
+            return self.dr.failback_done(h)
         if t == "jresume":
-            g = self._group(h)
+            g = self.group_of(h)
             g.journal.reset()
             g.rec.received = g.rec.applied = int(h["seq"])
             g.rec.applied_time = float(h.get("time", time.time()))
             g.rec.state = "mirrored"
-            self._checkpoint_now(g)
-            return self._stat(g), b""
+            self.checkpoint_now(g)
+            return self.stat(g), b""
         raise RemoteError(f"unknown remote-copy message {t!r}", "invalid")
 
     def _on_progress(self, h: dict[str, Any]) -> Message:
-        g = self._group(h)
+        g = self.group_of(h)
         rec = g.rec
         if rec.role != "standby":
             return {}, b""
@@ -779,112 +781,6 @@ class RemoteCopy:
         pr.dirty.sync_now()
         return {}, b""
 
-    def _on_failback(self, peer: str, h: dict[str, Any], bits: bytes | bytearray) -> Message:
-        """Far site after a takeover: stop serving hosts and send back what differs."""
-        g = self._group(h)
-        if g.rec.role != "secondary" or g.rec.state != "takeover":
-            raise RemoteError(f"group {g.rec.name!r} on node {self.node.name} was not taken "
-                              "over", "conflict")
-        if peer != g.rec.feeder:
-            raise RemoteError(f"group {g.rec.name!r} was fed by {g.rec.feeder}, not {peer}",
-                              "conflict")
-        pr = g.pairs.get(str(h["pair"]))
-        if pr is None:
-            raise RemoteError(f"no pair {h.get('pair')!r} in group {g.rec.name!r}",
-                              "not_found")
-        changed = pr.dirty.count()
-        for i in range(min(len(bits) * 8, pr.dirty.nbits)):
-            if bits[i >> 3] & (1 << (i & 7)):
-                pr.dirty.set(i)
-        pr.dirty.sync_now()
-        self.mgr.hold(pr.rec.volume, f"failback to {peer} running: use {peer}")
-        pr.rec.copy_source = self.node.name
-        self.mgr._set_state(pr, "copying", f"failback to {peer}")
-        self.mgr._start_copy(pr)
-        return {"changed": changed, "chunks": pr.dirty.count()}, b""
-
-    def failback_copied(self, pr: PairRuntime) -> None:
-        """Far site: one pair's reverse copy is done; when all are, hand the group back."""
-        g = self.groups.get(pr.rec.group)
-        if g is None:
-            return
-        if pr.dirty.count():
-            asyncio.get_running_loop().call_soon(self.mgr._start_copy, pr)
-            return
-        self.mgr._set_state(pr, "mirrored", "")
-        if any(p.rec.state == "copying" for p in g.pairs.values()):
-            return
-        link = self.mgr._link_or_none(g.rec.feeder)
-        if link is None:
-            return
-        # A far copy again from this step on (before anything else on the link is handled):
-        # the feeder's next jstat must not see `takeover` any more.
-        rec = g.rec
-        rec.state = "mirrored"
-        rec.reason = ""
-        for p in g.pairs.values():
-            p.rec.copy_source = ""
-            self.mgr._set_mode(p, "block", "far copy again: failback done")
-            self.mgr.unhold(p.rec.volume)
-        self.save(g)
-        fut = link.request({"t": "a_failback_done", "group": g.rec.name,
-                            "received": rec.received})
-
-        def done(f: asyncio.Future[Message]) -> None:
-            if f.cancelled() or f.exception() is not None:
-                log.warning("failback hand-back failed", extra={"group": g.rec.name})
-                return
-            h = f.result()[0]
-            g.journal.reset()
-            rec.received = rec.applied = int(h["seq"])
-            rec.applied_time = float(h["time"])
-            rec.written = max(rec.written, rec.received)
-            self._checkpoint_now(g)
-            self.node.events.publish("dr_failback_done", group=rec.name, to=rec.feeder)
-
-        fut.add_done_callback(done)
-
-    def _failback_done(self, h: dict[str, Any]) -> Message:
-        """Original primary: the far copy's data is here; records flow from here again."""
-        g = self._group(h)
-        rec = g.rec
-        rec.written = max(rec.written, g.journal.last, int(h.get("received", 0)))
-        g.journal.reset()
-        rec.mode = "journal"
-        rec.sent = rec.received = rec.applied = rec.written
-        rec.applied_time = rec.written_time = time.time()
-        rec.state = "mirrored"
-        rec.reason = ""
-        rec.hold = False
-        self.save(g)
-        for pr in g.pairs.values():
-            pr.dirty.clear_all()
-            pr.dirty.sync_now()
-            self.mgr._set_state(pr, "mirrored", "")
-            self.mgr.unhold(pr.rec.volume)
-        self.node.events.publish("dr_failback_done", group=rec.name, at=self.node.name)
-        g.need_stat = True
-        g.wake.set()
-        return {"seq": rec.written, "time": rec.applied_time}, b""
-
-    def _on_new_feeder(self, peer: str, h: dict[str, Any]) -> Message:
-        """DR takeover at the standby: it feeds this target from now on."""
-        g = self._group(h)
-        if g.rec.role != "secondary":
-            raise RemoteError(f"node {self.node.name} is not the target of group "
-                              f"{g.rec.name!r}", "conflict")
-        if g.rec.state == "takeover":
-            raise RemoteError(f"group {g.rec.name!r} was taken over at {self.node.name}",
-                              "conflict")
-        old = g.rec.feeder
-        g.rec.feeder = peer
-        for pr in g.pairs.values():
-            pr.rec.partner = peer
-            self.mgr._save(pr)
-        self.save(g)
-        self.node.events.publish("group_feeder", group=g.rec.name, feeder=peer, previous=old)
-        return self._stat(g), b""
-
     # ---- creation (on the primary) ---------------------------------------------------------
 
     async def create(self, name: str, volume: str, target: str, target_volume: str,
@@ -957,7 +853,7 @@ class RemoteCopy:
         await pr.dirty.sync(self.node.executor)
         self.node.events.publish("pair_created", pair=name, role="primary", partner=target,
                                  mode=mode, group=group)
-        self._start_shipping(g)
+        self.start_shipping(g)
         mgr._start_copy(pr)
         return prec
 
@@ -978,7 +874,7 @@ class RemoteCopy:
         for g in self.groups.values():
             if g.rec.target == peer and g.rec.feeder == self.node.name:
                 g.need_stat = True
-                self._start_shipping(g)
+                self.start_shipping(g)
                 g.wake.set()
                 for pr in g.pairs.values():
                     if pr.rec.state == "copying" and pr.rec.copy_source == self.node.name:
@@ -1058,210 +954,6 @@ class RemoteCopy:
             if where is not None:
                 total += where[2]
         return total
-
-    # ---- disaster recovery ---------------------------------------------------------------
-
-    async def takeover(self, force: bool = False) -> list[dict[str, Any]]:
-        """Run at a surviving site: every group this node can feed or serve, recovered."""
-        out = []
-        for g in list(self.groups.values()):
-            if g.rec.role == "standby":
-                out.append(await self._takeover_standby(g, force))
-            elif g.rec.role == "secondary":
-                out.append(await self._takeover_target(g, force))
-        if not out:
-            raise VolumeError(f"node {self.node.name} holds no remote copy (no async pair has "
-                              "a copy here): nothing to take over", "not_found")
-        return out
-
-    async def _takeover_standby(self, g: GroupRuntime, force: bool) -> dict[str, Any]:
-        """The primary is lost: feed the target from here, shipping only what it lacks."""
-        mgr, rec = self.mgr, g.rec
-        if mgr.peers.is_up(rec.feeder) and not force:
-            raise VolumeError(f"node {rec.feeder} still feeds group {rec.name!r} (its peer "
-                              "link is up); takeover is for when it is lost", "conflict")
-        for pr in g.pairs.values():
-            aa = mgr.by_volume.get(pr.rec.volume)
-            if aa is not None and aa.rec.io_mode == "block":
-                raise VolumeError(f"volume {pr.rec.volume!r} on node {self.node.name} is "
-                                  f"blocked (stale copy: {aa.rec.reason}); it cannot feed "
-                                  "the remote copy", "conflict")
-        h, _ = await self.ask(rec.target, {"t": "jfeeder", "group": rec.name},
-                              f"node {rec.target} (the remote copy) is not connected")
-        received = int(h["received"])
-        rec.applied = int(h["applied"])
-        rec.applied_time = float(h["applied_time"])
-        j = g.journal
-        covered = rec.mode == "journal" and (rec.seq_seen <= received
-                                             or j.holds(received + 1, rec.seq_seen))
-        bits = sum(pr.dirty.count() for pr in g.pairs.values())
-        bits_needed = bits and not (rec.bitmap_until <= received
-                                    and str(h["state"]) == "mirrored")
-        rec.role = "primary"
-        old_feeder, rec.feeder = rec.feeder, self.node.name
-        rec.sent = received
-        rec.received = received
-        for pr in g.pairs.values():
-            pr.rec.role = "primary"
-            pr.rec.copy_source = self.node.name
-            mgr._save(pr)
-        report: dict[str, Any] = {"group": rec.name, "node": self.node.name,
-                                  "action": "feed", "previous_feeder": old_feeder,
-                                  "target": rec.target, "target_received": received,
-                                  "target_applied": rec.applied,
-                                  "recovery_point_time": rec.applied_time}
-        if covered and not bits_needed:
-            delta_recs = max(0, j.last - received)
-            delta_bytes = sum(j.index[s][2] for s in range(received + 1, j.last + 1))
-            rec.written = max(rec.seq_seen, received)
-            if not bits:
-                pass
-            else:
-                for pr in g.pairs.values():
-                    pr.dirty.clear_all()
-                    await pr.dirty.sync(self.node.executor)
-            report.update(method="journal", records=delta_recs, bytes=delta_bytes,
-                          full_copy=False)
-            rec.state = "mirrored"
-        else:
-            # Bitmap catch-up: dirty chunks plus the chunks of every record past the target.
-            for r in self._unapplied_from(g, received + 1):
-                self._mark(g.pairs[r.pair], r.offset, r.length)
-            j.reset()
-            rec.mode = "bitmap"
-            rec.written = max(rec.written, received)
-            chunks = sum(pr.dirty.count() for pr in g.pairs.values())
-            total = sum(nchunks(pr.vol.record.size) for pr in g.pairs.values())
-            report.update(method="bitmap", chunks=chunks, bytes=chunks * CHUNK,
-                          full_copy=chunks >= total)
-            rec.state = "copying"
-            for pr in g.pairs.values():
-                if pr.dirty.count():
-                    pr.rec.state = "copying"
-                    mgr._save(pr)
-                    mgr._start_copy(pr)
-        g.delta = report
-        self.save(g)
-        for pr in g.pairs.values():
-            self.feeds[pr.rec.volume] = g
-        self.node.events.publish("dr_takeover", **report)
-        self._start_shipping(g)
-        g.wake.set()
-        return report
-
-    async def ask(self, peer: str, header: dict[str, Any], unreachable: str,
-                  within: float = 5.0) -> Message:
-        """One request for an operator command, riding out a link that is just being
-        re-established (a site that was frozen or restarted a moment ago)."""
-        deadline = time.monotonic() + within
-        while True:
-            link = self.mgr._link_or_none(peer)
-            if link is not None:
-                try:
-                    reply: Message = await link.request(header)
-                    return reply
-                except PeerDown:
-                    pass
-            if time.monotonic() > deadline:
-                raise VolumeError(unreachable, "io")
-            await asyncio.sleep(0.1)
-
-    def _unapplied_from(self, g: GroupRuntime, start: int) -> list[Record]:
-        try:
-            return [r for r in g.journal.iter_from(max(start, g.journal.first or start))
-                    if r.pair in g.pairs]
-        except JournalError:
-            return []
-
-    async def _takeover_target(self, g: GroupRuntime, force: bool) -> dict[str, Any]:
-        """Both the primary and the standby are lost: serve hosts from the far copy."""
-        mgr, rec = self.mgr, g.rec
-        if rec.state == "takeover":
-            return {"group": rec.name, "node": self.node.name, "action": "none",
-                    "reason": "already taken over"}
-        if mgr.peers.is_up(rec.feeder) and not force:
-            raise VolumeError(f"node {rec.feeder} still feeds group {rec.name!r} (its peer "
-                              "link is up); take over there or stop it first", "conflict")
-        if rec.state == "copying" and not force:
-            raise VolumeError(f"the copy of group {rec.name!r} on node {self.node.name} is "
-                              "inconsistent (its initial copy or catch-up had not finished): "
-                              "refusing to serve it (--force to serve it anyway)", "conflict")
-        self._checkpoint_now(g)
-        lost = max(0, rec.written - rec.applied)
-        report = {"group": rec.name, "node": self.node.name, "action": "serve",
-                  "recovery_point": {"sequence": rec.applied, "time": rec.applied_time},
-                  "lost": {"sequences": lost, "last_written": rec.written,
-                           "seconds": round(max(0.0, rec.written_time - rec.applied_time), 3)
-                           if lost else 0.0}}
-        rec.state = "takeover"
-        rec.reason = f"taken over at {self.node.name}"
-        for pr in g.pairs.values():
-            fork_generation(pr.rec)
-            pr.dirty.clear_all()
-            await pr.dirty.sync(self.node.executor)
-            mgr._set_state(pr, "takeover", rec.reason)
-            mgr._set_mode(pr, "local", rec.reason)
-            self.feeds.pop(pr.rec.volume, None)
-        g.delta = report
-        self.save(g)
-        self.node.events.publish("dr_takeover", **report)
-        return report
-
-
-# ---- failback (the reverse delta copy after a far-site takeover) ---------------------------
-
-async def failback(remote: RemoteCopy) -> list[dict[str, Any]]:
-    """Run at the original primary once it is back: the far copy sends back every chunk
-    it changed since its takeover plus every chunk this copy changed after the far copy's
-    recovery point (those must be rolled back to the far copy's data), then records flow
-    from here again. Returns one report per group."""
-    out = []
-    mgr, node = remote.mgr, remote.node
-    for g in list(remote.groups.values()):
-        rec = g.rec
-        if rec.role != "primary" or rec.feeder != node.name:
-            continue
-        h, _ = await remote.ask(rec.target, {"t": "jstat", "group": rec.name},
-                                f"node {rec.target} (the far copy of group {rec.name!r}) is "
-                                "not connected")
-        link = mgr._link_or_none(rec.target)
-        if h.get("state") != "takeover" or link is None:
-            continue
-        remote._taken_over(g)
-        applied = int(h["applied"])
-        extra: dict[str, set[int]] = {name: set() for name in g.pairs}
-        try:
-            for r in g.journal.iter_from(max(applied + 1, g.journal.first or applied + 1)):
-                if r.pair in extra:
-                    extra[r.pair].update(chunks_of(r.offset, r.length))
-        except JournalError as e:
-            raise VolumeError(f"group {rec.name!r}: cannot read this node's journal ({e}); "
-                              "the changes after the far copy's recovery point are unknown",
-                              "io") from None
-        report: dict[str, Any] = {"group": rec.name, "node": node.name, "from": rec.target,
-                                  "recovery_point": applied, "pairs": {}}
-        for name, pr in g.pairs.items():
-            bits = bytearray(pr.dirty.bits)
-            for c in extra[name]:
-                bits[c >> 3] |= 1 << (c & 7)
-            mine = sum(1 for i in range(pr.dirty.nbits) if bits[i >> 3] & (1 << (i & 7)))
-            r, _ = await link.request({"t": "a_failback", "group": rec.name, "pair": name},
-                                      bytes(bits))
-            report["pairs"][name] = {"changed_here": mine, "changed_there": r["changed"],
-                                     "chunks": r["chunks"], "bytes": r["chunks"] * CHUNK}
-        report["chunks"] = sum(p["chunks"] for p in report["pairs"].values())
-        report["bytes"] = report["chunks"] * CHUNK
-        rec.state = "copying"
-        rec.reason = f"failback from {rec.target} running"
-        g.delta = report
-        remote.save(g)
-        node.events.publish("dr_failback", **{k: v for k, v in report.items() if k != "pairs"})
-        out.append(report)
-    if not out:
-        raise VolumeError(f"node {node.name} has no remote copy that was taken over: nothing "
-                          "to fail back", "not_found")
-    return out
-
 
 class TakeoverBackend:
     """Host I/O on a far-site copy that was taken over: every changed chunk is marked

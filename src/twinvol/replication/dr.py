@@ -1,0 +1,345 @@
+"""Disaster recovery of remote copies: takeover at a surviving site and failback.
+
+`takeover` runs where hosts must continue: at the standby (the active-active partner
+of a lost primary) it makes that node feed the far copy from the sequence number the
+far copy reached, shipping only the records it lacks (or only the dirty chunks when the
+standby holds no records for them); at the far site (primary and standby both lost) it
+serves hosts at the last applied sequence number and tracks every chunk changed after.
+`failback` returns the original direction after a far-site takeover with a delta copy:
+the chunks the far site changed since, plus those the original primary wrote after the
+far copy's recovery point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from twinvol.replication.bitmap import CHUNK, chunks_of, nchunks
+from twinvol.replication.pairs import fork_generation
+from twinvol.replication.peer import Message, PeerDown, RemoteError
+from twinvol.storage.journal import JournalError, Record
+from twinvol.storage.volumes import VolumeError
+
+if TYPE_CHECKING:
+    from twinvol.replication.manager import PairRuntime
+    from twinvol.replication.remote import GroupRuntime, RemoteCopy
+
+log = logging.getLogger("twinvol.dr")
+
+
+class DisasterRecovery:
+    """The DR commands and the peer messages they exchange, for one node."""
+
+    def __init__(self, remote: RemoteCopy) -> None:
+        self.remote = remote
+        self.mgr = remote.mgr
+        self.node = remote.node
+
+    def on_failback(self, peer: str, h: dict[str, Any], bits: bytes | bytearray) -> Message:
+        """Far site after a takeover: stop serving hosts and send back what differs."""
+        g = self.remote.group_of(h)
+        if g.rec.role != "secondary" or g.rec.state != "takeover":
+            raise RemoteError(f"group {g.rec.name!r} on node {self.node.name} was not taken "
+                              "over", "conflict")
+        if peer != g.rec.feeder:
+            raise RemoteError(f"group {g.rec.name!r} was fed by {g.rec.feeder}, not {peer}",
+                              "conflict")
+        pr = g.pairs.get(str(h["pair"]))
+        if pr is None:
+            raise RemoteError(f"no pair {h.get('pair')!r} in group {g.rec.name!r}",
+                              "not_found")
+        changed = pr.dirty.count()
+        for i in range(min(len(bits) * 8, pr.dirty.nbits)):
+            if bits[i >> 3] & (1 << (i & 7)):
+                pr.dirty.set(i)
+        pr.dirty.sync_now()
+        self.mgr.hold(pr.rec.volume, f"failback to {peer} running: use {peer}")
+        pr.rec.copy_source = self.node.name
+        self.mgr._set_state(pr, "copying", f"failback to {peer}")
+        self.mgr._start_copy(pr)
+        return {"changed": changed, "chunks": pr.dirty.count()}, b""
+
+    def failback_copied(self, pr: PairRuntime) -> None:
+        """Far site: one pair's reverse copy is done; when all are, hand the group back."""
+        g = self.remote.groups.get(pr.rec.group)
+        if g is None:
+            return
+        if pr.dirty.count():
+            asyncio.get_running_loop().call_soon(self.mgr._start_copy, pr)
+            return
+        self.mgr._set_state(pr, "mirrored", "")
+        if any(p.rec.state == "copying" for p in g.pairs.values()):
+            return
+        link = self.mgr._link_or_none(g.rec.feeder)
+        if link is None:
+            return
+        # A far copy again from this step on (before anything else on the link is handled):
+        # the feeder's next jstat must not see `takeover` any more.
+        rec = g.rec
+        rec.state = "mirrored"
+        rec.reason = ""
+        for p in g.pairs.values():
+            p.rec.copy_source = ""
+            self.mgr._set_mode(p, "block", "far copy again: failback done")
+            self.mgr.unhold(p.rec.volume)
+        self.remote.save(g)
+        fut = link.request({"t": "a_failback_done", "group": g.rec.name,
+                            "received": rec.received})
+
+        def done(f: asyncio.Future[Message]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                log.warning("failback hand-back failed", extra={"group": g.rec.name})
+                return
+            h = f.result()[0]
+            g.journal.reset()
+            rec.received = rec.applied = int(h["seq"])
+            rec.applied_time = float(h["time"])
+            rec.written = max(rec.written, rec.received)
+            self.remote.checkpoint_now(g)
+            self.node.events.publish("dr_failback_done", group=rec.name, to=rec.feeder)
+
+        fut.add_done_callback(done)
+
+    def failback_done(self, h: dict[str, Any]) -> Message:
+        """Original primary: the far copy's data is here; records flow from here again."""
+        g = self.remote.group_of(h)
+        rec = g.rec
+        rec.written = max(rec.written, g.journal.last, int(h.get("received", 0)))
+        g.journal.reset()
+        rec.mode = "journal"
+        rec.sent = rec.received = rec.applied = rec.written
+        rec.applied_time = rec.written_time = time.time()
+        rec.state = "mirrored"
+        rec.reason = ""
+        rec.hold = False
+        self.remote.save(g)
+        for pr in g.pairs.values():
+            pr.dirty.clear_all()
+            pr.dirty.sync_now()
+            self.mgr._set_state(pr, "mirrored", "")
+            self.mgr.unhold(pr.rec.volume)
+        self.node.events.publish("dr_failback_done", group=rec.name, at=self.node.name)
+        g.need_stat = True
+        g.wake.set()
+        return {"seq": rec.written, "time": rec.applied_time}, b""
+
+    def on_new_feeder(self, peer: str, h: dict[str, Any]) -> Message:
+        """DR takeover at the standby: it feeds this target from now on."""
+        g = self.remote.group_of(h)
+        if g.rec.role != "secondary":
+            raise RemoteError(f"node {self.node.name} is not the target of group "
+                              f"{g.rec.name!r}", "conflict")
+        if g.rec.state == "takeover":
+            raise RemoteError(f"group {g.rec.name!r} was taken over at {self.node.name}",
+                              "conflict")
+        old = g.rec.feeder
+        g.rec.feeder = peer
+        for pr in g.pairs.values():
+            pr.rec.partner = peer
+            self.mgr._save(pr)
+        self.remote.save(g)
+        self.node.events.publish("group_feeder", group=g.rec.name, feeder=peer, previous=old)
+        return self.remote.stat(g), b""
+
+    async def takeover(self, force: bool = False) -> list[dict[str, Any]]:
+        """Run at a surviving site: every group this node can feed or serve, recovered."""
+        out = []
+        for g in list(self.remote.groups.values()):
+            if g.rec.role == "standby":
+                out.append(await self._takeover_standby(g, force))
+            elif g.rec.role == "secondary":
+                out.append(await self._takeover_target(g, force))
+        if not out:
+            raise VolumeError(f"node {self.node.name} holds no remote copy (no async pair has "
+                              "a copy here): nothing to take over", "not_found")
+        return out
+
+    async def _takeover_standby(self, g: GroupRuntime, force: bool) -> dict[str, Any]:
+        """The primary is lost: feed the target from here, shipping only what it lacks."""
+        mgr, rec = self.mgr, g.rec
+        if mgr.peers.is_up(rec.feeder) and not force:
+            raise VolumeError(f"node {rec.feeder} still feeds group {rec.name!r} (its peer "
+                              "link is up); takeover is for when it is lost", "conflict")
+        for pr in g.pairs.values():
+            aa = mgr.by_volume.get(pr.rec.volume)
+            if aa is not None and aa.rec.io_mode == "block":
+                raise VolumeError(f"volume {pr.rec.volume!r} on node {self.node.name} is "
+                                  f"blocked (stale copy: {aa.rec.reason}); it cannot feed "
+                                  "the remote copy", "conflict")
+        h, _ = await self.ask(rec.target, {"t": "jfeeder", "group": rec.name},
+                              f"node {rec.target} (the remote copy) is not connected")
+        received = int(h["received"])
+        rec.applied = int(h["applied"])
+        rec.applied_time = float(h["applied_time"])
+        j = g.journal
+        covered = rec.mode == "journal" and (rec.seq_seen <= received
+                                             or j.holds(received + 1, rec.seq_seen))
+        bits = sum(pr.dirty.count() for pr in g.pairs.values())
+        bits_needed = bits and not (rec.bitmap_until <= received
+                                    and str(h["state"]) == "mirrored")
+        rec.role = "primary"
+        old_feeder, rec.feeder = rec.feeder, self.node.name
+        rec.sent = received
+        rec.received = received
+        for pr in g.pairs.values():
+            pr.rec.role = "primary"
+            pr.rec.copy_source = self.node.name
+            mgr._save(pr)
+        report: dict[str, Any] = {"group": rec.name, "node": self.node.name,
+                                  "action": "feed", "previous_feeder": old_feeder,
+                                  "target": rec.target, "target_received": received,
+                                  "target_applied": rec.applied,
+                                  "recovery_point_time": rec.applied_time}
+        if covered and not bits_needed:
+            delta_recs = max(0, j.last - received)
+            delta_bytes = sum(j.index[s][2] for s in range(received + 1, j.last + 1))
+            rec.written = max(rec.seq_seen, received)
+            if not bits:
+                pass
+            else:
+                for pr in g.pairs.values():
+                    pr.dirty.clear_all()
+                    await pr.dirty.sync(self.node.executor)
+            report.update(method="journal", records=delta_recs, bytes=delta_bytes,
+                          full_copy=False)
+            rec.state = "mirrored"
+        else:
+            # Bitmap catch-up: dirty chunks plus the chunks of every record past the target.
+            for r in self._unapplied_from(g, received + 1):
+                self.remote.mark(g.pairs[r.pair], r.offset, r.length)
+            j.reset()
+            rec.mode = "bitmap"
+            rec.written = max(rec.written, received)
+            chunks = sum(pr.dirty.count() for pr in g.pairs.values())
+            total = sum(nchunks(pr.vol.record.size) for pr in g.pairs.values())
+            report.update(method="bitmap", chunks=chunks, bytes=chunks * CHUNK,
+                          full_copy=chunks >= total)
+            rec.state = "copying"
+            for pr in g.pairs.values():
+                if pr.dirty.count():
+                    pr.rec.state = "copying"
+                    mgr._save(pr)
+                    mgr._start_copy(pr)
+        g.delta = report
+        self.remote.save(g)
+        for pr in g.pairs.values():
+            self.remote.feeds[pr.rec.volume] = g
+        self.node.events.publish("dr_takeover", **report)
+        self.remote.start_shipping(g)
+        g.wake.set()
+        return report
+
+    async def ask(self, peer: str, header: dict[str, Any], unreachable: str,
+                  within: float = 5.0) -> Message:
+        """One request for an operator command, riding out a link that is just being
+        re-established (a site that was frozen or restarted a moment ago)."""
+        deadline = time.monotonic() + within
+        while True:
+            link = self.mgr._link_or_none(peer)
+            if link is not None:
+                try:
+                    reply: Message = await link.request(header)
+                    return reply
+                except PeerDown:
+                    pass
+            if time.monotonic() > deadline:
+                raise VolumeError(unreachable, "io")
+            await asyncio.sleep(0.1)
+
+    def _unapplied_from(self, g: GroupRuntime, start: int) -> list[Record]:
+        try:
+            return [r for r in g.journal.iter_from(max(start, g.journal.first or start))
+                    if r.pair in g.pairs]
+        except JournalError:
+            return []
+
+    async def _takeover_target(self, g: GroupRuntime, force: bool) -> dict[str, Any]:
+        """Both the primary and the standby are lost: serve hosts from the far copy."""
+        mgr, rec = self.mgr, g.rec
+        if rec.state == "takeover":
+            return {"group": rec.name, "node": self.node.name, "action": "none",
+                    "reason": "already taken over"}
+        if mgr.peers.is_up(rec.feeder) and not force:
+            raise VolumeError(f"node {rec.feeder} still feeds group {rec.name!r} (its peer "
+                              "link is up); take over there or stop it first", "conflict")
+        if rec.state == "copying" and not force:
+            raise VolumeError(f"the copy of group {rec.name!r} on node {self.node.name} is "
+                              "inconsistent (its initial copy or catch-up had not finished): "
+                              "refusing to serve it (--force to serve it anyway)", "conflict")
+        self.remote.checkpoint_now(g)
+        lost = max(0, rec.written - rec.applied)
+        report = {"group": rec.name, "node": self.node.name, "action": "serve",
+                  "recovery_point": {"sequence": rec.applied, "time": rec.applied_time},
+                  "lost": {"sequences": lost, "last_written": rec.written,
+                           "seconds": round(max(0.0, rec.written_time - rec.applied_time), 3)
+                           if lost else 0.0}}
+        rec.state = "takeover"
+        rec.reason = f"taken over at {self.node.name}"
+        for pr in g.pairs.values():
+            fork_generation(pr.rec)
+            pr.dirty.clear_all()
+            await pr.dirty.sync(self.node.executor)
+            mgr._set_state(pr, "takeover", rec.reason)
+            mgr._set_mode(pr, "local", rec.reason)
+            self.remote.feeds.pop(pr.rec.volume, None)
+        g.delta = report
+        self.remote.save(g)
+        self.node.events.publish("dr_takeover", **report)
+        return report
+
+
+
+    async def failback(self) -> list[dict[str, Any]]:
+        """Run at the original primary once it is back: the far copy sends back every chunk
+        it changed since its takeover plus every chunk this copy changed after the far copy's
+        recovery point (those must be rolled back to the far copy's data), then records flow
+        from here again. Returns one report per group."""
+        out = []
+        mgr, node, remote = self.mgr, self.node, self.remote
+        for g in list(remote.groups.values()):
+            rec = g.rec
+            if rec.role != "primary" or rec.feeder != node.name:
+                continue
+            h, _ = await self.ask(rec.target, {"t": "jstat", "group": rec.name},
+                                    f"node {rec.target} (the far copy of group {rec.name!r}) is "
+                                    "not connected")
+            link = mgr._link_or_none(rec.target)
+            if h.get("state") != "takeover" or link is None:
+                continue
+            remote.taken_over(g)
+            applied = int(h["applied"])
+            extra: dict[str, set[int]] = {name: set() for name in g.pairs}
+            try:
+                for r in g.journal.iter_from(max(applied + 1, g.journal.first or applied + 1)):
+                    if r.pair in extra:
+                        extra[r.pair].update(chunks_of(r.offset, r.length))
+            except JournalError as e:
+                raise VolumeError(f"group {rec.name!r}: cannot read this node's journal ({e}); "
+                                  "the changes after the far copy's recovery point are unknown",
+                                  "io") from None
+            report: dict[str, Any] = {"group": rec.name, "node": node.name, "from": rec.target,
+                                      "recovery_point": applied, "pairs": {}}
+            for name, pr in g.pairs.items():
+                bits = bytearray(pr.dirty.bits)
+                for c in extra[name]:
+                    bits[c >> 3] |= 1 << (c & 7)
+                mine = sum(1 for i in range(pr.dirty.nbits) if bits[i >> 3] & (1 << (i & 7)))
+                r, _ = await link.request({"t": "a_failback", "group": rec.name, "pair": name},
+                                          bytes(bits))
+                report["pairs"][name] = {"changed_here": mine, "changed_there": r["changed"],
+                                         "chunks": r["chunks"], "bytes": r["chunks"] * CHUNK}
+            report["chunks"] = sum(p["chunks"] for p in report["pairs"].values())
+            report["bytes"] = report["chunks"] * CHUNK
+            rec.state = "copying"
+            rec.reason = f"failback from {rec.target} running"
+            g.delta = report
+            remote.save(g)
+            node.events.publish("dr_failback", **{k: v for k, v in report.items() if k != "pairs"})
+            out.append(report)
+        if not out:
+            raise VolumeError(f"node {node.name} has no remote copy that was taken over: nothing "
+                              "to fail back", "not_found")
+        return out
