@@ -77,6 +77,8 @@ def _wait(cfg: ClusterConfig, node: str, name: str, timeout: float, quiet: bool)
         while view["state"] != "mirrored":
             if time.monotonic() > deadline:
                 raise CliError(f"pair {name!r} is still {view['state']} after {timeout:.0f}s")
+            if view["state"] == "suspended" and view.get("mode") == "local":
+                raise CliError(f"local pair {name!r} is suspended: {view.get('reason', '')}")
             if view["state"] == "suspended" and "split brain" in view.get("reason", ""):
                 raise CliError(f"pair {name!r}: {view['reason']}")
             c = view["copy"]
@@ -94,7 +96,8 @@ def create(
     mode: str = typer.Option("active-active", "--mode",
                              help="Pair mode: active-active; async (journal-based remote "
                                   "copy to a far site); sync (the same, but each write waits "
-                                  "until the far site has it)."),
+                                  "until the far site has it); local (a copy on the same node "
+                                  "that `pair split` freezes as a point-in-time copy)."),
     primary: str = typer.Option(..., "--primary", help="NODE or NODE:VOLUME of the primary."),
     secondary: str = typer.Option(..., "--secondary",
                                   help="NODE or NODE:VOLUME of the secondary (created if "
@@ -111,8 +114,8 @@ def create(
     json_out: bool = JsonOpt,
 ) -> None:
     """Pair two volumes; the secondary takes the primary's identity and gets a full copy."""
-    if mode not in ("active-active", "async", "sync"):
-        raise CliError(f"unknown pair mode {mode!r}: use active-active, async or sync")
+    if mode not in ("active-active", "async", "sync", "local"):
+        raise CliError(f"unknown pair mode {mode!r}: use active-active, async, sync or local")
     if mode not in ("async", "sync") and (group or journal_size):
         raise CliError("--group and --journal-size apply to --mode async or sync only")
     cfg = load_cluster(cluster)
@@ -120,8 +123,13 @@ def create(
     snode, svol = _side(secondary, name)
     cfg.node(pnode)
     cfg.node(snode)
-    if pnode == snode:
-        raise CliError("primary and secondary must be on different nodes")
+    if pnode == snode and mode != "local":
+        raise CliError("primary and secondary must be on different nodes (a copy on the same "
+                       "node is --mode local)")
+    if pnode != snode and mode == "local":
+        raise CliError("a local pair's primary and secondary are on the same node")
+    if mode == "local" and pvol == svol:
+        raise CliError("a local pair needs two volumes: --secondary NODE:OTHER-VOLUME")
     body: dict[str, Any] = {"name": name, "mode": mode, "primary_volume": pvol,
                             "secondary": snode, "secondary_volume": svol}
     if group:
@@ -174,6 +182,13 @@ def show(name: str = typer.Argument(...), cluster: str = ClusterOpt,
         if c["running"]:
             table.add_row("copy", f"{c['total_chunks'] - c['remaining_chunks']}/"
                                   f"{c['total_chunks']} chunks, {c['bytes_sent']} bytes sent")
+        if v.get("mode") == "local":
+            table.add_row("secondary", f"{v['partner_volume']} (I/O mode "
+                                       f"{v['secondary_io_mode']}, "
+                                       f"{v['secondary_dirty_chunks']} dirty chunks)")
+        for sw in v.get("switching", []):
+            table.add_row("switched", f"export {sw['host_id']}: {sw['source']} -> "
+                                      f"{sw['target']} ({sw['here']} here)")
         rc = v.get("remote_copy")
         if rc:
             sq, lag, j = rc["sequence"], rc["lag"], rc["journal"]

@@ -121,6 +121,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         self._replies: list[bytes | bytearray | memoryview] = []
         self._flush_pending = False
         self._into_payload = False
+        self._held = False  # reading paused while the backend is swapped (see rebind)
 
     # ---- asyncio callbacks ----------------------------------------------
 
@@ -367,13 +368,60 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        pause = self._write_paused or len(self._pending) >= MAX_PENDING
+        pause = self._write_paused or self._held or len(self._pending) >= MAX_PENDING
         if pause and not self._paused_pending:
             self._paused_pending = True
             transport.pause_reading()
         elif not pause and self._paused_pending:
             self._paused_pending = False
             transport.resume_reading()
+
+
+class DrainTimeout(Exception):
+    """In-flight requests did not finish in time; the connections keep their backend."""
+
+
+async def rebind(connections: Sequence[NbdServerProtocol], backend: Backend | None,
+                 timeout: float = 10.0) -> None:
+    """Swap the backend of open connections without the clients noticing.
+
+    Reading stops on every connection, requests already received complete on the old
+    backend (which is then flushed, so a later FLUSH on the new one still covers writes
+    acknowledged before), and the new backend is installed on all of them in one loop
+    step before reading resumes: every request acknowledged before the swap was served
+    by the old backend, every request read after it by the new one. `backend=None`
+    keeps the current backend (a barrier only)."""
+    conns = [c for c in connections if c.transport is not None
+             and not c.transport.is_closing()]
+    for c in conns:
+        c._held = True
+        c._update_reading()
+    try:
+        pending = [f for c in conns for f in c._pending]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=timeout)
+            if late:
+                raise DrainTimeout(f"{len(late)} request(s) in flight did not finish within "
+                                   f"{timeout:g} s")
+        olds = {id(c.backend): c.backend for c in conns if c.backend is not None}
+        if backend is not None:
+            loop = asyncio.get_running_loop()
+            for old in olds.values():
+                if old is backend:
+                    continue
+                submit = getattr(old, "submit", None)
+                if getattr(old, "async_writes", False) and submit is not None:
+                    await submit(int(Cmd.FLUSH), 0, 0, None, 0)
+                else:
+                    executor = conns[0].executor
+                    await loop.run_in_executor(executor, old.flush)
+            for c in conns:
+                if c.export is not None:
+                    c.backend = backend
+    finally:
+        for c in conns:
+            c._held = False
+            c._update_reading()
 
 
 async def shutdown_all(connections: set[NbdServerProtocol], timeout: float = 10.0) -> None:

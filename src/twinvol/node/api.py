@@ -47,6 +47,18 @@ class CreatePair(msgspec.Struct, forbid_unknown_fields=True):
     journal_size: int | str | None = None     # async: journal limit of a new group
 
 
+class SwitchCommand(msgspec.Struct, forbid_unknown_fields=True):
+    host_id: str                      # the export name the host addresses
+    to: str = ""                      # target: NODE:VOLUME, VOLUME or a volume id
+    nodes: list[str] | None = None    # nodes that serve the host (default: this node)
+
+
+class SwitchApply(msgspec.Struct, forbid_unknown_fields=True):
+    host_id: str
+    expect: int
+    entry: dict[str, Any] | None = None
+
+
 class Takeover(msgspec.Struct, forbid_unknown_fields=True):
     force: bool = False
 
@@ -191,17 +203,43 @@ def make_app(node: Node) -> web.Application:
         rec = node.delete_volume(name, force=force)
         return web.json_response({"deleted": rec.name, "id": rec.id})
 
+    local = node.replication.local
+
+    def pair_view(name: str) -> dict[str, Any]:
+        """Any pair's view (local copies included), with the switching entries of its
+        volumes on this node."""
+        mgr = node.replication
+        view = local.view(local.pairs[name]) if name in local.pairs else mgr.view(mgr.get(name))
+        vols = {view["volume"]} | ({view["partner_volume"]} if view["mode"] == "local"
+                                   else set())
+        view["switching"] = [node.switching.view(e) for v in sorted(vols)
+                             for e in node.switching.involving(v)]
+        return view
+
     @routes.get("/api/v1/pairs")
     async def list_pairs(_: web.Request) -> web.Response:
-        mgr = node.replication
-        return web.json_response({"pairs": [mgr.view(p) for p in mgr.pairs.values()]})
+        names = [*node.replication.pairs, *local.pairs]
+        return web.json_response({"pairs": [pair_view(n) for n in sorted(names)]})
 
     @routes.post("/api/v1/pairs")
     async def create_pair(request: web.Request) -> web.Response:
         body: CreatePair = await _body(request, CreatePair)
+        if body.mode == "local":
+            if body.secondary != node.name:
+                raise VolumeError(f"a local pair's secondary is on this node ({node.name}), "
+                                  f"not {body.secondary}")
+            lp = await local.create(body.name, body.primary_volume or body.name,
+                                    body.secondary_volume or body.name)
+            return web.json_response(pair_view(lp.rec.name), status=201)
+        if body.name in local.pairs:
+            raise VolumeError(f"pair {body.name!r} already exists", "conflict")
+        pvol = body.primary_volume or body.name
+        if pvol in local.by_volume and local.by_volume[pvol].rec.secondary == pvol:
+            raise VolumeError(f"volume {pvol!r} is the secondary of local pair "
+                              f"{local.by_volume[pvol].rec.name!r}", "conflict")
         if body.mode not in ("active-active", "async", "sync"):
             raise VolumeError(f"pair mode {body.mode!r} is not supported (active-active, "
-                              "async, sync)")
+                              "async, sync, local)")
         if body.mode not in ("async", "sync") and (body.group or body.journal_size):
             raise VolumeError("group and journal_size apply to async and sync pairs only")
         journal = _size(body.journal_size) or 0
@@ -217,13 +255,18 @@ def make_app(node: Node) -> web.Application:
 
     @routes.get("/api/v1/pairs/{name}")
     async def show_pair(request: web.Request) -> web.Response:
-        mgr = node.replication
-        return web.json_response(mgr.view(mgr.get(request.match_info["name"])))
+        return web.json_response(pair_view(request.match_info["name"]))
 
     @routes.post("/api/v1/pairs/{name}/{action}")
     async def pair_action(request: web.Request) -> web.Response:
         mgr = node.replication
         name, action = request.match_info["name"], request.match_info["action"]
+        if name in local.pairs:
+            local_ops = {"split": local.split, "resync": local.resync}
+            if action not in local_ops:
+                raise VolumeError(f"a local pair supports split and resync, not {action!r}")
+            await local_ops[action](name)
+            return web.json_response(pair_view(name))
         if action == "verify":
             return web.json_response(mgr.view(mgr.start_verify(name)))
         if action == "resync":
@@ -239,6 +282,11 @@ def make_app(node: Node) -> web.Application:
     @routes.delete("/api/v1/pairs/{name}")
     async def delete_pair(request: web.Request) -> web.Response:
         name = request.match_info["name"]
+        if name in local.pairs:
+            await local.delete(name)
+            return web.json_response({"deleted": name})
+        node.switching.check_free(node.replication.get(name).rec.volume,
+                                  f"delete pair {name!r}")
         await node.replication.delete(name)
         return web.json_response({"deleted": name})
 
@@ -267,11 +315,46 @@ def make_app(node: Node) -> web.Application:
             raise VolumeError(f"export {export!r} does not exist on node {node.name}",
                               "not_found")
         pr = node.replication.by_volume.get(vol.record.name)
+        sw = node.switching.entries.get(export)
         return web.json_response({"node": node.name, "site": node.config.site,
                                   "volume": vol.record.name, "io_mode": vol.io_mode,
                                   "role": None if pr is None else pr.rec.role,
                                   "pair": None if pr is None else pr.rec.name,
+                                  "switched": sw and node.switching.view(sw),
                                   "virtual_identity": identity(vol.record)})
+
+    @routes.get("/api/v1/switching")
+    async def switching_table(_: web.Request) -> web.Response:
+        return web.json_response({"node": node.name, "entries": node.switching.table()})
+
+    @routes.post("/api/v1/switching")
+    async def switch(request: web.Request) -> web.Response:
+        """A host's switch command: find the target among the partners, record it on every
+        node that serves the host, redirect the export's I/O."""
+        body: SwitchCommand = await _body(request, SwitchCommand)
+        if not body.to:
+            raise VolumeError("give the target as `to` (NODE:VOLUME, VOLUME or a volume id)")
+        e = await node.switching.switch(body.host_id, body.to, body.nodes or [node.name])
+        return web.json_response(node.switching.view(e), status=201)
+
+    @routes.post("/api/v1/switching/back")
+    async def switch_back(request: web.Request) -> web.Response:
+        body: SwitchCommand = await _body(request, SwitchCommand)
+        e = await node.switching.back(body.host_id)
+        return web.json_response({"back": True, **node.switching.view(e)})
+
+    @routes.post("/api/v1/switching/apply")
+    async def switch_apply(request: web.Request) -> web.Response:
+        """Node to node: apply an entry (or its removal) if this table is at `expect`."""
+        from twinvol.node.switching import SwitchEntry
+
+        body: SwitchApply = await _body(request, SwitchApply)
+        try:
+            entry = None if body.entry is None else msgspec.convert(body.entry, SwitchEntry)
+        except msgspec.ValidationError as e:
+            raise VolumeError(f"bad switching entry: {e}") from None
+        await node.switching.apply_remote(body.host_id, entry, body.expect)
+        return web.json_response({"node": node.name, "applied": True})
 
     @routes.get("/api/v1/events")
     async def events(request: web.Request) -> web.StreamResponse:

@@ -21,12 +21,12 @@ from aiohttp import web
 from twinvol.cluster import ClusterConfig
 from twinvol.faults.node import FaultManager
 from twinvol.faults.store import FaultStoreError
-from twinvol.nbd.aio import Backend, IoStats, NbdServerProtocol, close_all, shutdown_all
+from twinvol.nbd.aio import Backend, IoStats, NbdServerProtocol, close_all, rebind, shutdown_all
 from twinvol.nbd.server import ExportInfo
 from twinvol.node.api import make_app
 from twinvol.node.events import EventBus
 from twinvol.storage.catalog import VolumeRecord
-from twinvol.storage.volumes import VolumeError, VolumeManager
+from twinvol.storage.volumes import Volume, VolumeError, VolumeManager
 
 
 class NodeStartError(Exception):
@@ -60,6 +60,9 @@ class Node:
         from twinvol.replication.manager import ReplicationManager
 
         self.replication = ReplicationManager(self)
+        from twinvol.node.switching import Switching
+
+        self.switching = Switching(self)
         self._nbd_server: asyncio.base_events.Server | None = None
         self._runner: web.AppRunner | None = None
 
@@ -114,8 +117,28 @@ class Node:
         vol = self.volumes.by_export(export.name)
         assert vol is not None
         vol.connections += 1
+        return self.switching.backend(export.name) or self.volume_backend(vol)
+
+    def volume_backend(self, vol: Volume) -> Backend:
+        """What host I/O to `vol` goes through: its pair's write path, or its store."""
         replicated = self.replication.backend_for(vol)
         return vol.store if replicated is None else replicated
+
+    def export_connections(self, name: str) -> list[NbdServerProtocol]:
+        return [c for c in self.connections if c.export is not None and c.export.name == name]
+
+    async def rebind_export(self, name: str, timeout: float = 10.0) -> None:
+        """Give the open connections of export `name` the backend new ones would get
+        (after a switch or a new local pair), without the clients noticing."""
+        conns = self.export_connections(name)
+        if conns:
+            await rebind(conns, self.attach_backend(name), timeout)
+
+    def attach_backend(self, name: str) -> Backend | None:
+        vol = self.volumes.by_export(name)
+        if vol is None:
+            return None
+        return self.switching.backend(name) or self.volume_backend(vol)
 
     def detach(self, export: ExportInfo) -> None:
         vol = self.volumes.by_export(export.name)
@@ -126,9 +149,12 @@ class Node:
 
     def check_unpaired(self, name: str, action: str) -> None:
         pr = self.replication.by_volume.get(name)
-        if pr is not None:
-            raise VolumeError(f"volume {name!r} is in pair {pr.rec.name!r}; delete the pair "
+        lp = self.replication.local.by_volume.get(name)
+        paired = pr.rec.name if pr is not None else lp.rec.name if lp is not None else None
+        if paired is not None:
+            raise VolumeError(f"volume {name!r} is in pair {paired!r}; delete the pair "
                               f"before you {action} it", "conflict")
+        self.switching.check_free(name, action + " it")
 
     def delete_volume(self, name: str, *, force: bool) -> VolumeRecord:
         self.check_unpaired(name, "delete")
@@ -173,6 +199,7 @@ class Node:
             self._nbd_server.close()
         await shutdown_all(self.connections)
         await self.replication.stop()
+        await self.switching.stop()
         await self.faults.stop()
         self.events.close()
         if self._runner is not None:

@@ -146,6 +146,9 @@ class ReplicationManager:
         self.remote = RemoteCopy(self)
         for rec in self.store.all():
             self._load(rec)
+        from twinvol.replication.local import LocalCopies
+
+        self.local = LocalCopies(self)   # local copy pairs (mode `local`), own table
 
     # ---- lifecycle ------------------------------------------------------------
 
@@ -184,6 +187,7 @@ class ReplicationManager:
     async def start(self) -> None:
         await self.peers.start()
         await self.remote.start()
+        await self.local.start()
         self._spawn(self._al_retirer())
         if self.witness is not None:
             self._spawn(self._heartbeats())
@@ -198,6 +202,7 @@ class ReplicationManager:
                     task.cancel()
         await self.peers.stop()
         await self.remote.stop()
+        await self.local.stop()
         if self.witness is not None:
             with contextlib.suppress(Exception):
                 await self.witness.close()
