@@ -10,7 +10,7 @@ import click
 import typer
 
 from twinvol import __version__
-from twinvol.cli import dr, events, host, node, pair, up, vm, volume, witness
+from twinvol.cli import dr, events, host, node, pair, switch, up, vm, volume, witness
 from twinvol.cli.common import CliError
 from twinvol.cluster import ClusterError
 
@@ -30,6 +30,7 @@ app.add_typer(host.app, name="host")
 app.add_typer(vm.app, name="vm")
 app.command("up")(up.up)
 app.command("events")(events.events)
+app.command("switch")(switch.switch)
 
 
 @app.command()

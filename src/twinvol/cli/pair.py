@@ -108,6 +108,9 @@ def create(
     journal_size: str = typer.Option(None, "--journal-size",
                                      help="async: journal limit of a new group (default 256M); "
                                           "past it the copy falls back to dirty bitmaps."),
+    copy_rate: str = typer.Option(None, "--copy-rate",
+                                  help="local: copy pace in bytes per second (e.g. 100M), "
+                                       "leaving room for host I/O; default: unlimited."),
     wait: bool = WaitOpt,
     timeout: float = TimeoutOpt,
     cluster: str = ClusterOpt,
@@ -136,6 +139,10 @@ def create(
         body["group"] = group
     if journal_size:
         body["journal_size"] = journal_size
+    if copy_rate:
+        if mode != "local":
+            raise CliError("--copy-rate applies to --mode local only")
+        body["copy_rate"] = copy_rate
     view = api(cfg, pnode, "POST", "/api/v1/pairs", body)
     if wait:
         view = _wait(cfg, pnode, name, timeout, json_out)

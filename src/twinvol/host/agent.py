@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
 import signal
@@ -485,6 +486,9 @@ class Agent:
         self.nbd_port = 0
         self.api_port = 0
         self.faults: HostFaults | None = None
+        # The nodes' switching table as this host last learned it (export -> entry):
+        # read from the nodes at start, then kept by their `switched*` events.
+        self.switching: dict[str, dict[str, Any]] = {}
 
     # ---- Hooks for sessions -----------------------------------------------
 
@@ -623,6 +627,9 @@ class Agent:
         export = ev.get("export")
         if not isinstance(export, str):
             return
+        if kind in ("switched", "switched_back"):
+            self._switching_event(node, export, ev)
+            return
         st = self.exports.get(export)
         if kind == "io_mode":
             mode = ev.get("mode")
@@ -640,6 +647,72 @@ class Agent:
         elif kind in ("volume_created", "volume_deleted", "volume_resized") and st is not None:
             for s in list(st.sessions):
                 s.kick(node)
+
+    # ---- volume switching (the nodes keep the table; the agent carries commands) ---
+
+    def _switching_event(self, node: str, export: str, ev: dict[str, Any]) -> None:
+        cur = self.switching.get(export)
+        version = ev.get("version")
+        if ev["type"] == "switched":
+            if cur is None or int(cur.get("version") or 0) <= int(version or 0):
+                self.switching[export] = {k: ev.get(k) for k in ("source", "target", "version",
+                                                                 "nodes")}
+        elif cur is not None and cur.get("version") == version:
+            del self.switching[export]
+        log.info("node pushed a switching change", extra={
+            "node": node, "export": export, "event": ev["type"], "target": ev.get("target")})
+
+    async def load_switching(self) -> None:
+        """Read the switching table from the nodes (after a start or a reconnect)."""
+        table: dict[str, dict[str, Any]] = {}
+        for link in self.links.values():
+            if not isinstance(link, HttpNodeLink):
+                continue
+            try:
+                status, body = await link.call("GET", "/api/v1/switching", timeout=5.0)
+            except NodeUnreachable:
+                continue
+            if status != 200 or not isinstance(body, dict):
+                continue
+            for e in body.get("entries") or []:
+                if isinstance(e, dict) and isinstance(e.get("host_id"), str):
+                    old = table.get(e["host_id"])
+                    if old is None or int(old["version"]) < int(e.get("version") or 0):
+                        table[e["host_id"]] = {k: e.get(k) for k in ("source", "target",
+                                                                      "version", "nodes")}
+        self.switching = table
+
+    async def switch(self, export: str, to: str | None, back: bool) -> tuple[int, Any]:
+        """Carry a switch command to a node: the target's node when the target names one
+        of this host's nodes, else the first that answers. Returns (status, body)."""
+        order = list(self.links)
+        where = (to or "").partition(":")[0] if to and ":" in to else None
+        cur = self.switching.get(export)
+        if back and cur is not None:
+            where = str(cur.get("source", "")).partition(":")[0]
+        if where in self.links:
+            order.remove(where)
+            order.insert(0, where)
+        body: dict[str, Any] = {"host_id": export}
+        if not back:
+            body["to"] = to
+            body["nodes"] = list(self.links)
+        errors = []
+        for name in order:
+            link = self.links[name]
+            if not isinstance(link, HttpNodeLink):
+                continue
+            try:
+                status, answer = await link.call(
+                    "POST", "/api/v1/switching/back" if back else "/api/v1/switching", body)
+            except NodeUnreachable as e:
+                errors.append(str(e))
+                continue
+            if status < 300:
+                await self.load_switching()
+            return status, answer
+        return 503, {"error": {"code": "io", "message": "no storage node took the switch "
+                                                        "command: " + "; ".join(errors)}}
 
     def on_stream_state(self, node: str, up: bool) -> None:
         log.info("node event stream " + ("up" if up else "down"), extra={"node": node})
@@ -721,6 +794,9 @@ class Agent:
                               {"Authorization": f"Bearer {self.setup.secret}"}
                               if self.setup.secret else {})
         self._ticker = loop.create_task(self._tick())
+        task = loop.create_task(self.load_switching())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         log.info("host agent serving", extra={"nbd": self.config.nbd, "api": self.config.api,
                                               "nodes": list(self.links), "pid": os.getpid(),
                                               "hold_timeout": self.config.hold_timeout})
@@ -816,6 +892,7 @@ class Agent:
             "exports": exports,
             "sessions": [s.status() for st in self.exports.values() for s in st.sessions],
             "faults": None if self.faults is None else self.faults.status(),
+            "switching": self.switching,
         }
 
 
@@ -835,6 +912,36 @@ def make_app(agent: Agent) -> web.Application:
     @routes.get("/api/v1/status")
     async def status(_: web.Request) -> web.Response:
         return web.json_response(agent.status())
+
+    def authorized(request: web.Request) -> bool:
+        secret = agent.setup.secret
+        return not secret or hmac.compare_digest(request.headers.get("Authorization", ""),
+                                                 f"Bearer {secret}")
+
+    @routes.post("/api/v1/switch")
+    async def switch(request: web.Request) -> web.Response:
+        """The host's switch command: {"export", "to"} or {"export", "back": true}."""
+        if not authorized(request):
+            return web.json_response({"error": {"code": "unauthorized", "message":
+                                                "missing or wrong cluster secret"}}, status=401)
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("export"), str) \
+                or not (isinstance(body.get("to"), str) or body.get("back") is True):
+            return web.json_response({"error": {"code": "invalid", "message":
+                                                'body must be {"export": NAME, "to": TARGET} '
+                                                'or {"export": NAME, "back": true}'}},
+                                     status=400)
+        status, answer = await agent.switch(body["export"], body.get("to"),
+                                            body.get("back") is True)
+        return web.json_response(answer, status=status)
+
+    @routes.get("/api/v1/switching")
+    async def switching(_: web.Request) -> web.Response:
+        await agent.load_switching()
+        return web.json_response({"switching": agent.switching})
 
     app.add_routes(routes)
     if agent.faults is not None:

@@ -93,6 +93,23 @@ class HttpNodeLink:
             msg = f": {body['error'].get('message', '')}"
         return NodeUnreachable(f"node {self.name} API answered HTTP {status}{msg}")
 
+    async def call(self, method: str, path: str, body: dict[str, Any] | None = None,
+                   timeout: float = 30.0) -> tuple[int, Any]:
+        """Any API call (the switch command the agent carries); (status, decoded body)."""
+        try:
+            async with self.session.request(method, self.base + path, json=body,
+                                            headers=self.headers,
+                                            timeout=aiohttp.ClientTimeout(total=timeout)
+                                            ) as resp:
+                raw = await resp.read()
+                try:
+                    return resp.status, msgspec.json.decode(raw) if raw else None
+                except msgspec.DecodeError:
+                    return resp.status, None
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            raise NodeUnreachable(f"node {self.name} API {self.base} is not reachable: "
+                                  f"{e or type(e).__name__}") from None
+
     async def export(self, export: str) -> dict[str, Any] | None:
         status, body = await self._get(f"/api/v1/exports/{quote(export, safe='')}")
         if status == 404:

@@ -45,6 +45,7 @@ class CreatePair(msgspec.Struct, forbid_unknown_fields=True):
     secondary_volume: str | None = None
     group: str | None = None                  # async: consistency group (default: the name)
     journal_size: int | str | None = None     # async: journal limit of a new group
+    copy_rate: int | str | None = None        # local: copy pace, bytes per second
 
 
 class SwitchCommand(msgspec.Struct, forbid_unknown_fields=True):
@@ -212,8 +213,8 @@ def make_app(node: Node) -> web.Application:
         view = local.view(local.pairs[name]) if name in local.pairs else mgr.view(mgr.get(name))
         vols = {view["volume"]} | ({view["partner_volume"]} if view["mode"] == "local"
                                    else set())
-        view["switching"] = [node.switching.view(e) for v in sorted(vols)
-                             for e in node.switching.involving(v)]
+        entries = {e.host_id: e for v in sorted(vols) for e in node.switching.involving(v)}
+        view["switching"] = [node.switching.view(e) for e in entries.values()]
         return view
 
     @routes.get("/api/v1/pairs")
@@ -229,7 +230,8 @@ def make_app(node: Node) -> web.Application:
                 raise VolumeError(f"a local pair's secondary is on this node ({node.name}), "
                                   f"not {body.secondary}")
             lp = await local.create(body.name, body.primary_volume or body.name,
-                                    body.secondary_volume or body.name)
+                                    body.secondary_volume or body.name,
+                                    _size(body.copy_rate) or 0)
             return web.json_response(pair_view(lp.rec.name), status=201)
         if body.name in local.pairs:
             raise VolumeError(f"pair {body.name!r} already exists", "conflict")

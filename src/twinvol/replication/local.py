@@ -63,6 +63,7 @@ class LocalPairRecord(msgspec.Struct):
     reason: str = ""
     copy_total: int = 0     # chunks the running (or last) copy had to move
     split_at: float = 0.0   # wall time of the point-in-time split
+    copy_rate: int = 0      # copy pace in bytes/s (0: as fast as it goes), leaves room for hosts
     created: float = 0.0
     updated: float = 0.0
 
@@ -337,7 +338,8 @@ class LocalCopies:
                 return pr.rec.name
         return None
 
-    async def create(self, name: str, primary: str, secondary: str) -> LocalPair:
+    async def create(self, name: str, primary: str, secondary: str, copy_rate: int = 0
+                     ) -> LocalPair:
         if name in self.pairs or name in self.mgr.pairs:
             raise VolumeError(f"pair {name!r} already exists", "conflict")
         if primary == secondary:
@@ -367,7 +369,7 @@ class LocalCopies:
         if svol.record.read_only:
             raise VolumeError(f"volume {secondary!r} is read-only")
         rec = LocalPairRecord(name=name, primary=primary, secondary=secondary,
-                              state="copying", created=time.time())
+                              state="copying", created=time.time(), copy_rate=copy_rate)
         self.db.execute("INSERT INTO local_pairs (name, body) VALUES (?, ?)",
                         (name, msgspec.json.encode(rec).decode()))
         lp = self._load(rec)
@@ -475,6 +477,10 @@ class LocalCopies:
                     await lp.pbits.sync(ex)
                 elif (i + 1) % STEP_CHUNKS == 0:
                     await asyncio.sleep(0)
+                if rec.copy_rate and (i + 1) % STEP_CHUNKS == 0:
+                    ahead = (i + 1) * CHUNK / rec.copy_rate - (time.monotonic() - started)
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
             self._set_state(lp, "mirrored")
             self.node.events.publish("copy_done", pair=rec.name, bytes=lp.copied_bytes,
                                      seconds=round(time.monotonic() - started, 3))
@@ -496,7 +502,7 @@ class LocalCopies:
             "dirty_chunks": lp.pbits.count(), "secondary_dirty_chunks": lp.sbits.count(),
             "chunk_size": CHUNK, "export_name": lp.pvol.record.export_name,
             "secondary_export_name": lp.svol.record.export_name,
-            "split_at": rec.split_at or None,
+            "split_at": rec.split_at or None, "copy_rate": rec.copy_rate,
             "copy": {"running": running, "source": self.node.name if running else "",
                      "cursor": rec.copy_total - remaining, "remaining_chunks": remaining,
                      "total_chunks": rec.copy_total, "bytes_sent": lp.copied_bytes},
