@@ -69,3 +69,6 @@ def status(cluster: str = ClusterOpt, json_out: bool = JsonOpt) -> None:
     console.print(table)
     console.print(f"held {st['held']}  failovers {st['failovers']}  retries {st['retries']}  "
                   f"connections {st['connections']}")
+    for export, sw in sorted((st.get("switching") or {}).items()):
+        console.print(f"switched: export {export}: {sw['source']} -> {sw['target']}",
+                      highlight=False)
