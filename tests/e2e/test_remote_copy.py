@@ -385,6 +385,30 @@ def test_kill_primary_during_load_standby_feeds_only_the_delta(tmp_path: object)
         assert rc["shipped"] == {"bytes": r["bytes"], "records": r["records"]}
         assert remote(c, "C", "vol-dr")["feeder"] == "B"
         assert file_bytes(volume_path(c, "B", "vol")) == file_bytes(volume_path(c, "C", "vol"))
+
+        # A returns: it learns that B feeds C now, becomes the standby, and is resynced
+        # from B; failback then returns the feed and the write order to A.
+        c.start("A")
+        c.wait_pair("A", "vol", "mirrored", "mirror", timeout=60)
+        deadline = time.monotonic() + 20
+        while remote(c, "A", "vol-dr")["group_role"] != "standby":
+            assert time.monotonic() < deadline, remote(c, "A", "vol-dr")
+            time.sleep(0.1)
+        p = c.cli("dr", "failback", "--site", "A", "--json")
+        assert p.returncode == 0, p.stderr
+        fb = json.loads(p.stdout)["groups"][0]
+        assert fb["action"] == "return" and fb["from"] == "B"
+        assert c.pair("A", "vol")["role"] == "primary"
+        assert remote(c, "C", "vol-dr")["feeder"] == "A"
+        deadline = time.monotonic() + 20
+        while remote(c, "B", "vol-dr")["group_role"] != "standby":
+            assert time.monotonic() < deadline, remote(c, "B", "vol-dr")
+            time.sleep(0.1)
+        q = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x6d 40M 64k",
+                            c.host_uri("vol")], capture_output=True, text=True, timeout=60)
+        assert q.returncode == 0, q.stderr
+        wait_applied(c, "A", "vol-dr")
+        assert file_bytes(volume_path(c, "A", "vol")) == file_bytes(volume_path(c, "C", "vol"))
     finally:
         c.stop()
 

@@ -292,6 +292,27 @@ class DisasterRecovery:
 
 
 
+    async def _return_feed(self, g: GroupRuntime) -> dict[str, Any]:
+        """Failback after a takeover at the standby: this node, the original primary, is
+        back and mirrored with it again: it feeds the far copy again (only what the far
+        copy lacks) and orders writes again (the active-active roles are swapped back)."""
+        pairs = []
+        for pr in g.pairs.values():
+            aa = self.mgr.by_volume.get(pr.rec.volume)
+            if aa is None or aa.rec.mode != "active-active" or aa.rec.state != "mirrored":
+                raise VolumeError(f"volume {pr.rec.volume!r} on node {self.node.name} is not "
+                                  "mirrored with its active-active partner yet; wait for its "
+                                  "resync, then fail back", "conflict")
+            pairs.append(aa)
+        report = await self._takeover_standby(g, force=True)
+        for aa in pairs:
+            if aa.rec.role != "primary":
+                await self.mgr.swap(aa.rec.name)
+        report.update(action="return", chunks=report.get("chunks", 0),
+                      bytes=report.get("bytes", 0), recovery_point=report["target_received"],
+                      **{"from": report["previous_feeder"]})
+        return report
+
     async def failback(self) -> list[dict[str, Any]]:
         """Run at the original primary once it is back: the far copy sends back every chunk
         it changed since its takeover plus every chunk this copy changed after the far copy's
@@ -301,6 +322,9 @@ class DisasterRecovery:
         mgr, node, remote = self.mgr, self.node, self.remote
         for g in list(remote.groups.values()):
             rec = g.rec
+            if rec.role == "standby" and rec.origin == node.name:
+                out.append(await self._return_feed(g))
+                continue
             if rec.role != "primary" or rec.feeder != node.name:
                 continue
             h, _ = await self.ask(rec.target, {"t": "jstat", "group": rec.name},

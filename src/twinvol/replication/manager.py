@@ -898,6 +898,8 @@ class ReplicationManager:
         if off < 0 or n < 0 or off + n > pr.vol.record.size:
             raise RemoteError(f"write [{off}, +{n}) outside volume {pr.rec.volume}", "invalid")
         if h["t"] == "copy":
+            if pr.rec.remote and pr.rec.role == "secondary":
+                self.remote.check_feeder(pr, str(h.get("_peer", "")))
             if h.get("zero"):
                 pr.vol.store.write_zeroes(off, n, no_hole=False, fast=False)
             else:

@@ -87,6 +87,7 @@ class GroupRecord(msgspec.Struct):
     seq_seen: int = 0           # (standby) last sequence number journaled here
     hold: bool = False          # (primary) the far copy was taken over: hosts refused here
     sync: bool = False          # host writes wait until the target has their record
+    origin: str = ""            # the node that fed the group first (failback returns there)
     bytes_shipped: int = 0      # journal bytes sent to the target (all time)
     records_shipped: int = 0
     updated: float = 0.0
@@ -101,6 +102,7 @@ class GroupRuntime:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     ship_task: asyncio.Task[None] | None = None
     need_stat: bool = True
+    last_stat: float = 0.0
     last_save: float = 0.0
     last_progress: float = 0.0
     checkpoint_due: bool = False
@@ -424,8 +426,8 @@ class RemoteCopy:
             try:
                 if g.need_stat:
                     h, _ = await link.request({"t": "jstat", "group": rec.name})
-                    if h.get("state") == "takeover":
-                        self.taken_over(g)
+                    g.last_stat = time.monotonic()
+                    if not self._still_feeder(g, h):
                         continue
                     self._learn(g, h)
                     rec.sent = max(int(h["received"]), rec.applied)
@@ -436,10 +438,14 @@ class RemoteCopy:
                         self._progress(g, (await window.pop(0))[0])
                     self._report_standby(g)
                     await self._idle(g, CHECKPOINT_EVERY)
-                    if rec.applied < rec.sent and not g.wake.is_set():
-                        # Learn the target's next durable checkpoint (trims the journal).
+                    if not g.wake.is_set() and (rec.applied < rec.sent
+                                                or time.monotonic() - g.last_stat > 1.0):
+                        # Learn the target's next durable checkpoint (trims the journal),
+                        # and whether it still takes records from here.
                         h, _ = await link.request({"t": "jstat", "group": rec.name})
-                        self._progress(g, h)
+                        g.last_stat = time.monotonic()
+                        if self._still_feeder(g, h):
+                            self._progress(g, h)
                     continue
                 if rec.sent < g.journal.first - 1 or (g.journal.first == 0
                                                       and rec.sent < committed):
@@ -475,6 +481,49 @@ class RemoteCopy:
                 g.need_stat = True
                 if g.waiters:
                     self._release_waiters(g, None)
+
+    def _still_feeder(self, g: GroupRuntime, h: dict[str, Any]) -> bool:
+        """The target's view: taken over, or fed by another node since (DR)?"""
+        if h.get("state") == "takeover":
+            self.taken_over(g)
+            return False
+        if h.get("feeder") and h["feeder"] != self.node.name:
+            self.demote(g, str(h["feeder"]))
+            return False
+        return True
+
+    def demote(self, g: GroupRuntime, feeder: str) -> None:
+        """Another node feeds the target now (a DR takeover while this node was away):
+        become its standby. What this copy wrote that the target may lack is marked
+        dirty; the records of the new feeder arrive with the mirrored writes."""
+        rec = g.rec
+        for r in self._unapplied(g):
+            self.mark(g.pairs[r.pair], r.offset, r.length)
+        g.journal.reset()
+        old, rec.role, rec.feeder = rec.role, "standby", feeder
+        rec.mode = "bitmap"
+        rec.bitmap_until = rec.seq_seen = rec.written = 0
+        rec.state = "copying"
+        self._release_waiters(g, None)
+        for pr in g.pairs.values():
+            if pr.copy_task is not None:
+                pr.copy_task.cancel()
+            pr.rec.role = "standby"
+            pr.rec.copy_source = ""
+            self.mgr._save(pr)
+        self.save(g)
+        self.node.events.publish("group_demoted", group=rec.name, feeder=feeder,
+                                 previous=old)
+        log.warning("remote copy fed by another node now",
+                    extra={"group": rec.name, "feeder": feeder})
+
+    def check_feeder(self, pr: PairRuntime, peer: str) -> None:
+        """The target accepts copy data only from the node that feeds it."""
+        g = self.groups.get(pr.rec.group)
+        if g is None or g.rec.feeder != peer or g.rec.state == "takeover":
+            raise RemoteError(f"node {self.node.name} takes copy data for group "
+                              f"{pr.rec.group!r} only from its feeder "
+                              f"{g.rec.feeder if g else '?'}, not {peer}", "conflict")
 
     def taken_over(self, g: GroupRuntime) -> None:
         """The target serves hosts now (DR takeover there): this copy is not the latest,
@@ -731,7 +780,7 @@ class RemoteCopy:
                                   f"{g.rec.role} towards {g.rec.target}", "conflict")
             return g
         g = self._open_group(GroupRecord(name=name, role=role, target=target, feeder=feeder,
-                                         journal_limit=limit))
+                                         journal_limit=limit, origin=feeder))
         self.save(g)
         return g
 
@@ -839,7 +888,8 @@ class RemoteCopy:
             raise VolumeError(f"a node went away while pairing: {e}", "io") from None
         if g is None:
             g = self._open_group(GroupRecord(name=group, role="primary", target=target,
-                                             feeder=self.node.name, journal_limit=limit,
+                                             feeder=self.node.name, origin=self.node.name,
+                                             journal_limit=limit,
                                              sync=sync))
         g.rec.state = "copying"
         self.save(g)
