@@ -43,7 +43,8 @@ _S = TypeVar("_S", bound=BackingStore)
 
 LOCAL_STATES = ("copying", "mirrored", "split", "suspended")
 STEP_CHUNKS = 16        # chunks copied per event-loop step
-CHECKPOINT_CHUNKS = 256  # chunks between durable checkpoints of a copy
+CHECKPOINT_CHUNKS = 256  # chunks between durable checkpoints of a copy...
+CHECKPOINT_SECONDS = 0.5  # ...or seconds, whichever comes first (a paced copy resumes)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS local_pairs (
@@ -464,11 +465,14 @@ class LocalCopies:
         started = time.monotonic()
         self._save(lp)
         done: list[int] = []
+        checkpoint = started
         try:
             for i, chunk in enumerate(todo):
                 lp.copied_bytes += self._copy_chunk(lp, chunk)
                 done.append(chunk)
-                if len(done) >= CHECKPOINT_CHUNKS or i == len(todo) - 1:
+                if len(done) >= CHECKPOINT_CHUNKS or i == len(todo) - 1 \
+                        or time.monotonic() - checkpoint > CHECKPOINT_SECONDS:
+                    checkpoint = time.monotonic()
                     # Data durable first, then the bits that say it is there.
                     await loop.run_in_executor(ex, lp.sraw.flush)
                     for c in done:
