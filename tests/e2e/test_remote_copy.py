@@ -108,6 +108,13 @@ def wait_applied(c: ClusterProc, feeder: str, pair: str, timeout: float = 30) ->
     raise AssertionError(f"far copy of {pair} did not catch up: {rc}")
 
 
+def wait_group_role(c: ClusterProc, node: str, pair: str, role: str) -> None:
+    deadline = time.monotonic() + 20
+    while remote(c, node, pair)["group_role"] != role:
+        assert time.monotonic() < deadline, remote(c, node, pair)
+        time.sleep(0.1)
+
+
 def make_volume(c: ClusterProc, node: str, name: str, size: int) -> None:
     status, body = c.api(node, "POST", "/api/v1/volumes", {"name": name, "size": size})
     assert status == 201, body
@@ -390,20 +397,14 @@ def test_kill_primary_during_load_standby_feeds_only_the_delta(tmp_path: object)
         # from B; failback then returns the feed and the write order to A.
         c.start("A")
         c.wait_pair("A", "vol", "mirrored", "mirror", timeout=60)
-        deadline = time.monotonic() + 20
-        while remote(c, "A", "vol-dr")["group_role"] != "standby":
-            assert time.monotonic() < deadline, remote(c, "A", "vol-dr")
-            time.sleep(0.1)
+        wait_group_role(c, "A", "vol-dr", "standby")
         p = c.cli("dr", "failback", "--site", "A", "--json")
         assert p.returncode == 0, p.stderr
         fb = json.loads(p.stdout)["groups"][0]
         assert fb["action"] == "return" and fb["from"] == "B"
         assert c.pair("A", "vol")["role"] == "primary"
         assert remote(c, "C", "vol-dr")["feeder"] == "A"
-        deadline = time.monotonic() + 20
-        while remote(c, "B", "vol-dr")["group_role"] != "standby":
-            assert time.monotonic() < deadline, remote(c, "B", "vol-dr")
-            time.sleep(0.1)
+        wait_group_role(c, "B", "vol-dr", "standby")
         q = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x6d 40M 64k",
                             c.host_uri("vol")], capture_output=True, text=True, timeout=60)
         assert q.returncode == 0, q.stderr

@@ -316,24 +316,9 @@ class Journal:
         stop = self.last if seq_to is None else min(seq_to, self.last)
         if seq_from > stop:
             return []
-        where = self.index.get(seq_from)
-        if where is None:
-            raise JournalError(f"journal no longer holds sequence {seq_from}")
-        seg, pos, _n = where
-        end, seq = pos, seq_from
-        while seq <= stop and end - pos < max_bytes:
-            w = self.index.get(seq)
-            if w is None or w[0] is not seg:
-                break
-            end = w[1] + w[2]
-            seq += 1
-        fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            blob = os.pread(fd, end - pos, pos)
-        finally:
-            os.close(fd)
+        last, blob = self.read_encoded(seq_from, max_bytes, seq_to)
         recs, used = decode_records(blob, after=seq_from - 1)
-        if used != end - pos or not recs:
+        if used != len(blob) or len(recs) != last - seq_from + 1:
             raise JournalCorrupt(f"journal record {seq_from + len(recs)} is damaged",
                                  seq_from - 1 + len(recs))
         return recs
