@@ -285,3 +285,51 @@ def test_agent_refuses_switch_without_secret(tmp_path: Any) -> None:
         assert e.value.code == 401
     finally:
         c.stop()
+
+
+def test_table_reaches_every_node_that_serves_the_host(tmp_path: Any) -> None:
+    """Active-active volume on A and B, local copy on A: the table goes to both nodes, B
+    refuses the export so the host agent uses A only, and a switch that cannot reach B is
+    refused with the table unchanged."""
+    c = ClusterProc(str(tmp_path), names=("A", "B"), host=True)
+    c.start()
+    try:
+        c.wait_peer("A", "B")
+        assert c.api("A", "POST", "/api/v1/volumes", {"name": "vol", "size": 8 * MiB})[0] == 201
+        p = c.cli("pair", "create", "vol", "--mode", "active-active", "--primary", "A",
+                  "--secondary", "B", "--wait")
+        assert p.returncode == 0, p.stderr
+        p = c.cli("pair", "create", "snap", "--mode", "local", "--primary", "A:vol",
+                  "--secondary", "A:vol2", "--wait")
+        assert p.returncode == 0, p.stderr
+        host = c.host_uri("vol")
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x59 0 1M", host], check=True,
+                       capture_output=True)
+        assert c.cli("pair", "split", "snap").returncode == 0
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x58 0 1M", host], check=True,
+                       capture_output=True)
+        p = switch(c, "vol", "--to", "A:vol2")
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["nodes"] == ["A", "B"]
+        _, eb = c.api("B", "GET", "/api/v1/exports/vol")
+        assert eb["io_mode"] == "block" and eb["switched"]["target"] == "A:vol2"
+        assert eb["switched"]["here"] == "refuses the export to hosts"
+        qemu_read(host, "read -P 0x59 0 1M")
+        # B is down: switching back must not leave B serving the old copy later.
+        c.kill9("B")
+        p = switch(c, "vol", "--back")
+        assert p.returncode == 1
+        assert "switch refused, the table is unchanged: node B, which serves this host, is " \
+               "not reachable" in p.stderr, p.stderr
+        assert [e["target"] for e in c.api("A", "GET", "/api/v1/switching")[1]["entries"]] \
+            == ["A:vol2"]
+        qemu_read(host, "read -P 0x59 0 1M")
+        c.start("B")
+        _, eb = c.api("B", "GET", "/api/v1/exports/vol")
+        assert eb["io_mode"] == "block" and eb["switched"]["target"] == "A:vol2"
+        p = switch(c, "vol", "--back")
+        assert p.returncode == 0, p.stderr
+        assert c.api("B", "GET", "/api/v1/switching")[1]["entries"] == []
+        qemu_read(host, "read -P 0x58 0 1M")
+    finally:
+        c.stop()
