@@ -672,23 +672,34 @@ class RemoteCopy:
                               "conflict")
         error: JournalCorrupt | None = None
         mv = memoryview(payload)
-        pos = 0
+        pos, start, expect = 0, -1, rec.received + 1
+        new: list[Record] = []
+        sizes: list[tuple[int, int]] = []
         while pos < len(mv):
             try:
                 got = decode_one(mv, pos, 0)
                 if got is None:
-                    raise JournalCorrupt("journal batch cut short", rec.received)
+                    raise JournalCorrupt("journal batch cut short", expect - 1)
             except JournalCorrupt as e:
                 error = e
                 break
             r, end = got
-            if r.seq > rec.received:
-                if r.seq != rec.received + 1:
-                    raise RemoteError(f"record {r.seq} does not follow {rec.received}", "gap")
-                g.journal.append_encoded(r.seq, mv[pos:end])
+            if r.seq >= expect:
+                if r.seq != expect:
+                    raise RemoteError(f"record {r.seq} does not follow {expect - 1}", "gap")
+                if start < 0:
+                    start = pos
+                new.append(r)
+                sizes.append((r.seq, end - pos))
+                expect += 1
+            pos = end
+        if new:
+            # Journal the whole run first (one write), then apply it in order: a crash in
+            # between re-applies from the journal, never leaving half a batch applied.
+            g.journal.append_run(sizes, mv[start:start + sum(n for _, n in sizes)])
+            for r in new:
                 self._apply_record(g, r)
                 rec.received = r.seq
-            pos = end
         rec.written = max(rec.written, int(h.get("written", 0)))
         rec.written_time = max(rec.written_time, float(h.get("wtime", 0.0)))
         if rec.state == "copying" and not any(p.rec.state == "copying"

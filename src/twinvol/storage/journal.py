@@ -226,7 +226,15 @@ class Journal:
                                                       t, data))
 
     def append_encoded(self, seq: int, *parts: Data) -> int:
-        """Append a record already encoded (and checked) elsewhere, e.g. as received."""
+        """Append a record already encoded (and checked) elsewhere."""
+        return self.append_run([(seq, sum(len(p) for p in parts))], *parts)
+
+    def append_run(self, records: list[tuple[int, int]], *parts: Data) -> int:
+        """Append consecutive encoded records (their sequence numbers and sizes) with one
+        write: how the far site journals a received batch."""
+        if not records:
+            return 0
+        seq = records[0][0]
         if self.corrupt_at is not None:
             raise JournalCorrupt(f"journal is damaged at sequence {self.corrupt_at}",
                                  self.corrupt_at - 1)
@@ -245,9 +253,14 @@ class Journal:
         if os.writev(self._fd, parts) != n:
             os.ftruncate(self._fd, seg.size)   # never leave half a record behind
             raise JournalError(f"short write to journal segment {seg.path}")
-        self.index[seq] = (seg, seg.size, n)
+        pos = seg.size
+        for i, (s, size) in enumerate(records):
+            if s != seq + i:
+                raise JournalError(f"journal run is not consecutive at sequence {s}")
+            self.index[s] = (seg, pos, size)
+            pos += size
         seg.size += n
-        seg.last = seq
+        seg.last = records[-1][0]
         self.size += n
         self._dirty = True
         return n
