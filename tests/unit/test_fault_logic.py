@@ -275,6 +275,11 @@ def test_events_become_faults(ev: dict[str, object], component: str, kind: str,
 def test_non_fault_events_are_ignored() -> None:
     assert from_event({"type": "volume_created", "volume": "v"}) is None
     assert from_event({"type": "io_mode", "mode": "mirror", "previous": "local"}) is None
+    # A copy target blocked by design (far copy, local secondary, initial copy) is no fault.
+    assert from_event({"type": "io_mode", "mode": "block", "previous": "local",
+                       "volume": "v", "expected": True}) is None
+    assert from_event({"type": "io_mode", "mode": "block", "previous": "local",
+                       "volume": "v"}) is not None
 
 
 def test_syslog_line_is_rfc5424_with_severity() -> None:

@@ -67,7 +67,7 @@ def from_event(ev: dict[str, Any]) -> FaultDraft | None:
                           subject=pair, time=t,
                           description=f"node {node} took over pair {pair} and writes alone",
                           action="bring the partner back; it resyncs from this node")
-    if kind == "io_mode" and _s(ev, "mode") == "block":
+    if kind == "io_mode" and _s(ev, "mode") == "block" and not ev.get("expected"):
         vol = _s(ev, "volume")
         return FaultDraft(component="volume", kind="volume_blocked", severity="warning",
                           subject=vol, time=t,

@@ -94,8 +94,10 @@ class Node:
     def lookup(self, name: str) -> ExportInfo | None:
         return self.volumes.lookup(name)
 
-    def set_io_mode(self, vol_name: str, mode: str, reason: str = "") -> None:
-        """Change a volume's I/O mode; `block` refuses new clients and drops current ones."""
+    def set_io_mode(self, vol_name: str, mode: str, reason: str = "", *,
+                    expected: bool = False) -> None:
+        """Change a volume's I/O mode; `block` refuses new clients and drops current ones.
+        `expected`: the block is the normal state of a copy target, not a fault."""
         vol = self.volumes.get(vol_name)
         if vol.io_mode == mode:
             return
@@ -108,7 +110,8 @@ class Node:
         else:
             vol.export.blocked = None
         self.events.publish("io_mode", volume=vol_name, export=vol.record.export_name,
-                            mode=mode, previous=old, reason=reason)
+                            mode=mode, previous=old, reason=reason,
+                            **({"expected": True} if expected else {}))
 
     def list_exports(self) -> list[ExportInfo]:
         return list(self.volumes.list_exports())

@@ -288,7 +288,8 @@ class LocalCopies:
     def _secondary_mode(self, lp: LocalPair) -> None:
         if lp.mirroring:
             self.node.set_io_mode(lp.rec.secondary, "block",
-                                  f"secondary of local pair {lp.rec.name!r} ({lp.rec.state})")
+                                  f"secondary of local pair {lp.rec.name!r} ({lp.rec.state})",
+                                  expected=True)
         else:
             self.node.set_io_mode(lp.rec.secondary, "local", f"local pair {lp.rec.name!r} split")
 
@@ -406,7 +407,8 @@ class LocalCopies:
             return lp
         self.node.switching.check_free(lp.rec.secondary, f"resync local pair {name!r}")
         # The secondary's own changes are discarded: its chunks come back from the primary.
-        self.node.set_io_mode(lp.rec.secondary, "block", f"local pair {name!r} resyncing")
+        self.node.set_io_mode(lp.rec.secondary, "block", f"local pair {name!r} resyncing",
+                              expected=True)
         for c in lp.sbits.iter_set():
             lp.pbits.set(c)
         lp.sbits.clear_all()

@@ -254,7 +254,10 @@ class ReplicationManager:
         if held is not None:
             self.node.set_io_mode(pr.rec.volume, "block", held)
             return
-        self.node.set_io_mode(pr.rec.volume, pr.rec.io_mode, reason)
+        rec = pr.rec
+        # A far copy, or a copy target being filled, serves no host by design.
+        expected = rec.role == "secondary" and (rec.remote or rec.state == "copying")
+        self.node.set_io_mode(rec.volume, rec.io_mode, reason, expected=expected)
 
     def hold(self, volume: str, reason: str) -> None:
         """Refuse host I/O on this node's copy whatever its pairs decide (a far copy was
