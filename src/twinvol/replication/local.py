@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 
 from twinvol.nbd.constants import Cmd
+from twinvol.replication.backend import AsyncWriteBackend
 from twinvol.replication.bitmap import CHUNK, PersistentBits, chunks_of, nchunks
 from twinvol.storage.backing import BackingStore
 from twinvol.storage.volumes import Volume, VolumeError
@@ -188,30 +189,16 @@ class LocalPair:
                 self.on_error(self, f"secondary write failed: {e.strerror or e}")
 
 
-class LocalTargetBackend:
+class LocalTargetBackend(AsyncWriteBackend):
     """A host export switched to the secondary of a local pair (see node/switching.py):
     reads come from the secondary; while paired, writes take the primary's own path
     (which mirrors them here), so the pair and any pair of the primary stay consistent;
     once split, writes go to the secondary alone."""
 
-    async_writes = True
-
     def __init__(self, copies: LocalCopies, lp: LocalPair) -> None:
+        super().__init__(lp.svol.store)
         self.copies = copies
         self.lp = lp
-        store = lp.svol.store
-        self.pread = store.pread
-        self.cache = store.cache
-        self.extents = store.extents
-
-    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        raise NotImplementedError
-
-    def trim(self, offset: int, length: int) -> None:
-        raise NotImplementedError
-
-    def write_zeroes(self, offset: int, length: int, *, no_hole: bool, fast: bool) -> None:
-        raise NotImplementedError
 
     def flush(self) -> None:
         self.lp.svol.store.flush()

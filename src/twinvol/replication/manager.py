@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 
 from twinvol.nbd.constants import Cmd, Err
+from twinvol.replication.backend import AsyncWriteBackend
 from twinvol.replication.bitmap import AL_EXTENT, CHUNK, PersistentBits, chunks_of, nchunks
 from twinvol.replication.pairs import (
     REMOTE_MODES,
@@ -88,28 +89,13 @@ class PairRuntime:
     recopy: set[int] = field(default_factory=set)
 
 
-class ReplicatedBackend:
+class ReplicatedBackend(AsyncWriteBackend):
     """What NBD connections of a paired volume use: reads local, writes replicated."""
 
-    async_writes = True
-
     def __init__(self, mgr: ReplicationManager, pr: PairRuntime) -> None:
+        super().__init__(pr.vol.store)
         self.mgr = mgr
         self.pr = pr
-        store = pr.vol.store
-        self.pread = store.pread
-        self.cache = store.cache
-        self.extents = store.extents
-
-    # Synchronous write methods exist for the Backend protocol but are never used.
-    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        raise NotImplementedError
-
-    def trim(self, offset: int, length: int) -> None:
-        raise NotImplementedError
-
-    def write_zeroes(self, offset: int, length: int, *, no_hole: bool, fast: bool) -> None:
-        raise NotImplementedError
 
     def flush(self) -> None:
         self.pr.vol.store.flush()

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from twinvol.nbd.constants import Cmd
+from twinvol.replication.backend import AsyncWriteBackend
 from twinvol.replication.bitmap import chunks_of, nchunks
 from twinvol.replication.dr import DisasterRecovery
 from twinvol.replication.pairs import PairRecord, new_generation
@@ -1016,29 +1017,16 @@ class RemoteCopy:
                 total += where[2]
         return total
 
-class TakeoverBackend:
+
+class TakeoverBackend(AsyncWriteBackend):
     """Host I/O on a far-site copy that was taken over: every changed chunk is marked
     (durably, before the write) so failback copies only what changed."""
 
-    async_writes = True
-
     def __init__(self, remote: RemoteCopy, pr: PairRuntime) -> None:
+        super().__init__(pr.vol.store)
         self.remote = remote
         self.pr = pr
-        store = pr.vol.store
-        self.pread = store.pread
-        self.cache = store.cache
-        self.extents = store.extents
-        self.flush = store.flush
-
-    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        raise NotImplementedError
-
-    def trim(self, offset: int, length: int) -> None:
-        raise NotImplementedError
-
-    def write_zeroes(self, offset: int, length: int, *, no_hole: bool, fast: bool) -> None:
-        raise NotImplementedError
+        self.flush = pr.vol.store.flush
 
     async def submit(self, cmd: int, offset: int, length: int, data: bytes | bytearray | None,
                      flags: int) -> None:
