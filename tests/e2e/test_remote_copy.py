@@ -357,6 +357,13 @@ def test_kill_primary_during_load_standby_feeds_only_the_delta(tmp_path: object)
         c.wait_pair("B", "vol", "mirrored", "mirror")
         make_async(c, "vol-dr", "vol", "vol")
         c.wait_pair("B", "vol-dr", "mirrored", timeout=10)
+        # Writes through the host agent reach C: after quiesce C equals A byte for byte.
+        q = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x3c 0 2M",
+                            "-c", "write -P 0x3d 30M 256k", c.host_uri("vol")],
+                           capture_output=True, text=True, timeout=60)
+        assert q.returncode == 0, q.stderr
+        wait_applied(c, "A", "vol-dr")
+        assert file_bytes(volume_path(c, "A", "vol")) == file_bytes(volume_path(c, "C", "vol"))
         result: dict[str, Any] = {}
 
         def fio() -> None:
