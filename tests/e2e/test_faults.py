@@ -287,3 +287,34 @@ def test_reports_route_through_the_other_path_node_when_the_relay_dies(
         assert ids.count(fid) == 1 and ids.count(sid) == 1
     finally:
         c.stop()
+
+
+def test_backing_write_error_is_reported_and_the_node_keeps_serving(tmp_path: object) -> None:
+    """A write the backing file refuses (here: a file-size limit put on the running node,
+    so writes past 8 MiB fail with EFBIG) gets an NBD error, raises a disk fault that
+    reaches the host agent, and every other request is still served."""
+    import resource
+    import subprocess
+
+    c = ClusterProc(str(tmp_path), names=("A",), host=True)
+    c.start()
+    try:
+        status, body = c.api("A", "POST", "/api/v1/volumes", {"name": "vol", "size": "16M"})
+        assert status == 201, body
+        pid = c.sup.components["A"].pid
+        assert pid is not None
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
+        uri = c.uri("A", "vol")
+        bad = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x11 12M 64k", uri],
+                             capture_output=True, text=True, timeout=60)
+        assert "write failed" in bad.stdout + bad.stderr, bad.stdout + bad.stderr
+        good = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x22 1M 64k",
+                               "-c", "read -P 0x22 1M 64k", uri],
+                              capture_output=True, text=True, timeout=60)
+        assert good.returncode == 0 and "verification failed" not in good.stdout, good.stdout
+        report = wait_for("the io_error report at the host agent", lambda: next(
+            (r for r in host_faults(c) if r["kind"] == "io_error"), None))
+        assert report["component"] == "disk" and report["origin"] == "A"
+        assert report["subject"] == "vol" and "offset 12582912" in report["description"]
+    finally:
+        c.stop()
