@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from twinvol.storage.journal import (
     Journal,
@@ -146,3 +148,74 @@ def test_reopen_after_random_damage_never_serves_wrong_data() -> None:
                     f.write(bytes([b[0] ^ 1]))
             j2 = Journal(d, limit=1 << 20)
             assert list(j2.iter_from(1)) == written[:j2.last]
+
+
+class JournalMachine(RuleBasedStateMachine):
+    """Random appends, trims, reopens and crashes (a torn tail, as a kill during an append
+    leaves it): the journal always holds exactly the records appended and not trimmed,
+    in order, and never serves a record that was not written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.mkdtemp()
+        self.j = Journal(self.dir, limit=64 * 1024)
+        self.model: dict[int, Record] = {}
+        self.next = 1
+        self.trimmed = 0
+
+    @rule(size=st.integers(0, 3000), fill=st.integers(0, 255))
+    def append(self, size: int, fill: int) -> None:
+        r = rec(self.next, bytes([fill]) * size)
+        try:
+            self.j.append(r)
+        except JournalFull:
+            assert self.j.size + len(encode_record(r)) > self.j.limit
+            return
+        self.model[r.seq] = r
+        self.next += 1
+
+    @rule(data=st.data())
+    def trim(self, data: st.DataObject) -> None:
+        upto = data.draw(st.integers(0, self.next))
+        self.j.trim(upto)
+        # Only whole segments go: everything above `upto` is still there.
+        for s in list(self.model):
+            if s not in self.j.index:
+                assert s <= upto
+                del self.model[s]
+
+    @rule()
+    def reopen(self) -> None:
+        self.j.close()
+        self.j = Journal(self.dir, limit=64 * 1024)
+
+    @rule(cut=st.integers(1, 200))
+    def crash_during_append(self, cut: int) -> None:
+        """A record half written at the end of the newest segment, then a restart."""
+        r = rec(self.next, b"z" * 500)
+        self.j.close()
+        segs = sorted(os.listdir(self.dir))
+        if not segs:
+            return
+        with open(os.path.join(self.dir, segs[-1]), "ab") as f:
+            f.write(encode_record(r)[:cut])
+        self.j = Journal(self.dir, limit=64 * 1024)
+        assert self.j.corrupt_at is None
+
+    @invariant()
+    def holds_exactly_the_model(self) -> None:
+        if not self.model:
+            assert self.j.last in (0, self.next - 1)
+            return
+        first = min(self.model)
+        assert (self.j.first, self.j.last) == (first, self.next - 1)
+        assert list(self.j.iter_from(first)) == [self.model[s] for s in sorted(self.model)]
+
+    def teardown(self) -> None:
+        self.j.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+JournalMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30,
+                                            deadline=None)
+test_journal_state_machine = JournalMachine.TestCase
