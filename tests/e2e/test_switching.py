@@ -333,3 +333,46 @@ def test_table_reaches_every_node_that_serves_the_host(tmp_path: Any) -> None:
         qemu_read(host, "read -P 0x58 0 1M")
     finally:
         c.stop()
+
+
+def test_switch_to_a_far_copy_after_its_takeover(tmp_path: Any) -> None:
+    """A remote (async) partner is a switching target only once its site took over."""
+    c = ClusterProc(str(tmp_path), names=("A", "C"), host=True)
+    c.start()
+    try:
+        c.wait_peer("A", "C")
+        status, body = c.api("A", "POST", "/api/v1/volumes", {"name": "vol", "size": 8 * MiB})
+        assert status == 201, body
+        p = c.cli("pair", "create", "vol-dr", "--mode", "async", "--primary", "A:vol",
+                  "--secondary", "C:vol", "--wait", "--json")
+        assert p.returncode == 0, p.stderr
+        w = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5e 0 1M",
+                            c.host_uri("vol")], capture_output=True, text=True, timeout=60)
+        assert w.returncode == 0, w.stderr
+        p = switch(c, "vol", "--to", "C:vol")
+        assert p.returncode == 1 and "serves no host before `twinvol dr takeover" in p.stderr
+        deadline = time.monotonic() + 20
+        while True:
+            rc = c.pair("C", "vol-dr")["remote_copy"]["sequence"]
+            if rc["applied"] >= 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        p = c.cli("dr", "takeover", "--site", "C", "--force", "--json")
+        assert p.returncode == 0, p.stderr
+        deadline = time.monotonic() + 20     # A learns of the takeover and refuses hosts
+        while c.api("A", "GET", "/api/v1/volumes/vol")[1]["io_mode"] != "block":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        p = switch(c, "vol", "--to", "C:vol")
+        assert p.returncode == 0, p.stderr
+        entry = json.loads(p.stdout)
+        assert (entry["target"], entry["mode"]) == ("C:vol", "async")
+        # Through the host agent, the far copy's data, and writes land there.
+        qemu_read(c.host_uri("vol"), "read -P 0x5e 0 1M")
+        w = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5f 2M 64k",
+                            c.host_uri("vol")], capture_output=True, text=True, timeout=60)
+        assert w.returncode == 0, w.stderr
+        qemu_read(c.uri("C", "vol"), "read -P 0x5f 2M 64k")
+        assert c.pair("C", "vol-dr")["dirty_chunks"] == 1       # kept for failback
+    finally:
+        c.stop()

@@ -693,11 +693,13 @@ class Agent:
         if where in self.links:
             order.remove(where)
             order.insert(0, where)
+
         body: dict[str, Any] = {"host_id": export}
         if not back:
             body["to"] = to
             body["nodes"] = list(self.links)
         errors = []
+        unknown: list[tuple[int, Any]] = []
         for name in order:
             link = self.links[name]
             if not isinstance(link, HttpNodeLink):
@@ -708,9 +710,16 @@ class Agent:
             except NodeUnreachable as e:
                 errors.append(str(e))
                 continue
+            if status == 404 and not back:
+                # This node's copy has no such partner (e.g. it is the target itself, a far
+                # copy): the source is on another node.
+                unknown.append((status, answer))
+                continue
             if status < 300:
                 await self.load_switching()
             return status, answer
+        if unknown:
+            return unknown[-1]
         return 503, {"error": {"code": "io", "message": "no storage node took the switch "
                                                         "command: " + "; ".join(errors)}}
 

@@ -99,7 +99,8 @@ def choose_target(source: str, partners: list[Partner], target_id: str,
     listed = ", ".join(f"{p.node}:{p.volume} ({p.mode} pair {p.pair})" for p in partners) \
         or "none"
     if target_id == source:
-        raise VolumeError(f"{target_id} is the source volume itself; nothing to switch")
+        raise VolumeError(f"{target_id} is the source volume itself; nothing to switch",
+                          "not_found")
     node, sep, vol = target_id.partition(":")
     if sep:
         found = [p for p in partners if p.node == node and p.volume == vol]
@@ -233,9 +234,12 @@ class Switching:
                                lp.rec.state))
         for pr in mgr.pairs.values():
             if pr.rec.volume == name:
+                state = pr.rec.state
+                g = mgr.remote.groups.get(pr.rec.group) if pr.rec.remote else None
+                if g is not None and g.rec.hold:
+                    state = "takeover"   # the far copy serves hosts (DR takeover there)
                 out.append(Partner(pr.rec.partner, pr.rec.partner_volume, "", pr.rec.name,
-                                   pr.rec.mode, pr.rec.state,
-                                   mgr.peers.is_up(pr.rec.partner)))
+                                   pr.rec.mode, state, mgr.peers.is_up(pr.rec.partner)))
         return out
 
     # ---- commands (this node coordinates) ---------------------------------------------
