@@ -184,6 +184,7 @@ def test_up_json_and_clean_stop(tmp_path: object, sig: signal.Signals) -> None:
             "A": "primary", "B": "standby", "C": "secondary"}
         assert dr["A"]["state"] == dr["C"]["state"] == "mirrored"
         assert dr["C"]["io_mode"] == "block"
+        assert dr["C"]["remote_copy"]["group_state"] == "mirrored"   # a consistent far copy
         pairs = json.loads(subprocess.run(
             [sys.executable, "-m", "twinvol", "pair", "list", "--json"], env=env,
             capture_output=True, text=True, check=True).stdout)["pairs"]

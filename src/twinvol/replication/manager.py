@@ -398,9 +398,14 @@ class ReplicationManager:
                     inflight = set()
             await self._checkpoint(pr, inflight, sent)
             # Both sides now hold the same data: one generation, mirrored.
-            await link.request({"t": "pair_done", "pair": rec.name, "gen": rec.gen_current,
-                                "history": rec.gen_history, "role": "secondary"
-                                if rec.role == "primary" else "primary"})
+            finish: dict[str, Any] = {
+                "t": "pair_done", "pair": rec.name, "gen": rec.gen_current,
+                "history": rec.gen_history,
+                "role": "secondary" if rec.role == "primary" else "primary"}
+            if rec.remote:
+                # The far copy is consistent once it also applied every record up to here.
+                finish["j"] = self.remote.written_for(rec.volume)
+            await link.request(finish)
             rec.copy_cursor = 0
             if rec.remote and rec.role == "secondary":
                 self.remote.dr.failback_copied(pr)
@@ -962,6 +967,7 @@ class ReplicationManager:
             pr.dirty.clear_all()
             pr.dirty.sync_now()
             self._set_state(pr, "mirrored")
+            self.remote.target_copied(pr, int(h.get("j", 0)))
             return {}, b""
         rec.gen_current = str(h["gen"])
         rec.gen_history = list(h["history"])

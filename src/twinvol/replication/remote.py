@@ -89,6 +89,7 @@ class GroupRecord(msgspec.Struct):
     hold: bool = False          # (primary) the far copy was taken over: hosts refused here
     sync: bool = False          # host writes wait until the target has their record
     origin: str = ""            # the node that fed the group first (failback returns there)
+    consistent_at: int = 0      # (target) the copy is consistent once received reaches this
     bytes_shipped: int = 0      # journal bytes sent to the target (all time)
     records_shipped: int = 0
     updated: float = 0.0
@@ -703,9 +704,7 @@ class RemoteCopy:
                 rec.received = r.seq
         rec.written = max(rec.written, int(h.get("written", 0)))
         rec.written_time = max(rec.written_time, float(h.get("wtime", 0.0)))
-        if rec.state == "copying" and not any(p.rec.state == "copying"
-                                              for p in g.pairs.values()):
-            rec.state = "mirrored"
+        self._maybe_mirrored(g)
         g.checkpoint_due = True
         if error is not None:
             self._suspend(g, f"journal record after {rec.received} failed its CRC check; "
@@ -713,6 +712,23 @@ class RemoteCopy:
             self.node.events.publish("journal_corrupt", group=rec.name, seq=rec.received + 1)
             raise RemoteError(str(error), "corrupt")
         return self.stat(g), b""
+
+    def target_copied(self, pr: PairRuntime, upto: int) -> None:
+        """Far site: a pair's initial copy (or catch-up) is complete; the group is a
+        consistent copy once it also holds every record up to `upto`."""
+        g = self.groups.get(pr.rec.group)
+        if g is None or g.rec.role != "secondary" or g.rec.state == "takeover":
+            return
+        g.rec.consistent_at = max(g.rec.consistent_at, upto)
+        self._maybe_mirrored(g)
+        self.save(g)
+
+    def _maybe_mirrored(self, g: GroupRuntime) -> None:
+        rec = g.rec
+        if rec.state == "copying" and rec.received >= rec.consistent_at \
+                and not any(p.rec.state == "copying" for p in g.pairs.values()):
+            rec.state = "mirrored"
+            self.save(g)
 
     def stat(self, g: GroupRuntime) -> dict[str, Any]:
         rec = g.rec
