@@ -279,6 +279,9 @@ def test_corrupted_journal_record_suspends_and_applies_nothing_wrong(ac: Cluster
     for i, off in enumerate(("0", "1M", "2M")):
         subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P {0x61 + i} {off} 64k",
                         c.uri("A", "vol")], check=True, capture_output=True, timeout=60)
+    time.sleep(0.3)
+    lag = remote(c, "A", "vol-dr")["lag"]     # what losing A now would cost (RPO)
+    assert lag["sequences"] == 3 and lag["bytes"] > 3 * 65536 and lag["seconds"] >= 0.3
     jdir = os.path.join(c.dir, "data-A", "journals", "vol")
     seg = os.path.join(jdir, sorted(os.listdir(jdir))[0])
     size = os.path.getsize(seg)

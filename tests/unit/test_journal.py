@@ -41,6 +41,14 @@ def test_append_read_roundtrip_and_reopen(tmp_path: str) -> None:
     assert j2.read(50)[0] == rec(50, bytes([50]) * 500)
 
 
+def test_record_time_reads_only_the_header(tmp_path: str) -> None:
+    j = Journal(str(tmp_path), limit=1 << 20)
+    for s in range(1, 4):
+        j.append(rec(s))
+    assert j.record_time(2) == 1002.0
+    assert j.record_time(9) is None
+
+
 def test_sequence_must_follow(tmp_path: str) -> None:
     j = Journal(str(tmp_path), limit=1 << 20)
     j.append(rec(5))

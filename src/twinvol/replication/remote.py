@@ -998,7 +998,14 @@ class RemoteCopy:
             return {}
         rec = g.rec
         lag_seq = max(0, rec.written - rec.applied)
-        lag_s = max(0.0, rec.written_time - rec.applied_time) if lag_seq else 0.0
+        lag_s = 0.0
+        if lag_seq:
+            # How long the oldest write the far copy lacks has been waiting (what a loss of
+            # this site now would cost); without that record here, the gap between the
+            # newest written and the newest applied write.
+            oldest = g.journal.record_time(rec.applied + 1)
+            lag_s = (time.time() - oldest if oldest is not None
+                     else rec.written_time - rec.applied_time if rec.applied_time else 0.0)
         out: dict[str, Any] = {
             "group": rec.name, "group_role": rec.role, "feeder": rec.feeder,
             "target": rec.target, "group_state": rec.state, "journal_mode": rec.mode,
@@ -1008,7 +1015,7 @@ class RemoteCopy:
                          if rec.role == "primary" else rec.written},
             "recovery_point": {"applied_time": rec.applied_time,
                                "written_time": rec.written_time},
-            "lag": {"sequences": lag_seq, "seconds": round(lag_s, 3),
+            "lag": {"sequences": lag_seq, "seconds": round(max(0.0, lag_s), 3),
                     "bytes": self._lag_bytes(g)},
             "journal": {"bytes": g.journal.size, "limit": g.journal.limit,
                         "first": g.journal.first, "last": g.journal.last,

@@ -362,6 +362,21 @@ class Journal:
                                  seq_from - 1)
         return seq - 1, blob
 
+    def record_time(self, seq: int) -> float | None:
+        """When record `seq` was written (its header only), or None if not held."""
+        where = self.index.get(seq)
+        if where is None:
+            return None
+        seg, pos, _n = where
+        fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            head = os.pread(fd, HEADER.size, pos)
+        finally:
+            os.close(fd)
+        if len(head) != HEADER.size:
+            return None
+        return float(HEADER.unpack(head)[5])
+
     def iter_from(self, seq_from: int) -> Iterator[Record]:
         seq = seq_from
         while seq <= self.last:
