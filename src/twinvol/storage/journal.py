@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -146,6 +147,10 @@ class Journal:
         self.size = 0
         self._fd = -1
         self._dirty = False
+        # Segments closed with data not yet fdatasync'ed: `sync` (on a worker thread) makes
+        # them durable, so rolling over to a new segment never blocks the event loop.
+        self._unsynced: list[int] = []
+        self._lock = threading.Lock()
         os.makedirs(directory, exist_ok=True)
         self._open()
 
@@ -265,30 +270,46 @@ class Journal:
         self._dirty = True
         return n
 
-    def _new_segment(self, first: int) -> _Segment:
-        if self._fd >= 0:
-            os.fdatasync(self._fd) if self._dirty else None
-            os.close(self._fd)
+    def _retire_fd(self) -> None:
+        """Stop appending to the open segment; its unsynced data is left to `sync`."""
+        with self._lock:
+            if self._fd >= 0:
+                if self._dirty:
+                    self._unsynced.append(self._fd)
+                else:
+                    os.close(self._fd)
             self._fd = -1
+            self._dirty = False
+
+    def _new_segment(self, first: int) -> _Segment:
+        self._retire_fd()
         seg = _Segment(first, os.path.join(self.dir, f"{first:020d}.jnl"))
         self.segments.append(seg)
         return seg
 
     def sync(self) -> None:
-        """Make every appended record durable (fdatasync of the open segment)."""
-        if self._dirty and self._fd >= 0:
+        """Make every appended record durable. Safe on a worker thread while the event
+        loop appends: it syncs a duplicate of the open segment's descriptor."""
+        with self._lock:
+            fds, self._unsynced = self._unsynced, []
+            cur = os.dup(self._fd) if self._dirty and self._fd >= 0 else -1
             self._dirty = False
-            os.fdatasync(self._fd)
+        try:
+            for fd in [*fds, cur]:
+                if fd >= 0:
+                    os.fdatasync(fd)
+        finally:
+            for fd in [*fds, cur]:
+                if fd >= 0:
+                    os.close(fd)
 
     def trim(self, upto: int) -> int:
         """Drop whole segments whose records are all <= upto; returns bytes freed."""
         freed = 0
         while self.segments and self.segments[0].last and self.segments[0].last <= upto:
             seg = self.segments.pop(0)
-            if not self.segments and self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
-                self._dirty = False
+            if not self.segments:
+                self._retire_fd()
             for s in range(seg.first, seg.last + 1):
                 self.index.pop(s, None)
             with contextlib.suppress(FileNotFoundError):
@@ -299,9 +320,7 @@ class Journal:
 
     def reset(self) -> None:
         """Discard every record (overflow to bitmaps, or a journal restarted elsewhere)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._retire_fd()
         for seg in self.segments:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(seg.path)
@@ -312,12 +331,13 @@ class Journal:
         self._dirty = False
 
     def close(self) -> None:
-        if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                if self._dirty:
-                    os.fdatasync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+        with contextlib.suppress(OSError):
+            self.sync()
+        self._retire_fd()
+        with self._lock:
+            fds, self._unsynced = self._unsynced, []
+        for fd in fds:
+            os.close(fd)
 
     # ---- reading ------------------------------------------------------------
 
