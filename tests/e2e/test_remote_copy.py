@@ -586,3 +586,36 @@ def test_three_sites_lose_a_and_b_take_over_at_c_and_fail_back(tmp_path: object)
         assert file_bytes(volume_path(c, "C", "vol")) == file_bytes(volume_path(c, "A", "vol"))
     finally:
         c.stop()
+
+
+def test_far_site_killed_mid_stream_redoes_its_journal_to_a_prefix(ac: ClusterProc) -> None:
+    """kill -9 of the far site while records stream in: on restart it re-applies what its
+    journal holds past the last checkpoint, on its own (the primary is frozen), and its
+    copy is again exactly a prefix of the write sequence; then it catches up."""
+    c = ac
+    for v in ("v1", "v2"):
+        make_volume(c, "A", v, 8 * MiB)
+        make_async(c, f"{v}-dr", v, "g")
+    paths_c = [volume_path(c, "C", v) for v in ("v1", "v2")]
+    writer, out = start_writer(c, 2.0)
+    time.sleep(1.0)
+    received = remote(c, "C", "v1-dr")["sequence"]["received"]
+    c.kill9("C")
+    log = writer_log(writer, out)
+    pid_a = c.sup.components["A"].pid
+    os.kill(pid_a, signal.SIGSTOP)          # C comes back with nobody to feed it
+    try:
+        c.start("C")
+        view = remote(c, "C", "v1-dr")
+        k = view["sequence"]["applied"]
+        assert k >= received > 0             # nothing it had received was lost
+        assert view["sequence"]["received"] == k
+        assert [stamps(p) for p in paths_c] == expected_at(log, k)
+        _, ev = c.api("C", "GET", "/api/v1/events")
+        redo = [e for e in ev["events"] if e["type"] == "journal_redo"]
+        assert redo and redo[0]["records"] > 0 and redo[0]["applied"] == k
+    finally:
+        os.kill(pid_a, signal.SIGCONT)
+    wait_applied(c, "A", "v1-dr")
+    for v, pc in zip(("v1", "v2"), paths_c, strict=True):
+        assert file_bytes(volume_path(c, "A", v)) == file_bytes(pc)

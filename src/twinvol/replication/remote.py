@@ -647,6 +647,8 @@ class RemoteCopy:
         if n:
             self.checkpoint_now(g)
             log.info("journal redo", extra={"group": rec.name, "records": n})
+            self.node.events.publish("journal_redo", group=rec.name, records=n,
+                                     applied=rec.applied)
 
     def _apply_record(self, g: GroupRuntime, r: Record) -> None:
         pr = g.pairs.get(r.pair)
