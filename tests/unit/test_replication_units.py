@@ -76,3 +76,16 @@ def test_chunk_math() -> None:
     assert list(chunks_of(CHUNK - 1, 2)) == [0, 1]
     assert list(chunks_of(5, 0)) == []
     assert nchunks(CHUNK + 1) == 2
+
+
+def test_bitmap_merge_ors_a_partner_bitmap_and_ignores_bits_past_the_end(tmp_path: str) -> None:
+    bits = PersistentBits(os.path.join(tmp_path, "b"), 12)
+    bits.set(1)
+    bits.sync_now()
+    bits.merge(bytes([0b1000_0100, 0xFF, 0xFF]))   # bits 2, 7, 8..15 and a third byte
+    assert list(bits.iter_set()) == [1, 2, 7, 8, 9, 10, 11]
+    assert not bits.durable
+    bits.sync_now()
+    bits.merge(bytes([0b0000_0010]))               # nothing new: stays durable
+    assert bits.durable
+    bits.close()

@@ -68,6 +68,19 @@ class PersistentBits:
             self.bits[i >> 3] &= ~b & 0xFF
             self._dirty = True
 
+    def merge(self, other: bytes | bytearray) -> None:
+        """Set every bit set in `other` (a partner's bitmap, same layout); bits past
+        `nbits` are ignored, never trusted."""
+        n = min(len(other), len(self.bits))
+        if n == 0:
+            return
+        mine = int.from_bytes(self.bits[:n], "little")
+        theirs = int.from_bytes(other[:n], "little") & ((1 << min(n * 8, self.nbits)) - 1)
+        merged = mine | theirs
+        if merged != mine:
+            self.bits[:n] = merged.to_bytes(n, "little")
+            self._dirty = True
+
     def set_all(self) -> None:
         for i in range(self.nbits):
             self.set(i)

@@ -52,9 +52,7 @@ class DisasterRecovery:
             raise RemoteError(f"no pair {h.get('pair')!r} in group {g.rec.name!r}",
                               "not_found")
         changed = pr.dirty.count()
-        for i in range(min(len(bits) * 8, pr.dirty.nbits)):
-            if bits[i >> 3] & (1 << (i & 7)):
-                pr.dirty.set(i)
+        pr.dirty.merge(bits)
         pr.dirty.sync_now()
         self.mgr.hold(pr.rec.volume, f"failback to {peer} running: use {peer}")
         pr.rec.copy_source = self.node.name
@@ -347,10 +345,11 @@ class DisasterRecovery:
             report: dict[str, Any] = {"group": rec.name, "node": node.name, "from": rec.target,
                                       "recovery_point": applied, "pairs": {}}
             for name, pr in g.pairs.items():
-                bits = bytearray(pr.dirty.bits)
-                for c in extra[name]:
+                chunks = set(pr.dirty.iter_set()) | extra[name]
+                bits = bytearray(len(pr.dirty.bits))
+                for c in chunks:
                     bits[c >> 3] |= 1 << (c & 7)
-                mine = sum(1 for i in range(pr.dirty.nbits) if bits[i >> 3] & (1 << (i & 7)))
+                mine = len(chunks)
                 r, _ = await link.request({"t": "a_failback", "group": rec.name, "pair": name},
                                           bytes(bits))
                 report["pairs"][name] = {"changed_here": mine, "changed_there": r["changed"],

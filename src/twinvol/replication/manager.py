@@ -824,9 +824,7 @@ class ReplicationManager:
                             "resolve with `twinvol pair resync NAME --from NODE`")
             return
         if direction == "to_peer":
-            for i in range(min(len(peer_bits) * 8, pr.dirty.nbits)):
-                if peer_bits[i >> 3] & (1 << (i & 7)):
-                    pr.dirty.set(i)
+            pr.dirty.merge(peer_bits)
             rec.role = "primary"
             if rec.io_mode == "block":
                 # Neither side continued alone (e.g. both restarted): this side serves.
@@ -1024,9 +1022,7 @@ class ReplicationManager:
             # Everything either side changed since they diverged must come from here.
             _, peer_bits = await link.request(
                 {"t": "pair_yield", "pair": name}, b"")
-            for i in range(min(len(peer_bits) * 8, pr.dirty.nbits)):
-                if peer_bits[i >> 3] & (1 << (i & 7)):
-                    pr.dirty.set(i)
+            pr.dirty.merge(peer_bits)
             await pr.dirty.sync(self.node.executor)
             if rec.role != "primary":
                 rec.role = "primary"
