@@ -39,9 +39,8 @@ from twinvol.host.events import NodeWatcher
 from twinvol.host.nodes import HttpNodeLink, NodeLink, NodeUnreachable
 from twinvol.host.paths import Clock, Op, PathState, Session, identity_diff
 from twinvol.nbd.client import Completed
-from twinvol.nbd.constants import IHAVEOPT, MAX_OPTION_DATA, Cmd, Opt
+from twinvol.nbd.constants import IHAVEOPT, MAX_OPTION_DATA, NEED_DATA, Cmd, Opt
 from twinvol.nbd.server import (
-    NEED_DATA,
     Disconnect,
     ExportInfo,
     Phase,

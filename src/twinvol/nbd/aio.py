@@ -17,11 +17,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Protocol
 
-from twinvol.nbd.constants import Cmd, Err
+from twinvol.nbd.constants import NEED_DATA, Cmd, Err
 from twinvol.nbd.server import (
     FAST_ZERO,
     FUA,
-    NEED_DATA,
     NO_HOLE,
     REQ_ONE,
     Disconnect,

@@ -43,6 +43,7 @@ from twinvol.nbd.constants import (
     MAX_PAYLOAD,
     MAX_STRING,
     NBDMAGIC,
+    NEED_DATA,
     OPTION_HEADER,
     OPTION_REPLY_HEADER,
     OPTION_REPLY_MAGIC,
@@ -57,6 +58,7 @@ from twinvol.nbd.constants import (
     CmdFlag,
     Err,
     Info,
+    NeedData,
     Opt,
     Rep,
     Reply,
@@ -90,14 +92,6 @@ class Phase(Enum):
     TRANSMISSION = "transmission"
     CLOSING = "closing"  # NBD_CMD_DISC sent: replies still parsed, no new requests
     CLOSED = "closed"
-
-
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = _NeedData()
 
 
 @dataclass(slots=True)
@@ -321,7 +315,7 @@ class ClientConnection:
 
     # ---- events ---------------------------------------------------------
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | NeedData:
         """Return the next event, or `NEED_DATA` when more bytes are needed."""
         if not self._events and self.phase is Phase.TRANSMISSION and self._target_req is None:
             ev = self._fast_reply()

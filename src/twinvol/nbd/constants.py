@@ -143,3 +143,13 @@ MIN_BLOCK = 1
 MAX_STRING = 4096
 # Option data beyond this is discarded unread and answered ERR_TOO_BIG.
 MAX_OPTION_DATA = 64 * 1024
+
+
+class NeedData:
+    """What a protocol machine's `next_event` returns when it needs more bytes."""
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = NeedData()   # one sentinel for the server and client machines alike

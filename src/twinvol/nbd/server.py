@@ -40,6 +40,7 @@ from twinvol.nbd.constants import (
     MAX_STRING,
     MIN_BLOCK,
     NBDMAGIC,
+    NEED_DATA,
     OPTION_HEADER,
     OPTION_REPLY_HEADER,
     OPTION_REPLY_MAGIC,
@@ -54,6 +55,7 @@ from twinvol.nbd.constants import (
     CmdFlag,
     Err,
     Info,
+    NeedData,
     Opt,
     Rep,
     Reply,
@@ -112,14 +114,6 @@ class Phase(Enum):
     OPTIONS = "options"
     TRANSMISSION = "transmission"
     CLOSED = "closed"
-
-
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = _NeedData()
 
 
 @dataclass(slots=True)
@@ -267,7 +261,7 @@ class ServerConnection:
 
     # ---- events ---------------------------------------------------------
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | NeedData:
         """Return the next event, or `NEED_DATA` when more bytes are needed."""
         while True:
             if self._events:
@@ -290,7 +284,7 @@ class ServerConnection:
             if ev is not None:
                 return ev
 
-    def _client_flags(self) -> Event | _NeedData | None:
+    def _client_flags(self) -> Event | NeedData | None:
         if self._avail() < 4:
             return NEED_DATA
         (flags,) = struct.unpack(">I", self._take(4))
@@ -309,7 +303,7 @@ class ServerConnection:
     def _error(self, opt: int, rep: Rep, message: str) -> None:
         self._reply(opt, rep, _utf8(message))
 
-    def _next_option(self) -> Event | _NeedData | None:
+    def _next_option(self) -> Event | NeedData | None:
         if self._skip:
             n = min(self._skip, self._avail())
             self._pos += n
@@ -523,7 +517,7 @@ class ServerConnection:
 
     # ---- transmission ---------------------------------------------------
 
-    def _next_request(self) -> Event | _NeedData | None:
+    def _next_request(self) -> Event | NeedData | None:
         p = self._payload
         if p is not None:
             return self._continue_payload(p)
@@ -567,7 +561,7 @@ class ServerConnection:
             return Disconnect("client sent NBD_CMD_DISC")
         return Request(command, flags, cookie, offset, length, None)
 
-    def _continue_payload(self, p: _Payload) -> Event | _NeedData | None:
+    def _continue_payload(self, p: _Payload) -> Event | NeedData | None:
         n = min(p.length - p.got, len(self._data) - self._pos)
         if p.buf is not None and n:
             p.buf[p.got:p.got + n] = memoryview(self._data)[self._pos:self._pos + n]

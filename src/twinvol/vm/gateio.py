@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 from twinvol.nbd.aio_client import ConnectionLost, NbdClient, NegotiationError
 from twinvol.nbd.client import Completed
-from twinvol.nbd.constants import Cmd, Err
+from twinvol.nbd.constants import NEED_DATA, Cmd, Err
 from twinvol.nbd.server import (
-    NEED_DATA,
     Disconnect,
     ExportInfo,
     Ready,
