@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,11 +23,36 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """`count` distinct free TCP ports (all held open together while choosing)."""
-    socks = []
+def _ephemeral_low() -> int:
     try:
-        for _ in range(count):
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct free TCP ports (all held open together while choosing).
+
+    They are picked below the kernel's ephemeral range: a port from that range can be
+    taken as the source port of some outgoing connection between being chosen here and
+    being bound by the process it is for."""
+    low, high = 20000, min(_ephemeral_low(), 65536)
+    if high - low < 4 * count:
+        low, high = 1024, 65536
+    socks: list[socket.socket] = []
+    try:
+        for port in random.sample(range(low, high), min(high - low, 64 * count)):
+            if len(socks) == count:
+                break
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind((host, port))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+        while len(socks) < count:   # a crowded range: fall back to kernel-chosen ports
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.bind((host, 0))
             socks.append(s)
