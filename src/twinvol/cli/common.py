@@ -44,10 +44,11 @@ class ApiError(CliError):
         self.code = code
 
 
-def api(cfg: ClusterConfig, node: str, method: str, path: str,
-        body: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
-    """Call a node's HTTP API; raise CliError with the server's message on failure."""
-    url = cfg.node(node).api_url + path
+def call_json(cfg: ClusterConfig, url: str, method: str, body: dict[str, Any] | None,
+              timeout: float, *, prefix: str, unreachable: str) -> Any:
+    """One JSON call to a twinvol component's HTTP API with the cluster secret. An error
+    answer becomes ApiError(`prefix` + the server's message); no answer becomes
+    CliError(`unreachable`, with the URL and the reason)."""
     data = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     if cfg.cluster.secret:
@@ -59,13 +60,21 @@ def api(cfg: ClusterConfig, node: str, method: str, path: str,
     except urllib.error.HTTPError as e:
         try:
             err = json.loads(e.read())["error"]
-            raise ApiError(f"node {node}: {err['message']}", e.code, err["code"]) from None
+            raise ApiError(prefix + str(err["message"]), e.code, err["code"]) from None
         except (ValueError, KeyError, TypeError):
-            raise ApiError(f"node {node}: HTTP {e.code} {e.reason}", e.code, "http") from None
+            raise ApiError(f"{prefix}HTTP {e.code} {e.reason}", e.code, "http") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise CliError(f"node {node} ({url}) is not reachable: {reason}; is it running "
-                       "(`twinvol node run` or `twinvol up`)?") from None
+        raise CliError(unreachable.format(url=url, reason=reason)) from None
+
+
+def api(cfg: ClusterConfig, node: str, method: str, path: str,
+        body: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
+    """Call a node's HTTP API; raise CliError with the server's message on failure."""
+    return call_json(cfg, cfg.node(node).api_url + path, method, body, timeout,
+                     prefix=f"node {node}: ",
+                     unreachable=f"node {node} ({{url}}) is not reachable: {{reason}}; is it "
+                                 "running (`twinvol node run` or `twinvol up`)?")
 
 
 def collect(cfg: ClusterConfig, path: str, key: str, only: str | None = None

@@ -3,10 +3,7 @@ live migration between hosts."""
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 import typer
@@ -14,7 +11,15 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 
 from twinvol import logs
-from twinvol.cli.common import CliError, ClusterOpt, JsonOpt, console, emit_json, load_cluster
+from twinvol.cli.common import (
+    CliError,
+    ClusterOpt,
+    JsonOpt,
+    call_json,
+    console,
+    emit_json,
+    load_cluster,
+)
 from twinvol.cluster import ClusterConfig
 from twinvol.sizes import format_size
 
@@ -29,25 +34,10 @@ HostOpt = typer.Option(None, "--host", "-H", help="Hypervisor host from the clus
 def call(cfg: ClusterConfig, host: str, method: str, path: str,
          body: dict[str, Any] | None = None, timeout: float = 60.0) -> Any:
     """Call a hypervisor host manager's API; CliError with its message on failure."""
-    url = cfg.vmhost(host).api_url + path
-    data = None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"}
-    if cfg.cluster.secret:
-        headers["Authorization"] = f"Bearer {cfg.cluster.secret}"
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as e:
-        try:
-            msg = json.loads(e.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            msg = f"HTTP {e.code} {e.reason}"
-        raise CliError(msg) from None
-    except (urllib.error.URLError, OSError) as e:
-        raise CliError(f"hypervisor host {host} ({url}) is not reachable: "
-                       f"{getattr(e, 'reason', e)}; is it running (`twinvol vm host run "
-                       f"--name {host}`)?") from None
+    return call_json(cfg, cfg.vmhost(host).api_url + path, method, body, timeout, prefix="",
+                     unreachable=f"hypervisor host {host} ({{url}}) is not reachable: "
+                                 f"{{reason}}; is it running (`twinvol vm host run --name "
+                                 f"{host}`)?")
 
 
 def _hosts(cfg: ClusterConfig) -> list[str]:
