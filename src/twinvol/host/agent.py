@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import signal
@@ -38,6 +37,7 @@ from twinvol.host import HostSetup
 from twinvol.host.events import NodeWatcher
 from twinvol.host.nodes import HttpNodeLink, NodeLink, NodeUnreachable
 from twinvol.host.paths import Clock, Op, PathState, Session, identity_diff
+from twinvol.httpapi import bearer_ok, unauthorized
 from twinvol.nbd.client import Completed
 from twinvol.nbd.constants import IHAVEOPT, MAX_OPTION_DATA, NEED_DATA, Cmd, Opt
 from twinvol.nbd.server import (
@@ -921,17 +921,11 @@ def make_app(agent: Agent) -> web.Application:
     async def status(_: web.Request) -> web.Response:
         return web.json_response(agent.status())
 
-    def authorized(request: web.Request) -> bool:
-        secret = agent.setup.secret
-        return not secret or hmac.compare_digest(request.headers.get("Authorization", ""),
-                                                 f"Bearer {secret}")
-
     @routes.post("/api/v1/switch")
     async def switch(request: web.Request) -> web.Response:
         """The host's switch command: {"export", "to"} or {"export", "back": true}."""
-        if not authorized(request):
-            return web.json_response({"error": {"code": "unauthorized", "message":
-                                                "missing or wrong cluster secret"}}, status=401)
+        if not bearer_ok(request, agent.setup.secret):
+            return unauthorized()
         try:
             body = await request.json()
         except ValueError:

@@ -7,7 +7,6 @@ so the CLI can print one clear line.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ from aiohttp import web
 
 from twinvol import __version__
 from twinvol.faults.api import fault_routes
+from twinvol.httpapi import bearer_auth, error_response
 from twinvol.sizes import SizeError, parse_size
 from twinvol.storage.volumes import Volume, VolumeError
 
@@ -68,8 +68,7 @@ class ResizeVolume(msgspec.Struct, forbid_unknown_fields=True):
     size: int | str
 
 
-def error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+error = error_response
 
 
 def _size(value: int | str | None) -> int | None:
@@ -123,23 +122,8 @@ def identity(rec: Any) -> dict[str, Any]:
             "size": rec.size, "description": rec.description}
 
 
-def auth_middleware(secret: str) -> Any:
-    """With a cluster secret, every call but the health probe must carry it."""
-    expected = f"Bearer {secret}"
-
-    @web.middleware
-    async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
-        if secret and request.path != "/api/v1/health" and not hmac.compare_digest(
-                request.headers.get("Authorization", ""), expected):
-            return error(401, "unauthorized",
-                         "missing or wrong cluster secret (Authorization: Bearer ...)")
-        return await handler(request)  # type: ignore[no-any-return]
-
-    return auth
-
-
 def make_app(node: Node) -> web.Application:
-    app = web.Application(middlewares=[auth_middleware(node.cluster.cluster.secret), errors],
+    app = web.Application(middlewares=[bearer_auth(node.cluster.cluster.secret), errors],
                           client_max_size=1 << 20)
     routes = web.RouteTableDef()
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from qemu.qmp import EventListener
 
 from twinvol import __version__
 from twinvol.cluster import ClusterConfig, VmHostConfig, split_hostport
+from twinvol.httpapi import bearer_auth, error_response
 from twinvol.nbd.aio_client import ConnectionLost, NegotiationError
 from twinvol.sizes import parse_size
 from twinvol.vm import qemu as qemu_mod
@@ -811,21 +811,7 @@ def _ident(identity: dict[str, Any]) -> str:
 # ---- HTTP API -----------------------------------------------------------------------
 
 
-def _auth(secret: str) -> Any:
-    expected = f"Bearer {secret}"
-
-    @web.middleware
-    async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
-        if secret and request.path != "/api/v1/health" and not hmac.compare_digest(
-                request.headers.get("Authorization", ""), expected):
-            return _error(401, "unauthorized", "missing or wrong cluster secret")
-        return await handler(request)  # type: ignore[no-any-return]
-
-    return auth
-
-
-def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+_error = error_response
 
 
 @web.middleware
@@ -845,7 +831,7 @@ async def _json(request: web.Request, kind: type[Any]) -> Any:
 
 
 def make_app(m: Manager) -> web.Application:
-    app = web.Application(middlewares=[_auth(m.cfg.cluster.secret), _errors],
+    app = web.Application(middlewares=[bearer_auth(m.cfg.cluster.secret), _errors],
                           client_max_size=256 << 20)
     r = web.RouteTableDef()
 

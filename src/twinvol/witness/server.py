@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hmac
 import logging
 import os
 import signal
@@ -24,6 +23,7 @@ import msgspec
 from aiohttp import web
 
 from twinvol import __version__
+from twinvol.httpapi import bearer_auth, error_response
 from twinvol.witness import WitnessSettings
 from twinvol.witness.logic import (
     DEFAULT_TAKEOVER_AFTER,
@@ -177,9 +177,7 @@ class WitnessServer:
         log.info("witness stopped")
 
 
-def _error(status: int, code: str, message: str, **headers: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status,
-                             headers=headers or None)
+_error = error_response
 
 
 async def _body(request: web.Request, kind: type[Any]) -> Any:
@@ -194,18 +192,8 @@ async def _body(request: web.Request, kind: type[Any]) -> Any:
 
 def make_app(server: WitnessServer) -> web.Application:
     arbiter = server.arbiter
-    secret = server.settings.secret
-    expected = f"Bearer {secret}".encode() if secret else b""
-
-    @web.middleware
-    async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
-        if secret:
-            got = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(got, expected):
-                return _error(401, "unauthorized", "missing or wrong bearer token: send "
-                              "'Authorization: Bearer <[cluster] secret>'",
-                              **{"WWW-Authenticate": "Bearer"})
-        return await handler(request)  # type: ignore[no-any-return]
+    # Every call needs the secret, the health probe too (it tells the witness's state).
+    auth = bearer_auth(server.settings.secret, open_paths=())
 
     @web.middleware
     async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
