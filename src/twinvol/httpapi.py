@@ -7,11 +7,14 @@ paths stay open (a health probe, say).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-from collections.abc import Collection
-from typing import Any
+from collections.abc import Callable, Collection, Iterable
+from typing import Any, TypeVar
 
 from aiohttp import web
+
+T = TypeVar("T")
 
 UNAUTHORIZED = "missing or wrong cluster secret: send 'Authorization: Bearer <[cluster] secret>'"
 
@@ -42,3 +45,38 @@ def bearer_auth(secret: str | None,
         return await handler(request)  # type: ignore[no-any-return]
 
     return auth
+
+
+async def follow_lines(request: web.Request, queue: asyncio.Queue[T | None],
+                       backlog: Iterable[T], *, number: Callable[[T], int],
+                       encode: Callable[[T], bytes], heartbeat: Callable[[], bytes],
+                       every: float = 2.0, first: bytes = b"", after: int = -1
+                       ) -> web.StreamResponse:
+    """Stream numbered items as JSON lines: `first`, the backlog, then live items from
+    `queue` (None ends the stream), skipping any numbered `after` or already sent, with a
+    heartbeat line
+    every `every` seconds of silence so a follower can tell a dead link from a quiet one.
+    The caller subscribed `queue` and unsubscribes it afterwards."""
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(request)
+    try:
+        if first:
+            await resp.write(first)
+        last = after
+        for item in backlog:
+            await resp.write(encode(item))
+            last = number(item)
+        while True:
+            try:
+                got = await asyncio.wait_for(queue.get(), every)
+            except TimeoutError:
+                await resp.write(heartbeat())
+                continue
+            if got is None:
+                break
+            if number(got) > last:
+                await resp.write(encode(got))
+                last = number(got)
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    return resp

@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from twinvol.faults.model import Component, FaultDraft, FaultReport, RelayBatch, Severity
 from twinvol.faults.node import BadReport
+from twinvol.httpapi import follow_lines
 
 if TYPE_CHECKING:
     from twinvol.node.daemon import Node
@@ -102,34 +103,17 @@ def fault_routes(node: Node) -> web.RouteTableDef:
                 "log": fm.incarnation, "lseq": fm.lseq,
                 "faults": [{"lseq": n, "report": msgspec.to_builtins(r)}
                            for n, r in fm.since(since)]})
-        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await resp.prepare(request)
         q = fm.subscribe()
         try:
             # The log id lets a follower notice a wiped data directory (numbering restarts).
-            await resp.write(msgspec.json.encode({"type": "hello", "node": node.name,
-                                                  "log": fm.incarnation,
-                                                  "lseq": fm.lseq}) + b"\n")
-            last = since
-            for n, r in fm.since(since):
-                await resp.write(_line(n, r))
-                last = n
-            while True:
-                try:
-                    got = await asyncio.wait_for(q.get(), HEARTBEAT)
-                except TimeoutError:
-                    await resp.write(b'{"type": "heartbeat", "lseq": %d}\n' % fm.lseq)
-                    continue
-                if got is None:
-                    break
-                if got[0] > last:
-                    await resp.write(_line(*got))
-                    last = got[0]
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+            hello = msgspec.json.encode({"type": "hello", "node": node.name,
+                                         "log": fm.incarnation, "lseq": fm.lseq}) + b"\n"
+            return await follow_lines(
+                request, q, fm.since(since), number=lambda t: t[0],
+                encode=lambda t: _line(*t), first=hello, every=HEARTBEAT, after=since,
+                heartbeat=lambda: b'{"type": "heartbeat", "lseq": %d}\n' % fm.lseq)
         finally:
             fm.unsubscribe(q)
-        return resp
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodeCollector(node))

@@ -25,6 +25,7 @@ from aiohttp import web
 from twinvol.faults.logic import Watermarks
 from twinvol.faults.model import FaultReport, path_text
 from twinvol.faults.sinks import SinkConfig, SinkWorker
+from twinvol.httpapi import follow_lines
 
 log = logging.getLogger("twinvol.host.faults")
 
@@ -272,32 +273,16 @@ class HostFaults:
                     "hseq": self.inbox.hseq, "status": self.status(),
                     "faults": [{"hseq": n, "report": msgspec.to_builtins(r)}
                                for n, r in self.inbox.since(since)]})
-            resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-            await resp.prepare(request)
             q: asyncio.Queue[tuple[int, FaultReport] | None] = asyncio.Queue(4096)
             self.subscribers.add(q)
             try:
-                last = since
-                for n, r in self.inbox.since(since):
-                    await resp.write(_line(n, r))
-                    last = n
-                while True:
-                    try:
-                        got = await asyncio.wait_for(q.get(), HEARTBEAT)
-                    except TimeoutError:
-                        await resp.write(b'{"type": "heartbeat", "hseq": %d}\n'
-                                         % self.inbox.hseq)
-                        continue
-                    if got is None:
-                        break
-                    if got[0] > last:
-                        await resp.write(_line(*got))
-                        last = got[0]
-            except (ConnectionResetError, asyncio.CancelledError):
-                pass
+                return await follow_lines(
+                    request, q, self.inbox.since(since), number=lambda t: t[0],
+                    encode=lambda t: _line(*t), every=HEARTBEAT, after=since,
+                    heartbeat=lambda: b'{"type": "heartbeat", "hseq": %d}\n'
+                    % self.inbox.hseq)
             finally:
                 self.subscribers.discard(q)
-            return resp
 
         return routes
 

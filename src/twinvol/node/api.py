@@ -6,7 +6,6 @@ so the CLI can print one clear line.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -16,7 +15,7 @@ from aiohttp import web
 
 from twinvol import __version__
 from twinvol.faults.api import fault_routes
-from twinvol.httpapi import bearer_auth, error_response
+from twinvol.httpapi import bearer_auth, error_response, follow_lines
 from twinvol.sizes import SizeError, parse_size
 from twinvol.storage.volumes import Volume, VolumeError
 
@@ -353,27 +352,14 @@ def make_app(node: Node) -> web.Application:
         if not follow:
             return web.json_response({"events": node.events.since(since),
                                       "seq": node.events.seq})
-        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await resp.prepare(request)
         q = node.events.subscribe()
         try:
-            for ev in node.events.since(since):
-                await resp.write(msgspec.json.encode(ev) + b"\n")
-            # A heartbeat line every few seconds lets subscribers detect a dead link.
-            while True:
-                try:
-                    got: dict[str, Any] | None = await asyncio.wait_for(q.get(), timeout=2.0)
-                except TimeoutError:
-                    await resp.write(b'{"type": "heartbeat", "seq": %d}\n' % node.events.seq)
-                    continue
-                if got is None:
-                    break
-                await resp.write(msgspec.json.encode(got) + b"\n")
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+            return await follow_lines(
+                request, q, node.events.since(since), number=lambda e: int(e["seq"]),
+                encode=lambda e: msgspec.json.encode(e) + b"\n",
+                heartbeat=lambda: b'{"type": "heartbeat", "seq": %d}\n' % node.events.seq)
         finally:
             node.events.unsubscribe(q)
-        return resp
 
     app.add_routes(routes)
     app.add_routes(fault_routes(node))
