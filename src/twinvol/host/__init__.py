@@ -14,6 +14,7 @@ Configuration is the `[host]` table of the cluster file::
     nodes = ["A", "B"]           # which nodes are this host's paths (default: all)
     io_timeout = 15.0            # a path silent this long with requests outstanding is dead
     fault_log = "host-faults.jsonl"  # received fault reports (JSON lines)
+    data_path = "native"         # "native" (C relay) or "python" (same rules, slower)
     [[host.sinks]]               # optional: type = "webhook" (url), "syslog" (address),
     type = "webhook"             # or "command" (command = [argv]); min_severity = "error"
     url = "http://127.0.0.1:9000/hook"
@@ -44,6 +45,9 @@ class HostConfig(msgspec.Struct, forbid_unknown_fields=True):
     # and handed to the sinks (webhook, syslog, command).
     fault_log: str = "host-faults.jsonl"
     sinks: list[SinkConfig] = []
+    # Who relays requests and replies: the C extension (twinvol.host._relay) or the
+    # Python session code. Both follow the same rules; "python" is the reference.
+    data_path: str = "native"
 
 
 class NodeAddr(msgspec.Struct):
@@ -98,6 +102,9 @@ def load(path: str | None) -> HostSetup:
             split_hostport(addr)
         except ClusterError as e:
             raise ClusterError(f"cluster file {path}, [host] {what}: {e}") from None
+    if config.data_path not in ("native", "python"):
+        raise ClusterError(f"cluster file {path}: [host] data_path must be \"native\" or "
+                           f"\"python\", not {config.data_path!r}")
     if config.hold_timeout < 0 or config.io_timeout <= 0:
         raise ClusterError(f"cluster file {path}: [host] hold_timeout must be >= 0 and "
                            "io_timeout > 0")

@@ -37,6 +37,7 @@ from twinvol.host import HostSetup
 from twinvol.host.events import NodeWatcher
 from twinvol.host.nodes import HttpNodeLink, NodeLink, NodeUnreachable
 from twinvol.host.paths import Clock, Op, PathState, Session, identity_diff
+from twinvol.host.relay import RelaySession, usable_for
 from twinvol.httpapi import bearer_ok, unauthorized
 from twinvol.nbd.client import Completed
 from twinvol.nbd.constants import IHAVEOPT, MAX_OPTION_DATA, NEED_DATA, Cmd, Opt
@@ -135,6 +136,7 @@ class AgentProtocol(asyncio.BufferedProtocol):
         self._read_paused = False
         self._write_paused = False
         self._loop = asyncio.get_running_loop()
+        self._handed_over = False  # the native relay owns the client's socket
 
     # ---- asyncio callbacks ----------------------------------------------
 
@@ -159,6 +161,8 @@ class AgentProtocol(asyncio.BufferedProtocol):
         return self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._handed_over:
+            return
         if self._into_payload:
             self.conn.payload_received(nbytes)
             self._pump()
@@ -175,12 +179,16 @@ class AgentProtocol(asyncio.BufferedProtocol):
                 self.transport.pause_reading()
 
     def eof_received(self) -> bool:
+        if self._handed_over:
+            return False
         if self._transmission or not self._resolving:
             self.conn.receive_data(b"")
             self._pump()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._handed_over:
+            return  # only our descriptor closed; the relay has the connection
         self._closed = True
         self.agent.connections.discard(self)
         if self._resolving is not None:
@@ -202,7 +210,7 @@ class AgentProtocol(asyncio.BufferedProtocol):
         self.candidates.clear()
         if self.session is not None:
             self.session.shutdown("the host agent is shutting down")
-        if self.transport is not None:
+        if self.transport is not None and not self._handed_over:
             self.flush_replies()
             self.transport.close()
 
@@ -256,7 +264,7 @@ class AgentProtocol(asyncio.BufferedProtocol):
             if not self._prepared(opt, data):
                 return
             self._feed(_OPT_HDR.size + length)
-        if self._transmission and buf and not self._closed:
+        if self._transmission and buf and not self._closed and not self._handed_over:
             self._feed(len(buf))
 
     def _prepared(self, opt: int, data: bytes) -> bool:
@@ -340,7 +348,49 @@ class AgentProtocol(asyncio.BufferedProtocol):
         self.agent.register(session)
         log.info("client connected", extra={"peer": self.peer, "export": ev.export.name,
                                             "structured": ev.structured,
-                                            "usable": [p.node for p in session.up]})
+                                            "usable": [p.node for p in session.up],
+                                            "data_path": "native" if isinstance(
+                                                session, RelaySession) else "python"})
+        if isinstance(session, RelaySession):
+            self._hand_over(session, ev)
+
+    def _hand_over(self, session: RelaySession, ev: Ready) -> None:
+        """Give the client's socket to the native relay for the transmission phase.
+
+        Bytes the client pipelined after NBD_OPT_GO and the GO reply itself (not sent
+        yet) go with it. The transport is then closed without ending the connection:
+        the relay holds a duplicate of its descriptor."""
+        transport = self.transport
+        assert transport is not None
+        if transport.get_write_buffer_size():
+            # Earlier negotiation replies are still queued: hand over once they are out.
+            transport.pause_reading()
+            self._loop.call_later(0.005, self._hand_over, session, ev)
+            return
+        if self._closed or session.closed:
+            return
+        sock = transport.get_extra_info("socket")
+        fd = os.dup(sock.fileno())
+        pending_in = bytes(self._neg)
+        self._neg.clear()
+        pending_out = b"".join(bytes(r) for r in self._replies)
+        self._replies.clear()
+        self._handed_over = True
+        transport.pause_reading()
+        transport.abort()
+        session.on_client_closed = self._relay_closed
+        session.attach_client(fd, structured=ev.structured, meta_context=ev.meta_context,
+                              read_only=ev.export.read_only, pending_in=pending_in,
+                              pending_out=pending_out)
+
+    def _relay_closed(self, reason: str, error: bool) -> None:
+        """The relay's client connection ended (the session is closed already)."""
+        self._closed = True
+        self.agent.connections.discard(self)
+        if self.session is not None:
+            self.agent.unregister(self.session)
+        log.info("client disconnected", extra={"peer": self.peer, "reason": reason,
+                                               "error": error})
 
     # ---- transmission ---------------------------------------------------
 
@@ -488,6 +538,7 @@ class Agent:
         # The nodes' switching table as this host last learned it (export -> entry):
         # read from the nodes at start, then kept by their `switched*` events.
         self.switching: dict[str, dict[str, Any]] = {}
+        self.native = False  # sessions use the native data path (decided at start)
 
     # ---- Hooks for sessions -----------------------------------------------
 
@@ -584,9 +635,10 @@ class Agent:
         info = ExportInfo(name, size, description=str(ident.get("description") or ""))
         if not connect:
             return info, None
-        session = Session(self, name, ident, list(self.links.values()),
-                          hold_timeout=self.config.hold_timeout,
-                          io_timeout=self.config.io_timeout, peer=peer)
+        cls = RelaySession if self.native else Session
+        session = cls(self, name, ident, list(self.links.values()),
+                      hold_timeout=self.config.hold_timeout,
+                      io_timeout=self.config.io_timeout, peer=peer)
         try:
             await session.open(views)
         except BaseException:
@@ -771,6 +823,10 @@ class Agent:
                           for n, addr in self.setup.nodes.items()}
             self.faults = HostFaults(self.setup.fault_log, self.config.sinks,
                                      self.setup.cluster_name)
+        self.native = self.config.data_path == "native" and usable_for(len(self.links))
+        if self.config.data_path == "native" and not self.native:
+            log.warning("native data path not available, using the Python one",
+                        extra={"paths": len(self.links)})
         try:
             self._server = await loop.create_server(lambda: AgentProtocol(self), host, port,
                                                     reuse_address=True, backlog=256)
@@ -807,7 +863,9 @@ class Agent:
         task.add_done_callback(self._tasks.discard)
         log.info("host agent serving", extra={"nbd": self.config.nbd, "api": self.config.api,
                                               "nodes": list(self.links), "pid": os.getpid(),
-                                              "hold_timeout": self.config.hold_timeout})
+                                              "hold_timeout": self.config.hold_timeout,
+                                              "data_path": "native" if self.native
+                                              else "python"})
 
     async def _close_http(self) -> None:
         if self._http is not None:
@@ -880,7 +938,7 @@ class Agent:
                     "inflight": sum(p.inflight for p in states),
                     "requests": st.requests.get(node, 0) + sum(p.requests for p in states),
                     "reason": reasons[0] if reasons else ""}
-            ex_held = sum(len(s.held) for s in sessions)
+            ex_held = sum(s.held_count() for s in sessions)
             held += ex_held
             exports[name] = {"identity": st.identity, "sessions": len(sessions),
                              "held": ex_held, "paths": paths, **st.counters}
@@ -889,6 +947,7 @@ class Agent:
             "uptime": round(time.monotonic() - self.started, 3),
             "nbd": self.config.nbd, "api": self.config.api,
             "hold_timeout": self.config.hold_timeout, "io_timeout": self.config.io_timeout,
+            "data_path": "native" if self.native else "python",
             "nodes": {n: {"nbd": f"{link.nbd[0]}:{link.nbd[1]}", "events": w.status()}
                       for n, link in self.links.items()
                       for w in [self.watchers.get(n)] if w is not None},

@@ -171,9 +171,30 @@ class Path:
 
     def fail(self, reason: str, *, soft: bool = False) -> None:
         """Take the path out of use; in-flight requests come back as lost and are re-sent."""
-        client = self.client
         if self.state is PathState.UP:
             self.session._path_down(self, PathState.DOWN, reason)
+        self._drop_connection(reason, soft=soft)
+        self._wake.set()
+
+    def block(self, reason: str) -> None:
+        """The node blocked the export (stale copy): stop using it immediately."""
+        self._epoch += 1
+        self.io_mode = "block"
+        if self.state is PathState.UP:
+            self.session._path_down(self, PathState.BLOCKED, reason)
+        else:
+            self._set(PathState.BLOCKED, reason)
+        self._drop_connection(reason, soft=False)
+
+    def close(self) -> None:
+        self.state = PathState.CLOSED
+        if self._task is not None:
+            self._task.cancel()
+        self._drop_connection("path closed", soft=True)
+
+    def _drop_connection(self, reason: str, *, soft: bool) -> None:
+        """Close the path's NBD connection; its in-flight requests come back as lost."""
+        client = self.client
         if client is not None:
             self.client = None
             client.on_lost = None
@@ -181,32 +202,15 @@ class Path:
                 client.close()
             else:
                 client.abort()
-        self._wake.set()
 
-    def block(self, reason: str) -> None:
-        """The node blocked the export (stale copy): stop using it immediately."""
-        self._epoch += 1
-        self.io_mode = "block"
-        was_up = self.state is PathState.UP
-        client = self.client
-        if was_up:
-            self.session._path_down(self, PathState.BLOCKED, reason)
-        else:
-            self._set(PathState.BLOCKED, reason)
-        if client is not None:
-            self.client = None
-            client.on_lost = None
-            client.abort()
-
-    def close(self) -> None:
-        self.state = PathState.CLOSED
-        if self._task is not None:
-            self._task.cancel()
-        client = self.client
-        if client is not None:
-            self.client = None
-            client.on_lost = None
-            client.close()
+    def _connected(self, client: NbdClient) -> None:
+        """The connection is negotiated and checked: put the path in use."""
+        self.client = client
+        self.read_only = client.read_only
+        client.on_lost = self._on_lost
+        self._set(PathState.UP)
+        self._logged_state = None
+        self.session._path_up(self)
 
     def _on_lost(self, reason: str) -> None:
         if self.client is not None and not self.client.alive:
@@ -320,17 +324,14 @@ class Path:
             self._set(PathState.MISMATCH, f"node {self.node} exports {client.size} bytes, "
                                           f"the identity says {session.identity.get('size')}")
             return False
-        self.client = client
-        self.read_only = client.read_only
-        client.on_lost = self._on_lost
-        self._set(PathState.UP)
-        self._logged_state = None
-        session._path_up(self)
+        self._connected(client)
         return True
 
 
 class Session:
     """One client connection's multipath view of one export."""
+
+    path_class: type[Path] = Path
 
     def __init__(self, hooks: Hooks, export: str, identity: dict[str, Any],
                  links: list[NodeLink], *, hold_timeout: float, io_timeout: float,
@@ -341,7 +342,7 @@ class Session:
         self.hold_timeout = hold_timeout
         self.io_timeout = io_timeout
         self.peer = peer
-        self.paths = [Path(self, link, i) for i, link in enumerate(links)]
+        self.paths = [self.path_class(self, link, i) for i, link in enumerate(links)]
         self.by_node = {p.node: p for p in self.paths}
         self.up: list[Path] = []
         self.writer: Path | None = None
@@ -412,9 +413,13 @@ class Session:
 
     def status(self) -> dict[str, Any]:
         return {"export": self.export, "peer": self.peer, "outstanding": self.outstanding,
-                "held": len(self.held), "failing": self.failing, "retries": self.retries,
+                "held": self.held_count(), "failing": self.failing, "retries": self.retries,
                 "failovers": self.failovers,
                 "paths": {p.node: p.status() for p in self.paths}}
+
+    def held_count(self) -> int:
+        """Requests waiting for a usable path."""
+        return len(self.held)
 
     def flush_paths(self) -> None:
         """Send the requests queued on every path now rather than at the next loop turn."""

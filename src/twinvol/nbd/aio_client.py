@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import Callable
 from functools import partial
@@ -347,6 +348,24 @@ class NbdClient:
             self._write(self.conn.disconnect())
         if self._transport is not None:
             self._transport.close()
+
+    def detach(self) -> int:
+        """Hand the negotiated connection over as a socket file descriptor (the caller
+        owns it and must close it) and forget it here. Only right after negotiation:
+        nothing may be in flight or unsent (raises ConnectionLost otherwise)."""
+        transport = self._transport
+        if transport is None or not self.alive or self.conn.inflight \
+                or transport.get_write_buffer_size():
+            raise ConnectionLost("connection not idle, cannot hand it over")
+        sock = transport.get_extra_info("socket")
+        fd = os.dup(sock.fileno())
+        self.on_lost = None
+        self.lost_reason = "handed over"
+        # Closing our descriptor does not end the connection: `fd` still refers to it.
+        transport.abort()
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+        return fd
 
     def abort(self) -> None:
         """Hard disconnect now."""
