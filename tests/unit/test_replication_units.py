@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from twinvol.replication.bitmap import CHUNK, PersistentBits, chunks_of, nchunks
 from twinvol.replication.pairs import resync_direction
 from twinvol.replication.wire import MAX_HEADER, FrameDecoder, WireError, encode
+from twinvol.storage.buffers import POOL
 
 frames = st.lists(st.tuples(
     st.dictionaries(st.sampled_from(["pair", "off", "len", "x"]),
@@ -34,6 +35,24 @@ def test_frames_survive_any_split(msgs: list[tuple[dict[str, object], bytes]],
         got += dec.feed(stream[prev:cut])
         prev = cut
     assert [(h, p) for h, p in got] == [({"t": "w", **h}, p) for h, p in msgs]
+
+
+def test_large_payload_is_received_in_place_and_its_buffer_reused() -> None:
+    """A large payload goes straight into its pooled buffer; the buffer is lent again
+    only once nothing refers to the payload any more."""
+    payload = os.urandom(300_000)
+    stream = b"".join(encode({"t": "w", "off": 7}, payload))
+    dec = FrameDecoder()
+    assert dec.feed(stream[:100]) == []
+    view = dec.payload_buffer()
+    assert view is not None and len(view) == len(payload) - (100 - len(stream) + len(payload))
+    view[:len(view)] = stream[100:]
+    [(h, got)] = dec.payload_received(len(view))
+    assert h == {"t": "w", "off": 7} and got == payload and dec.payload_buffer() is None
+    held = id(got.obj)  # type: ignore[union-attr]
+    assert id(POOL.get(len(payload))) != held, "a payload still referenced is not lent"
+    del got, view
+    assert id(POOL.get(len(payload))) == held
 
 
 def test_oversized_or_garbage_frames_are_errors() -> None:

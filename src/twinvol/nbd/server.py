@@ -61,6 +61,7 @@ from twinvol.nbd.constants import (
     Reply,
     TxFlag,
 )
+from twinvol.storage.buffers import POOL
 
 _CHUNK_OFFSET = struct.Struct(">IHHQIQ")
 
@@ -591,10 +592,11 @@ class ServerConnection:
         return bytes(data)
 
     def _payload_storage(self, length: int) -> bytearray:
-        """A payload buffer, reused across writes (one per connection, at most max_payload)."""
+        """A payload buffer, reused across writes while the connection keeps it; one
+        handed over comes back through the process's buffer pool once released."""
         spare = self._spare
         if spare is None or len(spare) < length:
-            spare = self._spare = bytearray(length)
+            spare = self._spare = POOL.get(length)
         return spare
 
     def _check(self, cmd: Cmd, flags: int, offset: int, length: int) -> tuple[int, str] | None:

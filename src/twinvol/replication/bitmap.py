@@ -68,7 +68,7 @@ class PersistentBits:
             self.bits[i >> 3] &= ~b & 0xFF
             self._dirty = True
 
-    def merge(self, other: bytes | bytearray) -> None:
+    def merge(self, other: bytes | bytearray | memoryview) -> None:
         """Set every bit set in `other` (a partner's bitmap, same layout); bits past
         `nbits` are ignored, never trusted."""
         n = min(len(other), len(self.bits))

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from twinvol.replication.bitmap import CHUNK, chunks_of, nchunks
 from twinvol.replication.pairs import fork_generation
 from twinvol.replication.peer import Message, PeerDown, RemoteError
+from twinvol.replication.wire import Payload
 from twinvol.storage.journal import JournalError, Record
 from twinvol.storage.volumes import VolumeError
 
@@ -38,7 +39,7 @@ class DisasterRecovery:
         self.mgr = remote.mgr
         self.node = remote.node
 
-    def on_failback(self, peer: str, h: dict[str, Any], bits: bytes | bytearray) -> Message:
+    def on_failback(self, peer: str, h: dict[str, Any], bits: Payload) -> Message:
         """Far site after a takeover: stop serving hosts and send back what differs."""
         g = self.remote.group_of(h)
         if g.rec.role != "secondary" or g.rec.state != "takeover":

@@ -32,6 +32,7 @@ import msgspec
 from twinvol.nbd.constants import Cmd
 from twinvol.replication.backend import AsyncWriteBackend
 from twinvol.replication.bitmap import CHUNK, PersistentBits, chunks_of, nchunks
+from twinvol.replication.wire import Payload
 from twinvol.storage.backing import BackingStore
 from twinvol.storage.volumes import Volume, VolumeError
 
@@ -205,7 +206,7 @@ class LocalTargetBackend(AsyncWriteBackend):
         if self.lp.mirroring:
             self.lp.pvol.store.flush()
 
-    def submit(self, cmd: int, offset: int, length: int, data: bytes | bytearray | None,
+    def submit(self, cmd: int, offset: int, length: int, data: Payload | None,
                flags: int) -> Awaitable[None]:
         lp = self.lp
         target: Backend = self.copies.node.volume_backend(lp.pvol) if lp.mirroring \
@@ -216,7 +217,7 @@ class LocalTargetBackend(AsyncWriteBackend):
         return self._sync(target, cmd, offset, length, data, flags)
 
     async def _sync(self, target: Backend, cmd: int, offset: int, length: int,
-                    data: bytes | bytearray | None, flags: int) -> None:
+                    data: Payload | None, flags: int) -> None:
         loop = asyncio.get_running_loop()
         if cmd == Cmd.WRITE:
             assert data is not None

@@ -45,6 +45,7 @@ from twinvol.replication.remote import (
     RemoteCopy,
     TakeoverBackend,
 )
+from twinvol.replication.wire import Payload
 from twinvol.storage.volumes import Volume, VolumeError
 
 if TYPE_CHECKING:
@@ -100,7 +101,7 @@ class ReplicatedBackend(AsyncWriteBackend):
     def flush(self) -> None:
         self.pr.vol.store.flush()
 
-    def submit(self, cmd: int, offset: int, length: int, data: bytes | bytearray | None,
+    def submit(self, cmd: int, offset: int, length: int, data: Payload | None,
                flags: int) -> Awaitable[None]:
         if cmd == Cmd.FLUSH:
             return self.mgr.host_flush(self.pr)
@@ -464,7 +465,7 @@ class ReplicationManager:
     # ---- host writes -------------------------------------------------------------------
 
     def host_write(self, pr: PairRuntime, cmd: int, offset: int, length: int,
-                   data: bytes | bytearray | None, flags: int) -> Awaitable[None]:
+                   data: Payload | None, flags: int) -> Awaitable[None]:
         """Start a host write; the common mirrored case completes without a Task."""
         fast = self._fast_write(pr, cmd, offset, length, data, flags)
         if fast is not None:
@@ -472,7 +473,7 @@ class ReplicationManager:
         return self._host_write(pr, cmd, offset, length, data, flags)
 
     def _fast_write(self, pr: PairRuntime, cmd: int, offset: int, length: int,
-                    data: bytes | bytearray | None, flags: int) -> asyncio.Future[None] | None:
+                    data: Payload | None, flags: int) -> asyncio.Future[None] | None:
         """Mirrored write with nothing to wait for but the partner: apply, send, chain.
 
         Returns None when the general path is needed (AL update pending, FUA, no link,
@@ -545,7 +546,7 @@ class ReplicationManager:
         return result
 
     async def _host_write(self, pr: PairRuntime, cmd: int, offset: int, length: int,
-                          data: bytes | bytearray | None, flags: int) -> None:
+                          data: Payload | None, flags: int) -> None:
         rec = pr.rec
         if rec.io_mode == "block":
             raise WriteFailed(Err.EIO, f"volume {rec.volume} is blocked on node {self.node.name}")
@@ -565,7 +566,7 @@ class ReplicationManager:
         await self._primary_write(pr, cmd, offset, length, data, flags)
 
     async def _primary_write(self, pr: PairRuntime, cmd: int, offset: int, length: int,
-                             data: bytes | bytearray | None, flags: int) -> None:
+                             data: Payload | None, flags: int) -> None:
         rec = pr.rec
         ex = self.node.executor
         replicate = rec.io_mode == "mirror" or (rec.copy_source == self.node.name
@@ -590,7 +591,7 @@ class ReplicationManager:
             self.remote.commit(seq)
 
     async def _replicate(self, pr: PairRuntime, cmd: int, offset: int, length: int,
-                         data: bytes | bytearray | None, flags: int, replicate: bool,
+                         data: Payload | None, flags: int, replicate: bool,
                          seq: int) -> None:
         """Second half of a primary write: the partner's copy, FUA, partner loss."""
         rec = pr.rec
@@ -633,7 +634,7 @@ class ReplicationManager:
             await local_sync
 
     def _apply(self, pr: PairRuntime, cmd: int, offset: int, length: int,
-               data: bytes | bytearray | None, flags: int) -> None:
+               data: Payload | None, flags: int) -> None:
         store = pr.vol.store
         if cmd == Cmd.WRITE:
             assert data is not None
@@ -805,7 +806,7 @@ class ReplicationManager:
         await self._reconcile(pr, h, peer_bits)
 
     async def _reconcile(self, pr: PairRuntime, h: dict[str, Any],
-                         peer_bits: bytes | bytearray) -> None:
+                         peer_bits: Payload) -> None:
         rec = pr.rec
         if rec.state == "copying" or h.get("state") == "copying":
             source = rec.copy_source or str(h.get("copy_source", ""))
@@ -834,7 +835,7 @@ class ReplicationManager:
 
     # ---- peer messages ---------------------------------------------------------------
 
-    def _on_message(self, peer: str, h: dict[str, Any], payload: bytes | bytearray
+    def _on_message(self, peer: str, h: dict[str, Any], payload: Payload
                     ) -> Message | Awaitable[Message] | None:
         t = h["t"]
         h["_peer"] = peer
@@ -884,7 +885,7 @@ class ReplicationManager:
             return {}, b""
         raise RemoteError(f"unknown peer message {t!r}", "invalid")
 
-    def _peer_write(self, pr: PairRuntime, h: dict[str, Any], payload: bytes | bytearray
+    def _peer_write(self, pr: PairRuntime, h: dict[str, Any], payload: Payload
                     ) -> Message | Awaitable[Message]:
         off, n = int(h["off"]), int(h["len"])
         if off < 0 or n < 0 or off + n > pr.vol.record.size:
@@ -919,7 +920,7 @@ class ReplicationManager:
     async def _peer_flush(self, pr: PairRuntime) -> Message:
         return await self._sync_reply(pr)
 
-    def _forwarded(self, pr: PairRuntime, h: dict[str, Any], payload: bytes | bytearray
+    def _forwarded(self, pr: PairRuntime, h: dict[str, Any], payload: Payload
                    ) -> Awaitable[Message]:
         if pr.rec.role == "primary":
             fast = self._fast_write(pr, int(h["cmd"]), int(h["off"]), int(h["len"]), payload,
@@ -940,7 +941,7 @@ class ReplicationManager:
                 return out
         return self._forwarded_slow(pr, h, payload)
 
-    async def _forwarded_slow(self, pr: PairRuntime, h: dict[str, Any], payload: bytes | bytearray
+    async def _forwarded_slow(self, pr: PairRuntime, h: dict[str, Any], payload: Payload
                               ) -> Message:
         try:
             await self._primary_write(pr, int(h["cmd"]), int(h["off"]), int(h["len"]),
@@ -950,7 +951,7 @@ class ReplicationManager:
         return {}, b""
 
     def _peer_state(self, pr: PairRuntime, h: dict[str, Any],
-                    peer_bits: bytes | bytearray) -> Message:
+                    peer_bits: Payload) -> Message:
         reply = ({"gen": pr.rec.gen_current, "history": pr.rec.gen_history,
                   "role": pr.rec.role, "state": pr.rec.state, "io_mode": pr.rec.io_mode,
                   "copy_source": pr.rec.copy_source}, bytes(pr.dirty.bits))

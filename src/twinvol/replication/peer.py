@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twinvol.cluster import ClusterConfig
-from twinvol.replication.wire import PROTOCOL_VERSION, FrameDecoder, WireError, encode
+from twinvol.replication.wire import PROTOCOL_VERSION, FrameDecoder, Payload, WireError, encode
 
 log = logging.getLogger("twinvol.peer")
 
@@ -32,8 +32,8 @@ PING_EVERY = 0.5
 DEAD_AFTER = 2.0
 HANDSHAKE_TIMEOUT = 3.0
 
-Message = tuple[dict[str, Any], bytes | bytearray]
-Handler = Callable[[str, dict[str, Any], bytes | bytearray], "Message | Awaitable[Message] | None"]
+Message = tuple[dict[str, Any], Payload]
+Handler = Callable[[str, dict[str, Any], Payload], "Message | Awaitable[Message] | None"]
 
 
 class PeerDown(Exception):
@@ -53,8 +53,15 @@ def _mac(secret: str, nonce: str, sender: str, receiver: str) -> str:
     return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()
 
 
-class PeerLink(asyncio.Protocol):
-    """One authenticated connection to one peer node."""
+SCRATCH_SIZE = 256 * 1024
+
+
+class PeerLink(asyncio.BufferedProtocol):
+    """One authenticated connection to one peer node.
+
+    A buffered protocol: a large payload is received straight into its own buffer,
+    everything else into one reused scratch buffer.
+    """
 
     def __init__(self, service: PeerService, dialer_for: str | None) -> None:
         self.service = service
@@ -72,6 +79,8 @@ class PeerLink(asyncio.Protocol):
         self.closed = False
         self._outq: list[bytes | bytearray | memoryview] = []
         self._flush_scheduled = False
+        self._scratch = memoryview(bytearray(SCRATCH_SIZE))
+        self._into_payload = False
 
     # ---- asyncio ----------------------------------------------------------
 
@@ -85,10 +94,21 @@ class PeerLink(asyncio.Protocol):
                     "cluster": self.service.cluster.cluster.name,
                     "node": self.service.node, "nonce": self.nonce})
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        buf = self.decoder.payload_buffer()
+        if buf is not None and len(buf) >= 65536:
+            self._into_payload = True
+            return buf
+        self._into_payload = False
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
         self.last_rx = time.monotonic()
         try:
-            frames = self.decoder.feed(data)
+            if self._into_payload:
+                frames = self.decoder.payload_received(nbytes)
+            else:
+                frames = self.decoder.feed(self._scratch[:nbytes])
         except WireError as e:
             self._fail(f"bad frame from peer: {e}")
             return
@@ -107,7 +127,7 @@ class PeerLink(asyncio.Protocol):
 
     # ---- handshake --------------------------------------------------------
 
-    def _on_frame(self, h: dict[str, Any], payload: bytes | bytearray) -> None:
+    def _on_frame(self, h: dict[str, Any], payload: Payload) -> None:
         t = h["t"]
         if not self.authed:
             self._handshake(t, h)
@@ -193,7 +213,7 @@ class PeerLink(asyncio.Protocol):
         self._send({**header, "id": rid}, payload)
         return fut
 
-    def _dispatch(self, h: dict[str, Any], payload: bytes | bytearray) -> None:
+    def _dispatch(self, h: dict[str, Any], payload: Payload) -> None:
         rid = h.get("id")
         try:
             result = self.service.handler(self.peer or "?", h, payload)

@@ -37,6 +37,7 @@ from twinvol.replication.bitmap import chunks_of, nchunks
 from twinvol.replication.dr import DisasterRecovery
 from twinvol.replication.pairs import PairRecord, new_generation
 from twinvol.replication.peer import Message, PeerDown, RemoteError
+from twinvol.replication.wire import Payload
 from twinvol.storage.journal import (
     Journal,
     JournalCorrupt,
@@ -214,7 +215,7 @@ class RemoteCopy:
     # ---- the write path (primary and standby) ---------------------------------------
 
     def on_applied(self, volume: str, cmd: int, offset: int, length: int,
-                   data: bytes | bytearray | None, flags: int, *, committed: bool) -> int:
+                   data: Payload | None, flags: int, *, committed: bool) -> int:
         """This node applied a write to `volume`. As the primary of its group: journal it
         and return its sequence number (committed later unless `committed`). As the
         standby without a sequence number: mark its chunks dirty. Otherwise 0."""
@@ -251,7 +252,7 @@ class RemoteCopy:
         return seq
 
     def _standby_alone(self, g: GroupRuntime, pr: PairRuntime, cmd: int, offset: int,
-                       length: int, data: bytes | bytearray | None, flags: int) -> int:
+                       length: int, data: Payload | None, flags: int) -> int:
         """The standby writes as the active-active primary. When its partner (the feeder)
         is lost, it continues the journal itself: the target never holds a sequence number
         the standby lacks (records ship only once both copies have them), so the next
@@ -284,7 +285,7 @@ class RemoteCopy:
                 return
 
     def on_standby_write(self, volume: str, seq: int, cmd: int, offset: int, length: int,
-                         data: bytes | bytearray | None, flags: int) -> None:
+                         data: Payload | None, flags: int) -> None:
         """A mirrored write with the primary's sequence number: keep the same record."""
         g = self.feeds.get(volume)
         if g is None:
@@ -662,7 +663,7 @@ class RemoteCopy:
             return
         g.rec.applied_time = r.time
 
-    def _on_records(self, peer: str, h: dict[str, Any], payload: bytes | bytearray) -> Message:
+    def _on_records(self, peer: str, h: dict[str, Any], payload: Payload) -> Message:
         g = self.group_of(h)
         rec = g.rec
         if rec.role != "secondary":
@@ -747,7 +748,7 @@ class RemoteCopy:
 
     # ---- peer messages ------------------------------------------------------------------
 
-    def on_message(self, peer: str, h: dict[str, Any], payload: bytes | bytearray
+    def on_message(self, peer: str, h: dict[str, Any], payload: Payload
                    ) -> Message:
         t = h["t"]
         if t == "jr":
@@ -1053,7 +1054,7 @@ class TakeoverBackend(AsyncWriteBackend):
         self.pr = pr
         self.flush = pr.vol.store.flush
 
-    async def submit(self, cmd: int, offset: int, length: int, data: bytes | bytearray | None,
+    async def submit(self, cmd: int, offset: int, length: int, data: Payload | None,
                      flags: int) -> None:
         pr, ex = self.pr, self.remote.node.executor
         loop = asyncio.get_running_loop()
@@ -1071,7 +1072,7 @@ class JournalingBackend(TakeoverBackend):
     """Host I/O on the primary of an async pair that has no active-active partner."""
 
     def submit(self, cmd: int, offset: int, length: int,  # type: ignore[override]
-               data: bytes | bytearray | None, flags: int) -> Awaitable[None]:
+               data: Payload | None, flags: int) -> Awaitable[None]:
         if cmd == Cmd.FLUSH or flags & 1:
             return self._durable(cmd, offset, length, data, flags)
         # The common case completes in this step: no task per write.
@@ -1090,7 +1091,7 @@ class JournalingBackend(TakeoverBackend):
         return fut
 
     async def _durable(self, cmd: int, offset: int, length: int,
-                       data: bytes | bytearray | None, flags: int) -> None:
+                       data: Payload | None, flags: int) -> None:
         pr, ex = self.pr, self.remote.node.executor
         loop = asyncio.get_running_loop()
         if cmd == Cmd.FLUSH:

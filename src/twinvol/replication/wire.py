@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from twinvol.nbd.constants import MAX_PAYLOAD
+from twinvol.storage.buffers import MIN_POOLED, POOL
 
 PROTOCOL_VERSION = 1
 MAX_HEADER = 64 * 1024
@@ -40,28 +41,52 @@ def encode(header: dict[str, Any], payload: bytes | bytearray | memoryview = b""
     return [_LEN.pack(len(h), 0) + h]
 
 
+Payload = bytes | bytearray | memoryview
+
+
 class FrameDecoder:
     """Accumulates received bytes and yields complete frames.
 
-    A payload is received straight into a buffer of its exact size, so a large write
-    is copied once, not once per received piece.
+    A payload is received into a buffer of its own (large ones from the process's
+    buffer pool), so a large write is copied once, not once per received piece; while
+    one is arriving, `payload_buffer()` offers the rest of it so the socket can
+    receive straight into it (`payload_received(n)`), with no copy at all.
     """
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._header: dict[str, Any] | None = None
-        self._payload: bytearray | None = None
+        self._payload: memoryview | None = None
         self._got = 0
 
-    def feed(self, data: bytes | bytearray | memoryview
-             ) -> list[tuple[dict[str, Any], bytes | bytearray]]:
-        out: list[tuple[dict[str, Any], bytes | bytearray]] = []
+    def payload_buffer(self) -> memoryview | None:
+        """The unfilled rest of the payload being received, if one is."""
+        payload = self._payload
+        if payload is None:
+            return None
+        return payload[self._got:]
+
+    def payload_received(self, n: int) -> list[tuple[dict[str, Any], Payload]]:
+        """`n` bytes were written into the view `payload_buffer()` returned."""
+        payload = self._payload
+        assert payload is not None and self._got + n <= len(payload)
+        self._got += n
+        if self._got < len(payload):
+            return []
+        assert self._header is not None
+        out: list[tuple[dict[str, Any], Payload]] = [(self._header, payload)]
+        self._header = self._payload = None
+        return out
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[dict[str, Any], Payload]]:
+        out: list[tuple[dict[str, Any], Payload]] = []
         view = memoryview(data)
         pos = 0
+        end = len(view)
         while True:
             payload = self._payload
             if payload is not None:
-                n = min(len(payload) - self._got, len(view) - pos)
+                n = min(len(payload) - self._got, end - pos)
                 payload[self._got:self._got + n] = view[pos:pos + n]
                 self._got += n
                 pos += n
@@ -72,32 +97,57 @@ class FrameDecoder:
                 self._header = self._payload = None
                 continue
             buf = self._buf
-            if len(buf) < _LEN.size:
-                take = min(_LEN.size - len(buf), len(view) - pos)
-                buf += view[pos:pos + take]
-                pos += take
+            if buf:
                 if len(buf) < _LEN.size:
-                    return out
-            hlen, plen = _LEN.unpack_from(buf, 0)
-            if hlen > MAX_HEADER or plen > MAX_FRAME_PAYLOAD:
-                raise WireError(f"frame lengths {hlen}/{plen} exceed the limits")
-            want = _LEN.size + hlen
-            if len(buf) < want:
-                take = min(want - len(buf), len(view) - pos)
-                buf += view[pos:pos + take]
-                pos += take
+                    take = min(_LEN.size - len(buf), end - pos)
+                    buf += view[pos:pos + take]
+                    pos += take
+                    if len(buf) < _LEN.size:
+                        return out
+                hlen, plen = _LEN.unpack_from(buf, 0)
+                if hlen > MAX_HEADER or plen > MAX_FRAME_PAYLOAD:
+                    raise WireError(f"frame lengths {hlen}/{plen} exceed the limits")
+                want = _LEN.size + hlen
                 if len(buf) < want:
+                    take = min(want - len(buf), end - pos)
+                    buf += view[pos:pos + take]
+                    pos += take
+                    if len(buf) < want:
+                        return out
+                header = _decode(buf[_LEN.size:want])
+                buf.clear()
+            else:
+                # Fast path: the lengths and header are whole in `data` (the usual case).
+                if end - pos < _LEN.size:
+                    if pos < end:
+                        buf += view[pos:end]
                     return out
-            try:
-                header = _decoder.decode(buf[_LEN.size:want])
-            except msgspec.DecodeError as e:
-                raise WireError(f"undecodable frame header: {e}") from None
-            if not isinstance(header.get("t"), str):
-                raise WireError("frame header has no type")
-            buf.clear()
+                hlen, plen = _LEN.unpack_from(view, pos)
+                if hlen > MAX_HEADER or plen > MAX_FRAME_PAYLOAD:
+                    raise WireError(f"frame lengths {hlen}/{plen} exceed the limits")
+                want = pos + _LEN.size + hlen
+                if want > end:
+                    buf += view[pos:end]
+                    return out
+                header = _decode(view[pos + _LEN.size:want])
+                pos = want
             if plen == 0:
                 out.append((header, b""))
                 continue
+            if end - pos >= plen and plen < MIN_POOLED:
+                out.append((header, bytes(view[pos:pos + plen])))
+                pos += plen
+                continue
             self._header = header
-            self._payload = bytearray(plen)
+            self._payload = memoryview(POOL.get(plen))[:plen]
             self._got = 0
+
+
+def _decode(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
+    try:
+        header = _decoder.decode(raw)
+    except msgspec.DecodeError as e:
+        raise WireError(f"undecodable frame header: {e}") from None
+    if not isinstance(header.get("t"), str):
+        raise WireError("frame header has no type")
+    return header
