@@ -53,6 +53,8 @@ class Result:
     bw_bytes: float = 0.0
     lat_p99_us: float = 0.0
     error: str | None = None
+    # CPU microseconds per request of each process serving it (nodes and agent)
+    cpu_us: dict[str, float] | None = None
 
 
 def agent_argv(cluster: str) -> list[str]:
@@ -63,6 +65,13 @@ def agent_argv(cluster: str) -> list[str]:
     return [sys.executable, "-c", "from twinvol.cli import main, host; "
             "main.app.add_typer(host.app, name='host'); main.main()",
             "host", "run", "--cluster", cluster]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def post(url: str, body: dict[str, object]) -> None:
@@ -92,24 +101,27 @@ def main() -> int:
     ap.add_argument("--runtime", type=float, default=5.0, help="seconds per case (default 5)")
     ap.add_argument("--size", default="256M", help="volume size (default 256M)")
     ap.add_argument("--json-out", help="also write the results as JSON here")
+    ap.add_argument("--cases", help="comma-separated subset of the cases, e.g. '4k randread'")
     args = ap.parse_args()
     size = parse_size(args.size)
     sup = Supervisor()
     tmp = Path(tempfile.mkdtemp(prefix="twinvol-hostbench-"))
-    ports = free_ports(8)
+    ports = free_ports(10)
     nodes = {n: {"site": n, "nbd": f"127.0.0.1:{ports[2 * i]}",
                  "api": f"127.0.0.1:{ports[2 * i + 1]}", "data_dir": f"data-{n}"}
              for i, n in enumerate("AB")}
-    agents = {"agent A+B": (["A", "B"], ports[4], ports[5]),
-              "agent A only": (["A"], ports[6], ports[7])}
+    agents = {"agent A+B": (["A", "B"], ports[4], ports[5], "native"),
+              "agent A only": (["A"], ports[6], ports[7], "native"),
+              "agent A+B python": (["A", "B"], ports[8], ports[9], "python")}
+    cases = [c for c in CASES if not args.cases or c[0] in args.cases.split(",")]
     results: list[Result] = []
     try:
-        for label, (paths, nbd, api) in agents.items():
+        for label, (paths, nbd, api, data_path) in agents.items():
             cfg = tmp / f"{label.replace(' ', '-').replace('+', '')}.toml"
             with open(cfg, "wb") as f:
                 tomli_w.dump({"cluster": {"name": "bench"}, "nodes": nodes,
                               "host": {"nbd": f"127.0.0.1:{nbd}", "api": f"127.0.0.1:{api}",
-                                       "nodes": paths}}, f)
+                                       "nodes": paths, "data_path": data_path}}, f)
         cluster = str(tmp / "agent-AB.toml")
         for n in "AB":
             sup.start(n, twinvol_argv("node", "run", "--cluster", cluster, "--node", n),
@@ -125,21 +137,29 @@ def main() -> int:
                        capture_output=True)
         subprocess.run(["nbdcopy", direct, f"nbd://{nodes['B']['nbd']}/{EXPORT}"], check=True)
         targets = {"node A direct": direct}
-        for label, (_, nbd, api) in agents.items():
+        for label, (_, nbd, api, _dp) in agents.items():
             cfg = tmp / f"{label.replace(' ', '-').replace('+', '')}.toml"
             sup.start(label, agent_argv(str(cfg)), str(tmp / f"{label}.log"))
             sup.wait_http(label, f"http://127.0.0.1:{api}/api/v1/health")
             targets[label] = f"nbd://127.0.0.1:{nbd}/{EXPORT}"
-        for case, rw, bs, depth in CASES:
+        for case, rw, bs, depth in cases:
             for target, uri in targets.items():
                 console.print(f"  {case:14} {target} ...")
+                serving = ["A", "B"] + ([target] if target in agents else [])
+                before = {n: cpu_seconds(sup.components[n].pid) for n in serving}
                 r = fio(uri, rw, bs, depth, size, args.runtime)
+                ios = r.iops * (args.runtime + 1)  # + the ramp, which CPU time includes
+                if ios:
+                    r.cpu_us = {("agent" if n in agents else n):
+                                (cpu_seconds(sup.components[n].pid) - before[n]) / ios * 1e6
+                                for n in serving}
                 r.case, r.target = case, target
                 results.append(r)
                 time.sleep(0.2)
     finally:
         sup.stop_all()
-    table = Table("case", "target", "IOPS", "MB/s", "p99 µs", "vs direct")
+    table = Table("case", "target", "IOPS", "MB/s", "p99 µs", "vs direct",
+                  "CPU µs/req A", "B", "agent")
     base = {r.case: r for r in results if r.target == "node A direct"}
     for r in results:
         if r.error:
@@ -147,8 +167,10 @@ def main() -> int:
             continue
         ref = base.get(r.case)
         ratio = f"{r.iops / ref.iops:.2f}" if ref and ref.iops and not ref.error else "-"
+        cpu = r.cpu_us or {}
         table.add_row(r.case, r.target, f"{r.iops:,.0f}", f"{r.bw_bytes / 1e6:,.0f}",
-                      f"{r.lat_p99_us:,.0f}", ratio)
+                      f"{r.lat_p99_us:,.0f}", ratio,
+                      *(f"{cpu[k]:.1f}" if k in cpu else "-" for k in ("A", "B", "agent")))
     console.print(table)
     console.print(f"cpus: {os.cpu_count()}  load: {os.getloadavg()[0]:.2f}  (fio, both nodes and "
                   "the agents share the machine)")

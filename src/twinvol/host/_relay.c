@@ -58,6 +58,7 @@ enum { E_EPERM = 1, E_EIO = 5, E_EINVAL = 22, E_ENOSPC = 28, E_EOVERFLOW = 75,
 #define CLIENT_OUT_HIGH (4u * 1024u * 1024u)
 #define MAX_PATHS 16
 #define IOV_BATCH 256
+#define BATCH_SLACK 16                  /* see choose_path */
 #define META_CONTEXT_ID 1               /* the agent's id for base:allocation (as nbd/server.py) */
 
 static const char *CMD_NAMES[] = {"READ", "WRITE", "DISC", "FLUSH", "TRIM", "CACHE",
@@ -306,6 +307,7 @@ typedef struct {
     Path paths[MAX_PATHS];
     int npaths;
     unsigned rr;
+    int batch_path;          /* where this batch of reads goes (-1: choose) */
     int failing;
     char *fail_msg;
     int client_paused, closing, client_gone;
@@ -439,6 +441,14 @@ static int choose_path(Relay *r, Slot *s) {
             if (!path_usable(r, i) || (s->tried & (1u << i))) continue;
             if (best < 0 || r->paths[i].inflight < r->paths[best].inflight) best = i;
         }
+        /* Reads that arrived together stay together while their path is not much busier
+           than the least busy one: one send instead of one per path, and the node gets
+           a batch it can answer in one go. */
+        int b = r->batch_path;
+        if (best >= 0 && !s->tried && b >= 0 && b != best && path_usable(r, b)
+            && r->paths[b].inflight <= r->paths[best].inflight + BATCH_SLACK)
+            return b;
+        if (!s->tried) r->batch_path = best;
         return best;
     }
     for (int i = 0; i < r->npaths; i++) {
@@ -535,6 +545,7 @@ static void path_fail(Relay *r, int pi, const char *reason) {
 
 static void client_close_event(Relay *r, const char *reason, int error) {
     if (r->client_gone) return;
+    if (r->client_fd >= 0) q_send(&r->cout, r->client_fd);  /* what was answered, best effort */
     r->client_gone = 1;
     ev_add(r, Py_BuildValue("(ssO)", "client_closed", reason, error ? Py_True : Py_False));
 }
@@ -1000,6 +1011,7 @@ static int Relay_init(Relay *r, PyObject *args, PyObject *kw) {
     r->max_outstanding = maxo > 0 ? (size_t)maxo : 256;
     r->free_head = -1;
     r->held_head = r->held_tail = -1;
+    r->batch_path = -1;
     for (int i = 0; i < MAX_PATHS; i++) r->paths[i].fd = -1;
     return 0;
 }
@@ -1076,6 +1088,7 @@ static void Relay_dealloc(Relay *r) {
 /* client_readable() -> events | None */
 static PyObject *Relay_client_readable(Relay *r, PyObject *unused) {
     if (r->client_gone || r->client_fd < 0) Py_RETURN_NONE;
+    r->batch_path = -1;
     for (;;) {
         ssize_t n;
         if (r->w_active && r->w_pl && r->w_len - r->w_got >= DIRECT_MIN

@@ -1,0 +1,484 @@
+"""The native relay (twinvol.host._relay) against the Python reference.
+
+The client side is differential: the same request stream goes to the relay and to the
+sans-IO `ServerConnection` (the agent's Python data path), and every reply must be
+byte-identical, including error messages, and every valid request must reach the
+node unchanged. The path side plays a node over a socketpair: bad replies, EIO,
+NBD_ESHUTDOWN, lost paths and holds.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from nbdwire import Chunk, Exports, SimpleReply, parse_replies, request
+
+from twinvol.host import relay as relay_mod
+from twinvol.nbd.constants import (
+    MAX_PAYLOAD,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    Cmd,
+    Err,
+    Reply,
+)
+from twinvol.nbd.server import Disconnect, ExportInfo, Request, ServerConnection
+
+pytestmark = pytest.mark.skipif(not relay_mod.available(),
+                                reason="native relay not built")
+
+SIZE = 1 << 20
+HDR = struct.Struct(">IHHQQI")
+CHUNK = struct.Struct(">IHHQI")
+
+
+def reference(structured: bool, meta: bool, read_only: bool) -> ServerConnection:
+    """A ServerConnection negotiated into transmission, as the Python agent has it."""
+    from nbdwire import Client
+
+    c = Client.new(Exports(ExportInfo("disk", SIZE, read_only=read_only)))
+    c.negotiate("disk", structured=structured, meta=meta)
+    c.take()
+    return c.conn
+
+
+@dataclass
+class Rig:
+    """A relay with a client socket and path sockets played by the test."""
+
+    relay: Any
+    client: socket.socket
+    paths: list[socket.socket]
+    events: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def ev(self, got: list[tuple[Any, ...]] | None) -> list[tuple[Any, ...]]:
+        self.events += got or []
+        for e in got or []:
+            if e[0] == "path_lost":
+                self.relay.remove_path(e[1])
+        return got or []
+
+    def pump_client(self) -> None:
+        """Let the relay read everything the client sent."""
+        for _ in range(1000):
+            got = self.relay.client_readable()
+            self.ev(got)
+            if self.relay.stats()["client_in"] == 0 and not _readable(self.relay.client_fd):
+                return
+            if any(e[0] in ("client_closed", "pause_client") for e in got or []):
+                return
+
+    def node_requests(self, i: int) -> list[tuple[int, int, int, int, int, bytes]]:
+        """(flags, cmd, handle, offset, length, payload) of what path i received."""
+        data = _drain(self.paths[i])
+        out = []
+        pos = 0
+        while pos < len(data):
+            magic, flags, cmd, handle, off, n = HDR.unpack_from(data, pos)
+            assert magic == REQUEST_MAGIC
+            pos += HDR.size
+            payload = b""
+            if cmd == Cmd.WRITE:
+                payload = data[pos:pos + n]
+                pos += n
+            out.append((flags, cmd, handle, off, n, payload))
+        return out
+
+    def reply(self, i: int, data: bytes) -> list[tuple[Any, ...]]:
+        self.paths[i].sendall(data)
+        got: list[tuple[Any, ...]] = []
+        for _ in range(1000):
+            got += self.ev(self.relay.path_readable(i))
+            if not _readable(self.relay.path_fd(i)) if self.relay.path_fd(i) >= 0 else True:
+                break
+        return got
+
+    def client_out(self) -> bytes:
+        return _drain(self.client)
+
+
+def _readable(fd: int) -> bool:
+    import select
+
+    r, _, _ = select.select([fd], [], [], 0)
+    return bool(r)
+
+
+def _drain(s: socket.socket) -> bytes:
+    s.setblocking(False)
+    out = bytearray()
+    while True:
+        try:
+            b = s.recv(1 << 20)
+        except BlockingIOError:
+            break
+        if not b:
+            break
+        out += b
+    return bytes(out)
+
+
+@contextmanager
+def rig(*, structured: bool = True, meta: bool = True, read_only: bool = False,
+        paths: int = 1, ctx: int = 1) -> Iterator[Rig]:
+    relay = relay_mod._relay.Relay(SIZE)
+    c_test, c_relay = socket.socketpair()
+    socks = []
+    try:
+        r = Rig(relay, c_test, [])
+        for i in range(paths):
+            p_test, p_relay = socket.socketpair()
+            socks.append(p_relay)
+            r.paths.append(p_test)
+            r.ev(relay.add_path(i, os.dup(p_relay.fileno()), "ABCD"[i], i, i == 0, ctx))
+        r.ev(relay.attach_client(os.dup(c_relay.fileno()), structured, meta, read_only, b"",
+                                 b""))
+        yield r
+    finally:
+        relay.close()
+        for s in (c_test, c_relay, *socks, *r.paths):
+            s.close()
+
+
+def node_reply(req: tuple[int, int, int, int, int, bytes]) -> bytes:
+    """What a twinvol node answers (structured negotiated): data for reads, else ok."""
+    _flags, cmd, handle, off, n, _ = req
+    if cmd == Cmd.READ:
+        if n == 0:
+            return CHUNK.pack(STRUCTURED_REPLY_MAGIC, 1, Reply.NONE, handle, 0)
+        return (CHUNK.pack(STRUCTURED_REPLY_MAGIC, 1, Reply.OFFSET_DATA, handle, 8 + n)
+                + struct.pack(">Q", off) + pattern(off, n))
+    if cmd == Cmd.BLOCK_STATUS:
+        return (CHUNK.pack(STRUCTURED_REPLY_MAGIC, 1, Reply.BLOCK_STATUS, handle, 12)
+                + struct.pack(">III", 1, n, 0))
+    return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)
+
+
+def pattern(off: int, n: int) -> bytes:
+    return bytes((off + i) * 7 % 251 for i in range(n))
+
+
+def reference_replies(conn: ServerConnection, stream: bytes
+                      ) -> tuple[bytes, list[Request], Disconnect | None]:
+    """Feed `stream`: the state machine's own replies, the valid requests, the end."""
+    conn.receive_data(stream)
+    out = bytearray()
+    reqs: list[Request] = []
+    disc = None
+    while True:
+        ev = conn.next_event()
+        out += conn.data_to_send()
+        if isinstance(ev, Request):
+            data = None if ev.data is None else bytes(ev.data)
+            reqs.append(Request(ev.command, ev.flags, ev.cookie, ev.offset, ev.length, data))
+        elif isinstance(ev, Disconnect):
+            disc = ev
+            break
+        else:
+            break
+    return bytes(out), reqs, disc
+
+
+def answers(conn: ServerConnection, reqs: list[Request]) -> bytes:
+    """The Python agent's replies to `reqs` when the node answers as `node_reply`."""
+    out = bytearray()
+    for r in reqs:
+        if r.command == Cmd.READ:
+            out += b"".join(conn.reply_read(r.cookie, r.offset, pattern(r.offset, r.length)))
+        elif r.command == Cmd.BLOCK_STATUS:
+            out += conn.reply_block_status(r.cookie, [(r.length, 0)])
+        else:
+            out += conn.reply_ok(r.cookie)
+    return bytes(out)
+
+
+def by_cookie(buf: bytes, lengths: dict[int, int]) -> dict[int, Any]:
+    replies = parse_replies(buf, lengths)
+    out: dict[int, Any] = {}
+    for r in replies:
+        assert r.cookie not in out, f"two replies for cookie {r.cookie}"
+        out[r.cookie] = r
+    return out
+
+
+# ---- the client side, differential --------------------------------------------
+
+CMDS = st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 8, 77])
+FLAGS = st.one_of(st.sampled_from([0, 1, 2, 4, 8, 16, 3, 5, 9, 17]), st.integers(0, 0xFFFF))
+OFFSETS = st.one_of(st.sampled_from([0, 4096, SIZE - 1, SIZE, SIZE + 1, 2**63, 2**64 - 1]),
+                    st.integers(0, SIZE))
+LENGTHS = st.one_of(st.sampled_from([0, 1, 512, 4096, SIZE, MAX_PAYLOAD + 1, 2**32 - 1]),
+                    st.integers(0, 8192))
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> list[bytes]:
+    out = []
+    for cookie in range(draw(st.integers(1, 12))):
+        cmd = draw(CMDS)
+        flags = draw(FLAGS)
+        off = draw(OFFSETS)
+        n = draw(LENGTHS)
+        if cmd == Cmd.WRITE and 8192 < n <= MAX_PAYLOAD:
+            n = draw(st.integers(0, 8192))
+        payload = pattern(cookie, n) if cmd == Cmd.WRITE and n <= MAX_PAYLOAD else b""
+        magic = REQUEST_MAGIC if draw(st.integers(0, 40)) else 0x12345678
+        out.append(request(cmd, flags=flags, cookie=cookie + 1, offset=off, length=n,
+                           payload=payload, magic=magic))
+    return out
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(reqs=requests(), structured=st.booleans(), meta=st.booleans(),
+       read_only=st.booleans())
+def test_relay_answers_every_request_as_the_python_server(
+        reqs: list[bytes], structured: bool, meta: bool, read_only: bool) -> None:
+    meta = meta and structured
+    stream = b"".join(reqs)
+    ref = reference(structured, meta, read_only)
+    own, ref_reqs, disc = reference_replies(ref, stream)
+    # A hard disconnect drops what the nodes answer later (the Python agent aborts).
+    want = own if disc is not None and disc.error else own + answers(ref, ref_reqs)
+    with rig(structured=structured, meta=meta, read_only=read_only) as r:
+        r.client.sendall(stream)
+        r.pump_client()
+        got_reqs = r.node_requests(0)
+        # Every valid request reaches the node as the client sent it.
+        assert [(q.flags, int(q.command), q.offset, q.length, q.data or b"")
+                for q in ref_reqs] == [(f, c, o, n, p) for f, c, _, o, n, p in got_reqs]
+        for q in got_reqs:
+            r.reply(0, node_reply(q))
+        got = r.client_out()
+        closed = [e for e in r.events if e[0] == "client_closed"]
+        lengths = {q.cookie: q.length for q in ref_reqs if q.command == Cmd.READ}
+        assert by_cookie(got, lengths) == by_cookie(want, lengths)
+        if disc is not None:
+            assert closed == [("client_closed", disc.reason, disc.error)]
+        else:
+            assert closed == []
+        assert r.relay.outstanding == 0
+
+
+def test_pipelined_bytes_and_pending_reply_go_with_the_client() -> None:
+    """Requests read during negotiation and the unsent GO reply are handed over."""
+    relay = relay_mod._relay.Relay(SIZE)
+    c_test, c_relay = socket.socketpair()
+    p_test, p_relay = socket.socketpair()
+    try:
+        relay.add_path(0, os.dup(p_relay.fileno()), "A", 0, True, 1)
+        relay.attach_client(os.dup(c_relay.fileno()), False, False, False,
+                            request(Cmd.FLUSH, cookie=9), b"GO-REPLY")
+        assert c_test.recv(100) == b"GO-REPLY"
+        hdr = p_test.recv(100)
+        _magic, _flags, cmd, handle, _off, _n = HDR.unpack(hdr)
+        assert cmd == Cmd.FLUSH
+        p_test.sendall(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle))
+        relay.path_readable(0)
+        assert c_test.recv(100) == SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, 9)
+    finally:
+        relay.close()
+        for s in (c_test, c_relay, p_test, p_relay):
+            s.close()
+
+
+# ---- large payloads (received straight into place) ------------------------------
+
+def test_large_write_and_read_pass_through_intact() -> None:
+    with rig(structured=True, paths=1) as r:
+        big = os.urandom(512 * 1024)
+        msg = request(Cmd.WRITE, cookie=1, offset=4096, payload=big)
+        data = b""
+        for i in range(0, len(msg), 100_000):  # the client's bytes arrive in pieces
+            r.client.sendall(msg[i:i + 100_000])
+            r.pump_client()
+            data += _drain(r.paths[0])
+        while len(data) < len(msg):  # the node's socket was full: the loop says writable
+            assert ("want_write", r.relay.path_fd(0)) in r.events
+            r.ev(r.relay.writable(r.relay.path_fd(0)))
+            data += _drain(r.paths[0])
+        assert r.events[-1] == ("write_idle", r.relay.path_fd(0))
+        _flags, cmd, handle, off, n, payload = _parse_one(data)
+        assert (cmd, off, n) == (Cmd.WRITE, 4096, len(big)) and payload == big
+        r.reply(0, SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle))
+        assert r.client_out() == SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, 1)
+        # A 512 KiB read: the node's data arrives in pieces.
+        r.client.sendall(request(Cmd.READ, cookie=2, offset=0, length=len(big)))
+        r.pump_client()
+        (_, _, handle, _, _, _), = r.node_requests(0)
+        reply = (CHUNK.pack(STRUCTURED_REPLY_MAGIC, 1, Reply.OFFSET_DATA, handle, 8 + len(big))
+                 + struct.pack(">Q", 0) + big)
+        got = b""
+        for i in range(0, len(reply), 100_000):
+            r.reply(0, reply[i:i + 100_000])
+            got += r.client_out()
+        while r.relay.stats()["client_out"]:
+            r.ev(r.relay.writable(r.relay.client_fd))
+            got += r.client_out()
+        (c,) = parse_replies(got, {2: len(big)})
+        assert isinstance(c, Chunk) and c.cookie == 2 and c.type == Reply.OFFSET_DATA
+        assert c.payload[8:] == big
+
+
+def _parse_one(data: bytes) -> tuple[int, int, int, int, int, bytes]:
+    _magic, flags, cmd, handle, off, n = HDR.unpack_from(data)
+    return flags, cmd, handle, off, n, data[HDR.size:HDR.size + n]
+
+
+# ---- the path side ----------------------------------------------------------------
+
+def read_req(r: Rig, i: int) -> tuple[int, int, int, int, int, bytes]:
+    (q,) = r.node_requests(i)
+    return q
+
+
+def test_bad_reply_takes_the_path_out_and_the_request_goes_to_the_other() -> None:
+    with rig(paths=2) as r:
+        r.client.sendall(request(Cmd.WRITE, cookie=5, offset=0, payload=b"x" * 512))
+        r.pump_client()
+        q = read_req(r, 0)  # writes go to the primary (path 0)
+        got = r.reply(0, b"\xde\xad\xbe\xef" * 8)
+        assert ("path_lost", 0, "node A sent a reply with bad magic 0xdeadbeef") in got
+        assert ("retried", 1) in got
+        q1 = read_req(r, 1)
+        assert q1[1:2] + q1[3:] == q[1:2] + q[3:]  # the same write, payload included
+        r.reply(1, SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, q1[2]))
+        assert r.client_out() == SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, 5)
+
+
+def test_reply_for_a_request_not_in_flight_is_a_bad_path() -> None:
+    with rig(paths=2) as r:
+        got = r.reply(1, SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, 12345))
+        assert ("path_lost", 1, "node B replied to a request not in flight") in got
+
+
+def test_eio_is_retried_once_on_the_other_path_then_answered() -> None:
+    with rig(structured=True, paths=2) as r:
+        r.client.sendall(request(Cmd.READ, cookie=3, offset=0, length=512))
+        r.pump_client()
+        (i, q), = [(i, q) for i in (0, 1) for q in r.node_requests(i)]
+        err = (CHUNK.pack(STRUCTURED_REPLY_MAGIC, 1, Reply.ERROR, q[2], 6 + 3)
+               + struct.pack(">IH", Err.EIO, 3) + b"bad")
+        got = r.reply(i, err)
+        assert ("eio_retry", i, 0, "bad") in got
+        q2 = read_req(r, 1 - i)
+        err2 = (CHUNK.pack(STRUCTURED_REPLY_MAGIC, 1, Reply.ERROR, q2[2], 6 + 4)
+                + struct.pack(">IH", Err.EIO, 4) + b"bad2")
+        r.reply(1 - i, err2)
+        (c,) = parse_replies(r.client_out())
+        assert isinstance(c, Chunk) and c.cookie == 3 and c.error() == (Err.EIO, "bad2")
+
+
+def test_eshutdown_fails_the_path_and_resends() -> None:
+    with rig(paths=2) as r:
+        r.client.sendall(request(Cmd.FLUSH, cookie=4))
+        r.pump_client()
+        q = read_req(r, 0)
+        got = r.reply(0, SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, Err.ESHUTDOWN, q[2]))
+        assert ("path_lost", 0, "node A answered NBD_ESHUTDOWN") in got
+        q2 = read_req(r, 1)
+        r.reply(1, SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, q2[2]))
+        assert r.client_out() == SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, 4)
+
+
+def test_lost_path_with_no_other_holds_until_a_path_is_added() -> None:
+    with rig(paths=1) as r:
+        r.client.sendall(request(Cmd.READ, cookie=6, offset=4096, length=100))
+        r.pump_client()
+        read_req(r, 0)
+        r.paths[0].close()
+        got = r.ev(r.relay.path_readable(0))
+        assert got[0] == ("path_lost", 0, "node A closed the connection")
+        assert ("held", 1) in got and r.relay.held == 1
+        p_test, p_relay = socket.socketpair()
+        try:
+            r.paths[0] = p_test
+            r.ev(r.relay.add_path(0, os.dup(p_relay.fileno()), "A", 0, True, 1))
+            assert r.relay.held == 0
+            q = read_req(r, 0)
+            r.reply(0, node_reply(q))
+            (c,) = parse_replies(r.client_out(), {6: 100})
+            assert isinstance(c, Chunk) and c.payload[8:] == pattern(4096, 100)
+        finally:
+            p_relay.close()
+
+
+def test_held_requests_fail_with_the_message_and_later_ones_at_once() -> None:
+    with rig(structured=True, paths=1) as r:
+        r.ev(r.relay.fail_path(0, "blocked by test"))
+        r.client.sendall(request(Cmd.FLUSH, cookie=7))
+        r.pump_client()
+        assert r.relay.held == 1
+        r.ev(r.relay.fail_held(Err.EIO, "no usable path (test)", True))
+        r.client.sendall(request(Cmd.FLUSH, cookie=8))
+        r.pump_client()
+        replies = parse_replies(r.client_out())
+        assert [(c.cookie, c.error()) for c in replies if isinstance(c, Chunk)] == [
+            (7, (Err.EIO, "no usable path (test)")), (8, (Err.EIO, "no usable path (test)"))]
+
+
+def test_block_status_context_id_is_translated() -> None:
+    with rig(structured=True, meta=True, paths=1, ctx=42) as r:
+        r.client.sendall(request(Cmd.BLOCK_STATUS, cookie=9, offset=0, length=8192))
+        r.pump_client()
+        q = read_req(r, 0)
+        r.reply(0, CHUNK.pack(STRUCTURED_REPLY_MAGIC, 1, Reply.BLOCK_STATUS, q[2], 20)
+                + struct.pack(">IIIII", 42, 4096, 0, 4096, 3))
+        (c,) = parse_replies(r.client_out())
+        assert isinstance(c, Chunk) and c.type == Reply.BLOCK_STATUS
+        assert c.payload == struct.pack(">IIIII", 1, 4096, 0, 4096, 3)
+
+
+def test_disc_answers_what_is_in_flight_then_closes() -> None:
+    with rig(paths=1) as r:
+        r.client.sendall(request(Cmd.FLUSH, cookie=1) + request(Cmd.DISC, cookie=2))
+        r.pump_client()
+        assert not [e for e in r.events if e[0] == "client_closed"]
+        q = read_req(r, 0)
+        got = r.reply(0, SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, q[2]))
+        assert ("client_closed", "client sent NBD_CMD_DISC", False) in got
+        assert r.client_out() == SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, 1)
+
+
+def test_simple_reply_to_a_read_is_a_bad_path() -> None:
+    with rig(paths=1) as r:
+        r.client.sendall(request(Cmd.READ, cookie=1, length=10))
+        r.pump_client()
+        q = read_req(r, 0)
+        got = r.reply(0, SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, q[2]))
+        assert ("path_lost", 0, "node A sent a simple reply to a READ") in got
+        assert ("held", 1) in got
+
+
+def test_reads_are_spread_and_writes_go_to_the_primary() -> None:
+    with rig(paths=2) as r:
+        for k in range(40):
+            r.client.sendall(request(Cmd.READ, cookie=k, offset=k * 512, length=512))
+            r.pump_client()
+        r.client.sendall(b"".join(request(Cmd.WRITE, cookie=100 + k, offset=0,
+                                          payload=b"w" * 10) for k in range(5)))
+        r.pump_client()
+        a, b = r.node_requests(0), r.node_requests(1)
+        assert sum(q[1] == Cmd.READ for q in a) >= 10 and sum(q[1] == Cmd.READ for q in b) >= 10
+        assert sum(q[1] == Cmd.WRITE for q in a) == 5 and not any(q[1] == Cmd.WRITE for q in b)
+
+
+def test_simple_client_gets_zeroes_for_a_hole() -> None:
+    with rig(structured=False, meta=False, paths=1) as r:
+        r.client.sendall(request(Cmd.READ, cookie=1, offset=8192, length=3000))
+        r.pump_client()
+        q = read_req(r, 0)
+        r.reply(0, CHUNK.pack(STRUCTURED_REPLY_MAGIC, 1, Reply.OFFSET_HOLE, q[2], 12)
+                + struct.pack(">QI", 8192, 3000))
+        assert parse_replies(r.client_out(), {1: 3000}) == [SimpleReply(0, 1, bytes(3000))]
+        assert r.relay.outstanding == 0
