@@ -162,6 +162,8 @@ class RelaySession(Session):
             return
         loop = self._loop
         for ev in events:
+            if self.closed:
+                return  # the client went away in this batch: its sockets are closed
             kind = ev[0]
             if kind == "path_lost":
                 path = self.paths[ev[1]]
