@@ -58,6 +58,8 @@ enum { E_EPERM = 1, E_EIO = 5, E_EINVAL = 22, E_ENOSPC = 28, E_EOVERFLOW = 75,
 #define CLIENT_OUT_HIGH (4u * 1024u * 1024u)
 #define MAX_PATHS 16
 #define IOV_BATCH 256
+#define DEFER_MIN 4                     /* see flush_paths */
+#define DEFER_MAX 32
 #define BATCH_SLACK 16                  /* see choose_path */
 #define META_CONTEXT_ID 1               /* the agent's id for base:allocation (as nbd/server.py) */
 
@@ -280,6 +282,7 @@ typedef struct {
     int rd_slot;
     unsigned char rd_hdr[32];
     size_t inflight;
+    size_t unsent;       /* requests queued since the last send (see flush_paths) */
     unsigned long long requests;
     double progress;
 } Path;
@@ -474,6 +477,7 @@ static int send_to(Relay *r, int si, int pi) {
     s->path = pi;
     if (!p->inflight) p->progress = now_mono();
     p->inflight++;
+    p->unsent++;
     return 0;
 }
 
@@ -527,6 +531,7 @@ static void path_fail(Relay *r, int pi, const char *reason) {
     if (p->fd < 0 || p->dead) return;
     p->dead = 1;
     q_clear(&p->out);
+    p->unsent = 0;
     p->in.len = p->in.off = 0;
     if (p->rd) { pl_unref(p->rd); p->rd = NULL; }
     ev_add(r, Py_BuildValue("(sis)", "path_lost", pi, reason));
@@ -715,13 +720,20 @@ static void flush_client(Relay *r) {
     want_write(r, &r->cout, r->client_fd);
 }
 
-static void flush_paths(Relay *r) {
+/* Send what is queued for the paths. With `defer`, a path that already has DEFER_MIN
+   requests sent and unanswered keeps new ones queued (up to DEFER_MAX): its replies will
+   wake us soon, and they go out then, in one send, as one bigger batch for the node.
+   A path with little in flight is never kept waiting. */
+static void flush_paths(Relay *r, int defer) {
     for (int i = 0; i < r->npaths; i++) {
         Path *p = &r->paths[i];
         if (p->fd < 0 || p->dead || !p->out.pending) {
             if (p->fd >= 0 && !p->dead && p->out.want_write) want_write(r, &p->out, p->fd);
             continue;
         }
+        if (defer && p->unsent < DEFER_MAX && p->inflight - p->unsent >= DEFER_MIN)
+            continue;
+        p->unsent = 0;
         if (q_send(&p->out, p->fd) < 0) {
             char reason[160];
             snprintf(reason, sizeof reason, "sending to node %s failed: %s", p->node,
@@ -746,8 +758,8 @@ static void update_reading(Relay *r) {
         client_close_event(r, r->close_reason, 0);
 }
 
-static void after_io(Relay *r) {
-    flush_paths(r);
+static void after_io(Relay *r, int defer) {
+    flush_paths(r, defer);
     flush_client(r);
     update_reading(r);
 }
@@ -1044,7 +1056,7 @@ static PyObject *Relay_attach_client(Relay *r, PyObject *args) {
     PyBuffer_Release(&out);
     if (rc == 0) rc = parse_requests(r);
     if (rc < 0) return oom(r);
-    after_io(r);
+    after_io(r, 0);
     return ev_take(r);
 }
 
@@ -1124,7 +1136,7 @@ static PyObject *Relay_client_readable(Relay *r, PyObject *unused) {
         client_close_event(r, reason, 1);
         break;
     }
-    after_io(r);
+    after_io(r, 1);
     return ev_take(r);
 }
 
@@ -1187,7 +1199,7 @@ static PyObject *Relay_path_readable(Relay *r, PyObject *arg) {
         path_fail(r, pi, reason);
         break;
     }
-    after_io(r);
+    after_io(r, 0);
     return ev_take(r);
 }
 
@@ -1195,7 +1207,7 @@ static PyObject *Relay_path_readable(Relay *r, PyObject *arg) {
 static PyObject *Relay_writable(Relay *r, PyObject *arg) {
     long fd = PyLong_AsLong(arg);
     if (fd == -1 && PyErr_Occurred()) return NULL;
-    after_io(r);
+    after_io(r, 0);
     return ev_take(r);
 }
 
@@ -1229,7 +1241,7 @@ static PyObject *Relay_add_path(Relay *r, PyObject *args) {
         r->held--;
         if (dispatch(r, si) < 0) return oom(r);
     }
-    after_io(r);
+    after_io(r, 0);
     return ev_take(r);
 }
 
@@ -1243,7 +1255,7 @@ static PyObject *Relay_fail_path(Relay *r, PyObject *args) {
         return NULL;
     }
     path_fail(r, pi, reason);
-    after_io(r);
+    after_io(r, 0);
     return ev_take(r);
 }
 
@@ -1291,7 +1303,7 @@ static PyObject *Relay_fail_held(Relay *r, PyObject *args) {
         slot_free(r, si);
     }
     r->held_tail = -1;
-    after_io(r);
+    after_io(r, 0);
     return ev_take(r);
 }
 
@@ -1313,7 +1325,7 @@ static PyObject *Relay_stats(Relay *r, PyObject *unused) {
 
 /* flush() -> events | None: try to send what is queued (before a close). */
 static PyObject *Relay_flush(Relay *r, PyObject *unused) {
-    after_io(r);
+    after_io(r, 0);
     return ev_take(r);
 }
 
