@@ -67,10 +67,13 @@ def test_pair_identity_initial_copy_and_mirrored_writes(two: ClusterProc) -> Non
     qemu_io(two.uri("B", "vol"), "read -P 0x5a 0 4M", "read -P 0x33 8M 1M", "read -P 0 4M 4M")
     # A write through A is read through B, and the other way round.
     qemu_io(two.uri("A", "vol"), "write -P 0x11 1M 64k", "flush")
+    # Forwarded writes, small and large (the primary refers to the data B holds).
     qemu_io(two.uri("B", "vol"), "read -P 0x11 1M 64k", "write -P 0x22 2M 64k",
-            "write -f -P 0x23 3M 4k", "write -z 9M 64k", "discard 10M 64k")
+            "write -f -P 0x23 3M 4k", "write -z 9M 64k", "discard 10M 64k",
+            "write -P 0x24 12M 3M", "write -P 0x25 13M 4k")
     qemu_io(two.uri("A", "vol"), "read -P 0x22 2M 64k", "read -P 0x23 3M 4k",
-            "read -P 0 9M 64k", "read -P 0 10M 64k")
+            "read -P 0 9M 64k", "read -P 0 10M 64k", "read -P 0x24 12M 1M",
+            "read -P 0x25 13M 4k", "read -P 0x24 13316k 2044k")
     assert digest(two.uri("A", "vol"), 16 * MiB) == digest(two.uri("B", "vol"), 16 * MiB)
     # Both sides report the pair.
     a, b = two.pair("A", "vol"), two.pair("B", "vol")

@@ -112,7 +112,8 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         self.backend: Backend | None = None
         self.export: ExportInfo | None = None
         self.peer = "?"
-        self._pending: set[asyncio.Future[None]] = set()
+        self._inflight = 0  # requests started and not yet answered
+        self._idle_waiters: list[asyncio.Future[None]] = []
         self._paused_pending = False
         self._write_paused = False
         self._closing = False
@@ -126,6 +127,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()  # asking per call costs a getpid()
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -199,7 +201,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         """Replies completed by callbacks in one loop iteration leave in one write."""
         if not self._flush_pending:
             self._flush_pending = True
-            asyncio.get_running_loop().call_soon(self._flush_later)
+            self._loop.call_soon(self._flush_later)
 
     def _flush_later(self) -> None:
         self._flush_pending = False
@@ -228,9 +230,8 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
                         extra={"peer": self.peer, "reason": ev.reason})
             self.transport.abort()
             return
-        if self._pending:
-            waiter = asyncio.gather(*self._pending, return_exceptions=True)
-            waiter.add_done_callback(lambda _f: self._close())
+        if self._inflight:
+            self.idle().add_done_callback(lambda _f: self._close())
         else:
             self._close()
 
@@ -240,8 +241,8 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         if transport is None or transport.is_closing():
             return
         transport.pause_reading()
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=timeout)
+        if self._inflight:
+            await asyncio.wait([self.idle()], timeout=timeout)
         self._flush_replies()
         transport.close()
 
@@ -299,38 +300,65 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
             replies.append(conn.reply_ok(req.cookie))
 
     def _submit(self, req: Request) -> None:
-        """Hand a write to an asynchronous (replicated) backend; reply when it completes."""
+        """Hand a write to an asynchronous (replicated) backend; reply when it completes.
+
+        A backend with `start` calls back when done (no Future per request); otherwise
+        `submit` returns an awaitable."""
         backend = self.backend
         data = None if req.data is None else self.conn.own_payload(req.data)
-        fut = asyncio.ensure_future(backend.submit(  # type: ignore[union-attr]
-            int(req.command), req.offset, req.length, data, req.flags))  # no-op on a Future
-        self._pending.add(fut)
-        self._update_reading()
-        cookie = req.command, req.cookie
+        self._began()
+        cookie, command = req.cookie, req.command
 
-        def done(f: asyncio.Future[None]) -> None:
-            self._pending.discard(f)
-            self._update_reading()
+        def done(exc: BaseException | None) -> None:
+            self._ended()
             if self.transport is None or self.transport.is_closing():
-                if not f.cancelled():
-                    f.exception()
                 return
-            exc = None if f.cancelled() else f.exception()
-            if f.cancelled():
-                self._replies.extend(self.conn.reply_error(cookie[1], Err.EIO, "cancelled"))
-            elif exc is None:
-                self._replies.append(self.conn.reply_ok(cookie[1]))
+            if exc is None:
+                self._replies.append(self.conn.reply_ok(cookie))
             else:
                 err = getattr(exc, "errno", None)
                 if isinstance(exc, OSError):
                     err = nbd_errno(exc)
-                    self.stats.error(cookie[0].name, self.export, 0, exc)
+                    self.stats.error(command.name, self.export, 0, exc)
+                elif isinstance(exc, asyncio.CancelledError):
+                    exc = Exception("cancelled")
                 self._replies.extend(self.conn.reply_error(
-                    cookie[1], int(err) if isinstance(err, int) else Err.EIO,
-                    f"{cookie[0].name} failed: {exc}"))
+                    cookie, int(err) if isinstance(err, int) else Err.EIO,
+                    f"{command.name} failed: {exc}"))
             self._schedule_flush()
 
-        fut.add_done_callback(done)
+        start = getattr(backend, "start", None)
+        if start is not None:
+            start(int(command), req.offset, req.length, data, req.flags, done)
+            return
+        fut = asyncio.ensure_future(backend.submit(  # type: ignore[union-attr]
+            int(command), req.offset, req.length, data, req.flags))  # no-op on a Future
+        fut.add_done_callback(
+            lambda f: done(asyncio.CancelledError() if f.cancelled() else f.exception()))
+
+    def _began(self) -> None:
+        self._inflight += 1
+        if self._inflight >= MAX_PENDING:
+            self._update_reading()
+
+    def _ended(self) -> None:
+        self._inflight -= 1
+        if self._paused_pending:
+            self._update_reading()
+        if not self._inflight and self._idle_waiters:
+            for w in self._idle_waiters:
+                if not w.done():
+                    w.set_result(None)
+            self._idle_waiters.clear()
+
+    def idle(self) -> asyncio.Future[None]:
+        """Done once no request of this connection is in flight."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._inflight:
+            self._idle_waiters.append(fut)
+        else:
+            fut.set_result(None)
+        return fut
 
     def _sync(self, req: Request) -> None:
         """fdatasync off the loop, then reply; later requests do not wait for it."""
@@ -338,13 +366,11 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         assert backend is not None
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self.executor, backend.flush)
-        self._pending.add(fut)
-        self._update_reading()
+        self._began()
         started = loop.time()
 
         def done(f: asyncio.Future[None]) -> None:
-            self._pending.discard(f)
-            self._update_reading()
+            self._ended()
             if f.cancelled():
                 return
             exc = f.exception()
@@ -367,7 +393,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        pause = self._write_paused or self._held or len(self._pending) >= MAX_PENDING
+        pause = self._write_paused or self._held or self._inflight >= MAX_PENDING
         if pause and not self._paused_pending:
             self._paused_pending = True
             transport.pause_reading()
@@ -396,11 +422,12 @@ async def rebind(connections: Sequence[NbdServerProtocol], backend: Backend | No
         c._held = True
         c._update_reading()
     try:
-        pending = [f for c in conns for f in c._pending]
-        if pending:
-            _, late = await asyncio.wait(pending, timeout=timeout)
+        busy = [c for c in conns if c._inflight]
+        if busy:
+            await asyncio.wait([c.idle() for c in busy], timeout=timeout)
+            late = sum(c._inflight for c in busy)
             if late:
-                raise DrainTimeout(f"{len(late)} request(s) in flight did not finish within "
+                raise DrainTimeout(f"{late} request(s) in flight did not finish within "
                                    f"{timeout:g} s")
         olds = {id(c.backend): c.backend for c in conns if c.backend is not None}
         if backend is not None:

@@ -38,7 +38,7 @@ from twinvol.replication.pairs import (
     new_generation,
     resync_direction,
 )
-from twinvol.replication.peer import Message, PeerDown, PeerService, RemoteError
+from twinvol.replication.peer import Done, Later, Message, PeerDown, PeerService, RemoteError
 from twinvol.replication.remote import (
     DEFAULT_JOURNAL,
     JournalingBackend,
@@ -56,6 +56,10 @@ log = logging.getLogger("twinvol.replication")
 COPY_WINDOW = 16       # copy messages in flight
 CURSOR_EVERY = 64      # persist the copy cursor every N chunks
 AL_IDLE = 1.0          # seconds without writes before an activity-log extent is retired
+
+
+def _exc_of(f: asyncio.Future[Any]) -> BaseException | None:
+    return asyncio.CancelledError() if f.cancelled() else f.exception()
 
 
 class WriteFailed(Exception):
@@ -106,6 +110,18 @@ class ReplicatedBackend(AsyncWriteBackend):
         if cmd == Cmd.FLUSH:
             return self.mgr.host_flush(self.pr)
         return self.mgr.host_write(self.pr, cmd, offset, length, data, flags)
+
+    def start(self, cmd: int, offset: int, length: int, data: Payload | None, flags: int,
+              done: Done) -> None:
+        """`submit` for the NBD layer, completing through `done`: a mirrored write costs
+        no Future or Task."""
+        mgr = self.mgr
+        if cmd != Cmd.FLUSH and mgr._fast_write(self.pr, cmd, offset, length, data, flags,
+                                                done):
+            return
+        fut = asyncio.ensure_future(mgr.host_flush(self.pr) if cmd == Cmd.FLUSH else
+                                    mgr._host_write(self.pr, cmd, offset, length, data, flags))
+        fut.add_done_callback(lambda f: done(_exc_of(f)))
 
 
 class ReplicationManager:
@@ -467,83 +483,97 @@ class ReplicationManager:
     def host_write(self, pr: PairRuntime, cmd: int, offset: int, length: int,
                    data: Payload | None, flags: int) -> Awaitable[None]:
         """Start a host write; the common mirrored case completes without a Task."""
-        fast = self._fast_write(pr, cmd, offset, length, data, flags)
-        if fast is not None:
-            return fast
+        result: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def done(exc: BaseException | None) -> None:
+            if exc is None:
+                result.set_result(None)
+            else:
+                result.set_exception(exc)
+
+        if self._fast_write(pr, cmd, offset, length, data, flags, done):
+            return result
         return self._host_write(pr, cmd, offset, length, data, flags)
 
     def _fast_write(self, pr: PairRuntime, cmd: int, offset: int, length: int,
-                    data: Payload | None, flags: int) -> asyncio.Future[None] | None:
-        """Mirrored write with nothing to wait for but the partner: apply, send, chain.
+                    data: Payload | None, flags: int, done: Done, fwd: int = 0) -> bool:
+        """Mirrored write with nothing to wait for but the partner: apply, send, and call
+        `done(None)` or `done(exc)` from the partner's reply, with no Future or Task.
 
-        Returns None when the general path is needed (AL update pending, FUA, no link,
-        copy running, not mirrored)."""
+        Returns False (nothing done) when the general path is needed (AL update pending,
+        FUA, no link, copy running, not mirrored). `fwd` is the partner's request id of
+        a write it forwarded to us, whose payload it holds: the mirrored write then
+        refers to it instead of sending it back."""
         rec = pr.rec
         if rec.io_mode != "mirror" or flags & 1:
-            return None
+            return False
         link = self._link_or_none(rec.partner)
         if link is None:
-            return None
-        loop = asyncio.get_running_loop()
-        result: asyncio.Future[None] = loop.create_future()
+            return False
         if rec.role == "secondary":
-            peer_fut = link.request({"t": "fw", "pair": rec.name, "cmd": cmd, "off": offset,
-                                     "len": length, "flags": flags}, data or b"")
+            holding = cmd == Cmd.WRITE and data
+            held = link.held
 
-            def fw_done(f: asyncio.Future[Message]) -> None:
-                exc = f.exception()
+            def fw_done(exc: BaseException | None) -> None:
+                if holding:
+                    held.pop(rid, None)
                 if exc is None:
-                    result.set_result(None)
+                    done(None)
                 elif isinstance(exc, RemoteError):
-                    result.set_exception(WriteFailed(
-                        int(exc.code) if exc.code.isdigit() else Err.EIO, str(exc)))
+                    done(WriteFailed(int(exc.code) if exc.code.isdigit() else Err.EIO, str(exc)))
                 else:
-                    result.set_exception(WriteFailed(Err.EIO, f"partner lost: {exc}"))
+                    done(WriteFailed(Err.EIO, f"partner lost: {exc}"))
 
-            peer_fut.add_done_callback(fw_done)
-            return result
+            header: dict[str, Any] = {"t": "fw", "pair": rec.name, "cmd": cmd, "off": offset,
+                                      "len": length, "flags": flags}
+            if holding:
+                header["hold"] = 1  # the primary may refer to the data instead of echoing it
+            rid = link.request_cb(header, data or b"", fw_done)
+            if holding:
+                held[rid] = data
+            return True
         if not pr.al.durable:
-            return None
+            return False
         exts = chunks_of(offset, length, AL_EXTENT)
         al = pr.al
         for x in exts:
             if not al.test(x):
-                return None
-        self._apply(pr, cmd, offset, length, data, flags)
+                return False
+        try:
+            self._apply(pr, cmd, offset, length, data, flags)
+        except OSError as e:
+            done(e)  # this copy is unchanged: the partner is not asked either
+            return True
+        inflight = pr.al_inflight
         for x in exts:
-            pr.al_inflight[x] = pr.al_inflight.get(x, 0) + 1
+            inflight[x] = inflight.get(x, 0) + 1
         header = {"t": "w", "pair": rec.name, "cmd": cmd, "off": offset, "len": length,
                   "flags": flags}
+        payload = data or b""
+        if fwd and payload:
+            header["fwd"] = fwd
+            payload = b""
         seq = 0
         if self.remote.feeds:
             seq = header["j"] = self.remote.on_applied(rec.volume, cmd, offset, length, data,
                                                        flags, committed=False)
-        peer_fut = link.request(header, data or b"")
 
-        def done(f: asyncio.Future[Message]) -> None:
+        def w_done(exc: BaseException | None) -> None:
             if seq:
                 self.remote.commit(seq)
             now = time.monotonic()
             for x in exts:
-                pr.al_inflight[x] -= 1
+                inflight[x] -= 1
                 pr.al_last[x] = now
-            if f.exception() is None:
-                result.set_result(None)
+            if exc is None:
+                done(None)
                 return
             # The write reached only this copy: the general path records it and decides.
             task = asyncio.ensure_future(self._partner_missing(pr, chunks_of(offset, length)))
+            task.add_done_callback(lambda t: done(_exc_of(t)))
 
-            def settle(t: asyncio.Future[None]) -> None:
-                exc = t.exception()
-                if exc is not None:
-                    result.set_exception(exc)
-                else:
-                    result.set_result(None)
-
-            task.add_done_callback(settle)
-
-        peer_fut.add_done_callback(done)
-        return result
+        link.request_cb(header, payload, w_done)
+        return True
 
     async def _host_write(self, pr: PairRuntime, cmd: int, offset: int, length: int,
                           data: Payload | None, flags: int) -> None:
@@ -836,7 +866,7 @@ class ReplicationManager:
     # ---- peer messages ---------------------------------------------------------------
 
     def _on_message(self, peer: str, h: dict[str, Any], payload: Payload
-                    ) -> Message | Awaitable[Message] | None:
+                    ) -> Message | Awaitable[Message] | Later | None:
         t = h["t"]
         h["_peer"] = peer
         if t == "pair_prepare":
@@ -901,6 +931,14 @@ class ReplicationManager:
                 self.remote.on_copied(pr.rec.volume, off, n, int(h.get("j", 0)))
             return {}, b""
         cmd, flags = int(h["cmd"]), int(h.get("flags", 0))
+        if "fwd" in h:
+            # Our own forwarded write, ordered by the primary: we kept its data.
+            link = self.peers.links.get(str(h["_peer"]))
+            held = None if link is None else link.held.pop(int(h["fwd"]), None)
+            if held is None or len(held) != n:
+                raise RemoteError(f"mirrored write refers to forwarded write {h['fwd']}, "
+                                  "whose data this node does not hold", "invalid")
+            payload = held
         self._apply(pr, cmd, off, n, payload, flags)
         if self.remote.feeds:
             if "j" in h:
@@ -921,24 +959,25 @@ class ReplicationManager:
         return await self._sync_reply(pr)
 
     def _forwarded(self, pr: PairRuntime, h: dict[str, Any], payload: Payload
-                   ) -> Awaitable[Message]:
+                   ) -> Later | Awaitable[Message]:
         if pr.rec.role == "primary":
-            fast = self._fast_write(pr, int(h["cmd"]), int(h["off"]), int(h["len"]), payload,
-                                    int(h.get("flags", 0)))
-            if fast is not None:
-                out: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+            later = Later()
 
-                def done(f: asyncio.Future[None]) -> None:
-                    exc = f.exception()
-                    if exc is None:
-                        out.set_result(({}, b""))
-                    elif isinstance(exc, WriteFailed):
-                        out.set_exception(RemoteError(str(exc), str(exc.errno)))
-                    else:
-                        out.set_exception(exc)
+            def done(exc: BaseException | None) -> None:
+                if exc is None:
+                    later.done(({}, b""))
+                elif isinstance(exc, WriteFailed):
+                    later.done(RemoteError(str(exc), str(exc.errno)))
+                elif isinstance(exc, OSError):
+                    later.done(RemoteError(f"write failed: {exc}", str(Err.EIO)))
+                else:
+                    later.done(exc)
 
-                fast.add_done_callback(done)
-                return out
+            cmd = int(h["cmd"])
+            if self._fast_write(pr, cmd, int(h["off"]), int(h["len"]), payload,
+                                int(h.get("flags", 0)), done,
+                                fwd=int(h["id"]) if h.get("hold") else 0):
+                return later
         return self._forwarded_slow(pr, h, payload)
 
     async def _forwarded_slow(self, pr: PairRuntime, h: dict[str, Any], payload: Payload

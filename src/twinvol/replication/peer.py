@@ -33,7 +33,11 @@ DEAD_AFTER = 2.0
 HANDSHAKE_TIMEOUT = 3.0
 
 Message = tuple[dict[str, Any], Payload]
-Handler = Callable[[str, dict[str, Any], Payload], "Message | Awaitable[Message] | None"]
+Handler = Callable[[str, dict[str, Any], Payload],
+                   "Message | Awaitable[Message] | Later | None"]
+Done = Callable[[BaseException | None], None]
+
+FLUSH_NOW = 256 * 1024  # a payload this large leaves at once, not at the end of the step
 
 
 class PeerDown(Exception):
@@ -46,6 +50,31 @@ class RemoteError(Exception):
     def __init__(self, message: str, code: str = "error") -> None:
         super().__init__(message)
         self.code = code
+
+
+class Later:
+    """A reply a handler completes later, with no Task or Future in between (the
+    mirrored write path answers thousands of these a second)."""
+
+    __slots__ = ("_link", "_result", "_rid")
+
+    def __init__(self) -> None:
+        self._link: PeerLink | None = None
+        self._rid = 0
+        self._result: Message | BaseException | None = None
+
+    def done(self, result: Message | BaseException) -> None:
+        """Complete with a reply, or an exception (RemoteError keeps its code)."""
+        if self._link is not None:
+            self._link._complete(self._rid, result)
+        else:
+            self._result = result
+
+    def _attach(self, link: PeerLink, rid: int) -> None:
+        if self._result is not None:
+            link._complete(rid, self._result)
+        else:
+            self._link, self._rid = link, rid
 
 
 def _mac(secret: str, nonce: str, sender: str, receiver: str) -> str:
@@ -72,12 +101,18 @@ class PeerLink(asyncio.BufferedProtocol):
         self.nonce = secrets.token_hex(16)
         self.peer_nonce: str | None = None
         self.authed = False
-        self.ready = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()  # asking per call costs a getpid()
+        self.ready = self._loop.create_future()
         self.pending: dict[int, asyncio.Future[Message]] = {}
+        self.waiting: dict[int, Done] = {}   # requests answered through a callback
+        # Payloads of writes this side forwarded to the primary, by request id: the
+        # primary's mirrored write refers to them instead of sending them back.
+        self.held: dict[int, Payload] = {}
         self.ids = itertools.count(1)
         self.last_rx = time.monotonic()
         self.closed = False
         self._outq: list[bytes | bytearray | memoryview] = []
+        self._acks: list[int] = []   # ids of requests answered with an empty success
         self._flush_scheduled = False
         self._scratch = memoryview(bytearray(SCRATCH_SIZE))
         self._into_payload = False
@@ -132,8 +167,25 @@ class PeerLink(asyncio.BufferedProtocol):
         if not self.authed:
             self._handshake(t, h)
             return
+        if t == "acks":
+            waiting, pending = self.waiting, self.pending
+            for rid in h["ids"]:
+                cb = waiting.pop(rid, None)
+                if cb is not None:
+                    cb(None)
+                    continue
+                f = pending.pop(rid, None)
+                if f is not None and not f.done():
+                    f.set_result(({"t": "resp", "id": rid}, b""))
+            return
         if t == "resp":
-            fut = self.pending.pop(int(h["id"]), None)
+            rid = int(h["id"])
+            cb = self.waiting.pop(rid, None)
+            if cb is not None:
+                cb(RemoteError(str(h["error"]), str(h.get("code", "error")))
+                   if "error" in h else None)
+                return
+            fut = self.pending.pop(rid, None)
             if fut is not None and not fut.done():
                 if "error" in h:
                     fut.set_exception(RemoteError(str(h["error"]), str(h.get("code", "error"))))
@@ -191,15 +243,36 @@ class PeerLink(asyncio.BufferedProtocol):
         """Queue a frame; frames queued in one loop iteration leave in one write."""
         if self.transport is None or self.transport.is_closing():
             raise PeerDown(f"link to {self.peer} is closed")
-        self._outq.extend(encode(header, payload))
+        outq = self._outq
+        if self._acks:  # replies keep their order
+            outq.extend(encode({"t": "acks", "ids": self._acks}))
+            self._acks = []
+        outq.extend(encode(header, payload))
+        if len(payload) >= FLUSH_NOW:
+            self._flush_out()  # the peer starts on it while this side goes on
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_later)
+
+    def _ack(self, rid: int) -> None:
+        """An empty success reply: all of one step's go as one `acks` frame."""
+        self._acks.append(rid)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_out)
+            self._loop.call_soon(self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._flush_scheduled = False
+        self._flush_out()
 
     def _flush_out(self) -> None:
-        self._flush_scheduled = False
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self._acks:
+            self._outq.extend(encode({"t": "acks", "ids": self._acks}))
+            self._acks = []
         out, self._outq = self._outq, []
-        if out and self.transport is not None and not self.transport.is_closing():
+        if out:
             self.transport.writelines(out)
 
     def request(self, header: dict[str, Any],
@@ -208,10 +281,21 @@ class PeerLink(asyncio.BufferedProtocol):
         if not self.authed or self.closed:
             raise PeerDown(f"link to {self.peer} is down")
         rid = next(self.ids)
-        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Message] = self._loop.create_future()
         self.pending[rid] = fut
         self._send({**header, "id": rid}, payload)
         return fut
+
+    def request_cb(self, header: dict[str, Any], payload: Payload, done: Done) -> int:
+        """Send a request whose reply only says success or failure; `done(None)` or
+        `done(exc)` runs when it arrives (RemoteError, or PeerDown when the link goes
+        down). `header` is the caller's fresh dict (it gets the id). Returns the id."""
+        if not self.authed or self.closed:
+            raise PeerDown(f"link to {self.peer} is down")
+        rid = header["id"] = next(self.ids)
+        self.waiting[rid] = done
+        self._send(header, payload)
+        return rid
 
     def _dispatch(self, h: dict[str, Any], payload: Payload) -> None:
         rid = h.get("id")
@@ -229,6 +313,9 @@ class PeerLink(asyncio.BufferedProtocol):
         if isinstance(result, tuple):
             self._reply(rid, result)
             return
+        if isinstance(result, Later):
+            result._attach(self, rid)
+            return
         task = asyncio.ensure_future(result)
         task.add_done_callback(lambda f: self._finish(rid, f))
 
@@ -243,8 +330,21 @@ class PeerLink(asyncio.BufferedProtocol):
         else:
             self._reply_error(rid, f"{type(exc).__name__}: {exc}", "internal")
 
+    def _complete(self, rid: int, result: Message | BaseException) -> None:
+        if self.closed:
+            return
+        if not isinstance(result, BaseException):
+            self._reply(rid, result)
+        elif isinstance(result, RemoteError):
+            self._reply_error(rid, str(result), result.code)
+        else:
+            self._reply_error(rid, f"{type(result).__name__}: {result}", "internal")
+
     def _reply(self, rid: int, result: Message) -> None:
         header, payload = result
+        if not header and not payload:
+            self._ack(rid)
+            return
         with contextlib.suppress(PeerDown):
             self._send({**header, "t": "resp", "id": rid}, payload)
 
@@ -278,6 +378,12 @@ class PeerLink(asyncio.BufferedProtocol):
             if not fut.done():
                 fut.set_exception(PeerDown(reason))
         self.pending.clear()
+        # Like the futures' callbacks, these run after the link-down handlers.
+        loop = asyncio.get_running_loop()
+        for cb in self.waiting.values():
+            loop.call_soon(cb, PeerDown(reason))
+        self.waiting.clear()
+        self.held.clear()
         if self.authed:
             self.service._link_down(self, reason)
 

@@ -16,7 +16,7 @@ import msgspec
 from twinvol.nbd.constants import MAX_PAYLOAD
 from twinvol.storage.buffers import MIN_POOLED, POOL
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: `acks` frames, mirrored writes that refer to forwarded data
 MAX_HEADER = 64 * 1024
 MAX_FRAME_PAYLOAD = MAX_PAYLOAD
 _LEN = struct.Struct(">II")
