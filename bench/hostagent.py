@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -86,14 +87,20 @@ def fio(uri: str, rw: str, bs: str, depth: int, size: int, runtime: float) -> Re
     argv = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
             f"--bs={bs}", f"--iodepth={depth}", f"--size={size}", "--time_based",
             f"--runtime={runtime}", "--ramp_time=1", "--output-format=json"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.run(argv, capture_output=True, text=True, timeout=runtime + 60)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    fio_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     if p.returncode != 0 or "{" not in p.stdout:
         return Result("", "", error=(p.stderr or p.stdout).strip()[-300:])
     job = json.loads(p.stdout[p.stdout.index("{"):])["jobs"][0]
     d = job["read" if "read" in rw else "write"]
     p99 = d.get("clat_ns", {}).get("percentile", {}).get("99.000000", 0) / 1000
-    return Result("", "", d["iops"], d["bw_bytes"], p99,
-                  None if job["error"] == 0 else f"fio error {job['error']}")
+    r = Result("", "", d["iops"], d["bw_bytes"], p99,
+               None if job["error"] == 0 else f"fio error {job['error']}")
+    if r.iops:
+        r.cpu_us = {"fio": fio_cpu / (r.iops * (runtime + 1)) * 1e6}
+    return r
 
 
 def main() -> int:
@@ -150,16 +157,17 @@ def main() -> int:
                 r = fio(uri, rw, bs, depth, size, args.runtime)
                 ios = r.iops * (args.runtime + 1)  # + the ramp, which CPU time includes
                 if ios:
-                    r.cpu_us = {("agent" if n in agents else n):
-                                (cpu_seconds(sup.components[n].pid) - before[n]) / ios * 1e6
-                                for n in serving}
+                    r.cpu_us = {**(r.cpu_us or {}), **{
+                        ("agent" if n in agents else n):
+                        (cpu_seconds(sup.components[n].pid) - before[n]) / ios * 1e6
+                        for n in serving}}
                 r.case, r.target = case, target
                 results.append(r)
                 time.sleep(0.2)
     finally:
         sup.stop_all()
     table = Table("case", "target", "IOPS", "MB/s", "p99 µs", "vs direct",
-                  "CPU µs/req A", "B", "agent")
+                  "CPU µs/req A", "B", "agent", "fio")
     base = {r.case: r for r in results if r.target == "node A direct"}
     for r in results:
         if r.error:
@@ -170,7 +178,7 @@ def main() -> int:
         cpu = r.cpu_us or {}
         table.add_row(r.case, r.target, f"{r.iops:,.0f}", f"{r.bw_bytes / 1e6:,.0f}",
                       f"{r.lat_p99_us:,.0f}", ratio,
-                      *(f"{cpu[k]:.1f}" if k in cpu else "-" for k in ("A", "B", "agent")))
+                      *(f"{cpu[k]:.1f}" if k in cpu else "-" for k in ("A", "B", "agent", "fio")))
     console.print(table)
     console.print(f"cpus: {os.cpu_count()}  load: {os.getloadavg()[0]:.2f}  (fio, both nodes and "
                   "the agents share the machine)")
