@@ -317,6 +317,7 @@ typedef struct {
     const char *close_reason;  /* why closing: a DISC or the client's EOF */
     unsigned long long retries, held_total, requests;
     PyObject *events;        /* list being built during one call, or NULL */
+    PyObject *on_events;     /* called with the events of an I/O call (see deliver) */
 } Relay;
 
 /* ---- events back to Python -------------------------------------------------------- */
@@ -338,6 +339,19 @@ static PyObject *ev_take(Relay *r) {
     if (PyErr_Occurred()) { Py_XDECREF(ev); return NULL; }
     if (!ev) Py_RETURN_NONE;
     return ev;
+}
+
+/* The I/O entry points (client_readable, path_readable, writable) are called by the event
+   loop itself: their events go to `on_events` when set, so the loop calls C directly and
+   Python runs only when there is something to do. */
+static PyObject *deliver(Relay *r) {
+    PyObject *ev = ev_take(r);
+    if (!ev || ev == Py_None || !r->on_events) return ev;
+    PyObject *res = PyObject_CallOneArg(r->on_events, ev);
+    Py_DECREF(ev);
+    if (!res) return NULL;
+    Py_DECREF(res);
+    Py_RETURN_NONE;
 }
 
 /* ---- client replies -------------------------------------------------------------- */
@@ -1094,6 +1108,7 @@ static void Relay_dealloc(Relay *r) {
     relay_close_all(r);
     free(r->fail_msg);
     Py_XDECREF(r->events);
+    Py_XDECREF(r->on_events);
     Py_TYPE(r)->tp_free((PyObject *)r);
 }
 
@@ -1137,7 +1152,7 @@ static PyObject *Relay_client_readable(Relay *r, PyObject *unused) {
         break;
     }
     after_io(r, 1);
-    return ev_take(r);
+    return deliver(r);
 }
 
 static int path_index(Relay *r, PyObject *arg) {
@@ -1200,7 +1215,7 @@ static PyObject *Relay_path_readable(Relay *r, PyObject *arg) {
         break;
     }
     after_io(r, 0);
-    return ev_take(r);
+    return deliver(r);
 }
 
 /* writable(fd) -> events | None: the loop says fd can take more. */
@@ -1208,7 +1223,7 @@ static PyObject *Relay_writable(Relay *r, PyObject *arg) {
     long fd = PyLong_AsLong(arg);
     if (fd == -1 && PyErr_Occurred()) return NULL;
     after_io(r, 0);
-    return ev_take(r);
+    return deliver(r);
 }
 
 /* add_path(i, fd, node, order, primary, ctx_id) -> events | None; releases held requests. */
@@ -1370,7 +1385,22 @@ static PyMethodDef Relay_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *Relay_get_on_events(Relay *r, void *closure) {
+    if (!r->on_events) Py_RETURN_NONE;
+    Py_INCREF(r->on_events);
+    return r->on_events;
+}
+
+static int Relay_set_on_events(Relay *r, PyObject *value, void *closure) {
+    PyObject *old = r->on_events;
+    r->on_events = value == Py_None ? NULL : value;
+    Py_XINCREF(r->on_events);
+    Py_XDECREF(old);
+    return 0;
+}
+
 static PyGetSetDef Relay_getset[] = {
+    {"on_events", (getter)Relay_get_on_events, (setter)Relay_set_on_events, NULL, NULL},
     {"client_fd", (getter)Relay_get_client_fd, NULL, NULL, NULL},
     {"outstanding", (getter)Relay_get_outstanding, NULL, NULL, NULL},
     {"held", (getter)Relay_get_held, NULL, NULL, NULL},

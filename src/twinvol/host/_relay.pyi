@@ -1,5 +1,6 @@
 """Type stub of the C extension twinvol.host._relay (see _relay.c)."""
 
+from collections.abc import Callable
 from typing import Any
 
 MAX_PATHS: int
@@ -10,6 +11,7 @@ class Relay:
     client_fd: int
     outstanding: int
     held: int
+    on_events: Callable[[list[tuple[Any, ...]]], None] | None
     def __init__(self, size: int, max_outstanding: int = 256) -> None: ...
     def attach_client(self, fd: int, structured: bool, meta_context: bool, read_only: bool,
                       pending_in: bytes, pending_out: bytes, /) -> Events: ...

@@ -116,6 +116,9 @@ class RelaySession(Session):
         super().__init__(*args, **kw)
         self._loop = asyncio.get_running_loop()
         self.relay: Any = _relay.Relay(int(self.identity.get("size") or 0))
+        # The loop calls the relay directly; Python runs only when it reports events.
+        # (A cycle relay -> method -> session -> relay: close() breaks it.)
+        self.relay.on_events = self._events
         self.client_fd = -1
         self.on_client_closed: Any = None  # called with (reason, error) once
         self._client_reading = False
@@ -128,24 +131,9 @@ class RelaySession(Session):
         """The client's transmission phase starts here: the relay owns `fd` from now on."""
         self.client_fd = fd
         self._client_reading = True
-        self._loop.add_reader(fd, self._client_readable)
+        self._loop.add_reader(fd, self.relay.client_readable)
         self._events(self.relay.attach_client(fd, structured, meta_context, read_only,
                                               pending_in, pending_out))
-
-    def _client_readable(self) -> None:
-        ev = self.relay.client_readable()
-        if ev is not None:
-            self._events(ev)
-
-    def _path_readable(self, i: int) -> None:
-        ev = self.relay.path_readable(i)
-        if ev is not None:
-            self._events(ev)
-
-    def _writable(self, fd: int) -> None:
-        ev = self.relay.writable(fd)
-        if ev is not None:
-            self._events(ev)
 
     @property
     def outstanding(self) -> int:
@@ -185,7 +173,7 @@ class RelaySession(Session):
                     "server_message": ev[3]})
             elif kind == "want_write":
                 self._writers.add(ev[1])
-                loop.add_writer(ev[1], self._writable, ev[1])
+                loop.add_writer(ev[1], self.relay.writable, ev[1])
             elif kind == "write_idle":
                 self._writers.discard(ev[1])
                 loop.remove_writer(ev[1])
@@ -196,7 +184,7 @@ class RelaySession(Session):
             elif kind == "resume_client":
                 if not self._client_reading and self.client_fd >= 0:
                     self._client_reading = True
-                    loop.add_reader(self.client_fd, self._client_readable)
+                    loop.add_reader(self.client_fd, self.relay.client_readable)
             elif kind == "client_closed":
                 self._client_closed(ev[1], ev[2])
 
@@ -224,7 +212,7 @@ class RelaySession(Session):
             os.close(fd)
             path.fd = -1
             return
-        self._loop.add_reader(fd, self._path_readable, path.order)
+        self._loop.add_reader(fd, self.relay.path_readable, path.order)
         if self.relay.held:
             log.info("releasing held requests", extra={"export": self.export,
                                                        "count": self.relay.held,
@@ -316,6 +304,7 @@ class RelaySession(Session):
         super().close()
         if relay is not None:
             relay.close()
+            relay.on_events = None
             self.client_fd = -1
 
 
