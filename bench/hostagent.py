@@ -109,17 +109,29 @@ def main() -> int:
     ap.add_argument("--size", default="256M", help="volume size (default 256M)")
     ap.add_argument("--json-out", help="also write the results as JSON here")
     ap.add_argument("--cases", help="comma-separated subset of the cases, e.g. '4k randread'")
+    ap.add_argument("--python-agent", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run an agent on the Python data path (default: yes)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=TUNING",
+                    help="also run an A+B agent with relay tuning, e.g. "
+                         "'d1=defer_min=1,batch_slack=8' (TWINVOL_RELAY_TUNING)")
     args = ap.parse_args()
     size = parse_size(args.size)
     sup = Supervisor()
     tmp = Path(tempfile.mkdtemp(prefix="twinvol-hostbench-"))
-    ports = free_ports(10)
+    ports = free_ports(10 + 2 * len(args.variant))
     nodes = {n: {"site": n, "nbd": f"127.0.0.1:{ports[2 * i]}",
                  "api": f"127.0.0.1:{ports[2 * i + 1]}", "data_dir": f"data-{n}"}
              for i, n in enumerate("AB")}
     agents = {"agent A+B": (["A", "B"], ports[4], ports[5], "native"),
-              "agent A only": (["A"], ports[6], ports[7], "native"),
-              "agent A+B python": (["A", "B"], ports[8], ports[9], "python")}
+              "agent A only": (["A"], ports[6], ports[7], "native")}
+    if args.python_agent:
+        agents["agent A+B python"] = (["A", "B"], ports[8], ports[9], "python")
+    tuning: dict[str, str] = {}
+    for i, v in enumerate(args.variant):
+        name, _, spec = v.partition("=")
+        agents[f"agent A+B {name}"] = (["A", "B"], ports[10 + 2 * i], ports[11 + 2 * i],
+                                       "native")
+        tuning[f"agent A+B {name}"] = spec
     cases = [c for c in CASES if not args.cases or c[0] in args.cases.split(",")]
     results: list[Result] = []
     try:
@@ -146,7 +158,9 @@ def main() -> int:
         targets = {"node A direct": direct}
         for label, (_, nbd, api, _dp) in agents.items():
             cfg = tmp / f"{label.replace(' ', '-').replace('+', '')}.toml"
-            sup.start(label, agent_argv(str(cfg)), str(tmp / f"{label}.log"))
+            env = {**os.environ, "TWINVOL_RELAY_TUNING": tuning[label]} \
+                if label in tuning else None
+            sup.start(label, agent_argv(str(cfg)), str(tmp / f"{label}.log"), env=env)
             sup.wait_http(label, f"http://127.0.0.1:{api}/api/v1/health")
             targets[label] = f"nbd://127.0.0.1:{nbd}/{EXPORT}"
         for case, rw, bs, depth in cases:

@@ -58,7 +58,7 @@ enum { E_EPERM = 1, E_EIO = 5, E_EINVAL = 22, E_ENOSPC = 28, E_EOVERFLOW = 75,
 #define CLIENT_OUT_HIGH (4u * 1024u * 1024u)
 #define MAX_PATHS 16
 #define IOV_BATCH 256
-#define DEFER_MIN 4                     /* see flush_paths */
+#define DEFER_MIN 4                     /* defaults; see flush_paths (0: never defer) */
 #define DEFER_MAX 32
 #define BATCH_SLACK 16                  /* see choose_path */
 #define META_CONTEXT_ID 1               /* the agent's id for base:allocation (as nbd/server.py) */
@@ -311,6 +311,7 @@ typedef struct {
     int npaths;
     unsigned rr;
     int batch_path;          /* where this batch of reads goes (-1: choose) */
+    size_t defer_min, batch_slack;  /* tuning, see flush_paths and choose_path */
     int failing;
     char *fail_msg;
     int client_paused, closing, client_gone;
@@ -463,7 +464,7 @@ static int choose_path(Relay *r, Slot *s) {
            a batch it can answer in one go. */
         int b = r->batch_path;
         if (best >= 0 && !s->tried && b >= 0 && b != best && path_usable(r, b)
-            && r->paths[b].inflight <= r->paths[best].inflight + BATCH_SLACK)
+            && r->paths[b].inflight <= r->paths[best].inflight + r->batch_slack)
             return b;
         if (!s->tried) r->batch_path = best;
         return best;
@@ -745,7 +746,8 @@ static void flush_paths(Relay *r, int defer) {
             if (p->fd >= 0 && !p->dead && p->out.want_write) want_write(r, &p->out, p->fd);
             continue;
         }
-        if (defer && p->unsent < DEFER_MAX && p->inflight - p->unsent >= DEFER_MIN)
+        if (defer && r->defer_min && p->unsent < DEFER_MAX
+            && p->inflight - p->unsent >= r->defer_min)
             continue;
         p->unsent = 0;
         if (q_send(&p->out, p->fd) < 0) {
@@ -1028,10 +1030,18 @@ static PyObject *oom(Relay *r) {
 
 
 static int Relay_init(Relay *r, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"size", "max_outstanding", NULL};
+    static char *kwlist[] = {"size", "max_outstanding", "defer_min", "batch_slack", NULL};
     unsigned long long size;
-    Py_ssize_t maxo = 256;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|n", kwlist, &size, &maxo)) return -1;
+    Py_ssize_t maxo = 256, defer_min = DEFER_MIN, slack = BATCH_SLACK;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|nnn", kwlist, &size, &maxo, &defer_min,
+                                     &slack))
+        return -1;
+    if (defer_min < 0 || slack < 0) {
+        PyErr_SetString(PyExc_ValueError, "defer_min and batch_slack must be >= 0");
+        return -1;
+    }
+    r->defer_min = (size_t)defer_min;
+    r->batch_slack = (size_t)slack;
     r->client_fd = -1;
     r->size = size;
     r->max_outstanding = maxo > 0 ? (size_t)maxo : 256;

@@ -39,6 +39,16 @@ _EIO = int(Err.EIO)
 _ESHUTDOWN = int(Err.ESHUTDOWN)
 
 
+def _tuning() -> dict[str, int]:
+    """Relay tuning for experiments (bench/): TWINVOL_RELAY_TUNING="defer_min=1,batch_slack=8"."""
+    out = {}
+    for item in os.environ.get("TWINVOL_RELAY_TUNING", "").split(","):
+        key, _, value = item.partition("=")
+        if key.strip() in ("defer_min", "batch_slack") and value.strip().isdigit():
+            out[key.strip()] = int(value)
+    return out
+
+
 def available() -> bool:
     """True when the native data path is built."""
     return _relay is not None
@@ -115,7 +125,7 @@ class RelaySession(Session):
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self._loop = asyncio.get_running_loop()
-        self.relay: Any = _relay.Relay(int(self.identity.get("size") or 0))
+        self.relay: Any = _relay.Relay(int(self.identity.get("size") or 0), **_tuning())
         # The loop calls the relay directly; Python runs only when it reports events.
         # (A cycle relay -> method -> session -> relay: close() breaks it.)
         self.relay.on_events = self._events
