@@ -93,16 +93,45 @@ static double now_mono(void) {
 
 /* A refcounted payload: a write's data (kept for a retry until its reply) or a read's. */
 typedef struct {
-    size_t refs, len;
+    size_t refs, len, cap;
     unsigned char data[];
 } Payload;
 
+/* Large payloads are kept for reuse: a fresh 1 MiB malloc is an mmap, and touching it
+   page-faults every page in (a tenth of the agent's time at 1 MiB writes). */
+#define POOL_MIN (64 * 1024)
+#define POOL_SLOTS 16
+static Payload *pool[POOL_SLOTS];
+static int npool;
+
 static Payload *pl_new(size_t len) {
+    if (len >= POOL_MIN) {
+        for (int i = 0; i < npool; i++) {
+            Payload *p = pool[i];
+            if (p->cap >= len && p->cap / 2 <= len) {
+                pool[i] = pool[--npool];
+                p->refs = 1;
+                p->len = len;
+                return p;
+            }
+        }
+    }
     Payload *p = malloc(sizeof(Payload) + (len ? len : 1));
-    if (p) { p->refs = 1; p->len = len; }
+    if (p) { p->refs = 1; p->len = len; p->cap = len; }
     return p;
 }
-static void pl_unref(Payload *p) { if (p && --p->refs == 0) free(p); }
+
+static void pl_unref(Payload *p) {
+    if (!p || --p->refs) return;
+    if (p->cap >= POOL_MIN) {
+        if (npool < POOL_SLOTS) { pool[npool++] = p; return; }
+        /* Full: replace the smallest kept buffer if this one is larger. */
+        int small = 0;
+        for (int i = 1; i < npool; i++) if (pool[i]->cap < pool[small]->cap) small = i;
+        if (pool[small]->cap < p->cap) { free(pool[small]); pool[small] = p; return; }
+    }
+    free(p);
+}
 
 /* A growable byte buffer; `off` is where unconsumed bytes start. */
 typedef struct {
