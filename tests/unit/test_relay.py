@@ -489,6 +489,37 @@ def test_requests_wait_for_a_busy_path_only_until_it_answers() -> None:
         assert r.client_out() == SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, 0)
 
 
+def test_a_client_that_sends_more_than_the_bound_waits_for_replies() -> None:
+    """Past 256 outstanding requests the relay stops parsing and reading the client; the
+    rest goes once replies make room (nothing is lost, memory stays bounded)."""
+    with rig(paths=1) as r:
+        r.relay.close()
+        r.relay = relay_mod._relay.Relay(SIZE, defer_min=0)
+        p_test, p_relay = socket.socketpair()
+        c_test, c_relay = socket.socketpair()
+        try:
+            r.paths[0], r.client = p_test, c_test
+            r.ev(r.relay.add_path(0, os.dup(p_relay.fileno()), "A", 0, True, 1))
+            r.ev(r.relay.attach_client(os.dup(c_relay.fileno()), True, True, False, b"", b""))
+            r.client.sendall(b"".join(request(Cmd.READ, cookie=k, offset=0, length=512)
+                                      for k in range(300)))
+            r.ev(r.relay.client_readable())
+            assert ("pause_client",) in r.events
+            sent = r.node_requests(0)
+            assert len(sent) == 256 and r.relay.stats()["client_in"] == 44 * 28
+            got = r.reply(0, node_reply(sent[0]))
+            assert len(r.node_requests(0)) == 1  # one reply made room for one more
+            r.reply(0, b"".join(node_reply(q) for q in sent[1:]))
+            rest = r.node_requests(0)
+            assert len(rest) == 43 and ("resume_client",) in r.events + got
+            r.reply(0, b"".join(node_reply(q) for q in rest))
+            cookies = {c.cookie for c in parse_replies(r.client_out(), {})}
+            assert len(cookies) == 299  # the last one's reply is still due
+        finally:
+            p_relay.close()
+            c_relay.close()
+
+
 def test_simple_client_gets_zeroes_for_a_hole() -> None:
     with rig(structured=False, meta=False, paths=1) as r:
         r.client.sendall(request(Cmd.READ, cookie=1, offset=8192, length=3000))

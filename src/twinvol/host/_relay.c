@@ -56,6 +56,7 @@ enum { E_EPERM = 1, E_EIO = 5, E_EINVAL = 22, E_ENOSPC = 28, E_EOVERFLOW = 75,
 #define DIRECT_MIN 65536                /* payloads this big are received straight into place */
 #define RECV_CHUNK (256 * 1024)
 #define CLIENT_OUT_HIGH (4u * 1024u * 1024u)
+#define MAX_OUT_BYTES (64u * 1024u * 1024u)  /* payload bytes in flight per client */
 #define MAX_PATHS 16
 #define IOV_BATCH 256
 #define DEFER_MIN 4                     /* defaults; see flush_paths (0: never defer) */
@@ -294,6 +295,7 @@ typedef struct {
     int path;            /* index in paths[], -1 when held or free */
     uint32_t tried;      /* paths that answered EIO */
     uint32_t gen;        /* bumped each time the slot is (re)sent: stale replies are refused */
+    uint32_t charged;    /* bytes of payload this request holds or will (see out_bytes) */
     int next;            /* free list / held queue link */
     int used;
 } Slot;
@@ -336,6 +338,7 @@ typedef struct {
     int nslots, free_head;
     int held_head, held_tail;
     size_t held, outstanding;
+    size_t out_bytes;        /* read and write payload bytes of the outstanding requests */
     Path paths[MAX_PATHS];
     int npaths;
     unsigned rr;
@@ -456,6 +459,8 @@ static void slot_free(Relay *r, int i) {
     Slot *s = &r->slots[i];
     pl_unref(s->data);
     s->data = NULL;
+    r->out_bytes -= s->charged;
+    s->charged = 0;
     s->used = 0;
     s->path = -1;
     s->next = r->free_head;
@@ -655,6 +660,13 @@ static int finish_write(Relay *r) {
     return dispatch(r, si);
 }
 
+/* Requests stop being parsed (and the client's socket read) past these bounds, so a
+   client that sends faster than it reads replies cannot make the agent buffer without
+   limit. */
+static int over_limits(Relay *r) {
+    return r->outstanding >= r->max_outstanding || r->out_bytes >= MAX_OUT_BYTES;
+}
+
 /* Parse what is in cin. Returns -1 on allocation failure. */
 static int parse_requests(Relay *r) {
     Buf *b = &r->cin;
@@ -671,7 +683,7 @@ static int parse_requests(Relay *r) {
             if (finish_write(r) < 0) return -1;
             continue;
         }
-        if (avail < 28) return 0;
+        if (avail < 28 || over_limits(r)) return 0;
         uint32_t magic = rd32(p);
         uint16_t flags = rd16(p + 4), cmd = rd16(p + 6);
         uint64_t cookie = rd64(p + 8), off = rd64(p + 16);
@@ -709,6 +721,8 @@ static int parse_requests(Relay *r) {
                 Slot *s = &r->slots[si];
                 s->cookie = cookie; s->offset = off; s->length = len;
                 s->cmd = cmd; s->flags = flags;
+                s->charged = len;
+                r->out_bytes += len;
                 r->w_slot = si;
                 r->w_pl = pl_new(len);
                 if (!r->w_pl) return -1;
@@ -734,6 +748,10 @@ static int parse_requests(Relay *r) {
         if (si < 0) return -1;
         Slot *s = &r->slots[si];
         s->cookie = cookie; s->offset = off; s->length = len; s->cmd = cmd; s->flags = flags;
+        if (cmd == C_READ) {
+            s->charged = len;
+            r->out_bytes += len;
+        }
         r->requests++;
         if (dispatch(r, si) < 0) return -1;
     }
@@ -793,8 +811,8 @@ static void flush_paths(Relay *r, int defer) {
 
 /* Reading the client pauses while too much is outstanding or unsent. */
 static void update_reading(Relay *r) {
-    int pause = r->outstanding >= r->max_outstanding || r->cout.pending >= CLIENT_OUT_HIGH
-                || r->closing || r->client_gone;
+    int pause = over_limits(r) || r->cout.pending >= CLIENT_OUT_HIGH || r->closing
+                || r->client_gone;
     if (pause != r->client_paused) {
         r->client_paused = pause;
         ev_add(r, Py_BuildValue("(s)", pause ? "pause_client" : "resume_client"));
@@ -804,6 +822,10 @@ static void update_reading(Relay *r) {
 }
 
 static void after_io(Relay *r, int defer) {
+    /* Requests left unparsed at a bound go once replies made room. */
+    if (r->cin.len > r->cin.off && !r->w_active && !over_limits(r) && !r->closing
+        && !r->client_gone && parse_requests(r) < 0 && !PyErr_Occurred())
+        PyErr_NoMemory();
     flush_paths(r, defer);
     flush_client(r);
     update_reading(r);
@@ -1138,6 +1160,7 @@ static void relay_close_all(Relay *r) {
     r->free_head = -1;
     r->held_head = r->held_tail = -1;
     r->held = r->outstanding = 0;
+    r->out_bytes = 0;
     pl_unref(r->w_pl);
     r->w_pl = NULL;
     r->client_gone = 1;
@@ -1370,11 +1393,12 @@ static PyObject *Relay_path_stats(Relay *r, PyObject *arg) {
 }
 
 static PyObject *Relay_stats(Relay *r, PyObject *unused) {
-    return Py_BuildValue("{s:n,s:n,s:K,s:K,s:K,s:n,s:n}", "outstanding",
+    return Py_BuildValue("{s:n,s:n,s:K,s:K,s:K,s:n,s:n,s:n}", "outstanding",
                          (Py_ssize_t)r->outstanding, "held", (Py_ssize_t)r->held, "retries",
                          r->retries, "held_total", r->held_total, "requests", r->requests,
                          "client_out", (Py_ssize_t)r->cout.pending, "client_in",
-                         (Py_ssize_t)(r->cin.len - r->cin.off));
+                         (Py_ssize_t)(r->cin.len - r->cin.off), "out_bytes",
+                         (Py_ssize_t)r->out_bytes);
 }
 
 /* flush() -> events | None: try to send what is queued (before a close). */
