@@ -547,16 +547,17 @@ class ReplicationManager:
         inflight = pr.al_inflight
         for x in exts:
             inflight[x] = inflight.get(x, 0) + 1
-        header = {"t": "w", "pair": rec.name, "cmd": cmd, "off": offset, "len": length,
-                  "flags": flags}
         payload = data or b""
         if fwd and payload:
-            header["fwd"] = fwd
             payload = b""
-        seq = 0
+        else:
+            fwd = 0
+        seq = j = 0
         if self.remote.feeds:
-            seq = header["j"] = self.remote.on_applied(rec.volume, cmd, offset, length, data,
-                                                       flags, committed=False)
+            seq = self.remote.on_applied(rec.volume, cmd, offset, length, data, flags,
+                                         committed=False)
+        else:
+            j = -1  # no sequence number (a "w" frame without "j")
 
         def w_done(exc: BaseException | None) -> None:
             if seq:
@@ -572,7 +573,8 @@ class ReplicationManager:
             task = asyncio.ensure_future(self._partner_missing(pr, chunks_of(offset, length)))
             task.add_done_callback(lambda t: done(_exc_of(t)))
 
-        link.request_cb(header, payload, w_done)
+        link.request_row("wb", rec.name, [cmd, offset, length, flags, fwd, j or seq], payload,
+                         w_done)
         return True
 
     async def _host_write(self, pr: PairRuntime, cmd: int, offset: int, length: int,
@@ -866,7 +868,7 @@ class ReplicationManager:
     # ---- peer messages ---------------------------------------------------------------
 
     def _on_message(self, peer: str, h: dict[str, Any], payload: Payload
-                    ) -> Message | Awaitable[Message] | Later | None:
+                    ) -> Message | Awaitable[Message] | Later | list[BaseException | None] | None:
         t = h["t"]
         h["_peer"] = peer
         if t == "pair_prepare":
@@ -876,6 +878,8 @@ class ReplicationManager:
         pr = self.pairs.get(str(h.get("pair")))
         if pr is None:
             raise RemoteError(f"no pair {h.get('pair')!r} on node {self.node.name}", "not_found")
+        if t == "wb":
+            return self._peer_writes(pr, h, payload)
         if t == "w" or t == "copy":
             return self._peer_write(pr, h, payload)
         if t == "fw":
@@ -914,6 +918,55 @@ class ReplicationManager:
             self._save(pr)
             return {}, b""
         raise RemoteError(f"unknown peer message {t!r}", "invalid")
+
+    def _peer_writes(self, pr: PairRuntime, h: dict[str, Any], payload: Payload
+                     ) -> list[BaseException | None]:
+        """A batch of mirrored writes (`wb`), applied in order: one outcome per row.
+
+        A row is [id, cmd, offset, length, flags, fwd, j]: `fwd` names a forwarded write
+        whose data this node holds (else a WRITE's data is next in the payload), `j` is
+        the primary's journal sequence number (-1: none). FUA never comes batched."""
+        out: list[BaseException | None] = []
+        view = memoryview(payload)
+        pos = 0
+        size = pr.vol.record.size
+        volume = pr.rec.volume
+        held = None
+        feeds = self.remote.feeds
+        for _rid, cmd, off, n, flags, fwd, j in h["rows"]:
+            data: Payload | None = None
+            try:
+                if cmd == Cmd.WRITE:
+                    if fwd:
+                        if held is None:
+                            link = self.peers.links.get(str(h["_peer"]))
+                            held = {} if link is None else link.held
+                        data = held.pop(fwd, None)
+                        if data is None or len(data) != n:
+                            raise RemoteError(f"mirrored write refers to forwarded write {fwd}, "
+                                              "whose data this node does not hold", "invalid")
+                    else:
+                        data = view[pos:pos + n]
+                        pos += n
+                        if len(data) != n:
+                            raise RemoteError("batch payload is shorter than its writes",
+                                              "invalid")
+                if off < 0 or n < 0 or off + n > size:
+                    raise RemoteError(f"write [{off}, +{n}) outside volume {volume}", "invalid")
+                if flags & 1:
+                    raise RemoteError("a FUA write cannot be batched", "invalid")
+                self._apply(pr, cmd, off, n, data, flags)
+                if feeds:
+                    if j >= 0:
+                        self.remote.on_standby_write(volume, j, cmd, off, n, data, flags)
+                    else:
+                        self.remote.on_applied(volume, cmd, off, n, data, flags,
+                                               committed=True)
+                out.append(None)
+            except (RemoteError, OSError) as e:
+                out.append(e if isinstance(e, RemoteError) else
+                           RemoteError(f"{type(e).__name__}: {e}", "internal"))
+        return out
 
     def _peer_write(self, pr: PairRuntime, h: dict[str, Any], payload: Payload
                     ) -> Message | Awaitable[Message]:

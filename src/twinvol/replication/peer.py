@@ -24,7 +24,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twinvol.cluster import ClusterConfig
-from twinvol.replication.wire import PROTOCOL_VERSION, FrameDecoder, Payload, WireError, encode
+from twinvol.replication.wire import (
+    MAX_FRAME_PAYLOAD,
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    Payload,
+    WireError,
+    encode,
+    encode_parts,
+)
 
 log = logging.getLogger("twinvol.peer")
 
@@ -34,10 +42,12 @@ HANDSHAKE_TIMEOUT = 3.0
 
 Message = tuple[dict[str, Any], Payload]
 Handler = Callable[[str, dict[str, Any], Payload],
-                   "Message | Awaitable[Message] | Later | None"]
+                   "Message | Awaitable[Message] | Later | list[BaseException | None] | None"]
 Done = Callable[[BaseException | None], None]
 
 FLUSH_NOW = 256 * 1024  # a payload this large leaves at once, not at the end of the step
+MAX_ROWS = 4096         # requests in one batch frame
+_ACKS = ("acks", "")
 
 
 class PeerDown(Exception):
@@ -112,7 +122,12 @@ class PeerLink(asyncio.BufferedProtocol):
         self.last_rx = time.monotonic()
         self.closed = False
         self._outq: list[bytes | bytearray | memoryview] = []
-        self._acks: list[int] = []   # ids of requests answered with an empty success
+        # The frame still being filled: `acks` (ids of requests answered with an empty
+        # success) or a batch of requests of one kind and pair (see request_row).
+        self._open: tuple[str, str] | None = None
+        self._rows: list[Any] = []
+        self._parts: list[Payload] = []
+        self._plen = 0
         self._flush_scheduled = False
         self._scratch = memoryview(bytearray(SCRATCH_SIZE))
         self._into_payload = False
@@ -243,11 +258,9 @@ class PeerLink(asyncio.BufferedProtocol):
         """Queue a frame; frames queued in one loop iteration leave in one write."""
         if self.transport is None or self.transport.is_closing():
             raise PeerDown(f"link to {self.peer} is closed")
-        outq = self._outq
-        if self._acks:  # replies keep their order
-            outq.extend(encode({"t": "acks", "ids": self._acks}))
-            self._acks = []
-        outq.extend(encode(header, payload))
+        if self._open is not None:  # frames keep their order
+            self._close_open()
+        self._outq.extend(encode(header, payload))
         if len(payload) >= FLUSH_NOW:
             self._flush_out()  # the peer starts on it while this side goes on
         elif not self._flush_scheduled:
@@ -255,11 +268,56 @@ class PeerLink(asyncio.BufferedProtocol):
             self._loop.call_soon(self._flush_later)
 
     def _ack(self, rid: int) -> None:
-        """An empty success reply: all of one step's go as one `acks` frame."""
-        self._acks.append(rid)
+        """An empty success reply: consecutive ones leave as one `acks` frame."""
+        if self._open != _ACKS:
+            if self._open is not None:
+                self._close_open()
+            self._open = _ACKS
+        self._rows.append(rid)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush_later)
+
+    def request_row(self, kind: str, pair: str, fields: list[Any], payload: Payload,
+                    done: Done) -> int:
+        """Send a request as one row of a batch frame `{"t": kind, "pair": pair, "rows":
+        [[id, *fields], ...]}` whose payload is the rows' payloads one after the other:
+        consecutive requests of one kind and pair leave as one frame. Answered like
+        `request_cb`. Returns the id."""
+        if not self.authed or self.closed or self.transport is None \
+                or self.transport.is_closing():
+            raise PeerDown(f"link to {self.peer} is down")
+        n = len(payload)
+        if self._open != (kind, pair) or self._plen + n > MAX_FRAME_PAYLOAD \
+                or len(self._rows) >= MAX_ROWS:
+            if self._open is not None:
+                self._close_open()
+            self._open = (kind, pair)
+        rid = next(self.ids)
+        self.waiting[rid] = done
+        self._rows.append([rid, *fields])
+        if n:
+            self._parts.append(payload)
+            self._plen += n
+        if n >= FLUSH_NOW:
+            self._flush_out()  # the peer starts on it while this side goes on
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_later)
+        return rid
+
+    def _close_open(self) -> None:
+        """Encode the frame being filled into the send queue."""
+        kind, pair = self._open  # type: ignore[misc]
+        if kind == "acks":
+            self._outq.extend(encode({"t": "acks", "ids": self._rows}))
+        else:
+            self._outq.extend(encode_parts({"t": kind, "pair": pair, "rows": self._rows},
+                                           self._parts, self._plen))
+            self._parts = []
+            self._plen = 0
+        self._rows = []
+        self._open = None
 
     def _flush_later(self) -> None:
         self._flush_scheduled = False
@@ -268,9 +326,8 @@ class PeerLink(asyncio.BufferedProtocol):
     def _flush_out(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        if self._acks:
-            self._outq.extend(encode({"t": "acks", "ids": self._acks}))
-            self._acks = []
+        if self._open is not None:
+            self._close_open()
         out, self._outq = self._outq, []
         if out:
             self.transport.writelines(out)
@@ -302,11 +359,20 @@ class PeerLink(asyncio.BufferedProtocol):
         try:
             result = self.service.handler(self.peer or "?", h, payload)
         except RemoteError as e:
-            self._reply_error(rid, str(e), e.code)
+            for r in self._ids_of(h):
+                self._reply_error(r, str(e), e.code)
             return
         except Exception as e:
             log.exception("peer request failed", extra={"peer": self.peer, "t": h.get("t")})
-            self._reply_error(rid, f"{type(e).__name__}: {e}", "internal")
+            for r in self._ids_of(h):
+                self._reply_error(r, f"{type(e).__name__}: {e}", "internal")
+            return
+        if isinstance(result, list):  # a batch frame: one outcome per row
+            for row, res in zip(h["rows"], result, strict=True):
+                if res is None:
+                    self._ack(row[0])
+                else:
+                    self._complete(row[0], res)
             return
         if result is None or rid is None:
             return
@@ -318,6 +384,14 @@ class PeerLink(asyncio.BufferedProtocol):
             return
         task = asyncio.ensure_future(result)
         task.add_done_callback(lambda f: self._finish(rid, f))
+
+    @staticmethod
+    def _ids_of(h: dict[str, Any]) -> list[Any]:
+        """The request ids a frame carries: its own, or one per row of a batch."""
+        rows = h.get("rows")
+        if isinstance(rows, list):
+            return [r[0] for r in rows if isinstance(r, list) and r]
+        return [h.get("id")]
 
     def _finish(self, rid: int, f: asyncio.Future[Message]) -> None:
         if self.closed:

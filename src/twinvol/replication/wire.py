@@ -16,7 +16,7 @@ import msgspec
 from twinvol.nbd.constants import MAX_PAYLOAD
 from twinvol.storage.buffers import MIN_POOLED, POOL
 
-PROTOCOL_VERSION = 2  # 2: `acks` frames, mirrored writes that refer to forwarded data
+PROTOCOL_VERSION = 3  # 2: `acks`, mirrored writes referring to forwarded data; 3: `wb`
 MAX_HEADER = 64 * 1024
 MAX_FRAME_PAYLOAD = MAX_PAYLOAD
 _LEN = struct.Struct(">II")
@@ -42,6 +42,16 @@ def encode(header: dict[str, Any], payload: bytes | bytearray | memoryview = b""
 
 
 Payload = bytes | bytearray | memoryview
+
+
+def encode_parts(header: dict[str, Any], parts: list[Payload], plen: int
+                 ) -> list[bytes | bytearray | memoryview]:
+    """Frame parts of a frame whose payload is `parts` one after the other (`plen`
+    bytes in all), not joined."""
+    h = _encoder.encode(header)
+    if len(h) > MAX_HEADER or plen > MAX_FRAME_PAYLOAD:
+        raise WireError("frame too large")
+    return [_LEN.pack(len(h), plen) + h, *parts]
 
 
 class FrameDecoder:
