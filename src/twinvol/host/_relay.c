@@ -344,6 +344,7 @@ typedef struct {
     unsigned rr;
     int batch_path;          /* where this batch of reads goes (-1: choose) */
     size_t defer_min, batch_slack;  /* tuning, see flush_paths and choose_path */
+    int sweep;                      /* tuning, see Relay_path_readable */
     int failing;
     char *fail_msg;
     int client_paused, closing, client_gone;
@@ -1081,12 +1082,15 @@ static PyObject *oom(Relay *r) {
 
 
 static int Relay_init(Relay *r, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"size", "max_outstanding", "defer_min", "batch_slack", NULL};
+    static char *kwlist[] = {"size", "max_outstanding", "defer_min", "batch_slack", "sweep",
+                             NULL};
     unsigned long long size;
     Py_ssize_t maxo = 256, defer_min = DEFER_MIN, slack = BATCH_SLACK;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|nnn", kwlist, &size, &maxo, &defer_min,
-                                     &slack))
+    int sweep = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|nnnp", kwlist, &size, &maxo, &defer_min,
+                                     &slack, &sweep))
         return -1;
+    r->sweep = sweep;
     if (defer_min < 0 || slack < 0) {
         PyErr_SetString(PyExc_ValueError, "defer_min and batch_slack must be >= 0");
         return -1;
@@ -1228,11 +1232,10 @@ static int path_index(Relay *r, PyObject *arg) {
 }
 
 /* path_readable(i) -> events | None */
-static PyObject *Relay_path_readable(Relay *r, PyObject *arg) {
-    int pi = path_index(r, arg);
-    if (pi < 0) return NULL;
+/* One receive from path pi and what it completes. 0: ok (or the path failed); -1: OOM. */
+static int read_path(Relay *r, int pi) {
     Path *p = &r->paths[pi];
-    if (p->fd < 0 || p->dead) Py_RETURN_NONE;
+    if (p->fd < 0 || p->dead) return 0;
     for (;;) {
         ssize_t n;
         if (p->rd) {
@@ -1248,34 +1251,47 @@ static PyObject *Relay_path_readable(Relay *r, PyObject *arg) {
                     r->slots[si].path = -1;
                     int rc = read_data_done(r, si, pi, rd64(p->rd_hdr + 20), pl, NULL, pl->len);
                     pl_unref(pl);
-                    if (rc < 0) return oom(r);
+                    if (rc < 0) return -1;
                 }
-                break;
+                return 0;
             }
         } else {
-            if (buf_reserve(&p->in, RECV_CHUNK) < 0) return oom(r);
+            if (buf_reserve(&p->in, RECV_CHUNK) < 0) return -1;
             n = recv(p->fd, p->in.p + p->in.len, p->in.cap - p->in.len, MSG_DONTWAIT);
             if (n > 0) {
                 p->in.len += (size_t)n;
                 p->progress = now_mono();
-                if (parse_replies(r, pi) < 0) return oom(r);
-                break;
+                return parse_replies(r, pi);
             }
         }
         if (n == 0) {
             char reason[128];
             snprintf(reason, sizeof reason, "node %s closed the connection", p->node);
             path_fail(r, pi, reason);
-            break;
+            return 0;
         }
         if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
         char reason[160];
         snprintf(reason, sizeof reason, "connection to node %s lost: %s", p->node,
                  strerror(errno));
         path_fail(r, pi, reason);
-        break;
+        return 0;
     }
+}
+
+/* path_readable(i) -> events | None. With `sweep`, the other paths are read too before
+   anything is sent: replies that arrived together leave for the client in one send. */
+static PyObject *Relay_path_readable(Relay *r, PyObject *arg) {
+    int pi = path_index(r, arg);
+    if (pi < 0) return NULL;
+    Path *p = &r->paths[pi];
+    if (p->fd < 0 || p->dead) Py_RETURN_NONE;
+    if (read_path(r, pi) < 0) return oom(r);
+    if (r->sweep)
+        for (int i = 0; i < r->npaths; i++)
+            if (i != pi && path_usable(r, i) && r->paths[i].inflight && read_path(r, i) < 0)
+                return oom(r);
     after_io(r, 0);
     return deliver(r);
 }
