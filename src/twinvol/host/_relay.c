@@ -345,6 +345,7 @@ typedef struct {
     int batch_path;          /* where this batch of reads goes (-1: choose) */
     size_t defer_min, batch_slack;  /* tuning, see flush_paths and choose_path */
     int sweep;                      /* tuning, see Relay_path_readable */
+    size_t spin_us;                 /* tuning, see spin */
     int failing;
     char *fail_msg;
     int client_paused, closing, client_gone;
@@ -1083,14 +1084,15 @@ static PyObject *oom(Relay *r) {
 
 static int Relay_init(Relay *r, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"size", "max_outstanding", "defer_min", "batch_slack", "sweep",
-                             NULL};
+                             "spin_us", NULL};
     unsigned long long size;
-    Py_ssize_t maxo = 256, defer_min = DEFER_MIN, slack = BATCH_SLACK;
+    Py_ssize_t maxo = 256, defer_min = DEFER_MIN, slack = BATCH_SLACK, spin_us = 0;
     int sweep = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|nnnp", kwlist, &size, &maxo, &defer_min,
-                                     &slack, &sweep))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|nnnpn", kwlist, &size, &maxo, &defer_min,
+                                     &slack, &sweep, &spin_us))
         return -1;
     r->sweep = sweep;
+    r->spin_us = spin_us > 0 ? (size_t)(spin_us > 1000 ? 1000 : spin_us) : 0;
     if (defer_min < 0 || slack < 0) {
         PyErr_SetString(PyExc_ValueError, "defer_min and batch_slack must be >= 0");
         return -1;
@@ -1179,9 +1181,10 @@ static void Relay_dealloc(Relay *r) {
 }
 
 /* client_readable() -> events | None */
-static PyObject *Relay_client_readable(Relay *r, PyObject *unused) {
-    if (r->client_gone || r->client_fd < 0) Py_RETURN_NONE;
-    r->batch_path = -1;
+/* One receive from the client and the requests it completes.
+   1: bytes came; 0: nothing (or the client went); -1: OOM. */
+static int read_client(Relay *r) {
+    if (r->client_gone || r->client_fd < 0 || r->client_paused) return 0;
     for (;;) {
         ssize_t n;
         if (r->w_active && r->w_pl && r->w_len - r->w_got >= DIRECT_MIN
@@ -1189,16 +1192,15 @@ static PyObject *Relay_client_readable(Relay *r, PyObject *unused) {
             n = recv(r->client_fd, r->w_pl->data + r->w_got, r->w_len - r->w_got, MSG_DONTWAIT);
             if (n > 0) {
                 r->w_got += (size_t)n;
-                if (r->w_got == r->w_len && finish_write(r) < 0) return oom(r);
-                break;
+                if (r->w_got == r->w_len && finish_write(r) < 0) return -1;
+                return 1;
             }
         } else {
-            if (buf_reserve(&r->cin, RECV_CHUNK) < 0) return oom(r);
+            if (buf_reserve(&r->cin, RECV_CHUNK) < 0) return -1;
             n = recv(r->client_fd, r->cin.p + r->cin.len, r->cin.cap - r->cin.len, MSG_DONTWAIT);
             if (n > 0) {
                 r->cin.len += (size_t)n;
-                if (parse_requests(r) < 0) return oom(r);
-                break;
+                return parse_requests(r) < 0 ? -1 : 1;
             }
         }
         if (n == 0) {
@@ -1208,16 +1210,52 @@ static PyObject *Relay_client_readable(Relay *r, PyObject *unused) {
                 r->closing = 1;  /* answer what is in flight (a half-closed client reads) */
                 r->close_reason = "client closed the connection";
             }
-            break;
+            return 0;
         }
         if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
         char reason[128];
         snprintf(reason, sizeof reason, "connection lost: %s", strerror(errno));
         client_close_event(r, reason, 1);
-        break;
+        return 0;
     }
+}
+
+static int read_path(Relay *r, int pi);
+
+/* Tuning `spin_us`: after a wakeup's work, keep looking at the sockets for this long
+   before going back to the event loop. In a VM a sleep and wakeup (an IPI, a VM exit)
+   can cost more than the work of a batch; the next batch often comes within
+   microseconds. Off by default. */
+static int spin(Relay *r) {
+    if (!r->spin_us) return 0;
+    double end = now_mono() + (double)r->spin_us / 1e6;
+    while (now_mono() < end && !r->client_gone) {
+        int got = 0;
+        int rc = read_client(r);
+        if (rc < 0) return -1;
+        got |= rc;
+        for (int i = 0; i < r->npaths; i++) {
+            if (!path_usable(r, i) || !r->paths[i].inflight) continue;
+            rc = read_path(r, i);
+            if (rc < 0) return -1;
+            got |= rc;
+        }
+        if (got) {
+            after_io(r, 0);
+            end = now_mono() + (double)r->spin_us / 1e6;
+        }
+    }
+    return 0;
+}
+
+/* client_readable() -> events | None */
+static PyObject *Relay_client_readable(Relay *r, PyObject *unused) {
+    if (r->client_gone || r->client_fd < 0) Py_RETURN_NONE;
+    r->batch_path = -1;
+    if (read_client(r) < 0) return oom(r);
     after_io(r, 1);
+    if (spin(r) < 0) return oom(r);
     return deliver(r);
 }
 
@@ -1232,7 +1270,8 @@ static int path_index(Relay *r, PyObject *arg) {
 }
 
 /* path_readable(i) -> events | None */
-/* One receive from path pi and what it completes. 0: ok (or the path failed); -1: OOM. */
+/* One receive from path pi and what it completes.
+   1: bytes came; 0: nothing (or the path failed); -1: OOM. */
 static int read_path(Relay *r, int pi) {
     Path *p = &r->paths[pi];
     if (p->fd < 0 || p->dead) return 0;
@@ -1253,7 +1292,7 @@ static int read_path(Relay *r, int pi) {
                     pl_unref(pl);
                     if (rc < 0) return -1;
                 }
-                return 0;
+                return 1;
             }
         } else {
             if (buf_reserve(&p->in, RECV_CHUNK) < 0) return -1;
@@ -1261,7 +1300,7 @@ static int read_path(Relay *r, int pi) {
             if (n > 0) {
                 p->in.len += (size_t)n;
                 p->progress = now_mono();
-                return parse_replies(r, pi);
+                return parse_replies(r, pi) < 0 ? -1 : 1;
             }
         }
         if (n == 0) {
@@ -1293,6 +1332,7 @@ static PyObject *Relay_path_readable(Relay *r, PyObject *arg) {
             if (i != pi && path_usable(r, i) && r->paths[i].inflight && read_path(r, i) < 0)
                 return oom(r);
     after_io(r, 0);
+    if (spin(r) < 0) return oom(r);
     return deliver(r);
 }
 
