@@ -112,6 +112,8 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         self.backend: Backend | None = None
         self.export: ExportInfo | None = None
         self.peer = "?"
+        self._async = False  # the backend's writes complete asynchronously (submit/start)
+        self._start: Callable[..., None] | None = None
         self._inflight = 0  # requests started and not yet answered
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._paused_pending = False
@@ -218,9 +220,15 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
 
     def _ready(self, ev: Ready) -> None:
         self.export = ev.export
-        self.backend = self.registry.attach(ev.export)
+        self._set_backend(self.registry.attach(ev.export))
         log.info("nbd client connected", extra={"peer": self.peer, "export": ev.export.name,
                                                 "structured": ev.structured})
+
+    def _set_backend(self, backend: Backend) -> None:
+        """Install the backend, and look up once how its writes are done."""
+        self.backend = backend
+        self._async = bool(getattr(backend, "async_writes", False))
+        self._start = getattr(backend, "start", None)
 
     def _disconnect(self, ev: Disconnect) -> None:
         assert self.transport is not None
@@ -257,7 +265,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         cmd = req.command
         conn = self.conn
         replies = self._replies
-        if cmd in _ASYNC_CMDS and getattr(backend, "async_writes", False):
+        if self._async and cmd in _ASYNC_CMDS:
             self._submit(req)
             return
         try:
@@ -327,7 +335,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
                     f"{command.name} failed: {exc}"))
             self._schedule_flush()
 
-        start = getattr(backend, "start", None)
+        start = self._start
         if start is not None:
             start(int(command), req.offset, req.length, data, req.flags, done)
             return
@@ -443,7 +451,7 @@ async def rebind(connections: Sequence[NbdServerProtocol], backend: Backend | No
                     await loop.run_in_executor(executor, old.flush)
             for c in conns:
                 if c.export is not None:
-                    c.backend = backend
+                    c._set_backend(backend)
     finally:
         for c in conns:
             c._held = False

@@ -536,13 +536,14 @@ class ServerConnection:
                             "byte maximum", error=True)
                 return None
             err = self._check(Cmd.WRITE, flags, offset, length)
-            p = _Payload(flags, cookie, offset, length, None, 0, err)
             end = self._pos + length
             if err is None and end <= len(self._data):
                 # Whole payload already here: hand out a view, no copy.
-                view = memoryview(self._data)[self._pos:end]
+                data = self._data
+                view = (data if type(data) is memoryview else memoryview(data))[self._pos:end]
                 self._pos = end
                 return Request(Cmd.WRITE, flags, cookie, offset, length, view)
+            p = _Payload(flags, cookie, offset, length, None, 0, err)
             if err is None:
                 p.buf = self._payload_storage(length)
             self._payload = p

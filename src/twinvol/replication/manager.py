@@ -23,6 +23,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import xxhash
@@ -38,7 +39,15 @@ from twinvol.replication.pairs import (
     new_generation,
     resync_direction,
 )
-from twinvol.replication.peer import Done, Later, Message, PeerDown, PeerService, RemoteError
+from twinvol.replication.peer import (
+    Done,
+    Later,
+    Message,
+    Outcomes,
+    PeerDown,
+    PeerService,
+    RemoteError,
+)
 from twinvol.replication.remote import (
     DEFAULT_JOURNAL,
     JournalingBackend,
@@ -60,6 +69,11 @@ AL_IDLE = 1.0          # seconds without writes before an activity-log extent is
 
 def _exc_of(f: asyncio.Future[Any]) -> BaseException | None:
     return asyncio.CancelledError() if f.cancelled() else f.exception()
+
+
+def _settle(later: Later, f: asyncio.Future[Message]) -> None:
+    exc = _exc_of(f)
+    later.done(f.result() if exc is None else exc)
 
 
 class WriteFailed(Exception):
@@ -507,15 +521,15 @@ class ReplicationManager:
         rec = pr.rec
         if rec.io_mode != "mirror" or flags & 1:
             return False
-        link = self._link_or_none(rec.partner)
-        if link is None:
+        link = self.peers.links.get(rec.partner)
+        if link is None or link.closed or not link.authed:
             return False
         if rec.role == "secondary":
-            holding = cmd == Cmd.WRITE and data
+            holding = data if cmd == Cmd.WRITE and data else None
             held = link.held
 
             def fw_done(exc: BaseException | None) -> None:
-                if holding:
+                if holding is not None:
                     held.pop(rid, None)
                 if exc is None:
                     done(None)
@@ -524,20 +538,20 @@ class ReplicationManager:
                 else:
                     done(WriteFailed(Err.EIO, f"partner lost: {exc}"))
 
-            header: dict[str, Any] = {"t": "fw", "pair": rec.name, "cmd": cmd, "off": offset,
-                                      "len": length, "flags": flags}
-            if holding:
-                header["hold"] = 1  # the primary may refer to the data instead of echoing it
-            rid = link.request_cb(header, data or b"", fw_done)
-            if holding:
-                held[rid] = data
+            # hold=1: the primary may refer to the data instead of echoing it.
+            rid = link.request_row("fwb", rec.name,
+                                   [cmd, offset, length, flags, int(holding is not None)],
+                                   data or b"", fw_done)
+            if holding is not None:
+                held[rid] = holding
             return True
-        if not pr.al.durable:
+        al = pr.al
+        if not al.durable:
             return False
         exts = chunks_of(offset, length, AL_EXTENT)
-        al = pr.al
+        bits = al.bits
         for x in exts:
-            if not al.test(x):
+            if not bits[x >> 3] & (1 << (x & 7)):  # extent not (yet) in the activity log
                 return False
         try:
             self._apply(pr, cmd, offset, length, data, flags)
@@ -868,7 +882,7 @@ class ReplicationManager:
     # ---- peer messages ---------------------------------------------------------------
 
     def _on_message(self, peer: str, h: dict[str, Any], payload: Payload
-                    ) -> Message | Awaitable[Message] | Later | list[BaseException | None] | None:
+                    ) -> Message | Awaitable[Message] | Later | Outcomes | None:
         t = h["t"]
         h["_peer"] = peer
         if t == "pair_prepare":
@@ -882,6 +896,8 @@ class ReplicationManager:
             return self._peer_writes(pr, h, payload)
         if t == "w" or t == "copy":
             return self._peer_write(pr, h, payload)
+        if t == "fwb":
+            return self._forwarded_batch(pr, h, payload)
         if t == "fw":
             return self._forwarded(pr, h, payload)
         if t == "flush":
@@ -920,13 +936,13 @@ class ReplicationManager:
         raise RemoteError(f"unknown peer message {t!r}", "invalid")
 
     def _peer_writes(self, pr: PairRuntime, h: dict[str, Any], payload: Payload
-                     ) -> list[BaseException | None]:
+                     ) -> list[BaseException | Later | None]:
         """A batch of mirrored writes (`wb`), applied in order: one outcome per row.
 
         A row is [id, cmd, offset, length, flags, fwd, j]: `fwd` names a forwarded write
         whose data this node holds (else a WRITE's data is next in the payload), `j` is
         the primary's journal sequence number (-1: none). FUA never comes batched."""
-        out: list[BaseException | None] = []
+        out: list[BaseException | Later | None] = []
         view = memoryview(payload)
         pos = 0
         size = pr.vol.record.size
@@ -1032,6 +1048,37 @@ class ReplicationManager:
                                 fwd=int(h["id"]) if h.get("hold") else 0):
                 return later
         return self._forwarded_slow(pr, h, payload)
+
+    def _forwarded_batch(self, pr: PairRuntime, h: dict[str, Any], payload: Payload
+                         ) -> list[BaseException | Later | None]:
+        """Writes the secondary forwarded in one step (`fwb`), each row [id, cmd, offset,
+        length, flags, hold], a WRITE's data next in the payload: each is ordered and
+        mirrored like a host write here and answered when complete."""
+        out: list[BaseException | Later | None] = []
+        view = memoryview(payload)
+        pos = 0
+        for rid, cmd, off, n, flags, hold in h["rows"]:
+            data: Payload = b""
+            if cmd == Cmd.WRITE:
+                data = view[pos:pos + n]
+                pos += n
+                if len(data) != n:
+                    out.append(RemoteError("batch payload is shorter than its writes",
+                                           "invalid"))
+                    continue
+            row = {"cmd": cmd, "off": off, "len": n, "flags": flags, "id": rid, "hold": hold}
+            try:
+                res = self._forwarded(pr, row, data)
+            except RemoteError as e:
+                out.append(e)
+                continue
+            if not isinstance(res, Later):
+                later = Later()
+                task = asyncio.ensure_future(res)
+                task.add_done_callback(partial(_settle, later))
+                res = later
+            out.append(res)
+        return out
 
     async def _forwarded_slow(self, pr: PairRuntime, h: dict[str, Any], payload: Payload
                               ) -> Message:

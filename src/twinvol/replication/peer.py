@@ -41,8 +41,10 @@ DEAD_AFTER = 2.0
 HANDSHAKE_TIMEOUT = 3.0
 
 Message = tuple[dict[str, Any], Payload]
+# A batch frame's answer: per row, None (success), an exception, or a Later.
+Outcomes = list["BaseException | Later | None"]
 Handler = Callable[[str, dict[str, Any], Payload],
-                   "Message | Awaitable[Message] | Later | list[BaseException | None] | None"]
+                   "Message | Awaitable[Message] | Later | Outcomes | None"]
 Done = Callable[[BaseException | None], None]
 
 FLUSH_NOW = 256 * 1024  # a payload this large leaves at once, not at the end of the step
@@ -288,9 +290,10 @@ class PeerLink(asyncio.BufferedProtocol):
                 or self.transport.is_closing():
             raise PeerDown(f"link to {self.peer} is down")
         n = len(payload)
-        if self._open != (kind, pair) or self._plen + n > MAX_FRAME_PAYLOAD \
-                or len(self._rows) >= MAX_ROWS:
-            if self._open is not None:
+        cur = self._open
+        if cur is None or cur[0] != kind or cur[1] != pair \
+                or self._plen + n > MAX_FRAME_PAYLOAD or len(self._rows) >= MAX_ROWS:
+            if cur is not None:
                 self._close_open()
             self._open = (kind, pair)
         rid = next(self.ids)
@@ -371,6 +374,8 @@ class PeerLink(asyncio.BufferedProtocol):
             for row, res in zip(h["rows"], result, strict=True):
                 if res is None:
                     self._ack(row[0])
+                elif isinstance(res, Later):
+                    res._attach(self, row[0])
                 else:
                     self._complete(row[0], res)
             return
