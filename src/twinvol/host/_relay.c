@@ -1229,8 +1229,10 @@ static int read_path(Relay *r, int pi);
    microseconds. Off by default. */
 static int spin(Relay *r) {
     if (!r->spin_us) return 0;
-    double end = now_mono() + (double)r->spin_us / 1e6;
-    while (now_mono() < end && !r->client_gone) {
+    double start = now_mono(), end = start + (double)r->spin_us / 1e6;
+    double cap = start + 0.0005;  /* the loop's other work (events, API, timers) must run */
+    double t;
+    while ((t = now_mono()) < end && t < cap && !r->client_gone) {
         int got = 0;
         int rc = read_client(r);
         if (rc < 0) return -1;
