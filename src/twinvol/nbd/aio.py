@@ -90,6 +90,8 @@ class IoStats:
 
 
 SCRATCH_SIZE = 256 * 1024
+LARGE_WRITE = 256 * 1024
+SMALL_READ = 4096
 _ASYNC_CMDS = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES, Cmd.FLUSH)
 
 
@@ -123,6 +125,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         self._replies: list[bytes | bytearray | memoryview] = []
         self._flush_pending = False
         self._into_payload = False
+        self._large = False  # the last request was a large write (see get_buffer)
         self._held = False  # reading paused while the backend is swapped (see rebind)
 
     # ---- asyncio callbacks ----------------------------------------------
@@ -145,6 +148,10 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
             self._into_payload = True
             return buf
         self._into_payload = False
+        if self._large:
+            # After a large write the next is likely large too: read little more than
+            # its header, so its payload goes straight into its own buffer (no copy).
+            return self._scratch[:SMALL_READ]
         return self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -265,6 +272,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         cmd = req.command
         conn = self.conn
         replies = self._replies
+        self._large = req.length >= LARGE_WRITE and cmd == Cmd.WRITE
         if self._async and cmd in _ASYNC_CMDS:
             self._submit(req)
             return
