@@ -6,6 +6,7 @@ import asyncio
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -108,3 +109,104 @@ def test_bitmap_merge_ors_a_partner_bitmap_and_ignores_bits_past_the_end(tmp_pat
     bits.merge(bytes([0b0000_0010]))               # nothing new: stays durable
     assert bits.durable
     bits.close()
+
+
+class _Pipe:
+    """An in-memory transport: what one PeerLink writes, the other receives, in small
+    pieces (so frames are cut anywhere)."""
+
+    def __init__(self) -> None:
+        self.peer: Any = None
+        self.writes = 0
+        self.closing = False
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def write(self, data: bytes) -> None:
+        self.writelines([data])
+
+    def writelines(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        self.writes += 1
+        data = b"".join(bytes(p) for p in parts)
+        pos = 0
+        while pos < len(data):
+            buf = self.peer.get_buffer(-1)
+            n = min(len(buf), len(data) - pos, 1500)
+            buf[:n] = data[pos:pos + n]
+            self.peer.buffer_updated(n)
+            pos += n
+
+
+def _linked(handler: Any) -> tuple[Any, Any]:
+    """Two authenticated PeerLinks of nodes A and B connected by in-memory pipes."""
+    from twinvol.cluster import ClusterConfig, ClusterSection, NodeConfig
+    from twinvol.replication.peer import PeerLink, PeerService
+
+    cfg = ClusterConfig(nodes={n: NodeConfig(site=n, nbd="127.0.0.1:1", api="127.0.0.1:2",
+                                             data_dir=n, peer="127.0.0.1:3") for n in "AB"},
+                        cluster=ClusterSection(name="t", secret="s3cret"))
+    svc = {n: PeerService(cfg, n, handler, lambda _p: None, lambda _p, _r: None)
+           for n in "AB"}
+    a, b = PeerLink(svc["A"], "B"), PeerLink(svc["B"], None)
+    ta, tb = _Pipe(), _Pipe()
+    ta.peer, tb.peer = b, a
+    b.connection_made(tb)  # type: ignore[arg-type]
+    a.connection_made(ta)  # type: ignore[arg-type]
+    return a, b
+
+
+def test_batched_requests_keep_order_with_replies_and_answer_each_row() -> None:
+    """Rows queued in one step leave as one frame and are answered one by one (errors
+    included); a reply queued before a request reaches the peer before it."""
+    from twinvol.replication.peer import Later, RemoteError
+
+    seen: list[tuple[str, list[int], bytes]] = []
+    order: list[str] = []
+    later = Later()
+
+    def handler(peer: str, h: dict[str, Any], payload: Any) -> Any:
+        if h["t"] == "wb":
+            seen.append(("wb", [r[1] for r in h["rows"]], bytes(payload)))
+            return [None, RemoteError("disk on fire", "5"), later]
+        order.append(f"request {h['t']}")
+        return {}, b""
+
+    async def settle() -> None:
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        a, b = _linked(handler)
+        await settle()
+        assert a.authed and b.authed
+        got: dict[int, BaseException | None] = {}
+
+        def answer(k: int) -> Any:
+            def done(exc: BaseException | None) -> None:
+                got[k] = exc
+                order.append(f"answer {k}")
+            return done
+
+        for k in (1, 2, 3):
+            a.request_row("wb", "p", [k], bytes([k]) * 3, answer(k))
+        await settle()
+        assert seen == [("wb", [1, 2, 3], b"\x01\x01\x01\x02\x02\x02\x03\x03\x03")]
+        assert got[1] is None and isinstance(got[2], RemoteError) and 3 not in got
+        assert str(got[2]) == "disk on fire" and got[2].code == "5"
+        # B answers the third row later, then sends a request: it must not overtake.
+        order.clear()
+        later.done(({}, b""))
+        fut = b.request({"t": "x"})
+        await settle()
+        assert order == ["answer 3", "request x"] and got[3] is None
+        await fut
+        assert a.waiting == {} and b.waiting == {}
+
+    asyncio.run(main())
