@@ -336,6 +336,8 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
                 if isinstance(exc, OSError):
                     err = nbd_errno(exc)
                     self.stats.error(command.name, self.export, 0, exc)
+                elif isinstance(exc, NotFast):
+                    err = Err.ENOTSUP
                 elif isinstance(exc, asyncio.CancelledError):
                     exc = Exception("cancelled")
                 self._replies.extend(self.conn.reply_error(

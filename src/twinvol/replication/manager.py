@@ -55,6 +55,7 @@ from twinvol.replication.remote import (
     TakeoverBackend,
 )
 from twinvol.replication.wire import Payload
+from twinvol.storage.backing import NotFast
 from twinvol.storage.volumes import Volume, VolumeError
 
 if TYPE_CHECKING:
@@ -555,7 +556,7 @@ class ReplicationManager:
                 return False
         try:
             self._apply(pr, cmd, offset, length, data, flags)
-        except OSError as e:
+        except (OSError, NotFast) as e:
             done(e)  # this copy is unchanged: the partner is not asked either
             return True
         inflight = pr.al_inflight
@@ -979,7 +980,7 @@ class ReplicationManager:
                         self.remote.on_applied(volume, cmd, off, n, data, flags,
                                                committed=True)
                 out.append(None)
-            except (RemoteError, OSError) as e:
+            except Exception as e:  # this row fails; the others stand
                 out.append(e if isinstance(e, RemoteError) else
                            RemoteError(f"{type(e).__name__}: {e}", "internal"))
         return out
@@ -1039,6 +1040,8 @@ class ReplicationManager:
                     later.done(RemoteError(str(exc), str(exc.errno)))
                 elif isinstance(exc, OSError):
                     later.done(RemoteError(f"write failed: {exc}", str(Err.EIO)))
+                elif isinstance(exc, NotFast):
+                    later.done(RemoteError(str(exc), str(Err.ENOTSUP)))
                 else:
                     later.done(exc)
 
