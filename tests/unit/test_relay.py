@@ -132,8 +132,8 @@ def _drain(s: socket.socket) -> bytes:
 
 @contextmanager
 def rig(*, structured: bool = True, meta: bool = True, read_only: bool = False,
-        paths: int = 1, ctx: int = 1) -> Iterator[Rig]:
-    relay = relay_mod._relay.Relay(SIZE)
+        paths: int = 1, ctx: int = 1, **tuning: int) -> Iterator[Rig]:
+    relay = relay_mod._relay.Relay(SIZE, **tuning)
     c_test, c_relay = socket.socketpair()
     socks = []
     try:
@@ -475,9 +475,9 @@ def test_reads_are_spread_and_writes_go_to_the_primary() -> None:
 
 
 def test_requests_wait_for_a_busy_path_only_until_it_answers() -> None:
-    """New requests for a path with DEFER_MIN (4) unanswered stay queued until its next
-    reply; a path with fewer in flight gets them at once."""
-    with rig(paths=1) as r:
+    """With defer_min=4, new requests for a path with 4 unanswered stay queued until its
+    next reply; a path with fewer in flight gets them at once."""
+    with rig(paths=1, defer_min=4) as r:
         for k in range(6):
             r.client.sendall(request(Cmd.FLUSH, cookie=k))
             r.pump_client()

@@ -59,7 +59,7 @@ enum { E_EPERM = 1, E_EIO = 5, E_EINVAL = 22, E_ENOSPC = 28, E_EOVERFLOW = 75,
 #define MAX_OUT_BYTES (64u * 1024u * 1024u)  /* payload bytes in flight per client */
 #define MAX_PATHS 16
 #define IOV_BATCH 256
-#define DEFER_MIN 4                     /* defaults; see flush_paths (0: never defer) */
+#define DEFER_MIN 0                     /* default off: see flush_paths */
 #define DEFER_MAX 32
 #define BATCH_SLACK 16                  /* see choose_path */
 #define META_CONTEXT_ID 1               /* the agent's id for base:allocation (as nbd/server.py) */
@@ -784,10 +784,12 @@ static void flush_client(Relay *r) {
     want_write(r, &r->cout, r->client_fd);
 }
 
-/* Send what is queued for the paths. With `defer`, a path that already has DEFER_MIN
-   requests sent and unanswered keeps new ones queued (up to DEFER_MAX): its replies will
-   wake us soon, and they go out then, in one send, as one bigger batch for the node.
-   A path with little in flight is never kept waiting. */
+/* Send what is queued for the paths. With `defer` and tuning defer_min > 0, a path that
+   already has defer_min requests sent and unanswered keeps new ones queued (up to
+   DEFER_MAX): its replies will wake us soon, and they go out then, in one send, as one
+   bigger batch for the node. Measured on an active-active pair it cost a quarter of the
+   4k write rate through the agent (the primary's replies wait for its partner) and gained
+   nothing on reads, so it is off by default. */
 static void flush_paths(Relay *r, int defer) {
     for (int i = 0; i < r->npaths; i++) {
         Path *p = &r->paths[i];

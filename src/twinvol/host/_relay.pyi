@@ -12,7 +12,7 @@ class Relay:
     outstanding: int
     held: int
     on_events: Callable[[list[tuple[Any, ...]]], None] | None
-    def __init__(self, size: int, max_outstanding: int = 256, defer_min: int = 4,
+    def __init__(self, size: int, max_outstanding: int = 256, defer_min: int = 0,
                  batch_slack: int = 16, sweep: int = 0, spin_us: int = 0) -> None: ...
     def attach_client(self, fd: int, structured: bool, meta_context: bool, read_only: bool,
                       pending_in: bytes, pending_out: bytes, /) -> Events: ...
