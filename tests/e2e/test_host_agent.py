@@ -548,6 +548,12 @@ def test_node_death_is_noticed_without_io(both: Pair) -> None:
             proc.kill()
 
 
+def test_host_status_names_the_native_data_path(both: Pair) -> None:
+    assert both.status()["data_path"] == "native"
+    r = run(*twinvol_argv("host", "status", "--cluster", both.cluster))
+    assert "data path native" in r.stdout
+
+
 def test_host_cli_errors_are_one_line(tmp_path: Any) -> None:
     bad = os.path.join(str(tmp_path), "c.toml")
     with open(bad, "wb") as f:

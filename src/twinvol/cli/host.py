@@ -68,7 +68,7 @@ def status(cluster: str = ClusterOpt, json_out: bool = JsonOpt) -> None:
                           str(ex["failovers"]) if i == 0 else "")
     console.print(table)
     console.print(f"held {st['held']}  failovers {st['failovers']}  retries {st['retries']}  "
-                  f"connections {st['connections']}")
+                  f"connections {st['connections']}  data path {st.get('data_path', '?')}")
     for export, sw in sorted((st.get("switching") or {}).items()):
         console.print(f"switched: export {export}: {sw['source']} -> {sw['target']}",
                       highlight=False)
