@@ -300,8 +300,9 @@ class RelaySession(Session):
         relay = self.relay
         for p in self.paths:
             assert isinstance(p, RelayPath)
+            if relay is not None:  # whatever the relay still has open for this path
+                self._forget_fd(relay.path_fd(p.order))
             if p.fd >= 0:
-                self._forget_fd(p.fd)
                 self._retire(p)
         if self.client_fd >= 0:
             if self._client_reading:
