@@ -101,7 +101,8 @@ class Rig:
         got: list[tuple[Any, ...]] = []
         for _ in range(1000):
             got += self.ev(self.relay.path_readable(i))
-            if not _readable(self.relay.path_fd(i)) if self.relay.path_fd(i) >= 0 else True:
+            fd = self.relay.path_fd(i)
+            if fd < 0 or not _readable(fd):
                 break
         return got
 

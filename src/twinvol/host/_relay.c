@@ -344,8 +344,6 @@ typedef struct {
     unsigned rr;
     int batch_path;          /* where this batch of reads goes (-1: choose) */
     size_t defer_min, batch_slack;  /* tuning, see flush_paths and choose_path */
-    int sweep;                      /* tuning, see Relay_path_readable */
-    size_t spin_us;                 /* tuning, see spin */
     int failing;
     char *fail_msg;
     int client_paused, closing, client_gone;
@@ -1085,16 +1083,12 @@ static PyObject *oom(Relay *r) {
 
 
 static int Relay_init(Relay *r, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"size", "max_outstanding", "defer_min", "batch_slack", "sweep",
-                             "spin_us", NULL};
+    static char *kwlist[] = {"size", "max_outstanding", "defer_min", "batch_slack", NULL};
     unsigned long long size;
-    Py_ssize_t maxo = 256, defer_min = DEFER_MIN, slack = BATCH_SLACK, spin_us = 0;
-    int sweep = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|nnnpn", kwlist, &size, &maxo, &defer_min,
-                                     &slack, &sweep, &spin_us))
+    Py_ssize_t maxo = 256, defer_min = DEFER_MIN, slack = BATCH_SLACK;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|nnn", kwlist, &size, &maxo, &defer_min,
+                                     &slack))
         return -1;
-    r->sweep = sweep;
-    r->spin_us = spin_us > 0 ? (size_t)(spin_us > 1000 ? 1000 : spin_us) : 0;
     if (defer_min < 0 || slack < 0) {
         PyErr_SetString(PyExc_ValueError, "defer_min and batch_slack must be >= 0");
         return -1;
@@ -1182,7 +1176,6 @@ static void Relay_dealloc(Relay *r) {
     Py_TYPE(r)->tp_free((PyObject *)r);
 }
 
-/* client_readable() -> events | None */
 /* One receive from the client and the requests it completes.
    1: bytes came; 0: nothing (or the client went); -1: OOM. */
 static int read_client(Relay *r) {
@@ -1223,49 +1216,17 @@ static int read_client(Relay *r) {
     }
 }
 
-static int read_path(Relay *r, int pi);
-
-/* Tuning `spin_us`: after a wakeup's work, keep looking at the sockets for this long
-   before going back to the event loop. In a VM a sleep and wakeup (an IPI, a VM exit)
-   can cost more than the work of a batch; the next batch often comes within
-   microseconds. Off by default. */
-static int spin(Relay *r) {
-    if (!r->spin_us) return 0;
-    double start = now_mono(), end = start + (double)r->spin_us / 1e6;
-    double cap = start + 0.0005;  /* the loop's other work (events, API, timers) must run */
-    double t;
-    while ((t = now_mono()) < end && t < cap && !r->client_gone) {
-        int got = 0;
-        int rc = read_client(r);
-        if (rc < 0) return -1;
-        got |= rc;
-        for (int i = 0; i < r->npaths; i++) {
-            if (!path_usable(r, i) || !r->paths[i].inflight) continue;
-            rc = read_path(r, i);
-            if (rc < 0) return -1;
-            got |= rc;
-        }
-        if (got) {
-            after_io(r, 0);
-            end = now_mono() + (double)r->spin_us / 1e6;
-        }
-    }
-    return 0;
-}
-
 /* client_readable() -> events | None */
 static PyObject *Relay_client_readable(Relay *r, PyObject *unused) {
     if (r->client_gone || r->client_fd < 0) Py_RETURN_NONE;
     r->batch_path = -1;
     if (read_client(r) < 0) return oom(r);
     after_io(r, 1);
-    if (spin(r) < 0) return oom(r);
     return deliver(r);
 }
 
-static int path_index(Relay *r, PyObject *arg) {
-    long i = PyLong_AsLong(arg);
-    if (i == -1 && PyErr_Occurred()) return -1;
+/* A path index from Python: -1 (ValueError set) when out of range. */
+static int check_index(long i) {
     if (i < 0 || i >= MAX_PATHS) {
         PyErr_SetString(PyExc_ValueError, "path index out of range");
         return -1;
@@ -1273,7 +1234,12 @@ static int path_index(Relay *r, PyObject *arg) {
     return (int)i;
 }
 
-/* path_readable(i) -> events | None */
+static int path_index(Relay *r, PyObject *arg) {
+    long i = PyLong_AsLong(arg);
+    if (i == -1 && PyErr_Occurred()) return -1;
+    return check_index(i);
+}
+
 /* One receive from path pi and what it completes.
    1: bytes came; 0: nothing (or the path failed); -1: OOM. */
 static int read_path(Relay *r, int pi) {
@@ -1323,20 +1289,14 @@ static int read_path(Relay *r, int pi) {
     }
 }
 
-/* path_readable(i) -> events | None. With `sweep`, the other paths are read too before
-   anything is sent: replies that arrived together leave for the client in one send. */
+/* path_readable(i) -> events | None */
 static PyObject *Relay_path_readable(Relay *r, PyObject *arg) {
     int pi = path_index(r, arg);
     if (pi < 0) return NULL;
     Path *p = &r->paths[pi];
     if (p->fd < 0 || p->dead) Py_RETURN_NONE;
     if (read_path(r, pi) < 0) return oom(r);
-    if (r->sweep)
-        for (int i = 0; i < r->npaths; i++)
-            if (i != pi && path_usable(r, i) && r->paths[i].inflight && read_path(r, i) < 0)
-                return oom(r);
     after_io(r, 0);
-    if (spin(r) < 0) return oom(r);
     return deliver(r);
 }
 
@@ -1354,10 +1314,7 @@ static PyObject *Relay_add_path(Relay *r, PyObject *args) {
     unsigned int ctx;
     const char *node;
     if (!PyArg_ParseTuple(args, "iisipI", &pi, &fd, &node, &order, &primary, &ctx)) return NULL;
-    if (pi < 0 || pi >= MAX_PATHS || pi >= 32) {
-        PyErr_SetString(PyExc_ValueError, "path index out of range");
-        return NULL;
-    }
+    if (check_index(pi) < 0) return NULL;
     Path *p = &r->paths[pi];
     if (p->fd >= 0) {
         PyErr_SetString(PyExc_ValueError, "path index already in use");
@@ -1387,10 +1344,7 @@ static PyObject *Relay_fail_path(Relay *r, PyObject *args) {
     int pi;
     const char *reason;
     if (!PyArg_ParseTuple(args, "is", &pi, &reason)) return NULL;
-    if (pi < 0 || pi >= MAX_PATHS) {
-        PyErr_SetString(PyExc_ValueError, "path index out of range");
-        return NULL;
-    }
+    if (check_index(pi) < 0) return NULL;
     path_fail(r, pi, reason);
     after_io(r, 0);
     return ev_take(r);
@@ -1407,17 +1361,6 @@ static PyObject *Relay_remove_path(Relay *r, PyObject *arg) {
     }
     close_path(p);
     while (r->npaths > 0 && r->paths[r->npaths - 1].fd < 0) r->npaths--;
-    Py_RETURN_NONE;
-}
-
-static PyObject *Relay_set_primary(Relay *r, PyObject *args) {
-    int pi, primary;
-    if (!PyArg_ParseTuple(args, "ip", &pi, &primary)) return NULL;
-    if (pi < 0 || pi >= MAX_PATHS) {
-        PyErr_SetString(PyExc_ValueError, "path index out of range");
-        return NULL;
-    }
-    r->paths[pi].primary = primary;
     Py_RETURN_NONE;
 }
 
@@ -1498,7 +1441,6 @@ static PyMethodDef Relay_methods[] = {
     {"add_path", (PyCFunction)Relay_add_path, METH_VARARGS, NULL},
     {"fail_path", (PyCFunction)Relay_fail_path, METH_VARARGS, NULL},
     {"remove_path", (PyCFunction)Relay_remove_path, METH_O, NULL},
-    {"set_primary", (PyCFunction)Relay_set_primary, METH_VARARGS, NULL},
     {"fail_held", (PyCFunction)Relay_fail_held, METH_VARARGS, NULL},
     {"path_stats", (PyCFunction)Relay_path_stats, METH_O, NULL},
     {"path_fd", (PyCFunction)Relay_path_fd, METH_O, NULL},

@@ -44,8 +44,7 @@ def _tuning() -> dict[str, int]:
     out = {}
     for item in os.environ.get("TWINVOL_RELAY_TUNING", "").split(","):
         key, _, value = item.partition("=")
-        if key.strip() in ("defer_min", "batch_slack", "sweep", "spin_us") \
-                and value.strip().isdigit():
+        if key.strip() in ("defer_min", "batch_slack") and value.strip().isdigit():
             out[key.strip()] = int(value)
     return out
 
