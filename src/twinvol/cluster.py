@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import os
 import tomllib
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import tomli_w
 
 from twinvol.sizes import SizeError, parse_size
+
+T = TypeVar("T")
 
 
 class ClusterError(Exception):
@@ -107,13 +109,17 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
     vmhosts: dict[str, VmHostConfig] = msgspec.field(default_factory=dict)
     path: str = ""  # where it was loaded from (not stored in the file)
 
-    def node(self, name: str) -> NodeConfig:
+    def _entry(self, table: dict[str, T], name: str, what: str, key: str) -> T:
+        """table[name], or a ClusterError naming what the file does have."""
         try:
-            return self.nodes[name]
+            return table[name]
         except KeyError:
-            known = ", ".join(sorted(self.nodes)) or "none"
-            raise ClusterError(f"node {name!r} is not in cluster file {self.path} "
-                               f"(nodes: {known})") from None
+            known = ", ".join(sorted(table)) or "none"
+            raise ClusterError(f"{what} {name!r} is not in cluster file {self.path} "
+                               f"({key}: {known})") from None
+
+    def node(self, name: str) -> NodeConfig:
+        return self._entry(self.nodes, name, "node", "nodes")
 
     def fault_config(self, name: str) -> FaultConfig:
         """`[faults]` with this node's `[nodes.NAME.faults]` overrides applied."""
@@ -135,12 +141,7 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
         return d if os.path.isabs(d) else os.path.join(os.path.dirname(self.path), d)
 
     def vmhost(self, name: str) -> VmHostConfig:
-        try:
-            return self.vmhosts[name]
-        except KeyError:
-            known = ", ".join(sorted(self.vmhosts)) or "none"
-            raise ClusterError(f"hypervisor host {name!r} is not in cluster file {self.path} "
-                               f"(vmhosts: {known})") from None
+        return self._entry(self.vmhosts, name, "hypervisor host", "vmhosts")
 
 
 def split_hostport(value: str) -> tuple[str, int]:
