@@ -170,6 +170,12 @@ def test_up_json_and_clean_stop(tmp_path: object, sig: signal.Signals) -> None:
         size = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True,
                               check=True).stdout
         assert int(size) == 1 << 30
+        sock = os.path.join(directory, "host.sock")
+        assert ready["host"]["socket"] == sock
+        assert ready["unix_volumes"] == {"demo": f"nbd+unix:///demo?socket={sock}"}
+        size = subprocess.run(["nbdinfo", "--size", ready["unix_volumes"]["demo"]],
+                              capture_output=True, text=True, check=True).stdout
+        assert int(size) == 1 << 30
         env = {**os.environ, "TWINVOL_CLUSTER": ready["cluster"]}
         listed = json.loads(subprocess.run(
             [sys.executable, "-m", "twinvol", "volume", "list", "--json"], env=env,
@@ -196,10 +202,21 @@ def test_up_json_and_clean_stop(tmp_path: object, sig: signal.Signals) -> None:
         while _pids_alive(pids) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _pids_alive(pids) == []
+        assert not os.path.exists(sock)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_up_leaves_out_the_unix_socket_when_the_dir_is_too_deep() -> None:
+    from twinvol.cli.up import _new_cluster
+
+    shallow = _new_cluster("/srv/twinvol")
+    assert shallow.host is not None and shallow.host["socket"] == "host.sock"
+    deep = _new_cluster("/srv/" + "d" * 100)  # /srv/ddd.../host.sock is 115 bytes
+    assert deep.host is not None and "socket" not in deep.host
+    assert deep.host["nodes"] == ["A", "B"]
 
 
 def test_up_killed_takes_nodes_down(tmp_path: object) -> None:

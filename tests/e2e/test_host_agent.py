@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,7 +32,7 @@ import pytest
 import tomli_w
 
 from twinvol.host import HostConfig, HostSetup
-from twinvol.host.agent import Agent
+from twinvol.host.agent import Agent, AgentStartError
 from twinvol.host.nodes import NodeUnreachable
 from twinvol.nbd.aio import NbdServerProtocol, close_all
 from twinvol.nbd.aio_client import NbdClient, NbdError, NegotiationError
@@ -89,7 +90,8 @@ class Pair:
                           "api": f"127.0.0.1:{ports[2 * i + 1]}", "data_dir": f"data-{n}"}
                       for i, n in enumerate(NODES)}
         self.host = {"nbd": f"127.0.0.1:{ports[4]}", "api": f"127.0.0.1:{ports[5]}",
-                     "hold_timeout": HOLD, "io_timeout": 5.0, "nodes": list(NODES)}
+                     "hold_timeout": HOLD, "io_timeout": 5.0, "nodes": list(NODES),
+                     "socket": "host.sock"}
         self.cluster = os.path.join(directory, "cluster.toml")
         with open(self.cluster, "wb") as f:
             tomli_w.dump({"cluster": {"name": "hostagent"}, "nodes": self.nodes,
@@ -162,6 +164,9 @@ class Pair:
 
     def uri(self, export: str) -> str:
         return f"nbd://{self.host['nbd']}/{export}"
+
+    def unix_uri(self, export: str) -> str:
+        return f"nbd+unix:///{export}?socket={os.path.join(self.dir, 'host.sock')}"
 
     def node_uri(self, n: str, export: str) -> str:
         return f"nbd://{self.nodes[n]['nbd']}/{export}"
@@ -516,6 +521,7 @@ def test_sigterm_ends_the_agent_promptly_after_its_nodes_stopped(tmp_path: Any) 
     assert lines[:2] == ["ERR", "ESHUTDOWN"], (out, err)
     assert float(lines[2]) < HOLD
     assert "host agent stopped" in p.log("host")
+    assert not os.path.exists(os.path.join(p.dir, "host.sock"))  # removed on the way out
 
 
 def test_node_death_is_noticed_without_io(both: Pair) -> None:
@@ -552,6 +558,26 @@ def test_host_status_names_the_native_data_path(both: Pair) -> None:
     assert both.status()["data_path"] == "native"
     r = run(*twinvol_argv("host", "status", "--cluster", both.cluster))
     assert "data path native" in r.stdout
+    assert f"unix socket {os.path.join(both.dir, 'host.sock')}" in r.stdout
+
+
+def test_unix_socket_serves_the_same_volumes(both: Pair) -> None:
+    """Local clients reach the same multipath volume through the agent's Unix socket."""
+    p = both
+    assert p.status()["socket"] == os.path.join(p.dir, "host.sock")
+    p.create("local", 32 * MiB, description="via unix")
+    info = json.loads(run("nbdinfo", "--json", p.unix_uri("local")).stdout)["exports"][0]
+    assert info["export-size"] == 32 * MiB and info["description"] == "via unix"
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x7e 0 1M", "-c", "write -P 0x3c 5M 64k",
+        "-c", "flush", p.unix_uri("local"))
+    # The writes went to one node (A, the first path); TCP clients of the agent see them.
+    out = run("qemu-io", "-f", "raw", "-c", "read -P 0x7e 0 1M", "-c", "read -P 0x3c 5M 64k",
+              "-c", "read -P 0 6M 1M", p.node_uri("A", "local")).stdout
+    assert "verification failed" not in out
+    status, body = p.api("A", "POST", "/api/v1/volumes", {"name": "ustrict", "size": 32 * MiB})
+    assert status == 201, body
+    out = run("/usr/bin/python3", "-c", LIBNBD_STRICT, p.unix_uri("ustrict")).stdout
+    assert out.strip() == "OK"
 
 
 def test_host_cli_errors_are_one_line(tmp_path: Any) -> None:
@@ -1034,13 +1060,18 @@ def test_host_config_from_the_cluster_file(tmp_path: Any) -> None:
                                       nodes=["B", "A"])
     assert list(setup.nodes) == ["B", "A"] and setup.secret == "s3cret"
     assert setup.nodes["A"].api_url == "http://127.0.0.1:20"
-    write(host={"nbd": "127.0.0.1:1", "api": "127.0.0.1:2", "hold_timeout": 5})
+    assert setup.socket is None
+    write(host={"nbd": "127.0.0.1:1", "api": "127.0.0.1:2", "hold_timeout": 5,
+                "socket": "run/h.sock"})
     assert list(host.load(path).nodes) == ["A", "B", "C"]
+    assert host.load(path).socket == os.path.join(str(tmp_path), "run", "h.sock")
     for bad, words in (({"nbd": "127.0.0.1:1", "api": "127.0.0.1:2", "nodes": ["Z"]},
                         "[nodes.Z]"),
                        ({"nbd": "nowhere", "api": "127.0.0.1:2"}, "[host] nbd"),
                        ({"nbd": "127.0.0.1:1"}, "api"),
-                       ({"nbd": "127.0.0.1:1", "api": "127.0.0.1:2", "typo": 1}, "typo")):
+                       ({"nbd": "127.0.0.1:1", "api": "127.0.0.1:2", "typo": 1}, "typo"),
+                       ({"nbd": "127.0.0.1:1", "api": "127.0.0.1:2", "socket": " "},
+                        "[host] socket must be a path, not empty")):
         write(host=bad)
         with pytest.raises(ClusterError, match=words.replace("[", r"\[").replace("]", r"\]")):
             host.load(path)
@@ -1084,3 +1115,59 @@ def test_node_api_calls_carry_the_cluster_secret() -> None:
 
     asyncio.run(main())
     assert seen == ["Bearer s3cret", "Bearer s3cret"]
+
+
+def test_unix_socket_is_claimed_only_when_stale(tmp_path: Any) -> None:
+    """A socket left by a dead agent is replaced; a live one, a file that is not a socket
+    and a path too long for a Unix socket are refused with the reason, nothing removed."""
+    async def main() -> None:
+        nodes = {n: MemNode(n) for n in NODES}
+        for m in nodes.values():
+            await m.start()
+        links = {n: FakeLink(m, dict(IDENTITY)) for n, m in nodes.items()}
+
+        def agent(sock: str) -> Agent:
+            nbd, api = free_ports(2)
+            setup = HostSetup(HostConfig(nbd=f"127.0.0.1:{nbd}", api=f"127.0.0.1:{api}",
+                                         socket=sock), {}, None, str(tmp_path / "c.toml"))
+            return Agent(setup, links=dict(links))  # type: ignore[arg-type]
+
+        async def refused(sock: str) -> str:
+            with pytest.raises(AgentStartError) as e:
+                await agent(sock).start()
+            return str(e.value)
+
+        try:
+            plain = tmp_path / "plain"
+            plain.write_text("keep me")
+            assert await refused("plain") == (f"cannot listen for NBD on {plain}: it exists "
+                                              "and is not a socket")
+            assert plain.read_text() == "keep me"
+            long = "x" * 120
+            assert await refused(long) == (f"cannot listen for NBD on {tmp_path / long}: the "
+                                           "path is longer than a Unix socket allows (107 bytes)")
+            sock = tmp_path / "run" / "host.sock"  # the directory is created
+            os.makedirs(sock.parent)
+            dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            dead.bind(str(sock))
+            dead.close()  # bound, never listening: what a killed agent leaves
+            a = agent("run/host.sock")
+            await a.start()
+            try:
+                assert a.status()["socket"] == str(sock)
+                reader, writer = await asyncio.open_unix_connection(str(sock))
+                assert (await reader.readexactly(8)) == b"NBDMAGIC"
+                writer.close()
+                assert await refused("run/host.sock") == (
+                    f"cannot listen for NBD on {sock}: another process is listening on it")
+                reader, writer = await asyncio.open_unix_connection(str(sock))
+                assert (await reader.readexactly(8)) == b"NBDMAGIC"  # still the first agent
+                writer.close()
+            finally:
+                await a.stop()
+            assert not sock.exists()
+        finally:
+            for m in nodes.values():
+                m.stop()
+
+    asyncio.run(main())

@@ -69,6 +69,8 @@ def status(cluster: str = ClusterOpt, json_out: bool = JsonOpt) -> None:
     console.print(table)
     console.print(f"held {st['held']}  failovers {st['failovers']}  retries {st['retries']}  "
                   f"connections {st['connections']}  data path {st.get('data_path', '?')}")
+    if st.get("socket"):
+        console.print(f"unix socket {st['socket']}", highlight=False)
     for export, sw in sorted((st.get("switching") or {}).items()):
         console.print(f"switched: export {export}: {sw['source']} -> {sw['target']}",
                       highlight=False)

@@ -33,6 +33,7 @@ PAIR_PRIMARY = "A"
 PAIR_SECONDARY = "B"
 REMOTE_SECONDARY = "C"      # the far site: async copy of demo (three-data-centre layout)
 REMOTE_PAIR = "demo-dr"
+HOST_SOCKET = "host.sock"  # the host agent's Unix socket, next to the cluster file
 
 
 def _new_cluster(directory: str) -> ClusterConfig:
@@ -48,7 +49,10 @@ def _new_cluster(directory: str) -> ClusterConfig:
                          witness={"addr": f"127.0.0.1:{next(ports)}", "data_dir": "witness"},
                          host={"nbd": f"127.0.0.1:{next(ports)}",
                                "api": f"127.0.0.1:{next(ports)}",
-                               "nodes": [PAIR_PRIMARY, PAIR_SECONDARY]})
+                               "nodes": [PAIR_PRIMARY, PAIR_SECONDARY],
+                               # a Unix socket path is at most 107 bytes: deep --dirs go without
+                               **({"socket": HOST_SOCKET} if len(os.fsencode(
+                                   os.path.join(directory, HOST_SOCKET))) <= 107 else {})})
 
 
 def up(
@@ -160,6 +164,9 @@ def _ensure_pair(cfg: ClusterConfig, primary: str, name: str, body: dict[str, An
 
 
 def _ready(cfg: ClusterConfig, sup: Supervisor, path: str, first: str) -> dict[str, Any]:
+    sock = None
+    if cfg.host and cfg.host.get("socket"):
+        sock = os.path.join(os.path.dirname(path), str(cfg.host["socket"]))
     return {
         "cluster": path,
         "nodes": {name: {"pid": sup.components[name].pid, "nbd": node.nbd_uri(),
@@ -168,7 +175,10 @@ def _ready(cfg: ClusterConfig, sup: Supervisor, path: str, first: str) -> dict[s
         "witness": ({"pid": sup.components["witness"].pid, "addr": cfg.witness["addr"]}
                     if cfg.witness else None),
         "host": ({"pid": sup.components["host"].pid, "nbd": f"nbd://{cfg.host['nbd']}/",
-                  "api": f"http://{cfg.host['api']}"} if cfg.host else None),
+                  "api": f"http://{cfg.host['api']}", "socket": sock} if cfg.host else None),
         "volumes": {DEMO_VOLUME: (f"nbd://{cfg.host['nbd']}/{DEMO_VOLUME}" if cfg.host
                                   else cfg.node(first).nbd_uri(DEMO_VOLUME))},
+        # the same volumes through the host agent's Unix socket (local clients)
+        "unix_volumes": ({DEMO_VOLUME: f"nbd+unix:///{DEMO_VOLUME}?socket={sock}"} if sock
+                         else {}),
     }

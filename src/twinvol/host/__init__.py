@@ -9,6 +9,7 @@ Configuration is the `[host]` table of the cluster file::
 
     [host]
     nbd = "127.0.0.1:10810"      # where clients connect
+    socket = "host.sock"         # optional: also a Unix socket (relative to the cluster file)
     api = "127.0.0.1:8710"       # status API
     hold_timeout = 30.0          # seconds to hold I/O while no path is usable
     nodes = ["A", "B"]           # which nodes are this host's paths (default: all)
@@ -48,6 +49,9 @@ class HostConfig(msgspec.Struct, forbid_unknown_fields=True):
     # Who relays requests and replies: the C extension (twinvol.host._relay) or the
     # Python session code. Both follow the same rules; "python" is the reference.
     data_path: str = "native"
+    # Optional Unix socket for clients on this host (nbd+unix:///EXPORT?socket=PATH):
+    # no TCP port to guard, and the cheapest hop for local clients.
+    socket: str | None = None
 
 
 class NodeAddr(msgspec.Struct):
@@ -78,7 +82,14 @@ class HostSetup:
 
     @property
     def fault_log(self) -> str:
-        p = self.config.fault_log
+        return self._relative(self.config.fault_log)
+
+    @property
+    def socket(self) -> str | None:
+        """The Unix socket path clients may use, or None."""
+        return None if self.config.socket is None else self._relative(self.config.socket)
+
+    def _relative(self, p: str) -> str:
         return p if os.path.isabs(p) else os.path.join(os.path.dirname(self.path), p)
 
 
@@ -105,6 +116,8 @@ def load(path: str | None) -> HostSetup:
     if config.data_path not in ("native", "python"):
         raise ClusterError(f"cluster file {path}: [host] data_path must be \"native\" or "
                            f"\"python\", not {config.data_path!r}")
+    if config.socket is not None and not config.socket.strip():
+        raise ClusterError(f"cluster file {path}: [host] socket must be a path, not empty")
     if config.hold_timeout < 0 or config.io_timeout <= 0:
         raise ClusterError(f"cluster file {path}: [host] hold_timeout must be >= 0 and "
                            "io_timeout > 0")

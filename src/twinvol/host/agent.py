@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
 import socket
+import stat
 import struct
 import time
 from collections import deque
@@ -143,9 +145,9 @@ class AgentProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
         sock = transport.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None and sock.family != socket.AF_UNIX:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.agent.connections.add(self)
@@ -529,6 +531,7 @@ class Agent:
         self.refusals: deque[dict[str, Any]] = deque(maxlen=20)
         self.started = time.monotonic()
         self._server: asyncio.base_events.Server | None = None
+        self._unix: asyncio.base_events.Server | None = None
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -835,6 +838,14 @@ class Agent:
             raise AgentStartError(f"cannot listen for NBD on {host}:{port}: "
                                   f"{e.strerror}") from e
         self.nbd_port = self._server.sockets[0].getsockname()[1]
+        if self.setup.socket is not None:
+            try:
+                self._unix = await loop.create_unix_server(
+                    lambda: AgentProtocol(self), _claim_socket(self.setup.socket), backlog=256)
+            except OSError as e:
+                await self.stop()
+                raise AgentStartError(f"cannot listen for NBD on {self.setup.socket}: "
+                                      f"{e.strerror or e}") from e
         self._runner = web.AppRunner(make_app(self), access_log=None, handle_signals=False,
                                      shutdown_timeout=STOP_WAIT)
         await self._runner.setup()
@@ -862,6 +873,7 @@ class Agent:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         log.info("host agent serving", extra={"nbd": self.config.nbd, "api": self.config.api,
+                                              "socket": self.setup.socket,
                                               "nodes": list(self.links), "pid": os.getpid(),
                                               "hold_timeout": self.config.hold_timeout,
                                               "data_path": "native" if self.native
@@ -878,6 +890,11 @@ class Agent:
         task ends, and no wait here is unbounded (a dead node must not hold it up)."""
         if self._server is not None:
             self._server.close()
+        if self._unix is not None:
+            self._unix.close()
+            self._unix = None
+            with contextlib.suppress(OSError):
+                os.unlink(self.setup.socket)  # type: ignore[arg-type]
         if self._ticker is not None:
             self._ticker.cancel()
         why = "the host agent is shutting down"
@@ -946,6 +963,7 @@ class Agent:
             "component": "host", "version": __version__, "pid": os.getpid(),
             "uptime": round(time.monotonic() - self.started, 3),
             "nbd": self.config.nbd, "api": self.config.api,
+            "socket": self.setup.socket if self._unix is not None else None,
             "hold_timeout": self.config.hold_timeout, "io_timeout": self.config.io_timeout,
             "data_path": "native" if self.native else "python",
             "nodes": {n: {"nbd": f"{link.nbd[0]}:{link.nbd[1]}", "events": w.status()}
@@ -961,6 +979,33 @@ class Agent:
             "faults": None if self.faults is None else self.faults.status(),
             "switching": self.switching,
         }
+
+
+def _claim_socket(path: str) -> str:
+    """Make `path` free for a Unix socket listener: a socket left by an agent that died
+    is removed, but never a live one or a file that is not a socket."""
+    if len(os.fsencode(path)) > 107:
+        raise OSError(errno.ENAMETOOLONG, "the path is longer than a Unix socket allows "
+                      "(107 bytes)")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        return path
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, "it exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # stale: nobody listens on it
+        return path
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "another process is listening on it")
 
 
 class AgentStartError(Exception):
