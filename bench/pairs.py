@@ -105,14 +105,15 @@ def main() -> None:
     ap.add_argument("--json-out", default="bench/results/pairs.json")
     ap.add_argument("--workloads", default=",".join(w[0] for w in WORKLOADS),
                     help="comma-separated subset of: " + ", ".join(w[0] for w in WORKLOADS))
-    ap.add_argument("--targets", default="single,via A,via B,agent",
-                    help="comma-separated subset of: single, via A, via B, agent")
+    ap.add_argument("--targets", default="single,via A,via B,agent,agent unix",
+                    help="comma-separated subset of: single, via A, via B, agent (TCP), "
+                         "agent unix (the agent's Unix socket)")
     ap.add_argument("--no-stall", action="store_true", help="skip the failover stall test")
     ap.add_argument("--profile", metavar="DIR",
                     help="py-spy record nodes A and B (and the agent) into DIR per case")
     args = ap.parse_args()
     size = parse_size(args.size)
-    console = Console(width=120)
+    console = Console(width=150)
     with tempfile.TemporaryDirectory(prefix="twinvol-pairbench-") as d:
         ports = iter(free_ports(9))
         cfg = ClusterConfig(
@@ -122,7 +123,7 @@ def main() -> None:
             cluster=ClusterSection(name="bench", secret=secrets.token_hex(8)),
             witness={"addr": f"127.0.0.1:{next(ports)}", "data_dir": "witness"},
             host={"nbd": f"127.0.0.1:{next(ports)}", "api": f"127.0.0.1:{next(ports)}",
-                  "nodes": ["A", "B"]})
+                  "nodes": ["A", "B"], "socket": "host.sock"})
         path = os.path.join(d, "cluster.toml")
         cluster_mod.dump(cfg, path)
         cfg = cluster_mod.load(path)
@@ -158,7 +159,8 @@ def main() -> None:
             targets = {"single": cfg.node("A").nbd_uri("single"),
                        "via A": cfg.node("A").nbd_uri("pair"),
                        "via B": cfg.node("B").nbd_uri("pair"),
-                       "agent": f"nbd://{cfg.host['nbd']}/pair"}
+                       "agent": f"nbd://{cfg.host['nbd']}/pair",
+                       "agent unix": f"nbd+unix:///pair?socket={d}/host.sock"}
             for uri in targets.values():  # write everything once so reads are of data
                 fio(uri, "write", "1m", 8, size, 2) if "single" in uri else None
             fio(targets["via A"], "write", "1m", 8, size, 3)
