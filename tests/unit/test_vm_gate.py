@@ -25,6 +25,7 @@ def test_open_forwards_everything() -> None:
 def test_holding_acks_writes_in_order_and_forwards_reads() -> None:
     g = Gate()
     g.hold()
+    g.stopped = True  # the VM stopped: even FUA and FLUSH are acknowledged from the queue
     assert g.admit(W, 1, 0, 3, b"abc") is Action.ACK
     assert g.admit(F, 0, 0, 0) is Action.ACK
     assert g.admit(Z, 0, 1, 1) is Action.ACK
@@ -32,6 +33,46 @@ def test_holding_acks_writes_in_order_and_forwards_reads() -> None:
     assert [(op.seq, op.command) for op in g.held] == [(1, W), (2, F), (3, Z)]
     assert g.held[0].flags == 1  # FUA kept
     assert g.status()["held"] == 3 and g.held_bytes == 3
+
+
+def test_flush_and_fua_while_the_guest_runs_wait_for_storage() -> None:
+    """A guest that still runs may act on a FLUSH or FUA acknowledgement: those are held
+    in order but answered only once on storage (SYNC); plain writes are acknowledged."""
+    g = Gate()
+    g.hold()
+    assert g.admit(W, 0, 0, 3, b"abc") is Action.ACK
+    assert g.admit(F, 0, 0, 0) is Action.SYNC
+    assert g.admit(W, 1, 8, 3, b"fua") is Action.SYNC
+    assert g.admit(T, 0, 0, 1) is Action.ACK
+    assert [(op.seq, op.command) for op in g.held] == [(1, W), (2, F), (3, W), (4, T)]
+    g.stopped = True  # QEMU's STOP: what it flushes now nobody sees before the handover
+    assert g.admit(F, 0, 0, 0) is Action.ACK
+    assert g.admit(W, 1, 0, 3, b"xyz") is Action.ACK
+    for op in g.take_snapshot():
+        g.applied(op)
+    g.open()
+    assert not g.stopped  # the next hold starts with the guest running
+    g.stopped = True
+    g.hold()
+    assert not g.stopped and g.admit(F, 0, 0, 0) is Action.SYNC
+
+
+def test_a_read_is_overlaid_with_what_was_held_when_it_was_sent() -> None:
+    """A held write that reaches storage (and leaves the queue) while a read is out may
+    not have been in what the read saw there: the read is overlaid with it anyway."""
+    g = Gate()
+    g.hold()
+    g.admit(W, 0, 2, 2, b"AA")
+    then = g.take_snapshot()
+    g.admit(W, 0, 6, 2, b"BB")
+    for op in g.take_snapshot()[:1]:
+        g.applied(op)  # the first write is on storage now, no longer held
+    ops = g.held_since(then)
+    assert [op.seq for op in ops] == [1, 2]
+    buf = bytearray(b"0123456789")  # storage's answer, from before either write
+    assert g.overlaps_held(0, 10, ops) and not g.overlaps_held(0, 2, ops)
+    g.overlay(0, buf, ops)
+    assert bytes(buf) == b"01AA45BB89"
 
 
 def test_read_while_holding_sees_held_writes_in_order() -> None:

@@ -7,7 +7,12 @@ A gate sits between QEMU and the hypervisor host's storage path for one disk of 
 - `holding` (the origin, during switchover): writes, trims, zeroes and flushes are put
   in an ordered held queue and acknowledged at once, so QEMU's drain when it stops the
   VM completes without waiting for storage. Reads still go to storage and are overlaid
-  with the held writes (a read sees every write acknowledged before it).
+  with the held writes (a read sees every write acknowledged before it). The exception
+  is a FLUSH or FUA write while the guest still runs (holding starts shortly before
+  QEMU stops it): it is held in order but acknowledged only once it and everything held
+  before it are on storage and flushed (`Action.SYNC`), since a running guest may act on
+  that acknowledgement. Once the VM has stopped (`stopped`), flushes are QEMU's own and
+  are acknowledged at once: nothing can observe them before the queue reaches storage.
 - `waiting` (the destination, until the held requests have arrived): writes, trims,
   zeroes and flushes wait, so none reaches storage before the origin's held writes.
   Reads pass: QEMU reads the first sector when it opens a disk for incoming migration
@@ -38,6 +43,7 @@ WRITE = int(Cmd.WRITE)
 TRIM = int(Cmd.TRIM)
 WRITE_ZEROES = int(Cmd.WRITE_ZEROES)
 FLUSH = int(Cmd.FLUSH)
+FUA = 1  # NBD_CMD_FLAG_FUA
 HELD_COMMANDS = frozenset((WRITE, TRIM, WRITE_ZEROES, FLUSH))
 
 
@@ -50,6 +56,7 @@ class GateMode(Enum):
 class Action(Enum):
     FORWARD = "forward"  # send to storage (a read: then `overlay` the reply)
     ACK = "ack"          # held: acknowledge now
+    SYNC = "sync"        # held: acknowledge once the queue through it is on storage
     WAIT = "wait"        # park until the gate opens
 
 
@@ -76,6 +83,9 @@ class Gate:
         self.applied_seq = 0   # highest sequence number applied to storage by this gate
         self.held_total = 0    # counters for status and reports
         self.replayed_total = 0
+        # The VM's vCPUs are stopped (QEMU's STOP event at switchover): flushes held from
+        # then on are QEMU's, not the guest's.
+        self.stopped = False
 
     # ---- mode changes ------------------------------------------------------
 
@@ -83,6 +93,8 @@ class Gate:
         """Start holding (origin, switchover). Holding again is harmless."""
         if self.mode is GateMode.WAITING:
             raise ValueError("a waiting gate cannot hold")
+        if self.mode is GateMode.OPEN:
+            self.stopped = False  # a hold starts before the switchover: the guest runs
         self.mode = GateMode.HOLDING
 
     def open(self) -> None:
@@ -91,13 +103,14 @@ class Gate:
         if self.held:
             raise ValueError(f"{len(self.held)} held requests not applied yet")
         self.mode = GateMode.OPEN
+        self.stopped = False
 
     # ---- requests ------------------------------------------------------------
 
     def admit(self, command: int, flags: int, offset: int, length: int,
               data: bytes | None = None) -> Action:
-        """What to do with a request from QEMU. For ACK the request is in `held` now
-        (`data` must be the caller's own bytes)."""
+        """What to do with a request from QEMU. For ACK and SYNC the request is the last
+        in `held` now (`data` must be the caller's own bytes)."""
         if self.mode is GateMode.OPEN:
             return Action.FORWARD
         if command not in HELD_COMMANDS:
@@ -110,13 +123,16 @@ class Gate:
         self.held.append(op)
         self.held_bytes += len(data) if command == WRITE and data is not None else 0
         self.held_total += 1
+        if not self.stopped and (command == FLUSH or (command == WRITE and flags & FUA)):
+            return Action.SYNC
         return Action.ACK
 
-    def overlay(self, offset: int, buf: bytearray) -> None:
+    def overlay(self, offset: int, buf: bytearray, ops: Iterable[HeldOp] | None = None
+                ) -> None:
         """Make a read result from storage show the held writes it overlaps, in order
-        (trimmed and zeroed ranges read as zeroes)."""
+        (trimmed and zeroed ranges read as zeroes): those of `ops` (default: `held`)."""
         end = offset + len(buf)
-        for op in self.held:
+        for op in self.held if ops is None else ops:
             if op.command == FLUSH:
                 continue
             lo, hi = max(offset, op.offset), min(end, op.offset + op.length)
@@ -128,10 +144,18 @@ class Gate:
             else:
                 buf[lo - offset:hi - offset] = bytes(hi - lo)
 
-    def overlaps_held(self, offset: int, length: int) -> bool:
+    def overlaps_held(self, offset: int, length: int,
+                      ops: Iterable[HeldOp] | None = None) -> bool:
         end = offset + length
         return any(op.command != FLUSH and op.offset < end and offset < op.offset + op.length
-                   for op in self.held)
+                   for op in (self.held if ops is None else ops))
+
+    def held_since(self, before: list[HeldOp]) -> list[HeldOp]:
+        """`before` (a snapshot taken earlier) plus what was held after it: what a read
+        sent to storage while `before` was held must be overlaid with, even if some of
+        `before` reached storage (and left `held`) while the read was out."""
+        last = before[-1].seq if before else 0
+        return before + [op for op in self.held if op.seq > last]
 
     # ---- handing held requests on ----------------------------------------------
 

@@ -43,6 +43,7 @@ class _Parked:
     offset: int
     length: int
     data: bytes | None
+    held: list[HeldOp] | None = None  # a read: the held requests when it was sent
 
 
 class _Exports:
@@ -127,6 +128,11 @@ class GateServer:
         self._reconnecting: asyncio.Task[None] | None = None
         self._unsent: list[_Parked] = []
         self._closed = False
+        # FLUSH / FUA requests held while the guest runs: (seq, request), answered once
+        # the queue through seq is on storage (see `_drain`).
+        self._syncs: list[tuple[int, _Parked]] = []
+        self._drain_task: asyncio.Task[None] | None = None
+        self._apply_lock = asyncio.Lock()  # one `apply` at a time: held order is global
 
     async def start(self) -> None:
         """Connect to storage (raises NegotiationError/ConnectionLost/OSError when the
@@ -151,12 +157,19 @@ class GateServer:
     # ---- requests from QEMU -------------------------------------------------
 
     def handle(self, req: _Parked) -> None:
-        action = self.gate.admit(req.command, req.flags, req.offset, req.length, req.data)
+        gate = self.gate
+        action = gate.admit(req.command, req.flags, req.offset, req.length, req.data)
         if action is Action.ACK:
             req.conn.send([req.conn.conn.reply_ok(req.cookie)])
+        elif action is Action.SYNC:
+            self._syncs.append((gate.held[-1].seq, req))
+            if self._drain_task is None or self._drain_task.done():
+                self._drain_task = asyncio.ensure_future(self._drain())
         elif action is Action.WAIT:
             self._waiting.append(req)
         else:
+            if gate.held and req.command in (_READ, _BLOCK_STATUS):
+                req.held = gate.take_snapshot()
             self._forward(req)
 
     def _forward(self, req: _Parked) -> None:
@@ -184,11 +197,12 @@ class GateServer:
             req.conn.send(sc.reply_error(req.cookie, res.error, res.message))
             return
         gate = self.gate
+        held = gate.held if req.held is None else gate.held_since(req.held)
         if req.command == _READ:
             data = res.data
-            if gate.held and gate.overlaps_held(req.offset, req.length):
+            if held and gate.overlaps_held(req.offset, req.length, held):
                 buf = data if data is not None else bytearray(req.length)
-                gate.overlay(req.offset, buf)
+                gate.overlay(req.offset, buf, held)
                 data = buf
             if data is None:
                 req.conn.send([sc.reply_read_hole(req.cookie, req.offset, req.length)])
@@ -196,7 +210,7 @@ class GateServer:
                 req.conn.send(sc.reply_read(req.cookie, req.offset, data))
         elif req.command == _BLOCK_STATUS:
             extents = res.extents or [(req.length, 0)]
-            if gate.held and gate.overlaps_held(req.offset, req.length):
+            if held and gate.overlaps_held(req.offset, req.length, held):
                 extents = [(req.length, 0)]  # held writes there: report plain data
             req.conn.send([sc.reply_block_status(req.cookie, extents)])
         else:
@@ -268,6 +282,10 @@ class GateServer:
         before `apply` returns (the VM is paused, the origin still keeps the queue until
         the destination confirms), so only the order of overlapping writes and the
         durability of all of them at the end matter."""
+        async with self._apply_lock:
+            return await self._apply(ops)
+
+    async def _apply(self, ops: Iterable[HeldOp]) -> int:
         pending = self.gate.to_apply(ops)
         if not pending:
             return 0
@@ -288,6 +306,39 @@ class GateServer:
         for op in pending:
             self.gate.applied(op)
         return len(pending)
+
+    async def _drain(self) -> None:
+        """Answer the FLUSH / FUA requests held while the guest runs: apply the queue
+        through the newest of them (everything before it, in order, then a storage
+        flush), then acknowledge each one that is now on storage. Requests held after it
+        stay held. If storage fails, they get EIO and the queue stays for the handover
+        or `release`."""
+        while self._syncs and not self._closed:
+            upto = self._syncs[-1][0]
+            error = ""
+            try:
+                await self.apply([op for op in self.gate.take_snapshot() if op.seq <= upto])
+            except GateError as e:
+                error = str(e)
+                log.error("gate could not make a flush durable",
+                          extra={"gate": self.name, "error": error})
+            done = [r for seq, r in self._syncs if seq <= upto]
+            self._syncs = [(seq, r) for seq, r in self._syncs if seq > upto]
+            for req in done:
+                sc = req.conn.conn
+                if error or self.gate.applied_seq < upto:
+                    req.conn.send(sc.reply_error(req.cookie, Err.EIO,
+                                                 f"storage path: {error or 'not applied'}"))
+                else:
+                    req.conn.send([sc.reply_ok(req.cookie)])
+
+    async def settle(self) -> None:
+        """Wait until no flush is being made durable here: the held queue is stable
+        (for the handover snapshot)."""
+        while self._drain_task is not None and not self._drain_task.done():
+            await asyncio.wait([self._drain_task])
+        async with self._apply_lock:
+            pass
 
     async def release(self) -> int:
         """Origin after a failed switchover: apply what is held (and whatever arrives
@@ -321,6 +372,10 @@ class GateServer:
         for c in list(self.connections):
             if c.transport is not None:
                 c.transport.abort()
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._drain_task
         if self._reconnecting is not None:
             self._reconnecting.cancel()
             with contextlib.suppress(BaseException):

@@ -409,8 +409,13 @@ class Manager:
                 raise VmError(f"host {opts.to} refused VM {name}: {e}") from None
             prepared = True
             t_stop = await self._precopy(vm, q, job, opts, resp["uri"], t0)
-            # The state is at the destination: hand over what the gates held.
+            # The state is at the destination: hand over what the gates held, once no
+            # flush the guest issued before it stopped is still being made durable here.
             job.status = "handover"
+            for g in vm.gates:
+                g.gate.stopped = True
+            for g in vm.gates:
+                await g.settle()
             held = {f"disk{i}": g.gate.take_snapshot() for i, g in enumerate(vm.gates)}
             job.held = sum(len(v) for v in held.values())
             t_hand = time.monotonic()
@@ -486,6 +491,8 @@ class Manager:
             async for ev in listener:
                 if ev["event"] == "STOP" and t_stop is None:
                     t_stop = time.monotonic()
+                    for g in gates:  # from now on flushes are QEMU's, not the guest's
+                        g.gate.stopped = True
                 elif ev["event"] == "MIGRATION":
                     data: Any = ev["data"]
                     st = data["status"]
