@@ -24,6 +24,7 @@ import typer
 from twinvol import cluster as cluster_mod
 from twinvol.cli.common import ApiError, CliError, api
 from twinvol.cluster import ClusterConfig, ClusterError, ClusterSection, NodeConfig
+from twinvol.host import UNIX_PATH_MAX
 from twinvol.supervisor import Supervisor, free_ports, twinvol_argv
 
 NODES = ("A", "B", "C")
@@ -50,9 +51,10 @@ def _new_cluster(directory: str) -> ClusterConfig:
                          host={"nbd": f"127.0.0.1:{next(ports)}",
                                "api": f"127.0.0.1:{next(ports)}",
                                "nodes": [PAIR_PRIMARY, PAIR_SECONDARY],
-                               # a Unix socket path is at most 107 bytes: deep --dirs go without
+                               # deep --dirs go without: the path would not fit a Unix socket
                                **({"socket": HOST_SOCKET} if len(os.fsencode(
-                                   os.path.join(directory, HOST_SOCKET))) <= 107 else {})})
+                                   os.path.join(directory, HOST_SOCKET))) <= UNIX_PATH_MAX
+                                  else {})})
 
 
 def up(

@@ -33,6 +33,9 @@ import msgspec
 from twinvol.cluster import ClusterError, http_url, read_toml, split_hostport
 from twinvol.faults.sinks import SinkConfig
 
+# The longest Unix socket path bind() takes (sun_path holds 108 bytes with its NUL).
+UNIX_PATH_MAX = 107
+
 
 class HostConfig(msgspec.Struct, forbid_unknown_fields=True):
     nbd: str
@@ -140,4 +143,4 @@ def load(path: str | None) -> HostSetup:
     return HostSetup(config, chosen, secret, path, str(name))
 
 
-__all__ = ["HostConfig", "HostSetup", "NodeAddr", "load"]
+__all__ = ["UNIX_PATH_MAX", "HostConfig", "HostSetup", "NodeAddr", "load"]

@@ -35,7 +35,7 @@ from aiohttp import web
 from twinvol import __version__
 from twinvol.cluster import split_hostport
 from twinvol.faults.host import HostFaults
-from twinvol.host import HostSetup
+from twinvol.host import UNIX_PATH_MAX, HostSetup
 from twinvol.host.events import NodeWatcher
 from twinvol.host.nodes import HttpNodeLink, NodeLink, NodeUnreachable
 from twinvol.host.paths import Clock, Op, PathState, Session, identity_diff
@@ -984,9 +984,9 @@ class Agent:
 def _claim_socket(path: str) -> str:
     """Make `path` free for a Unix socket listener: a socket left by an agent that died
     is removed, but never a live one or a file that is not a socket."""
-    if len(os.fsencode(path)) > 107:
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
         raise OSError(errno.ENAMETOOLONG, "the path is longer than a Unix socket allows "
-                      "(107 bytes)")
+                      f"({UNIX_PATH_MAX} bytes)")
     try:
         st = os.lstat(path)
     except FileNotFoundError:

@@ -37,13 +37,13 @@ from enum import Enum
 
 import msgspec
 
-from twinvol.nbd.constants import Cmd
+from twinvol.nbd.constants import Cmd, CmdFlag
 
 WRITE = int(Cmd.WRITE)
 TRIM = int(Cmd.TRIM)
 WRITE_ZEROES = int(Cmd.WRITE_ZEROES)
 FLUSH = int(Cmd.FLUSH)
-FUA = 1  # NBD_CMD_FLAG_FUA
+FUA = int(CmdFlag.FUA)
 HELD_COMMANDS = frozenset((WRITE, TRIM, WRITE_ZEROES, FLUSH))
 
 
