@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import errno
 import logging
+import math
 import socket
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Protocol
@@ -216,9 +218,29 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         self._flush_pending = False
         self._flush_replies()
 
+    def _gate_closed(self) -> bool:
+        """The export's lease ran out: answer nothing more and drop the connection, so
+        the client (or the host agent) goes to a copy that may serve."""
+        exp = self.export
+        if exp is None:
+            return False
+        until = exp.serve_until
+        if until == math.inf or until > time.monotonic():
+            return False
+        log.warning("lease expired: replies withheld, connection dropped",
+                    extra={"peer": self.peer, "export": exp.name,
+                           "replies": len(self._replies)})
+        self._replies.clear()
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
+        return True
+
     def _flush_replies(self) -> None:
         replies = self._replies
         if replies and self.transport is not None:
+            if self._gate_closed():
+                return
             if len(replies) == 1:
                 self.transport.write(replies[0])
             else:
@@ -396,7 +418,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
                 self.stats.error("FLUSH", self.export, 0, exc)
             elif self.stats.on_slow is not None and self.export is not None:
                 self.stats.on_slow("FLUSH", self.export.name, loop.time() - started)
-            if self.transport is None or self.transport.is_closing():
+            if self.transport is None or self.transport.is_closing() or self._gate_closed():
                 return
             if exc is None:
                 self.transport.write(self.conn.reply_ok(req.cookie))

@@ -20,6 +20,7 @@ A `Request.data` view is valid until the next `next_event` call.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -100,6 +101,10 @@ class ExportInfo:
     # Set while this copy must not serve hosts (a stale side of a pair): negotiation
     # is refused with NBD_REP_ERR_POLICY and this text.
     blocked: str | None = None
+    # The I/O gate: replies leave only while the monotonic clock is below this (a
+    # mirrored copy serves under a lease; see replication/core/lease.py). Checked when
+    # replies are sent, so a request queued before a pause is never answered late.
+    serve_until: float = math.inf
 
 
 class ExportProvider(Protocol):

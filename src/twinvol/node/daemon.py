@@ -113,6 +113,23 @@ class Node:
                             mode=mode, previous=old, reason=reason,
                             **({"expected": True} if expected else {}))
 
+    def fence(self, vol_name: str, reason: str) -> None:
+        """This copy lost its right to serve (its lease ran out): refuse new clients and
+        drop current ones, leaving the I/O mode as the pair decided it."""
+        vol = self.volumes.get(vol_name)
+        if vol.export.blocked is not None:
+            return
+        vol.export.blocked = (f"volume {vol_name!r} on node {self.name} is fenced: {reason}; "
+                              "use the partner node")
+        close_all([c for c in self.connections if c.export is vol.export])
+        self.events.publish("fenced", volume=vol_name, reason=reason)
+
+    def unfence(self, vol_name: str) -> None:
+        vol = self.volumes.get(vol_name)
+        if vol.io_mode != "block" and vol.export.blocked is not None:
+            vol.export.blocked = None
+            self.events.publish("unfenced", volume=vol_name)
+
     def list_exports(self) -> list[ExportInfo]:
         return list(self.volumes.list_exports())
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import struct
 import time
@@ -31,6 +32,7 @@ import xxhash
 from twinvol.nbd.constants import Cmd, Err
 from twinvol.replication.backend import AsyncWriteBackend
 from twinvol.replication.bitmap import AL_EXTENT, CHUNK, PersistentBits, chunks_of, nchunks
+from twinvol.replication.core.lease import LeaseConfig, PeerLease
 from twinvol.replication.pairs import (
     REMOTE_MODES,
     PairRecord,
@@ -96,6 +98,7 @@ class PairRuntime:
     vol: Volume
     dirty: PersistentBits
     al: PersistentBits
+    lease: PeerLease
     al_last: dict[int, float] = field(default_factory=dict)
     al_inflight: dict[int, int] = field(default_factory=dict)
     copy_task: asyncio.Task[None] | None = None
@@ -157,6 +160,7 @@ class ReplicationManager:
 
             self.witness = HttpWitness(str(wcfg["addr"]), node.cluster.cluster.secret or None)
             self.decide = self._witness_decision
+        self.lease_config = LeaseConfig()
         self.bitmap_dir = os.path.join(node.data_dir, "bitmaps")
         os.makedirs(self.bitmap_dir, exist_ok=True)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -176,7 +180,8 @@ class ReplicationManager:
         dirty = PersistentBits(os.path.join(self.bitmap_dir, f"{rec.name}.dirty"), n)
         al = PersistentBits(os.path.join(self.bitmap_dir, f"{rec.name}.al"),
                             nchunks(vol.record.size, AL_EXTENT))
-        pr = PairRuntime(rec, vol, dirty, al)
+        pr = PairRuntime(rec, vol, dirty, al,
+                         PeerLease.after_start(self.lease_config, time.monotonic()))
         # Recovery: extents that had writes in flight at a crash may differ from the partner.
         per = AL_EXTENT // CHUNK
         for ext in list(al.iter_set()):
@@ -207,6 +212,7 @@ class ReplicationManager:
         await self.remote.start()
         await self.local.start()
         self._spawn(self._al_retirer())
+        self._spawn(self._lease_keeper())
         if self.witness is not None:
             self._spawn(self._heartbeats())
         self._spawn(self._after_restart())
@@ -275,7 +281,30 @@ class ReplicationManager:
         rec = pr.rec
         # A far copy, or a copy target being filled, serves no host by design.
         expected = rec.role == "secondary" and (rec.remote or rec.state == "copying")
+        if rec.io_mode == "mirror" and not rec.remote:
+            pr.lease.resume()
+            self._request_leases(rec.partner)  # serve as soon as the partner grants
+        else:
+            pr.lease.drop()
+            if rec.io_mode == "local":
+                pr.lease.revoke()  # writing alone: the partner may not serve
         self.node.set_io_mode(rec.volume, rec.io_mode, reason, expected=expected)
+        self._gate(pr)
+
+    def _gate(self, pr: PairRuntime) -> None:
+        """Tell the NBD layer until when this copy may answer host I/O."""
+        rec = pr.rec
+        export = pr.vol.export
+        if self.by_volume.get(rec.volume) is not pr or rec.volume in self.holds:
+            return
+        if rec.io_mode == "mirror" and not rec.remote:
+            export.serve_until = pr.lease.held_until
+            if pr.lease.valid(time.monotonic()):
+                self.node.unfence(rec.volume)
+            else:
+                self.node.fence(rec.volume, f"no lease from partner {rec.partner}")
+        else:
+            export.serve_until = 0.0 if rec.io_mode == "block" else math.inf
 
     def hold(self, volume: str, reason: str) -> None:
         """Refuse host I/O on this node's copy whatever its pairs decide (a far copy was
@@ -291,6 +320,71 @@ class ReplicationManager:
             self._apply_mode(pr, "failback done")
         else:
             self.node.set_io_mode(volume, "local", "failback done")
+
+    # ---- leases (core/lease.py): the right of a mirrored copy to serve -------------
+
+    async def _lease_keeper(self) -> None:
+        """Renew the leases of mirrored copies, and fence those whose lease ran out."""
+        while True:
+            await asyncio.sleep(self.lease_config.renew_every)
+            now = time.monotonic()
+            partners = set()
+            for pr in list(self.pairs.values()):
+                if pr.rec.io_mode != "mirror" or pr.rec.remote:
+                    continue
+                partners.add(pr.rec.partner)
+                if not pr.lease.valid(now) and pr.vol.export.blocked is None:
+                    self._gate(pr)
+            for peer in partners:
+                self._request_leases(peer)
+
+    def _request_leases(self, peer: str) -> None:
+        """Ask `peer` for the leases of every mirrored pair we share with it."""
+        link = self.peers.links.get(peer)
+        if link is None or link.closed or not link.authed:
+            return
+        now = time.monotonic()
+        asks = {name: pr.lease.request(now) for name, pr in self.pairs.items()
+                if pr.rec.partner == peer and pr.rec.io_mode == "mirror" and not pr.rec.remote}
+        if not asks:
+            return
+
+        def answered(f: asyncio.Future[Message]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                return
+            granted = set(f.result()[0].get("granted", ()))
+            for name, seq in asks.items():
+                pr = self.pairs.get(name)
+                if pr is not None and pr.lease.on_reply(seq, name in granted):
+                    self._gate(pr)
+
+        try:
+            link.request({"t": "lease", "pairs": sorted(asks)}).add_done_callback(answered)
+        except PeerDown:
+            return
+
+    def _grant_leases(self, h: dict[str, Any]) -> Message:
+        """The partner asks to serve its copies: grant each pair that is mirrored here."""
+        now = time.monotonic()
+        granted = []
+        names = h.get("pairs")
+        for name in names if isinstance(names, list) else ():
+            pr = self.pairs.get(str(name))
+            if pr is None or pr.rec.remote or pr.rec.partner != self._peer_of(h):
+                continue
+            if pr.lease.grant(now):
+                granted.append(pr.rec.name)
+        return {"granted": granted}, b""
+
+    async def _fence_partner(self, pr: PairRuntime) -> None:
+        """Before this copy acknowledges writes alone: stop granting leases, and wait
+        until every lease granted to the partner has run out (it stops serving)."""
+        until = pr.lease.revoke()
+        wait = until - time.monotonic()
+        if wait > 0:
+            log.info("waiting for the partner's lease to run out",
+                     extra={"pair": pr.rec.name, "seconds": round(wait, 3)})
+            await asyncio.sleep(wait)
 
     # ---- pair creation (primary side drives) -------------------------------------
 
@@ -437,7 +531,11 @@ class ReplicationManager:
             if rec.remote:
                 # The far copy is consistent once it also applied every record up to here.
                 finish["j"] = self.remote.written_for(rec.volume)
-            await link.request(finish)
+            if not rec.remote:
+                pr.lease.resume()  # the partner serves from the moment it is mirrored
+            lease_seq = pr.lease.request(time.monotonic())
+            reply, _ = await link.request(finish)
+            pr.lease.on_reply(lease_seq, bool(reply.get("lease")))
             rec.copy_cursor = 0
             if rec.remote and rec.role == "secondary":
                 self.remote.dr.failback_copied(pr)
@@ -446,8 +544,8 @@ class ReplicationManager:
                 self.remote.copy_done(pr)
             else:
                 rec.copy_source = ""
-                self._set_mode(pr, "mirror")
                 self._set_state(pr, "mirrored")
+                self._set_mode(pr, "mirror")
                 self._release(pr)
             self.node.events.publish("copy_done", pair=rec.name, bytes=pr.copied_bytes,
                                      seconds=round(time.monotonic() - pr.copy_started, 3))
@@ -616,19 +714,23 @@ class ReplicationManager:
                              data: Payload | None, flags: int) -> None:
         rec = pr.rec
         ex = self.node.executor
-        replicate = rec.io_mode == "mirror" or (rec.copy_source == self.node.name
-                                               and self.peers.is_up(rec.partner)
-                                               and pr.copy_task is not None
-                                               and not pr.copy_task.done())
         chunks = chunks_of(offset, length)
         exts = chunks_of(offset, length, AL_EXTENT)
         # Mirrored writes are covered by the activity log, lone writes by the dirty
-        # bitmap; either way the bit is durable before the data is written.
-        bits, idx = (pr.al, exts) if replicate else (pr.dirty, chunks)
-        bits.set_many(idx)
-        await bits.sync(ex)
-        if rec.io_mode == "block":
-            raise WriteFailed(Err.EIO, f"volume {rec.volume} was blocked")
+        # bitmap; either way the bit is durable before the data is written. Whether
+        # the write is replicated is decided again after each wait, in the same loop
+        # step as the write itself: a copy that started or ended meanwhile must not
+        # read the chunk, send it and clear its bit while this write lands here only.
+        covered: set[bool] = set()
+        while (replicate := self._replicating(pr)) not in covered:
+            bits, idx = (pr.al, exts) if replicate else (pr.dirty, chunks)
+            bits.set_many(idx)
+            await bits.sync(ex)
+            covered.add(replicate)
+            if rec.io_mode == "block":
+                raise WriteFailed(Err.EIO, f"volume {rec.volume} was blocked")
+        if not replicate and pr.copy_task is not None and not pr.copy_task.done():
+            pr.recopy.update(chunks)  # the running copy may have sent the chunk already
         self._apply(pr, cmd, offset, length, data, flags)
         seq = self.remote.on_applied(rec.volume, cmd, offset, length, data, flags,
                                      committed=False) if self.remote.feeds else 0
@@ -636,6 +738,14 @@ class ReplicationManager:
             await self._replicate(pr, cmd, offset, length, data, flags, replicate, seq)
         finally:
             self.remote.commit(seq)
+
+    def _replicating(self, pr: PairRuntime) -> bool:
+        """Does a primary write go to the partner now (mirrored, or a copy we feed)?"""
+        rec = pr.rec
+        return rec.io_mode == "mirror" or (rec.copy_source == self.node.name
+                                           and self.peers.is_up(rec.partner)
+                                           and pr.copy_task is not None
+                                           and not pr.copy_task.done())
 
     async def _replicate(self, pr: PairRuntime, cmd: int, offset: int, length: int,
                          data: Payload | None, flags: int, replicate: bool,
@@ -743,9 +853,11 @@ class ReplicationManager:
 
     async def _decide(self, pr: PairRuntime, reason: str) -> None:
         rec = pr.rec
+        pr.lease.revoke()  # whatever the verdict, the partner's copy stops serving first
         if rec.state == "copying":
             # A copy target is inconsistent and never serves; the source keeps going alone.
             if rec.copy_source == self.node.name:
+                await self._fence_partner(pr)
                 self._set_mode(pr, "local", reason)
             else:
                 self._set_mode(pr, "block", reason)
@@ -763,6 +875,7 @@ class ReplicationManager:
                 verdict = "wait"
                 reason = f"witness unreachable: {e}"
             if verdict == "continue":
+                await self._fence_partner(pr)
                 fork_generation(rec)
                 if rec.role == "secondary":
                     rec.role = "primary"
@@ -876,6 +989,7 @@ class ReplicationManager:
             rec.role = "primary"
             if rec.io_mode == "block":
                 # Neither side continued alone (e.g. both restarted): this side serves.
+                await self._fence_partner(pr)
                 self._set_mode(pr, "local", "resync source")
             self._start_copy(pr)
         # from_peer: the partner runs the copy towards us; we stay blocked until done.
@@ -886,6 +1000,8 @@ class ReplicationManager:
                     ) -> Message | Awaitable[Message] | Later | Outcomes | None:
         t = h["t"]
         h["_peer"] = peer
+        if t == "lease":
+            return self._grant_leases(h)
         if t == "pair_prepare":
             return self._prepare(h)
         if t[0] == "j" or t.startswith("a_"):
@@ -893,6 +1009,10 @@ class ReplicationManager:
         pr = self.pairs.get(str(h.get("pair")))
         if pr is None:
             raise RemoteError(f"no pair {h.get('pair')!r} on node {self.node.name}", "not_found")
+        if (t == "wb" or t == "w") and pr.rec.io_mode == "local" and not pr.rec.remote:
+            # We write alone under a newer generation: the sender is the stale side.
+            raise RemoteError(f"pair {pr.rec.name} continues alone on node {self.node.name}; "
+                              "the sender's copy is stale", str(Err.EIO))
         if t == "wb":
             return self._peer_writes(pr, h, payload)
         if t == "w" or t == "copy":
@@ -1117,10 +1237,11 @@ class ReplicationManager:
         rec.copy_source = ""
         pr.dirty.clear_all()
         pr.dirty.sync_now()
-        self._set_mode(pr, "mirror")
         self._set_state(pr, "mirrored")
+        self._set_mode(pr, "mirror")
         self._release(pr)
-        return {}, b""
+        # The copy source goes on serving, now under a lease granted with this answer.
+        return {"lease": pr.lease.grant(time.monotonic())}, b""
 
     # ---- operator commands -------------------------------------------------------------
 
@@ -1141,6 +1262,9 @@ class ReplicationManager:
         link = self._link_or_none(rec.partner)
         if link is not None:
             await link.request({"t": "pair_split", "pair": name})
+            pr.lease.revoke()  # the partner confirmed it stopped serving
+        else:
+            await self._fence_partner(pr)
         fork_generation(rec)
         self._set_mode(pr, "local", "split by operator")
         self._set_state(pr, "split", "split by operator")
@@ -1167,6 +1291,7 @@ class ReplicationManager:
                 {"t": "pair_yield", "pair": name}, b"")
             pr.dirty.merge(peer_bits)
             await pr.dirty.sync(self.node.executor)
+            pr.lease.revoke()  # the partner confirmed it stopped serving
             if rec.role != "primary":
                 rec.role = "primary"
                 self.node.events.publish("pair_takeover", pair=name, reason="resync --from")
