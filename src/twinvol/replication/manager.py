@@ -32,7 +32,10 @@ import xxhash
 from twinvol.nbd.constants import Cmd, Err
 from twinvol.replication.backend import AsyncWriteBackend
 from twinvol.replication.bitmap import AL_EXTENT, CHUNK, PersistentBits, chunks_of, nchunks
+from twinvol.replication.core.decide import Effect as LossEffect
+from twinvol.replication.core.decide import GoAlone, PartnerLoss, Phase, SetMode, Suspend
 from twinvol.replication.core.lease import LeaseConfig, PeerLease
+from twinvol.replication.core.types import Mode, Role, Verdict
 from twinvol.replication.pairs import (
     REMOTE_MODES,
     PairRecord,
@@ -59,6 +62,7 @@ from twinvol.replication.remote import (
 from twinvol.replication.wire import Payload
 from twinvol.storage.backing import NotFast
 from twinvol.storage.volumes import Volume, VolumeError
+from twinvol.witness.client import WitnessError
 
 if TYPE_CHECKING:
     from twinvol.node.daemon import Node
@@ -852,43 +856,45 @@ class ReplicationManager:
                                       restart=True)
 
     async def _decide(self, pr: PairRuntime, reason: str) -> None:
+        """Drive the partner-loss machine (core/decide.py): ask the witness, fence the
+        partner, then act on the outcome."""
         rec = pr.rec
-        pr.lease.revoke()  # whatever the verdict, the partner's copy stops serving first
-        if rec.state == "copying":
-            # A copy target is inconsistent and never serves; the source keeps going alone.
-            if rec.copy_source == self.node.name:
-                await self._fence_partner(pr)
-                self._set_mode(pr, "local", reason)
+        loss = PartnerLoss(pr.lease, Role(rec.role), Mode(rec.io_mode),
+                           copying=rec.state == "copying",
+                           copy_source=rec.copy_source == self.node.name)
+        self._on_loss(pr, loss.start(time.monotonic(), reason))
+        while not loss.done:
+            if loss.asking:
+                try:
+                    verdict = Verdict(await self.decide(rec))
+                except WitnessError as e:  # unreachable or refused: never write alone
+                    effects = loss.on_witness_error(time.monotonic(), str(e))
+                else:
+                    effects = loss.on_verdict(verdict, time.monotonic())
             else:
-                self._set_mode(pr, "block", reason)
-            self._set_state(pr, "copying", reason)
-            return
-        # The secondary may be stale from this moment: hosts must stop reading it. The
-        # primary keeps serving reads and holds writes until the decision.
-        if rec.role == "secondary" or rec.io_mode == "block":
-            self._set_mode(pr, "block", reason)
-        self._set_state(pr, "suspended", reason)
-        while True:
-            try:
-                verdict = await self.decide(rec)
-            except Exception as e:  # witness unreachable: never write alone
-                verdict = "wait"
-                reason = f"witness unreachable: {e}"
-            if verdict == "continue":
-                await self._fence_partner(pr)
-                fork_generation(rec)
-                if rec.role == "secondary":
-                    rec.role = "primary"
-                    self.node.events.publish("pair_takeover", pair=rec.name)
-                self._set_mode(pr, "local", reason)
-                self._set_state(pr, "suspended", reason)
-                return
-            if verdict == "block":
-                self._set_mode(pr, "block", "the partner continues: this copy is stale")
-                return
-            await asyncio.sleep(0.3)
-            if self.peers.is_up(rec.partner):
-                return
+                when = loss.next_timer()
+                if when is not None:
+                    await asyncio.sleep(max(0.0, when - time.monotonic()))
+                effects = loss.handle_timer(time.monotonic())
+            self._on_loss(pr, effects)
+            if loss.phase is Phase.WAITING and self.peers.is_up(rec.partner):
+                return  # the partner is back: meeting it decides instead
+
+    def _on_loss(self, pr: PairRuntime, effects: list[LossEffect]) -> None:
+        rec = pr.rec
+        for e in effects:
+            if isinstance(e, SetMode):
+                self._set_mode(pr, e.mode, e.reason)
+            elif isinstance(e, Suspend):
+                self._set_state(pr, "suspended", e.reason)
+            elif isinstance(e, GoAlone):
+                if e.fork:
+                    fork_generation(rec)
+                    if rec.role == "secondary":
+                        rec.role = "primary"
+                        self.node.events.publish("pair_takeover", pair=rec.name)
+                self._set_mode(pr, "local", e.reason)
+                self._set_state(pr, "suspended" if e.fork else "copying", e.reason)
 
     async def _witness_decision(self, rec: PairRecord) -> str:
         d = await self.witness.arbitrate(rec.name, self.node.name, rec.partner, rec.role,
