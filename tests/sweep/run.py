@@ -1,0 +1,176 @@
+"""One seed of the sweep: build the namespaces and the cluster, run clients and nemesis
+for `duration` seconds, heal, read both copies, verify, check, clean up."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .checker import Finding, Op, Report, check
+from .harness import Harness
+from .nemesis import DEFAULT_KINDS, Nemesis, schedule
+from .netns import Net
+
+BLOCKS = 4096            # a 16 MiB volume: 256 chunks of 64 KiB, 4 activity-log extents
+HOLD_TIMEOUT = 30.0      # the agent holds requests this long while no path serves
+DIRECT_TIMEOUT = 10.0    # a direct request unanswered this long is abandoned (> pauses)
+AGENT_TIMEOUT = HOLD_TIMEOUT + 10.0
+# target -> (writers, readers); each thread has one request in flight at a time
+CLIENTS = {"agent": (2, 2), "A": (1, 1), "B": (1, 1)}
+THINK = 0.002            # up to this many seconds between a thread's requests
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    duration: float
+    faults: list[dict[str, Any]] = field(default_factory=list)
+    report: Report | None = None
+    error: str = ""           # the run itself broke (setup, harness), not a finding
+    seconds: float = 0.0
+    directory: str = ""
+
+    @property
+    def verdict(self) -> str:
+        if self.error:
+            return "ERROR"
+        return "PASS" if self.report is not None and self.report.ok else "FAIL"
+
+    def line(self) -> str:
+        done = [f for f in self.faults if "start" in f]
+        kinds = ",".join(f"{f['kind']}:{f['target']}" for f in done) or "-"
+        head = f"seed={self.seed} duration={self.duration:g}s faults={len(done)} [{kinds}]"
+        rep = self.report.summary() if self.report else "ops=0"
+        tail = f"{self.verdict} {self.seconds:.0f}s"
+        if self.error:
+            tail += f" ({self.error})"
+        elif self.report is not None and self.report.notes:
+            tail += f" ({'; '.join(self.report.notes)})"
+        return f"{head} {rep} {tail}"
+
+    def details(self, limit: int = 5) -> list[str]:
+        """The first findings of each kind, with the fault active when they were seen."""
+        out: list[str] = []
+        if self.report is None:
+            return out
+        for kind, items in self.report.findings.items():
+            for f in items[:limit]:
+                out.append(f"  {kind}: block {f.block}: {f.message}{self._during(f)}")
+            if len(items) > limit:
+                out.append(f"  {kind}: ... {len(items) - limit} more")
+        return out
+
+    def _during(self, f: Finding) -> str:
+        if not f.at:
+            return ""
+        for x in self.faults:
+            if "start" in x and x["start"] - 0.5 <= f.at <= x["end"] + 5.0:
+                return (f" [during {x['kind']}:{x['target']} +{f.at - x['start']:.2f}s "
+                        f"after it began, healed at +{x['end'] - x['start']:.2f}s]")
+        return " [no fault active]"
+
+
+def load_history(paths: list[str]) -> list[Op]:
+    ops: list[Op] = []
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                if line.endswith("\n"):  # a last line cut short by a kill is dropped
+                    ops.append(Op.from_line(json.loads(line)))
+    return ops
+
+
+def run_seed(seed: int, duration: float, kinds: tuple[str, ...] = DEFAULT_KINDS,
+             base_dir: str | None = None, keep: bool = False) -> SeedResult:
+    """Run one seed; the run directory is kept when it fails (or with `keep`)."""
+    began = time.monotonic()
+    directory = tempfile.mkdtemp(prefix=f"sweep-{seed}-", dir=base_dir)
+    res = SeedResult(seed, duration, directory=directory)
+    net = Net()
+    harness: Harness | None = None
+    nemesis: Nemesis | None = None
+    try:
+        net.setup()
+        harness = Harness(directory, net, BLOCKS, hold_timeout=HOLD_TIMEOUT)
+        harness.start()
+        faults = schedule(seed, duration, kinds)
+        t0 = time.monotonic() + 0.5
+        until = t0 + duration
+        outs = []
+        for i, (target, (writers, readers)) in enumerate(CLIENTS.items()):
+            out = os.path.join(directory, f"ops-{target}.jsonl")
+            harness.start_client(target, out, until, seed, 64 * i + 1, writers, readers,
+                                 AGENT_TIMEOUT if target == "agent" else DIRECT_TIMEOUT,
+                                 THINK)
+            outs.append(out)
+        nemesis = Nemesis(harness, net, faults, t0, until - 2.0)
+        nemesis.start()
+        nemesis.join(duration + 120)
+        res.faults = nemesis.log
+        if nemesis.error is not None:
+            raise RuntimeError(f"nemesis: {nemesis.error!r}")
+        notes = _restore(harness, net)
+        for p in harness.clients:
+            try:
+                p.wait(max(0.0, until - time.monotonic()) + AGENT_TIMEOUT + 5)
+            except Exception:
+                p.terminate()
+                p.wait(10)
+                notes.append(f"a client had to be stopped: {p.args!r}")
+        if not harness.wait_mirrored(60):
+            notes.append(f"pair not mirrored 60 s after healing: {_states(harness)}")
+        final: dict[str, Any] = {}
+        for n in ("A", "B"):
+            final[n], why = harness.dump(n)
+            if final[n] is None:
+                notes.append(f"dump of {n}: {why}")
+        mismatches, verify_out = harness.verify()
+        if mismatches is None:
+            notes.append(f"pair verify: {verify_out}")
+        report = check(load_history(outs), final, mismatches if mismatches is not None else 0)
+        report.notes = notes + [n for n in report.notes if n not in notes]
+        res.report = report
+        with open(os.path.join(directory, "result.json"), "w") as f:
+            json.dump({"seed": seed, "duration": duration, "faults": res.faults,
+                       "verify": verify_out, "summary": report.summary(),
+                       "notes": report.notes,
+                       "findings": {k: [x.as_dict() for x in v]
+                                    for k, v in report.findings.items()}}, f, indent=1)
+    except Exception as e:
+        res.error = f"{type(e).__name__}: {e}"
+    finally:
+        if nemesis is not None:
+            nemesis.stop()
+            nemesis.join(30)
+        if harness is not None:
+            harness.close()
+        net.close()
+        res.seconds = time.monotonic() - began
+        if res.verdict == "PASS" and not keep:
+            shutil.rmtree(directory, ignore_errors=True)
+            res.directory = ""
+    return res
+
+
+def _states(harness: Harness) -> str:
+    views = harness.views()
+    return ", ".join(f"{n}: {v['state']}/{v['io_mode']} ({v.get('reason') or '-'})"
+                     if v else f"{n}: unreachable" for n, v in views.items())
+
+
+def _restore(harness: Harness, net: Net) -> list[str]:
+    """Undo anything still broken; a process that died without the nemesis is a note."""
+    notes: list[str] = []
+    net.heal_all()
+    for name in ("W", "A", "B", "host"):
+        harness.resume(name)
+        if not harness.alive(name):
+            notes.append(f"{name} exited by itself: "
+                         f"{harness.sup.components[name].tail(3)!r}")
+            harness.start_one(name, wait=False)
+    return notes
