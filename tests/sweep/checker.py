@@ -27,6 +27,7 @@ import bisect
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 AGENT = "agent"
@@ -84,6 +85,8 @@ class Report:
     acked_writes: int = 0
     reads: int = 0
     unavailable: int = 0
+    agent_write_gap: float = 0.0   # longest time without an acknowledged agent write
+    agent_slowest: float = 0.0     # longest answered agent request
     findings: dict[str, list[Finding]] = field(default_factory=lambda: {
         k: [] for k in ("lost", "stale", "corrupt", "divergent", "errors")})
     notes: list[str] = field(default_factory=list)
@@ -98,7 +101,8 @@ class Report:
     def summary(self) -> str:
         counts = " ".join(f"{k}={len(v)}" for k, v in self.findings.items())
         return (f"ops={self.ops} writes={self.acked_writes}/{self.writes} reads={self.reads} "
-                f"{counts} unavailable={self.unavailable}")
+                f"{counts} unavailable={self.unavailable} "
+                f"agent_gap={self.agent_write_gap:.2f}s agent_slowest={self.agent_slowest:.2f}s")
 
 
 def _describe(w: Op | None, wid: Value) -> str:
@@ -159,6 +163,10 @@ def check(history: Iterable[Op], final: Mapping[str, Sequence[Value] | None],
             else:
                 rep.unavailable += 1
     index = {b: _Block(ws) for b, ws in writes.items()}
+    agent = [o for o in ops if o.client == AGENT and o.acked and o.answer is not None]
+    rep.agent_slowest = max((o.done_at - o.send for o in agent), default=0.0)
+    acks = sorted(o.done_at for o in agent if o.op == "w")
+    rep.agent_write_gap = max((b - a for a, b in pairwise(acks)), default=0.0)
 
     def source(block: int, value: Value, at: float) -> tuple[Op | None, str | None]:
         """The write that produced `value`, or why no write did."""

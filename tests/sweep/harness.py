@@ -49,6 +49,7 @@ class Harness:
         self.takeover_after = takeover_after
         self.sup = Supervisor()
         self.paused: set[str] = set()
+        self.closed = False
         self.clients: list[subprocess.Popen[bytes]] = []
         host_nbd, host_api = free_ports(2)
         cfg = ClusterConfig(
@@ -85,6 +86,8 @@ class Harness:
         return self.cfg.node(name).api_url + "/api/v1/health"
 
     def start_one(self, name: str, wait: bool = True) -> None:
+        if self.closed:
+            return  # a late heal by the nemesis must not outlive close()
         self.paused.discard(name)
         self.sup.start(name, self.argv(name), os.path.join(self.dir, f"{name}.log"))
         if wait:
@@ -102,6 +105,8 @@ class Harness:
         self.sup.kill(name)
 
     def pause(self, name: str) -> None:
+        if self.closed:
+            return
         os.kill(self.pid(name), signal.SIGSTOP)
         self.paused.add(name)
 
@@ -130,8 +135,13 @@ class Harness:
             time.sleep(0.2)
         if not self.wait_mirrored(60):
             raise RuntimeError(f"pair never mirrored: {self.views()}")
+        for target in ("agent", "A", "B"):  # a broken setup is not a finding
+            _, why = self.dump(target, timeout=15, blocks=1)
+            if why:
+                raise RuntimeError(f"{target} does not serve {PAIR} before any fault: {why}")
 
     def close(self) -> None:
+        self.closed = True
         for p in self.clients:
             if p.poll() is None:
                 p.kill()
@@ -208,11 +218,13 @@ class Harness:
         self.clients.append(p)
         return p
 
-    def dump(self, node: str, timeout: float = 30) -> tuple[list[int | str] | None, str]:
+    def dump(self, node: str, timeout: float = 30, blocks: int | None = None
+             ) -> tuple[list[int | str] | None, str]:
         """Every block of `node`'s copy, read directly (None and why if it refuses)."""
+        count = self.blocks if blocks is None else blocks
         try:
             p = subprocess.run([SYSTEM_PYTHON, CLIENT, "dump", "--uri", self.uri(node),
-                                "--blocks", str(self.blocks), "--timeout", str(timeout)],
+                                "--blocks", str(count), "--timeout", str(timeout)],
                                capture_output=True, text=True, timeout=timeout + 10,
                                preexec_fn=_die_with_parent)
             out = json.loads(p.stdout)

@@ -99,16 +99,22 @@ class Nemesis:
         self.log: list[dict[str, Any]] = []
         self.error: BaseException | None = None
         self._stop_event = threading.Event()
+        self.done = threading.Event()
         self.thread = threading.Thread(target=self.run, name="nemesis", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
-    def join(self, timeout: float | None = None) -> None:
-        self.thread.join(timeout)
+    def wait_done(self, timeout: float | None = None) -> bool:
+        """Wait until every fault was applied and healed."""
+        return self.done.wait(timeout)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Heal what is active, and end the thread (only after the processes it started
+        are stopped: a child gets its parent-death signal when the *thread* that started
+        it exits)."""
         self._stop_event.set()
+        self.thread.join(timeout)
 
     def _sleep_until(self, t: float) -> bool:
         return not self._stop_event.wait(max(0.0, t - time.monotonic()))
@@ -117,7 +123,7 @@ class Nemesis:
         try:
             for fault in self.faults:
                 if not self._sleep_until(self.t0 + fault.at):
-                    return
+                    break
                 waited = time.monotonic()
                 while not self.cluster.mirrored() and time.monotonic() - waited < \
                         self.settle_timeout and not self._stop_event.is_set():
@@ -132,6 +138,9 @@ class Nemesis:
                                  "settle_wait": round(start - waited, 3)})
         except BaseException as e:  # reported by the runner
             self.error = e
+        finally:
+            self.done.set()
+        self._stop_event.wait()  # see stop()
 
     def _apply(self, fault: Fault) -> None:
         if fault.kind in ("kill", "witness-kill"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -110,7 +111,7 @@ def run_seed(seed: int, duration: float, kinds: tuple[str, ...] = DEFAULT_KINDS,
             outs.append(out)
         nemesis = Nemesis(harness, net, faults, t0, until - 2.0)
         nemesis.start()
-        nemesis.join(duration + 120)
+        nemesis.wait_done(duration + 120)
         res.faults = nemesis.log
         if nemesis.error is not None:
             raise RuntimeError(f"nemesis: {nemesis.error!r}")
@@ -136,7 +137,8 @@ def run_seed(seed: int, duration: float, kinds: tuple[str, ...] = DEFAULT_KINDS,
         report.notes = notes + [n for n in report.notes if n not in notes]
         res.report = report
         with open(os.path.join(directory, "result.json"), "w") as f:
-            json.dump({"seed": seed, "duration": duration, "faults": res.faults,
+            json.dump({"seed": seed, "duration": duration, "revision": _revision(),
+                       "faults": res.faults,
                        "verify": verify_out, "summary": report.summary(),
                        "notes": report.notes,
                        "findings": {k: [x.as_dict() for x in v]
@@ -144,17 +146,29 @@ def run_seed(seed: int, duration: float, kinds: tuple[str, ...] = DEFAULT_KINDS,
     except Exception as e:
         res.error = f"{type(e).__name__}: {e}"
     finally:
-        if nemesis is not None:
-            nemesis.stop()
-            nemesis.join(30)
         if harness is not None:
             harness.close()
+        if nemesis is not None:
+            nemesis.stop()
         net.close()
         res.seconds = time.monotonic() - began
         if res.verdict == "PASS" and not keep:
             shutil.rmtree(directory, ignore_errors=True)
             res.directory = ""
     return res
+
+
+def _revision() -> str:
+    """The commit the nodes ran, and whether src/ had uncommitted changes."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "src"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return head + ("+src-changes" if dirty else "")
 
 
 def _states(harness: Harness) -> str:

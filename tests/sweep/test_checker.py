@@ -140,3 +140,11 @@ def test_op_from_logged_line() -> None:
     op = Op.from_line(["B", 2, "r", 9, A1, 1.5, None, "timeout", "no answer"])
     assert op == Op("B", 2, "r", 9, A1, 1.5, None, "timeout", "no answer")
     assert not op.acked
+
+
+def test_agent_gap_and_slowest_request() -> None:
+    ops = [w(A1, 1.0, 1.1), w(A2, 1.2, 3.6), w(A3, 3.7, 3.8), r(A3, 4.0, 4.2, client="A"),
+           r(A3, 4.0, 7.0, client="A")]
+    rep = check(ops, final(A3))
+    assert rep.agent_write_gap == 2.5
+    assert abs(rep.agent_slowest - 2.4) < 1e-9
