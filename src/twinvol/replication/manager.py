@@ -791,6 +791,10 @@ class ReplicationManager:
                 for x in exts:
                     pr.al_inflight[x] -= 1
                     pr.al_last[x] = now
+        if not replicate and not rec.remote:
+            # Acknowledged by this copy alone: only once no lease granted to the partner
+            # is left (a resync that just ended may have granted one).
+            await self._fence_partner(pr)
         if local_sync is not None:
             await local_sync
 
@@ -815,6 +819,8 @@ class ReplicationManager:
         if pr.rec.io_mode != "local":
             raise WriteFailed(Err.EIO, f"partner lost and this copy may not continue: "
                                        f"{pr.rec.reason}")
+        if not pr.rec.remote:
+            await self._fence_partner(pr)
 
     async def host_flush(self, pr: PairRuntime) -> None:
         ex = self.node.executor

@@ -1,0 +1,55 @@
+"""Run simulator seeds: `python -m twinvol.testing --seeds 1000 [--first 0] [--trace]`.
+
+One line per seed; a failing seed prints its fault schedule, findings and (with
+`--trace`) its trace, and replays exactly with `--first SEED --seeds 1`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from twinvol.testing.node import SimOptions
+from twinvol.testing.run import run
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m twinvol.testing", description=__doc__)
+    p.add_argument("--seeds", type=int, default=100, help="how many seeds (default 100)")
+    p.add_argument("--first", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--duration", type=float, default=20.0, help="simulated seconds of faults")
+    p.add_argument("--trace", action="store_true", help="print the trace of failing seeds")
+    p.add_argument("--quiet", action="store_true", help="print failing seeds only")
+    p.add_argument("--no-leases", action="store_true",
+                   help="serve mirrored copies without leases (the old behaviour)")
+    p.add_argument("--no-fence-alone", action="store_true",
+                   help="acknowledge writes alone without waiting out the partner's lease")
+    a = p.parse_args(argv)
+    if a.seeds < 1 or a.duration <= 2:
+        p.error("--seeds must be at least 1 and --duration above 2")
+    options = SimOptions(leases=not a.no_leases, fence_alone=not a.no_fence_alone)
+    failed = 0
+    started = time.monotonic()
+    for seed in range(a.first, a.first + a.seeds):
+        r = run(seed, a.duration, options)
+        if not r.ok:
+            failed += 1
+        if not a.quiet or not r.ok:
+            print(r.line(), flush=True)
+        if not r.ok:
+            for f in r.faults:
+                print(f"    fault {f}")
+            for kind in r.findings.counts():
+                for item in getattr(r.findings, kind)[:5]:
+                    print(f"    {kind}: {item}")
+            if a.trace:
+                for line in r.trace:
+                    print(f"    {line}")
+    took = time.monotonic() - started
+    print(f"{a.seeds} seeds, {failed} failed, {took:.1f}s", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
