@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds of workload per seed (default 45)")
     p.add_argument("--faults", type=parse_kinds, default=DEFAULT_KINDS,
                    help=f"comma-separated fault kinds (default all: {','.join(KINDS)})")
+    p.add_argument("--overlap", action="store_true",
+                   help="let faults on different processes and links overlap in time")
     p.add_argument("--dir", default=None, help="where run directories go (default $TMPDIR)")
     p.add_argument("--keep", action="store_true", help="keep run directories of passing seeds")
     p.add_argument("--plan", action="store_true",
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seed or list(range(args.first, args.first + args.seeds))
     if args.plan:
         for seed in seeds:
-            faults = schedule(seed, args.duration, args.faults)
+            faults = schedule(seed, args.duration, args.faults, args.overlap)
             print(f"seed={seed}: " + " ".join(f"+{f.at:.1f}s {f.label}" for f in faults))
         return 0
     why = cannot_run()
@@ -78,14 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[int] = []
     try:
         for seed in seeds:
-            res = run_seed(seed, args.duration, args.faults, args.dir, args.keep)
+            res = run_seed(seed, args.duration, args.faults, args.dir, args.keep,
+                           args.overlap)
             print(res.line(), flush=True)
             if res.verdict != "PASS":
                 failed.append(seed)
                 for line in res.details(args.details):
                     print(line, flush=True)
+                again = " --overlap" if args.overlap else ""
+                if args.faults != DEFAULT_KINDS:
+                    again += f" --faults {','.join(args.faults)}"
                 print(f"  logs: {res.directory}; rerun: --seed {seed} "
-                      f"--duration {args.duration:g}", flush=True)
+                      f"--duration {args.duration:g}{again}", flush=True)
     except KeyboardInterrupt:
         print("sweep: interrupted", file=sys.stderr)
         return 130

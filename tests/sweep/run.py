@@ -30,6 +30,7 @@ THINK = 0.002            # up to this many seconds between a thread's requests
 class SeedResult:
     seed: int
     duration: float
+    overlap: bool = False
     faults: list[dict[str, Any]] = field(default_factory=list)
     report: Report | None = None
     error: str = ""           # the run itself broke (setup, harness), not a finding
@@ -45,7 +46,8 @@ class SeedResult:
     def line(self) -> str:
         done = [f for f in self.faults if "start" in f]
         kinds = ",".join(f"{f['kind']}:{f['target']}" for f in done) or "-"
-        head = f"seed={self.seed} duration={self.duration:g}s faults={len(done)} [{kinds}]"
+        head = (f"seed={self.seed} duration={self.duration:g}s"
+                f"{' overlap' if self.overlap else ''} faults={len(done)} [{kinds}]")
         rep = self.report.summary() if self.report else "ops=0"
         tail = f"{self.verdict} {self.seconds:.0f}s"
         if self.error:
@@ -69,11 +71,12 @@ class SeedResult:
     def _during(self, f: Finding) -> str:
         if not f.at:
             return ""
-        for x in self.faults:
-            if "start" in x and x["start"] - 0.5 <= f.at <= x["end"] + 5.0:
-                return (f" [during {x['kind']}:{x['target']} +{f.at - x['start']:.2f}s "
-                        f"after it began, healed at +{x['end'] - x['start']:.2f}s]")
-        return " [no fault active]"
+        began = [x for x in self.faults if "start" in x and x["start"] - 0.5 <= f.at]
+        if not began or f.at > began[-1]["end"] + 5.0:
+            return " [no fault in the 5 s before]"
+        x = began[-1]
+        return (f" [{x['kind']}:{x['target']} began {f.at - x['start']:.2f}s before, "
+                f"healed after {x['end'] - x['start']:.2f}s]")
 
 
 def load_history(paths: list[str]) -> list[Op]:
@@ -87,11 +90,12 @@ def load_history(paths: list[str]) -> list[Op]:
 
 
 def run_seed(seed: int, duration: float, kinds: tuple[str, ...] = DEFAULT_KINDS,
-             base_dir: str | None = None, keep: bool = False) -> SeedResult:
+             base_dir: str | None = None, keep: bool = False, overlap: bool = False
+             ) -> SeedResult:
     """Run one seed; the run directory is kept when it fails (or with `keep`)."""
     began = time.monotonic()
     directory = tempfile.mkdtemp(prefix=f"sweep-{seed}-", dir=base_dir)
-    res = SeedResult(seed, duration, directory=directory)
+    res = SeedResult(seed, duration, overlap=overlap, directory=directory)
     net = Net()
     harness: Harness | None = None
     nemesis: Nemesis | None = None
@@ -99,7 +103,7 @@ def run_seed(seed: int, duration: float, kinds: tuple[str, ...] = DEFAULT_KINDS,
         net.setup()
         harness = Harness(directory, net, BLOCKS, hold_timeout=HOLD_TIMEOUT)
         harness.start()
-        faults = schedule(seed, duration, kinds)
+        faults = schedule(seed, duration, kinds, overlap)
         t0 = time.monotonic() + 0.5
         until = t0 + duration
         outs = []
@@ -109,7 +113,7 @@ def run_seed(seed: int, duration: float, kinds: tuple[str, ...] = DEFAULT_KINDS,
                                  AGENT_TIMEOUT if target == "agent" else DIRECT_TIMEOUT,
                                  THINK)
             outs.append(out)
-        nemesis = Nemesis(harness, net, faults, t0, until - 2.0)
+        nemesis = Nemesis(harness, net, faults, t0, until - 2.0, overlap)
         nemesis.start()
         nemesis.wait_done(duration + 120)
         res.faults = nemesis.log
@@ -137,7 +141,8 @@ def run_seed(seed: int, duration: float, kinds: tuple[str, ...] = DEFAULT_KINDS,
         report.notes = notes + [n for n in report.notes if n not in notes]
         res.report = report
         with open(os.path.join(directory, "result.json"), "w") as f:
-            json.dump({"seed": seed, "duration": duration, "revision": _revision(),
+            json.dump({"seed": seed, "duration": duration, "overlap": overlap,
+                       "revision": _revision(),
                        "faults": res.faults,
                        "verify": verify_out, "summary": report.summary(),
                        "notes": report.notes,
