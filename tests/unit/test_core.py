@@ -139,3 +139,18 @@ def test_the_core_does_no_io() -> None:
                 if top == "twinvol":
                     assert name.startswith("twinvol.replication.core"), \
                         f"{path.name} imports {name} from outside the core"
+
+
+def test_the_witness_hint_times_the_next_question() -> None:
+    from twinvol.witness.logic import Arbiter, ArbitrateRequest
+
+    arb = Arbiter(["A", "B"], now=0.0, takeover_after=1.5)
+    arb.heartbeat("A", 10.0)
+    d = arb.arbitrate(ArbitrateRequest("p", "B", "A", "secondary", "g"), 10.4)
+    assert d.decision == "wait" and d.retry_after == pytest.approx(1.1)
+    p = loss(Role.SECONDARY)
+    p.start(10.4, "lost")
+    assert p.on_verdict(Verdict(d.decision), 10.4, d.reason, d.retry_after) == []
+    assert p.next_timer() == pytest.approx(11.51)  # not a polling step late
+    assert arb.arbitrate(ArbitrateRequest("p", "B", "A", "secondary", "g"),
+                         11.51).decision == "continue"

@@ -63,6 +63,7 @@ from twinvol.replication.wire import Payload
 from twinvol.storage.backing import NotFast
 from twinvol.storage.volumes import Volume, VolumeError
 from twinvol.witness.client import WitnessError
+from twinvol.witness.logic import Decision
 
 if TYPE_CHECKING:
     from twinvol.node.daemon import Node
@@ -91,7 +92,7 @@ class WriteFailed(Exception):
         self.errno = errno
 
 
-Decider = Callable[[PairRecord], Awaitable[str]]
+Decider = Callable[[PairRecord], Awaitable[Decision]]
 
 
 @dataclass
@@ -872,11 +873,12 @@ class ReplicationManager:
         while not loss.done:
             if loss.asking:
                 try:
-                    verdict = Verdict(await self.decide(rec))
+                    d = await self.decide(rec)
                 except WitnessError as e:  # unreachable or refused: never write alone
                     effects = loss.on_witness_error(time.monotonic(), str(e))
                 else:
-                    effects = loss.on_verdict(verdict, time.monotonic())
+                    effects = loss.on_verdict(Verdict(d.decision), time.monotonic(), d.reason,
+                                              d.retry_after)
             else:
                 when = loss.next_timer()
                 if when is not None:
@@ -902,10 +904,10 @@ class ReplicationManager:
                 self._set_mode(pr, "local", e.reason)
                 self._set_state(pr, "suspended" if e.fork else "copying", e.reason)
 
-    async def _witness_decision(self, rec: PairRecord) -> str:
-        d = await self.witness.arbitrate(rec.name, self.node.name, rec.partner, rec.role,
-                                         rec.gen_current)
-        return str(d.decision)
+    async def _witness_decision(self, rec: PairRecord) -> Decision:
+        d: Decision = await self.witness.arbitrate(rec.name, self.node.name, rec.partner,
+                                                   rec.role, rec.gen_current)
+        return d
 
     async def _heartbeats(self) -> None:
         from twinvol.witness.client import WitnessError
@@ -934,9 +936,11 @@ class ReplicationManager:
 
         self._spawn(go())
 
-    async def _default_decision(self, rec: PairRecord) -> str:
+    async def _default_decision(self, rec: PairRecord) -> Decision:
         """Without a witness, the primary continues and the secondary blocks."""
-        return "continue" if rec.role == "primary" else "block"
+        if rec.role == "primary":
+            return Decision("continue", self.node.name, "no witness: the primary continues")
+        return Decision("block", rec.partner, "no witness: the secondary stops")
 
     def _on_down(self, peer: str, reason: str) -> None:
         self.node.events.publish("peer_down", peer=peer, reason=reason)

@@ -127,6 +127,7 @@ class Arbitrate:
 class ArbitrateRep:
     rid: int
     verdict: Verdict
+    retry_after: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -194,7 +194,8 @@ class SimNode(Proc):
             if isinstance(msg, m.ArbitrateRep) and self.loss is not None \
                     and msg.rid == self.witness_rid:
                 self.witness_rid = 0
-                self._drive(self.loss.on_verdict(msg.verdict, self.local_now()))
+                self._drive(self.loss.on_verdict(msg.verdict, self.local_now(), "",
+                                                 msg.retry_after))
             return
         if src != self.partner:
             self._host(src, msg)

@@ -41,5 +41,6 @@ class SimWitness(Proc):
         elif isinstance(msg, m.Arbitrate):
             d = self.arbiter.arbitrate(ArbitrateRequest("vol", msg.node, msg.partner,
                                                         msg.role.value, msg.generation), now)
-            self.net.send(self.name, src, m.ArbitrateRep(msg.rid, Verdict(d.decision)))
+            self.net.send(self.name, src, m.ArbitrateRep(msg.rid, Verdict(d.decision),
+                                                        d.retry_after))
         self.saved = self.arbiter.snapshot()

@@ -27,7 +27,7 @@ import msgspec
 Role = Literal["primary", "secondary"]
 Verdict = Literal["continue", "block", "wait"]
 
-DEFAULT_TAKEOVER_AFTER = 2.0
+DEFAULT_TAKEOVER_AFTER = 1.5  # three heartbeats missed; leases make a spurious takeover safe
 HEARTBEAT_INTERVAL = 0.5  # how often nodes heartbeat; well below takeover_after
 WAIT_RETRY = 0.3  # how often a node told to ``wait`` asks again (not writing meanwhile)
 STATE_FORMAT = "twinvol-witness/1"
@@ -62,11 +62,13 @@ class ArbitrateRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 class Decision(msgspec.Struct):
     """``continue`` (write alone), ``block`` (stop: the partner holds the pair) or ``wait``
-    (ask again soon, not writing meanwhile)."""
+    (ask again in `retry_after` seconds, not writing meanwhile: when the primary's
+    silence would reach `takeover_after`, so a takeover is not late by a polling step)."""
 
     decision: Verdict
     holder: str | None
     reason: str
+    retry_after: float = 0.0
 
 
 class Hold(msgspec.Struct, forbid_unknown_fields=True):
@@ -165,9 +167,11 @@ class Arbiter:
             return self._grant(pair, req, f"primary {partner} silent for "
                                f"{self.silence(partner, now):.1f}s "
                                f"(takeover after {self.takeover_after:g}s)")
+        silence = self.silence(partner, now)
         return Decision("wait", None,
-                        f"primary {partner} was heard {self.silence(partner, now):.1f}s ago; "
-                        f"{node} may take over after {self.takeover_after:g}s of silence")
+                        f"primary {partner} was heard {silence:.1f}s ago; "
+                        f"{node} may take over after {self.takeover_after:g}s of silence",
+                        retry_after=round(self.takeover_after - silence, 3))
 
     def _grant(self, pair: str, req: ArbitrateRequest, reason: str) -> Decision:
         self.holds[pair] = Hold(req.node, req.partner, req.role, req.generation)

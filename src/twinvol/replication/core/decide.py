@@ -26,6 +26,8 @@ from twinvol.replication.core.lease import PeerLease
 from twinvol.replication.core.types import Mode, Role, Verdict
 
 RETRY_EVERY = 0.3  # seconds between questions to a witness that said "wait" or was silent
+HINT_SLACK = 0.01  # ask this long after the witness's hint (its clock may run a little slow)
+MAX_RETRY = 5.0    # never trust a hint to wait longer than this
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +108,9 @@ class PartnerLoss:
         out.append(AskWitness())
         return out
 
-    def on_verdict(self, verdict: Verdict, now: float, why: str = "") -> list[Effect]:
+    def on_verdict(self, verdict: Verdict, now: float, why: str = "",
+                   retry_after: float = 0.0) -> list[Effect]:
+        """`retry_after`: the witness's hint of when to ask again after ``wait``."""
         if self.phase is not Phase.ASKING:
             return []
         if verdict is Verdict.CONTINUE:
@@ -114,7 +118,7 @@ class PartnerLoss:
         if verdict is Verdict.BLOCK:
             self.phase = Phase.DONE
             return [SetMode(Mode.BLOCK, "the partner continues: this copy is stale")]
-        return self._retry(now, why)
+        return self._retry(now, why, retry_after)
 
     def on_witness_error(self, now: float, error: str) -> list[Effect]:
         """The witness did not answer: never write alone; ask again later."""
@@ -136,11 +140,12 @@ class PartnerLoss:
             return self._fence(now)
         return []
 
-    def _retry(self, now: float, why: str) -> list[Effect]:
+    def _retry(self, now: float, why: str, retry_after: float = 0.0) -> list[Effect]:
         if why:
             self.reason = why
         self.phase = Phase.WAITING
-        self._timer = now + self.retry_every
+        wait = retry_after + HINT_SLACK if retry_after > 0 else self.retry_every
+        self._timer = now + min(wait, MAX_RETRY)
         return []
 
     def _fence(self, now: float) -> list[Effect]:
