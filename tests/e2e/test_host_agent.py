@@ -3,7 +3,8 @@
 Two nodes serve volumes with the SAME virtual identity (the pair replication is not
 in play here, so the two copies only hold the same bytes when a test puts them there:
 data tests write through the agent, then copy the writer's bytes to the other node, or
-pre-fill both directly). Faults are kill -9 of node processes.
+pre-fill both directly). Faults are kill -9 of node processes. One section runs a real
+replicated pair with its witness behind the agent, where a side fences itself mid-write.
 
 The last section drives an in-process agent against fake nodes (in-memory NBD servers
 and a fake event source) to pin down event-driven behaviour deterministically.
@@ -18,8 +19,10 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,7 +39,7 @@ from twinvol.host.agent import Agent, AgentStartError
 from twinvol.host.nodes import NodeUnreachable
 from twinvol.nbd.aio import NbdServerProtocol, close_all
 from twinvol.nbd.aio_client import NbdClient, NbdError, NegotiationError
-from twinvol.nbd.constants import Err, Rep
+from twinvol.nbd.constants import Cmd, Err, Opt, Rep
 from twinvol.nbd.server import ExportInfo
 from twinvol.supervisor import Supervisor, free_ports, twinvol_argv
 
@@ -591,6 +594,274 @@ def test_host_cli_errors_are_one_line(tmp_path: Any) -> None:
     assert "has no [host] table" in r.stderr
 
 
+# ---- a replicated pair behind the agent: a side fences itself mid-write -----------
+
+WRITER = r"""
+import json, sys, time, nbd
+uri, seconds, depth, nblocks = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+h = nbd.NBD()
+h.connect_uri(uri)
+inflight, busy, acked, errors = {}, set(), {}, []
+seq = 0
+start = time.monotonic()
+end = start + seconds
+print("ready", flush=True)
+while True:
+    now = time.monotonic()
+    # One write per block at a time, so a block's last acknowledged write is its value.
+    while now < end and len(inflight) < depth and seq % nblocks not in busy:
+        block = seq % nblocks
+        cookie = h.aio_pwrite(seq.to_bytes(8, "little") * 512, block * 4096)
+        inflight[cookie] = (seq, block, now)
+        busy.add(block)
+        seq += 1
+        time.sleep(0.002)
+        now = time.monotonic()
+    if not inflight:
+        break
+    try:
+        h.poll(50)
+    except nbd.Error as e:
+        errors.append({"poll": str(e)})
+        break
+    for cookie in list(inflight):
+        try:
+            done = h.aio_command_completed(cookie)
+        except nbd.Error as e:
+            done = e
+        if done:
+            s, block, t = inflight.pop(cookie)
+            busy.discard(block)
+            if done is True:
+                acked[block] = s
+            else:
+                errors.append({"seq": s, "sent": round(t - start, 3),
+                               "after": round(time.monotonic() - t, 3), "error": str(done)})
+print(json.dumps({"sent": seq, "acked": acked, "errors": errors}), flush=True)
+"""
+
+READ_BLOCKS = r"""
+import json, sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+n = int(sys.argv[2])
+data = h.pread(n * 4096, 0)
+out = []
+for b in range(n):
+    blk = data[b * 4096:(b + 1) * 4096]
+    v = int.from_bytes(blk[:8], "little")
+    out.append(v if blk == blk[:8] * 512 else -1)
+print(json.dumps(out))
+"""
+
+
+class EioOnCloseProxy:
+    """An NBD proxy in front of a node: when the node drops a connection with requests
+    in flight, each of them is first answered with EIO, then the connection closes.
+
+    That is what the agent saw in finding 4 of issue 13 (a node losing its partner or
+    its lease answered the writes it held with EIO, then closed), made deterministic: a
+    real node now drops its replies when it fences itself, but may still answer EIO
+    when its pair side blocks, and the agent must handle both alike."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.addr = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.eio_sent = 0
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+        with self._lock:
+            for s in self._socks:
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                if self.listener.fileno() < 0:
+                    return
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._socks += [client, upstream]
+            conn = {"inflight": set(), "agent_closed": False}
+            threading.Thread(target=self._requests, args=(client, upstream, conn),
+                             daemon=True).start()
+            threading.Thread(target=self._replies, args=(client, upstream, conn),
+                             daemon=True).start()
+
+    def _requests(self, client: socket.socket, upstream: socket.socket,
+                  conn: dict[str, Any]) -> None:
+        """Agent -> node, forwarded as it comes; the handle of every request is noted."""
+        buf, phase, skip = bytearray(), "flags", 0
+        try:
+            while data := client.recv(65536):
+                buf += data
+                while True:
+                    if phase == "flags" and len(buf) >= 4:
+                        del buf[:4]
+                        phase = "options"
+                    elif phase == "options" and len(buf) >= 16 \
+                            and len(buf) >= 16 + struct.unpack_from(">I", buf, 12)[0]:
+                        _, opt, n = struct.unpack_from(">QII", buf)
+                        del buf[:16 + n]
+                        phase = "requests" if opt == Opt.GO else phase
+                    elif phase == "requests" and skip:
+                        k = min(skip, len(buf))
+                        del buf[:k]
+                        skip -= k
+                        if not buf:
+                            break
+                    elif phase == "requests" and len(buf) >= 28:
+                        magic, _, cmd, handle, _, n = struct.unpack_from(">IHHQQI", buf)
+                        del buf[:28]
+                        if magic != 0x25609513:  # GO refused: no transmission
+                            phase = "raw"
+                        skip = n if cmd == Cmd.WRITE else 0
+                        if cmd != Cmd.DISC:
+                            with self._lock:
+                                conn["inflight"].add(handle)
+                    else:
+                        if phase == "raw":
+                            buf.clear()
+                        break
+                upstream.sendall(data)
+        except OSError:
+            pass
+        conn["agent_closed"] = True
+        with contextlib.suppress(OSError):
+            upstream.shutdown(socket.SHUT_RDWR)
+
+    def _replies(self, client: socket.socket, upstream: socket.socket,
+                 conn: dict[str, Any]) -> None:
+        """Node -> agent, forwarded whole replies at a time; on the node's close, EIO for
+        every request still in flight."""
+        buf, phase = bytearray(), "greeting"
+        try:
+            while data := upstream.recv(65536):
+                buf += data
+                out = bytearray()
+                while True:
+                    unit = 0
+                    if phase == "greeting" and len(buf) >= 18:
+                        unit, phase = 18, "options"
+                    elif phase == "options" and len(buf) >= 20:
+                        _, opt, rep, n = struct.unpack_from(">QIII", buf)
+                        unit = 20 + n if len(buf) >= 20 + n else 0
+                        if unit and opt == Opt.GO and rep == Rep.ACK:
+                            phase = "replies"
+                    elif phase == "replies" and len(buf) >= 16:
+                        magic, = struct.unpack_from(">I", buf)
+                        done, handle = True, struct.unpack_from(">Q", buf, 8)[0]
+                        if magic == 0x67446698:
+                            unit = 16
+                        elif len(buf) >= 20:
+                            flags, _, _, n = struct.unpack_from(">HHQI", buf, 4)
+                            unit = 20 + n if len(buf) >= 20 + n else 0
+                            done = bool(flags & 1)
+                        if unit and done:
+                            with self._lock:
+                                conn["inflight"].discard(handle)
+                    if not unit:
+                        break
+                    out += buf[:unit]
+                    del buf[:unit]
+                client.sendall(out)
+        except OSError:
+            pass
+        with self._lock:
+            handles = sorted(conn["inflight"])
+            conn["inflight"].clear()
+        if phase == "replies" and handles and not conn["agent_closed"]:
+            with contextlib.suppress(OSError):
+                client.sendall(b"".join(struct.pack(">IIQ", 0x67446698, Err.EIO, h)
+                                        for h in handles))
+                self.eio_sent += len(handles)
+        for s in (client, upstream):
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+@pytest.mark.parametrize("data_path", ["native", "python"])
+def test_writes_in_flight_survive_a_side_fencing_itself(tmp_path: Any, data_path: str) -> None:
+    """Finding 4 of issue 13 with real processes: a pair with its witness, a libnbd
+    writer through the agent, the secondary paused (SIGSTOP) past the lease. The primary
+    A fences itself with the agent's writes in flight and they come back EIO (the proxy
+    in front of A); the agent re-sends them to B, which resumes and fences itself in
+    turn, then back to A once A writes alone. Every write completes without an error,
+    and each block reads back its last acknowledged value from both nodes."""
+    from clusterproc import ClusterProc
+    from twinvol import cluster as cluster_mod
+
+    c = ClusterProc(str(tmp_path), witness=True, host=True)
+    assert c.cfg.host is not None
+    c.cfg.host["data_path"] = data_path
+    node_a = c.cfg.node("A").nbd
+    host, port = node_a.rsplit(":", 1)
+    proxy = EioOnCloseProxy((host, int(port)))
+    for n in ("A", "B"):  # the nodes keep the real addresses; the agent reaches A via proxy
+        c.node_files[n] = os.path.join(c.dir, f"cluster-{n}.toml")
+        cluster_mod.dump(c.cfg, c.node_files[n])
+    c.cfg.nodes["A"].nbd = proxy.addr
+    c.rewrite()
+    writer: subprocess.Popen[str] | None = None
+    try:
+        c.start()
+        c.wait_peer("A", "B")
+        status, body = c.api("A", "POST", "/api/v1/volumes", {"name": "vol", "size": 8 * MiB})
+        assert status == 201, body
+        status, body = c.api("A", "POST", "/api/v1/pairs", {"name": "vol", "secondary": "B"})
+        assert status == 201, body
+        c.wait_pair("A", "vol", "mirrored", "mirror")
+        c.wait_pair("B", "vol", "mirrored", "mirror")
+        nblocks = 256
+        writer = subprocess.Popen(["/usr/bin/python3", "-c", WRITER, c.host_uri("vol"), "7",
+                                   "8", str(nblocks)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        assert writer.stdout is not None
+        assert writer.stdout.readline().strip() == "ready"
+        time.sleep(1.5)
+        b = c.sup.components["B"].proc
+        assert b is not None
+        b.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: proxy.eio_sent, "A to fence itself with writes in flight",
+                     timeout=10)
+            time.sleep(2.0)
+        finally:
+            b.send_signal(signal.SIGCONT)
+        out, err = writer.communicate(timeout=60)
+        assert writer.returncode == 0, err
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["errors"] == [], result["errors"][:10]
+        c.wait_pair("A", "vol", "mirrored", "mirror", timeout=60)
+        c.wait_pair("B", "vol", "mirrored", "mirror", timeout=60)
+        want = dict.fromkeys(range(nblocks), -2)  # never acknowledged: not checked
+        want.update({int(k): v for k, v in result["acked"].items()})
+        for n, uri in (("A", f"nbd://{node_a}/vol"), ("B", c.uri("B", "vol"))):
+            got = json.loads(run("/usr/bin/python3", "-c", READ_BLOCKS, uri,
+                                 str(nblocks)).stdout)
+            bad = [(k, v, got[k]) for k, v in want.items() if v != -2 and got[k] != v]
+            assert not bad, (n, bad[:10])
+    finally:
+        if writer is not None and writer.poll() is None:
+            writer.kill()
+            writer.communicate()
+        c.stop()
+        proxy.close()
+
+
 # ---- in-process agent against fake nodes ---------------------------------------------
 
 
@@ -837,22 +1108,63 @@ def test_path_errors_retry_but_data_errors_reach_the_client(data_path: str) -> N
         for i in range(20):  # EIO from one copy: the other copy answers
             assert await c.pread(i * 4096, 4096) == b"\x5a" * 4096
         assert agent.status()["retries"] >= 1
+        # EIO from every copy: re-sent (paths reconnect) until hold_timeout, then EIO.
         nodes["B"].backend.fail_read = errno.EIO
+        loop = asyncio.get_running_loop()
+        t = loop.time()
         with pytest.raises(NbdError) as e:
             await c.pread(0, 4096)
         assert e.value.errno == Err.EIO
+        assert loop.time() - t >= 1.5  # hold_timeout (2 s) on the agent's coarse clock
+        nodes["A"].backend.fail_read = nodes["B"].backend.fail_read = None
+        await until(lambda: path_state(agent, "A") == "up" and path_state(agent, "B") == "up",
+                    "both paths back")
+        writes_b = nodes["B"].backend.writes
         # ENOSPC and EPERM from a healthy path are the client's answer, not retried.
         for err, want in ((errno.ENOSPC, Err.ENOSPC), (errno.EPERM, Err.EPERM)):
             nodes["A"].backend.fail_write = err
             with pytest.raises(NbdError) as e:
                 await c.pwrite(0, b"x" * 512)
             assert e.value.errno == want
-        assert nodes["B"].backend.writes == 0  # writes never went to the second path
+        assert nodes["B"].backend.writes == writes_b  # writes never went to the second path
         nodes["A"].backend.fail_write = None
         await c.pwrite(0, b"y" * 512)
         assert nodes["A"].backend.buf[:512] == b"y" * 512
-        assert nodes["B"].backend.writes == 0
+        assert nodes["B"].backend.writes == writes_b
         assert path_state(agent, "A") == "up" and path_state(agent, "B") == "up"
+        await c.aclose()
+
+    in_process(test, data_path=data_path)
+
+
+@DATA_PATHS
+def test_writes_failed_by_a_fenced_node_are_held_then_go_to_the_other_path(
+        data_path: str) -> None:
+    """Finding 4 of issue 13, in process: the writer's node answers EIO (its pair side
+    lost its partner) while the other path is blocked. No write reaches the client as
+    an error: they wait (hold_timeout) and go to the other path once it is usable."""
+    async def test(agent: Agent, nodes: dict[str, MemNode], links: dict[str, FakeLink]) -> None:
+        c = await NbdClient.connect("127.0.0.1", agent.nbd_port, "v")
+        await until(lambda: path_state(agent, "A") == "up" and path_state(agent, "B") == "up",
+                    "both paths up")
+        links["B"].mode = "block"
+        links["B"].push(type="io_mode", export="v", mode="block", previous="mirror")
+        await until(lambda: path_state(agent, "B") == "blocked", "path B blocked")
+        nodes["A"].backend.fail_write = errno.EIO
+        links["A"].mode = "block"  # and A's view says block: the path stays out
+        writes = asyncio.gather(*(c.pwrite(k * 4096, bytes([k]) * 4096) for k in range(32)),
+                                return_exceptions=True)
+        await until(lambda: writes.done() or agent.status()["held"] == 32, "the writes held")
+        assert not writes.done(), [str(e) for e in writes.result() if e is not None][:3]
+        # A was closed once drained; reconnecting, it finds A's view says block.
+        await until(lambda: path_state(agent, "A") == "blocked", "path A blocked")
+        links["B"].mode = "mirror"
+        links["B"].push(type="io_mode", export="v", mode="mirror", previous="block")
+        assert await writes == [None] * 32
+        b = nodes["B"].backend
+        assert all(b.buf[k * 4096:(k + 1) * 4096] == bytes([k]) * 4096 for k in range(32))
+        st = agent.status()
+        assert st["retries"] >= 32 and st["hold_failed"] == 0
         await c.aclose()
 
     in_process(test, data_path=data_path)

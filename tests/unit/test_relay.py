@@ -364,21 +364,102 @@ def test_reply_for_a_request_not_in_flight_is_a_bad_path() -> None:
         assert ("path_lost", 1, "node B replied to a request not in flight") in got
 
 
-def test_eio_is_retried_once_on_the_other_path_then_answered() -> None:
+def error_chunk(handle: int, err: int, msg: bytes) -> bytes:
+    return (CHUNK.pack(STRUCTURED_REPLY_MAGIC, 1, Reply.ERROR, handle, 6 + len(msg))
+            + struct.pack(">IH", err, len(msg)) + msg)
+
+
+def ok(handle: int) -> bytes:
+    return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)
+
+
+def test_eio_on_a_read_takes_the_path_out_and_the_read_goes_to_the_other() -> None:
     with rig(structured=True, paths=2) as r:
         r.client.sendall(request(Cmd.READ, cookie=3, offset=0, length=512))
         r.pump_client()
         (i, q), = [(i, q) for i in (0, 1) for q in r.node_requests(i)]
-        err = (CHUNK.pack(STRUCTURED_REPLY_MAGIC, 1, Reply.ERROR, q[2], 6 + 3)
-               + struct.pack(">IH", Err.EIO, 3) + b"bad")
-        got = r.reply(i, err)
-        assert ("eio_retry", i, 0, "bad") in got
+        got = r.reply(i, error_chunk(q[2], Err.EIO, b"bad"))
+        why = f"node {'AB'[i]} answered EIO: bad"
+        assert got[:3] == [("path_draining", i, why), ("retried", 1), ("path_lost", i, why)]
         q2 = read_req(r, 1 - i)
-        err2 = (CHUNK.pack(STRUCTURED_REPLY_MAGIC, 1, Reply.ERROR, q2[2], 6 + 4)
-                + struct.pack(">IH", Err.EIO, 4) + b"bad2")
-        r.reply(1 - i, err2)
+        r.reply(1 - i, node_reply(q2))
+        (c,) = parse_replies(r.client_out(), {3: 512})
+        assert isinstance(c, Chunk) and c.cookie == 3 and c.payload[8:] == pattern(0, 512)
+
+
+def writes(r: Rig, *cookies: int) -> list[tuple[int, int, int, int, int, bytes]]:
+    r.client.sendall(b"".join(request(Cmd.WRITE, cookie=k, offset=0, payload=bytes([k]) * 512)
+                              for k in cookies))
+    r.pump_client()
+    return r.node_requests(0)
+
+
+def test_a_faulted_write_waits_until_older_ones_on_its_path_are_answered() -> None:
+    """Writes 1, 2, 3 on path A, A fails 3 (EIO): nothing goes to B while 1 and 2 may
+    still land on A; once A has answered them, A is closed and 3 goes to B."""
+    with rig(paths=2) as r:
+        w1, w2, w3 = writes(r, 1, 2, 3)
+        got = r.reply(0, SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, Err.EIO, w3[2]))
+        assert got == [("path_draining", 0, "node A answered EIO")]
+        assert r.reply(0, ok(w1[2])) == []
+        assert r.node_requests(1) == []
+        got = r.reply(0, ok(w2[2]))
+        assert got == [("path_lost", 0, "node A answered EIO"), ("retried", 1)]
+        assert r.client_out() == ok(1) + ok(2)
+        (q,) = r.node_requests(1)
+        assert q[5] == b"\x03" * 512
+        r.reply(1, ok(q[2]))
+        assert r.client_out() == ok(3)
+
+
+def test_requests_of_a_closed_path_are_resent_in_client_order() -> None:
+    """A fails 3, then 1; then 2 is lost with the connection: B gets 1, 2, 3."""
+    with rig(paths=2) as r:
+        w1, _w2, w3 = writes(r, 1, 2, 3)
+        r.reply(0, SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, Err.EIO, w3[2])
+                + SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, Err.ESHUTDOWN, w1[2]))
+        assert r.node_requests(1) == []
+        r.paths[0].close()
+        got = r.ev(r.relay.path_readable(0))
+        assert got[0] == ("path_lost", 0, "node A closed the connection")
+        assert [q[5] for q in r.node_requests(1)] == [bytes([k]) * 512 for k in (1, 2, 3)]
+        assert r.client_out() == b""
+
+
+def test_client_errors_are_answered_and_the_path_stays() -> None:
+    with rig(structured=True, paths=2) as r:
+        for k, err in enumerate((Err.EPERM, Err.ENOSPC, Err.EINVAL, Err.ENOTSUP)):
+            r.client.sendall(request(Cmd.WRITE, cookie=k, offset=0, payload=b"x" * 512))
+            r.pump_client()
+            q = read_req(r, 0)
+            assert r.reply(0, error_chunk(q[2], err, b"no")) == []
+            (c,) = parse_replies(r.client_out())
+            assert isinstance(c, Chunk) and c.error() == (err, "no")
+        assert r.relay.path_fd(0) >= 0 and r.relay.stats()["retries"] == 0
+
+
+def test_path_faults_are_resent_until_hold_timeout_then_the_node_error() -> None:
+    import time
+
+    with rig(structured=True, paths=1, hold_timeout=0.3) as r:
+        r.client.sendall(request(Cmd.FLUSH, cookie=5))
+        r.pump_client()
+        t = time.monotonic()
+        while True:
+            q = read_req(r, 0)
+            got = r.reply(0, error_chunk(q[2], Err.EIO, b"fenced"))
+            assert ("path_lost", 0, "node A answered EIO: fenced") in got
+            if r.relay.held == 0:
+                break
+            assert time.monotonic() - t < 0.3  # held, not answered, within hold_timeout
+            time.sleep(0.05)
+            p_test, p_relay = socket.socketpair()  # the path reconnects
+            r.paths[0] = p_test
+            r.ev(r.relay.add_path(0, os.dup(p_relay.fileno()), "A", 0, True, 1))
+            p_relay.close()
+        assert time.monotonic() - t >= 0.3
         (c,) = parse_replies(r.client_out())
-        assert isinstance(c, Chunk) and c.cookie == 3 and c.error() == (Err.EIO, "bad2")
+        assert isinstance(c, Chunk) and c.cookie == 5 and c.error() == (Err.EIO, "fenced")
 
 
 def test_eshutdown_fails_the_path_and_resends() -> None:

@@ -16,9 +16,12 @@
  *     replies or simple replies, as twinvol nodes send them);
  *   - the routing rules of twinvol.host.policy: reads to the path with the fewest
  *     requests outstanding (ties round-robin), everything else to one path (primary,
- *     else the lowest order); a lost path's requests re-sent on another; EIO retried
- *     once on another path; NBD_ESHUTDOWN takes the path out; no usable path: held
- *     until Python adds one or fails them.
+ *     else the lowest order); no usable path: held until Python adds one or fails them;
+ *   - the retry rules of twinvol.host.retry: a lost path's requests, and requests a node
+ *     answers with a path fault (EIO, ESHUTDOWN: fenced, blocked, partner lost), are
+ *     re-sent on another path, once every request still on the faulted path is answered
+ *     or lost, in the order the client sent them; the client sees an error only for a
+ *     fault after hold_timeout (counted from the request's first fault).
  *
  * No threads: Python's event loop calls client_readable / path_readable / writable
  * when a socket is ready (level-triggered) and acts on the events returned (a list of
@@ -48,7 +51,7 @@ enum { F_FUA = 1, F_NO_HOLE = 2, F_DF = 4, F_REQ_ONE = 8, F_FAST_ZERO = 16 };
 enum { R_NONE = 0, R_OFFSET_DATA = 1, R_OFFSET_HOLE = 2, R_BLOCK_STATUS = 5,
        R_ERROR = 32769, R_ERROR_OFFSET = 32770 };
 enum { E_EPERM = 1, E_EIO = 5, E_EINVAL = 22, E_ENOSPC = 28, E_EOVERFLOW = 75,
-       E_ESHUTDOWN = 108 };
+       E_ENOTSUP = 95, E_ESHUTDOWN = 108 };
 
 #define MAX_PAYLOAD (32u * 1024u * 1024u)
 #define MAX_STRING 4096
@@ -293,7 +296,10 @@ typedef struct {
     uint16_t cmd, flags;
     Payload *data;       /* a write's payload */
     int path;            /* index in paths[], -1 when held or free */
-    uint32_t tried;      /* paths that answered EIO */
+    uint64_t seq;        /* arrival order: faulted requests are re-sent in this order */
+    uint32_t faults;     /* times a path failed it (see fault) */
+    double first_fault;  /* now_mono() of the first */
+    int parked;          /* 1 + the path it waits to drain, 0 when not parked */
     uint32_t gen;        /* bumped each time the slot is (re)sent: stale replies are refused */
     uint32_t charged;    /* bytes of payload this request holds or will (see out_bytes) */
     int next;            /* free list / held queue link */
@@ -303,6 +309,8 @@ typedef struct {
 typedef struct {
     int fd;              /* -1: no path at this index */
     int dead;            /* failed: waiting for Python to remove it */
+    int draining;        /* faulted: no new requests; closed once nothing is in flight */
+    char why[400];       /* the fault that started the draining */
     int order, primary;
     uint32_t ctx_id;     /* this path's id for base:allocation */
     char node[64];
@@ -346,6 +354,8 @@ typedef struct {
     size_t defer_min, batch_slack;  /* tuning, see flush_paths and choose_path */
     int failing;
     char *fail_msg;
+    double hold_timeout;     /* a request faulted this long ago gets its error */
+    uint64_t next_seq;
     int client_paused, closing, client_gone;
     const char *close_reason;  /* why closing: a DISC or the client's EOF */
     unsigned long long retries, held_total, requests;
@@ -451,6 +461,7 @@ static int slot_new(Relay *r) {
     s->path = -1;
     s->next = -1;
     s->used = 1;
+    s->seq = r->next_seq++;
     r->outstanding++;
     return i;
 }
@@ -470,7 +481,9 @@ static void slot_free(Relay *r, int i) {
 
 /* ---- routing (the rules of twinvol.host.policy) ------------------------------------ */
 
-static int path_usable(Relay *r, int i) { return r->paths[i].fd >= 0 && !r->paths[i].dead; }
+static int path_usable(Relay *r, int i) {
+    return r->paths[i].fd >= 0 && !r->paths[i].dead && !r->paths[i].draining;
+}
 
 static int n_usable(Relay *r) {
     int n = 0;
@@ -490,21 +503,21 @@ static int choose_path(Relay *r, Slot *s) {
         unsigned start = ++r->rr;
         for (int k = 0; k < n; k++) {
             int i = (int)((start + (unsigned)k) % (unsigned)n);
-            if (!path_usable(r, i) || (s->tried & (1u << i))) continue;
+            if (!path_usable(r, i)) continue;
             if (best < 0 || r->paths[i].inflight < r->paths[best].inflight) best = i;
         }
         /* Reads that arrived together stay together while their path is not much busier
            than the least busy one: one send instead of one per path, and the node gets
            a batch it can answer in one go. */
         int b = r->batch_path;
-        if (best >= 0 && !s->tried && b >= 0 && b != best && path_usable(r, b)
+        if (best >= 0 && !s->faults && b >= 0 && b != best && path_usable(r, b)
             && r->paths[b].inflight <= r->paths[best].inflight + r->batch_slack)
             return b;
-        if (!s->tried) r->batch_path = best;
+        if (!s->faults) r->batch_path = best;
         return best;
     }
     for (int i = 0; i < r->npaths; i++) {
-        if (!path_usable(r, i) || (s->tried & (1u << i))) continue;
+        if (!path_usable(r, i)) continue;
         if (r->paths[i].primary) return i;
         if (best < 0 || r->paths[i].order < r->paths[best].order) best = i;
     }
@@ -547,22 +560,26 @@ static int dispatch(Relay *r, int si) {
         hold(r, si);
         return 0;
     }
-    int pi = choose_path(r, s);
-    if (pi < 0) {  /* every usable path already answered EIO: that is the answer */
-        int rc = reply_error(r, s->cookie, E_EIO, "I/O error on every path", 23);
-        slot_free(r, si);
-        return rc;
-    }
-    return send_to(r, si, pi);
+    return send_to(r, si, choose_path(r, s));  /* a usable path exists: never -1 */
 }
 
+/* Queue a request until a path is usable. A re-sent one goes before later arrivals, so
+   held requests leave in the order the client sent them. */
 static void hold(Relay *r, int si) {
     Slot *s = &r->slots[si];
     s->path = -1;
     s->next = -1;
-    if (r->held_tail >= 0) r->slots[r->held_tail].next = si;
+    int prev = -1, cur = r->held_head;
+    if (s->faults) {
+        while (cur >= 0 && r->slots[cur].seq < s->seq) { prev = cur; cur = r->slots[cur].next; }
+    } else {
+        prev = r->held_tail;
+        cur = -1;
+    }
+    s->next = cur;
+    if (prev >= 0) r->slots[prev].next = si;
     else r->held_head = si;
-    r->held_tail = si;
+    if (cur < 0) r->held_tail = si;
     r->held++;
     r->held_total++;
     ev_add(r, Py_BuildValue("(si)", "held", 1));
@@ -574,11 +591,28 @@ static int retry(Relay *r, int si) {
     return dispatch(r, si);
 }
 
-/* A path is gone: stop using it, re-send its requests elsewhere, tell Python. */
+/* Count a path fault against slot si. 1: re-send it; 0: its first fault was
+   hold_timeout ago or more, so the client gets the error (answered here); -1: OOM. */
+static int count_fault(Relay *r, int si, uint32_t err, const char *msg, size_t mlen) {
+    Slot *s = &r->slots[si];
+    double now = now_mono();
+    if (s->faults && now - s->first_fault >= r->hold_timeout) {
+        int rc = reply_error(r, s->cookie, err, msg, mlen);
+        slot_free(r, si);
+        return rc < 0 ? -1 : 0;
+    }
+    if (!s->faults) s->first_fault = now;
+    s->faults++;
+    return 1;
+}
+
+/* A path is gone: stop using it, tell Python, and re-send what was in flight on it or
+   parked waiting for it to drain, oldest first. */
 static void path_fail(Relay *r, int pi, const char *reason) {
     Path *p = &r->paths[pi];
     if (p->fd < 0 || p->dead) return;
     p->dead = 1;
+    p->draining = 0;
     q_clear(&p->out);
     p->unsent = 0;
     p->in.len = p->in.off = 0;
@@ -588,11 +622,43 @@ static void path_fail(Relay *r, int pi, const char *reason) {
         Slot *s = &r->slots[i];
         if (s->used && s->path == pi) {
             s->path = -1;
-            p->inflight--;
-            retry(r, i);
+            if (count_fault(r, i, E_EIO, reason, strlen(reason)) > 0) s->parked = pi + 1;
         }
     }
     p->inflight = 0;
+    for (;;) {  /* at most max_outstanding slots: a selection is cheap enough */
+        int best = -1;
+        for (int i = 0; i < r->nslots; i++) {
+            Slot *s = &r->slots[i];
+            if (s->used && s->parked == pi + 1 && (best < 0 || s->seq < r->slots[best].seq))
+                best = i;
+        }
+        if (best < 0) break;
+        r->slots[best].parked = 0;
+        retry(r, best);
+    }
+}
+
+/* The node on path pi answered slot si with a path fault (or the fault is the path's):
+   take the path out of use now; reads go elsewhere at once, anything else waits until
+   the path has nothing in flight (a re-sent write must not overtake an older one still
+   on the faulted path), then the path is closed and its waiting requests re-sent. */
+static int fault(Relay *r, int si, int pi, uint32_t err, const char *msg, size_t mlen,
+                 const char *reason) {
+    Path *p = &r->paths[pi];
+    Slot *s = &r->slots[si];
+    int rc = 0;
+    s->path = -1;
+    if (!p->draining) {
+        p->draining = 1;
+        snprintf(p->why, sizeof p->why, "%s", reason);
+        ev_add(r, Py_BuildValue("(sis)", "path_draining", pi, reason));
+    }
+    int go = count_fault(r, si, err, msg, mlen);
+    if (go > 0 && is_read_like(s->cmd)) rc = retry(r, si);
+    else if (go > 0) s->parked = pi + 1;
+    if (!p->inflight) path_fail(r, pi, reason);
+    return go < 0 ? -1 : rc;
 }
 
 /* ---- client input ------------------------------------------------------------------- */
@@ -842,34 +908,37 @@ static void done_ok(Relay *r, int si, int pi) {
     slot_free(r, si);
 }
 
-/* An error answer from a path: retry or hand to the client. Returns -1 on OOM. */
+/* The request's own errors: every copy would answer the same (twinvol.host.retry). */
+static int client_error(uint32_t err) {
+    return err == E_EPERM || err == E_EINVAL || err == E_ENOSPC || err == E_EOVERFLOW
+           || err == E_ENOTSUP;
+}
+
+/* An error answer from a path: the client's, or a path fault. Returns -1 on OOM. */
 static int done_error(Relay *r, int si, int pi, uint32_t err, const unsigned char *msg,
                       size_t mlen) {
     Path *p = &r->paths[pi];
     Slot *s = &r->slots[si];
-    if (err == E_ESHUTDOWN) {
-        char reason[128];
-        snprintf(reason, sizeof reason, "node %s answered NBD_ESHUTDOWN", p->node);
-        s->path = -1;  /* not re-sent twice by path_fail */
-        path_fail(r, pi, reason);
-        return retry(r, si);
-    }
-    if (err == E_EIO && n_usable(r) > 1 && !(s->tried & (1u << pi))) {
-        s->tried |= 1u << pi;
-        int other = 0;
-        for (int i = 0; i < r->npaths; i++)
-            if (path_usable(r, i) && !(s->tried & (1u << i))) other = 1;
-        if (other) {
-            PyObject *m = PyUnicode_DecodeUTF8((const char *)msg, (Py_ssize_t)mlen, "replace");
-            if (m) ev_add(r, Py_BuildValue("(siKN)", "eio_retry", pi,
-                                          (unsigned long long)s->offset, m));
-            return retry(r, si);
-        }
-    }
     p->requests++;
-    int rc = reply_error(r, s->cookie, err, (const char *)msg, mlen);
-    slot_free(r, si);
-    return rc;
+    if (client_error(err)) {
+        int rc = reply_error(r, s->cookie, err, (const char *)msg, mlen);
+        slot_free(r, si);
+        return rc;
+    }
+    char reason[sizeof p->why];
+    const char *name = err == E_EIO ? "EIO" : err == E_ESHUTDOWN ? "NBD_ESHUTDOWN" : NULL;
+    int n = name ? snprintf(reason, sizeof reason, "node %s answered %s", p->node, name)
+                 : snprintf(reason, sizeof reason, "node %s answered error %u", p->node, err);
+    if (n < 0) n = 0;
+    size_t k = (size_t)n;
+    if (mlen && k + 3 < sizeof reason) {  /* the node's message, as ASCII: a str for Python */
+        reason[k++] = ':';
+        reason[k++] = ' ';
+        for (size_t i = 0; i < mlen && k + 1 < sizeof reason; i++)
+            reason[k++] = msg[i] >= 0x20 && msg[i] < 0x7f ? (char)msg[i] : '?';
+        reason[k] = 0;
+    }
+    return fault(r, si, pi, err, (const char *)msg, mlen, reason);
 }
 
 static const unsigned char ZEROES[65536];
@@ -1083,11 +1152,13 @@ static PyObject *oom(Relay *r) {
 
 
 static int Relay_init(Relay *r, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"size", "max_outstanding", "defer_min", "batch_slack", NULL};
+    static char *kwlist[] = {"size", "max_outstanding", "defer_min", "batch_slack",
+                             "hold_timeout", NULL};
     unsigned long long size;
     Py_ssize_t maxo = 256, defer_min = DEFER_MIN, slack = BATCH_SLACK;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|nnn", kwlist, &size, &maxo, &defer_min,
-                                     &slack))
+    double hold_timeout = 30.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|nnnd", kwlist, &size, &maxo, &defer_min,
+                                     &slack, &hold_timeout))
         return -1;
     if (defer_min < 0 || slack < 0) {
         PyErr_SetString(PyExc_ValueError, "defer_min and batch_slack must be >= 0");
@@ -1095,6 +1166,7 @@ static int Relay_init(Relay *r, PyObject *args, PyObject *kw) {
     }
     r->defer_min = (size_t)defer_min;
     r->batch_slack = (size_t)slack;
+    r->hold_timeout = hold_timeout;
     r->client_fd = -1;
     r->size = size;
     r->max_outstanding = maxo > 0 ? (size_t)maxo : 256;
@@ -1141,6 +1213,7 @@ static void close_path(Path *p) {
     if (p->fd >= 0) close(p->fd);
     p->fd = -1;
     p->dead = 0;
+    p->draining = 0;
     q_free(&p->out);
     free(p->in.p);
     memset(&p->in, 0, sizeof p->in);
@@ -1296,6 +1369,8 @@ static PyObject *Relay_path_readable(Relay *r, PyObject *arg) {
     Path *p = &r->paths[pi];
     if (p->fd < 0 || p->dead) Py_RETURN_NONE;
     if (read_path(r, pi) < 0) return oom(r);
+    if (p->draining && !p->dead && !p->inflight)
+        path_fail(r, pi, p->why);  /* the last request on it was answered: drained */
     after_io(r, 0);
     return deliver(r);
 }

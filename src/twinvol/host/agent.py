@@ -38,8 +38,9 @@ from twinvol.faults.host import HostFaults
 from twinvol.host import UNIX_PATH_MAX, HostSetup
 from twinvol.host.events import NodeWatcher
 from twinvol.host.nodes import HttpNodeLink, NodeLink, NodeUnreachable
-from twinvol.host.paths import Clock, Op, PathState, Session, identity_diff
+from twinvol.host.paths import Clock, Op, PathState, identity_diff
 from twinvol.host.relay import RelaySession, usable_for
+from twinvol.host.session import Session
 from twinvol.httpapi import bearer_ok, unauthorized
 from twinvol.nbd.client import Completed
 from twinvol.nbd.constants import IHAVEOPT, MAX_OPTION_DATA, NEED_DATA, Cmd, Opt

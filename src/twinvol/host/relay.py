@@ -4,8 +4,8 @@
 objects. The C module `twinvol.host._relay` parses the client's requests,
 routes them to the path sockets, and relays the replies. The rules are the same
 as `Session`'s: reads go to the least busy path, writes go to one path, a lost
-path's requests are re-sent elsewhere, and requests are held while no path is
-usable.
+path's requests and those a node fails with a path fault are re-sent elsewhere
+(`host/retry.py`), and requests are held while no path is usable.
 
 Python keeps everything that is not per request:
 - negotiation on both sides, which hands over the sockets afterwards;
@@ -24,7 +24,8 @@ import os
 import time
 from typing import Any
 
-from twinvol.host.paths import Path, PathState, Session
+from twinvol.host.paths import Path, PathState
+from twinvol.host.session import Session
 from twinvol.nbd.aio_client import ConnectionLost, NbdClient
 from twinvol.nbd.constants import Err
 
@@ -110,7 +111,8 @@ class RelayPath(Path):
             self.session._relay_drop(self, reason)
 
     def _lost_in_relay(self, reason: str) -> None:
-        """The relay found the connection dead (EOF, error, a bad reply, ESHUTDOWN)."""
+        """The relay found the connection dead (EOF, error, a bad reply), or closed it
+        once it drained after a path fault."""
         if self.state is PathState.UP:
             self.session._path_down(self, PathState.DOWN, reason)
         self._wake.set()
@@ -125,7 +127,8 @@ class RelaySession(Session):
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self._loop = asyncio.get_running_loop()
-        self.relay: Any = _relay.Relay(int(self.identity.get("size") or 0), **_tuning())
+        self.relay: Any = _relay.Relay(int(self.identity.get("size") or 0),
+                                       hold_timeout=self.hold_timeout, **_tuning())
         # The loop calls the relay directly; Python runs only when it reports events.
         # (A cycle relay -> method -> session -> relay: close() breaks it.)
         self.relay.on_events = self._events
@@ -165,6 +168,7 @@ class RelaySession(Session):
             kind = ev[0]
             if kind == "path_lost":
                 path = self.paths[ev[1]]
+                path.draining = False
                 self._forget_fd(self.relay.path_fd(ev[1]))
                 self.relay.remove_path(ev[1])
                 if path.fd >= 0:  # not dropped by Python itself (fail, block, close)
@@ -177,10 +181,12 @@ class RelaySession(Session):
             elif kind == "retried":
                 self.retries += ev[1]
                 self.hooks.count(self.export, "retries", ev[1])
-            elif kind == "eio_retry":
-                log.warning("EIO from a path, retrying on another", extra={
-                    "export": self.export, "node": self.paths[ev[1]].node, "offset": ev[2],
-                    "server_message": ev[3]})
+            elif kind == "path_draining":
+                # A path fault: out of use now; `path_lost` follows once it has drained.
+                path = self.paths[ev[1]]
+                path.draining = True
+                if path.state is PathState.UP:
+                    self._path_down(path, PathState.DOWN, ev[2])
             elif kind == "want_write":
                 self._writers.add(ev[1])
                 loop.add_writer(ev[1], self.relay.writable, ev[1])
@@ -272,8 +278,8 @@ class RelaySession(Session):
 
     def check_stalls(self, now: float) -> None:
         mono = time.monotonic()
-        for p in list(self.up):
-            if not isinstance(p, RelayPath) or p.fd < 0:
+        for p in self.paths:  # in use or draining: whatever the relay still has
+            if p.fd < 0:
                 continue
             inflight, _, progress = self.relay.path_stats(p.order)
             if inflight and mono - progress > self.io_timeout:
