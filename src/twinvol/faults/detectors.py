@@ -111,6 +111,15 @@ def from_event(ev: dict[str, Any]) -> FaultDraft | None:
                           description=f"journal {group} on node {node} {what}{fill}",
                           action="check the link to the remote site and its apply rate; "
                                  "after an overflow the pair needs a (delta) resync")
+    if kind == "journal_damaged":
+        group = _s(ev, "group")
+        return FaultDraft(component="journal", kind="journal_damaged", severity="error",
+                          subject=group, time=t,
+                          description=f"journal {group} on node {node} could not be read "
+                                      f"({_s(ev, 'error')}): every chunk of the group is "
+                                      "copied again",
+                          action="check the disk under the node's data directory; the far "
+                                 "copy is inconsistent until the full copy ends")
     return None
 
 

@@ -21,7 +21,7 @@ from twinvol.replication.bitmap import CHUNK, chunks_of, nchunks
 from twinvol.replication.pairs import fork_generation
 from twinvol.replication.peer import Message, PeerDown, RemoteError
 from twinvol.replication.wire import Payload
-from twinvol.storage.journal import JournalError, Record
+from twinvol.storage.journal import JournalError
 from twinvol.storage.volumes import VolumeError
 
 if TYPE_CHECKING:
@@ -207,8 +207,7 @@ class DisasterRecovery:
             rec.state = "mirrored"
         else:
             # Bitmap catch-up: dirty chunks plus the chunks of every record past the target.
-            for r in self._unapplied_from(g, received + 1):
-                self.remote.mark(g.pairs[r.pair], r.offset, r.length)
+            self.remote.mark_unapplied(g, received + 1)
             j.reset()
             rec.mode = "bitmap"
             rec.written = max(rec.written, received)
@@ -247,13 +246,6 @@ class DisasterRecovery:
             if time.monotonic() > deadline:
                 raise VolumeError(unreachable, "io")
             await asyncio.sleep(0.1)
-
-    def _unapplied_from(self, g: GroupRuntime, start: int) -> list[Record]:
-        try:
-            return [r for r in g.journal.iter_from(max(start, g.journal.first or start))
-                    if r.pair in g.pairs]
-        except JournalError:
-            return []
 
     async def _takeover_target(self, g: GroupRuntime, force: bool) -> dict[str, Any]:
         """Both the primary and the standby are lost: serve hosts from the far copy."""

@@ -357,8 +357,7 @@ class RemoteCopy:
     def _overflow(self, g: GroupRuntime, reason: str) -> None:
         """The journal is full: track chunks instead of blocking hosts, catch up later."""
         rec = g.rec
-        for r in self._unapplied(g):
-            self.mark(g.pairs[r.pair], r.offset, r.length)
+        self.mark_unapplied(g)
         g.journal.reset()
         rec.mode = "bitmap"
         rec.state = "copying"
@@ -379,16 +378,26 @@ class RemoteCopy:
                 self.mgr._start_copy(pr)
         g.wake.set()
 
-    def _unapplied(self, g: GroupRuntime) -> list[Record]:
-        start = max(g.rec.applied + 1, g.journal.first)
+    def mark_unapplied(self, g: GroupRuntime, start: int | None = None) -> None:
+        """Mark dirty what the journal holds from `start` (default: past what the target
+        applied), before the journal is reset. A journal that cannot be read marks every
+        chunk of the group: a full copy, never a silent gap in the far copy."""
+        first = g.journal.first
+        start = max(g.rec.applied + 1, first) if start is None else max(start, first or start)
         try:
-            return [r for r in g.journal.iter_from(start) if r.pair in g.pairs]
-        except JournalError:
-            return []
+            records = [r for r in g.journal.iter_from(start) if r.pair in g.pairs]
+        except JournalError as e:
+            log.error("journal damaged: every chunk of the group goes again",
+                      extra={"group": g.rec.name, "error": str(e)})
+            self.node.events.publish("journal_damaged", group=g.rec.name, error=str(e))
+            for pr in g.pairs.values():
+                self.mark(pr, 0, pr.vol.record.size)
+            return
+        for r in records:
+            self.mark(g.pairs[r.pair], r.offset, r.length)
 
     def _standby_to_bitmap(self, g: GroupRuntime, reason: str) -> None:
-        for r in self._unapplied(g):
-            self.mark(g.pairs[r.pair], r.offset, r.length)
+        self.mark_unapplied(g)
         g.journal.reset()
         g.rec.mode = "bitmap"
         self.save(g)
@@ -500,8 +509,7 @@ class RemoteCopy:
         become its standby. What this copy wrote that the target may lack is marked
         dirty; the records of the new feeder arrive with the mirrored writes."""
         rec = g.rec
-        for r in self._unapplied(g):
-            self.mark(g.pairs[r.pair], r.offset, r.length)
+        self.mark_unapplied(g)
         g.journal.reset()
         old, rec.role, rec.feeder = rec.role, "standby", feeder
         rec.mode = "bitmap"
