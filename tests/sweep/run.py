@@ -3,6 +3,9 @@ for `duration` seconds, heal, read both copies, verify, check, clean up."""
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import hashlib
 import json
 import os
 import shutil
@@ -34,6 +37,8 @@ class SeedResult:
     faults: list[dict[str, Any]] = field(default_factory=list)
     report: Report | None = None
     error: str = ""           # the run itself broke (setup, harness), not a finding
+    revision: str = ""        # see revision()
+    src_changed: bool = False  # twinvol's sources changed while it ran
     seconds: float = 0.0
     directory: str = ""
 
@@ -50,11 +55,13 @@ class SeedResult:
                 f"{' overlap' if self.overlap else ''} faults={len(done)} [{kinds}]")
         rep = self.report.summary() if self.report else "ops=0"
         tail = f"{self.verdict} {self.seconds:.0f}s"
+        if self.src_changed:
+            tail += " (WARNING: src/twinvol changed during the run: rerun it)"
         if self.error:
             tail += f" ({self.error})"
         elif self.report is not None and self.report.notes:
             tail += f" ({'; '.join(self.report.notes)})"
-        return f"{head} {rep} {tail}"
+        return f"{head} {rep} {tail} rev={self.revision}"
 
     def details(self, limit: int = 5) -> list[str]:
         """The first findings of each kind, with the fault active when they were seen."""
@@ -95,7 +102,8 @@ def run_seed(seed: int, duration: float, kinds: tuple[str, ...] = DEFAULT_KINDS,
     """Run one seed; the run directory is kept when it fails (or with `keep`)."""
     began = time.monotonic()
     directory = tempfile.mkdtemp(prefix=f"sweep-{seed}-", dir=base_dir)
-    res = SeedResult(seed, duration, overlap=overlap, directory=directory)
+    res = SeedResult(seed, duration, overlap=overlap, directory=directory,
+                     revision=revision())
     net = Net()
     harness: Harness | None = None
     nemesis: Nemesis | None = None
@@ -137,12 +145,13 @@ def run_seed(seed: int, duration: float, kinds: tuple[str, ...] = DEFAULT_KINDS,
         mismatches, verify_out = harness.verify()
         if mismatches is None:
             notes.append(f"pair verify: {verify_out}")
+        res.src_changed = revision() != res.revision
         report = check(load_history(outs), final, mismatches if mismatches is not None else 0)
         report.notes = notes + [n for n in report.notes if n not in notes]
         res.report = report
         with open(os.path.join(directory, "result.json"), "w") as f:
             json.dump({"seed": seed, "duration": duration, "overlap": overlap,
-                       "revision": _revision(),
+                       "revision": res.revision, "src_changed": res.src_changed,
                        "faults": res.faults,
                        "verify": verify_out, "summary": report.summary(),
                        "notes": report.notes,
@@ -163,17 +172,25 @@ def run_seed(seed: int, duration: float, kinds: tuple[str, ...] = DEFAULT_KINDS,
     return res
 
 
-def _revision() -> str:
-    """The commit the nodes ran, and whether src/ had uncommitted changes."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def revision() -> str:
+    """The commit the nodes run, plus a digest of twinvol's sources when they differ
+    from it: a working tree edited during a run makes its result meaningless."""
     try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "src"],
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "src"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "?"
-    return head + ("+src-changes" if dirty else "")
+        head, dirty = "?", "?"
+    digest = hashlib.sha1()
+    for path in sorted(glob.glob(os.path.join(ROOT, "src", "twinvol", "**", "*.[pc]*"),
+                                 recursive=True)):
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            digest.update(path.encode() + b"\0" + f.read())
+    return f"{head}+src:{digest.hexdigest()[:10]}" if dirty else head
 
 
 def _states(harness: Harness) -> str:
