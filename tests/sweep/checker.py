@@ -86,6 +86,7 @@ class Report:
     reads: int = 0
     unavailable: int = 0
     agent_write_gap: float = 0.0   # longest time without an acknowledged agent write
+    agent_gap_at: float = 0.0      # when that gap began
     agent_slowest: float = 0.0     # longest answered agent request
     findings: dict[str, list[Finding]] = field(default_factory=lambda: {
         k: [] for k in ("lost", "stale", "corrupt", "divergent", "errors")})
@@ -166,7 +167,8 @@ def check(history: Iterable[Op], final: Mapping[str, Sequence[Value] | None],
     agent = [o for o in ops if o.client == AGENT and o.acked and o.answer is not None]
     rep.agent_slowest = max((o.done_at - o.send for o in agent), default=0.0)
     acks = sorted(o.done_at for o in agent if o.op == "w")
-    rep.agent_write_gap = max((b - a for a, b in pairwise(acks)), default=0.0)
+    rep.agent_write_gap, rep.agent_gap_at = max(((b - a, a) for a, b in pairwise(acks)),
+                                                default=(0.0, 0.0))
 
     def source(block: int, value: Value, at: float) -> tuple[Op | None, str | None]:
         """The write that produced `value`, or why no write did."""

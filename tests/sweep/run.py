@@ -54,6 +54,9 @@ class SeedResult:
         head = (f"seed={self.seed} duration={self.duration:g}s"
                 f"{' overlap' if self.overlap else ''} faults={len(done)} [{kinds}]")
         rep = self.report.summary() if self.report else "ops=0"
+        if self.report is not None and self.report.agent_write_gap > 1.0:
+            x = self._fault_at(self.report.agent_gap_at)
+            rep += f" (gap after {x['kind']}:{x['target']} began)" if x else ""
         tail = f"{self.verdict} {self.seconds:.0f}s"
         if self.src_changed:
             tail += " (WARNING: src/twinvol changed during the run: rerun it)"
@@ -75,15 +78,21 @@ class SeedResult:
                 out.append(f"  {kind}: ... {len(items) - limit} more")
         return out
 
+    def _fault_at(self, at: float) -> dict[str, Any] | None:
+        """The last fault that began before `at`, if it was healed at most 5 s before."""
+        began = [x for x in self.faults if "start" in x and x["start"] - 0.5 <= at]
+        if not began or at > began[-1].get("end", at) + 5.0:
+            return None
+        return began[-1]
+
     def _during(self, f: Finding) -> str:
         if not f.at:
             return ""
-        began = [x for x in self.faults if "start" in x and x["start"] - 0.5 <= f.at]
-        if not began or f.at > began[-1]["end"] + 5.0:
+        x = self._fault_at(f.at)
+        if x is None:
             return " [no fault in the 5 s before]"
-        x = began[-1]
         return (f" [{x['kind']}:{x['target']} began {f.at - x['start']:.2f}s before, "
-                f"healed after {x['end'] - x['start']:.2f}s]")
+                f"healed after {x.get('end', f.at) - x['start']:.2f}s]")
 
 
 def load_history(paths: list[str]) -> list[Op]:

@@ -146,5 +146,5 @@ def test_agent_gap_and_slowest_request() -> None:
     ops = [w(A1, 1.0, 1.1), w(A2, 1.2, 3.6), w(A3, 3.7, 3.8), r(A3, 4.0, 4.2, client="A"),
            r(A3, 4.0, 7.0, client="A")]
     rep = check(ops, final(A3))
-    assert rep.agent_write_gap == 2.5
+    assert (rep.agent_write_gap, rep.agent_gap_at) == (2.5, 1.1)
     assert abs(rep.agent_slowest - 2.4) < 1e-9
