@@ -42,7 +42,7 @@ def setup(tmp: str) -> tuple[RemoteCopy, Any, Any, list[tuple[str, dict[str, Any
                          vol=SimpleNamespace(record=SimpleNamespace(size=SIZE)))
     g = SimpleNamespace(journal=j, pairs={"p": pr}, rec=SimpleNamespace(name="g1", applied=2))
     rc = RemoteCopy.__new__(RemoteCopy)
-    rc.mgr = SimpleNamespace(_spawn=lambda coro: coro.close())  # type: ignore[assignment]
+    rc.mgr = SimpleNamespace(spawn=lambda coro: coro.close())  # type: ignore[assignment]
     rc.node = SimpleNamespace(executor=None,  # type: ignore[assignment]
                               events=SimpleNamespace(
                                   publish=lambda kind, **kw: events.append((kind, kw))))

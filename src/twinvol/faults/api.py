@@ -26,7 +26,7 @@ from twinvol.faults.node import BadReport
 from twinvol.httpapi import follow_lines
 
 if TYPE_CHECKING:
-    from twinvol.node.daemon import Node
+    from twinvol.node.node import Node
 
 HEARTBEAT = 2.0
 PAIR_STATES = ("simplex", "copying", "mirrored", "split", "suspended", "takeover")

@@ -20,7 +20,7 @@ from twinvol.sizes import SizeError, parse_size
 from twinvol.storage.volumes import Volume, VolumeError
 
 if TYPE_CHECKING:
-    from twinvol.node.daemon import Node
+    from twinvol.node.node import Node
 
 _STATUS = {"invalid": 400, "not_found": 404, "conflict": 409, "busy": 409, "io": 500}
 

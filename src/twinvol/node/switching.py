@@ -23,17 +23,44 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 import msgspec
 
-from twinvol.cluster import ClusterError
+from twinvol.cluster import ClusterConfig, ClusterError
 from twinvol.storage.volumes import Volume, VolumeError
 
 if TYPE_CHECKING:
-    from twinvol.nbd.aio import Backend
-    from twinvol.node.daemon import Node
+    from twinvol.nbd.aio import Backend, NbdServerProtocol
+    from twinvol.node.events import EventBus
+    from twinvol.replication.manager import ReplicationManager
+    from twinvol.storage.volumes import VolumeManager
+
+
+class SwitchingNode(Protocol):
+    """What the switching table needs of its node (node/node.py's Node)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def cluster(self) -> ClusterConfig: ...
+
+    @property
+    def volumes(self) -> VolumeManager: ...
+
+    @property
+    def events(self) -> EventBus: ...
+
+    @property
+    def replication(self) -> ReplicationManager: ...
+
+    def volume_backend(self, vol: Volume) -> Backend: ...
+
+    def export_connections(self, name: str) -> list[NbdServerProtocol]: ...
+
+    async def rebind_export(self, name: str, timeout: float = 10.0) -> None: ...
 
 log = logging.getLogger("twinvol.switching")
 
@@ -148,7 +175,7 @@ def away_reason(e: SwitchEntry) -> str:
 class Switching:
     """The switching table of one node and what it does to host I/O here."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: SwitchingNode) -> None:
         self.node = node
         self.db = node.volumes.catalog.db
         self.db.executescript(_SCHEMA)

@@ -15,18 +15,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twinvol.replication.bitmap import CHUNK, chunks_of, nchunks
 from twinvol.replication.pairs import fork_generation
 from twinvol.replication.peer import Message, PeerDown, RemoteError
+from twinvol.replication.ports import RemotePort
+from twinvol.replication.runtime import GroupRuntime, PairRuntime
 from twinvol.replication.wire import Payload
 from twinvol.storage.journal import JournalError
 from twinvol.storage.volumes import VolumeError
-
-if TYPE_CHECKING:
-    from twinvol.replication.manager import PairRuntime
-    from twinvol.replication.remote import GroupRuntime, RemoteCopy
 
 log = logging.getLogger("twinvol.dr")
 
@@ -34,7 +32,7 @@ log = logging.getLogger("twinvol.dr")
 class DisasterRecovery:
     """The DR commands and the peer messages they exchange, for one node."""
 
-    def __init__(self, remote: RemoteCopy) -> None:
+    def __init__(self, remote: RemotePort) -> None:
         self.remote = remote
         self.mgr = remote.mgr
         self.node = remote.node
@@ -57,8 +55,8 @@ class DisasterRecovery:
         pr.dirty.sync_now()
         self.mgr.hold(pr.rec.volume, f"failback to {peer} running: use {peer}")
         pr.rec.copy_source = self.node.name
-        self.mgr._set_state(pr, "copying", f"failback to {peer}")
-        self.mgr._start_copy(pr)
+        self.mgr.set_state(pr, "copying", f"failback to {peer}")
+        self.mgr.start_copy(pr)
         return {"changed": changed, "chunks": pr.dirty.count()}, b""
 
     def failback_copied(self, pr: PairRuntime) -> None:
@@ -67,12 +65,12 @@ class DisasterRecovery:
         if g is None:
             return
         if pr.dirty.count():
-            asyncio.get_running_loop().call_soon(self.mgr._start_copy, pr)
+            asyncio.get_running_loop().call_soon(self.mgr.start_copy, pr)
             return
-        self.mgr._set_state(pr, "mirrored", "")
+        self.mgr.set_state(pr, "mirrored", "")
         if any(p.rec.state == "copying" for p in g.pairs.values()):
             return
-        link = self.mgr._link_or_none(g.rec.feeder)
+        link = self.mgr.link_or_none(g.rec.feeder)
         if link is None:
             return
         # A far copy again from this step on (before anything else on the link is handled):
@@ -82,7 +80,7 @@ class DisasterRecovery:
         rec.reason = ""
         for p in g.pairs.values():
             p.rec.copy_source = ""
-            self.mgr._set_mode(p, "block", "far copy again: failback done")
+            self.mgr.set_mode(p, "block", "far copy again: failback done")
             self.mgr.unhold(p.rec.volume)
         self.remote.save(g)
         fut = link.request({"t": "a_failback_done", "group": g.rec.name,
@@ -118,7 +116,7 @@ class DisasterRecovery:
         for pr in g.pairs.values():
             pr.dirty.clear_all()
             pr.dirty.sync_now()
-            self.mgr._set_state(pr, "mirrored", "")
+            self.mgr.set_state(pr, "mirrored", "")
             self.mgr.unhold(pr.rec.volume)
         self.node.events.publish("dr_failback_done", group=rec.name, at=self.node.name)
         g.need_stat = True
@@ -138,7 +136,7 @@ class DisasterRecovery:
         g.rec.feeder = peer
         for pr in g.pairs.values():
             pr.rec.partner = peer
-            self.mgr._save(pr)
+            self.mgr.save(pr)
         self.remote.save(g)
         self.node.events.publish("group_feeder", group=g.rec.name, feeder=peer, previous=old)
         return self.remote.stat(g), b""
@@ -186,7 +184,7 @@ class DisasterRecovery:
         for pr in g.pairs.values():
             pr.rec.role = "primary"
             pr.rec.copy_source = self.node.name
-            mgr._save(pr)
+            mgr.save(pr)
         report: dict[str, Any] = {"group": rec.name, "node": self.node.name,
                                   "action": "feed", "previous_feeder": old_feeder,
                                   "target": rec.target, "target_received": received,
@@ -219,8 +217,8 @@ class DisasterRecovery:
             for pr in g.pairs.values():
                 if pr.dirty.count():
                     pr.rec.state = "copying"
-                    mgr._save(pr)
-                    mgr._start_copy(pr)
+                    mgr.save(pr)
+                    mgr.start_copy(pr)
         g.delta = report
         self.remote.save(g)
         for pr in g.pairs.values():
@@ -236,7 +234,7 @@ class DisasterRecovery:
         re-established (a site that was frozen or restarted a moment ago)."""
         deadline = time.monotonic() + within
         while True:
-            link = self.mgr._link_or_none(peer)
+            link = self.mgr.link_or_none(peer)
             if link is not None:
                 try:
                     reply: Message = await link.request(header)
@@ -273,8 +271,8 @@ class DisasterRecovery:
             fork_generation(pr.rec)
             pr.dirty.clear_all()
             await pr.dirty.sync(self.node.executor)
-            mgr._set_state(pr, "takeover", rec.reason)
-            mgr._set_mode(pr, "local", rec.reason)
+            mgr.set_state(pr, "takeover", rec.reason)
+            mgr.set_mode(pr, "local", rec.reason)
             self.remote.feeds.pop(pr.rec.volume, None)
         g.delta = report
         self.remote.save(g)
@@ -321,7 +319,7 @@ class DisasterRecovery:
             h, _ = await self.ask(rec.target, {"t": "jstat", "group": rec.name},
                                     f"node {rec.target} (the far copy of group {rec.name!r}) is "
                                     "not connected")
-            link = mgr._link_or_none(rec.target)
+            link = mgr.link_or_none(rec.target)
             if h.get("state") != "takeover" or link is None:
                 continue
             remote.taken_over(g)

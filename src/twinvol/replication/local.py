@@ -32,13 +32,13 @@ import msgspec
 from twinvol.nbd.constants import Cmd
 from twinvol.replication.backend import AsyncWriteBackend
 from twinvol.replication.bitmap import CHUNK, PersistentBits, chunks_of, nchunks
+from twinvol.replication.ports import ManagerPort
 from twinvol.replication.wire import Payload
 from twinvol.storage.backing import BackingStore
 from twinvol.storage.volumes import Volume, VolumeError
 
 if TYPE_CHECKING:
     from twinvol.nbd.aio import Backend
-    from twinvol.replication.manager import ReplicationManager
 
 log = logging.getLogger("twinvol.local")
 _S = TypeVar("_S", bound=BackingStore)
@@ -233,7 +233,7 @@ class LocalTargetBackend(AsyncWriteBackend):
 class LocalCopies:
     """The local pairs of one node (owned by its replication manager)."""
 
-    def __init__(self, mgr: ReplicationManager) -> None:
+    def __init__(self, mgr: ManagerPort) -> None:
         self.mgr = mgr
         self.node = mgr.node
         self.db = self.node.volumes.catalog.db

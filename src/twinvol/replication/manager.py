@@ -23,9 +23,8 @@ import os
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import xxhash
 
@@ -53,20 +52,18 @@ from twinvol.replication.peer import (
     PeerService,
     RemoteError,
 )
+from twinvol.replication.ports import NodePort
 from twinvol.replication.remote import (
-    DEFAULT_JOURNAL,
     JournalingBackend,
     RemoteCopy,
     TakeoverBackend,
 )
+from twinvol.replication.runtime import DEFAULT_JOURNAL, PairRuntime
 from twinvol.replication.wire import Payload
 from twinvol.storage.backing import NotFast
 from twinvol.storage.volumes import Volume, VolumeError
 from twinvol.witness.client import WitnessError
 from twinvol.witness.logic import Decision
-
-if TYPE_CHECKING:
-    from twinvol.node.daemon import Node
 
 log = logging.getLogger("twinvol.replication")
 
@@ -93,28 +90,6 @@ class WriteFailed(Exception):
 
 
 Decider = Callable[[PairRecord], Awaitable[Decision]]
-
-
-@dataclass
-class PairRuntime:
-    """In-memory companions of a pair record: bitmaps, copy progress, in-flight writes."""
-
-    rec: PairRecord
-    vol: Volume
-    dirty: PersistentBits
-    al: PersistentBits
-    lease: PeerLease
-    al_last: dict[int, float] = field(default_factory=dict)
-    al_inflight: dict[int, int] = field(default_factory=dict)
-    copy_task: asyncio.Task[None] | None = None
-    verify_task: asyncio.Task[None] | None = None
-    verify: dict[str, Any] = field(default_factory=dict)
-    copied_bytes: int = 0       # bytes sent by the running/last copy
-    copy_started: float = 0.0
-    decide_task: asyncio.Task[None] | None = None
-    # Chunks marked again while a copy runs (async catch-up): their bits stay set after
-    # being sent, since the copy may have read them before the newest write.
-    recopy: set[int] = field(default_factory=set)
 
 
 class ReplicatedBackend(AsyncWriteBackend):
@@ -150,7 +125,7 @@ class ReplicatedBackend(AsyncWriteBackend):
 class ReplicationManager:
     """Owns the pairs of one node and the peer messages about them."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: NodePort) -> None:
         self.node = node
         self.store = PairStore(node.volumes.catalog.db)
         self.pairs: dict[str, PairRuntime] = {}
@@ -172,14 +147,14 @@ class ReplicationManager:
         self.holds: dict[str, str] = {}   # volume -> why host I/O is refused (see hold)
         self.remote = RemoteCopy(self)
         for rec in self.store.all():
-            self._load(rec)
+            self.load(rec)
         from twinvol.replication.local import LocalCopies
 
         self.local = LocalCopies(self)   # local copy pairs (mode `local`), own table
 
     # ---- lifecycle ------------------------------------------------------------
 
-    def _load(self, rec: PairRecord) -> PairRuntime:
+    def load(self, rec: PairRecord) -> PairRuntime:
         vol = self.node.volumes.get(rec.volume)
         n = nchunks(vol.record.size)
         dirty = PersistentBits(os.path.join(self.bitmap_dir, f"{rec.name}.dirty"), n)
@@ -207,7 +182,7 @@ class ReplicationManager:
         # Until the partner is met (or the witness says otherwise) a copy serves no host,
         # unless it is the side that already continues alone.
         if rec.io_mode != "local":
-            self._set_mode(pr, "block", "waiting for the partner after a restart", save=False)
+            self.set_mode(pr, "block", "waiting for the partner after a restart", save=False)
         else:
             self._apply_mode(pr)
         return pr
@@ -216,11 +191,11 @@ class ReplicationManager:
         await self.peers.start()
         await self.remote.start()
         await self.local.start()
-        self._spawn(self._al_retirer())
-        self._spawn(self._lease_keeper())
+        self.spawn(self._al_retirer())
+        self.spawn(self._lease_keeper())
         if self.witness is not None:
-            self._spawn(self._heartbeats())
-        self._spawn(self._after_restart())
+            self.spawn(self._heartbeats())
+        self.spawn(self._after_restart())
 
     async def stop(self) -> None:
         for t in list(self._tasks):
@@ -242,7 +217,7 @@ class ReplicationManager:
             pr.dirty.close()
             pr.al.close()
 
-    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -260,22 +235,22 @@ class ReplicationManager:
 
     # ---- state helpers ----------------------------------------------------------
 
-    def _save(self, pr: PairRuntime) -> None:
+    def save(self, pr: PairRuntime) -> None:
         self.store.save(pr.rec)
 
-    def _set_state(self, pr: PairRuntime, state: str, reason: str = "") -> None:
+    def set_state(self, pr: PairRuntime, state: str, reason: str = "") -> None:
         if pr.rec.state != state or pr.rec.reason != reason:
             old = pr.rec.state
             pr.rec.state = state
             pr.rec.reason = reason
-            self._save(pr)
+            self.save(pr)
             self.node.events.publish("pair_state", pair=pr.rec.name, state=state, previous=old,
                                      reason=reason, role=pr.rec.role)
 
-    def _set_mode(self, pr: PairRuntime, mode: str, reason: str = "", save: bool = True) -> None:
+    def set_mode(self, pr: PairRuntime, mode: str, reason: str = "", save: bool = True) -> None:
         pr.rec.io_mode = mode
         if save:
-            self._save(pr)
+            self.save(pr)
         self._apply_mode(pr, reason)
 
     def _apply_mode(self, pr: PairRuntime, reason: str = "") -> None:
@@ -435,11 +410,11 @@ class ReplicationManager:
                           io_mode="local", gen_current=gen, copy_cursor=0,
                           copy_total=nchunks(rec.size), copy_source=self.node.name)
         self.store.save(prec)
-        pr = self._load(prec)
+        pr = self.load(prec)
         pr.dirty.set_all()
         await pr.dirty.sync(self.node.executor)
         self.node.events.publish("pair_created", pair=name, role="primary", partner=secondary)
-        self._start_copy(pr)
+        self.start_copy(pr)
         return prec
 
     def _prepare(self, h: dict[str, Any]) -> Message:
@@ -449,18 +424,18 @@ class ReplicationManager:
             raise RemoteError(f"pair {name!r} already exists here", "conflict")
         vname = str(h["volume"])
         size = int(h["size"])
-        _vol, own = self._take_identity(name, vname, size, h)
+        _vol, own = self.take_identity(name, vname, size, h)
         rec = PairRecord(name=name, mode="active-active", role="secondary", volume=vname,
                          partner=self._peer_of(h), partner_volume=str(h["partner_volume"]),
                          state="copying", io_mode="block", gen_current=str(h["gen"]),
                          copy_total=nchunks(size), own_identity=own)
         self.store.save(rec)
-        self._load(rec)
+        self.load(rec)
         self.node.events.publish("pair_created", pair=name, role="secondary",
                                  partner=rec.partner)
         return {}, b""
 
-    def _take_identity(self, name: str, vname: str, size: int, h: dict[str, Any]
+    def take_identity(self, name: str, vname: str, size: int, h: dict[str, Any]
                        ) -> tuple[Volume, dict[str, object]]:
         """Secondary side of pairing: the volume (created if missing) takes the primary's
         virtual identity. Returns it and its own identity (restored when unpaired)."""
@@ -495,7 +470,7 @@ class ReplicationManager:
 
     # ---- copies (initial copy and resync) -----------------------------------------
 
-    def _start_copy(self, pr: PairRuntime) -> None:
+    def start_copy(self, pr: PairRuntime) -> None:
         if pr.copy_task is None or pr.copy_task.done():
             pr.copy_task = asyncio.ensure_future(self._copy(pr))
 
@@ -506,7 +481,7 @@ class ReplicationManager:
         pr.copy_started = time.monotonic()
         rec.copy_source = self.node.name
         rec.copy_total = pr.dirty.count()
-        self._save(pr)
+        self.save(pr)
         inflight: set[asyncio.Future[Message]] = set()
         sent: list[int] = []  # chunks sent since the last checkpoint (bits cleared once acked)
         try:
@@ -545,12 +520,12 @@ class ReplicationManager:
             if rec.remote and rec.role == "secondary":
                 self.remote.dr.failback_copied(pr)
             elif rec.remote:
-                self._set_state(pr, "mirrored")
+                self.set_state(pr, "mirrored")
                 self.remote.copy_done(pr)
             else:
                 rec.copy_source = ""
-                self._set_state(pr, "mirrored")
-                self._set_mode(pr, "mirror")
+                self.set_state(pr, "mirrored")
+                self.set_mode(pr, "mirror")
                 self._release(pr)
             self.node.events.publish("copy_done", pair=rec.name, bytes=pr.copied_bytes,
                                      seconds=round(time.monotonic() - pr.copy_started, 3))
@@ -560,7 +535,7 @@ class ReplicationManager:
             for f in inflight:
                 if f.done() and not f.cancelled():
                     f.exception()
-            self._save(pr)
+            self.save(pr)
 
     def _send_chunk(self, pr: PairRuntime, link: Any, chunk: int
                     ) -> tuple[asyncio.Future[Message], int]:
@@ -594,7 +569,7 @@ class ReplicationManager:
         await pr.dirty.sync(self.node.executor)
         if last is not None:
             pr.rec.copy_cursor = last + 1
-        self._save(pr)
+        self.save(pr)
 
     # ---- host writes -------------------------------------------------------------------
 
@@ -658,7 +633,7 @@ class ReplicationManager:
             if not bits[x >> 3] & (1 << (x & 7)):  # extent not (yet) in the activity log
                 return False
         try:
-            self._apply(pr, cmd, offset, length, data, flags)
+            self.apply(pr, cmd, offset, length, data, flags)
         except (OSError, NotFast) as e:
             done(e)  # this copy is unchanged: the partner is not asked either
             return True
@@ -701,7 +676,7 @@ class ReplicationManager:
         if rec.io_mode == "block":
             raise WriteFailed(Err.EIO, f"volume {rec.volume} is blocked on node {self.node.name}")
         if rec.role == "secondary" and rec.io_mode == "mirror":
-            link = self._link_or_none(rec.partner)
+            link = self.link_or_none(rec.partner)
             if link is None:
                 self._on_partner_lost(pr, "partner unreachable")
                 raise WriteFailed(Err.EIO, "partner unreachable: this copy is blocked")
@@ -736,7 +711,7 @@ class ReplicationManager:
                 raise WriteFailed(Err.EIO, f"volume {rec.volume} was blocked")
         if not replicate and pr.copy_task is not None and not pr.copy_task.done():
             pr.recopy.update(chunks)  # the running copy may have sent the chunk already
-        self._apply(pr, cmd, offset, length, data, flags)
+        self.apply(pr, cmd, offset, length, data, flags)
         seq = self.remote.on_applied(rec.volume, cmd, offset, length, data, flags,
                                      committed=False) if self.remote.feeds else 0
         try:
@@ -762,7 +737,7 @@ class ReplicationManager:
         exts = chunks_of(offset, length, AL_EXTENT)
         fut = None
         if replicate and rec.io_mode != "block":
-            link = self._link_or_none(rec.partner)
+            link = self.link_or_none(rec.partner)
             if link is not None:
                 for x in exts:
                     pr.al_inflight[x] = pr.al_inflight.get(x, 0) + 1
@@ -799,7 +774,7 @@ class ReplicationManager:
         if local_sync is not None:
             await local_sync
 
-    def _apply(self, pr: PairRuntime, cmd: int, offset: int, length: int,
+    def apply(self, pr: PairRuntime, cmd: int, offset: int, length: int,
                data: Payload | None, flags: int) -> None:
         store = pr.vol.store
         if cmd == Cmd.WRITE:
@@ -829,13 +804,13 @@ class ReplicationManager:
         feed = self.remote.feeds.get(pr.rec.volume)
         if feed is not None:
             await asyncio.get_running_loop().run_in_executor(ex, feed.journal.sync)
-        link = self._link_or_none(pr.rec.partner) if pr.rec.io_mode == "mirror" else None
+        link = self.link_or_none(pr.rec.partner) if pr.rec.io_mode == "mirror" else None
         if link is not None:
             with contextlib.suppress(PeerDown):
                 await link.request({"t": "flush", "pair": pr.rec.name})
         await local
 
-    def _link_or_none(self, peer: str) -> Any:
+    def link_or_none(self, peer: str) -> Any:
         try:
             return self.peers.link(peer)
         except PeerDown:
@@ -892,17 +867,17 @@ class ReplicationManager:
         rec = pr.rec
         for e in effects:
             if isinstance(e, SetMode):
-                self._set_mode(pr, e.mode, e.reason)
+                self.set_mode(pr, e.mode, e.reason)
             elif isinstance(e, Suspend):
-                self._set_state(pr, "suspended", e.reason)
+                self.set_state(pr, "suspended", e.reason)
             elif isinstance(e, GoAlone):
                 if e.fork:
                     fork_generation(rec)
                     if rec.role == "secondary":
                         rec.role = "primary"
                         self.node.events.publish("pair_takeover", pair=rec.name)
-                self._set_mode(pr, "local", e.reason)
-                self._set_state(pr, "suspended" if e.fork else "copying", e.reason)
+                self.set_mode(pr, "local", e.reason)
+                self.set_state(pr, "suspended" if e.fork else "copying", e.reason)
 
     async def _witness_decision(self, rec: PairRecord) -> Decision:
         d: Decision = await self.witness.arbitrate(rec.name, self.node.name, rec.partner,
@@ -934,7 +909,7 @@ class ReplicationManager:
             with contextlib.suppress(Exception):
                 await self.witness.release(pr.rec.name, self.node.name)
 
-        self._spawn(go())
+        self.spawn(go())
 
     async def _default_decision(self, rec: PairRecord) -> Decision:
         """Without a witness, the primary continues and the secondary blocks."""
@@ -960,14 +935,14 @@ class ReplicationManager:
             if pr.decide_task is not None and not pr.decide_task.done():
                 pr.decide_task.cancel()
             if self.node.name < peer:  # one side leads the exchange; the other answers
-                self._spawn(self._meet(pr))
+                self.spawn(self._meet(pr))
 
     async def _meet(self, pr: PairRuntime) -> None:
         """Partner is back: compare generations; the newer side sends what differs."""
         rec = pr.rec
         if pr.decide_task is not None and not pr.decide_task.done():
             pr.decide_task.cancel()
-        link = self._link_or_none(rec.partner)
+        link = self.link_or_none(rec.partner)
         if link is None:
             return
         try:
@@ -987,7 +962,7 @@ class ReplicationManager:
         if rec.state == "copying" or h.get("state") == "copying":
             source = rec.copy_source or str(h.get("copy_source", ""))
             if source == self.node.name:
-                self._start_copy(pr)
+                self.start_copy(pr)
             return
         direction = resync_direction(rec.gen_current, rec.gen_history, str(h["gen"]),
                                      list(h["history"]))
@@ -996,8 +971,8 @@ class ReplicationManager:
             # primary sends them (from both sides' bitmaps).
             direction = "to_peer" if rec.role == "primary" else "from_peer"
         if direction == "split_brain":
-            self._set_mode(pr, "block", "split brain: both copies were written alone")
-            self._set_state(pr, "suspended", "split brain: both copies were written alone; "
+            self.set_mode(pr, "block", "split brain: both copies were written alone")
+            self.set_state(pr, "suspended", "split brain: both copies were written alone; "
                             "resolve with `twinvol pair resync NAME --from NODE`")
             return
         if direction == "to_peer":
@@ -1006,8 +981,8 @@ class ReplicationManager:
             if rec.io_mode == "block":
                 # Neither side continued alone (e.g. both restarted): this side serves.
                 await self._fence_partner(pr)
-                self._set_mode(pr, "local", "resync source")
-            self._start_copy(pr)
+                self.set_mode(pr, "local", "resync source")
+            self.start_copy(pr)
         # from_peer: the partner runs the copy towards us; we stay blocked until done.
 
     # ---- peer messages ---------------------------------------------------------------
@@ -1044,31 +1019,31 @@ class ReplicationManager:
         if t == "pair_done":
             return self._peer_done(pr, h)
         if t == "pair_split":
-            self._set_mode(pr, "block", "pair split: the primary continues alone")
-            self._set_state(pr, "split", "split by operator")
+            self.set_mode(pr, "block", "pair split: the primary continues alone")
+            self.set_state(pr, "split", "split by operator")
             return {}, b""
         if t == "pair_delete":
             self._dissolve(pr)
             return {}, b""
         if t == "pair_yield":
             # The operator chose the partner's data: stop serving and hand over our bitmap.
-            self._set_mode(pr, "block", "resync from the partner chosen by the operator")
-            self._set_state(pr, "suspended", "being resynced from the partner")
+            self.set_mode(pr, "block", "resync from the partner chosen by the operator")
+            self.set_state(pr, "suspended", "being resynced from the partner")
             pr.rec.role = "secondary"
-            self._save(pr)
+            self.save(pr)
             return {}, bytes(pr.dirty.bits)
         if t == "hash":
             return self._peer_hash(pr, h)
         if t == "pair_block":
-            self._set_mode(pr, "block", str(h.get("reason", "blocked by the partner")))
+            self.set_mode(pr, "block", str(h.get("reason", "blocked by the partner")))
             return {}, b""
         if t == "pair_unblock":
             if pr.rec.state == "mirrored":
-                self._set_mode(pr, "mirror")
+                self.set_mode(pr, "mirror")
             return {}, b""
         if t == "pair_swap":
             pr.rec.role = str(h["role"])
-            self._save(pr)
+            self.save(pr)
             return {}, b""
         raise RemoteError(f"unknown peer message {t!r}", "invalid")
 
@@ -1108,7 +1083,7 @@ class ReplicationManager:
                     raise RemoteError(f"write [{off}, +{n}) outside volume {volume}", "invalid")
                 if flags & 1:
                     raise RemoteError("a FUA write cannot be batched", "invalid")
-                self._apply(pr, cmd, off, n, data, flags)
+                self.apply(pr, cmd, off, n, data, flags)
                 if feeds:
                     if j >= 0:
                         self.remote.on_standby_write(volume, j, cmd, off, n, data, flags)
@@ -1145,7 +1120,7 @@ class ReplicationManager:
                 raise RemoteError(f"mirrored write refers to forwarded write {h['fwd']}, "
                                   "whose data this node does not hold", "invalid")
             payload = held
-        self._apply(pr, cmd, off, n, payload, flags)
+        self.apply(pr, cmd, off, n, payload, flags)
         if self.remote.feeds:
             if "j" in h:
                 self.remote.on_standby_write(pr.rec.volume, int(h["j"]), cmd, off, n, payload,
@@ -1233,7 +1208,7 @@ class ReplicationManager:
         reply = ({"gen": pr.rec.gen_current, "history": pr.rec.gen_history,
                   "role": pr.rec.role, "state": pr.rec.state, "io_mode": pr.rec.io_mode,
                   "copy_source": pr.rec.copy_source}, bytes(pr.dirty.bits))
-        self._spawn(self._reconcile(pr, h, peer_bits))
+        self.spawn(self._reconcile(pr, h, peer_bits))
         return reply
 
     def _peer_done(self, pr: PairRuntime, h: dict[str, Any]) -> Message:
@@ -1243,7 +1218,7 @@ class ReplicationManager:
             rec.copy_cursor = 0
             pr.dirty.clear_all()
             pr.dirty.sync_now()
-            self._set_state(pr, "mirrored")
+            self.set_state(pr, "mirrored")
             self.remote.target_copied(pr, int(h.get("j", 0)))
             return {}, b""
         rec.gen_current = str(h["gen"])
@@ -1253,8 +1228,8 @@ class ReplicationManager:
         rec.copy_source = ""
         pr.dirty.clear_all()
         pr.dirty.sync_now()
-        self._set_state(pr, "mirrored")
-        self._set_mode(pr, "mirror")
+        self.set_state(pr, "mirrored")
+        self.set_mode(pr, "mirror")
         self._release(pr)
         # The copy source goes on serving, now under a lease granted with this answer.
         return {"lease": pr.lease.grant(time.monotonic())}, b""
@@ -1275,15 +1250,15 @@ class ReplicationManager:
             raise VolumeError(f"run split on the primary ({rec.partner})")
         if rec.state != "mirrored":
             raise VolumeError(f"pair {name!r} is {rec.state}, not mirrored")
-        link = self._link_or_none(rec.partner)
+        link = self.link_or_none(rec.partner)
         if link is not None:
             await link.request({"t": "pair_split", "pair": name})
             pr.lease.revoke()  # the partner confirmed it stopped serving
         else:
             await self._fence_partner(pr)
         fork_generation(rec)
-        self._set_mode(pr, "local", "split by operator")
-        self._set_state(pr, "split", "split by operator")
+        self.set_mode(pr, "local", "split by operator")
+        self.set_state(pr, "split", "split by operator")
         return rec
 
     async def resync(self, name: str, source: str | None = None) -> PairRecord:
@@ -1298,7 +1273,7 @@ class ReplicationManager:
             raise VolumeError(f"run resync on the primary ({rec.partner})")
         if rec.state == "mirrored":
             return rec
-        link = self._link_or_none(rec.partner)
+        link = self.link_or_none(rec.partner)
         if link is None:
             raise VolumeError(f"node {rec.partner} is not connected", "io")
         if source is not None:
@@ -1311,9 +1286,9 @@ class ReplicationManager:
             if rec.role != "primary":
                 rec.role = "primary"
                 self.node.events.publish("pair_takeover", pair=name, reason="resync --from")
-            self._set_mode(pr, "local", "resync source chosen by the operator")
-            self._set_state(pr, "suspended", "resync from this copy")
-        self._start_copy(pr)
+            self.set_mode(pr, "local", "resync source chosen by the operator")
+            self.set_state(pr, "suspended", "resync from this copy")
+        self.start_copy(pr)
         return rec
 
     async def swap(self, name: str) -> PairRecord:
@@ -1321,12 +1296,12 @@ class ReplicationManager:
         rec = pr.rec
         if rec.state != "mirrored":
             raise VolumeError(f"pair {name!r} is {rec.state}; swap needs mirrored")
-        link = self._link_or_none(rec.partner)
+        link = self.link_or_none(rec.partner)
         if link is None:
             raise VolumeError(f"node {rec.partner} is not connected", "io")
         await link.request({"t": "pair_swap", "pair": name, "role": rec.role})
         rec.role = "secondary" if rec.role == "primary" else "primary"
-        self._save(pr)
+        self.save(pr)
         self.node.events.publish("pair_swapped", pair=name, role=rec.role)
         return rec
 
@@ -1336,7 +1311,7 @@ class ReplicationManager:
         if pr.rec.remote:
             others += self.remote.other_sides(pr)
         for other in others:
-            link = self._link_or_none(other)
+            link = self.link_or_none(other)
             if link is not None:
                 with contextlib.suppress(PeerDown, RemoteError):
                     await link.request({"t": "pair_delete", "pair": name})
@@ -1376,9 +1351,7 @@ class ReplicationManager:
             return  # another pair still governs the volume's I/O
         self.node.set_io_mode(rec.volume, "local", "pair deleted")
         # Open connections were bound to the pair's write path: make clients reconnect.
-        from twinvol.nbd.aio import close_all
-
-        close_all([c for c in self.node.connections if c.export is pr.vol.export])
+        self.node.drop_clients(rec.volume)
 
     def view(self, pr: PairRuntime) -> dict[str, Any]:
         rec = pr.rec

@@ -26,8 +26,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
@@ -37,6 +36,8 @@ from twinvol.replication.bitmap import chunks_of, nchunks
 from twinvol.replication.dr import DisasterRecovery
 from twinvol.replication.pairs import PairRecord, new_generation
 from twinvol.replication.peer import Message, PeerDown, RemoteError
+from twinvol.replication.ports import ManagerPort
+from twinvol.replication.runtime import GroupRecord, GroupRuntime, PairRuntime
 from twinvol.replication.wire import Payload
 from twinvol.storage.journal import (
     Journal,
@@ -48,12 +49,8 @@ from twinvol.storage.journal import (
 )
 from twinvol.storage.volumes import VolumeError
 
-if TYPE_CHECKING:
-    from twinvol.replication.manager import PairRuntime, ReplicationManager
-
 log = logging.getLogger("twinvol.remote")
 
-DEFAULT_JOURNAL = 256 * 1024 * 1024
 BATCH_BYTES = 1024 * 1024
 WINDOW = 4                 # journal batches in flight to the target
 CHECKPOINT_EVERY = 0.3     # seconds between durable apply checkpoints at the target
@@ -68,64 +65,10 @@ CREATE TABLE IF NOT EXISTS groups (
 """
 
 
-class GroupRecord(msgspec.Struct):
-    """This node's copy-management information for one consistency group."""
-
-    name: str
-    role: str                   # primary | standby | secondary
-    target: str                 # the far-site node
-    feeder: str                 # the node that feeds the target now
-    journal_limit: int = DEFAULT_JOURNAL
-    state: str = "copying"      # copying | mirrored | suspended | takeover
-    reason: str = ""
-    mode: str = "journal"       # journal | bitmap (records missing: dirty chunks instead)
-    written: int = 0            # last sequence number written at the primary site
-    written_time: float = 0.0
-    sent: int = 0
-    received: int = 0
-    applied: int = 0            # last sequence number applied at the target (durably)
-    applied_time: float = 0.0   # primary-site time of that write: the recovery point
-    bitmap_until: int = 0       # (standby) dirty chunks cover writes up to this sequence
-    seq_seen: int = 0           # (standby) last sequence number journaled here
-    hold: bool = False          # (primary) the far copy was taken over: hosts refused here
-    sync: bool = False          # host writes wait until the target has their record
-    origin: str = ""            # the node that fed the group first (failback returns there)
-    consistent_at: int = 0      # (target) the copy is consistent once received reaches this
-    bytes_shipped: int = 0      # journal bytes sent to the target (all time)
-    records_shipped: int = 0
-    updated: float = 0.0
-
-
-@dataclass
-class GroupRuntime:
-    rec: GroupRecord
-    journal: Journal
-    pairs: dict[str, PairRuntime] = field(default_factory=dict)
-    inflight: dict[int, None] = field(default_factory=dict)  # assigned, not yet committed
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    ship_task: asyncio.Task[None] | None = None
-    need_stat: bool = True
-    last_stat: float = 0.0
-    last_save: float = 0.0
-    last_progress: float = 0.0
-    checkpoint_due: bool = False
-    delta: dict[str, Any] = field(default_factory=dict)  # the last DR delta resync
-    waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)  # sync
-
-    def committed(self) -> int:
-        """Highest sequence number below which every record may be shipped."""
-        for seq in self.inflight:
-            return seq - 1
-        return self.rec.written
-
-    def volumes(self) -> list[str]:
-        return [pr.rec.volume for pr in self.pairs.values()]
-
-
 class RemoteCopy:
     """The async-copy side of a node's replication manager."""
 
-    def __init__(self, mgr: ReplicationManager) -> None:
+    def __init__(self, mgr: ManagerPort) -> None:
         self.mgr = mgr
         self.node = mgr.node
         self.db = self.node.volumes.catalog.db
@@ -197,7 +140,7 @@ class RemoteCopy:
                 self._redo(g)
             if g.rec.feeder == self.node.name and g.rec.role == "primary":
                 self.start_shipping(g)
-        self.mgr._spawn(self._housekeeping())
+        self.mgr.spawn(self._housekeeping())
 
     async def stop(self) -> None:
         for g in self.groups.values():
@@ -327,7 +270,7 @@ class RemoteCopy:
             aa = self.mgr.by_volume.get(volume)
             if aa is not None and aa.rec.mode == "active-active" \
                     and aa.dirty.set_many(chunks_of(offset, length)):
-                self.mgr._spawn(aa.dirty.sync(self.node.executor))
+                self.mgr.spawn(aa.dirty.sync(self.node.executor))
             return
         self.mark(pr, offset, length)
         if g.rec.role == "standby":
@@ -352,7 +295,7 @@ class RemoteCopy:
         if pr.copy_task is not None and not pr.copy_task.done():
             pr.recopy.update(chunks)
         if pr.dirty.set_many(chunks):
-            self.mgr._spawn(pr.dirty.sync(self.node.executor))
+            self.mgr.spawn(pr.dirty.sync(self.node.executor))
 
     def _overflow(self, g: GroupRuntime, reason: str) -> None:
         """The journal is full: track chunks instead of blocking hosts, catch up later."""
@@ -372,10 +315,10 @@ class RemoteCopy:
         """Copy every dirty chunk of the group's pairs to the target (bitmap mode)."""
         for pr in g.pairs.values():
             if pr.rec.state != "copying":
-                self.mgr._set_state(pr, "copying", g.rec.reason)
+                self.mgr.set_state(pr, "copying", g.rec.reason)
             pr.rec.copy_source = self.node.name
             if self.mgr.peers.is_up(g.rec.target):
-                self.mgr._start_copy(pr)
+                self.mgr.start_copy(pr)
         g.wake.set()
 
     def mark_unapplied(self, g: GroupRuntime, start: int | None = None) -> None:
@@ -411,7 +354,7 @@ class RemoteCopy:
         g.rec.reason = reason
         self.save(g)
         for pr in g.pairs.values():
-            self.mgr._set_state(pr, "suspended", reason)
+            self.mgr.set_state(pr, "suspended", reason)
         self.node.events.publish("group_suspended", group=g.rec.name, reason=reason)
         log.error("remote copy suspended", extra={"group": g.rec.name, "reason": reason})
 
@@ -427,7 +370,7 @@ class RemoteCopy:
         window: list[asyncio.Future[Message]] = []
         while True:
             g.wake.clear()
-            link = self.mgr._link_or_none(rec.target)
+            link = self.mgr.link_or_none(rec.target)
             if link is None or rec.state == "suspended" or rec.feeder != self.node.name:
                 if g.waiters:
                     self._release_waiters(g, None)
@@ -521,7 +464,7 @@ class RemoteCopy:
                 pr.copy_task.cancel()
             pr.rec.role = "standby"
             pr.rec.copy_source = ""
-            self.mgr._save(pr)
+            self.mgr.save(pr)
         self.save(g)
         self.node.events.publish("group_demoted", group=rec.name, feeder=feeder,
                                  previous=old)
@@ -605,7 +548,7 @@ class RemoteCopy:
             aa = self.mgr.by_volume.get(pr.rec.volume)
             if aa is None or aa.rec.mode != "active-active":
                 continue
-            link = self.mgr._link_or_none(aa.rec.partner)
+            link = self.mgr.link_or_none(aa.rec.partner)
             if link is None:
                 continue
             fut = link.request({"t": "jprog", "group": g.rec.name, "written": g.rec.written,
@@ -666,7 +609,7 @@ class RemoteCopy:
                               f"{g.rec.name!r} on node {self.node.name}", "invalid")
         if r.offset < 0 or r.offset + r.length > pr.vol.record.size:
             raise RemoteError(f"record {r.seq} is outside volume {pr.rec.volume}", "corrupt")
-        self.mgr._apply(pr, r.cmd, r.offset, r.length, r.data, r.flags)
+        self.mgr.apply(pr, r.cmd, r.offset, r.length, r.data, r.flags)
         if pr.rec.state == "takeover" or pr.rec.io_mode == "local":
             return
         g.rec.applied_time = r.time
@@ -799,12 +742,12 @@ class RemoteCopy:
         g.journal.trim(rec.applied)
         for pr in g.pairs.values():
             if pr.rec.state != rec.state and rec.state in ("mirrored", "copying", "suspended"):
-                self.mgr._set_state(pr, rec.state, rec.reason)
+                self.mgr.set_state(pr, rec.state, rec.reason)
         if rec.applied >= rec.bitmap_until and rec.state == "mirrored":
             # The target has everything the dirty chunks stood for.
             for pr in g.pairs.values():
                 pr.dirty.clear_all()
-                self.mgr._spawn(pr.dirty.sync(self.node.executor))
+                self.mgr.spawn(pr.dirty.sync(self.node.executor))
             if rec.mode == "bitmap" and g.journal.last == 0:
                 rec.mode = "journal"
         self.save(g)
@@ -829,7 +772,7 @@ class RemoteCopy:
         name, vname, size = str(h["pair"]), str(h["volume"]), int(h["size"])
         if name in mgr.pairs:
             raise RemoteError(f"pair {name!r} already exists here", "conflict")
-        _vol, own = mgr._take_identity(name, vname, size, h)
+        _vol, own = mgr.take_identity(name, vname, size, h)
         g = self._ensure_group(str(h["group"]), "secondary", self.node.name, peer,
                                int(h["journal_limit"]))
         rec = PairRecord(name=name, mode=str(h.get("mode", "async")), role="secondary",
@@ -840,7 +783,7 @@ class RemoteCopy:
         g.rec.state = "copying"
         self.save(g)
         mgr.store.save(rec)
-        mgr._load(rec)
+        mgr.load(rec)
         self.node.events.publish("pair_created", pair=name, role="secondary", partner=peer,
                                  mode=rec.mode)
         return {}, b""
@@ -864,7 +807,7 @@ class RemoteCopy:
                          state="copying", io_mode=vol.io_mode, gen_current=str(h["gen"]),
                          copy_total=nchunks(vol.record.size), group=g.rec.name)
         mgr.store.save(rec)
-        pr = mgr._load(rec)
+        pr = mgr.load(rec)
         pr.dirty.set_all()
         pr.dirty.sync_now()
         return {}, b""
@@ -937,13 +880,13 @@ class RemoteCopy:
                           io_mode=vol.io_mode, gen_current=gen, copy_total=nchunks(r.size),
                           copy_source=self.node.name, group=group)
         mgr.store.save(prec)
-        pr = mgr._load(prec)
+        pr = mgr.load(prec)
         pr.dirty.set_all()
         await pr.dirty.sync(self.node.executor)
         self.node.events.publish("pair_created", pair=name, role="primary", partner=target,
                                  mode=mode, group=group)
         self.start_shipping(g)
-        mgr._start_copy(pr)
+        mgr.start_copy(pr)
         return prec
 
     def other_sides(self, pr: PairRuntime) -> list[str]:
@@ -967,7 +910,7 @@ class RemoteCopy:
                 g.wake.set()
                 for pr in g.pairs.values():
                     if pr.rec.state == "copying" and pr.rec.copy_source == self.node.name:
-                        self.mgr._start_copy(pr)
+                        self.mgr.start_copy(pr)
 
     def copy_done(self, pr: PairRuntime) -> None:
         """An initial copy or catch-up to the target finished."""
@@ -977,8 +920,8 @@ class RemoteCopy:
         if pr.dirty.count():
             # Written again while being copied (bitmap mode): go round once more, once
             # this copy task has ended.
-            self.mgr._set_state(pr, "copying", g.rec.reason)
-            asyncio.get_running_loop().call_soon(self.mgr._start_copy, pr)
+            self.mgr.set_state(pr, "copying", g.rec.reason)
+            asyncio.get_running_loop().call_soon(self.mgr.start_copy, pr)
             return
         if not all(p.rec.state != "copying" for p in g.pairs.values()):
             return
@@ -988,7 +931,7 @@ class RemoteCopy:
             # after it, in this same loop step (no write can fall between).
             g.journal.reset()
             rec.mode = "journal"
-            link = self.mgr._link_or_none(rec.target)
+            link = self.mgr.link_or_none(rec.target)
             if link is not None:
                 fut = link.request({"t": "jresume", "group": rec.name, "seq": rec.written,
                                     "time": rec.written_time})
@@ -1071,7 +1014,7 @@ class TakeoverBackend(AsyncWriteBackend):
             return
         if pr.dirty.set_many(chunks_of(offset, length)):
             await pr.dirty.sync(ex)
-        self.remote.mgr._apply(pr, cmd, offset, length, data, flags)
+        self.remote.mgr.apply(pr, cmd, offset, length, data, flags)
         if flags & 1:
             await loop.run_in_executor(ex, pr.vol.store.flush)
 
@@ -1086,7 +1029,7 @@ class JournalingBackend(TakeoverBackend):
         # The common case completes in this step: no task per write.
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
-            self.remote.mgr._apply(self.pr, cmd, offset, length, data, flags)
+            self.remote.mgr.apply(self.pr, cmd, offset, length, data, flags)
             seq = self.remote.on_applied(self.pr.rec.volume, cmd, offset, length, data, flags,
                                          committed=True)
         except Exception as e:
@@ -1105,7 +1048,7 @@ class JournalingBackend(TakeoverBackend):
         if cmd == Cmd.FLUSH:
             await loop.run_in_executor(ex, self._flush_all)
             return
-        self.remote.mgr._apply(pr, cmd, offset, length, data, flags)
+        self.remote.mgr.apply(pr, cmd, offset, length, data, flags)
         seq = self.remote.on_applied(pr.rec.volume, cmd, offset, length, data, flags,
                                      committed=True)
         waiting = self.remote.wait_sync(pr.rec.volume, seq)

@@ -1,0 +1,136 @@
+"""What replication needs from the node it runs in, as protocols.
+
+The node package builds on replication, never the reverse: the node (`node/daemon.py`)
+satisfies `NodePort`, and replication reaches host connections only through its I/O
+gate methods (`set_io_mode`, `fence`, `unfence`, `drop_clients`, `rebind_export`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from concurrent.futures import Executor
+from typing import Any, Protocol
+
+from twinvol.cluster import ClusterConfig, NodeConfig
+from twinvol.nbd.aio import Backend
+from twinvol.replication.pairs import PairRecord, PairStore
+from twinvol.replication.peer import PeerService
+from twinvol.replication.runtime import GroupRuntime, PairRuntime
+from twinvol.replication.wire import Payload
+from twinvol.storage.volumes import Volume, VolumeManager
+
+
+class EventSink(Protocol):
+    def publish(self, type_: str, **fields: Any) -> dict[str, Any]: ...
+
+
+class SwitchingPort(Protocol):
+    """The node's switching table, as far as copies must respect it."""
+
+    def check_free(self, volume: str, action: str) -> None: ...
+
+    async def barrier(self, volume: str) -> None: ...
+
+
+class NodePort(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def cluster(self) -> ClusterConfig: ...
+
+    @property
+    def config(self) -> NodeConfig: ...
+
+    @property
+    def data_dir(self) -> str: ...
+
+    @property
+    def executor(self) -> Executor: ...
+
+    @property
+    def volumes(self) -> VolumeManager: ...
+
+    @property
+    def events(self) -> EventSink: ...
+
+    @property
+    def switching(self) -> SwitchingPort: ...
+
+    def volume_backend(self, vol: Volume) -> Backend:
+        """What host I/O to `vol` goes through (its pair's write path, or its store)."""
+
+    def set_io_mode(self, vol_name: str, mode: str, reason: str = "", *,
+                    expected: bool = False) -> None: ...
+
+    def fence(self, vol_name: str, reason: str) -> None: ...
+
+    def unfence(self, vol_name: str) -> None: ...
+
+    def drop_clients(self, vol_name: str) -> None: ...
+
+    async def rebind_export(self, name: str, timeout: float = 10.0) -> None: ...
+
+
+class ManagerPort(Protocol):
+    """The pair manager as remote copy, disaster recovery and local copies use it."""
+
+    node: NodePort
+    pairs: dict[str, PairRuntime]
+    by_volume: dict[str, PairRuntime]
+    peers: PeerService
+    store: PairStore
+    bitmap_dir: str
+
+    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]: ...
+
+    def save(self, pr: PairRuntime) -> None: ...
+
+    def load(self, rec: PairRecord) -> PairRuntime: ...
+
+    def set_state(self, pr: PairRuntime, state: str, reason: str = "") -> None: ...
+
+    def set_mode(self, pr: PairRuntime, mode: str, reason: str = "",
+                 save: bool = True) -> None: ...
+
+    def start_copy(self, pr: PairRuntime) -> None: ...
+
+    def link_or_none(self, peer: str) -> Any: ...
+
+    def apply(self, pr: PairRuntime, cmd: int, offset: int, length: int,
+              data: Payload | None, flags: int) -> None: ...
+
+    def take_identity(self, name: str, vname: str, size: int, h: dict[str, Any]
+                      ) -> tuple[Volume, dict[str, object]]: ...
+
+    def hold(self, volume: str, reason: str) -> None: ...
+
+    def unhold(self, volume: str) -> None: ...
+
+    async def swap(self, name: str) -> PairRecord: ...
+
+
+class RemotePort(Protocol):
+    """Remote copy as disaster recovery uses it."""
+
+    mgr: ManagerPort
+    node: NodePort
+    groups: dict[str, GroupRuntime]
+    feeds: dict[str, GroupRuntime]
+
+    def save(self, g: GroupRuntime) -> None: ...
+
+    def mark(self, pr: PairRuntime, offset: int, length: int) -> None: ...
+
+    def mark_unapplied(self, g: GroupRuntime, start: int | None = None) -> None: ...
+
+    def start_shipping(self, g: GroupRuntime) -> None: ...
+
+    def checkpoint_now(self, g: GroupRuntime) -> None: ...
+
+    def stat(self, g: GroupRuntime) -> dict[str, Any]: ...
+
+    def group_of(self, h: dict[str, Any]) -> GroupRuntime: ...
+
+    def taken_over(self, g: GroupRuntime) -> None: ...
