@@ -9,6 +9,8 @@ seconds after its secondary had taken over (finding 1)."""
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import os
 import subprocess
@@ -100,11 +102,14 @@ def history(p: subprocess.Popen[str]) -> list[list[Any]]:
 
 def stale_reads(writes: list[list[Any]], reads: list[list[Any]]) -> list[str]:
     acked = sorted((w[2], w[3]) for w in writes if w[0] == "w")
+    times = [t for t, _ in acked]
+    newest_by = list(itertools.accumulate((n for _, n in acked), max))
     out = []
     for kind, sent, _answered, value in reads:
         if kind != "r":
             continue
-        newest = max((n for t, n in acked if t < sent), default=0)
+        i = bisect.bisect_left(times, sent)  # writes acknowledged before the read was sent
+        newest = newest_by[i - 1] if i else 0
         if value < newest:
             out.append(f"read sent at {sent:.4f} returned {value}, but {newest} was "
                        "acknowledged before it was sent")
