@@ -253,7 +253,7 @@ def make_app(node: Node) -> web.Application:
             await local_ops[action](name)
             return web.json_response(pair_view(name))
         if action == "verify":
-            return web.json_response(mgr.view(mgr.start_verify(name)))
+            return web.json_response(mgr.view(mgr.verifier.start(name)))
         if action == "resync":
             await mgr.resync(name, request.query.get("from") or None)
             return web.json_response(mgr.view(mgr.get(name)))

@@ -20,17 +20,15 @@ import contextlib
 import logging
 import math
 import os
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
-import xxhash
-
 from twinvol.nbd.constants import Cmd, Err
 from twinvol.replication.backend import AsyncWriteBackend
 from twinvol.replication.bitmap import AL_EXTENT, CHUNK, PersistentBits, chunks_of, nchunks
+from twinvol.replication.copier import Copier
 from twinvol.replication.core.decide import Effect as LossEffect
 from twinvol.replication.core.decide import GoAlone, PartnerLoss, Phase, SetMode, Suspend
 from twinvol.replication.core.lease import LeaseConfig, PeerLease
@@ -59,6 +57,7 @@ from twinvol.replication.remote import (
     TakeoverBackend,
 )
 from twinvol.replication.runtime import DEFAULT_JOURNAL, PairRuntime
+from twinvol.replication.verify import Verifier
 from twinvol.replication.wire import Payload
 from twinvol.storage.backing import NotFast
 from twinvol.storage.volumes import Volume, VolumeError
@@ -67,8 +66,6 @@ from twinvol.witness.logic import Decision
 
 log = logging.getLogger("twinvol.replication")
 
-COPY_WINDOW = 16       # copy messages in flight
-CURSOR_EVERY = 64      # persist the copy cursor every N chunks
 AL_IDLE = 1.0          # seconds without writes before an activity-log extent is retired
 
 
@@ -146,6 +143,8 @@ class ReplicationManager:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.holds: dict[str, str] = {}   # volume -> why host I/O is refused (see hold)
         self.remote = RemoteCopy(self)
+        self.copier = Copier(self, self.remote)
+        self.verifier = Verifier(self, self.copier)
         for rec in self.store.all():
             self.load(rec)
         from twinvol.replication.local import LocalCopies
@@ -472,104 +471,10 @@ class ReplicationManager:
 
     def start_copy(self, pr: PairRuntime) -> None:
         if pr.copy_task is None or pr.copy_task.done():
-            pr.copy_task = asyncio.ensure_future(self._copy(pr))
+            pr.copy_task = asyncio.ensure_future(self.copier.run(pr))
 
-    async def _copy(self, pr: PairRuntime) -> None:
-        """Send every dirty chunk at or after the cursor to the partner, then go mirrored."""
-        rec = pr.rec
-        pr.copied_bytes = 0
-        pr.copy_started = time.monotonic()
-        rec.copy_source = self.node.name
-        rec.copy_total = pr.dirty.count()
-        self.save(pr)
-        inflight: set[asyncio.Future[Message]] = set()
-        sent: list[int] = []  # chunks sent since the last checkpoint (bits cleared once acked)
-        try:
-            link = self.peers.link(rec.partner)
-            for chunk in list(pr.dirty.iter_set(0)):
-                if chunk * CHUNK >= pr.vol.record.size:
-                    pr.dirty.clear(chunk)
-                    continue
-                fut, nbytes = self._send_chunk(pr, link, chunk)
-                pr.copied_bytes += nbytes
-                sent.append(chunk)
-                inflight.add(fut)
-                if len(inflight) >= COPY_WINDOW:
-                    done, inflight = await asyncio.wait(inflight,
-                                                        return_when=asyncio.FIRST_COMPLETED)
-                    for f in done:
-                        f.result()
-                if len(sent) >= CURSOR_EVERY:
-                    await self._checkpoint(pr, inflight, sent)
-                    inflight = set()
-            await self._checkpoint(pr, inflight, sent)
-            # Both sides now hold the same data: one generation, mirrored.
-            finish: dict[str, Any] = {
-                "t": "pair_done", "pair": rec.name, "gen": rec.gen_current,
-                "history": rec.gen_history,
-                "role": "secondary" if rec.role == "primary" else "primary"}
-            if rec.remote:
-                # The far copy is consistent once it also applied every record up to here.
-                finish["j"] = self.remote.written_for(rec.volume)
-            if not rec.remote:
-                pr.lease.resume()  # the partner serves from the moment it is mirrored
-            lease_seq = pr.lease.request(time.monotonic())
-            reply, _ = await link.request(finish)
-            pr.lease.on_reply(lease_seq, bool(reply.get("lease")))
-            rec.copy_cursor = 0
-            if rec.remote and rec.role == "secondary":
-                self.remote.dr.failback_copied(pr)
-            elif rec.remote:
-                self.set_state(pr, "mirrored")
-                self.remote.copy_done(pr)
-            else:
-                rec.copy_source = ""
-                self.set_state(pr, "mirrored")
-                self.set_mode(pr, "mirror")
-                self._release(pr)
-            self.node.events.publish("copy_done", pair=rec.name, bytes=pr.copied_bytes,
-                                     seconds=round(time.monotonic() - pr.copy_started, 3))
-        except (PeerDown, RemoteError) as e:
-            # Chunks sent but not acknowledged keep their dirty bit: they go again next time.
-            log.warning("copy interrupted", extra={"pair": rec.name, "error": str(e)})
-            for f in inflight:
-                if f.done() and not f.cancelled():
-                    f.exception()
-            self.save(pr)
 
-    def _send_chunk(self, pr: PairRuntime, link: Any, chunk: int
-                    ) -> tuple[asyncio.Future[Message], int]:
-        """Read one chunk and send it in the same loop step, so a host write to it can
-        only follow it on the ordered link. Holes go as a zero request. Returns the
-        reply future and the payload bytes sent."""
-        store = pr.vol.store
-        off = chunk * CHUNK
-        n = min(CHUNK, pr.vol.record.size - off)
-        ext = store.extents(off, n)
-        header: dict[str, Any] = {"t": "copy", "pair": pr.rec.name, "off": off, "len": n}
-        if self.remote.feeds:
-            # A partner that feeds a far copy learns which write this chunk reflects.
-            header["j"] = self.remote.written_for(pr.rec.volume)
-        if len(ext) == 1 and ext[0][1] & 2:
-            return link.request({**header, "zero": True}), 0
-        return link.request(header, store.pread(off, n)), n
 
-    async def _checkpoint(self, pr: PairRuntime, inflight: set[asyncio.Future[Message]],
-                          sent: list[int]) -> None:
-        """Wait for acks, then durably record the progress (bits and cursor)."""
-        if inflight:
-            await asyncio.gather(*inflight)
-        for c in sent:
-            if c not in pr.recopy:
-                pr.dirty.clear(c)
-        pr.recopy.difference_update(sent)
-        last = sent[-1] if sent else None
-        sent.clear()
-        # Bits first: the cursor shown (and saved) never runs ahead of what is durable.
-        await pr.dirty.sync(self.node.executor)
-        if last is not None:
-            pr.rec.copy_cursor = last + 1
-        self.save(pr)
 
     # ---- host writes -------------------------------------------------------------------
 
@@ -900,7 +805,7 @@ class ReplicationManager:
                 reported = True
             await asyncio.sleep(0.5)
 
-    def _release(self, pr: PairRuntime) -> None:
+    def release(self, pr: PairRuntime) -> None:
         """Mirrored again: give the witness hold back (no-op if the partner holds it)."""
         if self.witness is None:
             return
@@ -1033,7 +938,7 @@ class ReplicationManager:
             self.save(pr)
             return {}, bytes(pr.dirty.bits)
         if t == "hash":
-            return self._peer_hash(pr, h)
+            return self.verifier.on_hash(pr, h)
         if t == "pair_block":
             self.set_mode(pr, "block", str(h.get("reason", "blocked by the partner")))
             return {}, b""
@@ -1230,7 +1135,7 @@ class ReplicationManager:
         pr.dirty.sync_now()
         self.set_state(pr, "mirrored")
         self.set_mode(pr, "mirror")
-        self._release(pr)
+        self.release(pr)
         # The copy source goes on serving, now under a lease granted with this answer.
         return {"lease": pr.lease.grant(time.monotonic())}, b""
 
@@ -1376,92 +1281,10 @@ class ReplicationManager:
 
     # ---- management check (online verify and repair) ----------------------------------
 
-    def start_verify(self, name: str) -> PairRuntime:
-        pr = self.get(name)
-        rec = pr.rec
-        if rec.role != "primary":
-            raise VolumeError(f"run verify on the primary ({rec.partner})")
-        if rec.state != "mirrored":
-            raise VolumeError(f"pair {name!r} is {rec.state}; verify compares mirrored copies")
-        if not self.peers.is_up(rec.partner):
-            raise VolumeError(f"node {rec.partner} is not connected", "io")
-        if pr.verify_task is None or pr.verify_task.done():
-            pr.verify = {"running": True, "checked_chunks": 0,
-                         "total_chunks": nchunks(pr.vol.record.size), "mismatched_chunks": [],
-                         "repaired_chunks": 0, "repaired_bytes": 0, "started": time.time()}
-            pr.verify_task = asyncio.ensure_future(self._verify(pr))
-        return pr
 
-    async def _hashes(self, pr: PairRuntime, chunks: list[int]) -> list[int]:
-        store, size = pr.vol.store, pr.vol.record.size
 
-        def work() -> list[int]:
-            return [xxhash.xxh3_64_intdigest(store.pread(c * CHUNK, min(CHUNK, size - c * CHUNK)))
-                    for c in chunks]
 
-        return await asyncio.get_running_loop().run_in_executor(self.node.executor, work)
 
-    async def _peer_hashes(self, pr: PairRuntime, chunks: list[int]) -> list[int]:
-        _, payload = await self.peers.link(pr.rec.partner).request(
-            {"t": "hash", "pair": pr.rec.name, "chunks": chunks})
-        return list(struct.unpack(f">{len(chunks)}Q", payload))
-
-    async def _peer_hash(self, pr: PairRuntime, h: dict[str, Any]) -> Message:
-        chunks = [int(c) for c in h["chunks"]]
-        n = nchunks(pr.vol.record.size)
-        if len(chunks) > 4096 or any(not 0 <= c < n for c in chunks):
-            raise RemoteError("bad chunk list", "invalid")
-        hashes = await self._hashes(pr, chunks)
-        return {}, struct.pack(f">{len(hashes)}Q", *hashes)
-
-    async def _verify(self, pr: PairRuntime) -> None:
-        """Compare chunk hashes computed where the data lives; repair from the latest copy.
-
-        The primary holds the latest data of a mirrored pair (it applies every write first
-        and orders them), so the secondary is the stale side of any mismatch.
-        """
-        rec, v = pr.rec, pr.verify
-        total = v["total_chunks"]
-        suspects: list[int] = []
-        try:
-            for start in range(0, total, 256):
-                batch = list(range(start, min(total, start + 256)))
-                mine, theirs = await asyncio.gather(self._hashes(pr, batch),
-                                                    self._peer_hashes(pr, batch))
-                suspects += [c for c, a, b in zip(batch, mine, theirs, strict=True) if a != b]
-                v["checked_chunks"] = batch[-1] + 1
-            if suspects:
-                # Writes in flight during hashing differ for a moment: look again.
-                await asyncio.sleep(0.2)
-                mine, theirs = await asyncio.gather(self._hashes(pr, suspects),
-                                                    self._peer_hashes(pr, suspects))
-                suspects = [c for c, a, b in zip(suspects, mine, theirs, strict=True) if a != b]
-            v["mismatched_chunks"] = suspects
-            v["latest"] = self.node.name
-            v["stale"] = rec.partner if suspects else None
-            if suspects:
-                self.node.events.publish("verify_mismatch", pair=rec.name, chunks=len(suspects),
-                                         stale=rec.partner, latest=self.node.name)
-                link = self.peers.link(rec.partner)
-                await link.request({"t": "pair_block", "pair": rec.name,
-                                    "reason": f"verify found {len(suspects)} stale chunk(s)"})
-                for c in suspects:
-                    pr.dirty.set(c)
-                for c in suspects:
-                    fut, _ = self._send_chunk(pr, link, c)
-                    await fut
-                    pr.dirty.clear(c)
-                    v["repaired_chunks"] += 1
-                    v["repaired_bytes"] += min(CHUNK, pr.vol.record.size - c * CHUNK)
-                await link.request({"t": "flush", "pair": rec.name})
-                await link.request({"t": "pair_unblock", "pair": rec.name})
-            self.node.events.publish("verify_done", pair=rec.name, mismatches=len(suspects),
-                                     repaired=v["repaired_chunks"])
-        except (PeerDown, RemoteError) as e:
-            v["error"] = str(e)
-        finally:
-            v["running"] = False
-            v["seconds"] = round(time.time() - v["started"], 3)
 
     # ---- activity log upkeep -------------------------------------------------------------
 

@@ -912,6 +912,9 @@ class RemoteCopy:
                     if pr.rec.state == "copying" and pr.rec.copy_source == self.node.name:
                         self.mgr.start_copy(pr)
 
+    def failback_copied(self, pr: PairRuntime) -> None:
+        self.dr.failback_copied(pr)
+
     def copy_done(self, pr: PairRuntime) -> None:
         """An initial copy or catch-up to the target finished."""
         g = self.groups.get(pr.rec.group)
