@@ -80,9 +80,9 @@ def test_a_write_alone_waits_out_the_lease_granted_for_the_resync() -> None:
 
 def test_nodes_use_the_core() -> None:
     """The simulated node is driven by the same lease and partner-loss code as a node."""
-    from twinvol.replication import manager
+    from twinvol.replication import manager, partners
     from twinvol.testing import node
 
-    for name in ("PeerLease", "PartnerLoss"):
-        assert getattr(node, name) is getattr(manager, name)
+    assert node.PeerLease is manager.PeerLease
+    assert node.PartnerLoss is partners.PartnerLoss
     assert issubclass(SimNode, object)

@@ -29,18 +29,15 @@ from twinvol.nbd.constants import Cmd, Err
 from twinvol.replication.backend import AsyncWriteBackend
 from twinvol.replication.bitmap import AL_EXTENT, CHUNK, PersistentBits, chunks_of, nchunks
 from twinvol.replication.copier import Copier
-from twinvol.replication.core.decide import Effect as LossEffect
-from twinvol.replication.core.decide import GoAlone, PartnerLoss, Phase, SetMode, Suspend
 from twinvol.replication.core.lease import LeaseConfig, PeerLease
-from twinvol.replication.core.types import Mode, Role, Verdict
 from twinvol.replication.pairs import (
     REMOTE_MODES,
     PairRecord,
     PairStore,
     fork_generation,
     new_generation,
-    resync_direction,
 )
+from twinvol.replication.partners import Partners
 from twinvol.replication.peer import (
     Done,
     Later,
@@ -61,7 +58,6 @@ from twinvol.replication.verify import Verifier
 from twinvol.replication.wire import Payload
 from twinvol.storage.backing import NotFast
 from twinvol.storage.volumes import Volume, VolumeError
-from twinvol.witness.client import WitnessError
 from twinvol.witness.logic import Decision
 
 log = logging.getLogger("twinvol.replication")
@@ -127,16 +123,17 @@ class ReplicationManager:
         self.store = PairStore(node.volumes.catalog.db)
         self.pairs: dict[str, PairRuntime] = {}
         self.by_volume: dict[str, PairRuntime] = {}
-        self.peers = PeerService(node.cluster, node.name, self._on_message, self._on_up,
-                                 self._on_down, self._on_refused)
-        self.decide: Decider = self._default_decision
+        self.partners = Partners(self, self._remote_up)
+        self.peers = PeerService(node.cluster, node.name, self._on_message, self.partners.on_up,
+                                 self.partners.on_down, self.partners.on_refused)
+        self.decide: Decider = self.partners.no_witness
         self.witness: Any = None
         wcfg = node.cluster.witness
         if wcfg and wcfg.get("addr"):
             from twinvol.witness.client import HttpWitness
 
             self.witness = HttpWitness(str(wcfg["addr"]), node.cluster.cluster.secret or None)
-            self.decide = self._witness_decision
+            self.decide = self.partners.ask_witness
         self.lease_config = LeaseConfig()
         self.bitmap_dir = os.path.join(node.data_dir, "bitmaps")
         os.makedirs(self.bitmap_dir, exist_ok=True)
@@ -150,6 +147,9 @@ class ReplicationManager:
         from twinvol.replication.local import LocalCopies
 
         self.local = LocalCopies(self)   # local copy pairs (mode `local`), own table
+
+    def _remote_up(self, peer: str) -> None:
+        self.remote.on_up(peer)
 
     # ---- lifecycle ------------------------------------------------------------
 
@@ -193,8 +193,8 @@ class ReplicationManager:
         self.spawn(self._al_retirer())
         self.spawn(self._lease_keeper())
         if self.witness is not None:
-            self.spawn(self._heartbeats())
-        self.spawn(self._after_restart())
+            self.spawn(self.partners.heartbeats())
+        self.spawn(self.partners.after_restart())
 
     async def stop(self) -> None:
         for t in list(self._tasks):
@@ -355,7 +355,7 @@ class ReplicationManager:
                 granted.append(pr.rec.name)
         return {"granted": granted}, b""
 
-    async def _fence_partner(self, pr: PairRuntime) -> None:
+    async def fence_partner(self, pr: PairRuntime) -> None:
         """Before this copy acknowledges writes alone: stop granting leases, and wait
         until every lease granted to the partner has run out (it stops serving)."""
         until = pr.lease.revoke()
@@ -583,7 +583,7 @@ class ReplicationManager:
         if rec.role == "secondary" and rec.io_mode == "mirror":
             link = self.link_or_none(rec.partner)
             if link is None:
-                self._on_partner_lost(pr, "partner unreachable")
+                self.partners.partner_lost(pr, "partner unreachable")
                 raise WriteFailed(Err.EIO, "partner unreachable: this copy is blocked")
             try:
                 await link.request({"t": "fw", "pair": rec.name, "cmd": cmd, "off": offset,
@@ -675,7 +675,7 @@ class ReplicationManager:
         if not replicate and not rec.remote:
             # Acknowledged by this copy alone: only once no lease granted to the partner
             # is left (a resync that just ended may have granted one).
-            await self._fence_partner(pr)
+            await self.fence_partner(pr)
         if local_sync is not None:
             await local_sync
 
@@ -694,14 +694,14 @@ class ReplicationManager:
         """A write reached only this copy: record it, then continue only if allowed."""
         pr.dirty.set_many(chunks)
         await pr.dirty.sync(self.node.executor)
-        self._on_partner_lost(pr, "partner lost during a mirrored write")
+        self.partners.partner_lost(pr, "partner lost during a mirrored write")
         if pr.decide_task is not None:
             await asyncio.shield(pr.decide_task)
         if pr.rec.io_mode != "local":
             raise WriteFailed(Err.EIO, f"partner lost and this copy may not continue: "
                                        f"{pr.rec.reason}")
         if not pr.rec.remote:
-            await self._fence_partner(pr)
+            await self.fence_partner(pr)
 
     async def host_flush(self, pr: PairRuntime) -> None:
         ex = self.node.executor
@@ -723,87 +723,11 @@ class ReplicationManager:
 
     # ---- partner loss and return ------------------------------------------------------
 
-    def _on_partner_lost(self, pr: PairRuntime, reason: str, *, restart: bool = False) -> None:
-        if pr.decide_task is not None and not pr.decide_task.done():
-            return
-        if pr.rec.io_mode != "mirror" and pr.rec.state != "copying" and not restart:
-            return
-        pr.decide_task = asyncio.ensure_future(self._decide(pr, reason))
 
-    async def _after_restart(self) -> None:
-        """Pairs whose partner stays away after our restart get a decision like a link loss."""
-        from twinvol.replication.peer import DEAD_AFTER
 
-        await asyncio.sleep(DEAD_AFTER + 0.5)
-        for pr in list(self.pairs.values()):
-            if pr.rec.io_mode == "block" and not self.peers.is_up(pr.rec.partner) \
-                    and not pr.rec.remote \
-                    and pr.rec.state in ("mirrored", "suspended", "copying"):
-                self._on_partner_lost(pr, f"partner {pr.rec.partner} unreachable after restart",
-                                      restart=True)
 
-    async def _decide(self, pr: PairRuntime, reason: str) -> None:
-        """Drive the partner-loss machine (core/decide.py): ask the witness, fence the
-        partner, then act on the outcome."""
-        rec = pr.rec
-        loss = PartnerLoss(pr.lease, Role(rec.role), Mode(rec.io_mode),
-                           copying=rec.state == "copying",
-                           copy_source=rec.copy_source == self.node.name)
-        self._on_loss(pr, loss.start(time.monotonic(), reason))
-        while not loss.done:
-            if loss.asking:
-                try:
-                    d = await self.decide(rec)
-                except WitnessError as e:  # unreachable or refused: never write alone
-                    effects = loss.on_witness_error(time.monotonic(), str(e))
-                else:
-                    effects = loss.on_verdict(Verdict(d.decision), time.monotonic(), d.reason,
-                                              d.retry_after)
-            else:
-                when = loss.next_timer()
-                if when is not None:
-                    await asyncio.sleep(max(0.0, when - time.monotonic()))
-                effects = loss.handle_timer(time.monotonic())
-            self._on_loss(pr, effects)
-            if loss.phase is Phase.WAITING and self.peers.is_up(rec.partner):
-                return  # the partner is back: meeting it decides instead
 
-    def _on_loss(self, pr: PairRuntime, effects: list[LossEffect]) -> None:
-        rec = pr.rec
-        for e in effects:
-            if isinstance(e, SetMode):
-                self.set_mode(pr, e.mode, e.reason)
-            elif isinstance(e, Suspend):
-                self.set_state(pr, "suspended", e.reason)
-            elif isinstance(e, GoAlone):
-                if e.fork:
-                    fork_generation(rec)
-                    if rec.role == "secondary":
-                        rec.role = "primary"
-                        self.node.events.publish("pair_takeover", pair=rec.name)
-                self.set_mode(pr, "local", e.reason)
-                self.set_state(pr, "suspended" if e.fork else "copying", e.reason)
 
-    async def _witness_decision(self, rec: PairRecord) -> Decision:
-        d: Decision = await self.witness.arbitrate(rec.name, self.node.name, rec.partner,
-                                                   rec.role, rec.gen_current)
-        return d
-
-    async def _heartbeats(self) -> None:
-        from twinvol.witness.client import WitnessError
-
-        reported = False
-        while True:
-            try:
-                await self.witness.heartbeat(self.node.name)
-                if reported:
-                    self.node.events.publish("witness_reachable")
-                reported = False
-            except WitnessError as e:
-                if not reported:
-                    self.node.events.publish("witness_unreachable", error=str(e))
-                reported = True
-            await asyncio.sleep(0.5)
 
     def release(self, pr: PairRuntime) -> None:
         """Mirrored again: give the witness hold back (no-op if the partner holds it)."""
@@ -816,79 +740,11 @@ class ReplicationManager:
 
         self.spawn(go())
 
-    async def _default_decision(self, rec: PairRecord) -> Decision:
-        """Without a witness, the primary continues and the secondary blocks."""
-        if rec.role == "primary":
-            return Decision("continue", self.node.name, "no witness: the primary continues")
-        return Decision("block", rec.partner, "no witness: the secondary stops")
 
-    def _on_down(self, peer: str, reason: str) -> None:
-        self.node.events.publish("peer_down", peer=peer, reason=reason)
-        for pr in list(self.pairs.values()):
-            if pr.rec.partner == peer and not pr.rec.remote:
-                self._on_partner_lost(pr, f"peer link to {peer} down: {reason}")
 
-    def _on_refused(self, peer: str, reason: str) -> None:
-        self.node.events.publish("peer_refused", peer=peer, reason=reason)
 
-    def _on_up(self, peer: str) -> None:
-        self.node.events.publish("peer_up", peer=peer)
-        self.remote.on_up(peer)
-        for pr in list(self.pairs.values()):
-            if pr.rec.partner != peer or pr.rec.remote:
-                continue
-            if pr.decide_task is not None and not pr.decide_task.done():
-                pr.decide_task.cancel()
-            if self.node.name < peer:  # one side leads the exchange; the other answers
-                self.spawn(self._meet(pr))
 
-    async def _meet(self, pr: PairRuntime) -> None:
-        """Partner is back: compare generations; the newer side sends what differs."""
-        rec = pr.rec
-        if pr.decide_task is not None and not pr.decide_task.done():
-            pr.decide_task.cancel()
-        link = self.link_or_none(rec.partner)
-        if link is None:
-            return
-        try:
-            h, peer_bits = await link.request(
-                {"t": "pair_state", "pair": rec.name, "gen": rec.gen_current,
-                 "history": rec.gen_history, "role": rec.role, "state": rec.state,
-                 "io_mode": rec.io_mode, "copy_source": rec.copy_source},
-                bytes(pr.dirty.bits))
-        except (PeerDown, RemoteError) as e:
-            log.warning("pair state exchange failed", extra={"pair": rec.name, "error": str(e)})
-            return
-        await self._reconcile(pr, h, peer_bits)
 
-    async def _reconcile(self, pr: PairRuntime, h: dict[str, Any],
-                         peer_bits: Payload) -> None:
-        rec = pr.rec
-        if rec.state == "copying" or h.get("state") == "copying":
-            source = rec.copy_source or str(h.get("copy_source", ""))
-            if source == self.node.name:
-                self.start_copy(pr)
-            return
-        direction = resync_direction(rec.gen_current, rec.gen_history, str(h["gen"]),
-                                     list(h["history"]))
-        if direction == "none":
-            # Same data generation: only chunks touched around a crash can differ; the
-            # primary sends them (from both sides' bitmaps).
-            direction = "to_peer" if rec.role == "primary" else "from_peer"
-        if direction == "split_brain":
-            self.set_mode(pr, "block", "split brain: both copies were written alone")
-            self.set_state(pr, "suspended", "split brain: both copies were written alone; "
-                            "resolve with `twinvol pair resync NAME --from NODE`")
-            return
-        if direction == "to_peer":
-            pr.dirty.merge(peer_bits)
-            rec.role = "primary"
-            if rec.io_mode == "block":
-                # Neither side continued alone (e.g. both restarted): this side serves.
-                await self._fence_partner(pr)
-                self.set_mode(pr, "local", "resync source")
-            self.start_copy(pr)
-        # from_peer: the partner runs the copy towards us; we stay blocked until done.
 
     # ---- peer messages ---------------------------------------------------------------
 
@@ -920,7 +776,7 @@ class ReplicationManager:
         if t == "flush":
             return self._peer_flush(pr)
         if t == "pair_state":
-            return self._peer_state(pr, h, payload)
+            return self.partners.on_pair_state(pr, h, payload)
         if t == "pair_done":
             return self._peer_done(pr, h)
         if t == "pair_split":
@@ -1108,13 +964,6 @@ class ReplicationManager:
             raise RemoteError(str(e), str(e.errno)) from None
         return {}, b""
 
-    def _peer_state(self, pr: PairRuntime, h: dict[str, Any],
-                    peer_bits: Payload) -> Message:
-        reply = ({"gen": pr.rec.gen_current, "history": pr.rec.gen_history,
-                  "role": pr.rec.role, "state": pr.rec.state, "io_mode": pr.rec.io_mode,
-                  "copy_source": pr.rec.copy_source}, bytes(pr.dirty.bits))
-        self.spawn(self._reconcile(pr, h, peer_bits))
-        return reply
 
     def _peer_done(self, pr: PairRuntime, h: dict[str, Any]) -> Message:
         rec = pr.rec
@@ -1160,7 +1009,7 @@ class ReplicationManager:
             await link.request({"t": "pair_split", "pair": name})
             pr.lease.revoke()  # the partner confirmed it stopped serving
         else:
-            await self._fence_partner(pr)
+            await self.fence_partner(pr)
         fork_generation(rec)
         self.set_mode(pr, "local", "split by operator")
         self.set_state(pr, "split", "split by operator")

@@ -19,6 +19,7 @@ from twinvol.replication.peer import PeerService
 from twinvol.replication.runtime import GroupRuntime, PairRuntime
 from twinvol.replication.wire import Payload
 from twinvol.storage.volumes import Volume, VolumeManager
+from twinvol.witness.logic import Decision
 
 
 class EventSink(Protocol):
@@ -88,6 +89,14 @@ class ManagerPort(Protocol):
     def get(self, name: str) -> PairRuntime: ...
 
     def release(self, pr: PairRuntime) -> None: ...
+
+    @property
+    def witness(self) -> Any: ...
+
+    def decide(self, rec: PairRecord) -> Awaitable[Decision]:
+        """Ask the witness (or the no-witness rule) whether this side may go alone."""
+
+    async def fence_partner(self, pr: PairRuntime) -> None: ...
 
     def save(self, pr: PairRuntime) -> None: ...
 
