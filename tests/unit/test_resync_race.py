@@ -72,7 +72,7 @@ async def race(tmp: str) -> tuple[bytes, bytes, str]:
             await real_sync(executor)
 
         pa.dirty.sync = held_sync  # type: ignore[method-assign]
-        write = asyncio.ensure_future(a.replication.host_write(
+        write = asyncio.ensure_future(a.replication.writes.host_write(
             pa, Cmd.WRITE, 0, 4096, b"\x77" * 4096, 0))
         await entered.wait()
         b2 = Node(cfg, "B")  # B comes back: A meets it and runs the resync copy

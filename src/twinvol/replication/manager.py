@@ -22,12 +22,10 @@ import math
 import os
 import time
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import Any
 
 from twinvol.nbd.constants import Cmd, Err
-from twinvol.replication.backend import AsyncWriteBackend
-from twinvol.replication.bitmap import AL_EXTENT, CHUNK, PersistentBits, chunks_of, nchunks
+from twinvol.replication.bitmap import AL_EXTENT, CHUNK, PersistentBits, nchunks
 from twinvol.replication.copier import Copier
 from twinvol.replication.core.lease import LeaseConfig, PeerLease
 from twinvol.replication.pairs import (
@@ -39,7 +37,6 @@ from twinvol.replication.pairs import (
 )
 from twinvol.replication.partners import Partners
 from twinvol.replication.peer import (
-    Done,
     Later,
     Message,
     Outcomes,
@@ -56,7 +53,7 @@ from twinvol.replication.remote import (
 from twinvol.replication.runtime import DEFAULT_JOURNAL, PairRuntime
 from twinvol.replication.verify import Verifier
 from twinvol.replication.wire import Payload
-from twinvol.storage.backing import NotFast
+from twinvol.replication.writes import ReplicatedBackend, WritePath
 from twinvol.storage.volumes import Volume, VolumeError
 from twinvol.witness.logic import Decision
 
@@ -65,54 +62,7 @@ log = logging.getLogger("twinvol.replication")
 AL_IDLE = 1.0          # seconds without writes before an activity-log extent is retired
 
 
-def _exc_of(f: asyncio.Future[Any]) -> BaseException | None:
-    return asyncio.CancelledError() if f.cancelled() else f.exception()
-
-
-def _settle(later: Later, f: asyncio.Future[Message]) -> None:
-    exc = _exc_of(f)
-    later.done(f.result() if exc is None else exc)
-
-
-class WriteFailed(Exception):
-    """A replicated write could not be completed; `errno` is the NBD error to return."""
-
-    def __init__(self, errno: int, message: str) -> None:
-        super().__init__(message)
-        self.errno = errno
-
-
 Decider = Callable[[PairRecord], Awaitable[Decision]]
-
-
-class ReplicatedBackend(AsyncWriteBackend):
-    """What NBD connections of a paired volume use: reads local, writes replicated."""
-
-    def __init__(self, mgr: ReplicationManager, pr: PairRuntime) -> None:
-        super().__init__(pr.vol.store)
-        self.mgr = mgr
-        self.pr = pr
-
-    def flush(self) -> None:
-        self.pr.vol.store.flush()
-
-    def submit(self, cmd: int, offset: int, length: int, data: Payload | None,
-               flags: int) -> Awaitable[None]:
-        if cmd == Cmd.FLUSH:
-            return self.mgr.host_flush(self.pr)
-        return self.mgr.host_write(self.pr, cmd, offset, length, data, flags)
-
-    def start(self, cmd: int, offset: int, length: int, data: Payload | None, flags: int,
-              done: Done) -> None:
-        """`submit` for the NBD layer, completing through `done`: a mirrored write costs
-        no Future or Task."""
-        mgr = self.mgr
-        if cmd != Cmd.FLUSH and mgr._fast_write(self.pr, cmd, offset, length, data, flags,
-                                                done):
-            return
-        fut = asyncio.ensure_future(mgr.host_flush(self.pr) if cmd == Cmd.FLUSH else
-                                    mgr._host_write(self.pr, cmd, offset, length, data, flags))
-        fut.add_done_callback(lambda f: done(_exc_of(f)))
 
 
 class ReplicationManager:
@@ -142,6 +92,7 @@ class ReplicationManager:
         self.remote = RemoteCopy(self)
         self.copier = Copier(self, self.remote)
         self.verifier = Verifier(self, self.copier)
+        self.writes = WritePath(self, self.remote, self.partners)
         for rec in self.store.all():
             self.load(rec)
         from twinvol.replication.local import LocalCopies
@@ -227,7 +178,7 @@ class ReplicationManager:
         if pr is None:
             return None
         if not pr.rec.remote:
-            return ReplicatedBackend(self, pr)
+            return ReplicatedBackend(self.writes, pr)
         if pr.rec.role == "secondary":
             return TakeoverBackend(self.remote, pr)
         return JournalingBackend(self.remote, pr)
@@ -478,206 +429,11 @@ class ReplicationManager:
 
     # ---- host writes -------------------------------------------------------------------
 
-    def host_write(self, pr: PairRuntime, cmd: int, offset: int, length: int,
-                   data: Payload | None, flags: int) -> Awaitable[None]:
-        """Start a host write; the common mirrored case completes without a Task."""
-        result: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-        def done(exc: BaseException | None) -> None:
-            if exc is None:
-                result.set_result(None)
-            else:
-                result.set_exception(exc)
 
-        if self._fast_write(pr, cmd, offset, length, data, flags, done):
-            return result
-        return self._host_write(pr, cmd, offset, length, data, flags)
 
-    def _fast_write(self, pr: PairRuntime, cmd: int, offset: int, length: int,
-                    data: Payload | None, flags: int, done: Done, fwd: int = 0) -> bool:
-        """Mirrored write with nothing to wait for but the partner: apply, send, and call
-        `done(None)` or `done(exc)` from the partner's reply, with no Future or Task.
 
-        Returns False (nothing done) when the general path is needed (AL update pending,
-        FUA, no link, copy running, not mirrored). `fwd` is the partner's request id of
-        a write it forwarded to us, whose payload it holds: the mirrored write then
-        refers to it instead of sending it back."""
-        rec = pr.rec
-        if rec.io_mode != "mirror" or flags & 1:
-            return False
-        link = self.peers.links.get(rec.partner)
-        if link is None or link.closed or not link.authed:
-            return False
-        if rec.role == "secondary":
-            holding = data if cmd == Cmd.WRITE and data else None
-            held = link.held
 
-            def fw_done(exc: BaseException | None) -> None:
-                if holding is not None:
-                    held.pop(rid, None)
-                if exc is None:
-                    done(None)
-                elif isinstance(exc, RemoteError):
-                    done(WriteFailed(int(exc.code) if exc.code.isdigit() else Err.EIO, str(exc)))
-                else:
-                    done(WriteFailed(Err.EIO, f"partner lost: {exc}"))
-
-            # hold=1: the primary may refer to the data instead of echoing it.
-            rid = link.request_row("fwb", rec.name,
-                                   [cmd, offset, length, flags, int(holding is not None)],
-                                   data or b"", fw_done)
-            if holding is not None:
-                held[rid] = holding
-            return True
-        al = pr.al
-        if not al.durable:
-            return False
-        exts = chunks_of(offset, length, AL_EXTENT)
-        bits = al.bits
-        for x in exts:
-            if not bits[x >> 3] & (1 << (x & 7)):  # extent not (yet) in the activity log
-                return False
-        try:
-            self.apply(pr, cmd, offset, length, data, flags)
-        except (OSError, NotFast) as e:
-            done(e)  # this copy is unchanged: the partner is not asked either
-            return True
-        inflight = pr.al_inflight
-        for x in exts:
-            inflight[x] = inflight.get(x, 0) + 1
-        payload = data or b""
-        if fwd and payload:
-            payload = b""
-        else:
-            fwd = 0
-        seq = j = 0
-        if self.remote.feeds:
-            seq = self.remote.on_applied(rec.volume, cmd, offset, length, data, flags,
-                                         committed=False)
-        else:
-            j = -1  # no sequence number (a "w" frame without "j")
-
-        def w_done(exc: BaseException | None) -> None:
-            if seq:
-                self.remote.commit(seq)
-            now = time.monotonic()
-            for x in exts:
-                inflight[x] -= 1
-                pr.al_last[x] = now
-            if exc is None:
-                done(None)
-                return
-            # The write reached only this copy: the general path records it and decides.
-            task = asyncio.ensure_future(self._partner_missing(pr, chunks_of(offset, length)))
-            task.add_done_callback(lambda t: done(_exc_of(t)))
-
-        link.request_row("wb", rec.name, [cmd, offset, length, flags, fwd, j or seq], payload,
-                         w_done)
-        return True
-
-    async def _host_write(self, pr: PairRuntime, cmd: int, offset: int, length: int,
-                          data: Payload | None, flags: int) -> None:
-        rec = pr.rec
-        if rec.io_mode == "block":
-            raise WriteFailed(Err.EIO, f"volume {rec.volume} is blocked on node {self.node.name}")
-        if rec.role == "secondary" and rec.io_mode == "mirror":
-            link = self.link_or_none(rec.partner)
-            if link is None:
-                self.partners.partner_lost(pr, "partner unreachable")
-                raise WriteFailed(Err.EIO, "partner unreachable: this copy is blocked")
-            try:
-                await link.request({"t": "fw", "pair": rec.name, "cmd": cmd, "off": offset,
-                                    "len": length, "flags": flags}, data or b"")
-            except RemoteError as e:
-                raise WriteFailed(int(e.code) if e.code.isdigit() else Err.EIO, str(e)) from None
-            except PeerDown as e:
-                raise WriteFailed(Err.EIO, f"partner lost during the write: {e}") from None
-            return
-        await self._primary_write(pr, cmd, offset, length, data, flags)
-
-    async def _primary_write(self, pr: PairRuntime, cmd: int, offset: int, length: int,
-                             data: Payload | None, flags: int) -> None:
-        rec = pr.rec
-        ex = self.node.executor
-        chunks = chunks_of(offset, length)
-        exts = chunks_of(offset, length, AL_EXTENT)
-        # Mirrored writes are covered by the activity log, lone writes by the dirty
-        # bitmap; either way the bit is durable before the data is written. Whether
-        # the write is replicated is decided again after each wait, in the same loop
-        # step as the write itself: a copy that started or ended meanwhile must not
-        # read the chunk, send it and clear its bit while this write lands here only.
-        covered: set[bool] = set()
-        while (replicate := self._replicating(pr)) not in covered:
-            bits, idx = (pr.al, exts) if replicate else (pr.dirty, chunks)
-            bits.set_many(idx)
-            await bits.sync(ex)
-            covered.add(replicate)
-            if rec.io_mode == "block":
-                raise WriteFailed(Err.EIO, f"volume {rec.volume} was blocked")
-        if not replicate and pr.copy_task is not None and not pr.copy_task.done():
-            pr.recopy.update(chunks)  # the running copy may have sent the chunk already
-        self.apply(pr, cmd, offset, length, data, flags)
-        seq = self.remote.on_applied(rec.volume, cmd, offset, length, data, flags,
-                                     committed=False) if self.remote.feeds else 0
-        try:
-            await self._replicate(pr, cmd, offset, length, data, flags, replicate, seq)
-        finally:
-            self.remote.commit(seq)
-
-    def _replicating(self, pr: PairRuntime) -> bool:
-        """Does a primary write go to the partner now (mirrored, or a copy we feed)?"""
-        rec = pr.rec
-        return rec.io_mode == "mirror" or (rec.copy_source == self.node.name
-                                           and self.peers.is_up(rec.partner)
-                                           and pr.copy_task is not None
-                                           and not pr.copy_task.done())
-
-    async def _replicate(self, pr: PairRuntime, cmd: int, offset: int, length: int,
-                         data: Payload | None, flags: int, replicate: bool,
-                         seq: int) -> None:
-        """Second half of a primary write: the partner's copy, FUA, partner loss."""
-        rec = pr.rec
-        ex = self.node.executor
-        chunks = chunks_of(offset, length)
-        exts = chunks_of(offset, length, AL_EXTENT)
-        fut = None
-        if replicate and rec.io_mode != "block":
-            link = self.link_or_none(rec.partner)
-            if link is not None:
-                for x in exts:
-                    pr.al_inflight[x] = pr.al_inflight.get(x, 0) + 1
-                header = {"t": "w", "pair": rec.name, "cmd": cmd, "off": offset,
-                          "len": length, "flags": flags}
-                if seq:
-                    header["j"] = seq
-                fut = link.request(header, data or b"")
-            else:
-                await self._partner_missing(pr, chunks)
-        local_sync = None
-        if flags & 1:  # FUA
-            local_sync = asyncio.get_running_loop().run_in_executor(ex, pr.vol.store.flush)
-        try:
-            if fut is not None:
-                try:
-                    await fut
-                except PeerDown:
-                    await self._partner_missing(pr, chunks)
-                except RemoteError as e:
-                    log.error("partner failed a mirrored write",
-                              extra={"pair": rec.name, "error": str(e)})
-                    await self._partner_missing(pr, chunks)
-        finally:
-            if fut is not None:
-                now = time.monotonic()
-                for x in exts:
-                    pr.al_inflight[x] -= 1
-                    pr.al_last[x] = now
-        if not replicate and not rec.remote:
-            # Acknowledged by this copy alone: only once no lease granted to the partner
-            # is left (a resync that just ended may have granted one).
-            await self.fence_partner(pr)
-        if local_sync is not None:
-            await local_sync
 
     def apply(self, pr: PairRuntime, cmd: int, offset: int, length: int,
                data: Payload | None, flags: int) -> None:
@@ -690,30 +446,7 @@ class ReplicationManager:
         elif cmd == Cmd.WRITE_ZEROES:
             store.write_zeroes(offset, length, no_hole=bool(flags & 2), fast=bool(flags & 16))
 
-    async def _partner_missing(self, pr: PairRuntime, chunks: range) -> None:
-        """A write reached only this copy: record it, then continue only if allowed."""
-        pr.dirty.set_many(chunks)
-        await pr.dirty.sync(self.node.executor)
-        self.partners.partner_lost(pr, "partner lost during a mirrored write")
-        if pr.decide_task is not None:
-            await asyncio.shield(pr.decide_task)
-        if pr.rec.io_mode != "local":
-            raise WriteFailed(Err.EIO, f"partner lost and this copy may not continue: "
-                                       f"{pr.rec.reason}")
-        if not pr.rec.remote:
-            await self.fence_partner(pr)
 
-    async def host_flush(self, pr: PairRuntime) -> None:
-        ex = self.node.executor
-        local = asyncio.get_running_loop().run_in_executor(ex, pr.vol.store.flush)
-        feed = self.remote.feeds.get(pr.rec.volume)
-        if feed is not None:
-            await asyncio.get_running_loop().run_in_executor(ex, feed.journal.sync)
-        link = self.link_or_none(pr.rec.partner) if pr.rec.io_mode == "mirror" else None
-        if link is not None:
-            with contextlib.suppress(PeerDown):
-                await link.request({"t": "flush", "pair": pr.rec.name})
-        await local
 
     def link_or_none(self, peer: str) -> Any:
         try:
@@ -766,15 +499,15 @@ class ReplicationManager:
             raise RemoteError(f"pair {pr.rec.name} continues alone on node {self.node.name}; "
                               "the sender's copy is stale", str(Err.EIO))
         if t == "wb":
-            return self._peer_writes(pr, h, payload)
+            return self.writes.on_writes(pr, h, payload)
         if t == "w" or t == "copy":
-            return self._peer_write(pr, h, payload)
+            return self.writes.on_write(pr, h, payload)
         if t == "fwb":
-            return self._forwarded_batch(pr, h, payload)
+            return self.writes.on_forwarded_batch(pr, h, payload)
         if t == "fw":
-            return self._forwarded(pr, h, payload)
+            return self.writes.on_forwarded(pr, h, payload)
         if t == "flush":
-            return self._peer_flush(pr)
+            return self.writes.on_flush(pr)
         if t == "pair_state":
             return self.partners.on_pair_state(pr, h, payload)
         if t == "pair_done":
@@ -808,161 +541,12 @@ class ReplicationManager:
             return {}, b""
         raise RemoteError(f"unknown peer message {t!r}", "invalid")
 
-    def _peer_writes(self, pr: PairRuntime, h: dict[str, Any], payload: Payload
-                     ) -> list[BaseException | Later | None]:
-        """A batch of mirrored writes (`wb`), applied in order: one outcome per row.
 
-        A row is [id, cmd, offset, length, flags, fwd, j]: `fwd` names a forwarded write
-        whose data this node holds (else a WRITE's data is next in the payload), `j` is
-        the primary's journal sequence number (-1: none). FUA never comes batched."""
-        out: list[BaseException | Later | None] = []
-        view = memoryview(payload)
-        pos = 0
-        size = pr.vol.record.size
-        volume = pr.rec.volume
-        held = None
-        feeds = self.remote.feeds
-        for _rid, cmd, off, n, flags, fwd, j in h["rows"]:
-            data: Payload | None = None
-            try:
-                if cmd == Cmd.WRITE:
-                    if fwd:
-                        if held is None:
-                            link = self.peers.links.get(str(h["_peer"]))
-                            held = {} if link is None else link.held
-                        data = held.pop(fwd, None)
-                        if data is None or len(data) != n:
-                            raise RemoteError(f"mirrored write refers to forwarded write {fwd}, "
-                                              "whose data this node does not hold", "invalid")
-                    else:
-                        data = view[pos:pos + n]
-                        pos += n
-                        if len(data) != n:
-                            raise RemoteError("batch payload is shorter than its writes",
-                                              "invalid")
-                if off < 0 or n < 0 or off + n > size:
-                    raise RemoteError(f"write [{off}, +{n}) outside volume {volume}", "invalid")
-                if flags & 1:
-                    raise RemoteError("a FUA write cannot be batched", "invalid")
-                self.apply(pr, cmd, off, n, data, flags)
-                if feeds:
-                    if j >= 0:
-                        self.remote.on_standby_write(volume, j, cmd, off, n, data, flags)
-                    else:
-                        self.remote.on_applied(volume, cmd, off, n, data, flags,
-                                               committed=True)
-                out.append(None)
-            except Exception as e:  # this row fails; the others stand
-                out.append(e if isinstance(e, RemoteError) else
-                           RemoteError(f"{type(e).__name__}: {e}", "internal"))
-        return out
 
-    def _peer_write(self, pr: PairRuntime, h: dict[str, Any], payload: Payload
-                    ) -> Message | Awaitable[Message]:
-        off, n = int(h["off"]), int(h["len"])
-        if off < 0 or n < 0 or off + n > pr.vol.record.size:
-            raise RemoteError(f"write [{off}, +{n}) outside volume {pr.rec.volume}", "invalid")
-        if h["t"] == "copy":
-            if pr.rec.remote and pr.rec.role == "secondary":
-                self.remote.check_feeder(pr, str(h.get("_peer", "")))
-            if h.get("zero"):
-                pr.vol.store.write_zeroes(off, n, no_hole=False, fast=False)
-            else:
-                pr.vol.store.pwrite(off, payload)
-            if self.remote.feeds:
-                self.remote.on_copied(pr.rec.volume, off, n, int(h.get("j", 0)))
-            return {}, b""
-        cmd, flags = int(h["cmd"]), int(h.get("flags", 0))
-        if "fwd" in h:
-            # Our own forwarded write, ordered by the primary: we kept its data.
-            link = self.peers.links.get(str(h["_peer"]))
-            held = None if link is None else link.held.pop(int(h["fwd"]), None)
-            if held is None or len(held) != n:
-                raise RemoteError(f"mirrored write refers to forwarded write {h['fwd']}, "
-                                  "whose data this node does not hold", "invalid")
-            payload = held
-        self.apply(pr, cmd, off, n, payload, flags)
-        if self.remote.feeds:
-            if "j" in h:
-                self.remote.on_standby_write(pr.rec.volume, int(h["j"]), cmd, off, n, payload,
-                                             flags)
-            else:
-                self.remote.on_applied(pr.rec.volume, cmd, off, n, payload, flags,
-                                       committed=True)
-        if int(h.get("flags", 0)) & 1:
-            return self._sync_reply(pr)
-        return {}, b""
 
-    async def _sync_reply(self, pr: PairRuntime) -> Message:
-        await asyncio.get_running_loop().run_in_executor(self.node.executor, pr.vol.store.flush)
-        return {}, b""
 
-    async def _peer_flush(self, pr: PairRuntime) -> Message:
-        return await self._sync_reply(pr)
 
-    def _forwarded(self, pr: PairRuntime, h: dict[str, Any], payload: Payload
-                   ) -> Later | Awaitable[Message]:
-        if pr.rec.role == "primary":
-            later = Later()
 
-            def done(exc: BaseException | None) -> None:
-                if exc is None:
-                    later.done(({}, b""))
-                elif isinstance(exc, WriteFailed):
-                    later.done(RemoteError(str(exc), str(exc.errno)))
-                elif isinstance(exc, OSError):
-                    later.done(RemoteError(f"write failed: {exc}", str(Err.EIO)))
-                elif isinstance(exc, NotFast):
-                    later.done(RemoteError(str(exc), str(Err.ENOTSUP)))
-                else:
-                    later.done(exc)
-
-            cmd = int(h["cmd"])
-            if self._fast_write(pr, cmd, int(h["off"]), int(h["len"]), payload,
-                                int(h.get("flags", 0)), done,
-                                fwd=int(h["id"]) if h.get("hold") else 0):
-                return later
-        return self._forwarded_slow(pr, h, payload)
-
-    def _forwarded_batch(self, pr: PairRuntime, h: dict[str, Any], payload: Payload
-                         ) -> list[BaseException | Later | None]:
-        """Writes the secondary forwarded in one step (`fwb`), each row [id, cmd, offset,
-        length, flags, hold], a WRITE's data next in the payload: each is ordered and
-        mirrored like a host write here and answered when complete."""
-        out: list[BaseException | Later | None] = []
-        view = memoryview(payload)
-        pos = 0
-        for rid, cmd, off, n, flags, hold in h["rows"]:
-            data: Payload = b""
-            if cmd == Cmd.WRITE:
-                data = view[pos:pos + n]
-                pos += n
-                if len(data) != n:
-                    out.append(RemoteError("batch payload is shorter than its writes",
-                                           "invalid"))
-                    continue
-            row = {"cmd": cmd, "off": off, "len": n, "flags": flags, "id": rid, "hold": hold}
-            try:
-                res = self._forwarded(pr, row, data)
-            except RemoteError as e:
-                out.append(e)
-                continue
-            if not isinstance(res, Later):
-                later = Later()
-                task = asyncio.ensure_future(res)
-                task.add_done_callback(partial(_settle, later))
-                res = later
-            out.append(res)
-        return out
-
-    async def _forwarded_slow(self, pr: PairRuntime, h: dict[str, Any], payload: Payload
-                              ) -> Message:
-        try:
-            await self._primary_write(pr, int(h["cmd"]), int(h["off"]), int(h["len"]),
-                                      payload, int(h.get("flags", 0)))
-        except WriteFailed as e:
-            raise RemoteError(str(e), str(e.errno)) from None
-        return {}, b""
 
 
     def _peer_done(self, pr: PairRuntime, h: dict[str, Any]) -> Message:
