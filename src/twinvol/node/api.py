@@ -255,9 +255,9 @@ def make_app(node: Node) -> web.Application:
         if action == "verify":
             return web.json_response(mgr.view(mgr.verifier.start(name)))
         if action == "resync":
-            await mgr.resync(name, request.query.get("from") or None)
+            await mgr.commands.resync(name, request.query.get("from") or None)
             return web.json_response(mgr.view(mgr.get(name)))
-        ops = {"split": mgr.split, "swap": mgr.swap}
+        ops = {"split": mgr.commands.split, "swap": mgr.commands.swap}
         if action not in ops:
             raise VolumeError(f"unknown pair action {action!r} (split, resync, swap, verify)",
                               "not_found")
@@ -272,7 +272,7 @@ def make_app(node: Node) -> web.Application:
             return web.json_response({"deleted": name})
         node.switching.check_free(node.replication.get(name).rec.volume,
                                   f"delete pair {name!r}")
-        await node.replication.delete(name)
+        await node.replication.commands.delete(name)
         return web.json_response({"deleted": name})
 
     @routes.post("/api/v1/dr/takeover")

@@ -1,16 +1,13 @@
-"""Active-active pairs on one node: the mirrored write path, copies, and partner loss.
+"""The pairs of one node: their records and runtime state, I/O modes, creation, and the
+routing of peer messages to the collaborators that do the work:
 
-The primary orders writes: a host write at the primary is applied locally and
-sent to the secondary on the (ordered) peer link in the same loop step, so both
-copies apply overlapping writes in the same order; a host write at the
-secondary is forwarded to the primary and acknowledged when the primary's
-mirrored write completed on both. Copies (initial copy, resync) read a chunk and
-send it in one loop step too, so a host write to that chunk can only follow it.
-
-When the partner is lost, the side that may continue (the witness decides; the
-primary by default) goes `local`, starts a new generation and marks every chunk
-it changes in a persistent dirty bitmap; the other side goes `block`. When the
-two meet again, generations decide the direction and only dirty chunks move.
+- writes.py: the mirrored write path and the partner's apply;
+- copier.py: initial copy and resync of dirty chunks;
+- partners.py: partner loss (the core's decision machine) and meeting again;
+- leases.py: the right of a mirrored copy to serve;
+- commands.py: split, resync, swap, delete;
+- verify.py: the management check that compares and repairs the copies;
+- remote.py / dr.py / local.py: remote copy, disaster recovery, local copies.
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -26,13 +22,14 @@ from typing import Any
 
 from twinvol.nbd.constants import Cmd, Err
 from twinvol.replication.bitmap import AL_EXTENT, CHUNK, PersistentBits, nchunks
+from twinvol.replication.commands import PairCommands
 from twinvol.replication.copier import Copier
 from twinvol.replication.core.lease import LeaseConfig, PeerLease
+from twinvol.replication.leases import Leases
 from twinvol.replication.pairs import (
     REMOTE_MODES,
     PairRecord,
     PairStore,
-    fork_generation,
     new_generation,
 )
 from twinvol.replication.partners import Partners
@@ -73,7 +70,8 @@ class ReplicationManager:
         self.store = PairStore(node.volumes.catalog.db)
         self.pairs: dict[str, PairRuntime] = {}
         self.by_volume: dict[str, PairRuntime] = {}
-        self.partners = Partners(self, self._remote_up)
+        self.leases = Leases(self)
+        self.partners = Partners(self, self.leases, self._remote_up)
         self.peers = PeerService(node.cluster, node.name, self._on_message, self.partners.on_up,
                                  self.partners.on_down, self.partners.on_refused)
         self.decide: Decider = self.partners.no_witness
@@ -92,7 +90,8 @@ class ReplicationManager:
         self.remote = RemoteCopy(self)
         self.copier = Copier(self, self.remote)
         self.verifier = Verifier(self, self.copier)
-        self.writes = WritePath(self, self.remote, self.partners)
+        self.writes = WritePath(self, self.remote, self.partners, self.leases)
+        self.commands = PairCommands(self, self.leases, self.remote)
         for rec in self.store.all():
             self.load(rec)
         from twinvol.replication.local import LocalCopies
@@ -142,7 +141,7 @@ class ReplicationManager:
         await self.remote.start()
         await self.local.start()
         self.spawn(self._al_retirer())
-        self.spawn(self._lease_keeper())
+        self.spawn(self.leases.keeper())
         if self.witness is not None:
             self.spawn(self.partners.heartbeats())
         self.spawn(self.partners.after_restart())
@@ -213,28 +212,13 @@ class ReplicationManager:
         expected = rec.role == "secondary" and (rec.remote or rec.state == "copying")
         if rec.io_mode == "mirror" and not rec.remote:
             pr.lease.resume()
-            self._request_leases(rec.partner)  # serve as soon as the partner grants
+            self.leases.request(rec.partner)  # serve as soon as the partner grants
         else:
             pr.lease.drop()
             if rec.io_mode == "local":
                 pr.lease.revoke()  # writing alone: the partner may not serve
         self.node.set_io_mode(rec.volume, rec.io_mode, reason, expected=expected)
-        self._gate(pr)
-
-    def _gate(self, pr: PairRuntime) -> None:
-        """Tell the NBD layer until when this copy may answer host I/O."""
-        rec = pr.rec
-        export = pr.vol.export
-        if self.by_volume.get(rec.volume) is not pr or rec.volume in self.holds:
-            return
-        if rec.io_mode == "mirror" and not rec.remote:
-            export.serve_until = pr.lease.held_until
-            if pr.lease.valid(time.monotonic()):
-                self.node.unfence(rec.volume)
-            else:
-                self.node.fence(rec.volume, f"no lease from partner {rec.partner}")
-        else:
-            export.serve_until = 0.0 if rec.io_mode == "block" else math.inf
+        self.leases.gate(pr)
 
     def hold(self, volume: str, reason: str) -> None:
         """Refuse host I/O on this node's copy whatever its pairs decide (a far copy was
@@ -250,71 +234,6 @@ class ReplicationManager:
             self._apply_mode(pr, "failback done")
         else:
             self.node.set_io_mode(volume, "local", "failback done")
-
-    # ---- leases (core/lease.py): the right of a mirrored copy to serve -------------
-
-    async def _lease_keeper(self) -> None:
-        """Renew the leases of mirrored copies, and fence those whose lease ran out."""
-        while True:
-            await asyncio.sleep(self.lease_config.renew_every)
-            now = time.monotonic()
-            partners = set()
-            for pr in list(self.pairs.values()):
-                if pr.rec.io_mode != "mirror" or pr.rec.remote:
-                    continue
-                partners.add(pr.rec.partner)
-                if not pr.lease.valid(now) and pr.vol.export.blocked is None:
-                    self._gate(pr)
-            for peer in partners:
-                self._request_leases(peer)
-
-    def _request_leases(self, peer: str) -> None:
-        """Ask `peer` for the leases of every mirrored pair we share with it."""
-        link = self.peers.links.get(peer)
-        if link is None or link.closed or not link.authed:
-            return
-        now = time.monotonic()
-        asks = {name: pr.lease.request(now) for name, pr in self.pairs.items()
-                if pr.rec.partner == peer and pr.rec.io_mode == "mirror" and not pr.rec.remote}
-        if not asks:
-            return
-
-        def answered(f: asyncio.Future[Message]) -> None:
-            if f.cancelled() or f.exception() is not None:
-                return
-            granted = set(f.result()[0].get("granted", ()))
-            for name, seq in asks.items():
-                pr = self.pairs.get(name)
-                if pr is not None and pr.lease.on_reply(seq, name in granted):
-                    self._gate(pr)
-
-        try:
-            link.request({"t": "lease", "pairs": sorted(asks)}).add_done_callback(answered)
-        except PeerDown:
-            return
-
-    def _grant_leases(self, h: dict[str, Any]) -> Message:
-        """The partner asks to serve its copies: grant each pair that is mirrored here."""
-        now = time.monotonic()
-        granted = []
-        names = h.get("pairs")
-        for name in names if isinstance(names, list) else ():
-            pr = self.pairs.get(str(name))
-            if pr is None or pr.rec.remote or pr.rec.partner != self._peer_of(h):
-                continue
-            if pr.lease.grant(now):
-                granted.append(pr.rec.name)
-        return {"granted": granted}, b""
-
-    async def fence_partner(self, pr: PairRuntime) -> None:
-        """Before this copy acknowledges writes alone: stop granting leases, and wait
-        until every lease granted to the partner has run out (it stops serving)."""
-        until = pr.lease.revoke()
-        wait = until - time.monotonic()
-        if wait > 0:
-            log.info("waiting for the partner's lease to run out",
-                     extra={"pair": pr.rec.name, "seconds": round(wait, 3)})
-            await asyncio.sleep(wait)
 
     # ---- pair creation (primary side drives) -------------------------------------
 
@@ -376,7 +295,7 @@ class ReplicationManager:
         size = int(h["size"])
         _vol, own = self.take_identity(name, vname, size, h)
         rec = PairRecord(name=name, mode="active-active", role="secondary", volume=vname,
-                         partner=self._peer_of(h), partner_volume=str(h["partner_volume"]),
+                         partner=str(h.get("_peer", "")), partner_volume=str(h["partner_volume"]),
                          state="copying", io_mode="block", gen_current=str(h["gen"]),
                          copy_total=nchunks(size), own_identity=own)
         self.store.save(rec)
@@ -415,25 +334,11 @@ class ReplicationManager:
             raise RemoteError(str(e), e.code) from None
         return vol, own
 
-    def _peer_of(self, h: dict[str, Any]) -> str:
-        return str(h.get("_peer", ""))
-
-    # ---- copies (initial copy and resync) -----------------------------------------
+    # ---- shared by the collaborators -------------------------------------------------
 
     def start_copy(self, pr: PairRuntime) -> None:
         if pr.copy_task is None or pr.copy_task.done():
             pr.copy_task = asyncio.ensure_future(self.copier.run(pr))
-
-
-
-
-    # ---- host writes -------------------------------------------------------------------
-
-
-
-
-
-
 
     def apply(self, pr: PairRuntime, cmd: int, offset: int, length: int,
                data: Payload | None, flags: int) -> None:
@@ -446,21 +351,11 @@ class ReplicationManager:
         elif cmd == Cmd.WRITE_ZEROES:
             store.write_zeroes(offset, length, no_hole=bool(flags & 2), fast=bool(flags & 16))
 
-
-
     def link_or_none(self, peer: str) -> Any:
         try:
             return self.peers.link(peer)
         except PeerDown:
             return None
-
-    # ---- partner loss and return ------------------------------------------------------
-
-
-
-
-
-
 
     def release(self, pr: PairRuntime) -> None:
         """Mirrored again: give the witness hold back (no-op if the partner holds it)."""
@@ -473,12 +368,6 @@ class ReplicationManager:
 
         self.spawn(go())
 
-
-
-
-
-
-
     # ---- peer messages ---------------------------------------------------------------
 
     def _on_message(self, peer: str, h: dict[str, Any], payload: Payload
@@ -486,7 +375,7 @@ class ReplicationManager:
         t = h["t"]
         h["_peer"] = peer
         if t == "lease":
-            return self._grant_leases(h)
+            return self.leases.on_request(h)
         if t == "pair_prepare":
             return self._prepare(h)
         if t[0] == "j" or t.startswith("a_"):
@@ -517,7 +406,7 @@ class ReplicationManager:
             self.set_state(pr, "split", "split by operator")
             return {}, b""
         if t == "pair_delete":
-            self._dissolve(pr)
+            self.commands.dissolve(pr)
             return {}, b""
         if t == "pair_yield":
             # The operator chose the partner's data: stop serving and hand over our bitmap.
@@ -540,14 +429,6 @@ class ReplicationManager:
             self.save(pr)
             return {}, b""
         raise RemoteError(f"unknown peer message {t!r}", "invalid")
-
-
-
-
-
-
-
-
 
     def _peer_done(self, pr: PairRuntime, h: dict[str, Any]) -> Message:
         rec = pr.rec
@@ -572,8 +453,6 @@ class ReplicationManager:
         # The copy source goes on serving, now under a lease granted with this answer.
         return {"lease": pr.lease.grant(time.monotonic())}, b""
 
-    # ---- operator commands -------------------------------------------------------------
-
     def get(self, name: str) -> PairRuntime:
         pr = self.pairs.get(name)
         if pr is None:
@@ -581,115 +460,8 @@ class ReplicationManager:
                               "not_found")
         return pr
 
-    async def split(self, name: str) -> PairRecord:
-        pr = self.get(name)
-        rec = pr.rec
-        if rec.role != "primary":
-            raise VolumeError(f"run split on the primary ({rec.partner})")
-        if rec.state != "mirrored":
-            raise VolumeError(f"pair {name!r} is {rec.state}, not mirrored")
-        link = self.link_or_none(rec.partner)
-        if link is not None:
-            await link.request({"t": "pair_split", "pair": name})
-            pr.lease.revoke()  # the partner confirmed it stopped serving
-        else:
-            await self.fence_partner(pr)
-        fork_generation(rec)
-        self.set_mode(pr, "local", "split by operator")
-        self.set_state(pr, "split", "split by operator")
-        return rec
-
-    async def resync(self, name: str, source: str | None = None) -> PairRecord:
-        """Copy what differs to the partner. `source` (this node) forces the direction,
-        discarding the partner's own changes: how an operator resolves a split brain or
-        rolls a split pair back to the secondary's data."""
-        pr = self.get(name)
-        rec = pr.rec
-        if source is not None and source != self.node.name:
-            raise VolumeError(f"run resync --from {source} on node {source}")
-        if source is None and rec.role != "primary":
-            raise VolumeError(f"run resync on the primary ({rec.partner})")
-        if rec.state == "mirrored":
-            return rec
-        link = self.link_or_none(rec.partner)
-        if link is None:
-            raise VolumeError(f"node {rec.partner} is not connected", "io")
-        if source is not None:
-            # Everything either side changed since they diverged must come from here.
-            _, peer_bits = await link.request(
-                {"t": "pair_yield", "pair": name}, b"")
-            pr.dirty.merge(peer_bits)
-            await pr.dirty.sync(self.node.executor)
-            pr.lease.revoke()  # the partner confirmed it stopped serving
-            if rec.role != "primary":
-                rec.role = "primary"
-                self.node.events.publish("pair_takeover", pair=name, reason="resync --from")
-            self.set_mode(pr, "local", "resync source chosen by the operator")
-            self.set_state(pr, "suspended", "resync from this copy")
-        self.start_copy(pr)
-        return rec
-
     async def swap(self, name: str) -> PairRecord:
-        pr = self.get(name)
-        rec = pr.rec
-        if rec.state != "mirrored":
-            raise VolumeError(f"pair {name!r} is {rec.state}; swap needs mirrored")
-        link = self.link_or_none(rec.partner)
-        if link is None:
-            raise VolumeError(f"node {rec.partner} is not connected", "io")
-        await link.request({"t": "pair_swap", "pair": name, "role": rec.role})
-        rec.role = "secondary" if rec.role == "primary" else "primary"
-        self.save(pr)
-        self.node.events.publish("pair_swapped", pair=name, role=rec.role)
-        return rec
-
-    async def delete(self, name: str) -> None:
-        pr = self.get(name)
-        others = [pr.rec.partner]
-        if pr.rec.remote:
-            others += self.remote.other_sides(pr)
-        for other in others:
-            link = self.link_or_none(other)
-            if link is not None:
-                with contextlib.suppress(PeerDown, RemoteError):
-                    await link.request({"t": "pair_delete", "pair": name})
-        self._dissolve(pr)
-
-    def _dissolve(self, pr: PairRuntime) -> None:
-        rec = pr.rec
-        if pr.copy_task is not None:
-            pr.copy_task.cancel()
-        if rec.own_identity:
-            own = rec.own_identity
-            export = str(own["export_name"])
-            if export.startswith(".pairing-"):
-                export = rec.volume
-            with contextlib.suppress(VolumeError):
-                self.node.volumes.set_identity(
-                    rec.volume, serial=str(own["serial"]), vvol_id=int(str(own["vvol_id"])),
-                    export_name=export, description=str(own["description"]))
-        self.store.delete(rec.name)
-        del self.pairs[rec.name]
-        owned = self.by_volume.get(rec.volume) is pr
-        if owned:
-            del self.by_volume[rec.volume]
-        if rec.remote:
-            self.remote.detach(pr)
-            # The volume's own pair (if any) takes it back.
-            for other in self.pairs.values():
-                if other.rec.volume == rec.volume and rec.volume not in self.by_volume:
-                    self.by_volume[rec.volume] = other
-        pr.dirty.close()
-        pr.al.close()
-        for suffix in (".dirty", ".al"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.bitmap_dir, rec.name + suffix))
-        self.node.events.publish("pair_deleted", pair=rec.name)
-        if not owned or rec.volume in self.by_volume:
-            return  # another pair still governs the volume's I/O
-        self.node.set_io_mode(rec.volume, "local", "pair deleted")
-        # Open connections were bound to the pair's write path: make clients reconnect.
-        self.node.drop_clients(rec.volume)
+        return await self.commands.swap(name)
 
     def view(self, pr: PairRuntime) -> dict[str, Any]:
         rec = pr.rec
@@ -711,13 +483,6 @@ class ReplicationManager:
                        "cursor": rec.copy_cursor, "remaining_chunks": pr.dirty.count(),
                        "total_chunks": rec.copy_total, "bytes_sent": pr.copied_bytes}
         return out
-
-    # ---- management check (online verify and repair) ----------------------------------
-
-
-
-
-
 
     # ---- activity log upkeep -------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import Any
 from twinvol.replication.core.decide import Effect as LossEffect
 from twinvol.replication.core.decide import GoAlone, PartnerLoss, Phase, SetMode, Suspend
 from twinvol.replication.core.types import Mode, Role, Verdict
+from twinvol.replication.leases import Leases
 from twinvol.replication.pairs import PairRecord, fork_generation, resync_direction
 from twinvol.replication.peer import DEAD_AFTER, Message, PeerDown, RemoteError
 from twinvol.replication.ports import ManagerPort
@@ -29,8 +30,10 @@ log = logging.getLogger("twinvol.replication")
 
 
 class Partners:
-    def __init__(self, mgr: ManagerPort, on_peer_up: Callable[[str], None]) -> None:
+    def __init__(self, mgr: ManagerPort, leases: Leases,
+                 on_peer_up: Callable[[str], None]) -> None:
         self.mgr = mgr
+        self.leases = leases
         self.on_peer_up = on_peer_up  # remote copy resumes its links too
 
     def partner_lost(self, pr: PairRuntime, reason: str, *, restart: bool = False) -> None:
@@ -180,7 +183,7 @@ class Partners:
             rec.role = "primary"
             if rec.io_mode == "block":
                 # Neither side continued alone (e.g. both restarted): this side serves.
-                await self.mgr.fence_partner(pr)
+                await self.leases.fence_partner(pr)
                 self.mgr.set_mode(pr, "local", "resync source")
             self.mgr.start_copy(pr)
         # from_peer: the partner runs the copy towards us; we stay blocked until done.

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from twinvol.cluster import ClusterConfig, NodeConfig
 from twinvol.nbd.aio import Backend
+from twinvol.replication.core.lease import LeaseConfig
 from twinvol.replication.pairs import PairRecord, PairStore
 from twinvol.replication.peer import PeerService
 from twinvol.replication.runtime import GroupRuntime, PairRuntime
@@ -96,7 +97,11 @@ class ManagerPort(Protocol):
     def decide(self, rec: PairRecord) -> Awaitable[Decision]:
         """Ask the witness (or the no-witness rule) whether this side may go alone."""
 
-    async def fence_partner(self, pr: PairRuntime) -> None: ...
+    @property
+    def holds(self) -> dict[str, str]: ...
+
+    @property
+    def lease_config(self) -> LeaseConfig: ...
 
     def save(self, pr: PairRuntime) -> None: ...
 
@@ -121,7 +126,8 @@ class ManagerPort(Protocol):
 
     def unhold(self, volume: str) -> None: ...
 
-    async def swap(self, name: str) -> PairRecord: ...
+    async def swap(self, name: str) -> PairRecord:
+        """Swap the roles of a mirrored pair (both sides agree)."""
 
 
 class RemotePort(Protocol):
@@ -181,3 +187,11 @@ class JournalFeedPort(Protocol):
     def on_copied(self, volume: str, offset: int, length: int, seq: int) -> None: ...
 
     def check_feeder(self, pr: PairRuntime, peer: str) -> None: ...
+
+
+class SidesPort(Protocol):
+    """Remote copy as pair commands see it: the other nodes of an async pair."""
+
+    def other_sides(self, pr: PairRuntime) -> list[str]: ...
+
+    def detach(self, pr: PairRuntime) -> None: ...

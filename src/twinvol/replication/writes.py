@@ -22,6 +22,7 @@ from typing import Any
 from twinvol.nbd.constants import Cmd, Err
 from twinvol.replication.backend import AsyncWriteBackend
 from twinvol.replication.bitmap import AL_EXTENT, chunks_of
+from twinvol.replication.leases import Leases
 from twinvol.replication.partners import Partners
 from twinvol.replication.peer import Done, Later, Message, PeerDown, RemoteError
 from twinvol.replication.ports import JournalFeedPort, ManagerPort
@@ -80,8 +81,10 @@ class ReplicatedBackend(AsyncWriteBackend):
 
 
 class WritePath:
-    def __init__(self, mgr: ManagerPort, remote: JournalFeedPort, partners: Partners) -> None:
+    def __init__(self, mgr: ManagerPort, remote: JournalFeedPort, partners: Partners,
+                 leases: Leases) -> None:
         self.mgr = mgr
+        self.leases = leases       # a write reaching this copy alone waits out the partner's
         self.remote = remote       # a far copy fed from these writes journals them
         self.partners = partners   # a write the partner did not get starts a decision
 
@@ -283,7 +286,7 @@ class WritePath:
         if not replicate and not rec.remote:
             # Acknowledged by this copy alone: only once no lease granted to the partner
             # is left (a resync that just ended may have granted one).
-            await self.mgr.fence_partner(pr)
+            await self.leases.fence_partner(pr)
         if local_sync is not None:
             await local_sync
 
@@ -298,7 +301,7 @@ class WritePath:
             raise WriteFailed(Err.EIO, f"partner lost and this copy may not continue: "
                                        f"{pr.rec.reason}")
         if not pr.rec.remote:
-            await self.mgr.fence_partner(pr)
+            await self.leases.fence_partner(pr)
 
     async def host_flush(self, pr: PairRuntime) -> None:
         ex = self.mgr.node.executor

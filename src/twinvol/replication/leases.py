@@ -1,0 +1,100 @@
+"""Leases (core/lease.py) on a running node: renew the leases of mirrored copies, grant
+the partner's, fence a copy whose lease ran out, and wait out the partner's lease
+before this copy acts alone."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Any
+
+from twinvol.replication.peer import Message, PeerDown
+from twinvol.replication.ports import ManagerPort
+from twinvol.replication.runtime import PairRuntime
+
+log = logging.getLogger("twinvol.replication")
+
+
+class Leases:
+    def __init__(self, mgr: ManagerPort) -> None:
+        self.mgr = mgr
+
+    def gate(self, pr: PairRuntime) -> None:
+        """Tell the NBD layer until when this copy may answer host I/O."""
+        rec = pr.rec
+        export = pr.vol.export
+        if self.mgr.by_volume.get(rec.volume) is not pr or rec.volume in self.mgr.holds:
+            return
+        if rec.io_mode == "mirror" and not rec.remote:
+            export.serve_until = pr.lease.held_until
+            if pr.lease.valid(time.monotonic()):
+                self.mgr.node.unfence(rec.volume)
+            else:
+                self.mgr.node.fence(rec.volume, f"no lease from partner {rec.partner}")
+        else:
+            export.serve_until = 0.0 if rec.io_mode == "block" else math.inf
+
+    async def keeper(self) -> None:
+        """Renew the leases of mirrored copies, and fence those whose lease ran out."""
+        while True:
+            await asyncio.sleep(self.mgr.lease_config.renew_every)
+            now = time.monotonic()
+            partners = set()
+            for pr in list(self.mgr.pairs.values()):
+                if pr.rec.io_mode != "mirror" or pr.rec.remote:
+                    continue
+                partners.add(pr.rec.partner)
+                if not pr.lease.valid(now) and pr.vol.export.blocked is None:
+                    self.gate(pr)
+            for peer in partners:
+                self.request(peer)
+
+    def request(self, peer: str) -> None:
+        """Ask `peer` for the leases of every mirrored pair we share with it."""
+        link = self.mgr.peers.links.get(peer)
+        if link is None or link.closed or not link.authed:
+            return
+        now = time.monotonic()
+        asks = {name: pr.lease.request(now) for name, pr in self.mgr.pairs.items()
+                if pr.rec.partner == peer and pr.rec.io_mode == "mirror" and not pr.rec.remote}
+        if not asks:
+            return
+
+        def answered(f: asyncio.Future[Message]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                return
+            granted = set(f.result()[0].get("granted", ()))
+            for name, seq in asks.items():
+                pr = self.mgr.pairs.get(name)
+                if pr is not None and pr.lease.on_reply(seq, name in granted):
+                    self.gate(pr)
+
+        try:
+            link.request({"t": "lease", "pairs": sorted(asks)}).add_done_callback(answered)
+        except PeerDown:
+            return
+
+    def on_request(self, h: dict[str, Any]) -> Message:
+        """The partner asks to serve its copies: grant each pair that is mirrored here."""
+        now = time.monotonic()
+        granted = []
+        names = h.get("pairs")
+        for name in names if isinstance(names, list) else ():
+            pr = self.mgr.pairs.get(str(name))
+            if pr is None or pr.rec.remote or pr.rec.partner != str(h.get("_peer", "")):
+                continue
+            if pr.lease.grant(now):
+                granted.append(pr.rec.name)
+        return {"granted": granted}, b""
+
+    async def fence_partner(self, pr: PairRuntime) -> None:
+        """Before this copy acknowledges writes alone: stop granting leases, and wait
+        until every lease granted to the partner has run out (it stops serving)."""
+        until = pr.lease.revoke()
+        wait = until - time.monotonic()
+        if wait > 0:
+            log.info("waiting for the partner's lease to run out",
+                     extra={"pair": pr.rec.name, "seconds": round(wait, 3)})
+            await asyncio.sleep(wait)
