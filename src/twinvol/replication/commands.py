@@ -9,6 +9,7 @@ import contextlib
 import os
 
 from twinvol.replication.leases import Leases
+from twinvol.replication.messages import PairDelete, PairSplit, PairSwap, PairYield, encode
 from twinvol.replication.pairs import PairRecord, fork_generation
 from twinvol.replication.peer import PeerDown, RemoteError
 from twinvol.replication.ports import ManagerPort, SidesPort
@@ -31,7 +32,7 @@ class PairCommands:
             raise VolumeError(f"pair {name!r} is {rec.state}, not mirrored")
         link = self.mgr.link_or_none(rec.partner)
         if link is not None:
-            await link.request({"t": "pair_split", "pair": name})
+            await link.request(encode(PairSplit(name)))
             pr.lease.revoke()  # the partner confirmed it stopped serving
         else:
             await self.leases.fence_partner(pr)
@@ -58,7 +59,7 @@ class PairCommands:
         if source is not None:
             # Everything either side changed since they diverged must come from here.
             _, peer_bits = await link.request(
-                {"t": "pair_yield", "pair": name}, b"")
+                encode(PairYield(name)), b"")
             pr.dirty.merge(peer_bits)
             await pr.dirty.sync(self.mgr.node.executor)
             pr.lease.revoke()  # the partner confirmed it stopped serving
@@ -78,7 +79,8 @@ class PairCommands:
         link = self.mgr.link_or_none(rec.partner)
         if link is None:
             raise VolumeError(f"node {rec.partner} is not connected", "io")
-        await link.request({"t": "pair_swap", "pair": name, "role": rec.role})
+        await link.request(encode(PairSwap(name, "primary" if rec.role == "primary"
+                                           else "secondary")))
         rec.role = "secondary" if rec.role == "primary" else "primary"
         self.mgr.save(pr)
         self.mgr.node.events.publish("pair_swapped", pair=name, role=rec.role)
@@ -93,7 +95,7 @@ class PairCommands:
             link = self.mgr.link_or_none(other)
             if link is not None:
                 with contextlib.suppress(PeerDown, RemoteError):
-                    await link.request({"t": "pair_delete", "pair": name})
+                    await link.request(encode(PairDelete(name)))
         self.dissolve(pr)
 
     def dissolve(self, pr: PairRuntime) -> None:

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from twinvol.replication.bitmap import CHUNK
+from twinvol.replication.messages import PairDone, encode
 from twinvol.replication.peer import Message, PeerDown, RemoteError
 from twinvol.replication.ports import CopyFeedPort, ManagerPort
 from twinvol.replication.runtime import PairRuntime
@@ -59,17 +60,14 @@ class Copier:
                     inflight = set()
             await self.checkpoint(pr, inflight, sent)
             # Both sides now hold the same data: one generation, mirrored.
-            finish: dict[str, Any] = {
-                "t": "pair_done", "pair": rec.name, "gen": rec.gen_current,
-                "history": rec.gen_history,
-                "role": "secondary" if rec.role == "primary" else "primary"}
-            if rec.remote:
-                # The far copy is consistent once it also applied every record up to here.
-                finish["j"] = self.remote.written_for(rec.volume)
+            # A far copy is consistent once it also applied every record up to here.
+            finish = PairDone(rec.name, rec.gen_current, list(rec.gen_history),
+                              "secondary" if rec.role == "primary" else "primary",
+                              self.remote.written_for(rec.volume) if rec.remote else 0)
             if not rec.remote:
                 pr.lease.resume()  # the partner serves from the moment it is mirrored
             lease_seq = pr.lease.request(time.monotonic())
-            reply, _ = await link.request(finish)
+            reply, _ = await link.request(encode(finish))
             pr.lease.on_reply(lease_seq, bool(reply.get("lease")))
             rec.copy_cursor = 0
             if rec.remote and rec.role == "secondary":
@@ -125,3 +123,26 @@ class Copier:
         if last is not None:
             pr.rec.copy_cursor = last + 1
         self.mgr.save(pr)
+
+    def on_done(self, pr: PairRuntime, msg: PairDone) -> Message:
+        rec = pr.rec
+        if rec.remote:
+            # The far copy is complete but serves no host until a DR takeover.
+            rec.copy_cursor = 0
+            pr.dirty.clear_all()
+            pr.dirty.sync_now()
+            self.mgr.set_state(pr, "mirrored")
+            self.remote.target_copied(pr, msg.j)
+            return {}, b""
+        rec.gen_current = msg.gen
+        rec.gen_history = list(msg.history)
+        rec.role = msg.role
+        rec.copy_cursor = 0
+        rec.copy_source = ""
+        pr.dirty.clear_all()
+        pr.dirty.sync_now()
+        self.mgr.set_state(pr, "mirrored")
+        self.mgr.set_mode(pr, "mirror")
+        self.mgr.release(pr)
+        # The copy source goes on serving, now under a lease granted with this answer.
+        return {"lease": pr.lease.grant(time.monotonic())}, b""

@@ -8,8 +8,8 @@ import asyncio
 import logging
 import math
 import time
-from typing import Any
 
+from twinvol.replication.messages import LeaseRequest, encode
 from twinvol.replication.peer import Message, PeerDown
 from twinvol.replication.ports import ManagerPort
 from twinvol.replication.runtime import PairRuntime
@@ -72,18 +72,17 @@ class Leases:
                     self.gate(pr)
 
         try:
-            link.request({"t": "lease", "pairs": sorted(asks)}).add_done_callback(answered)
+            link.request(encode(LeaseRequest(sorted(asks)))).add_done_callback(answered)
         except PeerDown:
             return
 
-    def on_request(self, h: dict[str, Any]) -> Message:
+    def on_request(self, peer: str, msg: LeaseRequest) -> Message:
         """The partner asks to serve its copies: grant each pair that is mirrored here."""
         now = time.monotonic()
         granted = []
-        names = h.get("pairs")
-        for name in names if isinstance(names, list) else ():
-            pr = self.mgr.pairs.get(str(name))
-            if pr is None or pr.rec.remote or pr.rec.partner != str(h.get("_peer", "")):
+        for name in msg.pairs:
+            pr = self.mgr.pairs.get(name)
+            if pr is None or pr.rec.remote or pr.rec.partner != peer:
                 continue
             if pr.lease.grant(now):
                 granted.append(pr.rec.name)

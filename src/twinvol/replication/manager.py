@@ -26,6 +26,23 @@ from twinvol.replication.commands import PairCommands
 from twinvol.replication.copier import Copier
 from twinvol.replication.core.lease import LeaseConfig, PeerLease
 from twinvol.replication.leases import Leases
+from twinvol.replication.messages import TAGS as CONTROL_TAGS
+from twinvol.replication.messages import (
+    BadMessage,
+    Control,
+    HashRequest,
+    LeaseRequest,
+    PairBlock,
+    PairDelete,
+    PairDone,
+    PairPrepare,
+    PairSplit,
+    PairState,
+    PairUnblock,
+    PairYield,
+    decode,
+    encode,
+)
 from twinvol.replication.pairs import (
     REMOTE_MODES,
     PairRecord,
@@ -264,11 +281,9 @@ class ReplicationManager:
         rec = vol.record
         gen = new_generation()
         try:
-            await link.request({"t": "pair_prepare", "pair": name, "volume": secondary_volume,
-                                "partner_volume": rec.name, "size": rec.size,
-                                "serial": rec.serial, "vvol_id": rec.vvol_id,
-                                "export_name": rec.export_name,
-                                "description": rec.description, "gen": gen})
+            await link.request(encode(PairPrepare(
+                name, secondary_volume, rec.name, rec.size, rec.serial, rec.vvol_id,
+                rec.export_name, rec.description, gen)))
         except RemoteError as e:
             raise VolumeError(f"node {secondary}: {e}", e.code if e.code in (
                 "invalid", "not_found", "conflict", "busy") else "io") from None
@@ -286,21 +301,18 @@ class ReplicationManager:
         self.start_copy(pr)
         return prec
 
-    def _prepare(self, h: dict[str, Any]) -> Message:
+    def _prepare(self, peer: str, msg: PairPrepare) -> Message:
         """Secondary side of pair creation: take the primary's identity, block hosts."""
-        name = str(h["pair"])
-        if name in self.pairs:
-            raise RemoteError(f"pair {name!r} already exists here", "conflict")
-        vname = str(h["volume"])
-        size = int(h["size"])
-        _vol, own = self.take_identity(name, vname, size, h)
-        rec = PairRecord(name=name, mode="active-active", role="secondary", volume=vname,
-                         partner=str(h.get("_peer", "")), partner_volume=str(h["partner_volume"]),
-                         state="copying", io_mode="block", gen_current=str(h["gen"]),
-                         copy_total=nchunks(size), own_identity=own)
+        if msg.pair in self.pairs:
+            raise RemoteError(f"pair {msg.pair!r} already exists here", "conflict")
+        _vol, own = self.take_identity(msg.pair, msg.volume, msg.size, encode(msg))
+        rec = PairRecord(name=msg.pair, mode="active-active", role="secondary",
+                         volume=msg.volume, partner=peer, partner_volume=msg.partner_volume,
+                         state="copying", io_mode="block", gen_current=msg.gen,
+                         copy_total=nchunks(msg.size), own_identity=own)
         self.store.save(rec)
         self.load(rec)
-        self.node.events.publish("pair_created", pair=name, role="secondary",
+        self.node.events.publish("pair_created", pair=msg.pair, role="secondary",
                                  partner=rec.partner)
         return {}, b""
 
@@ -373,11 +385,13 @@ class ReplicationManager:
     def _on_message(self, peer: str, h: dict[str, Any], payload: Payload
                     ) -> Message | Awaitable[Message] | Later | Outcomes | None:
         t = h["t"]
+        if t in CONTROL_TAGS:
+            try:
+                msg = decode(h)
+            except BadMessage as e:
+                raise RemoteError(str(e), "invalid") from None
+            return self._on_control(peer, msg, payload)
         h["_peer"] = peer
-        if t == "lease":
-            return self.leases.on_request(h)
-        if t == "pair_prepare":
-            return self._prepare(h)
         if t[0] == "j" or t.startswith("a_"):
             return self.remote.on_message(peer, h, payload)
         pr = self.pairs.get(str(h.get("pair")))
@@ -397,61 +411,45 @@ class ReplicationManager:
             return self.writes.on_forwarded(pr, h, payload)
         if t == "flush":
             return self.writes.on_flush(pr)
-        if t == "pair_state":
-            return self.partners.on_pair_state(pr, h, payload)
-        if t == "pair_done":
-            return self._peer_done(pr, h)
-        if t == "pair_split":
+        raise RemoteError(f"unknown peer message {t!r}", "invalid")
+
+    def _on_control(self, peer: str, msg: Control, payload: Payload
+                    ) -> Message | Awaitable[Message]:
+        if isinstance(msg, LeaseRequest):
+            return self.leases.on_request(peer, msg)
+        if isinstance(msg, PairPrepare):
+            return self._prepare(peer, msg)
+        pr = self.pairs.get(msg.pair)
+        if pr is None:
+            raise RemoteError(f"no pair {msg.pair!r} on node {self.node.name}", "not_found")
+        if isinstance(msg, PairState):
+            return self.partners.on_pair_state(pr, msg, payload)
+        if isinstance(msg, PairDone):
+            return self.copier.on_done(pr, msg)
+        if isinstance(msg, HashRequest):
+            return self.verifier.on_hash(pr, msg)
+        if isinstance(msg, PairSplit):
             self.set_mode(pr, "block", "pair split: the primary continues alone")
             self.set_state(pr, "split", "split by operator")
-            return {}, b""
-        if t == "pair_delete":
+        elif isinstance(msg, PairDelete):
             self.commands.dissolve(pr)
-            return {}, b""
-        if t == "pair_yield":
+        elif isinstance(msg, PairYield):
             # The operator chose the partner's data: stop serving and hand over our bitmap.
             self.set_mode(pr, "block", "resync from the partner chosen by the operator")
             self.set_state(pr, "suspended", "being resynced from the partner")
             pr.rec.role = "secondary"
             self.save(pr)
             return {}, bytes(pr.dirty.bits)
-        if t == "hash":
-            return self.verifier.on_hash(pr, h)
-        if t == "pair_block":
-            self.set_mode(pr, "block", str(h.get("reason", "blocked by the partner")))
-            return {}, b""
-        if t == "pair_unblock":
+        elif isinstance(msg, PairBlock):
+            self.set_mode(pr, "block", msg.reason)
+        elif isinstance(msg, PairUnblock):
             if pr.rec.state == "mirrored":
                 self.set_mode(pr, "mirror")
-            return {}, b""
-        if t == "pair_swap":
-            pr.rec.role = str(h["role"])
+        else:  # PairSwap: we take the sender's role
+            pr.rec.role = msg.role
             self.save(pr)
-            return {}, b""
-        raise RemoteError(f"unknown peer message {t!r}", "invalid")
+        return {}, b""
 
-    def _peer_done(self, pr: PairRuntime, h: dict[str, Any]) -> Message:
-        rec = pr.rec
-        if rec.remote:
-            # The far copy is complete but serves no host until a DR takeover.
-            rec.copy_cursor = 0
-            pr.dirty.clear_all()
-            pr.dirty.sync_now()
-            self.set_state(pr, "mirrored")
-            self.remote.target_copied(pr, int(h.get("j", 0)))
-            return {}, b""
-        rec.gen_current = str(h["gen"])
-        rec.gen_history = list(h["history"])
-        rec.role = str(h["role"])
-        rec.copy_cursor = 0
-        rec.copy_source = ""
-        pr.dirty.clear_all()
-        pr.dirty.sync_now()
-        self.set_state(pr, "mirrored")
-        self.set_mode(pr, "mirror")
-        self.release(pr)
-        # The copy source goes on serving, now under a lease granted with this answer.
-        return {"lease": pr.lease.grant(time.monotonic())}, b""
 
     def get(self, name: str) -> PairRuntime:
         pr = self.pairs.get(name)

@@ -12,12 +12,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 from twinvol.replication.core.decide import Effect as LossEffect
 from twinvol.replication.core.decide import GoAlone, PartnerLoss, Phase, SetMode, Suspend
 from twinvol.replication.core.types import Mode, Role, Verdict
 from twinvol.replication.leases import Leases
+from twinvol.replication.messages import BadMessage, PairState, decode_reply, encode
 from twinvol.replication.pairs import PairRecord, fork_generation, resync_direction
 from twinvol.replication.peer import DEAD_AFTER, Message, PeerDown, RemoteError
 from twinvol.replication.ports import ManagerPort
@@ -149,26 +149,30 @@ class Partners:
         if link is None:
             return
         try:
-            h, peer_bits = await link.request(
-                {"t": "pair_state", "pair": rec.name, "gen": rec.gen_current,
-                 "history": rec.gen_history, "role": rec.role, "state": rec.state,
-                 "io_mode": rec.io_mode, "copy_source": rec.copy_source},
-                bytes(pr.dirty.bits))
-        except (PeerDown, RemoteError) as e:
+            h, peer_bits = await link.request(encode(self.state_of(pr)), bytes(pr.dirty.bits))
+            theirs = decode_reply(h, PairState)
+        except (PeerDown, RemoteError, BadMessage) as e:
             log.warning("pair state exchange failed", extra={"pair": rec.name, "error": str(e)})
             return
-        await self.reconcile(pr, h, peer_bits)
+        await self.reconcile(pr, theirs, peer_bits)
 
-    async def reconcile(self, pr: PairRuntime, h: dict[str, Any],
-                         peer_bits: Payload) -> None:
+    @staticmethod
+    def state_of(pr: PairRuntime) -> PairState:
         rec = pr.rec
-        if rec.state == "copying" or h.get("state") == "copying":
-            source = rec.copy_source or str(h.get("copy_source", ""))
+        return PairState(rec.name, rec.gen_current, list(rec.gen_history),
+                         "primary" if rec.role == "primary" else "secondary", rec.state,
+                         rec.io_mode, rec.copy_source)
+
+    async def reconcile(self, pr: PairRuntime, theirs: PairState,
+                        peer_bits: Payload) -> None:
+        rec = pr.rec
+        if rec.state == "copying" or theirs.state == "copying":
+            source = rec.copy_source or theirs.copy_source
             if source == self.mgr.node.name:
                 self.mgr.start_copy(pr)
             return
-        direction = resync_direction(rec.gen_current, rec.gen_history, str(h["gen"]),
-                                     list(h["history"]))
+        direction = resync_direction(rec.gen_current, rec.gen_history, theirs.gen,
+                                     theirs.history)
         if direction == "none":
             # Same data generation: only chunks touched around a crash can differ; the
             # primary sends them (from both sides' bitmaps).
@@ -188,10 +192,8 @@ class Partners:
             self.mgr.start_copy(pr)
         # from_peer: the partner runs the copy towards us; we stay blocked until done.
 
-    def on_pair_state(self, pr: PairRuntime, h: dict[str, Any],
-                    peer_bits: Payload) -> Message:
-        reply = ({"gen": pr.rec.gen_current, "history": pr.rec.gen_history,
-                  "role": pr.rec.role, "state": pr.rec.state, "io_mode": pr.rec.io_mode,
-                  "copy_source": pr.rec.copy_source}, bytes(pr.dirty.bits))
-        self.mgr.spawn(self.reconcile(pr, h, peer_bits))
+    def on_pair_state(self, pr: PairRuntime, theirs: PairState,
+                      peer_bits: Payload) -> Message:
+        reply = (encode(self.state_of(pr)), bytes(pr.dirty.bits))
+        self.mgr.spawn(self.reconcile(pr, theirs, peer_bits))
         return reply

@@ -168,6 +168,8 @@ class CopyFeedPort(Protocol):
 
     def failback_copied(self, pr: PairRuntime) -> None: ...
 
+    def target_copied(self, pr: PairRuntime, upto: int) -> None: ...
+
 
 class JournalFeedPort(Protocol):
     """Remote copy as the write path sees it: writes to a volume that feeds a far copy

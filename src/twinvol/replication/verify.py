@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from typing import Any
 
 import xxhash
 
 from twinvol.replication.bitmap import CHUNK, nchunks
 from twinvol.replication.copier import Copier
+from twinvol.replication.messages import HashRequest, PairBlock, PairUnblock, encode
 from twinvol.replication.peer import Message, PeerDown, RemoteError
 from twinvol.replication.ports import ManagerPort
 from twinvol.replication.runtime import PairRuntime
@@ -55,13 +55,13 @@ class Verifier:
 
     async def peer_hashes(self, pr: PairRuntime, chunks: list[int]) -> list[int]:
         _, payload = await self.mgr.peers.link(pr.rec.partner).request(
-            {"t": "hash", "pair": pr.rec.name, "chunks": chunks})
+            encode(HashRequest(pr.rec.name, chunks)))
         return list(struct.unpack(f">{len(chunks)}Q", payload))
 
-    async def on_hash(self, pr: PairRuntime, h: dict[str, Any]) -> Message:
-        chunks = [int(c) for c in h["chunks"]]
+    async def on_hash(self, pr: PairRuntime, msg: HashRequest) -> Message:
+        chunks = msg.chunks
         n = nchunks(pr.vol.record.size)
-        if len(chunks) > 4096 or any(not 0 <= c < n for c in chunks):
+        if any(c >= n for c in chunks):
             raise RemoteError("bad chunk list", "invalid")
         hashes = await self.hashes(pr, chunks)
         return {}, struct.pack(f">{len(hashes)}Q", *hashes)
@@ -95,8 +95,8 @@ class Verifier:
                 self.mgr.node.events.publish("verify_mismatch", pair=rec.name, chunks=len(suspects),
                                          stale=rec.partner, latest=self.mgr.node.name)
                 link = self.mgr.peers.link(rec.partner)
-                await link.request({"t": "pair_block", "pair": rec.name,
-                                    "reason": f"verify found {len(suspects)} stale chunk(s)"})
+                await link.request(encode(PairBlock(
+                    rec.name, f"verify found {len(suspects)} stale chunk(s)")))
                 for c in suspects:
                     pr.dirty.set(c)
                 for c in suspects:
@@ -106,7 +106,7 @@ class Verifier:
                     v["repaired_chunks"] += 1
                     v["repaired_bytes"] += min(CHUNK, pr.vol.record.size - c * CHUNK)
                 await link.request({"t": "flush", "pair": rec.name})
-                await link.request({"t": "pair_unblock", "pair": rec.name})
+                await link.request(encode(PairUnblock(rec.name)))
             self.mgr.node.events.publish("verify_done", pair=rec.name, mismatches=len(suspects),
                                      repaired=v["repaired_chunks"])
         except (PeerDown, RemoteError) as e:
