@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from twinvol.replication.bitmap import AL_EXTENT, CHUNK, nchunks
 from twinvol.replication.core.decide import Effect as LossEffect
 from twinvol.replication.core.decide import GoAlone, PartnerLoss, Phase, SetMode, Suspend
 from twinvol.replication.core.types import Mode, Role, Verdict
@@ -149,12 +150,25 @@ class Partners:
         if link is None:
             return
         try:
-            h, peer_bits = await link.request(encode(self.state_of(pr)), bytes(pr.dirty.bits))
+            h, peer_bits = await link.request(encode(self.state_of(pr)), self.changed(pr))
             theirs = decode_reply(h, PairState)
         except (PeerDown, RemoteError, BadMessage) as e:
             log.warning("pair state exchange failed", extra={"pair": rec.name, "error": str(e)})
             return
         await self.reconcile(pr, theirs, peer_bits)
+
+    @staticmethod
+    def changed(pr: PairRuntime) -> bytes:
+        """The chunks this copy may hold differently from its partner, for a meeting:
+        the dirty bits, plus the activity-log extents of mirrored writes still in flight
+        (applied here; whether the partner has them is not known yet; their failure
+        would mark them dirty only after the meeting)."""
+        per = AL_EXTENT // CHUNK
+        n = nchunks(pr.vol.record.size)
+        for ext, count in pr.al_inflight.items():
+            if count > 0:
+                pr.dirty.set_many(range(ext * per, min((ext + 1) * per, n)))
+        return bytes(pr.dirty.bits)
 
     @staticmethod
     def state_of(pr: PairRuntime) -> PairState:
@@ -194,6 +208,6 @@ class Partners:
 
     def on_pair_state(self, pr: PairRuntime, theirs: PairState,
                       peer_bits: Payload) -> Message:
-        reply = (encode(self.state_of(pr)), bytes(pr.dirty.bits))
+        reply = (encode(self.state_of(pr)), self.changed(pr))
         self.mgr.spawn(self.reconcile(pr, theirs, peer_bits))
         return reply

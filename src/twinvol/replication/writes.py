@@ -170,6 +170,11 @@ class WritePath:
         def w_done(exc: BaseException | None) -> None:
             if seq:
                 self.remote.commit(seq)
+            if exc is not None:
+                # Mark the chunks before the write leaves the activity log's in-flight
+                # count: a meeting with the partner that runs before the task below must
+                # still see them (it sends in-flight extents and dirty bits).
+                pr.dirty.set_many(chunks_of(offset, length))
             now = time.monotonic()
             for x in exts:
                 inflight[x] -= 1

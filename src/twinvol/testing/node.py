@@ -58,6 +58,7 @@ class SimOptions:
 
     leases: bool = True           # mirrored copies serve only under the partner's lease
     fence_alone: bool = True      # a write acknowledged alone waits until the partner is fenced
+    meeting_inflight: bool = True  # a meeting counts mirrored writes still in flight as dirty
 
 
 class SimNode(Proc):
@@ -89,6 +90,7 @@ class SimNode(Proc):
         self.witness_rid = 0
         self.missing: list[Origin] = []
         self.repl_wait: dict[int, tuple[Origin, int]] = {}
+        self.failing: list[tuple[Origin, int]] = []  # lost with the link, not yet handled
         self.fwd_wait: dict[int, Origin] = {}
         self.copying = False
         self.rid = 0
@@ -180,10 +182,14 @@ class SimNode(Proc):
         self.trace(f"{self.name} peer link down: {reason}")
         self.session = None
         self.copying = False
-        for origin, block in self.repl_wait.values():
-            self.disk.dirty.add(block)
-            self.missing.append(origin)
+        # As in asyncio, the failures of writes in flight on the dead link are handled a
+        # moment later, possibly after a new link's first messages.
+        failing = list(self.repl_wait.values())
         self.repl_wait.clear()
+        if failing:
+            self.failing += failing
+            self.timer(self.local_now() + self.net.rng.uniform(0.0002, 0.004),
+                       self._writes_failed, failing)
         for origin in self.fwd_wait.values():
             self._answer(origin, False)
         self.fwd_wait.clear()
@@ -296,6 +302,14 @@ class SimNode(Proc):
         else:
             self._settle_missing()
 
+    def _writes_failed(self, batch: list[tuple[Origin, int]]) -> None:
+        for item in batch:
+            if item in self.failing:
+                self.failing.remove(item)
+                self.disk.dirty.add(item[1])
+                self.missing.append(item[0])
+        self._partner_lost("partner lost during a mirrored write")
+
     def _settle_missing(self) -> None:
         """Writes that reached only this copy: acknowledged once this side may act alone
         (partner fenced), failed if it may not."""
@@ -381,8 +395,12 @@ class SimNode(Proc):
     def _state_msg(self, reply: bool) -> m.PairStateMsg:
         d = self.disk
         assert self.session is not None
+        dirty = set(d.dirty)
+        if self.options.meeting_inflight:  # applied here; the partner may lack them
+            dirty.update(b for _, b in self.repl_wait.values())
+            dirty.update(b for _, b in self.failing)
         return m.PairStateMsg(self.session, reply, d.gen, tuple(d.history), d.role, d.state,
-                              self.mode, frozenset(d.dirty))
+                              self.mode, frozenset(dirty))
 
     def _reconcile(self, peer: m.PairStateMsg) -> None:
         d = self.disk
