@@ -19,8 +19,12 @@ from .__main__ import cannot_run
 from .netns import Net, ip
 from .run import run_seed
 
-pytestmark = [pytest.mark.e2e,
-              pytest.mark.skipif(cannot_run() is not None, reason=str(cannot_run()))]
+WHY_NOT = cannot_run()
+if WHY_NOT is not None and os.environ.get("CI"):
+    # In CI a sweep that cannot run is a failure, never a quiet skip.
+    raise pytest.UsageError(f"CI: the fault sweep cannot run here: {WHY_NOT}")
+
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))]
 
 SEEDS = [int(s) for s in os.environ.get("TWINVOL_SWEEP_SEEDS", "1,7,12").split(",")]
 DURATION = float(os.environ.get("TWINVOL_SWEEP_DURATION", "20"))
