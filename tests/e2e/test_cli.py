@@ -241,4 +241,9 @@ def test_up_killed_takes_nodes_down(tmp_path: object) -> None:
         assert again["volumes"] == ready["volumes"]
     finally:
         proc.terminate()
-        assert proc.wait(30) == 0
+        try:
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:  # never leave a cluster running behind a failed test
+                proc.kill()
+                proc.wait()

@@ -190,7 +190,10 @@ def main() -> int:
     p.add_argument("--until", type=float, default=0.0, help="time.monotonic() to stop at")
     p.add_argument("--think", type=float, default=0.002, help="max seconds between requests")
     args = p.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Set the event from another thread: Event.set() inside a handler that interrupted
+    # the main thread while it held the event's lock (in wait) would deadlock.
+    signal.signal(signal.SIGTERM,
+                  lambda *_: threading.Thread(target=stop.set, daemon=True).start())
     return run_ops(args) if args.mode == "ops" else run_dump(args)
 
 

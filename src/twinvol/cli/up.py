@@ -15,7 +15,6 @@ import os
 import secrets
 import signal
 import sys
-import threading
 import time
 from typing import Any
 
@@ -76,9 +75,11 @@ def up(
         cluster_mod.dump(cfg, path)
         cfg = cluster_mod.load(path)
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # A plain flag, not a threading.Event: the handler runs in the main thread, and
+    # Event.set() from it deadlocks when the signal lands while wait() holds the lock.
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, _frame: stopping.append(signum))
 
     sup = Supervisor()
     try:
@@ -132,7 +133,8 @@ def up(
                              f"volumes {vols}; Ctrl-C stops\n")
         sys.stdout.flush()
         reported: set[str] = set()
-        while not stop.wait(0.5):
+        while not stopping:
+            time.sleep(0.2)
             for name, comp in sup.components.items():
                 if comp.proc is not None and not comp.alive() and name not in reported:
                     reported.add(name)
