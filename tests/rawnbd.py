@@ -1,9 +1,14 @@
-"""A deliberately simple, blocking NBD client for sending malformed traffic in tests."""
+"""A deliberately simple, blocking NBD client for sending malformed traffic in tests.
+
+It frames what it sends with nbdwire's encoders (the same ones the sans-IO server tests
+use), so there is one NBD test encoder."""
 
 from __future__ import annotations
 
 import socket
 import struct
+
+import nbdwire
 
 from twinvol.nbd.constants import (
     IHAVEOPT,
@@ -55,10 +60,10 @@ class RawClient:
     # ---- handshake ------------------------------------------------------
 
     def client_flags(self, flags: int = 3) -> None:
-        self.send(struct.pack(">I", flags))
+        self.send(nbdwire.client_flags(flags))
 
     def option(self, opt: int, data: bytes = b"") -> None:
-        self.send(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
+        self.send(nbdwire.option(opt, data))
 
     def option_reply(self) -> tuple[int, int, bytes]:
         magic, opt, rep, length = struct.unpack(">QIII", self.recv_exact(20))
@@ -79,8 +84,7 @@ class RawClient:
         if structured:
             self.option(Opt.STRUCTURED_REPLY)
             assert self.option_reply()[1] == Rep.ACK
-        n = name.encode()
-        self.option(Opt.GO, struct.pack(">I", len(n)) + n + struct.pack(">H", 0))
+        self.option(Opt.GO, nbdwire.info_data(name))
         size = flags = -1
         for _opt, rep, data in self.replies_until_final():
             if rep == Rep.INFO and struct.unpack(">H", data[:2])[0] == 0:
@@ -93,7 +97,8 @@ class RawClient:
 
     def request(self, cmd: int, offset: int = 0, length: int = 0, *, flags: int = 0,
                 cookie: int = 1, data: bytes = b"", magic: int = REQUEST_MAGIC) -> None:
-        self.send(struct.pack(">IHHQQI", magic, flags, cmd, cookie, offset, length) + data)
+        self.send(nbdwire.request(cmd, flags=flags, cookie=cookie, offset=offset,
+                                  length=length, payload=data, magic=magic))
 
     def simple_reply(self) -> tuple[int, int]:
         """(error, cookie) of a simple reply."""
