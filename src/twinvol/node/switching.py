@@ -28,39 +28,24 @@ from typing import TYPE_CHECKING, Any, Protocol
 import aiohttp
 import msgspec
 
-from twinvol.cluster import ClusterConfig, ClusterError
+from twinvol.cluster import ClusterError
+from twinvol.replication.ports import NodePort
 from twinvol.storage.volumes import Volume, VolumeError
 
 if TYPE_CHECKING:
     from twinvol.nbd.aio import Backend, NbdServerProtocol
-    from twinvol.node.events import EventBus
     from twinvol.replication.manager import ReplicationManager
-    from twinvol.storage.volumes import VolumeManager
 
 
-class SwitchingNode(Protocol):
-    """What the switching table needs of its node (node/node.py's Node)."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def cluster(self) -> ClusterConfig: ...
-
-    @property
-    def volumes(self) -> VolumeManager: ...
-
-    @property
-    def events(self) -> EventBus: ...
+class SwitchingNode(NodePort, Protocol):
+    """What the switching table needs of its node (node/node.py's Node): what
+    replication needs, plus the pairs and the connections of an export."""
 
     @property
     def replication(self) -> ReplicationManager: ...
 
-    def volume_backend(self, vol: Volume) -> Backend: ...
-
     def export_connections(self, name: str) -> list[NbdServerProtocol]: ...
 
-    async def rebind_export(self, name: str, timeout: float = 10.0) -> None: ...
 
 log = logging.getLogger("twinvol.switching")
 
