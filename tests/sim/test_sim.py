@@ -97,3 +97,13 @@ def test_a_meeting_counts_mirrored_writes_still_in_flight() -> None:
     broken = run(295, options=SimOptions(meeting_inflight=False))
     assert broken.findings.divergent
     assert run(295).ok
+
+
+def test_a_write_that_failed_on_an_old_link_starts_no_decision() -> None:
+    """Found by a long simulator run (seed 11504): a paused old primary resumed, its link
+    was replaced, and the late failure of a write on the old link started a decision
+    after the partners had met again: it revoked the partner's lease and the witness
+    blocked this copy for good, while the pair said mirrored."""
+    broken = run(11504, options=SimOptions(skip_when_up=False))
+    assert broken.findings.other
+    assert run(11504).ok

@@ -40,6 +40,12 @@ class Partners:
     def partner_lost(self, pr: PairRuntime, reason: str, *, restart: bool = False) -> None:
         if pr.decide_task is not None and not pr.decide_task.done():
             return
+        if not restart and self.mgr.peers.is_up(pr.rec.partner):
+            # A write failed on a link that a new one already replaced: the meeting on
+            # the new link reconciles the copies (the chunk is dirty). A decision now
+            # would stop granting the partner leases and could block this copy for
+            # good, both sides then serving nothing.
+            return
         if pr.rec.io_mode != "mirror" and pr.rec.state != "copying" and not restart:
             return
         pr.decide_task = asyncio.ensure_future(self.decide(pr, reason))

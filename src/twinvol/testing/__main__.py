@@ -27,11 +27,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="acknowledge writes alone without waiting out the partner's lease")
     p.add_argument("--no-meeting-inflight", action="store_true",
                    help="meetings send dirty bits only, not mirrored writes in flight")
+    p.add_argument("--decide-when-up", action="store_true",
+                   help="a write that failed on an old link starts a decision anyway")
     a = p.parse_args(argv)
     if a.seeds < 1 or a.duration <= 2:
         p.error("--seeds must be at least 1 and --duration above 2")
     options = SimOptions(leases=not a.no_leases, fence_alone=not a.no_fence_alone,
-                         meeting_inflight=not a.no_meeting_inflight)
+                         meeting_inflight=not a.no_meeting_inflight,
+                         skip_when_up=not a.decide_when_up)
     failed = 0
     started = time.monotonic()
     for seed in range(a.first, a.first + a.seeds):

@@ -59,6 +59,7 @@ class SimOptions:
     leases: bool = True           # mirrored copies serve only under the partner's lease
     fence_alone: bool = True      # a write acknowledged alone waits until the partner is fenced
     meeting_inflight: bool = True  # a meeting counts mirrored writes still in flight as dirty
+    skip_when_up: bool = True     # a write that failed on an old link starts no decision
 
 
 class SimNode(Proc):
@@ -330,6 +331,11 @@ class SimNode(Proc):
     # ---- partner loss (core/decide.py) --------------------------------------------------
 
     def _partner_lost(self, reason: str, restart: bool = False) -> None:
+        if self.options.skip_when_up and self.session is not None and not restart:
+            # A write failed on a link already replaced by a new one: the meeting on
+            # the new link reconciles the copies (the chunk is dirty); no decision.
+            self._settle_missing()
+            return
         if self.loss is None and (self.mode is Mode.MIRROR or restart):
             self.loss = PartnerLoss(self.lease, self.disk.role, self.mode)
             self._drive(self.loss.start(self.local_now(), reason))
