@@ -8,6 +8,7 @@ import json
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -63,6 +64,13 @@ def test_pair_identity_initial_copy_and_mirrored_writes(two: ClusterProc) -> Non
     _, eb = two.api("B", "GET", "/api/v1/exports/vol")
     assert ea["virtual_identity"] == eb["virtual_identity"]
     assert (ea["io_mode"], eb["io_mode"]) == ("mirror", "mirror")
+    # /metrics: one series per pair state, 1 for the current one.
+    req = urllib.request.Request(two.cfg.node("B").api_url + "/metrics",
+                                 headers={"Authorization": "Bearer " + two.cfg.cluster.secret})
+    metrics = urllib.request.urlopen(req, timeout=5).read().decode()
+    assert 'twinvol_pair_state{node="B",pair="vol",site="B",state="mirrored"} 1.0' in metrics
+    for other in ("simplex", "copying", "split", "suspended", "takeover"):
+        assert f'pair="vol",site="B",state="{other}"}} 0.0' in metrics
     # The initial copy brought A's data to B.
     qemu_io(two.uri("B", "vol"), "read -P 0x5a 0 4M", "read -P 0x33 8M 1M", "read -P 0 4M 4M")
     # A write through A is read through B, and the other way round.

@@ -24,12 +24,12 @@ from prometheus_client.registry import Collector
 from twinvol.faults.model import Component, FaultDraft, FaultReport, RelayBatch, Severity
 from twinvol.faults.node import BadReport
 from twinvol.httpapi import follow_lines
+from twinvol.replication.core.types import PairState
 
 if TYPE_CHECKING:
     from twinvol.node.node import Node
 
 HEARTBEAT = 2.0
-PAIR_STATES = ("simplex", "copying", "mirrored", "split", "suspended", "takeover")
 
 
 class TestFault(msgspec.Struct, forbid_unknown_fields=True):
@@ -183,7 +183,7 @@ class NodeCollector(Collector):
                                  labels=[*ln, "pair"])
         for pr in list(mgr.pairs.values()):
             view = mgr.view(pr)
-            for s in PAIR_STATES:
+            for s in PairState:
                 state.add_metric([*lv, pr.rec.name, s], 1.0 if view["state"] == s else 0.0)
             lag.add_metric([*lv, pr.rec.name],
                            float(view["dirty_chunks"]) * float(view["chunk_size"]))

@@ -18,9 +18,7 @@ from typing import Literal
 
 import msgspec
 
-STATES = ("copying", "mirrored", "split", "suspended", "takeover")
 REMOTE_MODES = ("async", "sync")
-IO_MODES = ("mirror", "local", "block")
 HISTORY = 8
 
 _SCHEMA = """

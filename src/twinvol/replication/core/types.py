@@ -23,10 +23,14 @@ class Mode(StrEnum):
 
 
 class PairState(StrEnum):
+    """The design's pair states (SMPL, COPY, PAIR, PSUS, PSUE, SSWS)."""
+
+    SIMPLEX = "simplex"
     COPYING = "copying"
     MIRRORED = "mirrored"
-    SUSPENDED = "suspended"
     SPLIT = "split"
+    SUSPENDED = "suspended"
+    TAKEOVER = "takeover"
 
 
 class Verdict(StrEnum):
