@@ -13,7 +13,7 @@ from twinvol.replication.messages import (
     HashRequest,
     LeaseRequest,
     PairDone,
-    PairState,
+    PairStateMsg,
     PairSwap,
     decode,
     decode_reply,
@@ -29,7 +29,7 @@ def test_round_trips(pairs: list[str], pair: str, role: str, chunks: list[int], 
     for msg in (LeaseRequest(pairs), PairSwap(pair, role),  # type: ignore[arg-type]
                 HashRequest(pair, chunks),
                 PairDone(pair, "g1", ["g0"], role, j),  # type: ignore[arg-type]
-                PairState(pair, "g1", [], role, "mirrored", "mirror")):  # type: ignore[arg-type]
+                PairStateMsg(pair, "g1", [], role, "mirrored", "mirror")):  # type: ignore[arg-type]
         header = {**encode(msg), "id": 7, "_peer": "A"}  # what the link adds
         assert decode(header) == msg
 
@@ -55,9 +55,9 @@ def test_malformed_messages_are_refused_with_the_field(header: dict[str, object]
 
 def test_every_tag_decodes_to_its_type_and_replies_drop_the_link_tag() -> None:
     assert {"lease", "pair_state", "pair_done", "hash"} <= TAGS
-    reply = {"t": "resp", "id": 3, **encode(PairState("p", "g", ["f"], "secondary",
+    reply = {"t": "resp", "id": 3, **encode(PairStateMsg("p", "g", ["f"], "secondary",
                                                       "suspended", "block"))}
-    got = decode_reply(reply, PairState)
+    got = decode_reply(reply, PairStateMsg)
     assert got.role == "secondary" and got.history == ["f"]
     with pytest.raises(BadMessage, match="malformed reply"):
-        decode_reply({"t": "resp", "id": 3, "pair": "p"}, PairState)
+        decode_reply({"t": "resp", "id": 3, "pair": "p"}, PairStateMsg)

@@ -29,6 +29,7 @@ import aiohttp
 import msgspec
 
 from twinvol.cluster import ClusterError
+from twinvol.replication.core.types import PairState
 from twinvol.replication.ports import NodePort
 from twinvol.storage.volumes import Volume, VolumeError
 
@@ -249,7 +250,7 @@ class Switching:
                 state = pr.rec.state
                 g = mgr.remote.groups.get(pr.rec.group) if pr.rec.remote else None
                 if g is not None and g.rec.hold:
-                    state = "takeover"   # the far copy serves hosts (DR takeover there)
+                    state = PairState.TAKEOVER   # the far copy serves hosts (DR takeover there)
                 out.append(Partner(pr.rec.partner, pr.rec.partner_volume, "", pr.rec.name,
                                    pr.rec.mode, state, mgr.peers.is_up(pr.rec.partner)))
         return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+from twinvol.replication.core.types import Role
 from twinvol.replication.leases import Leases
 from twinvol.replication.messages import PairDelete, PairSplit, PairSwap, PairYield, encode
 from twinvol.replication.pairs import PairRecord, fork_generation
@@ -64,7 +65,7 @@ class PairCommands:
             await pr.dirty.sync(self.mgr.node.executor)
             pr.lease.revoke()  # the partner confirmed it stopped serving
             if rec.role != "primary":
-                rec.role = "primary"
+                rec.role = Role.PRIMARY
                 self.mgr.node.events.publish("pair_takeover", pair=name, reason="resync --from")
             self.mgr.set_mode(pr, "local", "resync source chosen by the operator")
             self.mgr.set_state(pr, "suspended", "resync from this copy")
@@ -81,7 +82,7 @@ class PairCommands:
             raise VolumeError(f"node {rec.partner} is not connected", "io")
         await link.request(encode(PairSwap(name, "primary" if rec.role == "primary"
                                            else "secondary")))
-        rec.role = "secondary" if rec.role == "primary" else "primary"
+        rec.role = Role.SECONDARY if rec.role == Role.PRIMARY else Role.PRIMARY
         self.mgr.save(pr)
         self.mgr.node.events.publish("pair_swapped", pair=name, role=rec.role)
         return rec

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from twinvol.replication.bitmap import CHUNK
+from twinvol.replication.core.types import Role
 from twinvol.replication.messages import PairDone, encode
 from twinvol.replication.peer import Message, PeerDown, RemoteError
 from twinvol.replication.ports import CopyFeedPort, ManagerPort
@@ -136,7 +137,7 @@ class Copier:
             return {}, b""
         rec.gen_current = msg.gen
         rec.gen_history = list(msg.history)
-        rec.role = msg.role
+        rec.role = Role(msg.role)
         rec.copy_cursor = 0
         rec.copy_source = ""
         pr.dirty.clear_all()

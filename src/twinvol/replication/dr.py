@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from twinvol.replication.bitmap import CHUNK, chunks_of, nchunks
+from twinvol.replication.core.types import PairState, Role
 from twinvol.replication.pairs import fork_generation
 from twinvol.replication.peer import Message, PeerDown, RemoteError
 from twinvol.replication.ports import RemotePort
@@ -182,7 +183,7 @@ class DisasterRecovery:
         rec.sent = received
         rec.received = received
         for pr in g.pairs.values():
-            pr.rec.role = "primary"
+            pr.rec.role = Role.PRIMARY
             pr.rec.copy_source = self.node.name
             mgr.save(pr)
         report: dict[str, Any] = {"group": rec.name, "node": self.node.name,
@@ -216,7 +217,7 @@ class DisasterRecovery:
             rec.state = "copying"
             for pr in g.pairs.values():
                 if pr.dirty.count():
-                    pr.rec.state = "copying"
+                    pr.rec.state = PairState.COPYING
                     mgr.save(pr)
                     mgr.start_copy(pr)
         g.delta = report

@@ -25,6 +25,7 @@ from twinvol.replication.bitmap import AL_EXTENT, CHUNK, PersistentBits, nchunks
 from twinvol.replication.commands import PairCommands
 from twinvol.replication.copier import Copier
 from twinvol.replication.core.lease import LeaseConfig, PeerLease
+from twinvol.replication.core.types import Mode, PairState, Role
 from twinvol.replication.leases import Leases
 from twinvol.replication.messages import TAGS as CONTROL_TAGS
 from twinvol.replication.messages import (
@@ -37,7 +38,7 @@ from twinvol.replication.messages import (
     PairDone,
     PairPrepare,
     PairSplit,
-    PairState,
+    PairStateMsg,
     PairUnblock,
     PairYield,
     decode,
@@ -207,14 +208,14 @@ class ReplicationManager:
     def set_state(self, pr: PairRuntime, state: str, reason: str = "") -> None:
         if pr.rec.state != state or pr.rec.reason != reason:
             old = pr.rec.state
-            pr.rec.state = state
+            pr.rec.state = PairState(state)
             pr.rec.reason = reason
             self.save(pr)
             self.node.events.publish("pair_state", pair=pr.rec.name, state=state, previous=old,
                                      reason=reason, role=pr.rec.role)
 
     def set_mode(self, pr: PairRuntime, mode: str, reason: str = "", save: bool = True) -> None:
-        pr.rec.io_mode = mode
+        pr.rec.io_mode = Mode(mode)
         if save:
             self.save(pr)
         self._apply_mode(pr, reason)
@@ -289,9 +290,10 @@ class ReplicationManager:
                 "invalid", "not_found", "conflict", "busy") else "io") from None
         except PeerDown as e:
             raise VolumeError(f"node {secondary} went away: {e}", "io") from None
-        prec = PairRecord(name=name, mode="active-active", role="primary", volume=rec.name,
-                          partner=secondary, partner_volume=secondary_volume, state="copying",
-                          io_mode="local", gen_current=gen, copy_cursor=0,
+        prec = PairRecord(name=name, mode="active-active", role=Role.PRIMARY, volume=rec.name,
+                          partner=secondary, partner_volume=secondary_volume,
+                          state=PairState.COPYING, io_mode=Mode.LOCAL, gen_current=gen,
+                          copy_cursor=0,
                           copy_total=nchunks(rec.size), copy_source=self.node.name)
         self.store.save(prec)
         pr = self.load(prec)
@@ -306,9 +308,9 @@ class ReplicationManager:
         if msg.pair in self.pairs:
             raise RemoteError(f"pair {msg.pair!r} already exists here", "conflict")
         _vol, own = self.take_identity(msg.pair, msg.volume, msg.size, encode(msg))
-        rec = PairRecord(name=msg.pair, mode="active-active", role="secondary",
+        rec = PairRecord(name=msg.pair, mode="active-active", role=Role.SECONDARY,
                          volume=msg.volume, partner=peer, partner_volume=msg.partner_volume,
-                         state="copying", io_mode="block", gen_current=msg.gen,
+                         state=PairState.COPYING, io_mode=Mode.BLOCK, gen_current=msg.gen,
                          copy_total=nchunks(msg.size), own_identity=own)
         self.store.save(rec)
         self.load(rec)
@@ -422,7 +424,7 @@ class ReplicationManager:
         pr = self.pairs.get(msg.pair)
         if pr is None:
             raise RemoteError(f"no pair {msg.pair!r} on node {self.node.name}", "not_found")
-        if isinstance(msg, PairState):
+        if isinstance(msg, PairStateMsg):
             return self.partners.on_pair_state(pr, msg, payload)
         if isinstance(msg, PairDone):
             return self.copier.on_done(pr, msg)
@@ -437,7 +439,7 @@ class ReplicationManager:
             # The operator chose the partner's data: stop serving and hand over our bitmap.
             self.set_mode(pr, "block", "resync from the partner chosen by the operator")
             self.set_state(pr, "suspended", "being resynced from the partner")
-            pr.rec.role = "secondary"
+            pr.rec.role = Role.SECONDARY
             self.save(pr)
             return {}, bytes(pr.dirty.bits)
         elif isinstance(msg, PairBlock):
@@ -446,7 +448,7 @@ class ReplicationManager:
             if pr.rec.state == "mirrored":
                 self.set_mode(pr, "mirror")
         else:  # PairSwap: we take the sender's role
-            pr.rec.role = msg.role
+            pr.rec.role = Role(msg.role)
             self.save(pr)
         return {}, b""
 

@@ -41,7 +41,7 @@ class PairPrepare(_Msg, tag="pair_prepare"):
     gen: str
 
 
-class PairState(_Msg, tag="pair_state"):
+class PairStateMsg(_Msg, tag="pair_state"):
     """Sent by the side that leads a meeting, and answered with the other side's."""
 
     pair: Name
@@ -97,9 +97,9 @@ class HashRequest(_Msg, tag="hash"):
                       msgspec.Meta(max_length=MAX_HASH_CHUNKS)]
 
 
-Control = (LeaseRequest | PairPrepare | PairState | PairDone | PairSplit | PairDelete
+Control = (LeaseRequest | PairPrepare | PairStateMsg | PairDone | PairSplit | PairDelete
            | PairYield | PairBlock | PairUnblock | PairSwap | HashRequest)
-PairMsg = (PairState | PairDone | PairSplit | PairDelete | PairYield | PairBlock
+PairMsg = (PairStateMsg | PairDone | PairSplit | PairDelete | PairYield | PairBlock
            | PairUnblock | PairSwap | HashRequest)
 
 TAGS = frozenset({"lease", "pair_prepare", "pair_state", "pair_done", "pair_split",

@@ -18,6 +18,8 @@ from typing import Literal
 
 import msgspec
 
+from twinvol.replication.core.types import Mode, PairState, Role
+
 REMOTE_MODES = ("async", "sync")
 HISTORY = 8
 
@@ -34,12 +36,12 @@ class PairRecord(msgspec.Struct):
 
     name: str
     mode: str                       # active-active | async | sync
-    role: str                       # primary | secondary | standby (async: feeds on loss)
+    role: Role                      # primary | secondary | standby (async: feeds on loss)
     volume: str                     # local volume name
     partner: str                    # partner node
     partner_volume: str
-    state: str                      # copying | mirrored | split | suspended | takeover
-    io_mode: str                    # mirror | local | block
+    state: PairState
+    io_mode: Mode
     gen_current: str
     gen_history: list[str] = msgspec.field(default_factory=list)
     copy_cursor: int = 0            # chunks below this were copied (initial copy / resync)

@@ -18,7 +18,7 @@ from twinvol.replication.core.decide import Effect as LossEffect
 from twinvol.replication.core.decide import GoAlone, PartnerLoss, Phase, SetMode, Suspend
 from twinvol.replication.core.types import Mode, Role, Verdict
 from twinvol.replication.leases import Leases
-from twinvol.replication.messages import BadMessage, PairState, decode_reply, encode
+from twinvol.replication.messages import BadMessage, PairStateMsg, decode_reply, encode
 from twinvol.replication.pairs import PairRecord, fork_generation, resync_direction
 from twinvol.replication.peer import DEAD_AFTER, Message, PeerDown, RemoteError
 from twinvol.replication.ports import ManagerPort
@@ -97,7 +97,7 @@ class Partners:
                 if e.fork:
                     fork_generation(rec)
                     if rec.role == "secondary":
-                        rec.role = "primary"
+                        rec.role = Role.PRIMARY
                         self.mgr.node.events.publish("pair_takeover", pair=rec.name)
                 self.mgr.set_mode(pr, "local", e.reason)
                 self.mgr.set_state(pr, "suspended" if e.fork else "copying", e.reason)
@@ -157,7 +157,7 @@ class Partners:
             return
         try:
             h, peer_bits = await link.request(encode(self.state_of(pr)), self.changed(pr))
-            theirs = decode_reply(h, PairState)
+            theirs = decode_reply(h, PairStateMsg)
         except (PeerDown, RemoteError, BadMessage) as e:
             log.warning("pair state exchange failed", extra={"pair": rec.name, "error": str(e)})
             return
@@ -177,13 +177,13 @@ class Partners:
         return bytes(pr.dirty.bits)
 
     @staticmethod
-    def state_of(pr: PairRuntime) -> PairState:
+    def state_of(pr: PairRuntime) -> PairStateMsg:
         rec = pr.rec
-        return PairState(rec.name, rec.gen_current, list(rec.gen_history),
+        return PairStateMsg(rec.name, rec.gen_current, list(rec.gen_history),
                          "primary" if rec.role == "primary" else "secondary", rec.state,
                          rec.io_mode, rec.copy_source)
 
-    async def reconcile(self, pr: PairRuntime, theirs: PairState,
+    async def reconcile(self, pr: PairRuntime, theirs: PairStateMsg,
                         peer_bits: Payload) -> None:
         rec = pr.rec
         if rec.state == "copying" or theirs.state == "copying":
@@ -204,7 +204,7 @@ class Partners:
             return
         if direction == "to_peer":
             pr.dirty.merge(peer_bits)
-            rec.role = "primary"
+            rec.role = Role.PRIMARY
             if rec.io_mode == "block":
                 # Neither side continued alone (e.g. both restarted): this side serves.
                 await self.leases.fence_partner(pr)
@@ -212,7 +212,7 @@ class Partners:
             self.mgr.start_copy(pr)
         # from_peer: the partner runs the copy towards us; we stay blocked until done.
 
-    def on_pair_state(self, pr: PairRuntime, theirs: PairState,
+    def on_pair_state(self, pr: PairRuntime, theirs: PairStateMsg,
                       peer_bits: Payload) -> Message:
         reply = (encode(self.state_of(pr)), self.changed(pr))
         self.mgr.spawn(self.reconcile(pr, theirs, peer_bits))

@@ -33,6 +33,7 @@ import msgspec
 from twinvol.nbd.constants import Cmd
 from twinvol.replication.backend import AsyncWriteBackend
 from twinvol.replication.bitmap import chunks_of, nchunks
+from twinvol.replication.core.types import Mode, PairState, Role
 from twinvol.replication.dr import DisasterRecovery
 from twinvol.replication.pairs import PairRecord, new_generation
 from twinvol.replication.peer import Message, PeerDown, RemoteError
@@ -462,7 +463,7 @@ class RemoteCopy:
         for pr in g.pairs.values():
             if pr.copy_task is not None:
                 pr.copy_task.cancel()
-            pr.rec.role = "standby"
+            pr.rec.role = Role.STANDBY
             pr.rec.copy_source = ""
             self.mgr.save(pr)
         self.save(g)
@@ -775,10 +776,10 @@ class RemoteCopy:
         _vol, own = mgr.take_identity(name, vname, size, h)
         g = self._ensure_group(str(h["group"]), "secondary", self.node.name, peer,
                                int(h["journal_limit"]))
-        rec = PairRecord(name=name, mode=str(h.get("mode", "async")), role="secondary",
+        rec = PairRecord(name=name, mode=str(h.get("mode", "async")), role=Role.SECONDARY,
                          volume=vname,
                          partner=peer, partner_volume=str(h["partner_volume"]),
-                         state="copying", io_mode="block", gen_current=str(h["gen"]),
+                         state=PairState.COPYING, io_mode=Mode.BLOCK, gen_current=str(h["gen"]),
                          copy_total=nchunks(size), own_identity=own, group=g.rec.name)
         g.rec.state = "copying"
         self.save(g)
@@ -802,9 +803,10 @@ class RemoteCopy:
         # after it, its journal holds every write from here on.
         g.rec.bitmap_until = max(g.rec.bitmap_until, int(h["written"]))
         self.save(g)
-        rec = PairRecord(name=name, mode="async", role="standby", volume=vol.record.name,
+        rec = PairRecord(name=name, mode="async", role=Role.STANDBY, volume=vol.record.name,
                          partner=str(h["target"]), partner_volume=str(h["target_volume"]),
-                         state="copying", io_mode=vol.io_mode, gen_current=str(h["gen"]),
+                         state=PairState.COPYING, io_mode=Mode(vol.io_mode),
+                         gen_current=str(h["gen"]),
                          copy_total=nchunks(vol.record.size), group=g.rec.name)
         mgr.store.save(rec)
         pr = mgr.load(rec)
@@ -875,9 +877,9 @@ class RemoteCopy:
                                              sync=sync))
         g.rec.state = "copying"
         self.save(g)
-        prec = PairRecord(name=name, mode=mode, role="primary", volume=r.name,
-                          partner=target, partner_volume=target_volume, state="copying",
-                          io_mode=vol.io_mode, gen_current=gen, copy_total=nchunks(r.size),
+        prec = PairRecord(name=name, mode=mode, role=Role.PRIMARY, volume=r.name,
+                          partner=target, partner_volume=target_volume, state=PairState.COPYING,
+                          io_mode=Mode(vol.io_mode), gen_current=gen, copy_total=nchunks(r.size),
                           copy_source=self.node.name, group=group)
         mgr.store.save(prec)
         pr = mgr.load(prec)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from twinvol.replication.core.types import Verdict
+from twinvol.replication.core.types import Role, Verdict
 from twinvol.testing import messages as m
 from twinvol.testing.sim import Clock, Network, Proc, Scheduler
 from twinvol.witness.logic import Arbiter, ArbitrateRequest, RequestError
+from twinvol.witness.logic import Role as WitnessRole
 
 
 class SimWitness(Proc):
@@ -39,8 +40,9 @@ class SimWitness(Proc):
             with contextlib.suppress(RequestError):  # the partner holds it: nothing to do
                 self.arbiter.release("vol", msg.node, now)
         elif isinstance(msg, m.Arbitrate):
-            d = self.arbiter.arbitrate(ArbitrateRequest("vol", msg.node, msg.partner,
-                                                        msg.role.value, msg.generation), now)
+            role: WitnessRole = "primary" if msg.role is Role.PRIMARY else "secondary"
+            d = self.arbiter.arbitrate(ArbitrateRequest("vol", msg.node, msg.partner, role,
+                                                        msg.generation), now)
             self.net.send(self.name, src, m.ArbitrateRep(msg.rid, Verdict(d.decision),
                                                         d.retry_after))
         self.saved = self.arbiter.snapshot()

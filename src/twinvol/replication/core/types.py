@@ -12,6 +12,7 @@ from enum import StrEnum
 class Role(StrEnum):
     PRIMARY = "primary"
     SECONDARY = "secondary"
+    STANDBY = "standby"   # remote copy: the active-active partner that can feed the far copy
 
 
 class Mode(StrEnum):
