@@ -47,6 +47,9 @@ def test_a_granting_side_is_bound_until_its_promise_ends() -> None:
     assert until == pytest.approx(5.0 + cfg.fence_span)
     assert not side.grant(5.5)  # revoked: the partner gets nothing more
     assert not side.partner_fenced(until - 0.001) and side.partner_fenced(until)
+    assert not side.may_act_alone(until - 0.001) and side.may_act_alone(until)
+    side.resume()
+    assert not side.may_act_alone(until + 10)  # granting again: never alone
 
 
 def test_a_restarted_side_assumes_it_granted_just_before() -> None:

@@ -107,7 +107,7 @@ class Node:
             vol.export.blocked = (f"volume {vol_name!r} on node {self.name} is blocked "
                                   f"(stale copy){': ' + reason if reason else ''}; use the "
                                   "partner node")
-            close_all([c for c in self.connections if c.export is vol.export])
+            self._drop(vol.export)
         else:
             vol.export.blocked = None
         self.events.publish("io_mode", volume=vol_name, export=vol.record.export_name,
@@ -122,7 +122,7 @@ class Node:
             return
         vol.export.blocked = (f"volume {vol_name!r} on node {self.name} is fenced: {reason}; "
                               "use the partner node")
-        close_all([c for c in self.connections if c.export is vol.export])
+        self._drop(vol.export)
         self.events.publish("fenced", volume=vol_name, reason=reason)
 
     def unfence(self, vol_name: str) -> None:
@@ -133,7 +133,9 @@ class Node:
 
     def drop_clients(self, vol_name: str) -> None:
         """Close the host connections of a volume (they reconnect to its new write path)."""
-        export = self.volumes.get(vol_name).export
+        self._drop(self.volumes.get(vol_name).export)
+
+    def _drop(self, export: ExportInfo) -> None:
         close_all([c for c in self.connections if c.export is export])
 
     def list_exports(self) -> list[ExportInfo]:
@@ -187,7 +189,7 @@ class Node:
         vol = self.volumes.get(name)
         export = vol.export
         if force:
-            close_all([c for c in self.connections if c.export is export])
+            self._drop(export)
         rec = self.volumes.delete(name, force=force)
         self.log.info("volume deleted", extra={"volume": name})
         self.events.publish("volume_deleted", volume=name, export=rec.export_name)

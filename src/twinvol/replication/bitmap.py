@@ -149,3 +149,9 @@ def chunks_of(offset: int, length: int, unit: int = CHUNK) -> range:
 
 def nchunks(size: int, unit: int = CHUNK) -> int:
     return (size + unit - 1) // unit
+
+
+def extent_chunks(ext: int, size: int) -> range:
+    """The chunks of activity-log extent `ext` in a volume of `size` bytes."""
+    per = AL_EXTENT // CHUNK
+    return range(ext * per, min((ext + 1) * per, nchunks(size)))

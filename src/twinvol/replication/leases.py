@@ -17,6 +17,11 @@ from twinvol.replication.runtime import PairRuntime
 log = logging.getLogger("twinvol.replication")
 
 
+def leased(pr: PairRuntime) -> bool:
+    """Does this copy serve under its partner's lease (a mirrored active-active copy)?"""
+    return pr.rec.io_mode == "mirror" and not pr.rec.remote
+
+
 class Leases:
     def __init__(self, mgr: ManagerPort) -> None:
         self.mgr = mgr
@@ -27,7 +32,7 @@ class Leases:
         export = pr.vol.export
         if self.mgr.by_volume.get(rec.volume) is not pr or rec.volume in self.mgr.holds:
             return
-        if rec.io_mode == "mirror" and not rec.remote:
+        if leased(pr):
             export.serve_until = pr.lease.held_until
             if pr.lease.valid(time.monotonic()):
                 self.mgr.node.unfence(rec.volume)
@@ -43,7 +48,7 @@ class Leases:
             now = time.monotonic()
             partners = set()
             for pr in list(self.mgr.pairs.values()):
-                if pr.rec.io_mode != "mirror" or pr.rec.remote:
+                if not leased(pr):
                     continue
                 partners.add(pr.rec.partner)
                 if not pr.lease.valid(now) and pr.vol.export.blocked is None:
@@ -58,7 +63,7 @@ class Leases:
             return
         now = time.monotonic()
         asks = {name: pr.lease.request(now) for name, pr in self.mgr.pairs.items()
-                if pr.rec.partner == peer and pr.rec.io_mode == "mirror" and not pr.rec.remote}
+                if pr.rec.partner == peer and leased(pr)}
         if not asks:
             return
 
@@ -91,8 +96,7 @@ class Leases:
     async def fence_partner(self, pr: PairRuntime) -> None:
         """Before this copy acknowledges writes alone: stop granting leases, and wait
         until every lease granted to the partner has run out (it stops serving)."""
-        until = pr.lease.revoke()
-        wait = until - time.monotonic()
+        wait = pr.lease.revoke() - time.monotonic()
         if wait > 0:
             log.info("waiting for the partner's lease to run out",
                      extra={"pair": pr.rec.name, "seconds": round(wait, 3)})

@@ -21,12 +21,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twinvol.nbd.constants import Cmd, Err
-from twinvol.replication.bitmap import AL_EXTENT, CHUNK, PersistentBits, nchunks
+from twinvol.replication.bitmap import AL_EXTENT, CHUNK, PersistentBits, extent_chunks, nchunks
 from twinvol.replication.commands import PairCommands
 from twinvol.replication.copier import Copier
 from twinvol.replication.core.lease import LeaseConfig, PeerLease
 from twinvol.replication.core.types import Mode, PairState, Role
-from twinvol.replication.leases import Leases
+from twinvol.replication.leases import Leases, leased
 from twinvol.replication.messages import TAGS as CONTROL_TAGS
 from twinvol.replication.messages import (
     BadMessage,
@@ -130,9 +130,8 @@ class ReplicationManager:
         pr = PairRuntime(rec, vol, dirty, al,
                          PeerLease.after_start(self.lease_config, time.monotonic()))
         # Recovery: extents that had writes in flight at a crash may differ from the partner.
-        per = AL_EXTENT // CHUNK
         for ext in list(al.iter_set()):
-            dirty.set_many(range(ext * per, min((ext + 1) * per, n)))
+            dirty.set_many(extent_chunks(ext, vol.record.size))
             al.clear(ext)
         dirty.sync_now()
         al.sync_now()
@@ -228,7 +227,7 @@ class ReplicationManager:
         rec = pr.rec
         # A far copy, or a copy target being filled, serves no host by design.
         expected = rec.role == "secondary" and (rec.remote or rec.state == "copying")
-        if rec.io_mode == "mirror" and not rec.remote:
+        if leased(pr):
             pr.lease.resume()
             self.leases.request(rec.partner)  # serve as soon as the partner grants
         else:

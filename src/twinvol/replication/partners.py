@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from twinvol.replication.bitmap import AL_EXTENT, CHUNK, nchunks
+from twinvol.replication.bitmap import extent_chunks
 from twinvol.replication.core.decide import Effect as LossEffect
 from twinvol.replication.core.decide import GoAlone, PartnerLoss, Phase, SetMode, Suspend
 from twinvol.replication.core.types import Mode, Role, Verdict
@@ -169,11 +169,9 @@ class Partners:
         the dirty bits, plus the activity-log extents of mirrored writes still in flight
         (applied here; whether the partner has them is not known yet; their failure
         would mark them dirty only after the meeting)."""
-        per = AL_EXTENT // CHUNK
-        n = nchunks(pr.vol.record.size)
         for ext, count in pr.al_inflight.items():
             if count > 0:
-                pr.dirty.set_many(range(ext * per, min((ext + 1) * per, n)))
+                pr.dirty.set_many(extent_chunks(ext, pr.vol.record.size))
         return bytes(pr.dirty.bits)
 
     @staticmethod

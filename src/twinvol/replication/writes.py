@@ -288,7 +288,8 @@ class WritePath:
                 for x in exts:
                     pr.al_inflight[x] -= 1
                     pr.al_last[x] = now
-        if not replicate and not rec.remote:
+        if not replicate and not rec.remote \
+                and not pr.lease.may_act_alone(time.monotonic()):
             # Acknowledged by this copy alone: only once no lease granted to the partner
             # is left (a resync that just ended may have granted one).
             await self.leases.fence_partner(pr)
@@ -305,7 +306,7 @@ class WritePath:
         if pr.rec.io_mode != "local":
             raise WriteFailed(Err.EIO, f"partner lost and this copy may not continue: "
                                        f"{pr.rec.reason}")
-        if not pr.rec.remote:
+        if not pr.rec.remote and not pr.lease.may_act_alone(time.monotonic()):
             await self.leases.fence_partner(pr)
 
     async def host_flush(self, pr: PairRuntime) -> None:

@@ -140,8 +140,7 @@ class SimNode(Proc):
         return False
 
     def may_write_alone(self, now: float) -> bool:
-        return not self.options.fence_alone or (not self.lease.granting
-                                                and self.lease.partner_fenced(now))
+        return not self.options.fence_alone or self.lease.may_act_alone(now)
 
     def _request_lease(self) -> None:
         if self.session is not None and self.options.leases:

@@ -124,3 +124,8 @@ class PeerLease:
     def partner_fenced(self, now: float) -> bool:
         """True once every lease this side granted has run out."""
         return now >= self.granted_until
+
+    def may_act_alone(self, now: float) -> bool:
+        """Not granting, and every lease granted has run out: a write reaching only this
+        copy may be acknowledged now."""
+        return not self.granting and now >= self.granted_until
