@@ -53,7 +53,9 @@ class Clock:
         return self.offset + self.rate * real
 
     def real_at(self, local: float) -> float:
-        return (local - self.offset) / self.rate
+        # A hair late, so that reading the clock at that moment never gives a value
+        # below `local` by rounding (a timer would fire early, forever, at one instant).
+        return (local - self.offset) / self.rate + 1e-9
 
 
 @dataclass(eq=False)
