@@ -105,7 +105,14 @@ def test_copy_resumes_after_kill9(one: ClusterProc) -> None:
     c.start("A")
     v = c.pair("A", "v-snap")
     assert v["state"] == "copying" and 0 < v["copy"]["total_chunks"] < 128, v
-    view = c.wait_pair("A", "v-snap", "mirrored", timeout=20)
+    # Unpaced from here on: the rest of the copy follows at once.
+    bad = c.cli("pair", "set", "v-snap", "--copy-rate", "1K")
+    assert bad.returncode == 1
+    assert "copy_rate must be 0 (unlimited) or at least 64K per second, not '1K'" in bad.stderr
+    p = c.cli("pair", "set", "v-snap", "--copy-rate", "0", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["sides"]["A"]["copy_rate"] == 0
+    view = c.wait_pair("A", "v-snap", "mirrored", timeout=3)
     assert view["dirty_chunks"] == 0
     assert c.cli("pair", "split", "v-snap").returncode == 0
     qemu_io(c.uri("A", "v2"), "read -P 0x7e 0 8M")

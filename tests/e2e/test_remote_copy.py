@@ -509,6 +509,10 @@ def test_standby_without_records_catches_up_by_chunks_and_resumes_after_kill9(
         c.kill9("A")
         c.wait_pair("B", "vol", "suspended", "local", timeout=30)
         os.kill(pid_c, signal.SIGCONT)
+        # Paced, so the catch-up is surely running when B is killed (2 s for 64 MiB).
+        p = c.cli("pair", "set", "vol-dr", "--copy-rate", "32M", "--node", "B", "--json")
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["sides"]["B"]["copy_rate"] == 32 * MiB
         p = c.cli("dr", "takeover", "--site", "B", "--json")
         assert p.returncode == 0, p.stderr
         r = json.loads(p.stdout)["groups"][0]

@@ -157,3 +157,15 @@ def test_the_witness_hint_times_the_next_question() -> None:
     assert p.next_timer() == pytest.approx(11.51)  # not a polling step late
     assert arb.arbitrate(ArbitrateRequest("p", "B", "A", "secondary", "g"),
                          11.51).decision == "continue"
+
+
+def test_pace_holds_a_copy_to_its_rate_and_follows_a_change() -> None:
+    from twinvol.replication.core.pace import Pace
+    p = Pace()
+    assert p.delay(0, 10 << 20, 5.0) == 0.0                 # unlimited
+    assert p.delay(1 << 20, 0, 10.0) == 0.0                 # a new rate starts the reckoning
+    assert p.delay(1 << 20, 2 << 20, 10.5) == pytest.approx(1.5)   # 2 MiB in 0.5 s: 1.5 ahead
+    assert p.delay(1 << 20, 2 << 20, 12.5) == 0.0           # behind: never a negative wait
+    # Raised to 4 MiB/s: the bytes sent at the old rate are not paid for again.
+    assert p.delay(4 << 20, 3 << 20, 13.0) == 0.0
+    assert p.delay(4 << 20, 5 << 20, 13.25) == pytest.approx(0.25)

@@ -1,4 +1,4 @@
-"""`twinvol pair create|list|show|split|resync|swap|delete`."""
+"""`twinvol pair create|list|show|set|split|resync|swap|verify|delete`."""
 
 from __future__ import annotations
 
@@ -109,8 +109,9 @@ def create(
                                      help="async: journal limit of a new group (default 256M); "
                                           "past it the copy falls back to dirty bitmaps."),
     copy_rate: str = typer.Option(None, "--copy-rate",
-                                  help="local: copy pace in bytes per second (e.g. 100M), "
-                                       "leaving room for host I/O; default: unlimited."),
+                                  help="Pace of the copies the primary feeds, in bytes per "
+                                       "second (e.g. 100M), leaving room for host I/O; "
+                                       "default: unlimited (change it with `pair set`)."),
     wait: bool = WaitOpt,
     timeout: float = TimeoutOpt,
     cluster: str = ClusterOpt,
@@ -140,8 +141,6 @@ def create(
     if journal_size:
         body["journal_size"] = journal_size
     if copy_rate:
-        if mode != "local":
-            raise CliError("--copy-rate applies to --mode local only")
         body["copy_rate"] = copy_rate
     view = api(cfg, pnode, "POST", "/api/v1/pairs", body)
     if wait:
@@ -250,6 +249,34 @@ def resync(name: str = typer.Argument(...), wait: bool = WaitOpt, timeout: float
         emit_json(view)
     else:
         console.print(f"pair [bold]{name}[/] resyncing from {source}: {view['state']}")
+
+
+@app.command("set")
+def set_(name: str = typer.Argument(...),
+         copy_rate: str = typer.Option(..., "--copy-rate",
+                                       help="Pace of the copies (initial copy, resync, DR "
+                                            "catch-up) a node feeds, in bytes per second; 0 "
+                                            "for unlimited. A running copy follows at once."),
+         node: str = typer.Option(None, "--node",
+                                  help="Set it on this node only (default: every node that "
+                                       "holds the pair, since either may feed a copy)."),
+         cluster: str = ClusterOpt, json_out: bool = JsonOpt) -> None:
+    """Change a pair's settings."""
+    cfg = load_cluster(cluster)
+    if node is not None:
+        cfg.node(node)
+        nodes = [node]
+    else:
+        nodes = [n for n, _ in _find(cfg, name)]
+    views = {n: api(cfg, n, "PATCH", f"/api/v1/pairs/{name}", {"copy_rate": copy_rate})
+             for n in nodes}
+    if json_out:
+        emit_json({"pair": name, "sides": views})
+        return
+    for n, v in views.items():
+        rate = v.get("copy_rate") or 0
+        console.print(f"pair [bold]{name}[/] on {n}: copy rate "
+                      f"{f'{rate} bytes/s' if rate else 'unlimited'}")
 
 
 @app.command()

@@ -44,7 +44,11 @@ class CreatePair(msgspec.Struct, forbid_unknown_fields=True):
     secondary_volume: str | None = None
     group: str | None = None                  # async: consistency group (default: the name)
     journal_size: int | str | None = None     # async: journal limit of a new group
-    copy_rate: int | str | None = None        # local: copy pace, bytes per second
+    copy_rate: int | str | None = None        # pace of the copies this node feeds, bytes/s
+
+
+class SetPair(msgspec.Struct, forbid_unknown_fields=True):
+    copy_rate: int | str | None = None        # pace of the copies this node feeds (0: none)
 
 
 class SwitchCommand(msgspec.Struct, forbid_unknown_fields=True):
@@ -77,6 +81,14 @@ def _size(value: int | str | None) -> int | None:
         return parse_size(value)
     except SizeError as e:
         raise VolumeError(str(e)) from None
+
+
+def _rate(value: int | str | None) -> int:
+    rate = _size(value) or 0
+    if rate < 0 or 0 < rate < 65536:
+        raise VolumeError(f"copy_rate must be 0 (unlimited) or at least 64K per second, "
+                          f"not {value!r}")
+    return rate
 
 
 async def _body(request: web.Request, kind: type[Any]) -> Any:
@@ -214,7 +226,7 @@ def make_app(node: Node) -> web.Application:
                                   f"not {body.secondary}")
             lp = await local.create(body.name, body.primary_volume or body.name,
                                     body.secondary_volume or body.name,
-                                    _size(body.copy_rate) or 0)
+                                    _rate(body.copy_rate))
             return web.json_response(pair_view(lp.rec.name), status=201)
         if body.name in local.pairs:
             raise VolumeError(f"pair {body.name!r} already exists", "conflict")
@@ -230,17 +242,39 @@ def make_app(node: Node) -> web.Application:
         journal = _size(body.journal_size) or 0
         if body.journal_size is not None and journal < 1024 * 1024:
             raise VolumeError("journal_size must be at least 1M")
+        rate = _rate(body.copy_rate)
         rec = await node.replication.create(body.name, body.primary_volume or body.name,
                                             body.secondary,
                                             body.secondary_volume or body.name,
                                             mode=body.mode, group=body.group or "",
                                             journal_limit=journal)
+        if rate:
+            rec.copy_rate = rate   # read live by the copy that create just started
+            node.replication.save(node.replication.pairs[rec.name])
         return web.json_response(node.replication.view(node.replication.pairs[rec.name]),
                                  status=201)
 
     @routes.get("/api/v1/pairs/{name}")
     async def show_pair(request: web.Request) -> web.Response:
         return web.json_response(pair_view(request.match_info["name"]))
+
+    @routes.patch("/api/v1/pairs/{name}")
+    async def set_pair(request: web.Request) -> web.Response:
+        """Change a pair's settings on this node (a running copy follows at once)."""
+        name = request.match_info["name"]
+        body: SetPair = await _body(request, SetPair)
+        if body.copy_rate is None:
+            raise VolumeError("nothing to set: give copy_rate")
+        rate = _rate(body.copy_rate)
+        if name in local.pairs:
+            lp = local.get(name)
+            lp.rec.copy_rate = rate
+            local.save(lp)
+        else:
+            pr = node.replication.get(name)
+            pr.rec.copy_rate = rate
+            node.replication.save(pr)
+        return web.json_response(pair_view(name))
 
     @routes.post("/api/v1/pairs/{name}/{action}")
     async def pair_action(request: web.Request) -> web.Response:

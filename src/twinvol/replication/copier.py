@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from twinvol.replication.bitmap import CHUNK
+from twinvol.replication.core.pace import Pace
 from twinvol.replication.core.types import Role
 from twinvol.replication.messages import PairDone, encode
 from twinvol.replication.peer import Message, PeerDown, RemoteError
@@ -24,6 +25,8 @@ log = logging.getLogger("twinvol.replication")
 
 COPY_WINDOW = 16    # chunks in flight
 CURSOR_EVERY = 64   # chunks between durable checkpoints of the copy cursor
+PACE_EVERY = 4      # chunks between looks at the copy rate
+
 
 
 class Copier:
@@ -41,6 +44,7 @@ class Copier:
         self.mgr.save(pr)
         inflight: set[asyncio.Future[Message]] = set()
         sent: list[int] = []  # chunks sent since the last checkpoint (bits cleared once acked)
+        pace = Pace()
         try:
             link = self.mgr.peers.link(rec.partner)
             for chunk in list(pr.dirty.iter_set(0)):
@@ -59,6 +63,10 @@ class Copier:
                 if len(sent) >= CURSOR_EVERY:
                     await self.checkpoint(pr, inflight, sent)
                     inflight = set()
+                if len(sent) % PACE_EVERY == 0:
+                    wait = pace.delay(rec.copy_rate, pr.copied_bytes, time.monotonic())
+                    if wait:
+                        await asyncio.sleep(wait)
             await self.checkpoint(pr, inflight, sent)
             # Both sides now hold the same data: one generation, mirrored.
             # A far copy is consistent once it also applied every record up to here.

@@ -32,6 +32,7 @@ import msgspec
 from twinvol.nbd.constants import Cmd
 from twinvol.replication.backend import AsyncWriteBackend
 from twinvol.replication.bitmap import CHUNK, PersistentBits, chunks_of, nchunks
+from twinvol.replication.core.pace import Pace
 from twinvol.replication.ports import ManagerPort
 from twinvol.replication.wire import Payload
 from twinvol.storage.backing import BackingStore
@@ -249,7 +250,7 @@ class LocalCopies:
 
     # ---- records and lifecycle ----------------------------------------------------
 
-    def _save(self, lp: LocalPair) -> None:
+    def save(self, lp: LocalPair) -> None:
         lp.rec.updated = time.time()
         self.db.execute("INSERT OR REPLACE INTO local_pairs (name, body) VALUES (?, ?)",
                         (lp.rec.name, msgspec.json.encode(lp.rec).decode()))
@@ -299,7 +300,7 @@ class LocalCopies:
     def _set_state(self, lp: LocalPair, state: str, reason: str = "") -> None:
         old = lp.rec.state
         lp.rec.state, lp.rec.reason = state, reason
-        self._save(lp)
+        self.save(lp)
         if old != state:
             self.node.events.publish("pair_state", pair=lp.rec.name, state=state, previous=old,
                                      reason=reason, role="primary", mode="local")
@@ -453,9 +454,10 @@ class LocalCopies:
         rec.copy_total = len(todo)
         lp.copied_bytes = 0
         started = time.monotonic()
-        self._save(lp)
+        self.save(lp)
         done: list[int] = []
         checkpoint = started
+        pace = Pace()
         try:
             for i, chunk in enumerate(todo):
                 lp.copied_bytes += self._copy_chunk(lp, chunk)
@@ -471,9 +473,9 @@ class LocalCopies:
                     await lp.pbits.sync(ex)
                 elif (i + 1) % STEP_CHUNKS == 0:
                     await asyncio.sleep(0)
-                if rec.copy_rate and (i + 1) % STEP_CHUNKS == 0:
-                    ahead = (i + 1) * CHUNK / rec.copy_rate - (time.monotonic() - started)
-                    if ahead > 0:
+                if (i + 1) % STEP_CHUNKS == 0:
+                    ahead = pace.delay(rec.copy_rate, (i + 1) * CHUNK, time.monotonic())
+                    if ahead:
                         await asyncio.sleep(ahead)
             self._set_state(lp, "mirrored")
             self.node.events.publish("copy_done", pair=rec.name, bytes=lp.copied_bytes,

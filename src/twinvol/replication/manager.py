@@ -471,7 +471,7 @@ class ReplicationManager:
             "generation": {"current": rec.gen_current, "history": rec.gen_history},
             "peer_link": "up" if self.peers.is_up(rec.partner) else "down",
             "dirty_chunks": pr.dirty.count(), "chunk_size": CHUNK,
-            "export_name": pr.vol.record.export_name,
+            "export_name": pr.vol.record.export_name, "copy_rate": rec.copy_rate,
         }
         running = pr.copy_task is not None and not pr.copy_task.done()
         if pr.verify:

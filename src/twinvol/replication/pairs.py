@@ -49,6 +49,7 @@ class PairRecord(msgspec.Struct):
     copy_source: str = ""           # node that feeds the running copy
     own_identity: dict[str, object] = msgspec.field(default_factory=dict)
     group: str = ""                 # consistency group (async / sync remote copies)
+    copy_rate: int = 0              # pace of copies this node feeds, bytes/s (0: unlimited)
 
     @property
     def remote(self) -> bool:
