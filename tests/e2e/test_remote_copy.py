@@ -10,6 +10,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -178,6 +179,24 @@ def test_far_copy_is_always_a_prefix_of_the_write_sequence(ac: ClusterProc) -> N
     assert view["io_mode"] == "block"          # the far copy serves no host before DR
     assert view["remote_copy"]["sequence"]["applied"] == len(log)
     assert view["remote_copy"]["lag"] == {"sequences": 0, "seconds": 0.0, "bytes": 0}
+    assert view["remote_copy"]["feeder_heard_seconds_ago"] < 5
+    assert "stale" not in view["remote_copy"]
+    # The lag an operator alerts on: /metrics gauges and a `pair list` column.
+    req = urllib.request.Request(c.cfg.node("A").api_url + "/metrics",
+                                 headers={"Authorization": "Bearer " + c.cfg.cluster.secret})
+    metrics = urllib.request.urlopen(req, timeout=5).read().decode()
+    labels = 'group="g",group_role="primary",node="A",pair="v1-dr",site="A"'
+    for gauge in ("remote_lag_seconds", "remote_lag_writes", "remote_lag_bytes",
+                  "journal_fill_ratio", "remote_status_stale"):
+        assert f"twinvol_{gauge}{{{labels}}} 0.0" in metrics, gauge
+    p = c.cli("pair", "list")
+    assert p.returncode == 0 and "┃ lag ┃" in p.stdout, p.stdout
+    # Swap exchanges active-active roles; a remote copy is refused with the reason.
+    p = c.cli("pair", "swap", "v1-dr")
+    assert p.returncode == 1
+    assert ("pair 'v1-dr' is a remote copy (async): swap exchanges the roles of an "
+            "active-active pair") in p.stderr, p.stderr
+    assert c.pair("A", "v1-dr")["role"] == "primary"
 
 
 def test_takeover_at_the_far_site_then_failback(ac: ClusterProc) -> None:
@@ -207,6 +226,12 @@ def test_takeover_at_the_far_site_then_failback(ac: ClusterProc) -> None:
     assert [stamps(p) for p in paths] == expected_at(log, k)
     view = c.pair("C", "v1-dr")
     assert (view["state"], view["io_mode"]) == ("takeover", "local")
+    # C serves hosts now: it reads as the primary of what it serves.
+    assert view["role"] == "primary" and view["remote_copy"]["group_role"] == "primary"
+    assert view["remote_copy"]["served_at"] == "C"
+    p = c.cli("pair", "show", "v1-dr")
+    assert "taken over at C: serves hosts, fed by nobody until `dr failback`" in \
+        " ".join(p.stdout.split()), p.stdout
     # Hosts use the far copy now, under the same export name; changes are tracked.
     q = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x7e 1M 64k",
                         "-c", "read -P 0x7e 1M 64k", c.uri("C", "v1")],

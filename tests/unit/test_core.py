@@ -169,3 +169,34 @@ def test_pace_holds_a_copy_to_its_rate_and_follows_a_change() -> None:
     # Raised to 4 MiB/s: the bytes sent at the old rate are not paid for again.
     assert p.delay(4 << 20, 3 << 20, 13.0) == 0.0
     assert p.delay(4 << 20, 5 << 20, 13.25) == pytest.approx(0.25)
+
+
+def test_a_copy_that_applies_nothing_while_records_wait_is_stalled() -> None:
+    from twinvol.replication.core.stall import CopyProgress
+    p = CopyProgress(apply_after=10.0, inflight_after=30.0)
+    kw = {"written": 5, "committed": 5, "sent": 5, "oldest_inflight": 0,
+          "target_up": True, "streaming": True}
+    assert p.observe(0.0, applied=3, **kw) is None
+    assert p.observe(9.0, applied=3, **kw) is None
+    s = p.observe(10.5, applied=3, **kw)
+    assert s is not None and s.reason == ("the target applied nothing for 10 s with the "
+                                          "link up (written 5, sent 5, applied 3)")
+    p.reset(11.0)
+    assert p.observe(11.0, applied=4, **kw) is None
+    assert p.observe(30.0, applied=5, **kw) is None          # advancing: never stalled
+    # Link down, bitmap catch-up, nothing committed: waiting is no stall.
+    assert p.observe(100.0, applied=4, **{**kw, "target_up": False}) is None
+    assert p.observe(200.0, applied=4, **{**kw, "streaming": False}) is None
+    assert p.observe(300.0, applied=4, **{**kw, "committed": 4}) is None
+
+
+def test_a_write_that_never_commits_is_a_stall() -> None:
+    from twinvol.replication.core.stall import CopyProgress
+    p = CopyProgress(apply_after=10.0, inflight_after=30.0)
+    kw = {"written": 9, "committed": 6, "sent": 6, "applied": 6, "target_up": True,
+          "streaming": True}
+    assert p.observe(0.0, oldest_inflight=7, **kw) is None
+    assert p.observe(20.0, oldest_inflight=7, **kw) is None
+    assert p.observe(25.0, oldest_inflight=8, **kw) is None  # 7 committed, 8 is new
+    s = p.observe(56.0, oldest_inflight=8, **kw)
+    assert s is not None and s.reason.startswith("write 8 stayed uncommitted for 31 s")

@@ -264,6 +264,10 @@ def test_flapping_after_count_losses_in_window_once() -> None:
      "warning"),
     ({"type": "journal_overflow", "group": "g1", "used": 10, "capacity": 10}, "journal",
      "journal_overflow", "critical"),
+    ({"type": "remote_stalled", "group": "g1", "reason": "applied nothing"}, "journal",
+     "remote_copy", "error"),
+    ({"type": "remote_catch_up", "group": "g1", "reason": "resynced"}, "journal",
+     "remote_copy", "warning"),
 ])
 def test_events_become_faults(ev: dict[str, object], component: str, kind: str,
                               severity: str) -> None:
@@ -272,8 +276,15 @@ def test_events_become_faults(ev: dict[str, object], component: str, kind: str,
     assert d.description
 
 
+def test_a_far_copy_that_caught_up_clears_its_fault() -> None:
+    d = from_event({"node": "A", "time": 1.0, "type": "journal_resumed", "group": "g1"})
+    assert d is not None and (d.kind, d.state, d.subject) == ("remote_copy", "cleared", "g1")
+
+
 def test_non_fault_events_are_ignored() -> None:
     assert from_event({"type": "volume_created", "volume": "v"}) is None
+    # A standby that tracks chunks for records it lacks is no fault of the far copy.
+    assert from_event({"type": "standby_bitmap", "group": "g1", "reason": "gap"}) is None
     assert from_event({"type": "io_mode", "mode": "mirror", "previous": "local"}) is None
     # A copy target blocked by design (far copy, local secondary, initial copy) is no fault.
     assert from_event({"type": "io_mode", "mode": "block", "previous": "local",

@@ -161,12 +161,24 @@ def list_(cluster: str = ClusterOpt, json_out: bool = JsonOpt) -> None:
         emit_json({"pairs": rows, "unreachable": unreachable})
         return
     table = Table("pair", "node", "role", "volume", "partner", "state", "io mode", "link",
-                  "dirty")
+                  "dirty", "lag")
     for r in rows:
         table.add_row(r["name"], r["node"], r["role"], r["volume"], r["partner"], r["state"],
-                      r["io_mode"], r["peer_link"], str(r["dirty_chunks"]))
+                      r["io_mode"], r["peer_link"], str(r["dirty_chunks"]), _lag(r))
     console.print(table)
     warn_unreachable(unreachable)
+
+
+def _lag(view: dict[str, Any]) -> str:
+    """A remote copy's lag as an operator alerts on it (RPO): seconds, then records."""
+    rc = view.get("remote_copy")
+    if not rc:
+        return ""
+    if rc.get("group_state") == "takeover":
+        return "taken over"
+    lag = rc["lag"]
+    text = f"{lag['seconds']:.1f}s {lag['sequences']}w" if lag["sequences"] else "0"
+    return f"{text}?" if rc.get("stale") else text
 
 
 @app.command()
@@ -198,14 +210,20 @@ def show(name: str = typer.Argument(...), cluster: str = ClusterOpt,
         rc = v.get("remote_copy")
         if rc:
             sq, lag, j = rc["sequence"], rc["lag"], rc["journal"]
+            fed = (f"taken over at {rc['served_at']}: serves hosts, fed by nobody until "
+                   "`dr failback`" if rc.get("served_at")
+                   else f"fed by {rc['feeder']} to {rc['target']}")
             table.add_row("group", f"{rc['group']} ({rc['group_role']}, {rc['group_state']}, "
-                                   f"fed by {rc['feeder']} to {rc['target']})")
+                                   f"{fed})")
+            if rc.get("reason"):
+                table.add_row("group reason", rc["reason"])
             table.add_row("sequence", f"written {sq['written']}  sent {sq['sent']}  received "
                                       f"{sq['received']}  applied {sq['applied']}")
             table.add_row("lag (RPO)", f"{lag['sequences']} writes, {lag['seconds']} s, "
                                        f"{lag['bytes']} bytes")
             table.add_row("journal", f"{rc['journal_mode']}: {j['bytes']} of {j['limit']} "
-                                     f"bytes, sequences {j['first']}..{j['last']}")
+                                     f"bytes ({j['fill']:.0%}), sequences "
+                                     f"{j['first']}..{j['last']}")
         console.print(table)
 
 

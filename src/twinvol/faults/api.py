@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
@@ -191,9 +192,44 @@ class NodeCollector(Collector):
         yield state
         yield lag
         yield link
+        yield from _remote_metrics(mgr, ln, lv)
         st = os.statvfs(node.data_dir)
         g = GaugeMetricFamily("twinvol_capacity_bytes", "data directory file system space",
                               labels=[*ln, "kind"])
         g.add_metric([*lv, "total"], st.f_blocks * st.f_frsize)
         g.add_metric([*lv, "free"], st.f_bavail * st.f_frsize)
         yield g
+
+
+def _remote_metrics(mgr: Any, ln: list[str], lv: list[str]) -> Iterator[GaugeMetricFamily]:
+    """Each remote copy's lag and journal fill, so an operator can alert on the RPO."""
+    labels = [*ln, "pair", "group", "group_role"]
+    fams = {
+        "seconds": GaugeMetricFamily("twinvol_remote_lag_seconds",
+                                     "age of the oldest write the far copy lacks (RPO)",
+                                     labels=labels),
+        "sequences": GaugeMetricFamily("twinvol_remote_lag_writes",
+                                       "writes the far copy has not applied", labels=labels),
+        "bytes": GaugeMetricFamily("twinvol_remote_lag_bytes",
+                                   "bytes the far copy lacks", labels=labels),
+        "journal": GaugeMetricFamily("twinvol_journal_bytes", "journal bytes held",
+                                     labels=labels),
+        "fill": GaugeMetricFamily("twinvol_journal_fill_ratio",
+                                  "journal bytes held / journal limit", labels=labels),
+        "stale": GaugeMetricFamily("twinvol_remote_status_stale",
+                                   "1 when this node has not heard from the feeder lately",
+                                   labels=labels),
+    }
+    for pr in list(mgr.pairs.values()):
+        if not pr.rec.remote:
+            continue
+        rc = mgr.remote.view(pr)
+        if not rc:
+            continue
+        lv2 = [*lv, pr.rec.name, rc["group"], rc["group_role"]]
+        for key in ("seconds", "sequences", "bytes"):
+            fams[key].add_metric(lv2, float(rc["lag"][key]))
+        fams["journal"].add_metric(lv2, float(rc["journal"]["bytes"]))
+        fams["fill"].add_metric(lv2, float(rc["journal"]["fill"]))
+        fams["stale"].add_metric(lv2, 1.0 if rc.get("stale") else 0.0)
+    yield from fams.values()

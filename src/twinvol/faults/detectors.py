@@ -2,7 +2,8 @@
 
 The node already publishes its state changes (peer links, pair states, I/O modes,
 verify results, witness reachability); journal code publishes `journal_near_full`,
-`journal_full` and `journal_overflow` (fields: `group` or `pair`, `used`, `capacity`).
+`journal_full` and `journal_overflow` (fields: `group` or `pair`, `used`, `capacity`);
+remote copy publishes `remote_stalled` / `remote_catch_up` and `journal_resumed`.
 Turning events into reports keeps detection out of the replication code paths.
 """
 
@@ -105,12 +106,30 @@ def from_event(ev: dict[str, Any]) -> FaultDraft | None:
         sev = {"journal_near_full": "warning", "journal_full": "error",
                "journal_overflow": "critical"}[kind]
         what = {"journal_near_full": "is nearly full", "journal_full": "is full",
-                "journal_overflow": "overflowed: the async copy is suspended"}[kind]
+                "journal_overflow": "overflowed: the far copy is inconsistent until it "
+                                    "has caught up from dirty chunks"}[kind]
         return FaultDraft(component="journal", kind=kind, severity=sev,  # type: ignore[arg-type]
                           subject=group, time=t,
                           description=f"journal {group} on node {node} {what}{fill}",
                           action="check the link to the remote site and its apply rate; "
-                                 "after an overflow the pair needs a (delta) resync")
+                                 "the catch-up runs by itself, or raise --journal-size")
+    if kind in ("remote_stalled", "remote_catch_up"):
+        group = _s(ev, "group")
+        stalled = kind == "remote_stalled"
+        return FaultDraft(component="journal", kind="remote_copy",
+                          severity="error" if stalled else "warning", subject=group, time=t,
+                          description=f"far copy of group {group} on node {node} "
+                                      f"{'stopped advancing' if stalled else 'lacks records'}"
+                                      f" ({_s(ev, 'reason')}): it is inconsistent until it "
+                                      "has caught up from dirty chunks, which runs now",
+                          action="nothing if the catch-up ends; check the far site and "
+                                 "the node log if it comes back")
+    if kind == "journal_resumed":
+        group = _s(ev, "group")
+        return FaultDraft(component="journal", kind="remote_copy", severity="info",
+                          state="cleared", subject=group, time=t,
+                          description=f"far copy of group {group} caught up; records "
+                                      f"ship again from node {node}")
     if kind == "journal_damaged":
         group = _s(ev, "group")
         return FaultDraft(component="journal", kind="journal_damaged", severity="error",

@@ -75,6 +75,10 @@ class PairCommands:
     async def swap(self, name: str) -> PairRecord:
         pr = self.mgr.get(name)
         rec = pr.rec
+        if rec.remote:
+            raise VolumeError(f"pair {name!r} is a remote copy ({rec.mode}): swap exchanges "
+                              "the roles of an active-active pair; a remote copy changes "
+                              "direction with `twinvol dr takeover` and `twinvol dr failback`")
         if rec.state != "mirrored":
             raise VolumeError(f"pair {name!r} is {rec.state}; swap needs mirrored")
         link = self.mgr.link_or_none(rec.partner)

@@ -60,11 +60,8 @@ from twinvol.replication.peer import (
     RemoteError,
 )
 from twinvol.replication.ports import NodePort
-from twinvol.replication.remote import (
-    JournalingBackend,
-    RemoteCopy,
-    TakeoverBackend,
-)
+from twinvol.replication.remote import RemoteCopy
+from twinvol.replication.remote_io import JournalingBackend, TakeoverBackend
 from twinvol.replication.runtime import DEFAULT_JOURNAL, PairRuntime
 from twinvol.replication.verify import Verifier
 from twinvol.replication.wire import Payload
@@ -477,7 +474,9 @@ class ReplicationManager:
         if pr.verify:
             out["verify"] = pr.verify
         if rec.remote:
-            out["remote_copy"] = self.remote.view(pr)
+            out["remote_copy"] = rc = self.remote.view(pr)
+            if rc.get("served_at"):
+                out["role"] = Role.PRIMARY  # a far copy taken over serves hosts: its primary
         out["copy"] = {"running": running, "source": rec.copy_source,
                        "cursor": rec.copy_cursor, "remaining_chunks": pr.dirty.count(),
                        "total_chunks": rec.copy_total, "bytes_sent": pr.copied_bytes}

@@ -25,19 +25,19 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable
 from typing import Any
 
 import msgspec
 
 from twinvol.nbd.constants import Cmd
-from twinvol.replication.backend import AsyncWriteBackend
 from twinvol.replication.bitmap import chunks_of, nchunks
+from twinvol.replication.core.stall import Stalled
 from twinvol.replication.core.types import Mode, PairState, Role
 from twinvol.replication.dr import DisasterRecovery
 from twinvol.replication.pairs import PairRecord, new_generation
 from twinvol.replication.peer import Message, PeerDown, RemoteError
 from twinvol.replication.ports import ManagerPort
+from twinvol.replication.remote_status import group_view
 from twinvol.replication.runtime import GroupRecord, GroupRuntime, PairRuntime
 from twinvol.replication.wire import Payload
 from twinvol.storage.journal import (
@@ -219,14 +219,14 @@ class RemoteCopy:
         rec.bitmap_until = BITS_NEEDED
         return 0
 
-    def commit(self, seq: int) -> None:
-        """The write with this sequence number is complete (on both active-active copies)."""
+    def commit(self, volume: str, seq: int) -> None:
+        """The write to `volume` with this sequence number is complete (on both
+        active-active copies). Numbers are per group: look in `volume`'s group only."""
         if not seq:
             return
-        for g in self.groups.values():
-            if g.inflight.pop(seq, 0) is None:
-                g.wake.set()
-                return
+        g = self.feeds.get(volume)
+        if g is not None and g.inflight.pop(seq, 0) is None:
+            g.wake.set()
 
     def on_standby_write(self, volume: str, seq: int, cmd: int, offset: int, length: int,
                          data: Payload | None, flags: int) -> None:
@@ -278,7 +278,7 @@ class RemoteCopy:
             g.rec.bitmap_until = max(g.rec.bitmap_until, seq, g.rec.written)
         elif g.rec.mode == "journal":
             # The feeder's copy was resynced by its partner: catch the target up by chunks.
-            self._overflow(g, "resynced from the active-active partner")
+            self._overflow(g, "resynced from the active-active partner", event="remote_catch_up")
 
     def written_for(self, volume: str) -> int:
         """The last sequence number this node knows for the group `volume` feeds."""
@@ -298,18 +298,20 @@ class RemoteCopy:
         if pr.dirty.set_many(chunks):
             self.mgr.spawn(pr.dirty.sync(self.node.executor))
 
-    def _overflow(self, g: GroupRuntime, reason: str) -> None:
-        """The journal is full: track chunks instead of blocking hosts, catch up later."""
+    def _overflow(self, g: GroupRuntime, reason: str, event: str = "journal_overflow") -> None:
+        """Records cannot carry the copy on (the journal is full, lacks what the target
+        needs, or the copy stalled): track chunks instead of blocking hosts, catch up."""
         rec = g.rec
         self.mark_unapplied(g)
         g.journal.reset()
+        g.inflight.clear()  # their records were just marked dirty with the rest
         rec.mode = "bitmap"
         rec.state = "copying"
         rec.reason = f"catching up from dirty chunks: {reason}"
         self.save(g)
-        self.node.events.publish("journal_overflow", group=rec.name, reason=reason,
+        self.node.events.publish(event, group=rec.name, reason=reason,
                                  written=rec.written, applied=rec.applied)
-        log.warning("journal overflow", extra={"group": rec.name, "reason": reason})
+        log.warning(event.replace("_", " "), extra={"group": rec.name, "reason": reason})
         self._catch_up(g)
 
     def _catch_up(self, g: GroupRuntime) -> None:
@@ -341,12 +343,15 @@ class RemoteCopy:
             self.mark(g.pairs[r.pair], r.offset, r.length)
 
     def _standby_to_bitmap(self, g: GroupRuntime, reason: str) -> None:
+        """The standby lacks records (its partner wrote alone, its journal filled): its
+        dirty chunks stand for them until the target has applied past them. Not a fault
+        of the far copy, which the feeder still serves."""
         self.mark_unapplied(g)
         g.journal.reset()
         g.rec.mode = "bitmap"
         self.save(g)
-        self.node.events.publish("journal_overflow", group=g.rec.name, role="standby",
-                                 reason=reason)
+        self.node.events.publish("standby_bitmap", group=g.rec.name, reason=reason)
+        log.info("standby tracks dirty chunks", extra={"group": g.rec.name, "reason": reason})
 
     def _suspend(self, g: GroupRuntime, reason: str) -> None:
         if g.rec.state == "suspended" and g.rec.reason == reason:
@@ -406,7 +411,8 @@ class RemoteCopy:
                 if rec.sent < g.journal.first - 1 or (g.journal.first == 0
                                                       and rec.sent < committed):
                     # The journal no longer holds what the target needs.
-                    self._overflow(g, f"journal lacks sequence {rec.sent + 1}")
+                    self._overflow(g, f"the journal lacks sequence {rec.sent + 1}",
+                                   event="remote_catch_up")
                     continue
                 first = rec.sent + 1
                 last, blob = g.journal.read_encoded(first, BATCH_BYTES, seq_to=committed)
@@ -418,6 +424,7 @@ class RemoteCopy:
                 rec.records_shipped += last - first + 1
                 if len(window) >= WINDOW:
                     self._progress(g, (await window.pop(0))[0])
+                    self._report_standby(g)  # also while never idle (throttled)
             except JournalCorrupt as e:
                 self._suspend(g, f"journal record {e.seq + 1} failed its CRC check: nothing "
                                  "past it is shipped; resync the pair to repair the copy")
@@ -437,6 +444,12 @@ class RemoteCopy:
                 g.need_stat = True
                 if g.waiters:
                     self._release_waiters(g, None)
+            except Exception as e:  # a bug must not stop the copy while status says mirrored
+                log.exception("journal shipping failed", extra={"group": rec.name})
+                window.clear()
+                g.need_stat = True
+                self._stalled(g, Stalled(f"shipping failed: {type(e).__name__}: {e}"))
+                await asyncio.sleep(1.0)
 
     def _still_feeder(self, g: GroupRuntime, h: dict[str, Any]) -> bool:
         """The target's view: taken over, or fed by another node since (DR)?"""
@@ -560,15 +573,46 @@ class RemoteCopy:
             return
 
     async def _housekeeping(self) -> None:
-        """Target: durable checkpoints of what was applied. Everyone: save progress."""
+        """Target: durable checkpoints of what was applied. Feeder: is the copy moving?"""
         while True:
             await asyncio.sleep(CHECKPOINT_EVERY)
             for g in list(self.groups.values()):
+                if g.rec.feeder == self.node.name and g.rec.role == "primary":
+                    self._watch(g)
                 if g.rec.role == "secondary" and g.checkpoint_due:
                     g.checkpoint_due = False
                     await asyncio.get_running_loop().run_in_executor(
                         self.node.executor, self._sync_group, g)
                     self._checkpoint_done(g)
+
+    def _watch(self, g: GroupRuntime) -> None:
+        """A copy that stopped says so and catches up by itself (from dirty chunks)."""
+        rec = g.rec
+        if rec.state in ("suspended", "takeover") or rec.hold:
+            g.progress.reset(time.monotonic())
+            return
+        up = self.mgr.peers.is_up(rec.target)
+        if rec.mode == "bitmap" and up:
+            for pr in g.pairs.values():
+                if pr.rec.state == "copying" and (pr.copy_task is None or pr.copy_task.done()):
+                    log.warning("catch-up copy not running: restarting it",
+                                extra={"group": rec.name, "pair": pr.rec.name})
+                    pr.rec.copy_source = self.node.name
+                    self.mgr.start_copy(pr)
+        if g.ship_task is None or g.ship_task.done():
+            self.start_shipping(g)
+        stalled = g.progress.observe(time.monotonic(), written=rec.written,
+                                     committed=g.committed(), sent=rec.sent,
+                                     applied=rec.applied,
+                                     oldest_inflight=next(iter(g.inflight), 0),
+                                     target_up=up, streaming=rec.mode == "journal")
+        if stalled is not None:
+            self._stalled(g, stalled)
+
+    def _stalled(self, g: GroupRuntime, stall: Stalled) -> None:
+        log.error("far copy stalled", extra={"group": g.rec.name, "reason": stall.reason})
+        g.progress.reset(time.monotonic())
+        self._overflow(g, f"the copy stalled: {stall.reason}", event="remote_stalled")
 
     def _sync_group(self, g: GroupRuntime) -> None:
         for pr in list(g.pairs.values()):
@@ -703,6 +747,10 @@ class RemoteCopy:
     def on_message(self, peer: str, h: dict[str, Any], payload: Payload
                    ) -> Message:
         t = h["t"]
+        if t in ("jr", "jstat", "jprog", "jresume"):
+            heard = self.groups.get(str(h.get("group")))
+            if heard is not None and heard.rec.feeder == peer:
+                heard.last_heard = time.monotonic()
         if t == "jr":
             return self._on_records(peer, h, payload)
         if t == "jstat":
@@ -953,117 +1001,5 @@ class RemoteCopy:
 
     def view(self, pr: PairRuntime) -> dict[str, Any]:
         g = self.groups.get(pr.rec.group)
-        if g is None:
-            return {}
-        rec = g.rec
-        lag_seq = max(0, rec.written - rec.applied)
-        lag_s = 0.0
-        if lag_seq:
-            # How long the oldest write the far copy lacks has been waiting (what a loss of
-            # this site now would cost); without that record here, the gap between the
-            # newest written and the newest applied write.
-            oldest = g.journal.record_time(rec.applied + 1)
-            lag_s = (time.time() - oldest if oldest is not None
-                     else rec.written_time - rec.applied_time if rec.applied_time else 0.0)
-        out: dict[str, Any] = {
-            "group": rec.name, "group_role": rec.role, "feeder": rec.feeder,
-            "target": rec.target, "group_state": rec.state, "journal_mode": rec.mode,
-            "sync": rec.sync,
-            "sequence": {"written": rec.written, "sent": rec.sent, "received": rec.received,
-                         "applied": rec.applied, "committed": g.committed()
-                         if rec.role == "primary" else rec.written},
-            "recovery_point": {"applied_time": rec.applied_time,
-                               "written_time": rec.written_time},
-            "lag": {"sequences": lag_seq, "seconds": round(max(0.0, lag_s), 3),
-                    "bytes": self._lag_bytes(g)},
-            "journal": {"bytes": g.journal.size, "limit": g.journal.limit,
-                        "first": g.journal.first, "last": g.journal.last,
-                        "damaged_at": g.journal.corrupt_at},
-            "shipped": {"bytes": rec.bytes_shipped, "records": rec.records_shipped},
-        }
-        if rec.bitmap_until:
-            out["bitmap_until"] = rec.bitmap_until
-        if g.delta:
-            out["delta_resync"] = g.delta
-        return out
-
-    def _lag_bytes(self, g: GroupRuntime) -> int:
-        """Bytes of journal records the target has not applied (what a loss would cost)."""
-        j = g.journal
-        if not j.last or g.rec.applied >= j.last:
-            return 0
-        total = 0
-        for seq in range(max(g.rec.applied + 1, j.first), j.last + 1):
-            where = j.index.get(seq)
-            if where is not None:
-                total += where[2]
-        return total
-
-
-class TakeoverBackend(AsyncWriteBackend):
-    """Host I/O on a far-site copy that was taken over: every changed chunk is marked
-    (durably, before the write) so failback copies only what changed."""
-
-    def __init__(self, remote: RemoteCopy, pr: PairRuntime) -> None:
-        super().__init__(pr.vol.store)
-        self.remote = remote
-        self.pr = pr
-        self.flush = pr.vol.store.flush
-
-    async def submit(self, cmd: int, offset: int, length: int, data: Payload | None,
-                     flags: int) -> None:
-        pr, ex = self.pr, self.remote.node.executor
-        loop = asyncio.get_running_loop()
-        if cmd == Cmd.FLUSH:
-            await loop.run_in_executor(ex, pr.vol.store.flush)
-            return
-        if pr.dirty.set_many(chunks_of(offset, length)):
-            await pr.dirty.sync(ex)
-        self.remote.mgr.apply(pr, cmd, offset, length, data, flags)
-        if flags & 1:
-            await loop.run_in_executor(ex, pr.vol.store.flush)
-
-
-class JournalingBackend(TakeoverBackend):
-    """Host I/O on the primary of an async pair that has no active-active partner."""
-
-    def submit(self, cmd: int, offset: int, length: int,  # type: ignore[override]
-               data: Payload | None, flags: int) -> Awaitable[None]:
-        if cmd == Cmd.FLUSH or flags & 1:
-            return self._durable(cmd, offset, length, data, flags)
-        # The common case completes in this step: no task per write.
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        try:
-            self.remote.mgr.apply(self.pr, cmd, offset, length, data, flags)
-            seq = self.remote.on_applied(self.pr.rec.volume, cmd, offset, length, data, flags,
-                                         committed=True)
-        except Exception as e:
-            fut.set_exception(e)
-            return fut
-        waiting = self.remote.wait_sync(self.pr.rec.volume, seq)
-        if waiting is not None:
-            return waiting
-        fut.set_result(None)
-        return fut
-
-    async def _durable(self, cmd: int, offset: int, length: int,
-                       data: Payload | None, flags: int) -> None:
-        pr, ex = self.pr, self.remote.node.executor
-        loop = asyncio.get_running_loop()
-        if cmd == Cmd.FLUSH:
-            await loop.run_in_executor(ex, self._flush_all)
-            return
-        self.remote.mgr.apply(pr, cmd, offset, length, data, flags)
-        seq = self.remote.on_applied(pr.rec.volume, cmd, offset, length, data, flags,
-                                     committed=True)
-        waiting = self.remote.wait_sync(pr.rec.volume, seq)
-        if flags & 1:
-            await loop.run_in_executor(ex, self._flush_all)
-        if waiting is not None:
-            await waiting
-
-    def _flush_all(self) -> None:
-        self.pr.vol.store.flush()
-        g = self.remote.feeds.get(self.pr.rec.volume)
-        if g is not None:
-            g.journal.sync()
+        return {} if g is None else group_view(g, self.node.name, time.time(),
+                                               time.monotonic())

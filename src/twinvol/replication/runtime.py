@@ -12,6 +12,7 @@ import msgspec
 
 from twinvol.replication.bitmap import PersistentBits
 from twinvol.replication.core.lease import PeerLease
+from twinvol.replication.core.stall import CopyProgress
 from twinvol.replication.pairs import PairRecord
 from twinvol.storage.journal import Journal
 from twinvol.storage.volumes import Volume
@@ -84,6 +85,8 @@ class GroupRuntime:
     checkpoint_due: bool = False
     delta: dict[str, Any] = field(default_factory=dict)  # the last DR delta resync
     waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)  # sync
+    progress: CopyProgress = field(default_factory=CopyProgress)  # (feeder) still moving?
+    last_heard: float = 0.0     # (target, standby) monotonic time of the feeder's last word
 
     def committed(self) -> int:
         """Highest sequence number below which every record may be shipped."""

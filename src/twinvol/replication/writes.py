@@ -169,7 +169,7 @@ class WritePath:
 
         def w_done(exc: BaseException | None) -> None:
             if seq:
-                self.remote.commit(seq)
+                self.remote.commit(rec.volume, seq)
             if exc is not None:
                 # Mark the chunks before the write leaves the activity log's in-flight
                 # count: a meeting with the partner that runs before the task below must
@@ -238,7 +238,7 @@ class WritePath:
         try:
             await self.replicate(pr, cmd, offset, length, data, flags, replicate, seq)
         finally:
-            self.remote.commit(seq)
+            self.remote.commit(rec.volume, seq)
 
     def replicating(self, pr: PairRuntime) -> bool:
         """Does a primary write go to the partner now (mirrored, or a copy we feed)?"""

@@ -1,0 +1,96 @@
+"""Issue 15, finding 1: a far copy that stops must say so and catch up by itself.
+
+Two real nodes in this process (A feeds an async copy to C over loopback). C is made to
+refuse every journal batch, a stall no status showed before: A kept `mirrored` while
+its lag grew. Now A's watch sees that C applies nothing while records wait, reports
+`remote_stalled`, marks what C lacks dirty and copies it by chunks; once C takes
+records again the group is mirrored and C equals A byte for byte."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import pytest
+
+from twinvol import cluster as cluster_mod
+from twinvol.cluster import ClusterConfig, ClusterSection, NodeConfig
+from twinvol.nbd.constants import Cmd
+from twinvol.node.daemon import Node
+from twinvol.replication.core.stall import CopyProgress
+from twinvol.replication.peer import RemoteError
+from twinvol.supervisor import free_ports
+
+SIZE = 1024 * 1024
+
+
+def make_cluster(tmp: str) -> ClusterConfig:
+    ports = iter(free_ports(6))
+    cfg = ClusterConfig(
+        nodes={n: NodeConfig(site=n, nbd=f"127.0.0.1:{next(ports)}",
+                             api=f"127.0.0.1:{next(ports)}", data_dir=f"data-{n}",
+                             peer=f"127.0.0.1:{next(ports)}") for n in ("A", "C")},
+        cluster=ClusterSection(name="stall", secret="stall-secret"))
+    path = os.path.join(tmp, "cluster.toml")
+    cluster_mod.dump(cfg, path)
+    return cluster_mod.load(path)
+
+
+async def until(check: Any, what: str, timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def stall(tmp: str) -> None:
+    cfg = make_cluster(tmp)
+    a, c = Node(cfg, "A"), Node(cfg, "C")
+    await a.start()
+    await c.start()
+    try:
+        a.volumes.create("v", SIZE)
+        await until(lambda: a.replication.peers.is_up("C"), "the peer link")
+        await a.replication.create("dr", "v", "C", "v", mode="async")
+        g = a.replication.remote.groups["dr"]
+        gc = c.replication.remote.groups["dr"]
+        await until(lambda: g.rec.state == "mirrored" and gc.rec.state == "mirrored",
+                    "the initial copy")
+        g.progress = CopyProgress(apply_after=0.5)
+        events: list[dict[str, Any]] = []
+        a.events.listen(events.append)
+        real = c.replication.remote._on_records
+
+        def refuse(peer: str, h: dict[str, Any], payload: Any) -> Any:
+            raise RemoteError("busy applying (test)", "busy")
+
+        c.replication.remote._on_records = refuse  # type: ignore[method-assign]
+        pa = a.replication.pairs["dr"]
+        backend = a.replication.backend_for(pa.vol)
+        assert backend is not None
+        await backend.submit(Cmd.WRITE, 8192, 4096, b"\x5a" * 4096, 0)
+        await until(lambda: g.rec.mode == "bitmap", "the stall to be seen", timeout=10)
+        assert g.rec.state == "copying"
+        assert "the copy stalled: the target applied nothing" in g.rec.reason
+        assert pa.rec.state == "copying" and "stalled" in pa.rec.reason
+        view = a.replication.view(pa)["remote_copy"]
+        assert view["group_state"] == "copying" and view["lag"]["sequences"] >= 1
+        stalled = [e for e in events if e["type"] == "remote_stalled"]
+        assert len(stalled) == 1 and stalled[0]["group"] == "dr", events
+        c.replication.remote._on_records = real  # type: ignore[method-assign]
+        await until(lambda: g.rec.state == "mirrored" and g.rec.mode == "journal",
+                    "the catch-up", timeout=15)
+        assert [e["type"] for e in events if e["type"] == "journal_resumed"] == \
+            ["journal_resumed"]
+        await backend.submit(Cmd.WRITE, 65536, 4096, b"\xa5" * 4096, 0)
+        await until(lambda: gc.rec.applied == g.rec.written, "records again", timeout=10)
+        assert c.volumes.get("v").store.pread(0, SIZE) == a.volumes.get("v").store.pread(0, SIZE)
+    finally:
+        await a.stop()
+        await c.stop()
+
+
+def test_a_stalled_far_copy_says_so_and_catches_up(tmp_path: pytest.TempPathFactory) -> None:
+    asyncio.run(stall(str(tmp_path)))
