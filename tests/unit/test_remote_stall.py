@@ -1,4 +1,5 @@
-"""Issue 15, finding 1: a far copy that stops must say so and catch up by itself.
+"""Issue 15, finding 1: a far copy that stops must say so and catch up by itself, and a
+mirrored write on a closing link must not leave its sequence number in flight.
 
 Two real nodes in this process (A feeds an async copy to C over loopback). C is made to
 refuse every journal batch, a stall no status showed before: A kept `mirrored` while
@@ -19,18 +20,18 @@ from twinvol.cluster import ClusterConfig, ClusterSection, NodeConfig
 from twinvol.nbd.constants import Cmd
 from twinvol.node.daemon import Node
 from twinvol.replication.core.stall import CopyProgress
-from twinvol.replication.peer import RemoteError
+from twinvol.replication.peer import PeerDown, RemoteError
 from twinvol.supervisor import free_ports
 
 SIZE = 1024 * 1024
 
 
-def make_cluster(tmp: str) -> ClusterConfig:
-    ports = iter(free_ports(6))
+def make_cluster(tmp: str, names: tuple[str, ...] = ("A", "C")) -> ClusterConfig:
+    ports = iter(free_ports(3 * len(names)))
     cfg = ClusterConfig(
         nodes={n: NodeConfig(site=n, nbd=f"127.0.0.1:{next(ports)}",
                              api=f"127.0.0.1:{next(ports)}", data_dir=f"data-{n}",
-                             peer=f"127.0.0.1:{next(ports)}") for n in ("A", "C")},
+                             peer=f"127.0.0.1:{next(ports)}") for n in names},
         cluster=ClusterSection(name="stall", secret="stall-secret"))
     path = os.path.join(tmp, "cluster.toml")
     cluster_mod.dump(cfg, path)
@@ -94,3 +95,49 @@ async def stall(tmp: str) -> None:
 
 def test_a_stalled_far_copy_says_so_and_catches_up(tmp_path: pytest.TempPathFactory) -> None:
     asyncio.run(stall(str(tmp_path)))
+
+
+async def closing_link(tmp: str) -> None:
+    cfg = make_cluster(tmp, ("A", "B", "C"))
+    a, b, c = Node(cfg, "A"), Node(cfg, "B"), Node(cfg, "C")
+    for n in (a, b, c):
+        await n.start()
+    try:
+        a.volumes.create("v", SIZE)
+        await until(lambda: a.replication.peers.is_up("B") and a.replication.peers.is_up("C")
+                    and b.replication.peers.is_up("C"), "the peer links")
+        await a.replication.create("p", "v", "B", "v")
+        pa = a.replication.pairs["p"]
+        await until(lambda: pa.rec.state == "mirrored" and pa.rec.io_mode == "mirror",
+                    "the initial copy")
+        await a.replication.create("dr", "v", "C", "v", mode="async")
+        g = a.replication.remote.groups["dr"]
+        await until(lambda: g.rec.state == "mirrored", "the far copy")
+        w = a.replication.writes
+        await w.host_write(pa, Cmd.WRITE, 0, 4096, b"\x11" * 4096, 0)
+        # The partner link is closing as the next mirrored write leaves.
+        link = a.replication.peers.links["B"]
+        real = link.request_row
+
+        def closing(*args: Any, **kw: Any) -> int:
+            link.request_row = real  # type: ignore[method-assign]
+            raise PeerDown("link to B is closing (test)")
+
+        link.request_row = closing  # type: ignore[method-assign]
+        try:
+            await w.host_write(pa, Cmd.WRITE, 4096, 4096, b"\x22" * 4096, 0)
+        except Exception as e:  # the write may fail: it must not stop the far copy
+            assert "partner" in str(e), e
+        assert not g.inflight, f"sequence numbers left in flight: {list(g.inflight)}"
+        await w.host_write(pa, Cmd.WRITE, 8192, 4096, b"\x33" * 4096, 0)
+        gc = c.replication.remote.groups["dr"]
+        await until(lambda: gc.rec.applied == g.rec.written, "the far copy to advance",
+                    timeout=10)
+    finally:
+        for n in (a, b, c):
+            await n.stop()
+
+
+def test_a_mirrored_write_on_a_closing_link_never_stops_the_far_copy(
+        tmp_path: pytest.TempPathFactory) -> None:
+    asyncio.run(closing_link(str(tmp_path)))

@@ -133,9 +133,12 @@ class WritePath:
                     done(WriteFailed(Err.EIO, f"partner lost: {exc}"))
 
             # hold=1: the primary may refer to the data instead of echoing it.
-            rid = link.request_row("fwb", rec.name,
-                                   [cmd, offset, length, flags, int(holding is not None)],
-                                   data or b"", fw_done)
+            try:
+                rid = link.request_row("fwb", rec.name,
+                                       [cmd, offset, length, flags, int(holding is not None)],
+                                       data or b"", fw_done)
+            except PeerDown:
+                return False  # the link is closing: the general path decides
             if holding is not None:
                 held[rid] = holding
             return True
@@ -186,8 +189,13 @@ class WritePath:
             task = asyncio.ensure_future(self.partner_missing(pr, chunks_of(offset, length)))
             task.add_done_callback(lambda t: done(_exc_of(t)))
 
-        link.request_row("wb", rec.name, [cmd, offset, length, flags, fwd, j or seq], payload,
-                         w_done)
+        try:
+            link.request_row("wb", rec.name, [cmd, offset, length, flags, fwd, j or seq],
+                             payload, w_done)
+        except PeerDown as e:
+            # The link is closing: this copy has the write, the partner may not. Never
+            # raise here: the sequence number would stay in flight and stop the far copy.
+            w_done(e)
         return True
 
     async def slow_write(self, pr: PairRuntime, cmd: int, offset: int, length: int,
@@ -266,7 +274,11 @@ class WritePath:
                           "len": length, "flags": flags}
                 if seq:
                     header["j"] = seq
-                fut = link.request(header, data or b"")
+                try:
+                    fut = link.request(header, data or b"")
+                except PeerDown:  # closing: as if the partner were lost during the write
+                    fut = asyncio.get_running_loop().create_future()
+                    fut.set_exception(PeerDown("link closing"))
             else:
                 await self.partner_missing(pr, chunks)
         local_sync = None
