@@ -62,29 +62,30 @@ async def stall(tmp: str) -> None:
         g.progress = CopyProgress(apply_after=0.5)
         events: list[dict[str, Any]] = []
         a.events.listen(events.append)
-        real = c.replication.remote._on_records
+        real = c.replication.remote.target.on_records
 
         def refuse(peer: str, h: dict[str, Any], payload: Any) -> Any:
             raise RemoteError("busy applying (test)", "busy")
 
-        c.replication.remote._on_records = refuse  # type: ignore[method-assign]
+        c.replication.remote.target.on_records = refuse  # type: ignore[method-assign]
         pa = a.replication.pairs["dr"]
         backend = a.replication.backend_for(pa.vol)
         assert backend is not None
         await backend.submit(Cmd.WRITE, 8192, 4096, b"\x5a" * 4096, 0)
-        await until(lambda: g.rec.mode == "bitmap", "the stall to be seen", timeout=10)
-        assert g.rec.state == "copying"
-        assert "the copy stalled: the target applied nothing" in g.rec.reason
-        assert pa.rec.state == "copying" and "stalled" in pa.rec.reason
-        view = a.replication.view(pa)["remote_copy"]
-        assert view["group_state"] == "copying" and view["lag"]["sequences"] >= 1
+        # Seen, reported, caught up by chunks (one chunk: it may all pass in a moment).
+        await until(lambda: any(e["type"] == "journal_resumed" for e in events),
+                    "the stall to be seen and caught up", timeout=10)
+        c.replication.remote.target.on_records = real  # type: ignore[method-assign]
         stalled = [e for e in events if e["type"] == "remote_stalled"]
         assert len(stalled) == 1 and stalled[0]["group"] == "dr", events
-        c.replication.remote._on_records = real  # type: ignore[method-assign]
-        await until(lambda: g.rec.state == "mirrored" and g.rec.mode == "journal",
-                    "the catch-up", timeout=15)
-        assert [e["type"] for e in events if e["type"] == "journal_resumed"] == \
-            ["journal_resumed"]
+        assert stalled[0]["reason"].startswith("the copy stalled: the target applied nothing for")
+        states = [(e["state"], e["reason"]) for e in events
+                  if e["type"] == "pair_state" and e["pair"] == "dr"]
+        assert states[0][0] == "copying" and states[0][1].startswith(
+            "catching up from dirty chunks: the copy stalled: the target applied nothing")
+        assert states[-1] == ("mirrored", ""), states
+        assert g.rec.state == "mirrored" and g.rec.mode == "journal"
+        assert c.volumes.get("v").store.pread(8192, 4096) == b"\x5a" * 4096
         await backend.submit(Cmd.WRITE, 65536, 4096, b"\xa5" * 4096, 0)
         await until(lambda: gc.rec.applied == g.rec.written, "records again", timeout=10)
         assert c.volumes.get("v").store.pread(0, SIZE) == a.volumes.get("v").store.pread(0, SIZE)

@@ -17,7 +17,7 @@ from twinvol.nbd.aio import Backend
 from twinvol.replication.core.lease import LeaseConfig
 from twinvol.replication.pairs import PairRecord, PairStore
 from twinvol.replication.peer import PeerService
-from twinvol.replication.runtime import GroupRuntime, PairRuntime
+from twinvol.replication.runtime import GroupRecord, GroupRuntime, PairRuntime
 from twinvol.replication.wire import Payload
 from twinvol.storage.volumes import Volume, VolumeManager
 from twinvol.witness.logic import Decision
@@ -131,7 +131,7 @@ class ManagerPort(Protocol):
 
 
 class RemotePort(Protocol):
-    """Remote copy as disaster recovery uses it."""
+    """Remote copy as its parts (disaster recovery, the far target) use it."""
 
     mgr: ManagerPort
     node: NodePort
@@ -153,6 +153,23 @@ class RemotePort(Protocol):
     def group_of(self, h: dict[str, Any]) -> GroupRuntime: ...
 
     def taken_over(self, g: GroupRuntime) -> None: ...
+
+    def suspend(self, g: GroupRuntime, reason: str) -> None: ...
+
+    def overflow(self, g: GroupRuntime, reason: str, event: str = "journal_overflow"
+                 ) -> None: ...
+
+    def demote(self, g: GroupRuntime, feeder: str) -> None: ...
+
+    def pair_of(self, g: GroupRuntime, volume: str) -> PairRuntime: ...
+
+    def open_group(self, rec: GroupRecord) -> GroupRuntime: ...
+
+    def on_applied(self, volume: str, cmd: int, offset: int, length: int,
+                   data: Payload | None, flags: int, *, committed: bool) -> int: ...
+
+    def ensure_group(self, name: str, role: str, target: str, feeder: str,
+                     limit: int) -> GroupRuntime: ...
 
 
 class CopyFeedPort(Protocol):

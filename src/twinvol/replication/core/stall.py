@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 APPLY_STALL_AFTER = 10.0      # seconds without an applied record while records wait
-INFLIGHT_STALL_AFTER = 30.0   # seconds one sequence number may stay uncommitted
+INFLIGHT_STALL_AFTER = 20.0   # seconds one sequence number may stay uncommitted
 
 
 @dataclass(frozen=True)

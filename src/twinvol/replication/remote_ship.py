@@ -1,0 +1,208 @@
+"""The feeder of a remote copy: ships committed journal records to the far site in
+sequence order (a window of batches in flight), learns what it received and applied
+(which trims the journal), passes that on to the standby, completes sync-mode writes,
+and watches that the copy keeps moving: a copy that stops says so and catches up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from twinvol.replication.core.stall import Stalled
+from twinvol.replication.peer import Message, PeerDown, RemoteError
+from twinvol.replication.ports import RemotePort
+from twinvol.replication.runtime import GroupRuntime
+from twinvol.storage.journal import JournalCorrupt
+
+log = logging.getLogger("twinvol.remote")
+
+BATCH_BYTES = 1024 * 1024
+WINDOW = 4                 # journal batches in flight to the target
+CHECKPOINT_EVERY = 0.3     # seconds between looks at the target's durable checkpoint
+PROGRESS_EVERY = 0.3       # seconds between progress reports to the standby
+
+
+class Shipper:
+    """Shipping for every group this node feeds."""
+
+    def __init__(self, remote: RemotePort) -> None:
+        self.remote = remote
+        self.mgr = remote.mgr
+        self.node = remote.node
+
+    async def run(self, g: GroupRuntime) -> None:
+        rec = g.rec
+        window: list[asyncio.Future[Message]] = []
+        while True:
+            g.wake.clear()
+            link = self.mgr.link_or_none(rec.target)
+            if link is None or rec.state == "suspended" or rec.feeder != self.node.name:
+                if g.waiters:
+                    self.release_waiters(g, None)
+                window.clear()
+                g.need_stat = True
+                await self.idle(g, 1.0)
+                continue
+            try:
+                if g.need_stat:
+                    h, _ = await link.request({"t": "jstat", "group": rec.name})
+                    g.last_stat = time.monotonic()
+                    if not self.still_feeder(g, h):
+                        continue
+                    self.learn(g, h)
+                    rec.sent = max(int(h["received"]), rec.applied)
+                    g.need_stat = False
+                committed = g.committed()
+                if rec.mode != "journal" or rec.sent >= committed:
+                    while window:
+                        self.progress(g, (await window.pop(0))[0])
+                    self.report_standby(g)
+                    await self.idle(g, CHECKPOINT_EVERY)
+                    if not g.wake.is_set() and (rec.applied < rec.sent
+                                                or time.monotonic() - g.last_stat > 1.0):
+                        # Learn the target's next durable checkpoint (trims the journal),
+                        # and whether it still takes records from here.
+                        h, _ = await link.request({"t": "jstat", "group": rec.name})
+                        g.last_stat = time.monotonic()
+                        if self.still_feeder(g, h):
+                            self.progress(g, h)
+                    continue
+                if rec.sent < g.journal.first - 1 or (g.journal.first == 0
+                                                      and rec.sent < committed):
+                    # The journal no longer holds what the target needs.
+                    self.remote.overflow(g, f"the journal lacks sequence {rec.sent + 1}",
+                                   event="remote_catch_up")
+                    continue
+                first = rec.sent + 1
+                last, blob = g.journal.read_encoded(first, BATCH_BYTES, seq_to=committed)
+                window.append(link.request(
+                    {"t": "jr", "group": rec.name, "first": first, "last": last,
+                     "written": rec.written, "wtime": rec.written_time}, blob))
+                rec.sent = last
+                rec.bytes_shipped += len(blob)
+                rec.records_shipped += last - first + 1
+                if len(window) >= WINDOW:
+                    self.progress(g, (await window.pop(0))[0])
+                    self.report_standby(g)  # also while never idle (throttled)
+            except JournalCorrupt as e:
+                self.remote.suspend(g, f"journal record {e.seq + 1} failed its CRC check: nothing "
+                                 "past it is shipped; resync the pair to repair the copy")
+                self.node.events.publish("journal_corrupt", group=rec.name, seq=e.seq + 1)
+            except RemoteError as e:
+                window.clear()
+                if e.code == "corrupt":
+                    self.remote.suspend(g, f"the target refused a damaged record: {e}")
+                    self.node.events.publish("journal_corrupt", group=rec.name, error=str(e))
+                else:
+                    log.warning("journal shipping refused", extra={"group": rec.name,
+                                                                   "error": str(e)})
+                    g.need_stat = True
+                    await asyncio.sleep(0.5)
+            except PeerDown:
+                window.clear()
+                g.need_stat = True
+                if g.waiters:
+                    self.release_waiters(g, None)
+            except Exception as e:  # a bug must not stop the copy while status says mirrored
+                log.exception("journal shipping failed", extra={"group": rec.name})
+                window.clear()
+                g.need_stat = True
+                self.stalled(g, Stalled(f"shipping failed: {type(e).__name__}: {e}"))
+                await asyncio.sleep(1.0)
+
+    def still_feeder(self, g: GroupRuntime, h: dict[str, Any]) -> bool:
+        """The target's view: taken over, or fed by another node since (DR)?"""
+        if h.get("state") == "takeover":
+            self.remote.taken_over(g)
+            return False
+        if h.get("feeder") and h["feeder"] != self.node.name:
+            self.remote.demote(g, str(h["feeder"]))
+            return False
+        return True
+
+    @staticmethod
+    def release_waiters(g: GroupRuntime, upto: int | None) -> None:
+        """Complete sync writes the target holds (all of them when `upto` is None: the
+        target is lost and writes continue without it, recorded in the journal)."""
+        keep = []
+        for seq, fut in g.waiters:
+            if upto is None or seq <= upto:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                keep.append((seq, fut))
+        g.waiters = keep
+
+    async def idle(self, g: GroupRuntime, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(g.wake.wait(), timeout)
+
+    def learn(self, g: GroupRuntime, h: dict[str, Any]) -> None:
+        rec = g.rec
+        rec.received = int(h["received"])
+        if int(h["applied"]) >= rec.applied:
+            rec.applied = int(h["applied"])
+            rec.applied_time = float(h.get("applied_time", rec.applied_time))
+
+    def progress(self, g: GroupRuntime, h: dict[str, Any]) -> None:
+        """A reply from the target: it received/applied up to these sequence numbers."""
+        self.learn(g, h)
+        if g.waiters:
+            self.release_waiters(g, g.rec.received)
+        g.journal.trim(g.rec.applied)
+        if time.monotonic() - g.last_save > 0.5:
+            self.remote.save(g)
+
+    def report_standby(self, g: GroupRuntime) -> None:
+        """Piggy-back the copy progress to the standby (when it changed, throttled)."""
+        now = time.monotonic()
+        if now - g.last_progress < PROGRESS_EVERY:
+            return
+        g.last_progress = now
+        self.remote.save(g)
+        for pr in g.pairs.values():
+            aa = self.mgr.by_volume.get(pr.rec.volume)
+            if aa is None or aa.rec.mode != "active-active":
+                continue
+            link = self.mgr.link_or_none(aa.rec.partner)
+            if link is None:
+                continue
+            fut = link.request({"t": "jprog", "group": g.rec.name, "written": g.rec.written,
+                                "wtime": g.rec.written_time, "received": g.rec.received,
+                                "applied": g.rec.applied, "atime": g.rec.applied_time,
+                                "state": g.rec.state})
+            fut.add_done_callback(lambda f: f.exception())
+            return
+
+    def watch(self, g: GroupRuntime) -> None:
+        """A copy that stopped says so and catches up by itself (from dirty chunks)."""
+        rec = g.rec
+        if rec.state in ("suspended", "takeover") or rec.hold:
+            g.progress.reset(time.monotonic())
+            return
+        up = self.mgr.peers.is_up(rec.target)
+        if rec.mode == "bitmap" and up:
+            for pr in g.pairs.values():
+                if pr.rec.state == "copying" and (pr.copy_task is None or pr.copy_task.done()):
+                    log.warning("catch-up copy not running: restarting it",
+                                extra={"group": rec.name, "pair": pr.rec.name})
+                    pr.rec.copy_source = self.node.name
+                    self.mgr.start_copy(pr)
+        if g.ship_task is None or g.ship_task.done():
+            self.remote.start_shipping(g)
+        stalled = g.progress.observe(time.monotonic(), written=rec.written,
+                                     committed=g.committed(), sent=rec.sent,
+                                     applied=rec.applied,
+                                     oldest_inflight=next(iter(g.inflight), 0),
+                                     target_up=up, streaming=rec.mode == "journal")
+        if stalled is not None:
+            self.stalled(g, stalled)
+
+    def stalled(self, g: GroupRuntime, stall: Stalled) -> None:
+        log.error("far copy stalled", extra={"group": g.rec.name, "reason": stall.reason})
+        g.progress.reset(time.monotonic())
+        self.remote.overflow(g, f"the copy stalled: {stall.reason}", event="remote_stalled")

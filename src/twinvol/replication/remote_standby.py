@@ -1,0 +1,152 @@
+"""The standby of a remote copy: the active-active partner of the feeder. It journals
+the feeder's mirrored writes under the same sequence numbers, so that if the feeder is
+lost it can feed the far copy from where that copy was (a delta, never a full copy).
+What it holds no record for (its partner wrote alone, a resync, a full journal) its dirty
+chunks stand for, until the far copy has applied past them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from twinvol.nbd.constants import Cmd
+from twinvol.replication.bitmap import nchunks
+from twinvol.replication.core.types import Mode, PairState, Role
+from twinvol.replication.pairs import PairRecord
+from twinvol.replication.peer import Message, RemoteError
+from twinvol.replication.ports import RemotePort
+from twinvol.replication.runtime import GroupRuntime, PairRuntime
+from twinvol.replication.wire import Payload
+from twinvol.storage.journal import JournalError
+
+log = logging.getLogger("twinvol.remote")
+
+BITS_NEEDED = 1 << 62      # dirty chunks stand for writes no record holds
+
+
+class Standby:
+    """The standby role of every consistency group on this node."""
+
+    def __init__(self, remote: RemotePort) -> None:
+        self.remote = remote
+        self.mgr = remote.mgr
+        self.node = remote.node
+
+    def write_alone(self, g: GroupRuntime, pr: PairRuntime, cmd: int, offset: int,
+                       length: int, data: Payload | None, flags: int) -> int:
+        """The standby writes as the active-active primary. When its partner (the feeder)
+        is lost, it continues the journal itself: the target never holds a sequence number
+        the standby lacks (records ship only once both copies have them), so the next
+        number after the last one it journaled is free. Otherwise: dirty chunks."""
+        rec = g.rec
+        aa = self.mgr.by_volume.get(pr.rec.volume)
+        alone = aa is not None and aa.rec.io_mode == "local"
+        if alone and rec.mode == "journal" and g.journal.corrupt_at is None:
+            seq = rec.seq_seen + 1
+            try:
+                g.journal.append_write(seq, pr.rec.name, cmd, flags, offset, length,
+                                       time.time(),
+                                       data if cmd == Cmd.WRITE and data else b"")
+                rec.seq_seen = seq
+                rec.written = max(rec.written, seq)
+                return 0
+            except JournalError as e:
+                self.to_bitmap(g, f"standby journal: {e}")
+        self.remote.mark(pr, offset, length)
+        rec.bitmap_until = BITS_NEEDED
+        return 0
+
+    def on_write(self, volume: str, seq: int, cmd: int, offset: int, length: int,
+                         data: Payload | None, flags: int) -> None:
+        """A mirrored write with the primary's sequence number: keep the same record."""
+        g = self.remote.feeds.get(volume)
+        if g is None:
+            return
+        pr = self.remote.pair_of(g, volume)
+        if g.rec.role != "standby":
+            # We feed the target ourselves now (takeover): this write still needs a record.
+            self.remote.on_applied(volume, cmd, offset, length, data, flags, committed=True)
+            return
+        rec = g.rec
+        last = rec.seq_seen
+        if rec.mode == "journal" and (last == 0 or seq == last + 1):
+            try:
+                g.journal.append_write(seq, pr.rec.name, cmd, flags, offset, length,
+                                       time.time(),
+                                       data if cmd == Cmd.WRITE and data else b"")
+                rec.seq_seen = seq
+            except JournalError as e:
+                self.to_bitmap(g, f"standby journal: {e}")
+                self.remote.mark(pr, offset, length)
+        else:
+            if rec.mode == "journal":
+                self.to_bitmap(g, f"sequence gap: {seq} after {last}")
+            self.remote.mark(pr, offset, length)
+        if rec.mode == "bitmap":
+            # Covered by dirty chunks; the journal resumes after it once they are cleared.
+            rec.bitmap_until = max(rec.bitmap_until, seq)
+            rec.seq_seen = max(rec.seq_seen, seq)
+        rec.written = max(rec.written, seq)
+
+    def to_bitmap(self, g: GroupRuntime, reason: str) -> None:
+        """The standby lacks records (its partner wrote alone, its journal filled): its
+        dirty chunks stand for them until the target has applied past them. Not a fault
+        of the far copy, which the feeder still serves."""
+        self.remote.mark_unapplied(g)
+        g.journal.reset()
+        g.rec.mode = "bitmap"
+        self.remote.save(g)
+        self.node.events.publish("standby_bitmap", group=g.rec.name, reason=reason)
+        log.info("standby tracks dirty chunks", extra={"group": g.rec.name, "reason": reason})
+
+    def on_progress(self, h: dict[str, Any]) -> Message:
+        g = self.remote.group_of(h)
+        rec = g.rec
+        if rec.role != "standby":
+            return {}, b""
+        rec.written = max(rec.written, int(h["written"]))
+        rec.written_time = float(h["wtime"])
+        rec.received = int(h["received"])
+        rec.applied = int(h["applied"])
+        rec.applied_time = float(h["atime"])
+        rec.state = str(h.get("state", rec.state))
+        g.journal.trim(rec.applied)
+        for pr in g.pairs.values():
+            if pr.rec.state != rec.state and rec.state in ("mirrored", "copying", "suspended"):
+                self.mgr.set_state(pr, rec.state, rec.reason)
+        if rec.applied >= rec.bitmap_until and rec.state == "mirrored":
+            # The target has everything the dirty chunks stood for.
+            for pr in g.pairs.values():
+                pr.dirty.clear_all()
+                self.mgr.spawn(pr.dirty.sync(self.node.executor))
+            if rec.mode == "bitmap" and g.journal.last == 0:
+                rec.mode = "journal"
+        self.remote.save(g)
+        return {}, b""
+
+    def prepare(self, peer: str, h: dict[str, Any]) -> Message:
+        """Active-active partner of the primary: keep records with the same numbers."""
+        mgr = self.mgr
+        name, vname = str(h["pair"]), str(h["volume"])
+        if name in mgr.pairs:
+            raise RemoteError(f"pair {name!r} already exists here", "conflict")
+        vol = self.node.volumes.get(vname)
+        g = self.remote.ensure_group(str(h["group"]), "standby", str(h["target"]), peer,
+                               int(h["journal_limit"]))
+        g.rec.written = max(g.rec.written, int(h["written"]))
+        # Until the initial copy is done the standby could only feed the target in full;
+        # after it, its journal holds every write from here on.
+        g.rec.bitmap_until = max(g.rec.bitmap_until, int(h["written"]))
+        self.remote.save(g)
+        rec = PairRecord(name=name, mode="async", role=Role.STANDBY, volume=vol.record.name,
+                         partner=str(h["target"]), partner_volume=str(h["target_volume"]),
+                         state=PairState.COPYING, io_mode=Mode(vol.io_mode),
+                         gen_current=str(h["gen"]),
+                         copy_total=nchunks(vol.record.size), group=g.rec.name)
+        mgr.store.save(rec)
+        pr = mgr.load(rec)
+        pr.dirty.set_all()
+        pr.dirty.sync_now()
+        return {}, b""

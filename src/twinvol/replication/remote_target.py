@@ -1,0 +1,176 @@
+"""The far site of a remote copy: it journals each batch of records before applying it,
+applies records in sequence order across every volume of its consistency group, and
+checkpoints what it applied, so its copy is always a crash-consistent point (a prefix
+of the primary site's write order) and a restart redoes the journal from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from twinvol.replication.bitmap import nchunks
+from twinvol.replication.core.types import Mode, PairState, Role
+from twinvol.replication.pairs import PairRecord
+from twinvol.replication.peer import Message, RemoteError
+from twinvol.replication.ports import RemotePort
+from twinvol.replication.runtime import GroupRuntime, PairRuntime
+from twinvol.replication.wire import Payload
+from twinvol.storage.journal import JournalCorrupt, JournalError, Record, decode_one
+
+log = logging.getLogger("twinvol.remote")
+
+
+class FarTarget:
+    """The target role of every consistency group on this node."""
+
+    def __init__(self, remote: RemotePort) -> None:
+        self.remote = remote
+        self.mgr = remote.mgr
+        self.node = remote.node
+
+    def sync_group(self, g: GroupRuntime) -> None:
+        for pr in list(g.pairs.values()):
+            pr.vol.store.flush()
+        g.journal.sync()
+
+    def checkpoint_now(self, g: GroupRuntime) -> None:
+        self.sync_group(g)
+        self.checkpoint_done(g)
+
+    def checkpoint_done(self, g: GroupRuntime) -> None:
+        g.rec.applied = g.rec.received
+        self.remote.save(g)
+        g.journal.trim(g.rec.applied)
+
+    def redo(self, g: GroupRuntime) -> None:
+        """After a restart, apply journaled records past the last checkpoint, in order."""
+        rec = g.rec
+        n = 0
+        try:
+            for r in g.journal.iter_from(max(rec.applied + 1, g.journal.first or 1)):
+                self.apply_record(g, r)
+                n += 1
+        except JournalError as e:
+            self.remote.suspend(g, f"receive journal: {e}")
+        rec.received = max(rec.applied, g.journal.last)
+        if n:
+            self.checkpoint_now(g)
+            log.info("journal redo", extra={"group": rec.name, "records": n})
+            self.node.events.publish("journal_redo", group=rec.name, records=n,
+                                     applied=rec.applied)
+
+    def apply_record(self, g: GroupRuntime, r: Record) -> None:
+        pr = g.pairs.get(r.pair)
+        if pr is None:
+            raise RemoteError(f"record {r.seq} names pair {r.pair!r}, which is not in group "
+                              f"{g.rec.name!r} on node {self.node.name}", "invalid")
+        if r.offset < 0 or r.offset + r.length > pr.vol.record.size:
+            raise RemoteError(f"record {r.seq} is outside volume {pr.rec.volume}", "corrupt")
+        self.mgr.apply(pr, r.cmd, r.offset, r.length, r.data, r.flags)
+        if pr.rec.state == "takeover" or pr.rec.io_mode == "local":
+            return
+        g.rec.applied_time = r.time
+
+    def on_records(self, peer: str, h: dict[str, Any], payload: Payload) -> Message:
+        g = self.remote.group_of(h)
+        rec = g.rec
+        if rec.role != "secondary":
+            raise RemoteError(f"node {self.node.name} is not the target of group "
+                              f"{rec.name!r}", "conflict")
+        if rec.feeder != peer:
+            raise RemoteError(f"group {rec.name!r} is fed by {rec.feeder}, not {peer}",
+                              "conflict")
+        if rec.state == "takeover":
+            raise RemoteError(f"group {rec.name!r} was taken over at {self.node.name}",
+                              "conflict")
+        error: JournalCorrupt | None = None
+        mv = memoryview(payload)
+        pos, start, expect = 0, -1, rec.received + 1
+        new: list[Record] = []
+        sizes: list[tuple[int, int]] = []
+        while pos < len(mv):
+            try:
+                got = decode_one(mv, pos, 0)
+                if got is None:
+                    raise JournalCorrupt("journal batch cut short", expect - 1)
+            except JournalCorrupt as e:
+                error = e
+                break
+            r, end = got
+            if r.seq >= expect:
+                if r.seq != expect:
+                    raise RemoteError(f"record {r.seq} does not follow {expect - 1}", "gap")
+                if start < 0:
+                    start = pos
+                new.append(r)
+                sizes.append((r.seq, end - pos))
+                expect += 1
+            pos = end
+        if new:
+            # Journal the whole run first (one write), then apply it in order: a crash in
+            # between re-applies from the journal, never leaving half a batch applied.
+            g.journal.append_run(sizes, mv[start:start + sum(n for _, n in sizes)])
+            for r in new:
+                self.apply_record(g, r)
+                rec.received = r.seq
+        rec.written = max(rec.written, int(h.get("written", 0)))
+        rec.written_time = max(rec.written_time, float(h.get("wtime", 0.0)))
+        self.maybe_mirrored(g)
+        g.checkpoint_due = True
+        if error is not None:
+            self.remote.suspend(g, f"journal record after {rec.received} failed its CRC check; "
+                             "nothing past it was applied")
+            self.node.events.publish("journal_corrupt", group=rec.name, seq=rec.received + 1)
+            raise RemoteError(str(error), "corrupt")
+        return self.remote.stat(g), b""
+
+    def copied(self, pr: PairRuntime, upto: int) -> None:
+        """Far site: a pair's initial copy (or catch-up) is complete; the group is a
+        consistent copy once it also holds every record up to `upto`."""
+        g = self.remote.groups.get(pr.rec.group)
+        if g is None or g.rec.role != "secondary" or g.rec.state == "takeover":
+            return
+        g.rec.consistent_at = max(g.rec.consistent_at, upto)
+        self.maybe_mirrored(g)
+        self.remote.save(g)
+
+    def maybe_mirrored(self, g: GroupRuntime) -> None:
+        rec = g.rec
+        if rec.state == "copying" and rec.received >= rec.consistent_at \
+                and not any(p.rec.state == "copying" for p in g.pairs.values()):
+            rec.state = "mirrored"
+            self.remote.save(g)
+
+    def prepare(self, peer: str, h: dict[str, Any]) -> Message:
+        """Far-site side of async pair creation: a blocked volume with the same identity."""
+        mgr = self.mgr
+        name, vname, size = str(h["pair"]), str(h["volume"]), int(h["size"])
+        if name in mgr.pairs:
+            raise RemoteError(f"pair {name!r} already exists here", "conflict")
+        _vol, own = mgr.take_identity(name, vname, size, h)
+        g = self.remote.ensure_group(str(h["group"]), "secondary", self.node.name, peer,
+                               int(h["journal_limit"]))
+        rec = PairRecord(name=name, mode=str(h.get("mode", "async")), role=Role.SECONDARY,
+                         volume=vname,
+                         partner=peer, partner_volume=str(h["partner_volume"]),
+                         state=PairState.COPYING, io_mode=Mode.BLOCK, gen_current=str(h["gen"]),
+                         copy_total=nchunks(size), own_identity=own, group=g.rec.name)
+        g.rec.state = "copying"
+        self.remote.save(g)
+        mgr.store.save(rec)
+        mgr.load(rec)
+        self.node.events.publish("pair_created", pair=name, role="secondary", partner=peer,
+                                 mode=rec.mode)
+        return {}, b""
+
+    def resume(self, h: dict[str, Any]) -> Message:
+        """The feeder caught this copy up by chunks: records resume after `seq`."""
+        g = self.remote.group_of(h)
+        g.journal.reset()
+        g.rec.received = g.rec.applied = int(h["seq"])
+        g.rec.applied_time = float(h.get("time", time.time()))
+        g.rec.state = "mirrored"
+        self.checkpoint_now(g)
+        return self.remote.stat(g), b""
