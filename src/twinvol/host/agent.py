@@ -1,7 +1,9 @@
-"""The host agent process: NBD server for clients, NBD client to the nodes, status API.
+"""The host agent: NBD server for clients, NBD client to the nodes, status API.
 
-Client connections (negotiation and transmission) are `host/connection.py`; the
-agent resolves the exports they name and owns what spans connections.
+It owns what spans client connections: the exports (resolved on the nodes, their
+sessions and counters), the node links and event watchers, the listeners and their
+start and stop. One client's connection is `host/connection.py`; the HTTP API
+`host/api.py`; the switching table `host/switching.py`; the process `host/process.py`.
 
 Resolution: every path node is asked for the export (GET /api/v1/exports/NAME);
 the nodes that have it must report the same virtual identity, or the export is
@@ -17,7 +19,6 @@ import contextlib
 import errno
 import logging
 import os
-import signal
 import socket
 import stat
 import time
@@ -31,13 +32,14 @@ from twinvol import __version__
 from twinvol.cluster import split_hostport
 from twinvol.faults.host import HostFaults
 from twinvol.host import UNIX_PATH_MAX, HostSetup
+from twinvol.host.api import make_app
 from twinvol.host.connection import AgentProtocol
 from twinvol.host.events import NodeWatcher
 from twinvol.host.nodes import HttpNodeLink, NodeLink, NodeUnreachable
 from twinvol.host.paths import Clock, PathState, identity_diff
 from twinvol.host.relay import RelaySession, usable_for
 from twinvol.host.session import Session
-from twinvol.httpapi import bearer_ok, unauthorized
+from twinvol.host.switching import Switching
 from twinvol.nbd.server import ExportInfo
 
 log = logging.getLogger("twinvol.host")
@@ -85,9 +87,7 @@ class Agent:
         self.nbd_port = 0
         self.api_port = 0
         self.faults: HostFaults | None = None
-        # The nodes' switching table as this host last learned it (export -> entry):
-        # read from the nodes at start, then kept by their `switched*` events.
-        self.switching: dict[str, dict[str, Any]] = {}
+        self.switching = Switching(self.links)
         self.native = False  # sessions use the native data path (decided at start)
 
     # ---- Hooks for sessions -----------------------------------------------
@@ -229,7 +229,7 @@ class Agent:
         if not isinstance(export, str):
             return
         if kind in ("switched", "switched_back"):
-            self._switching_event(node, export, ev)
+            self.switching.on_event(node, export, ev)
             return
         st = self.exports.get(export)
         if kind == "io_mode":
@@ -248,81 +248,6 @@ class Agent:
         elif kind in ("volume_created", "volume_deleted", "volume_resized") and st is not None:
             for s in list(st.sessions):
                 s.kick(node)
-
-    # ---- volume switching (the nodes keep the table; the agent carries commands) ---
-
-    def _switching_event(self, node: str, export: str, ev: dict[str, Any]) -> None:
-        cur = self.switching.get(export)
-        version = ev.get("version")
-        if ev["type"] == "switched":
-            if cur is None or int(cur.get("version") or 0) <= int(version or 0):
-                self.switching[export] = {k: ev.get(k) for k in ("source", "target", "version",
-                                                                 "nodes")}
-        elif cur is not None and cur.get("version") == version:
-            del self.switching[export]
-        log.info("node pushed a switching change", extra={
-            "node": node, "export": export, "event": ev["type"], "target": ev.get("target")})
-
-    async def load_switching(self) -> None:
-        """Read the switching table from the nodes (after a start or a reconnect)."""
-        table: dict[str, dict[str, Any]] = {}
-        for link in self.links.values():
-            if not isinstance(link, HttpNodeLink):
-                continue
-            try:
-                status, body = await link.call("GET", "/api/v1/switching", timeout=5.0)
-            except NodeUnreachable:
-                continue
-            if status != 200 or not isinstance(body, dict):
-                continue
-            for e in body.get("entries") or []:
-                if isinstance(e, dict) and isinstance(e.get("host_id"), str):
-                    old = table.get(e["host_id"])
-                    if old is None or int(old["version"]) < int(e.get("version") or 0):
-                        table[e["host_id"]] = {k: e.get(k) for k in ("source", "target",
-                                                                      "version", "nodes")}
-        self.switching = table
-
-    async def switch(self, export: str, to: str | None, back: bool) -> tuple[int, Any]:
-        """Carry a switch command to a node: the target's node when the target names one
-        of this host's nodes, else the first that answers. Returns (status, body)."""
-        order = list(self.links)
-        where = (to or "").partition(":")[0] if to and ":" in to else None
-        cur = self.switching.get(export)
-        if back and cur is not None:
-            where = str(cur.get("source", "")).partition(":")[0]
-        if where in self.links:
-            order.remove(where)
-            order.insert(0, where)
-
-        body: dict[str, Any] = {"host_id": export}
-        if not back:
-            body["to"] = to
-            body["nodes"] = list(self.links)
-        errors = []
-        unknown: list[tuple[int, Any]] = []
-        for name in order:
-            link = self.links[name]
-            if not isinstance(link, HttpNodeLink):
-                continue
-            try:
-                status, answer = await link.call(
-                    "POST", "/api/v1/switching/back" if back else "/api/v1/switching", body)
-            except NodeUnreachable as e:
-                errors.append(str(e))
-                continue
-            if status == 404 and not back:
-                # This node's copy has no such partner (e.g. it is the target itself, a far
-                # copy): the source is on another node.
-                unknown.append((status, answer))
-                continue
-            if status < 300:
-                await self.load_switching()
-            return status, answer
-        if unknown:
-            return unknown[-1]
-        return 503, {"error": {"code": "io", "message": "no storage node took the switch "
-                                                        "command: " + "; ".join(errors)}}
 
     def on_stream_state(self, node: str, up: bool) -> None:
         log.info("node event stream " + ("up" if up else "down"), extra={"node": node})
@@ -366,11 +291,11 @@ class Agent:
         host, port = split_hostport(self.config.nbd)
         ahost, aport = split_hostport(self.config.api)
         if self._given_links is not None:
-            self.links = dict(self._given_links)
+            self.links.update(self._given_links)
         else:
             self._http = aiohttp.ClientSession()
-            self.links = {n: HttpNodeLink(n, addr, self._http, self.setup.secret)
-                          for n, addr in self.setup.nodes.items()}
+            self.links.update({n: HttpNodeLink(n, addr, self._http, self.setup.secret)
+                               for n, addr in self.setup.nodes.items()})
             self.faults = HostFaults(self.setup.fault_log, self.config.sinks,
                                      self.setup.cluster_name)
         self.native = self.config.data_path == "native" and usable_for(len(self.links))
@@ -393,7 +318,9 @@ class Agent:
                 await self.stop()
                 raise AgentStartError(f"cannot listen for NBD on {self.setup.socket}: "
                                       f"{e.strerror or e}") from e
-        self._runner = web.AppRunner(make_app(self), access_log=None, handle_signals=False,
+        app = make_app(nbd=self.config.nbd, secret=self.setup.secret, report=self.status,
+                       switches=self.switching, faults=self.faults)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                      shutdown_timeout=STOP_WAIT)
         await self._runner.setup()
         site = web.TCPSite(self._runner, ahost, aport, reuse_address=True)
@@ -416,7 +343,7 @@ class Agent:
                               {"Authorization": f"Bearer {self.setup.secret}"}
                               if self.setup.secret else {})
         self._ticker = loop.create_task(self._tick())
-        task = loop.create_task(self.load_switching())
+        task = loop.create_task(self.switching.load())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         log.info("host agent serving", extra={"nbd": self.config.nbd, "api": self.config.api,
@@ -524,7 +451,7 @@ class Agent:
             "exports": exports,
             "sessions": [s.status() for st in self.exports.values() for s in st.sessions],
             "faults": None if self.faults is None else self.faults.status(),
-            "switching": self.switching,
+            "switching": self.switching.table,
         }
 
 
@@ -559,98 +486,4 @@ class AgentStartError(Exception):
     """The agent cannot start (port taken...)."""
 
 
-def make_app(agent: Agent) -> web.Application:
-    app = web.Application()
-    routes = web.RouteTableDef()
-
-    @routes.get("/api/v1/health")
-    async def health(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "component": "host",
-                                  "nbd": agent.config.nbd})
-
-    @routes.get("/api/v1/status")
-    async def status(_: web.Request) -> web.Response:
-        return web.json_response(agent.status())
-
-    @routes.post("/api/v1/switch")
-    async def switch(request: web.Request) -> web.Response:
-        """The host's switch command: {"export", "to"} or {"export", "back": true}."""
-        if not bearer_ok(request, agent.setup.secret):
-            return unauthorized()
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict) or not isinstance(body.get("export"), str) \
-                or not (isinstance(body.get("to"), str) or body.get("back") is True):
-            return web.json_response({"error": {"code": "invalid", "message":
-                                                'body must be {"export": NAME, "to": TARGET} '
-                                                'or {"export": NAME, "back": true}'}},
-                                     status=400)
-        status, answer = await agent.switch(body["export"], body.get("to"),
-                                            body.get("back") is True)
-        return web.json_response(answer, status=status)
-
-    @routes.get("/api/v1/switching")
-    async def switching(_: web.Request) -> web.Response:
-        await agent.load_switching()
-        return web.json_response({"switching": agent.switching})
-
-    app.add_routes(routes)
-    if agent.faults is not None:
-        app.add_routes(agent.faults.routes())
-    return app
-
-
-async def serve(setup: HostSetup) -> None:
-    agent = Agent(setup)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal(sig: signal.Signals) -> None:
-        if stop.is_set():  # a second signal while stopping: do not wait any more
-            log.warning("second signal while stopping: exiting now", extra={"signal": sig.name})
-            os._exit(1)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-    await agent.start()
-    try:
-        await stop.wait()
-    finally:
-        await agent.stop()
-
-
-def _finish(loop: asyncio.AbstractEventLoop) -> None:
-    """Cancel what is left and give it STOP_WAIT to end; then close the loop regardless
-    (asyncio.run would wait forever for a task that does not end when cancelled)."""
-    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
-    for t in tasks:
-        t.cancel()
-    if tasks:
-        _, pending = loop.run_until_complete(asyncio.wait(tasks, timeout=STOP_WAIT))
-        for t in pending:
-            log.warning("task still running at exit, abandoned", extra={"task": t.get_name()})
-    with contextlib.suppress(Exception):
-        loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), STOP_WAIT))
-    loop.close()
-
-
-def run(setup: HostSetup) -> None:
-    """Run the host agent in the foreground until SIGTERM/SIGINT."""
-    try:
-        import uvloop
-        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    except ImportError:  # pragma: no cover - uvloop is a pinned dependency
-        loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        with contextlib.suppress(KeyboardInterrupt):
-            loop.run_until_complete(serve(setup))
-    finally:
-        _finish(loop)
-        asyncio.set_event_loop(None)
-
-
-__all__ = ["Agent", "AgentProtocol", "AgentStartError", "run", "serve"]
+__all__ = ["Agent", "AgentProtocol", "AgentStartError"]
