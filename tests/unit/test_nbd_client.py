@@ -53,7 +53,8 @@ from twinvol.nbd.constants import (
     TxFlag,
 )
 from twinvol.nbd.server import NEED_DATA as SERVER_NEED_DATA
-from twinvol.nbd.server import ExportInfo, Request, ServerConnection
+from twinvol.nbd.server import ServerConnection
+from twinvol.nbd.server_events import ExportInfo, Request
 
 FLAGS = int(TxFlag.HAS_FLAGS | TxFlag.SEND_FLUSH | TxFlag.SEND_FUA)
 META_ID = 7

@@ -40,7 +40,7 @@ from twinvol.host.paths import Clock, PathState, identity_diff
 from twinvol.host.relay import RelaySession, usable_for
 from twinvol.host.session import Session
 from twinvol.host.switching import Switching
-from twinvol.nbd.server import ExportInfo
+from twinvol.nbd.server_events import ExportInfo
 
 log = logging.getLogger("twinvol.host")
 

@@ -27,14 +27,8 @@ from twinvol.host.relay import RelaySession
 from twinvol.host.session import Session
 from twinvol.nbd.client import Completed
 from twinvol.nbd.constants import IHAVEOPT, MAX_OPTION_DATA, NEED_DATA, Cmd, Opt
-from twinvol.nbd.server import (
-    Disconnect,
-    ExportInfo,
-    Phase,
-    Ready,
-    Request,
-    ServerConnection,
-)
+from twinvol.nbd.server import Phase, ServerConnection
+from twinvol.nbd.server_events import Disconnect, ExportInfo, Ready, Request
 
 log = logging.getLogger("twinvol.host")
 
