@@ -21,14 +21,9 @@ from twinvol.nbd.client import (
     NEED_DATA,
     ClientConnection,
     ClientStateError,
-    Closed,
-    Completed,
-    Event,
-    Negotiated,
     Phase,
-    ProtocolError,
-    Refused,
 )
+from twinvol.nbd.client_events import Closed, Completed, Event, Negotiated, ProtocolError, Refused
 from twinvol.nbd.constants import (
     BASE_ALLOCATION,
     FLAG_C_FIXED_NEWSTYLE,

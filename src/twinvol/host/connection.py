@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from twinvol.host.paths import Op
 from twinvol.host.relay import RelaySession
 from twinvol.host.session import Session
-from twinvol.nbd.client import Completed
+from twinvol.nbd.client_events import Completed
 from twinvol.nbd.constants import IHAVEOPT, MAX_OPTION_DATA, NEED_DATA, Cmd, Opt
 from twinvol.nbd.server import Phase, ServerConnection
 from twinvol.nbd.server_events import Disconnect, ExportInfo, Ready, Request

@@ -10,7 +10,9 @@ Negotiation is fixed newstyle only: NO_ZEROES when offered, then
 NBD_OPT_STRUCTURED_REPLY, optionally NBD_OPT_SET_META_CONTEXT base:allocation,
 then NBD_OPT_GO asking for name, description and block sizes (falling back to
 NBD_OPT_EXPORT_NAME if the server does not know GO). One option is in flight at
-a time, so each reply is checked against the option it answers.
+a time, so each reply is checked against the option it answers. This module
+frames the handshake; what to ask and what the replies mean is
+`nbd/client_options.py`, and the events are `nbd/client_events.py`.
 
 Everything the server sends is distrusted: a reply for a cookie not in flight,
 a chunk outside its request, a length over the bounds below, an unknown chunk
@@ -25,18 +27,22 @@ server). Misuse by the caller (a request before negotiation ended) raises
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from twinvol.nbd.client_events import (
+    Closed,
+    Completed,
+    Event,
+    Negotiated,
+    ProtocolError,
+    Refused,
+)
+from twinvol.nbd.client_options import Negotiation
 from twinvol.nbd.constants import (
-    BASE_ALLOCATION,
     CHUNK_HEADER,
     ERROR_PAYLOAD,
-    FLAG_C_FIXED_NEWSTYLE,
-    FLAG_C_NO_ZEROES,
     FLAG_FIXED_NEWSTYLE,
-    FLAG_NO_ZEROES,
     GREETING,
     IHAVEOPT,
     MAX_OPTION_DATA,
@@ -44,10 +50,8 @@ from twinvol.nbd.constants import (
     MAX_STRING,
     NBDMAGIC,
     NEED_DATA,
-    OPTION_HEADER,
     OPTION_REPLY_HEADER,
     OPTION_REPLY_MAGIC,
-    REP_ERR,
     REPLY_FLAG_DONE,
     REQUEST_HEADER,
     REQUEST_MAGIC,
@@ -57,10 +61,8 @@ from twinvol.nbd.constants import (
     Cmd,
     CmdFlag,
     Err,
-    Info,
     NeedData,
     Opt,
-    Rep,
     Reply,
 )
 
@@ -92,74 +94,6 @@ class Phase(Enum):
     TRANSMISSION = "transmission"
     CLOSING = "closing"  # NBD_CMD_DISC sent: replies still parsed, no new requests
     CLOSED = "closed"
-
-
-@dataclass(slots=True)
-class Negotiated:
-    """Transmission starts: what the server said about the export."""
-
-    export: str
-    size: int
-    flags: int
-    structured: bool
-    meta_context: bool
-    name: str | None = None
-    description: str = ""
-    min_block: int = 1
-    preferred_block: int = 4096
-    max_block: int = MAX_PAYLOAD
-
-
-@dataclass(slots=True)
-class Refused:
-    """The server refused the export (NBD_REP_ERR_*); `message` is its text."""
-
-    rep: int
-    message: str
-
-    @property
-    def rep_name(self) -> str:
-        try:
-            return Rep(self.rep).name
-        except ValueError:
-            return f"error {self.rep:#x}"
-
-
-@dataclass(slots=True)
-class Completed:
-    """A request's final reply.
-
-    `error` is the NBD error value (0 on success) and `message` the server's
-    text, if any. For a successful read `data` is the request's own buffer of
-    exactly `length` bytes, or None when the whole range was reported as a hole
-    (all zeroes, nothing sent). For block status `extents` is the list of
-    (length, flags) of the negotiated base:allocation context.
-    """
-
-    tag: Any
-    cookie: int
-    command: int
-    error: int
-    message: str = ""
-    data: bytearray | None = None
-    extents: list[tuple[int, int]] | None = None
-
-
-@dataclass(slots=True)
-class ProtocolError:
-    """The server broke the protocol; the connection is dead (hard disconnect it)."""
-
-    reason: str
-
-
-@dataclass(slots=True)
-class Closed:
-    """The server closed the connection (EOF)."""
-
-    reason: str
-
-
-Event = Negotiated | Refused | Completed | ProtocolError | Closed
 
 
 class _Pending(Completed):
@@ -196,24 +130,20 @@ class ClientConnection:
         if len(raw) > MAX_STRING:
             raise ClientStateError(f"export name longer than {MAX_STRING} bytes")
         self.export = export
-        self._export_raw = raw
-        self.want_structured = structured
-        self.want_meta = meta_context
         self.max_read = max_read
         self.phase = Phase.GREETING
+        # What negotiation agreed (copied from `_options` when transmission starts).
         self.structured = False
         self.meta_context_id: int | None = None
         self.size = 0
         self.flags = 0
         self.negotiated: Negotiated | None = None
-        self._no_zeroes = False
-        self._opt: int | None = None  # option awaiting its reply
-        self._info: dict[str, Any] = {}
-        self._meta_id: int | None = None
         self._data: bytes | bytearray | memoryview = b""
         self._pos = 0
         self._tail = bytearray()  # unparsed bytes kept between receive_data calls
         self._out: list[bytes] = []
+        self._options = Negotiation(export, raw, structured=structured,
+                                    meta_context=meta_context, out=self._out)
         self._events: list[Event] = []
         self._inflight: dict[int, _Pending] = {}
         self._next_cookie = 0
@@ -385,7 +315,7 @@ class ClientConnection:
             return req
         return None
 
-    # ---- negotiation ----------------------------------------------------
+    # ---- negotiation (framing here; the options in nbd/client_options.py) ----
 
     def _greeting(self) -> bool:
         if self._avail() < GREETING.size:
@@ -401,37 +331,13 @@ class ClientConnection:
         if not flags & FLAG_FIXED_NEWSTYLE:
             self._violation("server does not support fixed newstyle negotiation")
             return True
-        self._no_zeroes = bool(flags & FLAG_NO_ZEROES)
-        cflags = FLAG_C_FIXED_NEWSTYLE | (FLAG_C_NO_ZEROES if self._no_zeroes else 0)
-        self._out.append(_U32.pack(cflags))
         self.phase = Phase.OPTIONS
-        if self.want_structured:
-            self._send_option(Opt.STRUCTURED_REPLY)
-        else:
-            self._send_go()
+        self._options.start(flags)
         return True
 
-    def _send_option(self, opt: int, data: bytes = b"") -> None:
-        self._opt = opt
-        self._out.append(OPTION_HEADER.pack(IHAVEOPT, opt, len(data)) + data)
-
-    def _name_field(self) -> bytes:
-        return _U32.pack(len(self._export_raw)) + self._export_raw
-
-    def _send_meta(self) -> None:
-        query = BASE_ALLOCATION.encode()
-        self._meta_id = None
-        self._send_option(Opt.SET_META_CONTEXT,
-                          self._name_field() + _U32.pack(1) + _U32.pack(len(query)) + query)
-
-    def _send_go(self) -> None:
-        self._info = {}
-        wanted = (Info.NAME, Info.DESCRIPTION, Info.BLOCK_SIZE)
-        self._send_option(Opt.GO, self._name_field() + struct.pack(f">H{len(wanted)}H",
-                                                                   len(wanted), *wanted))
-
     def _next_option_reply(self) -> bool:
-        if self._opt == Opt.EXPORT_NAME:
+        awaited = self._options.opt
+        if awaited == Opt.EXPORT_NAME:
             return self._export_name_reply()
         if self._avail() < OPTION_REPLY_HEADER.size:
             return False
@@ -439,8 +345,8 @@ class ClientConnection:
         if magic != OPTION_REPLY_MAGIC:
             self._violation(f"bad option reply magic {magic:#x}")
             return True
-        if opt != self._opt:
-            self._violation(f"reply to option {opt} while waiting for option {self._opt}")
+        if opt != awaited:
+            self._violation(f"reply to option {opt} while waiting for option {awaited}")
             return True
         if length > MAX_OPTION_DATA:
             self._violation(f"option reply of {length} bytes is over the "
@@ -450,118 +356,33 @@ class ClientConnection:
             return False
         self._pos += OPTION_REPLY_HEADER.size
         data = self._take(length)
-        if opt == Opt.STRUCTURED_REPLY:
-            self._on_structured_reply(rep, data)
-        elif opt == Opt.SET_META_CONTEXT:
-            self._on_meta_reply(rep, data)
-        else:
-            self._on_go_reply(rep, data)
+        ev = self._options.reply(opt, rep, data)
+        if type(ev) is Negotiated:
+            self._start_transmission(ev)
+        elif type(ev) is Refused:
+            self._close(Closed("export refused"))
+            self._events.insert(0, ev)
+        elif type(ev) is ProtocolError:
+            self._close(ev)
         return True
 
-    def _on_structured_reply(self, rep: int, data: bytes) -> None:
-        if rep == Rep.ACK:
-            if data:
-                self._violation("NBD_REP_ACK with data")
-                return
-            self.structured = True
-        elif not rep & REP_ERR:
-            self._violation(f"unexpected reply {rep:#x} to NBD_OPT_STRUCTURED_REPLY")
-            return
-        if self.structured and self.want_meta:
-            self._send_meta()
-        else:
-            self._send_go()
-
-    def _on_meta_reply(self, rep: int, data: bytes) -> None:
-        if rep == Rep.META_CONTEXT:
-            if len(data) < 5:
-                self._violation("NBD_REP_META_CONTEXT too short")
-                return
-            (ctx_id,) = _U32.unpack_from(data)
-            if data[4:] == BASE_ALLOCATION.encode():
-                self._meta_id = ctx_id
-            # A context we did not ask for is ignored; we only ever send our own id back.
-            return
-        if rep == Rep.ACK:
-            self.meta_context_id = self._meta_id
-        elif not rep & REP_ERR:
-            self._violation(f"unexpected reply {rep:#x} to NBD_OPT_SET_META_CONTEXT")
-            return
-        self._send_go()
-
-    def _on_go_reply(self, rep: int, data: bytes) -> None:
-        if rep == Rep.INFO:
-            self._on_info(data)
-            return
-        if rep == Rep.ACK:
-            if "size" not in self._info:
-                self._violation("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT")
-                return
-            self._start_transmission()
-            return
-        if rep == Rep.ERR_UNSUP:
-            # A server without GO: the old way, which cannot report errors.
-            self._send_option(Opt.EXPORT_NAME, self._export_raw)
-            return
-        if rep & REP_ERR:
-            msg = data[:MAX_STRING].decode("utf-8", "replace")
-            self._opt = None
-            self._out.append(OPTION_HEADER.pack(IHAVEOPT, Opt.ABORT, 0))
-            self._close(Closed("export refused"))
-            self._events.insert(0, Refused(rep, msg))
-            return
-        self._violation(f"unexpected reply {rep:#x} to NBD_OPT_GO")
-
-    def _on_info(self, data: bytes) -> None:
-        if len(data) < 2:
-            self._violation("NBD_REP_INFO too short")
-            return
-        (kind,) = struct.unpack_from(">H", data)
-        info = self._info
-        if kind == Info.EXPORT:
-            if len(data) != 12:
-                self._violation("NBD_INFO_EXPORT has the wrong length")
-                return
-            info["size"], info["flags"] = struct.unpack_from(">QH", data, 2)
-        elif kind == Info.NAME:
-            info["name"] = data[2:].decode("utf-8", "replace")
-        elif kind == Info.DESCRIPTION:
-            info["description"] = data[2:].decode("utf-8", "replace")
-        elif kind == Info.BLOCK_SIZE:
-            if len(data) != 14:
-                self._violation("NBD_INFO_BLOCK_SIZE has the wrong length")
-                return
-            lo, pref, hi = struct.unpack_from(">III", data, 2)
-            if not (lo and pref and hi) or lo > pref or (lo & (lo - 1)) or (pref & (pref - 1)):
-                self._violation(f"bad block sizes min={lo} preferred={pref} max={hi}")
-                return
-            info["min_block"], info["preferred_block"], info["max_block"] = lo, pref, hi
-        # Unknown information types are ignored, as the spec asks.
-
     def _export_name_reply(self) -> bool:
-        need = 10 if self._no_zeroes else 134
+        need = 10 if self._options.no_zeroes else 134
         if self._avail() < need:
             return False
         size, flags = struct.unpack_from(">QH", self._data, self._pos)
         self._pos += need
-        self._info = {"size": size, "flags": flags}
-        # EXPORT_NAME ends haggling: no metadata context can have been agreed for it.
-        self.meta_context_id = None
-        self._start_transmission()
+        self._start_transmission(self._options.export_name_reply(size, flags))
         return True
 
-    def _start_transmission(self) -> None:
-        info = self._info
-        self.size = info["size"]
-        self.flags = info["flags"]
-        self._opt = None
+    def _start_transmission(self, negotiated: Negotiated) -> None:
+        self.size = negotiated.size
+        self.flags = negotiated.flags
+        self.structured = self._options.structured
+        self.meta_context_id = self._options.meta_context_id
         self.phase = Phase.TRANSMISSION
-        self.negotiated = Negotiated(
-            self.export, self.size, self.flags, self.structured,
-            self.meta_context_id is not None, info.get("name"), info.get("description", ""),
-            info.get("min_block", 1), info.get("preferred_block", 4096),
-            info.get("max_block", MAX_PAYLOAD))
-        self._events.append(self.negotiated)
+        self.negotiated = negotiated
+        self._events.append(negotiated)
 
     # ---- transmission: requests ------------------------------------------
 
@@ -854,12 +675,6 @@ __all__ = [
     "NEED_DATA",
     "ClientConnection",
     "ClientStateError",
-    "Closed",
-    "Completed",
-    "Event",
-    "Negotiated",
     "Phase",
-    "ProtocolError",
-    "Refused",
     "errname",
 ]

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from twinvol.nbd.aio_client import ConnectionLost, NbdClient, NegotiationError
-from twinvol.nbd.client import Completed
+from twinvol.nbd.client_events import Completed
 from twinvol.nbd.constants import NEED_DATA, Cmd, Err
 from twinvol.nbd.server import ServerConnection
 from twinvol.nbd.server_events import Disconnect, ExportInfo, Ready, Request
