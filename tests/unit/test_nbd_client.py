@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 from nbdwire import Exports
 
 from twinvol.nbd.client import (
-    MAX_STATUS_CHUNK,
     NEED_DATA,
     ClientConnection,
     ClientStateError,
     Phase,
 )
 from twinvol.nbd.client_events import Closed, Completed, Event, Negotiated, ProtocolError, Refused
+from twinvol.nbd.client_requests import MAX_STATUS_CHUNK
 from twinvol.nbd.constants import (
     BASE_ALLOCATION,
     FLAG_C_FIXED_NEWSTYLE,

@@ -10,9 +10,9 @@ Negotiation is fixed newstyle only: NO_ZEROES when offered, then
 NBD_OPT_STRUCTURED_REPLY, optionally NBD_OPT_SET_META_CONTEXT base:allocation,
 then NBD_OPT_GO asking for name, description and block sizes (falling back to
 NBD_OPT_EXPORT_NAME if the server does not know GO). One option is in flight at
-a time, so each reply is checked against the option it answers. This module
-frames the handshake; what to ask and what the replies mean is
-`nbd/client_options.py`, and the events are `nbd/client_events.py`.
+a time, so each reply is checked against the option it answers. The handshake
+is parsed by `nbd/client_options.py`, a request's reply chunks are checked by
+`nbd/client_requests.py`, and the events are `nbd/client_events.py`.
 
 Everything the server sends is distrusted: a reply for a cookie not in flight,
 a chunk outside its request, a length over the bounds below, an unknown chunk
@@ -39,19 +39,12 @@ from twinvol.nbd.client_events import (
     Refused,
 )
 from twinvol.nbd.client_options import Negotiation
+from twinvol.nbd.client_requests import MAX_ERROR_CHUNK, MAX_STATUS_CHUNK, Pending
 from twinvol.nbd.constants import (
     CHUNK_HEADER,
-    ERROR_PAYLOAD,
-    FLAG_FIXED_NEWSTYLE,
-    GREETING,
-    IHAVEOPT,
-    MAX_OPTION_DATA,
     MAX_PAYLOAD,
     MAX_STRING,
-    NBDMAGIC,
     NEED_DATA,
-    OPTION_REPLY_HEADER,
-    OPTION_REPLY_MAGIC,
     REPLY_FLAG_DONE,
     REQUEST_HEADER,
     REQUEST_MAGIC,
@@ -59,28 +52,18 @@ from twinvol.nbd.constants import (
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
     Cmd,
-    CmdFlag,
     Err,
     NeedData,
-    Opt,
     Reply,
 )
 
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
-_HOLE = struct.Struct(">QI")
-
-# Spec: a block status chunk should stay under 4 + 8 * 2^20 bytes.
-MAX_STATUS_CHUNK = 4 + 8 * (1 << 20)
-# Error chunks carry a message of at most 4096 bytes plus fixed fields.
-MAX_ERROR_CHUNK = 6 + MAX_STRING + 8 + 1024
-
 _CHUNK_DATA = CHUNK_HEADER.size + 8  # chunk header and the data chunk's offset
 _OFFSET_DATA = int(Reply.OFFSET_DATA)
 _NONE = int(Reply.NONE)
 _READ = int(Cmd.READ)
 _BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
-_REQ_ONE = int(CmdFlag.REQ_ONE)
 _CHUNK_ERROR_BIT = 1 << 15
 
 
@@ -94,31 +77,6 @@ class Phase(Enum):
     TRANSMISSION = "transmission"
     CLOSING = "closing"  # NBD_CMD_DISC sent: replies still parsed, no new requests
     CLOSED = "closed"
-
-
-class _Pending(Completed):
-    """One request in flight, and what its reply chunks said so far.
-
-    It is the request's `Completed` event once the reply is whole (no second object
-    per reply); `data` is the read buffer being filled until then.
-    """
-
-    __slots__ = ("covered", "flags", "length", "offset", "ranges")
-
-    def __init__(self, tag: Any, cookie: int, command: int, flags: int, offset: int,
-                 length: int) -> None:
-        self.tag = tag
-        self.cookie = cookie
-        self.command = command
-        self.error = 0
-        self.message = ""
-        self.data = None
-        self.extents = None
-        self.flags = flags
-        self.offset = offset
-        self.length = length
-        self.covered = 0
-        self.ranges: list[tuple[int, int]] | None = None  # content chunks seen so far
 
 
 class ClientConnection:
@@ -145,11 +103,11 @@ class ClientConnection:
         self._options = Negotiation(export, raw, structured=structured,
                                     meta_context=meta_context, out=self._out)
         self._events: list[Event] = []
-        self._inflight: dict[int, _Pending] = {}
+        self._inflight: dict[int, Pending] = {}
         self._next_cookie = 0
         # Read data being received straight into a request's buffer.
         self._target: memoryview | None = None
-        self._target_req: _Pending | None = None
+        self._target_req: Pending | None = None
         self._target_done = False
 
     # ---- byte plumbing -------------------------------------------------
@@ -257,10 +215,8 @@ class ClientConnection:
             phase = self.phase
             if phase is Phase.TRANSMISSION or phase is Phase.CLOSING:
                 progressed = self._next_reply()
-            elif phase is Phase.OPTIONS:
-                progressed = self._next_option_reply()
-            elif phase is Phase.GREETING:
-                progressed = self._greeting()
+            elif phase is Phase.OPTIONS or phase is Phase.GREETING:
+                progressed = self._negotiate()
             else:
                 progressed = False
             if not progressed and not self._events:
@@ -315,48 +271,15 @@ class ClientConnection:
             return req
         return None
 
-    # ---- negotiation (framing here; the options in nbd/client_options.py) ----
+    # ---- negotiation (parsed by nbd/client_options.py) -----------------------
 
-    def _greeting(self) -> bool:
-        if self._avail() < GREETING.size:
-            return False
-        magic, opt_magic, flags = GREETING.unpack_from(self._data, self._pos)
-        self._pos += GREETING.size
-        if magic != NBDMAGIC:
-            self._violation(f"bad server greeting magic {magic:#x}")
-            return True
-        if opt_magic != IHAVEOPT:
-            self._violation("server does not speak the newstyle handshake (oldstyle server?)")
-            return True
-        if not flags & FLAG_FIXED_NEWSTYLE:
-            self._violation("server does not support fixed newstyle negotiation")
-            return True
-        self.phase = Phase.OPTIONS
-        self._options.start(flags)
-        return True
-
-    def _next_option_reply(self) -> bool:
-        awaited = self._options.opt
-        if awaited == Opt.EXPORT_NAME:
-            return self._export_name_reply()
-        if self._avail() < OPTION_REPLY_HEADER.size:
-            return False
-        magic, opt, rep, length = OPTION_REPLY_HEADER.unpack_from(self._data, self._pos)
-        if magic != OPTION_REPLY_MAGIC:
-            self._violation(f"bad option reply magic {magic:#x}")
-            return True
-        if opt != awaited:
-            self._violation(f"reply to option {opt} while waiting for option {awaited}")
-            return True
-        if length > MAX_OPTION_DATA:
-            self._violation(f"option reply of {length} bytes is over the "
-                            f"{MAX_OPTION_DATA} byte bound")
-            return True
-        if self._avail() < OPTION_REPLY_HEADER.size + length:
-            return False
-        self._pos += OPTION_REPLY_HEADER.size
-        data = self._take(length)
-        ev = self._options.reply(opt, rep, data)
+    def _negotiate(self) -> bool:
+        pos = self._pos
+        self._pos, ev = self._options.receive(self._data, pos)
+        if self.phase is Phase.GREETING and self._options.greeted:
+            self.phase = Phase.OPTIONS
+        if ev is None:
+            return self._pos != pos
         if type(ev) is Negotiated:
             self._start_transmission(ev)
         elif type(ev) is Refused:
@@ -364,15 +287,6 @@ class ClientConnection:
             self._events.insert(0, ev)
         elif type(ev) is ProtocolError:
             self._close(ev)
-        return True
-
-    def _export_name_reply(self) -> bool:
-        need = 10 if self._options.no_zeroes else 134
-        if self._avail() < need:
-            return False
-        size, flags = struct.unpack_from(">QH", self._data, self._pos)
-        self._pos += need
-        self._start_transmission(self._options.export_name_reply(size, flags))
         return True
 
     def _start_transmission(self, negotiated: Negotiated) -> None:
@@ -399,7 +313,7 @@ class ClientConnection:
         if command == Cmd.DISC:
             return self.disconnect()
         cookie = self._next_cookie = (self._next_cookie + 1) & 0xFFFFFFFFFFFFFFFF
-        self._inflight[cookie] = _Pending(tag, cookie, command, flags, offset, length)
+        self._inflight[cookie] = Pending(tag, cookie, command, flags, offset, length)
         return REQUEST_HEADER.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
 
     def disconnect(self) -> bytes:
@@ -428,13 +342,13 @@ class ClientConnection:
         self._violation(f"bad reply magic {magic:#x}")
         return True
 
-    def _lookup(self, cookie: int) -> _Pending | None:
+    def _lookup(self, cookie: int) -> Pending | None:
         req = self._inflight.get(cookie)
         if req is None:
             self._violation(f"reply for cookie {cookie:#x}, which is not in flight")
         return req
 
-    def _finish(self, req: _Pending) -> None:
+    def _finish(self, req: Pending) -> None:
         # A violation leaves the request in flight, so `take_inflight` still returns it.
         if req.error:
             del self._inflight[req.cookie]
@@ -539,43 +453,23 @@ class ClientConnection:
         payload = self._data[base:base + length]
         self._pos = base + length
         if kind == Reply.NONE:
-            if not done:
-                self._violation("NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE")
-                return True
+            bad = None if done else "NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE"
         elif kind == Reply.OFFSET_HOLE:
-            if not self._hole_chunk(req, payload):
-                return True
+            bad = req.take_hole(payload)
         elif kind == Reply.BLOCK_STATUS:
-            if not self._status_chunk(req, payload):
-                return True
+            bad = req.take_status(payload, self.meta_context_id)
         elif kind & _CHUNK_ERROR_BIT:
-            if not self._error_chunk(req, kind, payload):
-                return True
+            bad = req.take_error(kind, payload)
         else:
-            self._violation(f"unknown reply chunk type {kind}")
+            bad = f"unknown reply chunk type {kind}"
+        if bad is not None:
+            self._violation(bad)
             return True
         if done:
             self._finish(req)
         return True
 
-    def _in_request(self, req: _Pending, offset: int, length: int) -> bool:
-        if offset < req.offset or offset + length > req.offset + req.length:
-            self._violation(f"chunk [{offset}, +{length}) lies outside the request "
-                            f"[{req.offset}, +{req.length})")
-            return False
-        end = offset + length
-        ranges = req.ranges
-        if ranges is None:
-            req.ranges = [(offset, end)]
-            return True
-        for lo, hi in ranges:
-            if offset < hi and lo < end:
-                self._violation(f"reply chunk [{offset}, +{length}) overlaps an earlier one")
-                return False
-        ranges.append((offset, end))
-        return True
-
-    def _data_chunk(self, req: _Pending, length: int, done: bool, avail: int) -> bool:
+    def _data_chunk(self, req: Pending, length: int, done: bool, avail: int) -> bool:
         if req.command != _READ:
             self._violation("NBD_REPLY_TYPE_OFFSET_DATA for a request that is not a read")
             return True
@@ -586,7 +480,9 @@ class ClientConnection:
             return False
         (offset,) = _U64.unpack_from(self._data, self._pos + CHUNK_HEADER.size)
         n = length - 8
-        if not self._in_request(req, offset, n):
+        bad = req.claim(offset, n)
+        if bad is not None:
+            self._violation(bad)
             return True
         self._pos += CHUNK_HEADER.size + 8
         if req.data is None:
@@ -596,71 +492,6 @@ class ClientConnection:
         self._target = memoryview(req.data)[start:start + n]
         self._target_req = req
         self._target_done = done
-        return True
-
-    def _hole_chunk(self, req: _Pending, payload: bytes | bytearray | memoryview) -> bool:
-        if req.command != _READ:
-            self._violation("NBD_REPLY_TYPE_OFFSET_HOLE for a request that is not a read")
-            return False
-        if len(payload) != 12:
-            self._violation("NBD_REPLY_TYPE_OFFSET_HOLE must be 12 bytes")
-            return False
-        offset, n = _HOLE.unpack_from(payload)
-        if n == 0:
-            self._violation("NBD_REPLY_TYPE_OFFSET_HOLE of zero bytes")
-            return False
-        if not self._in_request(req, offset, n):
-            return False
-        req.covered += n
-        if req.data is not None:  # buffers start zeroed; only bytes already written need it
-            start = offset - req.offset
-            req.data[start:start + n] = bytes(n)
-        return True
-
-    def _status_chunk(self, req: _Pending, payload: bytes | bytearray | memoryview) -> bool:
-        if req.command != _BLOCK_STATUS:
-            self._violation("NBD_REPLY_TYPE_BLOCK_STATUS for a request that is not block "
-                            "status")
-            return False
-        n = len(payload)
-        if n < 12 or (n - 4) % 8:
-            self._violation(f"NBD_REPLY_TYPE_BLOCK_STATUS of {n} bytes is not 4 + 8*k")
-            return False
-        (ctx,) = _U32.unpack_from(payload)
-        if ctx != self.meta_context_id:
-            self._violation(f"block status for context id {ctx}, which was not negotiated")
-            return False
-        if req.extents is not None:
-            self._violation("two block status chunks for one context")
-            return False
-        count = (n - 4) // 8
-        flat = struct.unpack_from(f">{2 * count}I", payload, 4)
-        extents = list(zip(flat[0::2], flat[1::2], strict=True))
-        if any(e[0] == 0 for e in extents):
-            self._violation("block status extent of length zero")
-            return False
-        if req.flags & _REQ_ONE:
-            # One extent, never past the request.
-            extents = [(min(extents[0][0], req.length), extents[0][1])]
-        req.extents = extents
-        return True
-
-    def _error_chunk(self, req: _Pending, kind: int,
-                     payload: bytes | bytearray | memoryview) -> bool:
-        fixed = 14 if kind == Reply.ERROR_OFFSET else 6
-        if len(payload) < fixed:
-            self._violation(f"error chunk of {len(payload)} bytes is too short")
-            return False
-        error, mlen = ERROR_PAYLOAD.unpack_from(payload)
-        if mlen > len(payload) - fixed:
-            self._violation("error chunk message runs past the chunk")
-            return False
-        if error == 0:
-            self._violation("error chunk with error value 0")
-            return False
-        if not req.error:  # the first error is the one reported
-            req.error = error
-            req.message = bytes(payload[6:6 + mlen]).decode("utf-8", "replace")
         return True
 
 

@@ -1,11 +1,11 @@
-"""Option haggling, client side: which option the client sends next, and what each
-reply of the server means.
+"""The handshake, client side: the server's greeting, which option the client sends
+next, and what each reply means.
 
-`ClientConnection` (nbd/client.py) parses the greeting and frames the option
-replies (magic, the option they answer, their bound); this holds what was asked
-and agreed, and turns each reply into the next option or an outcome: `Negotiated`,
-`Refused` or `ProtocolError`. Pure, like the connection: options go to the
-connection's output list.
+`ClientConnection` (nbd/client.py) hands over its received bytes until the handshake
+ends; this parses them (the greeting, then the reply to the one option in flight,
+checked against it and bounded) and turns each into the next option or an outcome:
+`Negotiated`, `Refused` or `ProtocolError`. Pure, like the connection: options go
+to the connection's output list.
 """
 
 from __future__ import annotations
@@ -18,11 +18,17 @@ from twinvol.nbd.constants import (
     BASE_ALLOCATION,
     FLAG_C_FIXED_NEWSTYLE,
     FLAG_C_NO_ZEROES,
+    FLAG_FIXED_NEWSTYLE,
     FLAG_NO_ZEROES,
+    GREETING,
     IHAVEOPT,
+    MAX_OPTION_DATA,
     MAX_PAYLOAD,
     MAX_STRING,
+    NBDMAGIC,
     OPTION_HEADER,
+    OPTION_REPLY_HEADER,
+    OPTION_REPLY_MAGIC,
     REP_ERR,
     Info,
     Opt,
@@ -47,11 +53,54 @@ class Negotiation:
         self.structured = False
         self.meta_context_id: int | None = None
         self.no_zeroes = False
+        self.greeted = False
         self.opt: int | None = None  # option awaiting its reply
         self._info: dict[str, Any] = {}
         self._meta_id: int | None = None
 
-    def start(self, server_flags: int) -> None:
+    def receive(self, data: bytes | bytearray | memoryview, pos: int) -> tuple[int, Outcome]:
+        """Parse the server's bytes from `pos`: the position after what was used, and
+        an outcome (None: go on; more bytes are needed if the position did not move)."""
+        avail = len(data) - pos
+        if not self.greeted:
+            if avail < GREETING.size:
+                return pos, None
+            magic, opt_magic, flags = GREETING.unpack_from(data, pos)
+            pos += GREETING.size
+            if magic != NBDMAGIC:
+                return pos, ProtocolError(f"bad server greeting magic {magic:#x}")
+            if opt_magic != IHAVEOPT:
+                return pos, ProtocolError("server does not speak the newstyle handshake "
+                                          "(oldstyle server?)")
+            if not flags & FLAG_FIXED_NEWSTYLE:
+                return pos, ProtocolError("server does not support fixed newstyle negotiation")
+            self.greeted = True
+            self._start(flags)
+            return pos, None
+        awaited = self.opt
+        if awaited == Opt.EXPORT_NAME:
+            need = 10 if self.no_zeroes else 134
+            if avail < need:
+                return pos, None
+            size, flags = struct.unpack_from(">QH", data, pos)
+            return pos + need, self._export_name_reply(size, flags)
+        if avail < OPTION_REPLY_HEADER.size:
+            return pos, None
+        magic, opt, rep, length = OPTION_REPLY_HEADER.unpack_from(data, pos)
+        if magic != OPTION_REPLY_MAGIC:
+            return pos, ProtocolError(f"bad option reply magic {magic:#x}")
+        if opt != awaited:
+            return pos, ProtocolError(f"reply to option {opt} while waiting for option "
+                                      f"{awaited}")
+        if length > MAX_OPTION_DATA:
+            return pos, ProtocolError(f"option reply of {length} bytes is over the "
+                                      f"{MAX_OPTION_DATA} byte bound")
+        if avail < OPTION_REPLY_HEADER.size + length:
+            return pos, None
+        start = pos + OPTION_REPLY_HEADER.size
+        return start + length, self._reply(opt, rep, bytes(data[start:start + length]))
+
+    def _start(self, server_flags: int) -> None:
         """The greeting was good: send our flags and the first option."""
         self.no_zeroes = bool(server_flags & FLAG_NO_ZEROES)
         cflags = FLAG_C_FIXED_NEWSTYLE | (FLAG_C_NO_ZEROES if self.no_zeroes else 0)
@@ -80,8 +129,7 @@ class Negotiation:
         self._send_option(Opt.GO, self._name_field() + struct.pack(f">H{len(wanted)}H",
                                                                    len(wanted), *wanted))
 
-    def reply(self, opt: int, rep: int, data: bytes) -> Outcome:
-        """A whole option reply (to `self.opt`, which the connection checked)."""
+    def _reply(self, opt: int, rep: int, data: bytes) -> Outcome:
         if opt == Opt.STRUCTURED_REPLY:
             return self._on_structured_reply(rep, data)
         if opt == Opt.SET_META_CONTEXT:
@@ -158,8 +206,7 @@ class Negotiation:
         # Unknown information types are ignored, as the spec asks.
         return None
 
-    def export_name_reply(self, size: int, flags: int) -> Negotiated:
-        """The server's answer to NBD_OPT_EXPORT_NAME (framed by the connection)."""
+    def _export_name_reply(self, size: int, flags: int) -> Negotiated:
         self._info = {"size": size, "flags": flags}
         # EXPORT_NAME ends haggling: no metadata context can have been agreed for it.
         self.meta_context_id = None
