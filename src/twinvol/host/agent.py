@@ -486,4 +486,4 @@ class AgentStartError(Exception):
     """The agent cannot start (port taken...)."""
 
 
-__all__ = ["Agent", "AgentProtocol", "AgentStartError"]
+__all__ = ["Agent", "AgentStartError"]

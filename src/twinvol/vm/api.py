@@ -21,6 +21,7 @@ from twinvol.vm.state import VmError
 log = logging.getLogger("twinvol.vm")
 
 _STATUS = {"invalid": 400, "not_found": 404, "conflict": 409, "unavailable": 503, "io": 500}
+
 _error = error_response
 
 

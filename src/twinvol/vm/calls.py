@@ -11,6 +11,9 @@ from twinvol.cluster import ClusterConfig
 
 
 class HostCallError(Exception):
+    """A call failed; `unreachable` when the peer could not be reached at all (not
+    after a timeout, when the call may have run there)."""
+
     def __init__(self, message: str, unreachable: bool = False) -> None:
         super().__init__(message)
         self.unreachable = unreachable
