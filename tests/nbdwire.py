@@ -25,14 +25,8 @@ from twinvol.nbd.constants import (
     Rep,
     Reply,
 )
-from twinvol.nbd.server import (
-    NEED_DATA,
-    Disconnect,
-    ExportInfo,
-    Ready,
-    Request,
-    ServerConnection,
-)
+from twinvol.nbd.server import NEED_DATA, ServerConnection
+from twinvol.nbd.server_events import Disconnect, ExportInfo, Ready, Request
 
 Event = Ready | Request | Disconnect
 

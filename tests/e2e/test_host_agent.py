@@ -40,7 +40,7 @@ from twinvol.host.nodes import NodeUnreachable
 from twinvol.nbd.aio import NbdServerProtocol, close_all
 from twinvol.nbd.aio_client import NbdClient, NbdError, NegotiationError
 from twinvol.nbd.constants import Cmd, Err, Opt, Rep
-from twinvol.nbd.server import ExportInfo
+from twinvol.nbd.server_events import ExportInfo
 from twinvol.supervisor import Supervisor, free_ports, twinvol_argv
 
 pytestmark = pytest.mark.e2e

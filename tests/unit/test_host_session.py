@@ -11,7 +11,7 @@ from typing import Any
 from twinvol.host.paths import Clock, Op, PathState
 from twinvol.host.session import Session
 from twinvol.nbd.aio_client import ConnectionLost
-from twinvol.nbd.client import Completed
+from twinvol.nbd.client_events import Completed
 from twinvol.nbd.constants import Cmd, Err
 
 

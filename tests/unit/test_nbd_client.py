@@ -17,18 +17,13 @@ from hypothesis import strategies as st
 from nbdwire import Exports
 
 from twinvol.nbd.client import (
-    MAX_STATUS_CHUNK,
     NEED_DATA,
     ClientConnection,
     ClientStateError,
-    Closed,
-    Completed,
-    Event,
-    Negotiated,
     Phase,
-    ProtocolError,
-    Refused,
 )
+from twinvol.nbd.client_events import Closed, Completed, Event, Negotiated, ProtocolError, Refused
+from twinvol.nbd.client_requests import MAX_STATUS_CHUNK
 from twinvol.nbd.constants import (
     BASE_ALLOCATION,
     FLAG_C_FIXED_NEWSTYLE,
@@ -53,7 +48,8 @@ from twinvol.nbd.constants import (
     TxFlag,
 )
 from twinvol.nbd.server import NEED_DATA as SERVER_NEED_DATA
-from twinvol.nbd.server import ExportInfo, Request, ServerConnection
+from twinvol.nbd.server import ServerConnection
+from twinvol.nbd.server_events import ExportInfo, Request
 
 FLAGS = int(TxFlag.HAS_FLAGS | TxFlag.SEND_FLUSH | TxFlag.SEND_FUA)
 META_ID = 7

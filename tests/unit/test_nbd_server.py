@@ -56,14 +56,8 @@ from twinvol.nbd.constants import (
     Reply,
     TxFlag,
 )
-from twinvol.nbd.server import (
-    NEED_DATA,
-    Disconnect,
-    ExportInfo,
-    Ready,
-    Request,
-    ServerConnection,
-)
+from twinvol.nbd.server import NEED_DATA, ServerConnection
+from twinvol.nbd.server_events import Disconnect, ExportInfo, Ready, Request
 
 DISK = ExportInfo("disk", 1 << 20, "a test disk")
 RO = ExportInfo("ro", 64 * 1024, "read only", read_only=True)

@@ -32,7 +32,8 @@ from twinvol.nbd.constants import (
     Err,
     Reply,
 )
-from twinvol.nbd.server import Disconnect, ExportInfo, Request, ServerConnection
+from twinvol.nbd.server import ServerConnection
+from twinvol.nbd.server_events import Disconnect, ExportInfo, Request
 
 
 def test_the_native_relay_is_built() -> None:

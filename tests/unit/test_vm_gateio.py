@@ -15,7 +15,7 @@ import pytest
 from twinvol.nbd.aio import NbdServerProtocol, close_all
 from twinvol.nbd.aio_client import NbdClient, NbdError
 from twinvol.nbd.constants import Err
-from twinvol.nbd.server import ExportInfo
+from twinvol.nbd.server_events import ExportInfo
 from twinvol.vm.gateio import GateServer
 
 SIZE = 1 << 20

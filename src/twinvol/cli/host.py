@@ -31,7 +31,7 @@ def _setup(cluster: str | None) -> Any:
 def run(cluster: str = ClusterOpt) -> None:
     """Run the host agent in the foreground (stops on SIGTERM/SIGINT)."""
     from twinvol.host.agent import AgentStartError
-    from twinvol.host.agent import run as run_agent
+    from twinvol.host.process import run as run_agent
 
     setup = _setup(cluster)
     logs.setup("host")

@@ -65,7 +65,8 @@ def find_vm(cfg: ClusterConfig, name: str) -> str:
 def host_run(cluster: str = ClusterOpt,
              name: str = typer.Option(..., "--name", help="Host name ([vmhosts.NAME]).")) -> None:
     """Run a hypervisor host manager in the foreground (stops on SIGTERM/SIGINT)."""
-    from twinvol.vm.manager import VmError, run
+    from twinvol.vm.api import run
+    from twinvol.vm.state import VmError
 
     cfg = load_cluster(cluster)
     cfg.vmhost(name)

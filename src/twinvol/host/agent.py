@@ -1,11 +1,9 @@
-"""The host agent process: NBD server for clients, NBD client to the nodes, status API.
+"""The host agent: NBD server for clients, NBD client to the nodes, status API.
 
-Negotiation uses the sans-IO `ServerConnection` unchanged. Its export lookups are
-pure, but answering one needs the nodes (their view of the export's identity and
-I/O mode, and path connections), so the protocol layer splits the client's
-option stream itself: when an option naming an export is complete it resolves
-that export asynchronously first, and only then feeds the option to the state
-machine, whose lookup now finds the answer ready.
+It owns what spans client connections: the exports (resolved on the nodes, their
+sessions and counters), the node links and event watchers, the listeners and their
+start and stop. One client's connection is `host/connection.py`; the HTTP API
+`host/api.py`; the switching table `host/switching.py`; the process `host/process.py`.
 
 Resolution: every path node is asked for the export (GET /api/v1/exports/NAME);
 the nodes that have it must report the same virtual identity, or the export is
@@ -21,10 +19,8 @@ import contextlib
 import errno
 import logging
 import os
-import signal
 import socket
 import stat
-import struct
 import time
 from collections import deque
 from typing import Any
@@ -36,34 +32,20 @@ from twinvol import __version__
 from twinvol.cluster import split_hostport
 from twinvol.faults.host import HostFaults
 from twinvol.host import UNIX_PATH_MAX, HostSetup
+from twinvol.host.api import make_app
+from twinvol.host.connection import AgentProtocol
 from twinvol.host.events import NodeWatcher
 from twinvol.host.nodes import HttpNodeLink, NodeLink, NodeUnreachable
-from twinvol.host.paths import Clock, Op, PathState, identity_diff
+from twinvol.host.paths import Clock, PathState, identity_diff
 from twinvol.host.relay import RelaySession, usable_for
 from twinvol.host.session import Session
-from twinvol.httpapi import bearer_ok, unauthorized
-from twinvol.nbd.client import Completed
-from twinvol.nbd.constants import IHAVEOPT, MAX_OPTION_DATA, NEED_DATA, Cmd, Opt
-from twinvol.nbd.server import (
-    Disconnect,
-    ExportInfo,
-    Phase,
-    Ready,
-    Request,
-    ServerConnection,
-)
+from twinvol.host.switching import Switching
+from twinvol.nbd.server_events import ExportInfo
 
 log = logging.getLogger("twinvol.host")
 
-SCRATCH_SIZE = 256 * 1024
-MAX_OUTSTANDING = 256  # requests per client connection before reading from it pauses
 TICK = 0.5
 STOP_WAIT = 1.0  # the longest any one step of stopping waits (tasks, API, HTTP clients)
-MAX_NEGOTIATION_BACKLOG = 256 * 1024  # unfed option bytes before reading pauses
-MAX_CANDIDATES = 4  # exports one connection may have open paths for while negotiating
-_OPT_HDR = struct.Struct(">QII")
-_READ = int(Cmd.READ)
-_BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
 _COUNTERS = ("failovers", "retries", "held_total", "hold_failed", "sessions_total", "refused")
 
 
@@ -77,440 +59,6 @@ class ExportState:
         self.modes: dict[str, str] = {}
         self.counters = dict.fromkeys(_COUNTERS, 0)
         self.requests: dict[str, int] = {}  # per node, of sessions already closed
-
-
-class _ConnExports:
-    """The `ExportProvider` of one client connection: answers resolved beforehand."""
-
-    def __init__(self) -> None:
-        self.resolved: dict[str, ExportInfo | None] = {}
-        self.listed: list[ExportInfo] = []
-
-    def lookup(self, name: str) -> ExportInfo | None:
-        return self.resolved.get(name)
-
-    def list_exports(self) -> list[ExportInfo]:
-        return self.listed
-
-
-def _option_name(opt: int, data: bytes) -> str | None:
-    """The export an option names (None when it names none or is malformed)."""
-    if opt == Opt.EXPORT_NAME:
-        raw = data
-    elif opt in (Opt.INFO, Opt.GO, Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
-        if len(data) < 4:
-            return None
-        (n,) = struct.unpack_from(">I", data)
-        if n > len(data) - 4:
-            return None
-        raw = data[4:4 + n]
-    else:
-        return None
-    try:
-        return raw.decode()
-    except UnicodeDecodeError:
-        return None
-
-
-class AgentProtocol(asyncio.BufferedProtocol):
-    """One client connection to the agent."""
-
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        self.exports = _ConnExports()
-        self.conn = ServerConnection(self.exports)
-        self.transport: asyncio.Transport | None = None
-        self.peer = "?"
-        self.session: Session | None = None
-        self.candidates: dict[str, Session] = {}  # sessions opened while negotiating
-        self._go_done: set[str] = set()
-        self._listed = False
-        self._neg = bytearray()  # negotiation bytes not yet fed to the state machine
-        self._flags_fed = False
-        self._skip = 0
-        self._resolving: asyncio.Task[None] | None = None
-        self._transmission = False
-        self._closed = False
-        self._drain_close = False
-        self._scratch = memoryview(bytearray(SCRATCH_SIZE))
-        self._into_payload = False
-        self._replies: list[bytes | bytearray | memoryview] = []
-        self._flush_scheduled = False
-        self._read_paused = False
-        self._write_paused = False
-        self._loop = asyncio.get_running_loop()
-        self._handed_over = False  # the native relay owns the client's socket
-
-    # ---- asyncio callbacks ----------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family != socket.AF_UNIX:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.agent.connections.add(self)
-        transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        if self._transmission:
-            buf = self.conn.payload_buffer()
-            if buf is not None and len(buf) >= 65536:
-                self._into_payload = True
-                return buf
-        self._into_payload = False
-        return self._scratch
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if self._handed_over:
-            return
-        if self._into_payload:
-            self.conn.payload_received(nbytes)
-            self._pump()
-        elif self._transmission:
-            self.conn.receive_data(self._scratch[:nbytes])
-            self._pump()
-        else:
-            self._neg += self._scratch[:nbytes]
-            self._negotiate()
-            if self._resolving is not None and len(self._neg) > MAX_NEGOTIATION_BACKLOG \
-                    and self.transport is not None and not self._read_paused:
-                # A client pipelining options while one is being resolved: stop reading.
-                self._read_paused = True
-                self.transport.pause_reading()
-
-    def eof_received(self) -> bool:
-        if self._handed_over:
-            return False
-        if self._transmission or not self._resolving:
-            self.conn.receive_data(b"")
-            self._pump()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._handed_over:
-            return  # only our descriptor closed; the relay has the connection
-        self._closed = True
-        self.agent.connections.discard(self)
-        if self._resolving is not None:
-            self._resolving.cancel()
-        for s in self.candidates.values():
-            s.close()
-        self.candidates.clear()
-        if self.session is not None:
-            self.agent.unregister(self.session)
-            self.session.close()
-
-    def shutdown(self) -> None:
-        """The agent stops: answer what can be answered, close the connection and every
-        session it holds (without waiting for the client to read or hang up)."""
-        if self._resolving is not None:
-            self._resolving.cancel()
-        for s in self.candidates.values():
-            s.close()
-        self.candidates.clear()
-        if self.session is not None:
-            self.session.shutdown("the host agent is shutting down")
-        if self.transport is not None and not self._handed_over:
-            self.flush_replies()
-            self.transport.close()
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-        self._update_reading()
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        self._update_reading()
-
-    # ---- negotiation ----------------------------------------------------
-
-    def _feed(self, n: int) -> None:
-        chunk = bytes(self._neg[:n])
-        del self._neg[:n]
-        self.conn.receive_data(chunk)
-        self._pump()
-
-    def _negotiate(self) -> None:
-        """Feed complete options to the state machine, resolving named exports first."""
-        buf = self._neg
-        while not self._closed and not self._transmission and self._resolving is None:
-            if self._skip:
-                n = min(self._skip, len(buf))
-                if not n:
-                    return
-                self._skip -= n
-                self._feed(n)
-                continue
-            if not self._flags_fed:
-                if len(buf) < 4:
-                    return
-                self._flags_fed = True
-                self._feed(4)
-                continue
-            if len(buf) < _OPT_HDR.size:
-                return
-            magic, opt, length = _OPT_HDR.unpack_from(buf)
-            if magic != IHAVEOPT:
-                self._feed(len(buf))  # the state machine hangs up on it
-                return
-            if length > MAX_OPTION_DATA:  # skipped unread by the state machine
-                n = min(len(buf), _OPT_HDR.size + length)
-                self._skip = _OPT_HDR.size + length - n
-                self._feed(n)
-                continue
-            if len(buf) < _OPT_HDR.size + length:
-                return
-            data = bytes(buf[_OPT_HDR.size:_OPT_HDR.size + length])
-            if not self._prepared(opt, data):
-                return
-            self._feed(_OPT_HDR.size + length)
-        if self._transmission and buf and not self._closed and not self._handed_over:
-            self._feed(len(buf))
-
-    def _prepared(self, opt: int, data: bytes) -> bool:
-        """True if the state machine can answer `opt` now; else start resolving for it."""
-        if opt == Opt.LIST:
-            if self._listed:
-                return True
-            self._start(self._resolve_list())
-            return False
-        name = _option_name(opt, data)
-        if name is None:
-            return True
-        if opt in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
-            if name in self.exports.resolved:
-                return True
-            self._start(self._resolve(name, connect=False))
-            return False
-        if name in self._go_done:
-            return True
-        self._start(self._resolve(name, connect=True))
-        return False
-
-    def _start(self, coro: Any) -> None:
-        self._resolving = asyncio.get_running_loop().create_task(coro)
-
-    async def _resolve_list(self) -> None:
-        try:
-            self.exports.listed = await self.agent.list_exports()
-        finally:
-            self._listed = True
-            self._resolved()
-
-    async def _resolve(self, name: str, *, connect: bool) -> None:
-        try:
-            info, session = await self.agent.resolve(name, connect=connect, peer=self.peer)
-            if session is not None:
-                if self._closed:
-                    session.close()
-                else:
-                    old = self.candidates.pop(name, None)
-                    if old is not None:
-                        old.close()
-                    while len(self.candidates) >= MAX_CANDIDATES:
-                        oldest = next(iter(self.candidates))
-                        self.candidates.pop(oldest).close()
-                        self._go_done.discard(oldest)
-                    self.candidates[name] = session
-            self.exports.resolved[name] = info
-        except Exception as e:
-            log.exception("export resolution failed", extra={"export": name})
-            self.exports.resolved[name] = ExportInfo(
-                name, 0, blocked=f"host agent could not resolve export {name!r}: {e}")
-        finally:
-            if connect:
-                self._go_done.add(name)
-            self._resolved()
-
-    def _resolved(self) -> None:
-        self._resolving = None
-        if not self._closed:
-            if self._read_paused and not self._transmission and self.transport is not None:
-                self._read_paused = False
-                self.transport.resume_reading()
-            self._negotiate()
-            if not self._transmission and self.conn.phase is Phase.CLOSED:
-                self._close_transport()
-
-    def _ready(self, ev: Ready) -> None:
-        self._transmission = True
-        session = self.candidates.pop(ev.export.name, None)
-        for other in self.candidates.values():
-            other.close()
-        self.candidates.clear()
-        if session is None:  # pragma: no cover - GO/EXPORT_NAME are always resolved first
-            log.error("no session for a negotiated export", extra={"export": ev.export.name})
-            if self.transport is not None:
-                self.transport.abort()
-            return
-        self.session = session
-        session.responder = self
-        self.agent.register(session)
-        log.info("client connected", extra={"peer": self.peer, "export": ev.export.name,
-                                            "structured": ev.structured,
-                                            "usable": [p.node for p in session.up],
-                                            "data_path": "native" if isinstance(
-                                                session, RelaySession) else "python"})
-        if isinstance(session, RelaySession):
-            self._hand_over(session, ev)
-
-    def _hand_over(self, session: RelaySession, ev: Ready) -> None:
-        """Give the client's socket to the native relay for the transmission phase.
-
-        Bytes the client pipelined after NBD_OPT_GO and the GO reply itself (not sent
-        yet) go with it. The transport is then closed without ending the connection:
-        the relay holds a duplicate of its descriptor."""
-        transport = self.transport
-        assert transport is not None
-        if transport.get_write_buffer_size():
-            # Earlier negotiation replies are still queued: hand over once they are out.
-            transport.pause_reading()
-            self._loop.call_later(0.005, self._hand_over, session, ev)
-            return
-        if self._closed or session.closed:
-            return
-        sock = transport.get_extra_info("socket")
-        fd = os.dup(sock.fileno())
-        pending_in = bytes(self._neg)
-        self._neg.clear()
-        pending_out = b"".join(bytes(r) for r in self._replies)
-        self._replies.clear()
-        self._handed_over = True
-        transport.pause_reading()
-        transport.abort()
-        session.on_client_closed = self._relay_closed
-        session.attach_client(fd, structured=ev.structured, meta_context=ev.meta_context,
-                              read_only=ev.export.read_only, pending_in=pending_in,
-                              pending_out=pending_out)
-
-    def _relay_closed(self, reason: str, error: bool) -> None:
-        """The relay's client connection ended (the session is closed already)."""
-        self._closed = True
-        self.agent.connections.discard(self)
-        if self.session is not None:
-            self.agent.unregister(self.session)
-        log.info("client disconnected", extra={"peer": self.peer, "reason": reason,
-                                               "error": error})
-
-    # ---- transmission ---------------------------------------------------
-
-    def _pump(self) -> None:
-        conn = self.conn
-        replies = self._replies
-        session = self.session
-        next_event = conn.next_event
-        while not self._closed:
-            ev = next_event()
-            if conn._out:
-                replies.append(conn.data_to_send())
-            if ev is NEED_DATA:
-                break
-            if type(ev) is Request:
-                if session is None:  # pragma: no cover
-                    break
-                data = ev.data
-                if data is not None:
-                    data = self._own(data)
-                session.submit(ev.command, ev.flags, ev.cookie, ev.offset, ev.length, data)
-            elif type(ev) is Ready:
-                self._ready(ev)
-                session = self.session
-            elif type(ev) is Disconnect:
-                self._disconnect(ev)
-                break
-        if session is not None:
-            session.flush_paths()
-            self._update_reading()
-        self.flush_replies()
-
-    def _own(self, data: bytes | bytearray | memoryview) -> bytes | memoryview:
-        """A write payload the session may keep (for a retry on another path)."""
-        return self.conn.own_payload(data)
-
-    def _disconnect(self, ev: Disconnect) -> None:
-        self.flush_replies()
-        if ev.error:
-            log.warning("client protocol error, hard disconnect",
-                        extra={"peer": self.peer, "reason": ev.reason})
-            if self.transport is not None:
-                self.transport.abort()
-            return
-        if self.session is not None and self.session.outstanding:
-            self._drain_close = True  # answer what is in flight, then close
-            return
-        self._close_transport()
-
-    def _close_transport(self) -> None:
-        self.flush_replies()
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-
-    def reply(self, op: Op, res: Completed) -> None:
-        conn = self.conn
-        replies = self._replies
-        cmd = op.cmd
-        if res.error:
-            replies.extend(conn.reply_error(op.cookie, res.error, res.message))
-        elif cmd == _READ:
-            data = res.data
-            if data is None:
-                replies.append(conn.reply_read_hole(op.cookie, op.offset, op.length))
-            else:
-                replies.extend(conn.reply_read(op.cookie, op.offset, data))
-        elif cmd == _BLOCK_STATUS:
-            extents = res.extents or [(op.length, 0)]
-            replies.append(conn.reply_block_status(op.cookie, extents))
-        else:
-            replies.append(conn.reply_ok(op.cookie))
-        # Replies go out once per loop iteration: the replies of every path that
-        # answered in this iteration leave in one system call.
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self.flush_replies)
-        if self._read_paused or self._drain_close:
-            self._replied()
-
-    def reply_error(self, op: Op, err: int, message: str) -> None:
-        self._replies.extend(self.conn.reply_error(op.cookie, err, message))
-        self._replied()
-
-    def _replied(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self.flush_replies)
-        if self._read_paused:
-            self._update_reading()
-        if self._drain_close and self.session is not None and not self.session.outstanding:
-            self._close_transport()
-
-    def flush_replies(self) -> None:
-        self._flush_scheduled = False
-        replies = self._replies
-        if not replies:
-            return
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            if len(replies) == 1:
-                transport.write(replies[0])
-            else:
-                transport.writelines(replies)
-        replies.clear()
-
-    def _update_reading(self) -> None:
-        transport = self.transport
-        session = self.session
-        if transport is None or transport.is_closing() or session is None:
-            return
-        pause = self._write_paused or session.outstanding >= MAX_OUTSTANDING
-        if pause and not self._read_paused:
-            self._read_paused = True
-            transport.pause_reading()
-        elif not pause and self._read_paused:
-            self._read_paused = False
-            transport.resume_reading()
 
 
 class Agent:
@@ -539,9 +87,7 @@ class Agent:
         self.nbd_port = 0
         self.api_port = 0
         self.faults: HostFaults | None = None
-        # The nodes' switching table as this host last learned it (export -> entry):
-        # read from the nodes at start, then kept by their `switched*` events.
-        self.switching: dict[str, dict[str, Any]] = {}
+        self.switching = Switching(self.links)
         self.native = False  # sessions use the native data path (decided at start)
 
     # ---- Hooks for sessions -----------------------------------------------
@@ -683,7 +229,7 @@ class Agent:
         if not isinstance(export, str):
             return
         if kind in ("switched", "switched_back"):
-            self._switching_event(node, export, ev)
+            self.switching.on_event(node, export, ev)
             return
         st = self.exports.get(export)
         if kind == "io_mode":
@@ -702,81 +248,6 @@ class Agent:
         elif kind in ("volume_created", "volume_deleted", "volume_resized") and st is not None:
             for s in list(st.sessions):
                 s.kick(node)
-
-    # ---- volume switching (the nodes keep the table; the agent carries commands) ---
-
-    def _switching_event(self, node: str, export: str, ev: dict[str, Any]) -> None:
-        cur = self.switching.get(export)
-        version = ev.get("version")
-        if ev["type"] == "switched":
-            if cur is None or int(cur.get("version") or 0) <= int(version or 0):
-                self.switching[export] = {k: ev.get(k) for k in ("source", "target", "version",
-                                                                 "nodes")}
-        elif cur is not None and cur.get("version") == version:
-            del self.switching[export]
-        log.info("node pushed a switching change", extra={
-            "node": node, "export": export, "event": ev["type"], "target": ev.get("target")})
-
-    async def load_switching(self) -> None:
-        """Read the switching table from the nodes (after a start or a reconnect)."""
-        table: dict[str, dict[str, Any]] = {}
-        for link in self.links.values():
-            if not isinstance(link, HttpNodeLink):
-                continue
-            try:
-                status, body = await link.call("GET", "/api/v1/switching", timeout=5.0)
-            except NodeUnreachable:
-                continue
-            if status != 200 or not isinstance(body, dict):
-                continue
-            for e in body.get("entries") or []:
-                if isinstance(e, dict) and isinstance(e.get("host_id"), str):
-                    old = table.get(e["host_id"])
-                    if old is None or int(old["version"]) < int(e.get("version") or 0):
-                        table[e["host_id"]] = {k: e.get(k) for k in ("source", "target",
-                                                                      "version", "nodes")}
-        self.switching = table
-
-    async def switch(self, export: str, to: str | None, back: bool) -> tuple[int, Any]:
-        """Carry a switch command to a node: the target's node when the target names one
-        of this host's nodes, else the first that answers. Returns (status, body)."""
-        order = list(self.links)
-        where = (to or "").partition(":")[0] if to and ":" in to else None
-        cur = self.switching.get(export)
-        if back and cur is not None:
-            where = str(cur.get("source", "")).partition(":")[0]
-        if where in self.links:
-            order.remove(where)
-            order.insert(0, where)
-
-        body: dict[str, Any] = {"host_id": export}
-        if not back:
-            body["to"] = to
-            body["nodes"] = list(self.links)
-        errors = []
-        unknown: list[tuple[int, Any]] = []
-        for name in order:
-            link = self.links[name]
-            if not isinstance(link, HttpNodeLink):
-                continue
-            try:
-                status, answer = await link.call(
-                    "POST", "/api/v1/switching/back" if back else "/api/v1/switching", body)
-            except NodeUnreachable as e:
-                errors.append(str(e))
-                continue
-            if status == 404 and not back:
-                # This node's copy has no such partner (e.g. it is the target itself, a far
-                # copy): the source is on another node.
-                unknown.append((status, answer))
-                continue
-            if status < 300:
-                await self.load_switching()
-            return status, answer
-        if unknown:
-            return unknown[-1]
-        return 503, {"error": {"code": "io", "message": "no storage node took the switch "
-                                                        "command: " + "; ".join(errors)}}
 
     def on_stream_state(self, node: str, up: bool) -> None:
         log.info("node event stream " + ("up" if up else "down"), extra={"node": node})
@@ -820,11 +291,11 @@ class Agent:
         host, port = split_hostport(self.config.nbd)
         ahost, aport = split_hostport(self.config.api)
         if self._given_links is not None:
-            self.links = dict(self._given_links)
+            self.links.update(self._given_links)
         else:
             self._http = aiohttp.ClientSession()
-            self.links = {n: HttpNodeLink(n, addr, self._http, self.setup.secret)
-                          for n, addr in self.setup.nodes.items()}
+            self.links.update({n: HttpNodeLink(n, addr, self._http, self.setup.secret)
+                               for n, addr in self.setup.nodes.items()})
             self.faults = HostFaults(self.setup.fault_log, self.config.sinks,
                                      self.setup.cluster_name)
         self.native = self.config.data_path == "native" and usable_for(len(self.links))
@@ -847,7 +318,9 @@ class Agent:
                 await self.stop()
                 raise AgentStartError(f"cannot listen for NBD on {self.setup.socket}: "
                                       f"{e.strerror or e}") from e
-        self._runner = web.AppRunner(make_app(self), access_log=None, handle_signals=False,
+        app = make_app(nbd=self.config.nbd, secret=self.setup.secret, report=self.status,
+                       switches=self.switching, faults=self.faults)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                      shutdown_timeout=STOP_WAIT)
         await self._runner.setup()
         site = web.TCPSite(self._runner, ahost, aport, reuse_address=True)
@@ -870,7 +343,7 @@ class Agent:
                               {"Authorization": f"Bearer {self.setup.secret}"}
                               if self.setup.secret else {})
         self._ticker = loop.create_task(self._tick())
-        task = loop.create_task(self.load_switching())
+        task = loop.create_task(self.switching.load())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         log.info("host agent serving", extra={"nbd": self.config.nbd, "api": self.config.api,
@@ -978,7 +451,7 @@ class Agent:
             "exports": exports,
             "sessions": [s.status() for st in self.exports.values() for s in st.sessions],
             "faults": None if self.faults is None else self.faults.status(),
-            "switching": self.switching,
+            "switching": self.switching.table,
         }
 
 
@@ -1013,98 +486,4 @@ class AgentStartError(Exception):
     """The agent cannot start (port taken...)."""
 
 
-def make_app(agent: Agent) -> web.Application:
-    app = web.Application()
-    routes = web.RouteTableDef()
-
-    @routes.get("/api/v1/health")
-    async def health(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "component": "host",
-                                  "nbd": agent.config.nbd})
-
-    @routes.get("/api/v1/status")
-    async def status(_: web.Request) -> web.Response:
-        return web.json_response(agent.status())
-
-    @routes.post("/api/v1/switch")
-    async def switch(request: web.Request) -> web.Response:
-        """The host's switch command: {"export", "to"} or {"export", "back": true}."""
-        if not bearer_ok(request, agent.setup.secret):
-            return unauthorized()
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict) or not isinstance(body.get("export"), str) \
-                or not (isinstance(body.get("to"), str) or body.get("back") is True):
-            return web.json_response({"error": {"code": "invalid", "message":
-                                                'body must be {"export": NAME, "to": TARGET} '
-                                                'or {"export": NAME, "back": true}'}},
-                                     status=400)
-        status, answer = await agent.switch(body["export"], body.get("to"),
-                                            body.get("back") is True)
-        return web.json_response(answer, status=status)
-
-    @routes.get("/api/v1/switching")
-    async def switching(_: web.Request) -> web.Response:
-        await agent.load_switching()
-        return web.json_response({"switching": agent.switching})
-
-    app.add_routes(routes)
-    if agent.faults is not None:
-        app.add_routes(agent.faults.routes())
-    return app
-
-
-async def serve(setup: HostSetup) -> None:
-    agent = Agent(setup)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal(sig: signal.Signals) -> None:
-        if stop.is_set():  # a second signal while stopping: do not wait any more
-            log.warning("second signal while stopping: exiting now", extra={"signal": sig.name})
-            os._exit(1)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-    await agent.start()
-    try:
-        await stop.wait()
-    finally:
-        await agent.stop()
-
-
-def _finish(loop: asyncio.AbstractEventLoop) -> None:
-    """Cancel what is left and give it STOP_WAIT to end; then close the loop regardless
-    (asyncio.run would wait forever for a task that does not end when cancelled)."""
-    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
-    for t in tasks:
-        t.cancel()
-    if tasks:
-        _, pending = loop.run_until_complete(asyncio.wait(tasks, timeout=STOP_WAIT))
-        for t in pending:
-            log.warning("task still running at exit, abandoned", extra={"task": t.get_name()})
-    with contextlib.suppress(Exception):
-        loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), STOP_WAIT))
-    loop.close()
-
-
-def run(setup: HostSetup) -> None:
-    """Run the host agent in the foreground until SIGTERM/SIGINT."""
-    try:
-        import uvloop
-        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    except ImportError:  # pragma: no cover - uvloop is a pinned dependency
-        loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        with contextlib.suppress(KeyboardInterrupt):
-            loop.run_until_complete(serve(setup))
-    finally:
-        _finish(loop)
-        asyncio.set_event_loop(None)
-
-
-__all__ = ["Agent", "AgentProtocol", "AgentStartError", "run", "serve"]
+__all__ = ["Agent", "AgentStartError"]

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from twinvol.host.nodes import NodeLink, NodeUnreachable
 from twinvol.nbd.aio_client import ConnectionLost, NbdClient, NegotiationError
-from twinvol.nbd.client import Completed
+from twinvol.nbd.client_events import Completed
 
 log = logging.getLogger("twinvol.host")
 

@@ -30,7 +30,7 @@ from twinvol.host import retry
 from twinvol.host.nodes import NodeLink
 from twinvol.host.paths import Hooks, Op, Path, PathState, Responder
 from twinvol.host.policy import PathPolicy
-from twinvol.nbd.client import Completed
+from twinvol.nbd.client_events import Completed
 from twinvol.nbd.constants import Cmd, Err
 
 log = logging.getLogger("twinvol.host")

@@ -20,18 +20,8 @@ from concurrent.futures import Executor
 from typing import Protocol
 
 from twinvol.nbd.constants import NEED_DATA, Cmd, Err
-from twinvol.nbd.server import (
-    FAST_ZERO,
-    FUA,
-    NO_HOLE,
-    REQ_ONE,
-    Disconnect,
-    ExportInfo,
-    ExportProvider,
-    Ready,
-    Request,
-    ServerConnection,
-)
+from twinvol.nbd.server import FAST_ZERO, FUA, NO_HOLE, REQ_ONE, ServerConnection
+from twinvol.nbd.server_events import Disconnect, ExportInfo, ExportProvider, Ready, Request
 from twinvol.storage.backing import NotFast
 
 log = logging.getLogger("twinvol.nbd")

@@ -24,18 +24,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from twinvol.nbd.client import (
-    NEED_DATA,
-    ClientConnection,
-    ClientStateError,
-    Closed,
-    Completed,
-    Negotiated,
-    Phase,
-    ProtocolError,
-    Refused,
-    errname,
-)
+from twinvol.nbd.client import NEED_DATA, ClientConnection, ClientStateError, Phase, errname
+from twinvol.nbd.client_events import Closed, Completed, Negotiated, ProtocolError, Refused
 from twinvol.nbd.constants import Cmd, Err, Rep, TxFlag
 
 log = logging.getLogger("twinvol.nbd.client")

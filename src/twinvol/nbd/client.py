@@ -10,7 +10,9 @@ Negotiation is fixed newstyle only: NO_ZEROES when offered, then
 NBD_OPT_STRUCTURED_REPLY, optionally NBD_OPT_SET_META_CONTEXT base:allocation,
 then NBD_OPT_GO asking for name, description and block sizes (falling back to
 NBD_OPT_EXPORT_NAME if the server does not know GO). One option is in flight at
-a time, so each reply is checked against the option it answers.
+a time, so each reply is checked against the option it answers. The handshake
+is parsed by `nbd/client_options.py`, a request's reply chunks are checked by
+`nbd/client_requests.py`, and the events are `nbd/client_events.py`.
 
 Everything the server sends is distrusted: a reply for a cookie not in flight,
 a chunk outside its request, a length over the bounds below, an unknown chunk
@@ -25,29 +27,24 @@ server). Misuse by the caller (a request before negotiation ended) raises
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from twinvol.nbd.client_events import (
+    Closed,
+    Completed,
+    Event,
+    Negotiated,
+    ProtocolError,
+    Refused,
+)
+from twinvol.nbd.client_options import Negotiation
+from twinvol.nbd.client_requests import MAX_ERROR_CHUNK, MAX_STATUS_CHUNK, Pending
 from twinvol.nbd.constants import (
-    BASE_ALLOCATION,
     CHUNK_HEADER,
-    ERROR_PAYLOAD,
-    FLAG_C_FIXED_NEWSTYLE,
-    FLAG_C_NO_ZEROES,
-    FLAG_FIXED_NEWSTYLE,
-    FLAG_NO_ZEROES,
-    GREETING,
-    IHAVEOPT,
-    MAX_OPTION_DATA,
     MAX_PAYLOAD,
     MAX_STRING,
-    NBDMAGIC,
     NEED_DATA,
-    OPTION_HEADER,
-    OPTION_REPLY_HEADER,
-    OPTION_REPLY_MAGIC,
-    REP_ERR,
     REPLY_FLAG_DONE,
     REQUEST_HEADER,
     REQUEST_MAGIC,
@@ -55,30 +52,18 @@ from twinvol.nbd.constants import (
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
     Cmd,
-    CmdFlag,
     Err,
-    Info,
     NeedData,
-    Opt,
-    Rep,
     Reply,
 )
 
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
-_HOLE = struct.Struct(">QI")
-
-# Spec: a block status chunk should stay under 4 + 8 * 2^20 bytes.
-MAX_STATUS_CHUNK = 4 + 8 * (1 << 20)
-# Error chunks carry a message of at most 4096 bytes plus fixed fields.
-MAX_ERROR_CHUNK = 6 + MAX_STRING + 8 + 1024
-
 _CHUNK_DATA = CHUNK_HEADER.size + 8  # chunk header and the data chunk's offset
 _OFFSET_DATA = int(Reply.OFFSET_DATA)
 _NONE = int(Reply.NONE)
 _READ = int(Cmd.READ)
 _BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
-_REQ_ONE = int(CmdFlag.REQ_ONE)
 _CHUNK_ERROR_BIT = 1 << 15
 
 
@@ -94,99 +79,6 @@ class Phase(Enum):
     CLOSED = "closed"
 
 
-@dataclass(slots=True)
-class Negotiated:
-    """Transmission starts: what the server said about the export."""
-
-    export: str
-    size: int
-    flags: int
-    structured: bool
-    meta_context: bool
-    name: str | None = None
-    description: str = ""
-    min_block: int = 1
-    preferred_block: int = 4096
-    max_block: int = MAX_PAYLOAD
-
-
-@dataclass(slots=True)
-class Refused:
-    """The server refused the export (NBD_REP_ERR_*); `message` is its text."""
-
-    rep: int
-    message: str
-
-    @property
-    def rep_name(self) -> str:
-        try:
-            return Rep(self.rep).name
-        except ValueError:
-            return f"error {self.rep:#x}"
-
-
-@dataclass(slots=True)
-class Completed:
-    """A request's final reply.
-
-    `error` is the NBD error value (0 on success) and `message` the server's
-    text, if any. For a successful read `data` is the request's own buffer of
-    exactly `length` bytes, or None when the whole range was reported as a hole
-    (all zeroes, nothing sent). For block status `extents` is the list of
-    (length, flags) of the negotiated base:allocation context.
-    """
-
-    tag: Any
-    cookie: int
-    command: int
-    error: int
-    message: str = ""
-    data: bytearray | None = None
-    extents: list[tuple[int, int]] | None = None
-
-
-@dataclass(slots=True)
-class ProtocolError:
-    """The server broke the protocol; the connection is dead (hard disconnect it)."""
-
-    reason: str
-
-
-@dataclass(slots=True)
-class Closed:
-    """The server closed the connection (EOF)."""
-
-    reason: str
-
-
-Event = Negotiated | Refused | Completed | ProtocolError | Closed
-
-
-class _Pending(Completed):
-    """One request in flight, and what its reply chunks said so far.
-
-    It is the request's `Completed` event once the reply is whole (no second object
-    per reply); `data` is the read buffer being filled until then.
-    """
-
-    __slots__ = ("covered", "flags", "length", "offset", "ranges")
-
-    def __init__(self, tag: Any, cookie: int, command: int, flags: int, offset: int,
-                 length: int) -> None:
-        self.tag = tag
-        self.cookie = cookie
-        self.command = command
-        self.error = 0
-        self.message = ""
-        self.data = None
-        self.extents = None
-        self.flags = flags
-        self.offset = offset
-        self.length = length
-        self.covered = 0
-        self.ranges: list[tuple[int, int]] | None = None  # content chunks seen so far
-
-
 class ClientConnection:
     """One NBD connection, client side, as a pure state machine."""
 
@@ -196,30 +88,26 @@ class ClientConnection:
         if len(raw) > MAX_STRING:
             raise ClientStateError(f"export name longer than {MAX_STRING} bytes")
         self.export = export
-        self._export_raw = raw
-        self.want_structured = structured
-        self.want_meta = meta_context
         self.max_read = max_read
         self.phase = Phase.GREETING
+        # What negotiation agreed (copied from `_options` when transmission starts).
         self.structured = False
         self.meta_context_id: int | None = None
         self.size = 0
         self.flags = 0
         self.negotiated: Negotiated | None = None
-        self._no_zeroes = False
-        self._opt: int | None = None  # option awaiting its reply
-        self._info: dict[str, Any] = {}
-        self._meta_id: int | None = None
         self._data: bytes | bytearray | memoryview = b""
         self._pos = 0
         self._tail = bytearray()  # unparsed bytes kept between receive_data calls
         self._out: list[bytes] = []
+        self._options = Negotiation(export, raw, structured=structured,
+                                    meta_context=meta_context, out=self._out)
         self._events: list[Event] = []
-        self._inflight: dict[int, _Pending] = {}
+        self._inflight: dict[int, Pending] = {}
         self._next_cookie = 0
         # Read data being received straight into a request's buffer.
         self._target: memoryview | None = None
-        self._target_req: _Pending | None = None
+        self._target_req: Pending | None = None
         self._target_done = False
 
     # ---- byte plumbing -------------------------------------------------
@@ -327,10 +215,8 @@ class ClientConnection:
             phase = self.phase
             if phase is Phase.TRANSMISSION or phase is Phase.CLOSING:
                 progressed = self._next_reply()
-            elif phase is Phase.OPTIONS:
-                progressed = self._next_option_reply()
-            elif phase is Phase.GREETING:
-                progressed = self._greeting()
+            elif phase is Phase.OPTIONS or phase is Phase.GREETING:
+                progressed = self._negotiate()
             else:
                 progressed = False
             if not progressed and not self._events:
@@ -385,183 +271,32 @@ class ClientConnection:
             return req
         return None
 
-    # ---- negotiation ----------------------------------------------------
+    # ---- negotiation (parsed by nbd/client_options.py) -----------------------
 
-    def _greeting(self) -> bool:
-        if self._avail() < GREETING.size:
-            return False
-        magic, opt_magic, flags = GREETING.unpack_from(self._data, self._pos)
-        self._pos += GREETING.size
-        if magic != NBDMAGIC:
-            self._violation(f"bad server greeting magic {magic:#x}")
-            return True
-        if opt_magic != IHAVEOPT:
-            self._violation("server does not speak the newstyle handshake (oldstyle server?)")
-            return True
-        if not flags & FLAG_FIXED_NEWSTYLE:
-            self._violation("server does not support fixed newstyle negotiation")
-            return True
-        self._no_zeroes = bool(flags & FLAG_NO_ZEROES)
-        cflags = FLAG_C_FIXED_NEWSTYLE | (FLAG_C_NO_ZEROES if self._no_zeroes else 0)
-        self._out.append(_U32.pack(cflags))
-        self.phase = Phase.OPTIONS
-        if self.want_structured:
-            self._send_option(Opt.STRUCTURED_REPLY)
-        else:
-            self._send_go()
-        return True
-
-    def _send_option(self, opt: int, data: bytes = b"") -> None:
-        self._opt = opt
-        self._out.append(OPTION_HEADER.pack(IHAVEOPT, opt, len(data)) + data)
-
-    def _name_field(self) -> bytes:
-        return _U32.pack(len(self._export_raw)) + self._export_raw
-
-    def _send_meta(self) -> None:
-        query = BASE_ALLOCATION.encode()
-        self._meta_id = None
-        self._send_option(Opt.SET_META_CONTEXT,
-                          self._name_field() + _U32.pack(1) + _U32.pack(len(query)) + query)
-
-    def _send_go(self) -> None:
-        self._info = {}
-        wanted = (Info.NAME, Info.DESCRIPTION, Info.BLOCK_SIZE)
-        self._send_option(Opt.GO, self._name_field() + struct.pack(f">H{len(wanted)}H",
-                                                                   len(wanted), *wanted))
-
-    def _next_option_reply(self) -> bool:
-        if self._opt == Opt.EXPORT_NAME:
-            return self._export_name_reply()
-        if self._avail() < OPTION_REPLY_HEADER.size:
-            return False
-        magic, opt, rep, length = OPTION_REPLY_HEADER.unpack_from(self._data, self._pos)
-        if magic != OPTION_REPLY_MAGIC:
-            self._violation(f"bad option reply magic {magic:#x}")
-            return True
-        if opt != self._opt:
-            self._violation(f"reply to option {opt} while waiting for option {self._opt}")
-            return True
-        if length > MAX_OPTION_DATA:
-            self._violation(f"option reply of {length} bytes is over the "
-                            f"{MAX_OPTION_DATA} byte bound")
-            return True
-        if self._avail() < OPTION_REPLY_HEADER.size + length:
-            return False
-        self._pos += OPTION_REPLY_HEADER.size
-        data = self._take(length)
-        if opt == Opt.STRUCTURED_REPLY:
-            self._on_structured_reply(rep, data)
-        elif opt == Opt.SET_META_CONTEXT:
-            self._on_meta_reply(rep, data)
-        else:
-            self._on_go_reply(rep, data)
-        return True
-
-    def _on_structured_reply(self, rep: int, data: bytes) -> None:
-        if rep == Rep.ACK:
-            if data:
-                self._violation("NBD_REP_ACK with data")
-                return
-            self.structured = True
-        elif not rep & REP_ERR:
-            self._violation(f"unexpected reply {rep:#x} to NBD_OPT_STRUCTURED_REPLY")
-            return
-        if self.structured and self.want_meta:
-            self._send_meta()
-        else:
-            self._send_go()
-
-    def _on_meta_reply(self, rep: int, data: bytes) -> None:
-        if rep == Rep.META_CONTEXT:
-            if len(data) < 5:
-                self._violation("NBD_REP_META_CONTEXT too short")
-                return
-            (ctx_id,) = _U32.unpack_from(data)
-            if data[4:] == BASE_ALLOCATION.encode():
-                self._meta_id = ctx_id
-            # A context we did not ask for is ignored; we only ever send our own id back.
-            return
-        if rep == Rep.ACK:
-            self.meta_context_id = self._meta_id
-        elif not rep & REP_ERR:
-            self._violation(f"unexpected reply {rep:#x} to NBD_OPT_SET_META_CONTEXT")
-            return
-        self._send_go()
-
-    def _on_go_reply(self, rep: int, data: bytes) -> None:
-        if rep == Rep.INFO:
-            self._on_info(data)
-            return
-        if rep == Rep.ACK:
-            if "size" not in self._info:
-                self._violation("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT")
-                return
-            self._start_transmission()
-            return
-        if rep == Rep.ERR_UNSUP:
-            # A server without GO: the old way, which cannot report errors.
-            self._send_option(Opt.EXPORT_NAME, self._export_raw)
-            return
-        if rep & REP_ERR:
-            msg = data[:MAX_STRING].decode("utf-8", "replace")
-            self._opt = None
-            self._out.append(OPTION_HEADER.pack(IHAVEOPT, Opt.ABORT, 0))
+    def _negotiate(self) -> bool:
+        pos = self._pos
+        self._pos, ev = self._options.receive(self._data, pos)
+        if self.phase is Phase.GREETING and self._options.greeted:
+            self.phase = Phase.OPTIONS
+        if ev is None:
+            return self._pos != pos
+        if type(ev) is Negotiated:
+            self._start_transmission(ev)
+        elif type(ev) is Refused:
             self._close(Closed("export refused"))
-            self._events.insert(0, Refused(rep, msg))
-            return
-        self._violation(f"unexpected reply {rep:#x} to NBD_OPT_GO")
-
-    def _on_info(self, data: bytes) -> None:
-        if len(data) < 2:
-            self._violation("NBD_REP_INFO too short")
-            return
-        (kind,) = struct.unpack_from(">H", data)
-        info = self._info
-        if kind == Info.EXPORT:
-            if len(data) != 12:
-                self._violation("NBD_INFO_EXPORT has the wrong length")
-                return
-            info["size"], info["flags"] = struct.unpack_from(">QH", data, 2)
-        elif kind == Info.NAME:
-            info["name"] = data[2:].decode("utf-8", "replace")
-        elif kind == Info.DESCRIPTION:
-            info["description"] = data[2:].decode("utf-8", "replace")
-        elif kind == Info.BLOCK_SIZE:
-            if len(data) != 14:
-                self._violation("NBD_INFO_BLOCK_SIZE has the wrong length")
-                return
-            lo, pref, hi = struct.unpack_from(">III", data, 2)
-            if not (lo and pref and hi) or lo > pref or (lo & (lo - 1)) or (pref & (pref - 1)):
-                self._violation(f"bad block sizes min={lo} preferred={pref} max={hi}")
-                return
-            info["min_block"], info["preferred_block"], info["max_block"] = lo, pref, hi
-        # Unknown information types are ignored, as the spec asks.
-
-    def _export_name_reply(self) -> bool:
-        need = 10 if self._no_zeroes else 134
-        if self._avail() < need:
-            return False
-        size, flags = struct.unpack_from(">QH", self._data, self._pos)
-        self._pos += need
-        self._info = {"size": size, "flags": flags}
-        # EXPORT_NAME ends haggling: no metadata context can have been agreed for it.
-        self.meta_context_id = None
-        self._start_transmission()
+            self._events.insert(0, ev)
+        elif type(ev) is ProtocolError:
+            self._close(ev)
         return True
 
-    def _start_transmission(self) -> None:
-        info = self._info
-        self.size = info["size"]
-        self.flags = info["flags"]
-        self._opt = None
+    def _start_transmission(self, negotiated: Negotiated) -> None:
+        self.size = negotiated.size
+        self.flags = negotiated.flags
+        self.structured = self._options.structured
+        self.meta_context_id = self._options.meta_context_id
         self.phase = Phase.TRANSMISSION
-        self.negotiated = Negotiated(
-            self.export, self.size, self.flags, self.structured,
-            self.meta_context_id is not None, info.get("name"), info.get("description", ""),
-            info.get("min_block", 1), info.get("preferred_block", 4096),
-            info.get("max_block", MAX_PAYLOAD))
-        self._events.append(self.negotiated)
+        self.negotiated = negotiated
+        self._events.append(negotiated)
 
     # ---- transmission: requests ------------------------------------------
 
@@ -578,7 +313,7 @@ class ClientConnection:
         if command == Cmd.DISC:
             return self.disconnect()
         cookie = self._next_cookie = (self._next_cookie + 1) & 0xFFFFFFFFFFFFFFFF
-        self._inflight[cookie] = _Pending(tag, cookie, command, flags, offset, length)
+        self._inflight[cookie] = Pending(tag, cookie, command, flags, offset, length)
         return REQUEST_HEADER.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
 
     def disconnect(self) -> bytes:
@@ -607,13 +342,13 @@ class ClientConnection:
         self._violation(f"bad reply magic {magic:#x}")
         return True
 
-    def _lookup(self, cookie: int) -> _Pending | None:
+    def _lookup(self, cookie: int) -> Pending | None:
         req = self._inflight.get(cookie)
         if req is None:
             self._violation(f"reply for cookie {cookie:#x}, which is not in flight")
         return req
 
-    def _finish(self, req: _Pending) -> None:
+    def _finish(self, req: Pending) -> None:
         # A violation leaves the request in flight, so `take_inflight` still returns it.
         if req.error:
             del self._inflight[req.cookie]
@@ -718,43 +453,23 @@ class ClientConnection:
         payload = self._data[base:base + length]
         self._pos = base + length
         if kind == Reply.NONE:
-            if not done:
-                self._violation("NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE")
-                return True
+            bad = None if done else "NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE"
         elif kind == Reply.OFFSET_HOLE:
-            if not self._hole_chunk(req, payload):
-                return True
+            bad = req.take_hole(payload)
         elif kind == Reply.BLOCK_STATUS:
-            if not self._status_chunk(req, payload):
-                return True
+            bad = req.take_status(payload, self.meta_context_id)
         elif kind & _CHUNK_ERROR_BIT:
-            if not self._error_chunk(req, kind, payload):
-                return True
+            bad = req.take_error(kind, payload)
         else:
-            self._violation(f"unknown reply chunk type {kind}")
+            bad = f"unknown reply chunk type {kind}"
+        if bad is not None:
+            self._violation(bad)
             return True
         if done:
             self._finish(req)
         return True
 
-    def _in_request(self, req: _Pending, offset: int, length: int) -> bool:
-        if offset < req.offset or offset + length > req.offset + req.length:
-            self._violation(f"chunk [{offset}, +{length}) lies outside the request "
-                            f"[{req.offset}, +{req.length})")
-            return False
-        end = offset + length
-        ranges = req.ranges
-        if ranges is None:
-            req.ranges = [(offset, end)]
-            return True
-        for lo, hi in ranges:
-            if offset < hi and lo < end:
-                self._violation(f"reply chunk [{offset}, +{length}) overlaps an earlier one")
-                return False
-        ranges.append((offset, end))
-        return True
-
-    def _data_chunk(self, req: _Pending, length: int, done: bool, avail: int) -> bool:
+    def _data_chunk(self, req: Pending, length: int, done: bool, avail: int) -> bool:
         if req.command != _READ:
             self._violation("NBD_REPLY_TYPE_OFFSET_DATA for a request that is not a read")
             return True
@@ -765,7 +480,9 @@ class ClientConnection:
             return False
         (offset,) = _U64.unpack_from(self._data, self._pos + CHUNK_HEADER.size)
         n = length - 8
-        if not self._in_request(req, offset, n):
+        bad = req.claim(offset, n)
+        if bad is not None:
+            self._violation(bad)
             return True
         self._pos += CHUNK_HEADER.size + 8
         if req.data is None:
@@ -775,71 +492,6 @@ class ClientConnection:
         self._target = memoryview(req.data)[start:start + n]
         self._target_req = req
         self._target_done = done
-        return True
-
-    def _hole_chunk(self, req: _Pending, payload: bytes | bytearray | memoryview) -> bool:
-        if req.command != _READ:
-            self._violation("NBD_REPLY_TYPE_OFFSET_HOLE for a request that is not a read")
-            return False
-        if len(payload) != 12:
-            self._violation("NBD_REPLY_TYPE_OFFSET_HOLE must be 12 bytes")
-            return False
-        offset, n = _HOLE.unpack_from(payload)
-        if n == 0:
-            self._violation("NBD_REPLY_TYPE_OFFSET_HOLE of zero bytes")
-            return False
-        if not self._in_request(req, offset, n):
-            return False
-        req.covered += n
-        if req.data is not None:  # buffers start zeroed; only bytes already written need it
-            start = offset - req.offset
-            req.data[start:start + n] = bytes(n)
-        return True
-
-    def _status_chunk(self, req: _Pending, payload: bytes | bytearray | memoryview) -> bool:
-        if req.command != _BLOCK_STATUS:
-            self._violation("NBD_REPLY_TYPE_BLOCK_STATUS for a request that is not block "
-                            "status")
-            return False
-        n = len(payload)
-        if n < 12 or (n - 4) % 8:
-            self._violation(f"NBD_REPLY_TYPE_BLOCK_STATUS of {n} bytes is not 4 + 8*k")
-            return False
-        (ctx,) = _U32.unpack_from(payload)
-        if ctx != self.meta_context_id:
-            self._violation(f"block status for context id {ctx}, which was not negotiated")
-            return False
-        if req.extents is not None:
-            self._violation("two block status chunks for one context")
-            return False
-        count = (n - 4) // 8
-        flat = struct.unpack_from(f">{2 * count}I", payload, 4)
-        extents = list(zip(flat[0::2], flat[1::2], strict=True))
-        if any(e[0] == 0 for e in extents):
-            self._violation("block status extent of length zero")
-            return False
-        if req.flags & _REQ_ONE:
-            # One extent, never past the request.
-            extents = [(min(extents[0][0], req.length), extents[0][1])]
-        req.extents = extents
-        return True
-
-    def _error_chunk(self, req: _Pending, kind: int,
-                     payload: bytes | bytearray | memoryview) -> bool:
-        fixed = 14 if kind == Reply.ERROR_OFFSET else 6
-        if len(payload) < fixed:
-            self._violation(f"error chunk of {len(payload)} bytes is too short")
-            return False
-        error, mlen = ERROR_PAYLOAD.unpack_from(payload)
-        if mlen > len(payload) - fixed:
-            self._violation("error chunk message runs past the chunk")
-            return False
-        if error == 0:
-            self._violation("error chunk with error value 0")
-            return False
-        if not req.error:  # the first error is the one reported
-            req.error = error
-            req.message = bytes(payload[6:6 + mlen]).decode("utf-8", "replace")
         return True
 
 
@@ -854,12 +506,6 @@ __all__ = [
     "NEED_DATA",
     "ClientConnection",
     "ClientStateError",
-    "Closed",
-    "Completed",
-    "Event",
-    "Negotiated",
     "Phase",
-    "ProtocolError",
-    "Refused",
     "errname",
 ]

@@ -6,7 +6,9 @@ No sockets, no clock, no disk. The I/O layer feeds received bytes with
 
 Everything the spec lets a server decide on its own (option replies, flag and
 range validation, oversize handling) is decided here, so it can be tested byte
-by byte. Buffers are bounded: option data over `MAX_OPTION_DATA` is skipped
+by byte: this module frames options and runs transmission, the answers to the
+options are `nbd/server_options.py`, and the events and the export interface
+`nbd/server_events.py`. Buffers are bounded: option data over `MAX_OPTION_DATA` is skipped
 without being stored, and a write payload over `MAX_PAYLOAD` is a hard
 disconnect (the spec's denial-of-service allowance).
 
@@ -20,15 +22,12 @@ A `Request.data` view is valid until the next `next_event` call.
 
 from __future__ import annotations
 
-import math
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
 
 from twinvol.nbd.constants import (
-    BASE_ALLOCATION,
     CHUNK_HEADER,
     ERROR_PAYLOAD,
     FLAG_C_FIXED_NEWSTYLE,
@@ -38,14 +37,9 @@ from twinvol.nbd.constants import (
     IHAVEOPT,
     MAX_OPTION_DATA,
     MAX_PAYLOAD,
-    MAX_STRING,
-    MIN_BLOCK,
     NBDMAGIC,
     NEED_DATA,
     OPTION_HEADER,
-    OPTION_REPLY_HEADER,
-    OPTION_REPLY_MAGIC,
-    PREFERRED_BLOCK,
     REPLY_FLAG_DONE,
     REQUEST_HEADER,
     REQUEST_MAGIC,
@@ -55,19 +49,17 @@ from twinvol.nbd.constants import (
     Cmd,
     CmdFlag,
     Err,
-    Info,
     NeedData,
     Opt,
-    Rep,
     Reply,
-    TxFlag,
 )
+from twinvol.nbd.server_events import Disconnect, Event, ExportInfo, ExportProvider, Ready, Request
+from twinvol.nbd.server_options import META_CONTEXT_ID, Negotiation, utf8_bounded
 from twinvol.storage.buffers import POOL
 
 _CHUNK_OFFSET = struct.Struct(">IHHQIQ")
 
 REQUEST_SIZE = REQUEST_HEADER.size  # 28
-META_CONTEXT_ID = 1  # id of base:allocation once selected
 
 FUA = int(CmdFlag.FUA)
 DF = int(CmdFlag.DF)
@@ -90,73 +82,11 @@ _WRITES = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
 _KNOWN_CMDS = frozenset(int(c) for c in Cmd)
 
 
-@dataclass(slots=True)
-class ExportInfo:
-    """What the server knows about one export while negotiating."""
-
-    name: str
-    size: int
-    description: str = ""
-    read_only: bool = False
-    # Set while this copy must not serve hosts (a stale side of a pair): negotiation
-    # is refused with NBD_REP_ERR_POLICY and this text.
-    blocked: str | None = None
-    # The I/O gate: replies leave only while the monotonic clock is below this (a
-    # mirrored copy serves under a lease; see replication/core/lease.py). Checked when
-    # replies are sent, so a request queued before a pause is never answered late.
-    serve_until: float = math.inf
-
-
-class ExportProvider(Protocol):
-    """Answers export questions during the handshake (pure lookups, no I/O)."""
-
-    def lookup(self, name: str) -> ExportInfo | None: ...
-
-    def list_exports(self) -> Sequence[ExportInfo]: ...
-
-
 class Phase(Enum):
     CLIENT_FLAGS = "client-flags"
     OPTIONS = "options"
     TRANSMISSION = "transmission"
     CLOSED = "closed"
-
-
-@dataclass(slots=True)
-class Ready:
-    """Negotiation finished: transmission starts on `export`."""
-
-    export: ExportInfo
-    structured: bool
-    meta_context: bool
-    flags: int
-
-
-@dataclass(slots=True)
-class Request:
-    """A valid transmission request the I/O layer must perform and answer.
-
-    `data` is the write payload: a view valid until the next `next_event` call
-    (copy it to keep it longer).
-    """
-
-    command: Cmd
-    flags: int
-    cookie: int
-    offset: int
-    length: int
-    data: bytes | bytearray | memoryview | None = None
-
-
-@dataclass(slots=True)
-class Disconnect:
-    """The connection ends. `error` is set for a hard disconnect on a protocol violation."""
-
-    reason: str
-    error: bool = False
-
-
-Event = Ready | Request | Disconnect
 
 
 @dataclass(slots=True)
@@ -172,15 +102,6 @@ class _Payload:
     error: tuple[int, str] | None = None  # reply with this error once consumed
 
 
-@dataclass(slots=True)
-class _Negotiated:
-    structured: bool = False
-    meta_export: str | None = None  # export named by the last successful SET_META_CONTEXT
-    meta_selected: bool = False
-    no_zeroes: bool = False
-    extra: dict[str, int] = field(default_factory=dict)
-
-
 class ServerConnection:
     """One NBD connection, server side, as a pure state machine."""
 
@@ -192,11 +113,11 @@ class ServerConnection:
         self.tx_flags = 0
         self.structured = False
         self.meta_context = False
-        self._neg = _Negotiated()
         self._data: bytes | memoryview = b""
         self._pos = 0
         self._out: list[bytes] = [struct.pack(">QQH", NBDMAGIC, IHAVEOPT,
                                               FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)]
+        self._options = Negotiation(exports, max_payload, self._out)
         self._payload: _Payload | None = None
         self._spare: bytearray | None = None
         self._skip = 0  # option bytes still to discard
@@ -297,17 +218,11 @@ class ServerConnection:
         if flags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES):
             self._close(f"client sent unknown handshake flags {flags:#x}", error=True)
             return None
-        self._neg.no_zeroes = bool(flags & FLAG_C_NO_ZEROES)
+        self._options.no_zeroes = bool(flags & FLAG_C_NO_ZEROES)
         self.phase = Phase.OPTIONS
         return None
 
-    # ---- option haggling ------------------------------------------------
-
-    def _reply(self, opt: int, rep: int, data: bytes = b"") -> None:
-        self._out.append(OPTION_REPLY_HEADER.pack(OPTION_REPLY_MAGIC, opt, rep, len(data)) + data)
-
-    def _error(self, opt: int, rep: Rep, message: str) -> None:
-        self._reply(opt, rep, _utf8(message))
+    # ---- options (framing here; answers in nbd/server_options.py) ------------
 
     def _next_option(self) -> Event | NeedData | None:
         if self._skip:
@@ -316,15 +231,9 @@ class ServerConnection:
             self._skip -= n
             if self._skip:
                 return NEED_DATA
-            if self._skip_opt == Opt.ABORT:  # data with ABORT is ignored, never refused
-                self._reply(Opt.ABORT, Rep.ACK)
-                self._close("client aborted negotiation", error=False)
-                return None
-            if self._skip_opt == Opt.SET_META_CONTEXT:  # a failed SET still clears the selection
-                self._neg.meta_selected = False
-                self._neg.meta_export = None
-            self._error(self._skip_opt, Rep.ERR_TOO_BIG,
-                        f"option data larger than {MAX_OPTION_DATA} bytes")
+            bye = self._options.oversized(self._skip_opt)
+            if bye is not None:
+                self._close(bye.reason, error=bye.error)
             return None
         if self._avail() < OPTION_HEADER.size:
             return NEED_DATA
@@ -344,182 +253,20 @@ class ServerConnection:
             return NEED_DATA
         self._pos += OPTION_HEADER.size
         data = self._take(length)
-        return self._handle_option(opt, data)
+        ev = self._options.handle(opt, data)
+        if type(ev) is Disconnect:
+            self._close(ev.reason, error=ev.error)
+            return None
+        if type(ev) is Ready:
+            self._enter_transmission(ev)
+        return ev
 
-    def _handle_option(self, opt: int, data: bytes) -> Event | None:
-        if opt == Opt.EXPORT_NAME:
-            return self._opt_export_name(data)
-        if opt == Opt.ABORT:
-            self._reply(opt, Rep.ACK)
-            self._close("client aborted negotiation", error=False)
-            return None
-        if opt == Opt.LIST:
-            if data:
-                self._error(opt, Rep.ERR_INVALID, "NBD_OPT_LIST takes no data")
-                return None
-            for exp in self.exports.list_exports():
-                name = exp.name.encode()
-                self._reply(opt, Rep.SERVER,
-                            struct.pack(">I", len(name)) + name + exp.description.encode())
-            self._reply(opt, Rep.ACK)
-            return None
-        if opt == Opt.STARTTLS:
-            if data:
-                self._error(opt, Rep.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
-            else:
-                self._error(opt, Rep.ERR_UNSUP, "TLS is not supported by this server")
-            return None
-        if opt in (Opt.INFO, Opt.GO):
-            return self._opt_info_go(opt, data)
-        if opt == Opt.STRUCTURED_REPLY:
-            if data:
-                self._error(opt, Rep.ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
-            elif self._neg.structured:
-                self._error(opt, Rep.ERR_INVALID, "structured replies already negotiated")
-            else:
-                self._neg.structured = True
-                self._reply(opt, Rep.ACK)
-            return None
-        if opt in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
-            self._opt_meta_context(opt, data)
-            return None
-        self._error(opt, Rep.ERR_UNSUP, f"option {opt} is not supported")
-        return None
-
-    def _flags_for(self, exp: ExportInfo) -> int:
-        f = (TxFlag.HAS_FLAGS | TxFlag.SEND_FLUSH | TxFlag.SEND_FUA | TxFlag.CAN_MULTI_CONN
-             | TxFlag.SEND_CACHE)
-        if exp.read_only:
-            f |= TxFlag.READ_ONLY
-        else:
-            f |= TxFlag.SEND_TRIM | TxFlag.SEND_WRITE_ZEROES | TxFlag.SEND_FAST_ZERO
-        if self._neg.structured:
-            f |= TxFlag.SEND_DF
-        return int(f)
-
-    def _enter_transmission(self, exp: ExportInfo) -> Ready:
+    def _enter_transmission(self, ready: Ready) -> None:
         self.phase = Phase.TRANSMISSION
-        self.export = exp
-        self.tx_flags = self._flags_for(exp)
-        self.structured = self._neg.structured
-        self.meta_context = (self._neg.meta_selected and self._neg.meta_export == exp.name)
-        return Ready(exp, self.structured, self.meta_context, self.tx_flags)
-
-    def _opt_export_name(self, data: bytes) -> Event | None:
-        try:
-            name = data.decode()
-        except UnicodeDecodeError:
-            self._close("export name is not valid UTF-8", error=True)
-            return None
-        exp = self.exports.lookup(name)
-        if exp is None or exp.blocked:
-            # The spec allows no error reply here: the only answer is to hang up.
-            why = "unknown" if exp is None else "blocked"
-            self._close(f"{why} export {name!r} requested with NBD_OPT_EXPORT_NAME", error=True)
-            return None
-        ready = self._enter_transmission(exp)
-        tail = b"" if self._neg.no_zeroes else bytes(124)
-        self._out.append(struct.pack(">QH", exp.size, self.tx_flags) + tail)
-        return ready
-
-    @staticmethod
-    def _parse_name(data: bytes) -> tuple[str, int]:
-        """Parse a length-prefixed name at the start; returns (name, next offset)."""
-        if len(data) < 4:
-            raise ValueError("option data too short for a name length")
-        (n,) = struct.unpack_from(">I", data)
-        if n > len(data) - 4:
-            raise ValueError("name length runs past the option data")
-        if n > MAX_STRING:
-            raise ValueError(f"name longer than {MAX_STRING} bytes")
-        return data[4:4 + n].decode(), 4 + n
-
-    def _opt_info_go(self, opt: int, data: bytes) -> Event | None:
-        try:
-            name, pos = self._parse_name(data)
-            if len(data) - pos < 2:
-                raise ValueError("missing the number of information requests")
-            (count,) = struct.unpack_from(">H", data, pos)
-            pos += 2
-            if len(data) - pos != 2 * count:
-                raise ValueError("information request list does not match the option length")
-            requests = set(struct.unpack_from(f">{count}H", data, pos))
-        except (ValueError, UnicodeDecodeError) as e:
-            self._error(opt, Rep.ERR_INVALID, str(e))
-            return None
-        exp = self.exports.lookup(name)
-        if exp is None:
-            self._error(opt, Rep.ERR_UNKNOWN, f"export {name!r} does not exist on this node")
-            return None
-        if exp.blocked:
-            self._error(opt, Rep.ERR_POLICY, exp.blocked)
-            return None
-        flags = self._flags_for(exp)
-        self._reply(opt, Rep.INFO, struct.pack(">HQH", Info.EXPORT, exp.size, flags))
-        if Info.NAME in requests:
-            self._reply(opt, Rep.INFO, struct.pack(">H", Info.NAME) + exp.name.encode())
-        if Info.DESCRIPTION in requests and exp.description:
-            self._reply(opt, Rep.INFO,
-                        struct.pack(">H", Info.DESCRIPTION) + exp.description.encode())
-        # Block size is sent even unrequested: min 1 imposes nothing on the client.
-        self._reply(opt, Rep.INFO, struct.pack(">HIII", Info.BLOCK_SIZE, MIN_BLOCK,
-                                               min(PREFERRED_BLOCK, self.max_payload),
-                                               self.max_payload))
-        self._reply(opt, Rep.ACK)
-        if opt == Opt.GO:
-            return self._enter_transmission(exp)
-        return None
-
-    def _opt_meta_context(self, opt: int, data: bytes) -> None:
-        setting = opt == Opt.SET_META_CONTEXT
-        if setting:
-            # A SET replaces the previous selection even when it fails.
-            self._neg.meta_selected = False
-            self._neg.meta_export = None
-        if not self._neg.structured:
-            self._error(opt, Rep.ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first")
-            return
-        try:
-            name, pos = self._parse_name(data)
-            if len(data) - pos < 4:
-                raise ValueError("missing the number of queries")
-            (count,) = struct.unpack_from(">I", data, pos)
-            pos += 4
-            queries: list[str] = []
-            for _ in range(count):
-                if len(data) - pos < 4:
-                    raise ValueError("query length runs past the option data")
-                (qlen,) = struct.unpack_from(">I", data, pos)
-                pos += 4
-                if qlen > len(data) - pos:
-                    raise ValueError("query runs past the option data")
-                queries.append(data[pos:pos + qlen].decode())
-                pos += qlen
-            if pos != len(data):
-                raise ValueError("trailing bytes after the queries")
-        except (ValueError, UnicodeDecodeError) as e:
-            self._error(opt, Rep.ERR_INVALID, str(e))
-            return
-        for q in queries:
-            if ":" not in q:
-                self._error(opt, Rep.ERR_INVALID, f"query {q!r} has no namespace")
-                return
-        exp = self.exports.lookup(name)
-        if exp is None:
-            self._error(opt, Rep.ERR_UNKNOWN, f"export {name!r} does not exist on this node")
-            return
-        if setting:
-            match = BASE_ALLOCATION in queries
-        else:
-            match = not queries or any(q in (BASE_ALLOCATION, "base:") for q in queries)
-        if match:
-            ctx_id = META_CONTEXT_ID if setting else 0
-            self._reply(opt, Rep.META_CONTEXT,
-                        struct.pack(">I", ctx_id) + BASE_ALLOCATION.encode())
-        if setting and match:
-            self._neg.meta_selected = True
-            self._neg.meta_export = name
-        self._reply(opt, Rep.ACK)
+        self.export = ready.export
+        self.tx_flags = ready.flags
+        self.structured = ready.structured
+        self.meta_context = ready.meta_context
 
     # ---- transmission ---------------------------------------------------
 
@@ -662,7 +409,7 @@ class ServerConnection:
 
     def reply_error(self, cookie: int, err: int, message: str = "") -> list[bytes]:
         if self.structured:
-            msg = _utf8(message)
+            msg = utf8_bounded(message)
             return [CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, Reply.ERROR, cookie,
                                 6 + len(msg)) + ERROR_PAYLOAD.pack(err, len(msg)) + msg]
         return [SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, err, cookie)]
@@ -672,11 +419,3 @@ class ServerConnection:
         body = b"".join(struct.pack(">II", n, f) for n, f in extents)
         return CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, Reply.BLOCK_STATUS,
                                  cookie, 4 + len(body)) + struct.pack(">I", META_CONTEXT_ID) + body
-
-
-def _utf8(message: str) -> bytes:
-    """Encode a message, cut to the spec's string limit on a character boundary."""
-    raw = message.encode()
-    if len(raw) <= MAX_STRING:
-        return raw
-    return raw[:MAX_STRING].decode("utf-8", "ignore").encode()

@@ -22,7 +22,7 @@ from twinvol.cluster import ClusterConfig
 from twinvol.faults.node import FaultManager
 from twinvol.faults.store import FaultStoreError
 from twinvol.nbd.aio import Backend, IoStats, NbdServerProtocol, close_all, rebind, shutdown_all
-from twinvol.nbd.server import ExportInfo
+from twinvol.nbd.server_events import ExportInfo
 from twinvol.node.events import EventBus
 from twinvol.node.switching import Switching
 from twinvol.replication.manager import ReplicationManager

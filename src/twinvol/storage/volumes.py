@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from twinvol.nbd.server import ExportInfo
+from twinvol.nbd.server_events import ExportInfo
 from twinvol.storage.backing import BackingStore, fsync_dir
 from twinvol.storage.catalog import Catalog, VolumeRecord, now
 

@@ -11,15 +11,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from twinvol.nbd.aio_client import ConnectionLost, NbdClient, NegotiationError
-from twinvol.nbd.client import Completed
+from twinvol.nbd.client_events import Completed
 from twinvol.nbd.constants import NEED_DATA, Cmd, Err
-from twinvol.nbd.server import (
-    Disconnect,
-    ExportInfo,
-    Ready,
-    Request,
-    ServerConnection,
-)
+from twinvol.nbd.server import ServerConnection
+from twinvol.nbd.server_events import Disconnect, ExportInfo, Ready, Request
 from twinvol.vm.gate import Action, Gate, GateMode, HeldOp
 
 log = logging.getLogger("twinvol.vm.gate")

@@ -1,23 +1,7 @@
 """The hypervisor host manager: VMs defined here, their QEMU processes and I/O gates,
-the logical-name registry of this host, and live migration to another host.
-
-Migration, seen from the origin (the destination's side is `prepare_incoming`,
-`take_held` and `resume_incoming`):
-
-1. the destination gets the VM's definition in logical names (and the virtual identity
-   each volume has here), resolves every name to its own resources, checks them and
-   its limits, and starts QEMU paused, waiting for the incoming state (`-S -incoming`);
-   its gates wait: nothing reaches its storage yet. A refusal leaves the VM untouched.
-2. QEMU live migration runs (RAM in passes, converging under the downtime limit). Shortly
-   before QEMU is expected to switch over, the origin's gates start holding: new writes
-   are kept in order and acknowledged, so when QEMU stops the VM its drain does not wait
-   for storage. If the switchover does not come, the gates release and re-arm later.
-3. When QEMU reports the state sent, the held requests go to the destination, whose
-   gates apply them (in order, once, flushed) before any of its own requests; only then
-   is the destination VM resumed, and the origin's QEMU is quit.
-4. Any failure before the resume (destination refuses, dies, QEMU fails, no convergence
-   within the timeout) cancels the migration: the origin applies what it holds and its
-   VM runs on.
+the logical-name registry of this host, and the destination's side of live migration
+(`prepare_incoming`, `take_held`, `resume_incoming`; the steps and the origin's side
+are in `vm/migration.py`). Its HTTP API is `vm/api.py`.
 """
 
 from __future__ import annotations
@@ -27,52 +11,26 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import msgspec
-from aiohttp import web
-from qemu.qmp import EventListener
 
 from twinvol import __version__
 from twinvol.cluster import ClusterConfig, VmHostConfig, split_hostport
-from twinvol.httpapi import bearer_auth, error_response
 from twinvol.nbd.aio_client import ConnectionLost, NegotiationError
 from twinvol.sizes import parse_size
 from twinvol.vm import qemu as qemu_mod
-from twinvol.vm.gate import GateMode, HeldOp, decode_held, encode_held
+from twinvol.vm.calls import HostCallError, HostCalls
+from twinvol.vm.gate import GateMode, HeldOp, decode_held
 from twinvol.vm.gateio import GateError, GateServer
+from twinvol.vm.migration import POLL, MigrateOptions, Migration, Outgoing
 from twinvol.vm.qemu import DiskPath, Qemu, QemuError
 from twinvol.vm.spec import SpecError, VmSpec, from_dict, logical
+from twinvol.vm.state import Vm, VmError
 
 log = logging.getLogger("twinvol.vm")
-
-POLL = 0.02
-HOLD_LEAD_MS = 500.0   # start holding when QEMU should switch over within about this long
-HOLD_MAX = 1.0         # release and re-arm when the switchover has not come by then
-SWITCHOVER_TIMEOUT = 30.0  # VM stopped, state not sent by then: give up, run on at origin
-
-
-class VmError(Exception):
-    """A refused operation: `code` maps to an HTTP status like the node API's."""
-
-    def __init__(self, message: str, code: str = "conflict") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-_STATUS = {"invalid": 400, "not_found": 404, "conflict": 409, "unavailable": 503, "io": 500}
-
-
-class MigrateOptions(msgspec.Struct, forbid_unknown_fields=True):
-    to: str
-    downtime_limit_ms: int = 300
-    timeout: float = 60.0
-    max_bandwidth: int | str | None = None  # bytes/s ("64M"); None: unlimited
-    hold_lead_ms: float = HOLD_LEAD_MS
 
 
 class Incoming(msgspec.Struct, forbid_unknown_fields=True):
@@ -90,53 +48,6 @@ class Resolved:
     identity: dict[str, Any]
 
 
-@dataclass
-class Migration:
-    """Progress and, at the end, the report of one migration."""
-
-    vm: str
-    origin: str
-    to: str
-    status: str = "preparing"  # preparing, migrating, holding, handover, completed, failed
-    started: float = field(default_factory=time.time)
-    transferred: int = 0
-    remaining: int = 0
-    total: int = 0
-    passes: int = 0
-    mbps: float = 0.0
-    held: int = 0
-    replayed: int = 0
-    holds: int = 0  # times the gates started holding
-    total_s: float | None = None
-    handover_ms: float | None = None  # held requests to the destination, applied there
-    resume_ms: float | None = None    # destination loaded the state and resumed
-    downtime_ms: float | None = None
-    qemu_downtime_ms: float | None = None
-    error: str | None = None
-
-    def view(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-@dataclass
-class Vm:
-    spec: VmSpec
-    state: str = "stopped"  # stopped, running, paused, migrating, incoming
-    qemu: Qemu | None = None
-    gates: list[GateServer] = field(default_factory=list)
-    identities: list[dict[str, Any]] = field(default_factory=list)
-    resources: dict[str, str] = field(default_factory=dict)
-    started: float | None = None
-    origin: str | None = None  # incoming: where it comes from
-    error: str | None = None
-
-
-class HostCallError(Exception):
-    def __init__(self, message: str, unreachable: bool = False) -> None:
-        super().__init__(message)
-        self.unreachable = unreachable
-
-
 class Manager:
     def __init__(self, cfg: ClusterConfig, name: str) -> None:
         self.cfg = cfg
@@ -151,7 +62,7 @@ class Manager:
         self.vms: dict[str, Vm] = {}
         self.incoming: dict[str, Vm] = {}
         self.migrations: dict[str, Migration] = {}
-        self.session: aiohttp.ClientSession | None = None
+        self.calls = HostCalls(cfg)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started = time.time()
 
@@ -185,6 +96,11 @@ class Manager:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.defs_dir, f"{name}.json"))
 
+    def _forget(self, name: str) -> None:
+        """The VM migrated away: its definition is the destination's now."""
+        self._unsave(name)
+        self.vms.pop(name, None)
+
     async def define(self, spec: VmSpec) -> Vm:
         where = await self._find_elsewhere(spec.name)
         if spec.name in self.vms or spec.name in self.incoming:
@@ -201,7 +117,7 @@ class Manager:
             if other == self.name:
                 continue
             with contextlib.suppress(HostCallError):
-                vms = await self.call_host(other, "GET", "/api/v1/vms", timeout=3)
+                vms = await self.calls.call_host(other, "GET", "/api/v1/vms", timeout=3)
                 if any(v["name"] == name for v in vms["vms"]):
                     return other
         return None
@@ -235,7 +151,7 @@ class Manager:
         errors = []
         for node in nodes:
             try:
-                ex = await self._node_get(node, f"/api/v1/exports/{name}")
+                ex = await self.calls.node_get(node, f"/api/v1/exports/{name}")
             except HostCallError as e:
                 errors.append(str(e))
                 continue
@@ -390,223 +306,10 @@ class Manager:
             opts.max_bandwidth = parse_size(opts.max_bandwidth)
         job = self.migrations[name] = Migration(name, self.name, opts.to)
         vm.state = "migrating"
-        self._spawn(self._migrate(vm, job, opts))
+        self._spawn(Outgoing(vm, job, opts, here=self.name, accel=self.accel,
+                             calls=self.calls, forget=self._forget).run())
         return job
 
-    async def _migrate(self, vm: Vm, job: Migration, opts: MigrateOptions) -> None:
-        t0 = time.monotonic()
-        name = vm.spec.name
-        q = vm.qemu
-        assert q is not None
-        log.info("migration starts", extra={"vm": name, "to": opts.to})
-        prepared = False
-        try:
-            try:
-                resp = await self.call_host(opts.to, "POST", "/api/v1/incoming", {
-                    "spec": msgspec.to_builtins(vm.spec), "origin": self.name,
-                    "identities": vm.identities, "accel": self.accel}, timeout=30)
-            except HostCallError as e:
-                raise VmError(f"host {opts.to} refused VM {name}: {e}") from None
-            prepared = True
-            t_stop = await self._precopy(vm, q, job, opts, resp["uri"], t0)
-            # The state is at the destination: hand over what the gates held, once no
-            # flush the guest issued before it stopped is still being made durable here.
-            job.status = "handover"
-            for g in vm.gates:
-                g.gate.stopped = True
-            for g in vm.gates:
-                await g.settle()
-            held = {f"disk{i}": g.gate.take_snapshot() for i, g in enumerate(vm.gates)}
-            job.held = sum(len(v) for v in held.values())
-            t_hand = time.monotonic()
-            try:
-                res = await self.call_host(opts.to, "POST", f"/api/v1/incoming/{name}/held",
-                                           raw=encode_held(held), timeout=30)
-            except HostCallError as e:
-                raise VmError(f"handing the held requests to host {opts.to} failed: "
-                              f"{e}") from None
-            for g, ops in zip(vm.gates, held.values(), strict=True):
-                if ops:
-                    g.gate.discard_through(ops[-1].seq)
-            job.replayed = int(res["applied"])
-            t_res = time.monotonic()
-            job.handover_ms = round((t_res - t_hand) * 1000, 1)
-            try:
-                await self.call_host(opts.to, "POST", f"/api/v1/incoming/{name}/resume",
-                                     timeout=30)
-            except HostCallError as e:
-                if not e.unreachable and not await self._dropped(opts.to, name):
-                    # It may be running there: running it here too would split it in two.
-                    job.error = (f"resuming VM {name} at host {opts.to} failed ({e}) and "
-                                 f"host {opts.to} cannot confirm it stopped it: the VM stays "
-                                 f"paused at host {self.name}; check host {opts.to}")
-                    job.status = "failed"
-                    vm.state = "paused"
-                    vm.error = job.error
-                    log.error("migration in doubt", extra={"vm": name, "error": job.error})
-                    return
-                raise VmError(f"resuming VM {name} at host {opts.to} failed: {e}") from None
-            t_run = time.monotonic()
-            job.resume_ms = round((t_run - t_res) * 1000, 1)
-        except (VmError, QemuError, GateError) as e:
-            job.error = str(e)
-            job.status = "failed"
-            job.total_s = round(time.monotonic() - t0, 3)
-            log.warning("migration failed: the VM runs on at the origin",
-                        extra={"vm": name, "to": opts.to, "error": str(e)})
-            if prepared:
-                with contextlib.suppress(HostCallError):
-                    await self.call_host(opts.to, "DELETE", f"/api/v1/incoming/{name}",
-                                         timeout=10)
-            await self._run_on(vm, q)
-            return
-        # Committed: the VM runs at the destination.
-        job.downtime_ms = round((t_run - t_stop) * 1000, 1)
-        job.total_s = round(t_run - t0, 3)
-        job.status = "completed"
-        vm.state = "stopped"
-        await q.quit(timeout=5)
-        gates, vm.gates = vm.gates, []
-        for g in gates:
-            await g.close()
-        vm.qemu = None
-        self._unsave(name)
-        self.vms.pop(name, None)
-        log.info("migration completed", extra={"vm": name, "to": opts.to,
-                                               "total_s": job.total_s,
-                                               "downtime_ms": job.downtime_ms,
-                                               "held": job.held})
-
-    async def _precopy(self, vm: Vm, q: Qemu, job: Migration, opts: MigrateOptions,
-                       uri: str, t0: float) -> float:
-        """Run QEMU's migration to `uri` until the state is sent; hold the gates around
-        the switchover. Returns when the VM stopped (monotonic)."""
-        gates = vm.gates
-        t_stop: float | None = None
-        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        listener = EventListener(("STOP", "MIGRATION"))
-
-        async def events() -> None:
-            nonlocal t_stop
-            async for ev in listener:
-                if ev["event"] == "STOP" and t_stop is None:
-                    t_stop = time.monotonic()
-                    for g in gates:  # from now on flushes are QEMU's, not the guest's
-                        g.gate.stopped = True
-                elif ev["event"] == "MIGRATION":
-                    data: Any = ev["data"]
-                    st = data["status"]
-                    if st in ("completed", "failed", "cancelled") and not done.done():
-                        done.set_result(st)
-
-        with q.qmp.listen(listener):
-            watcher = asyncio.ensure_future(events())
-            try:
-                await q.execute("migrate-set-capabilities", {"capabilities": [
-                    {"capability": "events", "state": True}]})
-                params: dict[str, Any] = {"downtime-limit": opts.downtime_limit_ms}
-                params["max-bandwidth"] = int(opts.max_bandwidth or 10 << 30)
-                await q.execute("migrate-set-parameters", params)
-                await q.execute("migrate", {"uri": uri})
-                job.status = "migrating"
-                held_since: float | None = None
-                last: tuple[float, int] | None = None
-                while not done.done():
-                    info = await q.execute("query-migrate")
-                    self._progress(job, info)
-                    now = time.monotonic()
-                    eta = self._eta(last, now, job)
-                    last = (now, job.remaining)
-                    if info.get("status") in ("completed", "failed", "cancelled"):
-                        if not done.done():
-                            done.set_result(str(info["status"]))
-                        break
-                    if t_stop is None and now - t0 > opts.timeout:
-                        await q.execute("migrate_cancel")
-                        raise VmError(f"migration did not converge within {opts.timeout:g}s "
-                                      f"({job.remaining >> 20} MiB still dirty); cancelled")
-                    if t_stop is not None and now - t_stop > SWITCHOVER_TIMEOUT:
-                        await q.execute("migrate_cancel")
-                        raise VmError("the switchover did not finish within "
-                                      f"{SWITCHOVER_TIMEOUT:g}s; cancelled")
-                    if held_since is None and job.total and eta is not None and (
-                            eta * 1000 <= opts.downtime_limit_ms + opts.hold_lead_ms):
-                        for g in gates:
-                            g.gate.hold()
-                        held_since = now
-                        job.holds += 1
-                        job.status = "holding"
-                    elif (held_since is not None and t_stop is None
-                          and now - held_since > HOLD_MAX):
-                        for g in gates:  # no switchover yet: do not hold for long
-                            await g.release()
-                        held_since = None
-                        job.status = "migrating"
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(done), POLL)
-                status = done.result()
-                info = await q.execute("query-migrate")
-                self._progress(job, info)
-                if status != "completed":
-                    raise VmError(f"QEMU migration {status}: "
-                                  f"{info.get('error-desc', 'no reason given')}")
-                job.qemu_downtime_ms = info.get("downtime")
-            finally:
-                watcher.cancel()
-                with contextlib.suppress(BaseException):
-                    await watcher
-        return t_stop if t_stop is not None else time.monotonic()
-
-    async def _dropped(self, host: str, name: str) -> bool:
-        """Whether `host` confirms it dropped (killed) the incoming VM."""
-        try:
-            await self.call_host(host, "DELETE", f"/api/v1/incoming/{name}", timeout=10)
-            return True
-        except HostCallError as e:
-            return e.unreachable
-
-    @staticmethod
-    def _eta(last: tuple[float, int] | None, now: float, job: Migration) -> float | None:
-        """Seconds until QEMU runs out of dirty RAM at the pace `remaining` fell since the
-        last sample (None while it is not falling). QEMU switches over about then: the
-        gates start holding when that is within the downtime limit plus a lead, so the
-        hold covers the switchover while QEMU still picks its moment."""
-        if last is None:
-            return None
-        dt, dropped = now - last[0], last[1] - job.remaining
-        if job.remaining == 0:
-            return 0.0
-        if dt <= 0 or dropped <= 0:
-            return None
-        return job.remaining / (dropped / dt)
-
-    @staticmethod
-    def _progress(job: Migration, info: dict[str, Any]) -> None:
-        ram = info.get("ram") or {}
-        job.transferred = int(ram.get("transferred", job.transferred))
-        job.remaining = int(ram.get("remaining", job.remaining))
-        job.total = int(ram.get("total", job.total))
-        job.passes = int(ram.get("dirty-sync-count", job.passes))
-        job.mbps = float(ram.get("mbps", job.mbps))
-
-    async def _run_on(self, vm: Vm, q: Qemu) -> None:
-        """After a failed migration: apply what the gates hold, then let the VM run."""
-        for g in vm.gates:
-            try:
-                await g.release()
-            except GateError as e:
-                log.error("held requests could not be applied at the origin",
-                          extra={"vm": vm.spec.name, "error": str(e)})
-                vm.error = f"held requests could not be applied: {e}"
-                vm.state = "paused"
-                return
-        try:
-            if await q.status() != "running":
-                await q.execute("cont")
-            vm.state = "running"
-        except QemuError as e:
-            vm.error = str(e)
-            vm.state = "paused" if q.alive else "stopped"
 
     # ---- migration: destination ---------------------------------------------------
 
@@ -731,54 +434,6 @@ class Manager:
                 "vms": sorted(self.vms), "incoming": sorted(self.incoming),
                 "uptime": round(time.time() - self.started, 1)}
 
-    # ---- HTTP to nodes and other hosts ----------------------------------------------
-
-    def _headers(self) -> dict[str, str]:
-        s = self.cfg.cluster.secret
-        return {"Authorization": f"Bearer {s}"} if s else {}
-
-    async def _node_get(self, node: str, path: str) -> Any:
-        """GET on a node's API; None for 404; HostCallError when unreachable."""
-        url = self.cfg.node(node).api_url + path
-        assert self.session is not None
-        try:
-            async with self.session.get(url, headers=self._headers(),
-                                        timeout=aiohttp.ClientTimeout(total=5)) as r:
-                if r.status == 404:
-                    return None
-                body = await r.json(content_type=None)
-                if r.status >= 400:
-                    raise HostCallError(f"node {node}: {body['error']['message']}")
-                return body
-        except (aiohttp.ClientError, OSError, TimeoutError) as e:
-            raise HostCallError(f"storage node {node} is not reachable ({e or type(e)})",
-                                unreachable=True) from None
-
-    async def call_host(self, host: str, method: str, path: str,
-                        body: dict[str, Any] | None = None, raw: bytes | None = None,
-                        timeout: float = 10) -> Any:
-        url = self.cfg.vmhost(host).api_url + path
-        assert self.session is not None
-        headers = self._headers()
-        data: bytes | None = raw
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        try:
-            async with self.session.request(method, url, data=data, headers=headers,
-                                            timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                res = await r.json(content_type=None)
-                if r.status >= 400:
-                    msg = res["error"]["message"] if isinstance(res, dict) else str(res)
-                    raise HostCallError(msg)
-                return res
-        except TimeoutError:
-            raise HostCallError(f"host {host} did not answer within {timeout:g}s") from None
-        except (aiohttp.ClientConnectionError, OSError) as e:
-            raise HostCallError(f"host {host} is not reachable ({e or type(e).__name__})",
-                                unreachable=True) from None
-        except (ValueError, KeyError, TypeError, aiohttp.ClientError) as e:
-            raise HostCallError(f"host {host}: bad answer ({e})") from None
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -800,8 +455,8 @@ class Manager:
                 vm.qemu = None
         for t in list(self._tasks):
             t.cancel()
-        if self.session is not None:
-            await self.session.close()
+        if self.calls.session is not None:
+            await self.calls.session.close()
 
 
 def free_port() -> int:
@@ -813,136 +468,3 @@ def free_port() -> int:
 def _ident(identity: dict[str, Any]) -> str:
     return (f"serial {identity.get('serial')} volume id {identity.get('volume_id')} "
             f"size {identity.get('size')}")
-
-
-# ---- HTTP API -----------------------------------------------------------------------
-
-
-_error = error_response
-
-
-@web.middleware
-async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    try:
-        return await handler(request)  # type: ignore[no-any-return]
-    except VmError as e:
-        return _error(_STATUS.get(e.code, 409), e.code, str(e))
-    except SpecError as e:
-        return _error(400, "invalid", str(e))
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        return _error(400, "invalid", f"bad request body: {e}")
-
-
-async def _json(request: web.Request, kind: type[Any]) -> Any:
-    return msgspec.json.decode(await request.read() or b"{}", type=kind)
-
-
-def make_app(m: Manager) -> web.Application:
-    app = web.Application(middlewares=[bearer_auth(m.cfg.cluster.secret), _errors],
-                          client_max_size=256 << 20)
-    r = web.RouteTableDef()
-
-    @r.get("/api/v1/health")
-    async def health(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "vmhost": m.name})
-
-    @r.get("/api/v1/host")
-    async def host(_: web.Request) -> web.Response:
-        return web.json_response(m.host_view())
-
-    @r.get("/api/v1/vms")
-    async def vms(_: web.Request) -> web.Response:
-        return web.json_response({"vms": [m.view(v) for v in m.vms.values()],
-                                  "incoming": [m.view(v) for v in m.incoming.values()]})
-
-    @r.post("/api/v1/vms")
-    async def define(request: web.Request) -> web.Response:
-        raw = await _json(request, dict[str, Any])
-        vm = await m.define(from_dict(raw))
-        return web.json_response(m.view(vm), status=201)
-
-    @r.get("/api/v1/vms/{name}")
-    async def show(request: web.Request) -> web.Response:
-        return web.json_response(m.view(m.get(request.match_info["name"])))
-
-    @r.delete("/api/v1/vms/{name}")
-    async def undefine(request: web.Request) -> web.Response:
-        m.undefine(request.match_info["name"])
-        return web.json_response({"undefined": request.match_info["name"]})
-
-    @r.post("/api/v1/vms/{name}/start")
-    async def start(request: web.Request) -> web.Response:
-        return web.json_response(m.view(await m.start_vm(request.match_info["name"])))
-
-    @r.post("/api/v1/vms/{name}/stop")
-    async def stop(request: web.Request) -> web.Response:
-        force = request.query.get("force") in ("1", "true")
-        return web.json_response(m.view(await m.stop_vm(request.match_info["name"], force)))
-
-    @r.post("/api/v1/vms/{name}/migrate")
-    async def migrate(request: web.Request) -> web.Response:
-        opts = await _json(request, MigrateOptions)
-        job = m.start_migration(request.match_info["name"], opts)
-        return web.json_response(job.view(), status=202)
-
-    @r.get("/api/v1/vms/{name}/migration")
-    async def migration(request: web.Request) -> web.Response:
-        job = m.migrations.get(request.match_info["name"])
-        if job is None:
-            raise VmError(f"no migration of VM {request.match_info['name']} from host "
-                          f"{m.name}", "not_found")
-        return web.json_response(job.view())
-
-    @r.post("/api/v1/incoming")
-    async def incoming(request: web.Request) -> web.Response:
-        return web.json_response(await m.prepare_incoming(await _json(request, Incoming)),
-                                 status=201)
-
-    @r.post("/api/v1/incoming/{name}/held")
-    async def held(request: web.Request) -> web.Response:
-        return web.json_response(await m.take_held(request.match_info["name"],
-                                                   await request.read()))
-
-    @r.post("/api/v1/incoming/{name}/resume")
-    async def resume(request: web.Request) -> web.Response:
-        return web.json_response(await m.resume_incoming(request.match_info["name"]))
-
-    @r.delete("/api/v1/incoming/{name}")
-    async def drop(request: web.Request) -> web.Response:
-        await m._drop_incoming(request.match_info["name"])
-        return web.json_response({"dropped": request.match_info["name"]})
-
-    app.add_routes(r)
-    return app
-
-
-async def serve(cfg: ClusterConfig, name: str) -> None:
-    m = Manager(cfg, name)
-    m.load_definitions()
-    m.session = aiohttp.ClientSession()
-    runner = web.AppRunner(make_app(m), access_log=None, handle_signals=False)
-    await runner.setup()
-    host, port = split_hostport(m.host.api)
-    site = web.TCPSite(runner, host, port)
-    try:
-        await site.start()
-    except OSError as e:
-        await m.session.close()
-        raise VmError(f"cannot listen on {m.host.api}: {e.strerror}") from None
-    log.info("vm host manager serving", extra={"vmhost": name, "api": m.host.api,
-                                               "accel": m.accel})
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await m.stop()
-        await runner.cleanup()
-
-
-def run(cfg: ClusterConfig, name: str) -> None:
-    """Run a hypervisor host manager in the foreground until SIGTERM/SIGINT."""
-    cfg.vmhost(name)
-    asyncio.run(serve(cfg, name))
