@@ -9,6 +9,7 @@ NBD_ESHUTDOWN, lost paths and holds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -63,6 +64,7 @@ class Rig:
     client: socket.socket
     paths: list[socket.socket]
     events: list[tuple[Any, ...]] = field(default_factory=list)
+    received: bytearray = field(default_factory=bytearray)  # client bytes drained early
 
     def ev(self, got: list[tuple[Any, ...]] | None) -> list[tuple[Any, ...]]:
         self.events += got or []
@@ -98,17 +100,36 @@ class Rig:
         return out
 
     def reply(self, i: int, data: bytes) -> list[tuple[Any, ...]]:
-        self.paths[i].sendall(data)
+        """Send a node's reply as the socket takes it, letting the relay read (and the
+        client side drain) in between: a 1 MiB reply does not fit a socket buffer."""
+        sock, view = self.paths[i], memoryview(data)
+        sock.setblocking(False)
         got: list[tuple[Any, ...]] = []
-        for _ in range(1000):
-            got += self.ev(self.relay.path_readable(i))
-            fd = self.relay.path_fd(i)
-            if fd < 0 or not _readable(fd):
-                break
-        return got
+        while True:
+            if view:
+                with contextlib.suppress(BlockingIOError):
+                    view = view[sock.send(view):]
+            for _ in range(1000):
+                got += self.ev(self.relay.path_readable(i))
+                fd = self.relay.path_fd(i)
+                if fd < 0 or not _readable(fd):
+                    break
+            if not view or self.relay.path_fd(i) < 0:
+                return got
+            self.drain_client()
+
+    def drain_client(self) -> int:
+        """Read what reached the client, then let the relay write what it held back."""
+        got = _drain(self.client)
+        self.received += got
+        self.ev(self.relay.writable(self.relay.client_fd))
+        return len(got)
 
     def client_out(self) -> bytes:
-        return _drain(self.client)
+        while self.drain_client():
+            pass
+        out, self.received = bytes(self.received), bytearray()
+        return out
 
 
 def _readable(fd: int) -> bool:
