@@ -10,7 +10,9 @@ records again the group is mirrored and C equals A byte for byte."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -21,6 +23,7 @@ from twinvol.nbd.constants import Cmd
 from twinvol.node.daemon import Node
 from twinvol.replication.core.stall import CopyProgress
 from twinvol.replication.peer import PeerDown, RemoteError
+from twinvol.replication.writes import WriteFailed
 from twinvol.supervisor import free_ports
 
 SIZE = 1024 * 1024
@@ -98,7 +101,9 @@ def test_a_stalled_far_copy_says_so_and_catches_up(tmp_path: pytest.TempPathFact
     asyncio.run(stall(str(tmp_path)))
 
 
-async def closing_link(tmp: str) -> None:
+@contextlib.asynccontextmanager
+async def three_sites(tmp: str) -> AsyncIterator[tuple[Node, Node, Node]]:
+    """A-B mirrored (pair `p`), an async copy `dr` of the same volume to C, B standby."""
     cfg = make_cluster(tmp, ("A", "B", "C"))
     a, b, c = Node(cfg, "A"), Node(cfg, "B"), Node(cfg, "C")
     for n in (a, b, c):
@@ -114,6 +119,16 @@ async def closing_link(tmp: str) -> None:
         await a.replication.create("dr", "v", "C", "v", mode="async")
         g = a.replication.remote.groups["dr"]
         await until(lambda: g.rec.state == "mirrored", "the far copy")
+        yield a, b, c
+    finally:
+        for n in (a, b, c):
+            await n.stop()
+
+
+async def closing_link(tmp: str) -> None:
+    async with three_sites(tmp) as (a, _b, c):
+        pa = a.replication.pairs["p"]
+        g = a.replication.remote.groups["dr"]
         w = a.replication.writes
         await w.host_write(pa, Cmd.WRITE, 0, 4096, b"\x11" * 4096, 0)
         # The partner link is closing as the next mirrored write leaves.
@@ -129,16 +144,59 @@ async def closing_link(tmp: str) -> None:
             await w.host_write(pa, Cmd.WRITE, 4096, 4096, b"\x22" * 4096, 0)
         except Exception as e:  # the write may fail: it must not stop the far copy
             assert "partner" in str(e), e
-        assert not g.inflight, f"sequence numbers left in flight: {list(g.inflight)}"
+        # Failed on this copy alone while it still serves (the link came straight back):
+        # its data stands, so its record ships once the watch sees the copy serving.
+        await until(lambda: not g.inflight and not g.undecided, "the write to be settled",
+                    timeout=5)
         await w.host_write(pa, Cmd.WRITE, 8192, 4096, b"\x33" * 4096, 0)
         gc = c.replication.remote.groups["dr"]
         await until(lambda: gc.rec.applied == g.rec.written, "the far copy to advance",
                     timeout=10)
-    finally:
-        for n in (a, b, c):
-            await n.stop()
 
 
 def test_a_mirrored_write_on_a_closing_link_never_stops_the_far_copy(
         tmp_path: pytest.TempPathFactory) -> None:
     asyncio.run(closing_link(str(tmp_path)))
+
+
+async def lost_write(tmp: str) -> None:
+    async with three_sites(tmp) as (a, _b, c):
+        pa = a.replication.pairs["p"]
+        g = a.replication.remote.groups["dr"]
+        gc = c.replication.remote.groups["dr"]
+        w = a.replication.writes
+        await w.host_write(pa, Cmd.WRITE, 0, 4096, b"\x11" * 4096, 0)
+        await until(lambda: gc.rec.applied == g.rec.written, "the first write at C")
+        # The partner misses the next write and this side loses the decision (the witness
+        # gave the pair to B): the write fails here, and B may now write alone under the
+        # same sequence number. A's record of it must not reach C.
+        link = a.replication.peers.links["B"]
+        real_row, real_missing = link.request_row, w.partner_missing
+
+        def closing(*args: Any, **kw: Any) -> int:
+            link.request_row = real_row  # type: ignore[method-assign]
+            raise PeerDown("link to B is closing (test)")
+
+        async def lost(pr: Any, chunks: range) -> None:
+            a.replication.set_mode(pr, "block", "the witness gave the pair to B (test)")
+            raise WriteFailed(5, "partner lost and this copy may not continue (test)")
+
+        link.request_row = closing  # type: ignore[method-assign]
+        w.partner_missing = lost  # type: ignore[method-assign]
+        with pytest.raises(WriteFailed):
+            await w.host_write(pa, Cmd.WRITE, 4096, 4096, b"\x22" * 4096, 0)
+        w.partner_missing = real_missing  # type: ignore[method-assign]
+        seq = g.rec.written
+        assert g.undecided == {seq} and g.committed() == seq - 1
+        await asyncio.sleep(1.0)  # several shipping rounds and watches
+        assert gc.rec.received == seq - 1, "a write that failed on a losing copy shipped"
+        assert c.volumes.get("v").store.pread(4096, 4096) == bytes(4096)
+        # This copy serves again with its data standing (no resync from B): it ships.
+        a.replication.set_mode(pa, "mirror", "back (test)")
+        await until(lambda: gc.rec.applied == seq, "the record once this copy serves")
+        assert c.volumes.get("v").store.pread(4096, 4096) == b"\x22" * 4096
+
+
+def test_a_write_failed_on_a_losing_copy_never_reaches_the_far_copy(
+        tmp_path: pytest.TempPathFactory) -> None:
+    asyncio.run(lost_write(str(tmp_path)))

@@ -36,7 +36,6 @@ import msgspec
 
 from twinvol.nbd.constants import Cmd
 from twinvol.replication.bitmap import chunks_of
-from twinvol.replication.core.types import Role
 from twinvol.replication.dr import DisasterRecovery
 from twinvol.replication.pairs import PairRecord
 from twinvol.replication.peer import Message, RemoteError
@@ -208,6 +207,20 @@ class RemoteCopy:
         if g is not None and g.inflight.pop(seq, 0) is None:
             g.wake.set()
 
+    def settle(self, volume: str, seq: int, acknowledged: bool) -> None:
+        """A write that reached only this copy is decided. Acknowledged (this copy goes on
+        alone): its record ships. Failed (the partner may be writing alone now, under the
+        same numbers): its record must not ship while this copy's data may be stale; it
+        stays in flight, undecided, until this copy serves again with its data standing
+        (then it ships) or is resynced from its partner (then it is dropped)."""
+        if not seq:
+            return
+        g = self.feeds.get(volume)
+        if acknowledged:
+            self.commit(volume, seq)
+        elif g is not None and seq in g.inflight:
+            g.undecided.add(seq)
+
     def on_copied(self, volume: str, offset: int, length: int, seq: int) -> None:
         """A resync chunk arrived from the active-active partner (no record exists)."""
         g = self.feeds.get(volume)
@@ -257,6 +270,7 @@ class RemoteCopy:
         self.mark_unapplied(g)
         g.journal.reset()
         g.inflight.clear()  # their records were just marked dirty with the rest
+        g.undecided.clear()
         rec.mode = "bitmap"
         rec.state = "copying"
         rec.reason = f"catching up from dirty chunks: {reason}"
@@ -311,30 +325,6 @@ class RemoteCopy:
         if g.ship_task is None or g.ship_task.done():
             g.need_stat = True
             g.ship_task = asyncio.ensure_future(self.ship.run(g))
-
-    def demote(self, g: GroupRuntime, feeder: str) -> None:
-        """Another node feeds the target now (a DR takeover while this node was away):
-        become its standby. What this copy wrote that the target may lack is marked
-        dirty; the records of the new feeder arrive with the mirrored writes."""
-        rec = g.rec
-        self.mark_unapplied(g)
-        g.journal.reset()
-        old, rec.role, rec.feeder = rec.role, "standby", feeder
-        rec.mode = "bitmap"
-        rec.bitmap_until = rec.seq_seen = rec.written = 0
-        rec.state = "copying"
-        self.ship.release_waiters(g, None)
-        for pr in g.pairs.values():
-            if pr.copy_task is not None:
-                pr.copy_task.cancel()
-            pr.rec.role = Role.STANDBY
-            pr.rec.copy_source = ""
-            self.mgr.save(pr)
-        self.save(g)
-        self.node.events.publish("group_demoted", group=rec.name, feeder=feeder,
-                                 previous=old)
-        log.warning("remote copy fed by another node now",
-                    extra={"group": rec.name, "feeder": feeder})
 
     def check_feeder(self, pr: PairRuntime, peer: str) -> None:
         """The target accepts copy data only from the node that feeds it."""
@@ -472,7 +462,8 @@ class RemoteCopy:
                 self.start_shipping(g)
                 g.wake.set()
                 for pr in g.pairs.values():
-                    if pr.rec.state == "copying" and pr.rec.copy_source == self.node.name:
+                    if pr.rec.state == "copying" and pr.rec.copy_source == self.node.name \
+                            and self.ship.serving(g):
                         self.mgr.start_copy(pr)
 
     def failback_copied(self, pr: PairRuntime) -> None:

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from twinvol.replication.core.stall import Stalled
+from twinvol.replication.core.types import Role
 from twinvol.replication.peer import Message, PeerDown, RemoteError
 from twinvol.replication.ports import RemotePort
 from twinvol.replication.runtime import GroupRuntime
@@ -40,12 +41,13 @@ class Shipper:
         while True:
             g.wake.clear()
             link = self.mgr.link_or_none(rec.target)
-            if link is None or rec.state == "suspended" or rec.feeder != self.node.name:
+            if link is None or rec.state == "suspended" or rec.feeder != self.node.name \
+                    or not self.serving(g):
                 if g.waiters:
                     self.release_waiters(g, None)
                 window.clear()
                 g.need_stat = True
-                await self.idle(g, 1.0)
+                await self.idle(g, 0.3)
                 continue
             try:
                 if g.need_stat:
@@ -120,7 +122,7 @@ class Shipper:
             self.remote.taken_over(g)
             return False
         if h.get("feeder") and h["feeder"] != self.node.name:
-            self.remote.demote(g, str(h["feeder"]))
+            self.demote(g, str(h["feeder"]))
             return False
         return True
 
@@ -181,9 +183,16 @@ class Shipper:
     def watch(self, g: GroupRuntime) -> None:
         """A copy that stopped says so and catches up by itself (from dirty chunks)."""
         rec = g.rec
-        if rec.state in ("suspended", "takeover") or rec.hold:
+        if rec.state in ("suspended", "takeover") or rec.hold or not self.serving(g):
             g.progress.reset(time.monotonic())
             return
+        if g.undecided:
+            # This copy serves again and was not resynced from its partner: the writes
+            # that failed here stand on it, so their records ship.
+            for seq in sorted(g.undecided):
+                g.inflight.pop(seq, None)
+            g.undecided.clear()
+            g.wake.set()
         up = self.mgr.peers.is_up(rec.target)
         if rec.mode == "bitmap" and up:
             for pr in g.pairs.values():
@@ -202,7 +211,43 @@ class Shipper:
         if stalled is not None:
             self.stalled(g, stalled)
 
+    def serving(self, g: GroupRuntime) -> bool:
+        """May this node's copies feed the far copy? Not while an active-active copy of
+        the group is blocked: its partner may be writing alone (under the same sequence
+        numbers, as the standby does), so records and chunks from here may be stale."""
+        for pr in g.pairs.values():
+            aa = self.mgr.by_volume.get(pr.rec.volume)
+            if aa is not None and aa.rec.mode == "active-active" and aa.rec.io_mode == "block":
+                return False
+        return True
+
     def stalled(self, g: GroupRuntime, stall: Stalled) -> None:
         log.error("far copy stalled", extra={"group": g.rec.name, "reason": stall.reason})
         g.progress.reset(time.monotonic())
         self.remote.overflow(g, f"the copy stalled: {stall.reason}", event="remote_stalled")
+
+    def demote(self, g: GroupRuntime, feeder: str) -> None:
+        """Another node feeds the target now (a DR takeover while this node was away):
+        become its standby. What this copy wrote that the target may lack is marked
+        dirty; the records of the new feeder arrive with the mirrored writes."""
+        rec = g.rec
+        self.remote.mark_unapplied(g)
+        g.journal.reset()
+        g.inflight.clear()
+        g.undecided.clear()
+        old, rec.role, rec.feeder = rec.role, "standby", feeder
+        rec.mode = "bitmap"
+        rec.bitmap_until = rec.seq_seen = rec.written = 0
+        rec.state = "copying"
+        self.release_waiters(g, None)
+        for pr in g.pairs.values():
+            if pr.copy_task is not None:
+                pr.copy_task.cancel()
+            pr.rec.role = Role.STANDBY
+            pr.rec.copy_source = ""
+            self.mgr.save(pr)
+        self.remote.save(g)
+        self.node.events.publish("group_demoted", group=rec.name, feeder=feeder,
+                                 previous=old)
+        log.warning("remote copy fed by another node now",
+                    extra={"group": rec.name, "feeder": feeder})

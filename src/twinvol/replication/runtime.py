@@ -76,6 +76,7 @@ class GroupRuntime:
     journal: Journal
     pairs: dict[str, PairRuntime] = field(default_factory=dict)
     inflight: dict[int, None] = field(default_factory=dict)  # assigned, not yet committed
+    undecided: set[int] = field(default_factory=set)  # in flight: failed on this copy alone
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     ship_task: asyncio.Task[None] | None = None
     need_stat: bool = True

@@ -171,9 +171,9 @@ class WritePath:
             j = -1  # no sequence number (a "w" frame without "j")
 
         def w_done(exc: BaseException | None) -> None:
-            if seq:
+            if exc is None:
                 self.remote.commit(rec.volume, seq)
-            if exc is not None:
+            else:
                 # Mark the chunks before the write leaves the activity log's in-flight
                 # count: a meeting with the partner that runs before the task below must
                 # still see them (it sends in-flight extents and dirty bits).
@@ -187,7 +187,13 @@ class WritePath:
                 return
             # The write reached only this copy: the general path records it and decides.
             task = asyncio.ensure_future(self.partner_missing(pr, chunks_of(offset, length)))
-            task.add_done_callback(lambda t: done(_exc_of(t)))
+
+            def decided(t: asyncio.Future[None]) -> None:
+                failed = _exc_of(t)
+                self.remote.settle(rec.volume, seq, failed is None)
+                done(failed)
+
+            task.add_done_callback(decided)
 
         try:
             link.request_row("wb", rec.name, [cmd, offset, length, flags, fwd, j or seq],
@@ -245,8 +251,10 @@ class WritePath:
                                      committed=False) if self.remote.feeds else 0
         try:
             await self.replicate(pr, cmd, offset, length, data, flags, replicate, seq)
-        finally:
-            self.remote.commit(rec.volume, seq)
+        except BaseException:
+            self.remote.settle(rec.volume, seq, False)
+            raise
+        self.remote.commit(rec.volume, seq)
 
     def replicating(self, pr: PairRuntime) -> bool:
         """Does a primary write go to the partner now (mirrored, or a copy we feed)?"""
