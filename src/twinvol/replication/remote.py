@@ -327,12 +327,21 @@ class RemoteCopy:
             g.ship_task = asyncio.ensure_future(self.ship.run(g))
 
     def check_feeder(self, pr: PairRuntime, peer: str) -> None:
-        """The target accepts copy data only from the node that feeds it."""
+        """The target accepts copy data only from the node that feeds it, and a chunk
+        makes its copy inconsistent (chunks come in block order, not write order) until
+        the feeder says records resume: recorded durably before the chunk is written, so
+        a takeover never serves a copy in the middle of a catch-up as consistent."""
         g = self.groups.get(pr.rec.group)
         if g is None or g.rec.feeder != peer or g.rec.state == "takeover":
             raise RemoteError(f"node {self.node.name} takes copy data for group "
                               f"{pr.rec.group!r} only from its feeder "
                               f"{g.rec.feeder if g else '?'}, not {peer}", "conflict")
+        if g.rec.state == "mirrored":
+            reason = f"catching up from dirty chunks sent by {peer}"
+            g.rec.state, g.rec.reason = "copying", reason
+            self.save(g)
+            for other in g.pairs.values():
+                self.mgr.set_state(other, "copying", reason)
 
     def taken_over(self, g: GroupRuntime) -> None:
         """The target serves hosts now (DR takeover there): this copy is not the latest,
