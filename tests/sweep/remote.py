@@ -285,10 +285,12 @@ class Monitor:
         after = self.h.dr_views().get("C")
         values = [decode(b, data[b * BLOCK:(b + 1) * BLOCK]) for b in range(self.h.blocks)]
         s = Sample(at, values, claimed(before, after),
-                   None if before is None else int(before["sequence"]["applied"]))
+                   None if before is None else int(before["sequence"]["applied"]),
+                   None if before is None or after is None else
+                   (int(before["sequence"]["received"]), int(after["sequence"]["received"])))
         self.samples.append(s)
         self._log.write(json.dumps({"sample": at, "claimed": s.claimed, "applied": s.applied,
-                                    "after": after and after["sequence"]["applied"],
+                                    "received": s.received,
                                     "values": values}) + "\n")
         self._log.flush()
 

@@ -16,6 +16,13 @@ have been applied at any time after it was sent, or never.
   way, so the check never fires on an ordering the clients could not observe.
 * regress: a block of C holds something certainly older than in an earlier sample (the
   far copy went back in time), whatever the status said.
+* untracked: C's content changed between two samples while C claimed `mirrored` at both,
+  in every poll between them, and received no journal record in between (its `received`
+  before the first equals its `received` after the second). In journal mode the far copy
+  changes only by applying records; data that arrives otherwise (a catch-up by dirty
+  chunks) makes it inconsistent, and then it must not claim to be a consistent point
+  (a DR takeover serves a copy that claims `mirrored`). A copying episode shorter than
+  the poll interval between the samples would be missed by the polls; twinvol has none.
 * corrupt: content no write of that block produced, or a write sent after the sample.
 * stall: for `stall` seconds with no fault active, every side reported `mirrored` while
   writes were pending (the feeder's `written` above C's `applied`) and C's `applied` did
@@ -34,7 +41,7 @@ from typing import Any
 
 from .checker import INF, Finding, Op, Value
 
-KINDS = ("mix", "regress", "corrupt", "stall", "lag", "diverged")
+KINDS = ("mix", "untracked", "regress", "corrupt", "stall", "lag", "diverged")
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class Sample:
     values: Sequence[Value]    # each block's decoded content
     claimed: str               # C's status around the freeze: "mirrored" or what else
     applied: int | None = None  # C's applied sequence number before the freeze
+    received: tuple[int, int] | None = None  # C's received before and after the freeze
 
 
 @dataclass(frozen=True)
@@ -179,6 +187,30 @@ def check_regress(h: History, prev: Sample, cur: Sample) -> list[Finding]:
     return out
 
 
+def check_untracked(prev: Sample, cur: Sample, polls: Sequence[Poll],
+                    target: str = "C") -> list[Finding]:
+    """See the module docstring; `polls` may hold any polls, those between count."""
+    if prev.claimed != "mirrored" or cur.claimed != "mirrored" or prev.received is None \
+            or cur.received is None or prev.received[0] != cur.received[1]:
+        return []
+    between = [p.views.get(target) for p in polls if prev.at <= p.at <= cur.at]
+    if not all(v is not None and v.get("group_state") == "mirrored" for v in between):
+        return []
+    changed = [b for b, (x, y) in enumerate(zip(prev.values, cur.values, strict=False))
+               if x != y]
+    if not changed:
+        return []
+    b = changed[0]
+    return [Finding(
+        "untracked", b,
+        f"C's content changed in {len(changed)} block(s) (first {changed[:8]}; block {b}: "
+        f"{prev.values[b]!r} -> {cur.values[b]!r}) between {prev.at:.3f} and {cur.at:.3f} "
+        f"with no journal record received (received {cur.received[1]}, applied "
+        f"{cur.applied}), while C claimed mirrored throughout ({len(between)} polls): "
+        "the far copy took data outside the journal and still claims a consistent point",
+        cur.at)]
+
+
 def _busy(at: float, faults: Sequence[Mapping[str, Any]]) -> bool:
     return any(f["start"] <= at <= f.get("end", INF) for f in faults if "start" in f)
 
@@ -247,7 +279,7 @@ def check_remote(history: Iterable[Op], samples: Sequence[Sample], polls: Sequen
         for f in check_sample(h, s):
             rep.add(f)
         if prev is not None:
-            for f in check_regress(h, prev, s):
+            for f in check_regress(h, prev, s) + check_untracked(prev, s, polls):
                 rep.add(f)
         prev = s
     for f in find_stalls(polls, faults, stall):

@@ -14,6 +14,7 @@ from .remote_checker import (
     check_regress,
     check_remote,
     check_sample,
+    check_untracked,
     find_stalls,
 )
 
@@ -147,3 +148,17 @@ def test_check_remote_counts_and_combines() -> None:
         "mix": 1, "regress": 2, "stall": 1}
     assert not rep.ok
     assert check_remote(SERIAL, samples[:1], [], [], 10.0).ok
+
+
+def test_far_copy_changing_without_records_while_claiming_mirrored_fires() -> None:
+    a = Sample(10.0, [1, 2], "mirrored", applied=5, received=(5, 5))
+    b = Sample(11.0, [3, 2], "mirrored", applied=5, received=(5, 5))
+    quiet = [Poll(10.5, {"C": view("mirrored", 9, 5)})]
+    assert [f.kind for f in check_untracked(a, b, quiet)] == ["untracked"]
+    # records arrived in between, or C said it was copying, or nothing changed: fine
+    moved = Sample(11.0, [3, 2], "mirrored", applied=5, received=(6, 6))
+    assert check_untracked(a, moved, quiet) == []
+    said = [Poll(10.5, {"C": view("copying", 9, 5)})]
+    assert check_untracked(a, b, said) == []
+    assert check_untracked(a, Sample(11.0, [1, 2], "mirrored", received=(5, 5)), quiet) == []
+    assert check_untracked(a, Sample(11.0, [3, 2], "copying", received=(5, 5)), quiet) == []
