@@ -5,8 +5,9 @@ until a monotonic deadline and logs every request as one JSON list per line:
 
     [label, thread, op, block, value, send, answer, status, detail]
 
-op is "w" (value: the write id), "r" (value: what the block held, see blocks.decode) or
-"c" (a connection attempt that failed); send/answer are time.monotonic() (one clock for
+op is "w" (value: the write id), "r" (value: what the block held, see blocks.decode),
+"f" (a flush a writer sends after every `--flush-every` writes; block -1) or "c" (a
+connection attempt that failed); send/answer are time.monotonic() (one clock for
 every process on this machine); status is "ok", "err" or "timeout" (no answer: the
 request may or may not have taken effect). Each request waits for its answer before the
 next, so a thread's log is its real-time history.
@@ -126,6 +127,14 @@ def worker(args: argparse.Namespace, log: Log, thread: int, kind: str) -> None:
         else:
             value = decode(block, bytes(buf.to_bytearray())) if status == "ok" else None
             log.add([args.label, thread, "r", block, value, send, answer, status, detail])
+        if status == "ok" and kind == "w" and args.flush_every and \
+                counter % args.flush_every == 0 and not h.aio_is_dead():
+            send = time.monotonic()
+            cookie = h.aio_flush()
+            status, detail = wait(h, partial(h.aio_command_completed, cookie),
+                                  send + args.timeout)
+            answer = time.monotonic() if status != "timeout" else None
+            log.add([args.label, thread, "f", -1, None, send, answer, status, detail])
         if status != "ok" or h.aio_is_dead():
             h = None  # dropping the handle closes it: a late reply matches nothing
         if args.think > 0:
@@ -189,6 +198,8 @@ def main() -> int:
     p.add_argument("--uid-base", type=int, default=1)
     p.add_argument("--until", type=float, default=0.0, help="time.monotonic() to stop at")
     p.add_argument("--think", type=float, default=0.002, help="max seconds between requests")
+    p.add_argument("--flush-every", type=int, default=0,
+                   help="writers send a flush after this many writes (0: never)")
     args = p.parse_args()
     # Set the event from another thread: Event.set() inside a handler that interrupted
     # the main thread while it held the event's lock (in wait) would deadlock.

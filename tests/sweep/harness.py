@@ -41,8 +41,10 @@ class Harness:
     """One cluster in namespaces. `close` stops every process it started, by pid."""
 
     def __init__(self, directory: str, net: Net, blocks: int,
-                 hold_timeout: float = 30.0, takeover_after: float | None = None) -> None:
+                 hold_timeout: float = 30.0, takeover_after: float | None = None,
+                 nodes: tuple[str, ...] = ("A", "B")) -> None:
         self.dir = directory
+        self.nodes = nodes
         self.net = net
         self.blocks = blocks
         self.hold_timeout = hold_timeout
@@ -55,7 +57,7 @@ class Harness:
         cfg = ClusterConfig(
             nodes={n: NodeConfig(site=n, nbd=f"{net.addr(n)}:{NBD_PORT}",
                                  api=f"{net.addr(n)}:{API_PORT}", data_dir=f"data-{n}",
-                                 peer=f"{net.addr(n)}:{PEER_PORT}") for n in ("A", "B")},
+                                 peer=f"{net.addr(n)}:{PEER_PORT}") for n in nodes},
             cluster=ClusterSection(name=f"sweep-{net.tag}", secret=SECRET),
             witness={"addr": f"{net.addr('W')}:{WITNESS_PORT}", "data_dir": "witness"},
             host={"nbd": f"127.0.0.1:{host_nbd}", "api": f"127.0.0.1:{host_api}",
@@ -117,7 +119,7 @@ class Harness:
 
     def start(self) -> None:
         """Everything up, the pair created and mirrored."""
-        for name in ("W", "A", "B"):
+        for name in ("W", *self.nodes):
             self.start_one(name)
         self.start_one("host")
         size = self.blocks * BLOCK
@@ -206,12 +208,13 @@ class Harness:
         return self.cfg.node(target).nbd_uri(PAIR)
 
     def start_client(self, target: str, out: str, until: float, seed: int, uid_base: int,
-                     writers: int, readers: int, timeout: float, think: float
-                     ) -> subprocess.Popen[bytes]:
+                     writers: int, readers: int, timeout: float, think: float,
+                     flush_every: int = 0) -> subprocess.Popen[bytes]:
         argv = [SYSTEM_PYTHON, CLIENT, "ops", "--uri", self.uri(target), "--label", target,
                 "--out", out, "--blocks", str(self.blocks), "--until", repr(until),
                 "--seed", str(seed), "--uid-base", str(uid_base), "--writers", str(writers),
-                "--readers", str(readers), "--timeout", str(timeout), "--think", str(think)]
+                "--readers", str(readers), "--timeout", str(timeout), "--think", str(think),
+                "--flush-every", str(flush_every)]
         with open(out + ".stderr", "wb") as err:
             p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                  stderr=err, preexec_fn=_die_with_parent)

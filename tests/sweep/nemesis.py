@@ -48,11 +48,15 @@ def resources(fault: Fault) -> set[str]:
     """The processes and links a fault takes: overlapping faults never share one."""
     if fault.kind in ("kill", "pause", "witness-kill"):
         return {fault.target}
+    if fault.kind == "split":
+        return {"pair"}
     return set(links_of(fault))
 
 
 def schedule(seed: int, duration: float, kinds: tuple[str, ...] = DEFAULT_KINDS,
-             overlap: bool = False) -> list[Fault]:
+             overlap: bool = False,
+             table: dict[str, tuple[tuple[str, ...], float, float]] | None = None
+             ) -> list[Fault]:
     """The faults of one seed: random kinds, targets and lengths. One at a time with
     gaps of 1-3 s, or with `overlap` each starting 0.5 s to (its length + 2 s) after
     the previous one began, on processes and links no active fault holds."""
@@ -61,7 +65,7 @@ def schedule(seed: int, duration: float, kinds: tuple[str, ...] = DEFAULT_KINDS,
     t = START + rng.uniform(0, 1.0)
     while True:
         kind = rng.choice(kinds)
-        targets, lo, hi = KINDS[kind]
+        targets, lo, hi = (table or KINDS)[kind]
         fault = Fault(round(t, 3), kind, rng.choice(targets), round(rng.uniform(lo, hi), 3))
         busy = [f for f in faults if f.at + f.length > fault.at and
                 resources(f) & resources(fault)]
@@ -101,6 +105,8 @@ def links_of(fault: Fault) -> list[str]:
         return ["AB", f"{fault.target}W"]
     if fault.kind == "host-cut":
         return [f"h{fault.target}"]
+    if fault.kind == "link-cut":
+        return [fault.target]
     return []
 
 

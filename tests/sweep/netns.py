@@ -29,6 +29,16 @@ LINKS: dict[str, tuple[str, str]] = {
 }
 
 
+def full_mesh(nodes: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+    """The links of `nodes`: one from the host to each, one between every two of them
+    (for the three-site sweep: A, B, C and W)."""
+    links = {f"h{n}": (HOST, n) for n in nodes}
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            links[f"{a}{b}"] = (a, b)
+    return links
+
+
 class NetError(RuntimeError):
     """A namespace or link could not be set up."""
 
@@ -62,12 +72,14 @@ class End:
 class Net:
     """The namespaces and links of one sweep run."""
 
-    def __init__(self, tag: str | None = None) -> None:
+    def __init__(self, tag: str | None = None, nodes: tuple[str, ...] = NODES,
+                 links: dict[str, tuple[str, str]] | None = None) -> None:
         self.tag = tag or os.urandom(2).hex()
         self.octet = _free_octet()
-        self.ns = {n: f"tv{self.tag}{n}" for n in NODES}
+        self.nodes = nodes
+        self.ns = {n: f"tv{self.tag}{n}" for n in nodes}
         self.ends: dict[str, tuple[End, End]] = {}
-        for i, (link, (s0, s1)) in enumerate(LINKS.items(), start=1):
+        for i, (link, (s0, s1)) in enumerate((links or LINKS).items(), start=1):
             a0, a1 = f"10.{self.octet}.{i}.1", f"10.{self.octet}.{i}.2"
             self.ends[link] = (End(link, s0, f"tv{self.tag}{link}0", a0, a1, s1),
                                End(link, s1, f"tv{self.tag}{link}1", a1, a0, s0))
@@ -76,8 +88,8 @@ class Net:
         atexit.register(self.close)
 
     def addr(self, node: str) -> str:
-        """The service address of A, B or W."""
-        return f"10.{self.octet}.0.{NODES.index(node) + 1}"
+        """The service address of a node (A, B, W, ...)."""
+        return f"10.{self.octet}.0.{self.nodes.index(node) + 1}"
 
     @property
     def subnet(self) -> str:
@@ -155,4 +167,4 @@ class Net:
 def leftovers(prefix: str = "tv") -> list[str]:
     """Namespaces that look like a sweep's (for a test that cleanup really happened)."""
     out = ip("netns", "list", check=False).stdout.split()
-    return [n for n in out if n.startswith(prefix) and n[-1] in NODES and len(n) == 7]
+    return [n for n in out if n.startswith(prefix) and n[-1] in (*NODES, "C") and len(n) == 7]
