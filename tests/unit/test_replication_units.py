@@ -147,7 +147,8 @@ class _Pipe:
 def _linked(handler: Any) -> tuple[Any, Any]:
     """Two authenticated PeerLinks of nodes A and B connected by in-memory pipes."""
     from twinvol.cluster import ClusterConfig, ClusterSection, NodeConfig
-    from twinvol.replication.peer import PeerLink, PeerService
+    from twinvol.replication.peer import PeerLink
+    from twinvol.replication.peer_service import PeerService
 
     cfg = ClusterConfig(nodes={n: NodeConfig(site=n, nbd="127.0.0.1:1", api="127.0.0.1:2",
                                              data_dir=n, peer="127.0.0.1:3") for n in "AB"},

@@ -56,9 +56,9 @@ from twinvol.replication.peer import (
     Message,
     Outcomes,
     PeerDown,
-    PeerService,
     RemoteError,
 )
+from twinvol.replication.peer_service import PeerService
 from twinvol.replication.ports import NodePort
 from twinvol.replication.remote import RemoteCopy
 from twinvol.replication.remote_io import JournalingBackend, TakeoverBackend

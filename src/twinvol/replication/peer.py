@@ -1,9 +1,9 @@
 """Peer links between nodes: authenticated, multiplexed request/response over TCP.
 
-One link per pair of nodes: the node whose name sorts first dials, with
-backoff, and the other accepts. Both sides prove they hold the cluster secret
-(HMAC over the other side's nonce), so a node refuses peers that are not in
-its cluster file. Messages on a link are handled in arrival order, which the
+One link per pair of nodes (`peer_service.PeerService` keeps them): the node whose
+name sorts first dials, with backoff, and the other accepts. Both sides prove they hold
+the cluster secret (HMAC over the other side's nonce), so a node refuses peers that are
+not in its cluster file. Messages on a link are handled in arrival order, which the
 mirrored write path relies on (writes are applied in the order sent).
 A link with no traffic for `DEAD_AFTER` seconds is declared down, so a cut
 that TCP does not notice (a dead proxy) is still detected.
@@ -21,7 +21,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from twinvol.cluster import ClusterConfig
 from twinvol.replication.wire import (
@@ -89,6 +89,20 @@ class Later:
             self._link, self._rid = link, rid
 
 
+class LinkOwner(Protocol):
+    """What a link needs from the service that owns it (`peer_service.PeerService`)."""
+
+    cluster: ClusterConfig
+    node: str
+    secret: str
+    handler: Handler
+    on_refused: Callable[[str, str], None]
+
+    def link_up(self, link: PeerLink) -> None: ...
+
+    def link_down(self, link: PeerLink, reason: str) -> None: ...
+
+
 def _mac(secret: str, nonce: str, sender: str, receiver: str) -> str:
     msg = f"{nonce}:{sender}:{receiver}".encode()
     return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()
@@ -104,7 +118,7 @@ class PeerLink(asyncio.BufferedProtocol):
     everything else into one reused scratch buffer.
     """
 
-    def __init__(self, service: PeerService, dialer_for: str | None) -> None:
+    def __init__(self, service: LinkOwner, dialer_for: str | None) -> None:
         self.service = service
         self.expect = dialer_for  # peer name we dialed, or None when accepting
         self.peer: str | None = None
@@ -242,7 +256,7 @@ class PeerLink(asyncio.BufferedProtocol):
                 self._refuse("wrong cluster secret")
                 return
             self.authed = True
-            svc._link_up(self)
+            svc.link_up(self)
             if not self.ready.done():
                 self.ready.set_result(None)
             return
@@ -464,109 +478,5 @@ class PeerLink(asyncio.BufferedProtocol):
         self.waiting.clear()
         self.held.clear()
         if self.authed:
-            self.service._link_down(self, reason)
+            self.service.link_down(self, reason)
 
-
-class PeerService:
-    """All peer links of one node: listening, dialing with backoff, liveness."""
-
-    def __init__(self, cluster: ClusterConfig, node: str, handler: Handler,
-                 on_up: Callable[[str], None], on_down: Callable[[str, str], None],
-                 on_refused: Callable[[str, str], None] | None = None) -> None:
-        self.cluster = cluster
-        self.node = node
-        self.secret = cluster.cluster.secret
-        self.handler = handler
-        self.on_up = on_up
-        self.on_down = on_down
-        self.on_refused = on_refused or (lambda _p, _r: None)
-        self.links: dict[str, PeerLink] = {}
-        self._server: asyncio.base_events.Server | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = False
-
-    def peers(self) -> list[str]:
-        return [n for n, cfg in self.cluster.nodes.items() if n != self.node and cfg.peer]
-
-    def link(self, peer: str) -> PeerLink:
-        link = self.links.get(peer)
-        if link is None or link.closed or not link.authed:
-            raise PeerDown(f"no link to node {peer}")
-        return link
-
-    def is_up(self, peer: str) -> bool:
-        link = self.links.get(peer)
-        return link is not None and link.authed and not link.closed
-
-    async def start(self) -> None:
-        cfg = self.cluster.node(self.node)
-        if cfg.peer is None:
-            return
-        host, port = cfg.peer_hostport
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: PeerLink(self, None), host, port,
-                                                reuse_address=True)
-        for peer in self.peers():
-            if self.node < peer:
-                self._tasks.append(asyncio.create_task(self._dial_forever(peer)))
-        self._tasks.append(asyncio.create_task(self._liveness()))
-
-    async def stop(self) -> None:
-        self._stopping = True
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        if self._server is not None:
-            self._server.close()
-        for link in list(self.links.values()):
-            link._fail("node stopping")
-
-    async def _dial_forever(self, peer: str) -> None:
-        delay = 0.1
-        host, port = self.cluster.node(peer).peer_hostport
-        loop = asyncio.get_running_loop()
-        while not self._stopping:
-            link = self.links.get(peer)
-            if link is not None and not link.closed:
-                await asyncio.sleep(0.2)
-                continue
-            try:
-                _t, proto = await asyncio.wait_for(
-                    loop.create_connection(lambda: PeerLink(self, peer), host, port),
-                    HANDSHAKE_TIMEOUT)
-                await asyncio.wait_for(proto.ready, HANDSHAKE_TIMEOUT)
-                delay = 0.1
-            except (OSError, PeerDown, TimeoutError) as e:
-                log.debug("peer dial failed", extra={"peer": peer, "error": str(e)})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-
-    async def _liveness(self) -> None:
-        while not self._stopping:
-            await asyncio.sleep(PING_EVERY)
-            now = time.monotonic()
-            for link in list(self.links.values()):
-                if link.closed:
-                    continue
-                if now - link.last_rx > DEAD_AFTER:
-                    link._fail(f"no traffic for {DEAD_AFTER}s")
-                else:
-                    link.ping()
-
-    def _link_up(self, link: PeerLink) -> None:
-        assert link.peer is not None
-        old = self.links.get(link.peer)
-        if old is not None and old is not link and not old.closed:
-            old._fail("replaced by a new link")
-        self.links[link.peer] = link
-        log.info("peer link up", extra={"peer": link.peer})
-        self.on_up(link.peer)
-
-    def _link_down(self, link: PeerLink, reason: str) -> None:
-        assert link.peer is not None
-        if self.links.get(link.peer) is link:
-            del self.links[link.peer]
-            log.warning("peer link down", extra={"peer": link.peer, "reason": reason})
-            self.on_down(link.peer, reason)

@@ -16,7 +16,7 @@ from twinvol.cluster import ClusterConfig, NodeConfig
 from twinvol.nbd.aio import Backend
 from twinvol.replication.core.lease import LeaseConfig
 from twinvol.replication.pairs import PairRecord, PairStore
-from twinvol.replication.peer import PeerService
+from twinvol.replication.peer_service import PeerService
 from twinvol.replication.runtime import GroupRecord, GroupRuntime, PairRuntime
 from twinvol.replication.wire import Payload
 from twinvol.storage.volumes import Volume, VolumeManager
