@@ -66,6 +66,7 @@ class Node:
         self.switching = Switching(self)
         self._nbd_server: asyncio.base_events.Server | None = None
         self._runner: web.AppRunner | None = None
+        self._stopped = False
 
     def _lock_data_dir(self) -> int:
         fd = os.open(os.path.join(self.data_dir, "node.lock"), os.O_RDWR | os.O_CREAT, 0o600)
@@ -198,6 +199,9 @@ class Node:
     # ---- lifecycle ------------------------------------------------------
 
     async def start(self) -> None:
+        """Recover and start replication, then serve: nothing answers hosts or the API
+        (`pair show` of a far copy, say) from a state the recovery is about to change."""
+        await self.replication.start()
         loop = asyncio.get_running_loop()
         host, port = self.config.nbd_hostport
         try:
@@ -219,12 +223,15 @@ class Node:
                 raise NodeStartError(f"cannot listen for the API on {ahost}:{aport}: "
                                      f"{e.strerror}") from e
         await self.faults.start()
-        await self.replication.start()
         self.log.info("node serving", extra={"node": self.name, "nbd": self.config.nbd,
                                              "api": self.config.api, "pid": os.getpid(),
                                              "volumes": len(self.volumes.volumes)})
 
     async def stop(self) -> None:
+        """Stop serving and close everything; a second call does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         if self._nbd_server is not None:
             self._nbd_server.close()
         await shutdown_all(self.connections)

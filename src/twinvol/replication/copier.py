@@ -72,7 +72,8 @@ class Copier:
             # A far copy is consistent once it also applied every record up to here.
             finish = PairDone(rec.name, rec.gen_current, list(rec.gen_history),
                               "secondary" if rec.role == "primary" else "primary",
-                              self.remote.written_for(rec.volume) if rec.remote else 0)
+                              self.remote.written_for(rec.volume) if rec.remote else 0,
+                              self.remote.committed_for(rec.volume) if rec.remote else -1)
             if not rec.remote:
                 pr.lease.resume()  # the partner serves from the moment it is mirrored
             lease_seq = pr.lease.request(time.monotonic())
@@ -136,12 +137,12 @@ class Copier:
     def on_done(self, pr: PairRuntime, msg: PairDone) -> Message:
         rec = pr.rec
         if rec.remote:
-            # The far copy is complete but serves no host until a DR takeover.
+            # The far copy is complete but serves no host until a DR takeover. Its dirty
+            # bits (the chunks the copy brought) stay until the feeder says every write
+            # they may hold is committed (`FarTarget.committed`).
             rec.copy_cursor = 0
-            pr.dirty.clear_all()
-            pr.dirty.sync_now()
             self.mgr.set_state(pr, "mirrored")
-            self.remote.target_copied(pr, msg.j)
+            self.remote.target_copied(pr, msg.j, msg.committed)
             return {}, b""
         rec.gen_current = msg.gen
         rec.gen_history = list(msg.history)

@@ -175,6 +175,16 @@ class DisasterRecovery:
         j = g.journal
         covered = rec.mode == "journal" and (rec.seq_seen <= received
                                              or j.holds(received + 1, rec.seq_seen))
+        # Chunks the far copy got from a copy or catch-up whose writes the lost feeder had
+        # not yet seen committed may hold writes this node never had: they go again.
+        for pr in g.pairs.values():
+            rh, got = await self.ask(rec.target, {"t": "jbits", "group": rec.name,
+                                                  "pair": pr.rec.name},
+                                     f"node {rec.target} (the remote copy) is not connected")
+            if int(rh["chunks"]):
+                pr.dirty.merge(got)
+                await pr.dirty.sync(self.node.executor)
+                covered = False
         bits = sum(pr.dirty.count() for pr in g.pairs.values())
         bits_needed = bits and not (rec.bitmap_until <= received
                                     and str(h["state"]) == "mirrored")

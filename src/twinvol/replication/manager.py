@@ -151,9 +151,10 @@ class ReplicationManager:
         return pr
 
     async def start(self) -> None:
-        await self.peers.start()
+        # Recovery first (a far copy redoes its journal), then the peers may talk to us.
         await self.remote.start()
         await self.local.start()
+        await self.peers.start()
         self.spawn(self._al_retirer())
         self.spawn(self.leases.keeper())
         if self.witness is not None:
@@ -163,11 +164,13 @@ class ReplicationManager:
     async def stop(self) -> None:
         for t in list(self._tasks):
             t.cancel()
+        await self.peers.stop()
+        # After the links are down: losing them starts decisions, which must not outlive
+        # the catalog.
         for pr in self.pairs.values():
             for task in (pr.copy_task, pr.decide_task):
                 if task is not None:
                     task.cancel()
-        await self.peers.stop()
         await self.remote.stop()
         await self.local.stop()
         if self.witness is not None:

@@ -61,6 +61,7 @@ class PairDone(_Msg, tag="pair_done"):
     history: list[str]
     role: Role
     j: int = 0   # a far copy: the journal sequence the copy reflects
+    committed: int = -1  # ... and every write up to here is on both active-active copies
 
 
 class PairSplit(_Msg, tag="pair_split"):

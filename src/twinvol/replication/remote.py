@@ -239,7 +239,8 @@ class RemoteCopy:
             g.rec.bitmap_until = max(g.rec.bitmap_until, seq, g.rec.written)
         elif g.rec.mode == "journal":
             # The feeder's copy was resynced by its partner: catch the target up by chunks.
-            self.overflow(g, "resynced from the active-active partner", event="remote_catch_up")
+            self.overflow(g, "resynced from the active-active partner", event="remote_catch_up",
+                          drop_inflight=True)
 
     def on_standby_write(self, volume: str, seq: int, cmd: int, offset: int, length: int,
                          data: Payload | None, flags: int) -> None:
@@ -249,6 +250,10 @@ class RemoteCopy:
         """The last sequence number this node knows for the group `volume` feeds."""
         g = self.feeds.get(volume)
         return 0 if g is None else g.rec.written
+
+    def committed_for(self, volume: str) -> int:
+        g = self.feeds.get(volume)
+        return -1 if g is None or g.rec.role != "primary" else g.committed()
 
     def pair_of(self, g: GroupRuntime, volume: str) -> PairRuntime:
         for pr in g.pairs.values():
@@ -263,14 +268,19 @@ class RemoteCopy:
         if pr.dirty.set_many(chunks):
             self.mgr.spawn(pr.dirty.sync(self.node.executor))
 
-    def overflow(self, g: GroupRuntime, reason: str, event: str = "journal_overflow") -> None:
+    def overflow(self, g: GroupRuntime, reason: str, event: str = "journal_overflow",
+                 drop_inflight: bool = False) -> None:
         """Records cannot carry the copy on (the journal is full, lacks what the target
-        needs, or the copy stalled): track chunks instead of blocking hosts, catch up."""
+        needs, or the copy stalled): track chunks instead of blocking hosts, catch up.
+        Writes in flight stay counted (the target learns from `committed` when the
+        chunks it gets hold only writes the standby has too), unless `drop_inflight`:
+        this copy is being resynced from its partner, or one of them never completes."""
         rec = g.rec
         self.mark_unapplied(g)
         g.journal.reset()
-        g.inflight.clear()  # their records were just marked dirty with the rest
-        g.undecided.clear()
+        if drop_inflight:
+            g.inflight.clear()
+            g.undecided.clear()
         rec.mode = "bitmap"
         rec.state = "copying"
         rec.reason = f"catching up from dirty chunks: {reason}"
@@ -326,22 +336,8 @@ class RemoteCopy:
             g.need_stat = True
             g.ship_task = asyncio.ensure_future(self.ship.run(g))
 
-    def check_feeder(self, pr: PairRuntime, peer: str) -> None:
-        """The target accepts copy data only from the node that feeds it, and a chunk
-        makes its copy inconsistent (chunks come in block order, not write order) until
-        the feeder says records resume: recorded durably before the chunk is written, so
-        a takeover never serves a copy in the middle of a catch-up as consistent."""
-        g = self.groups.get(pr.rec.group)
-        if g is None or g.rec.feeder != peer or g.rec.state == "takeover":
-            raise RemoteError(f"node {self.node.name} takes copy data for group "
-                              f"{pr.rec.group!r} only from its feeder "
-                              f"{g.rec.feeder if g else '?'}, not {peer}", "conflict")
-        if g.rec.state == "mirrored":
-            reason = f"catching up from dirty chunks sent by {peer}"
-            g.rec.state, g.rec.reason = "copying", reason
-            self.save(g)
-            for other in g.pairs.values():
-                self.mgr.set_state(other, "copying", reason)
+    def check_feeder(self, pr: PairRuntime, peer: str, chunks: range) -> None:
+        self.target.on_chunk(pr, peer, chunks)
 
     def taken_over(self, g: GroupRuntime) -> None:
         """The target serves hosts now (DR takeover there): this copy is not the latest,
@@ -392,8 +388,8 @@ class RemoteCopy:
     def checkpoint_now(self, g: GroupRuntime) -> None:
         self.target.checkpoint_now(g)
 
-    def target_copied(self, pr: PairRuntime, upto: int) -> None:
-        self.target.copied(pr, upto)
+    def target_copied(self, pr: PairRuntime, upto: int, committed: int = -1) -> None:
+        self.target.copied(pr, upto, committed)
 
     def group_of(self, h: dict[str, Any]) -> GroupRuntime:
         g = self.groups.get(str(h.get("group")))
@@ -411,6 +407,8 @@ class RemoteCopy:
             heard = self.groups.get(str(h.get("group")))
             if heard is not None and heard.rec.feeder == peer:
                 heard.last_heard = time.monotonic()
+                if "committed" in h and heard.rec.role == "secondary":
+                    self.target.committed(heard, int(h["committed"]))
         if t == "jr":
             return self.target.on_records(peer, h, payload)
         if t == "jstat":
@@ -429,6 +427,8 @@ class RemoteCopy:
             return self.dr.failback_done(h)
         if t == "jresume":
             return self.target.resume(h)
+        if t == "jbits":
+            return self.target.bits(h)
         raise RemoteError(f"unknown remote-copy message {t!r}", "invalid")
 
     def ensure_group(self, name: str, role: str, target: str, feeder: str,
@@ -500,7 +500,7 @@ class RemoteCopy:
             link = self.mgr.link_or_none(rec.target)
             if link is not None:
                 fut = link.request({"t": "jresume", "group": rec.name, "seq": rec.written,
-                                    "time": rec.written_time})
+                                    "time": rec.written_time, "committed": g.committed()})
                 fut.add_done_callback(lambda f: None if f.cancelled() else f.exception())
             rec.sent = rec.received = rec.applied = rec.written
             rec.applied_time = rec.written_time

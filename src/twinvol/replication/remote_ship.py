@@ -51,7 +51,8 @@ class Shipper:
                 continue
             try:
                 if g.need_stat:
-                    h, _ = await link.request({"t": "jstat", "group": rec.name})
+                    h, _ = await link.request({"t": "jstat", "group": rec.name,
+                                               "committed": g.committed()})
                     g.last_stat = time.monotonic()
                     if not self.still_feeder(g, h):
                         continue
@@ -68,7 +69,8 @@ class Shipper:
                                                 or time.monotonic() - g.last_stat > 1.0):
                         # Learn the target's next durable checkpoint (trims the journal),
                         # and whether it still takes records from here.
-                        h, _ = await link.request({"t": "jstat", "group": rec.name})
+                        h, _ = await link.request({"t": "jstat", "group": rec.name,
+                                                   "committed": g.committed()})
                         g.last_stat = time.monotonic()
                         if self.still_feeder(g, h):
                             self.progress(g, h)
@@ -83,7 +85,8 @@ class Shipper:
                 last, blob = g.journal.read_encoded(first, BATCH_BYTES, seq_to=committed)
                 window.append(link.request(
                     {"t": "jr", "group": rec.name, "first": first, "last": last,
-                     "written": rec.written, "wtime": rec.written_time}, blob))
+                     "committed": committed, "written": rec.written,
+                     "wtime": rec.written_time}, blob))
                 rec.sent = last
                 rec.bytes_shipped += len(blob)
                 rec.records_shipped += last - first + 1
@@ -224,7 +227,8 @@ class Shipper:
     def stalled(self, g: GroupRuntime, stall: Stalled) -> None:
         log.error("far copy stalled", extra={"group": g.rec.name, "reason": stall.reason})
         g.progress.reset(time.monotonic())
-        self.remote.overflow(g, f"the copy stalled: {stall.reason}", event="remote_stalled")
+        self.remote.overflow(g, f"the copy stalled: {stall.reason}", event="remote_stalled",
+                             drop_inflight=True)
 
     def demote(self, g: GroupRuntime, feeder: str) -> None:
         """Another node feeds the target now (a DR takeover while this node was away):

@@ -126,15 +126,19 @@ class FarTarget:
             raise RemoteError(str(error), "corrupt")
         return self.remote.stat(g), b""
 
-    def copied(self, pr: PairRuntime, upto: int) -> None:
+    def copied(self, pr: PairRuntime, upto: int, committed: int = -1) -> None:
         """Far site: a pair's initial copy (or catch-up) is complete; the group is a
         consistent copy once it also holds every record up to `upto`."""
         g = self.remote.groups.get(pr.rec.group)
         if g is None or g.rec.role != "secondary" or g.rec.state == "takeover":
             return
         g.rec.consistent_at = max(g.rec.consistent_at, upto)
+        g.rec.bits_until = max(g.rec.bits_until, upto)
+        g.rec.bits_open = True
         self.maybe_mirrored(g)
         self.remote.save(g)
+        if committed >= 0:
+            self.committed(g, committed)
 
     def maybe_mirrored(self, g: GroupRuntime) -> None:
         rec = g.rec
@@ -172,5 +176,52 @@ class FarTarget:
         g.rec.received = g.rec.applied = int(h["seq"])
         g.rec.applied_time = float(h.get("time", time.time()))
         g.rec.state = "mirrored"
+        # The chunks may hold writes up to `seq` that the standby does not have yet.
+        g.rec.bits_until = max(g.rec.bits_until, int(h["seq"]))
+        g.rec.bits_open = True
         self.checkpoint_now(g)
+        for pr in g.pairs.values():
+            if pr.rec.state == "copying":
+                self.mgr.set_state(pr, "mirrored")
+        self.committed(g, int(h.get("committed", -1)))
         return self.remote.stat(g), b""
+
+    def committed(self, g: GroupRuntime, committed: int) -> None:
+        """The feeder says every write up to `committed` is on both active-active copies:
+        once that covers what the last copy's chunks may hold, their bits are closed."""
+        if g.rec.bits_open and committed >= g.rec.bits_until and g.rec.state == "mirrored":
+            for pr in g.pairs.values():
+                if pr.dirty.count():
+                    pr.dirty.clear_all()
+                    pr.dirty.sync_now()
+            g.rec.bits_open = False
+            self.remote.save(g)
+
+    def on_chunk(self, pr: PairRuntime, peer: str, chunks: range) -> None:
+        """The target accepts copy data only from the node that feeds it, and a chunk
+        makes its copy inconsistent (chunks come in block order, not write order) until
+        the feeder says records resume: recorded durably before the chunk is written, so
+        a takeover never serves a copy in the middle of a catch-up as consistent. The
+        chunk's dirty bit (durable too) tells a standby taking over mid-catch-up what
+        this copy got that the standby may not have (`dr` asks with `jbits`)."""
+        g = self.remote.groups.get(pr.rec.group)
+        if g is None or g.rec.feeder != peer or g.rec.state == "takeover":
+            raise RemoteError(f"node {self.node.name} takes copy data for group "
+                              f"{pr.rec.group!r} only from its feeder "
+                              f"{g.rec.feeder if g else '?'}, not {peer}", "conflict")
+        if g.rec.state == "mirrored":
+            reason = f"catching up from dirty chunks sent by {peer}"
+            g.rec.state, g.rec.reason = "copying", reason
+            self.remote.save(g)
+            for other in g.pairs.values():
+                self.mgr.set_state(other, "copying", reason)
+        if pr.dirty.set_many(chunks):
+            pr.dirty.sync_now()
+
+    def bits(self, h: dict[str, Any]) -> Message:
+        """A standby taking over asks what a catch-up brought here (dirty chunks)."""
+        pr = self.remote.group_of(h).pairs.get(str(h.get("pair")))
+        if pr is None:
+            raise RemoteError(f"no pair {h.get('pair')!r} in group {h.get('group')!r}",
+                              "not_found")
+        return {"chunks": pr.dirty.count()}, bytes(pr.dirty.bits)

@@ -65,6 +65,8 @@ class GroupRecord(msgspec.Struct):
     sync: bool = False          # host writes wait until the target has their record
     origin: str = ""            # the node that fed the group first (failback returns there)
     consistent_at: int = 0      # (target) the copy is consistent once received reaches this
+    bits_until: int = 0         # (target) chunk bits stand until writes up to here commit
+    bits_open: bool = False     # (target) a copy's chunk bits wait for that commit
     bytes_shipped: int = 0      # journal bytes sent to the target (all time)
     records_shipped: int = 0
     updated: float = 0.0

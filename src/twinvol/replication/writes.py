@@ -397,7 +397,7 @@ class WritePath:
             raise RemoteError(f"write [{off}, +{n}) outside volume {pr.rec.volume}", "invalid")
         if h["t"] == "copy":
             if pr.rec.remote and pr.rec.role == "secondary":
-                self.remote.check_feeder(pr, str(h.get("_peer", "")))
+                self.remote.check_feeder(pr, str(h.get("_peer", "")), chunks_of(off, n))
             if h.get("zero"):
                 pr.vol.store.write_zeroes(off, n, no_hole=False, fast=False)
             else:

@@ -37,14 +37,14 @@ class Findings:
     divergent: list[str] = field(default_factory=list)
     alone: list[str] = field(default_factory=list)   # wrote alone while the partner served
     other: list[str] = field(default_factory=list)   # split brain, no convergence
+    far: list[str] = field(default_factory=list)     # the far copy: a mix, or not caught up
 
     def total(self) -> int:
-        return (len(self.stale) + len(self.lost) + len(self.corrupt) + len(self.divergent)
-                + len(self.alone) + len(self.other))
+        return sum(self.counts().values())
 
     def counts(self) -> dict[str, int]:
         return {k: len(getattr(self, k)) for k in
-                ("stale", "lost", "corrupt", "divergent", "alone", "other")}
+                ("stale", "lost", "corrupt", "divergent", "alone", "other", "far")}
 
 
 class Client(Proc):

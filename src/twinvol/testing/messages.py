@@ -55,6 +55,17 @@ class Repl:
     rid: int
     block: int
     value: int
+    seq: int = 0    # the far copy's sequence number of this write (0: none)
+    j: int = 0      # (resync block) the last number the sender knows
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Feeder to standby: how far the far copy is, and whether it is consistent."""
+
+    session: int
+    applied: int
+    consistent: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +120,54 @@ class PairDoneAck:
 
 
 PeerMsg = (Hello | HelloAck | Ping | Reset | LeaseReq | LeaseRep | Repl | ReplAck | Fwd | FwdAck
-           | PairStateMsg | PairDone | PairDoneAck)
+           | PairStateMsg | PairDone | PairDoneAck | Progress)
+
+
+# ---- the far site (C) ---------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Records:
+    feeder: str
+    recs: tuple[tuple[int, int, int], ...]   # (sequence number, block, value)
+    committed: int      # every write up to here is on both active-active copies
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A block of a catch-up: the far copy is inconsistent until records resume."""
+
+    feeder: str
+    block: int
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    feeder: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class FarStatReq:
+    feeder: str
+    committed: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewFeeder:
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
+class FarStat:
+    """C's answer to everything: where it is, and who feeds it."""
+
+    applied: int
+    consistent: bool
+    feeder: str
+    chunk: int = -1     # the block of the Chunk answered, else -1
+    gap: bool = False   # a record did not follow the last one applied
+    chunked: frozenset[int] = frozenset()   # blocks a catch-up brought since consistent
 
 
 # ---- witness ----------------------------------------------------------------------

@@ -26,6 +26,7 @@ from twinvol.replication.core.lease import LeaseConfig, PeerLease
 from twinvol.replication.core.types import Mode, PairState, Role
 from twinvol.replication.pairs import resync_direction
 from twinvol.testing import messages as m
+from twinvol.testing.far import FAR, FarSide, FarState
 from twinvol.testing.sim import Clock, Network, Proc, Scheduler
 
 PING_EVERY = 0.5
@@ -46,6 +47,7 @@ class Disk:
     history: list[str] = field(default_factory=list)
     dirty: set[int] = field(default_factory=set)
     copy_source: str = ""
+    far: FarState | None = None   # this node's part in the remote copy to C
 
 
 # Who waits for a write: a host client (name, request id) or the partner (forwarded id).
@@ -60,6 +62,11 @@ class SimOptions:
     fence_alone: bool = True      # a write acknowledged alone waits until the partner is fenced
     meeting_inflight: bool = True  # a meeting counts mirrored writes still in flight as dirty
     skip_when_up: bool = True     # a write that failed on an old link starts no decision
+    far: bool = True              # an async remote copy of the pair to a far site C
+    far_chunked: bool = True      # a takeover copies again what an unfinished catch-up sent
+    far_settle: bool = True       # a write failed on a losing copy is not shipped
+    far_serving: bool = True      # a feeder whose copy is blocked ships nothing
+    far_inconsistent: bool = True  # a catch-up block makes the far copy inconsistent
 
 
 class SimNode(Proc):
@@ -76,6 +83,7 @@ class SimNode(Proc):
         self.trace = trace
         self.split_brain = False
         self.gens = 0
+        self.state_hook: Callable[[SimNode], None] | None = None
         self.boot(fresh=True)
 
     # ---- life cycle ------------------------------------------------------------------
@@ -89,9 +97,9 @@ class SimNode(Proc):
         self.last_heard = now
         self.loss: PartnerLoss | None = None
         self.witness_rid = 0
-        self.missing: list[Origin] = []
-        self.repl_wait: dict[int, tuple[Origin, int]] = {}
-        self.failing: list[tuple[Origin, int]] = []  # lost with the link, not yet handled
+        self.missing: list[tuple[Origin, int]] = []  # with the far copy's number (0: none)
+        self.repl_wait: dict[int, tuple[Origin, int, int]] = {}   # origin, block, number
+        self.failing: list[tuple[Origin, int, int]] = []  # lost with the link, not yet handled
         self.fwd_wait: dict[int, Origin] = {}
         self.copying = False
         self.rid = 0
@@ -102,12 +110,20 @@ class SimNode(Proc):
         else:
             self.mode = self.disk.mode
         self._apply_mode()
+        self.far = None if self.disk.far is None else FarSide(self, self.disk.far)
         self.timer(now + self.net.rng.uniform(0, PING_EVERY), self._tick)
         self.timer(now + self.lease_config.renew_every, self._lease_tick)
         self.timer(now + 0.5, self._heartbeat)
 
     def _send(self, dst: str, msg: object) -> None:
         self.net.send(self.name, dst, msg)
+
+    send = _send
+
+    def on_state(self) -> None:
+        """This copy changed: the far copy may later hold exactly this state."""
+        if self.state_hook is not None:
+            self.state_hook(self)
 
     def _new_rid(self) -> int:
         self.rid += 1
@@ -203,6 +219,10 @@ class SimNode(Proc):
                 self._drive(self.loss.on_verdict(msg.verdict, self.local_now(), "",
                                                  msg.retry_after))
             return
+        if src == FAR:
+            if self.far is not None:
+                self.far.on_far(msg)
+            return
         if src != self.partner:
             self._host(src, msg)
             return
@@ -236,12 +256,20 @@ class SimNode(Proc):
             self.lease.on_reply(msg.seq, msg.granted)
         elif isinstance(msg, m.Repl):
             self.disk.copy[msg.block] = msg.value
+            self.on_state()
+            if self.far is not None:
+                self.far.on_mirrored(msg.block, msg.value, msg.seq, msg.rid == 0, msg.j)
             if msg.rid:
                 self._send(self.partner, m.ReplAck(self.session, msg.rid))
         elif isinstance(msg, m.ReplAck):
             waiting = self.repl_wait.pop(msg.rid, None)
             if waiting is not None:
+                if self.far is not None:
+                    self.far.commit(waiting[2])
                 self._answer(waiting[0], True)
+        elif isinstance(msg, m.Progress):
+            if self.far is not None:
+                self.far.on_progress(msg)
         elif isinstance(msg, m.Fwd):
             self._write((self.partner, msg.rid), msg.block, msg.value)
         elif isinstance(msg, m.FwdAck):
@@ -290,24 +318,26 @@ class SimNode(Proc):
             return
         replicating = self.mode is Mode.MIRROR or (self.copying and self.session is not None)
         self.disk.copy[block] = value
+        self.on_state()
+        seq = 0 if self.far is None else self.far.on_primary_write(block, value)
         if replicating and self.session is not None:
             rid = self._new_rid()
-            self.repl_wait[rid] = (origin, block)
-            self._send(self.partner, m.Repl(self.session, rid, block, value))
+            self.repl_wait[rid] = (origin, block, seq)
+            self._send(self.partner, m.Repl(self.session, rid, block, value, seq))
             return
         self.disk.dirty.add(block)
-        self.missing.append(origin)
+        self.missing.append((origin, seq))
         if replicating:
             self._partner_lost("partner lost during a mirrored write")
         else:
             self._settle_missing()
 
-    def _writes_failed(self, batch: list[tuple[Origin, int]]) -> None:
+    def _writes_failed(self, batch: list[tuple[Origin, int, int]]) -> None:
         for item in batch:
             if item in self.failing:
                 self.failing.remove(item)
                 self.disk.dirty.add(item[1])
-                self.missing.append(item[0])
+                self.missing.append((item[0], item[2]))
         self._partner_lost("partner lost during a mirrored write")
 
     def _settle_missing(self) -> None:
@@ -324,7 +354,9 @@ class SimNode(Proc):
         alone = self.mode is Mode.LOCAL
         if alone:
             self.on_alone(self)
-        for origin in missing:
+        for origin, seq in missing:
+            if self.far is not None:
+                self.far.settle(seq, alone)
             self._answer(origin, alone)
 
     # ---- partner loss (core/decide.py) --------------------------------------------------
@@ -402,8 +434,8 @@ class SimNode(Proc):
         assert self.session is not None
         dirty = set(d.dirty)
         if self.options.meeting_inflight:  # applied here; the partner may lack them
-            dirty.update(b for _, b in self.repl_wait.values())
-            dirty.update(b for _, b in self.failing)
+            dirty.update(b for _, b, _n in self.repl_wait.values())
+            dirty.update(b for _, b, _n in self.failing)
         return m.PairStateMsg(self.session, reply, d.gen, tuple(d.history), d.role, d.state,
                               self.mode, frozenset(dirty))
 
@@ -438,8 +470,9 @@ class SimNode(Proc):
             return
         self.copying = True
         self.disk.copy_source = self.name
+        j = 0 if self.far is None else self.far.s.written
         for block in sorted(self.disk.dirty):
-            self._send(self.partner, m.Repl(self.session, 0, block, self.disk.copy[block]))
+            self._send(self.partner, m.Repl(self.session, 0, block, self.disk.copy[block], 0, j))
         self.lease.resume()  # the partner serves from the moment it is mirrored
         seq = self.lease.request(self.local_now())
         partner_role = Role.SECONDARY if self.disk.role is Role.PRIMARY else Role.PRIMARY
