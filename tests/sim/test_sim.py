@@ -107,3 +107,47 @@ def test_a_write_that_failed_on_an_old_link_starts_no_decision() -> None:
     broken = run(11504, options=SimOptions(skip_when_up=False))
     assert broken.findings.other
     assert run(11504).ok
+
+
+# ---- the far site (C): the remote copy's rules have teeth too --------------------------
+
+def test_without_marking_a_catch_up_the_far_copy_claims_a_mix() -> None:
+    """The three-site sweep's seed 4, in the simulator: a catch-up by blocks that C does
+    not know about leaves C claiming a consistent copy it does not have."""
+    broken = [run(s, options=SimOptions(far_inconsistent=False)) for s in range(10)]
+    assert sum(1 for r in broken if r.findings.far) >= 3
+    assert all(not r.findings.far for r in (run(s) for s in range(10)))
+
+
+def lost_site(seed: int, options: SimOptions) -> Result:
+    """A loses its peer and witness links with writes in flight; it learns it lost (the
+    witness link heals first) while B writes alone under the same numbers; then A's site
+    is lost and the operator takes over at B."""
+    c = Cluster(seed, options, LeaseConfig())
+    c.sched.at(3.0, c.fault, "cut_peer", "A", 8.0)
+    c.sched.at(3.0, c.fault, "cut_witness", "A", 4.0)
+    c.sched.at(7.6, c.fault, "dr_standby", "A", 6.0)
+    c.sched.run_until(20.0)
+    assert any("took over the far copy" in line for line in c.trace)
+    return c.finish(seed, ["cut_peer A", "cut_witness A", "dr_standby"])
+
+
+def test_a_losing_copy_never_feeds_the_far_copy() -> None:
+    # Shipping while blocked lets A's failed writes reach C under numbers B reuses.
+    broken = [lost_site(s, SimOptions(far_serving=False)) for s in range(12)]
+    assert any(r.findings.far for r in broken)
+    fixed = [lost_site(s, SimOptions()) for s in range(12)]
+    assert [r.line() for r in fixed if not r.ok] == []
+
+
+def test_a_seed_with_the_far_copy_replays_and_takes_over() -> None:
+    r = lost_site(3, SimOptions())
+    assert r.trace == lost_site(3, SimOptions()).trace
+
+
+@pytest.mark.parametrize("seed", [50, 281, 284])
+def test_a_takeover_mid_catch_up_copies_again_what_c_got(seed: int) -> None:
+    """Seeds the simulator found: the feeder's site is lost while C is caught up by
+    blocks; a takeover at the standby that ignores C's blocks leaves C inconsistent."""
+    assert run(seed, options=SimOptions(far_chunked=False)).findings.far
+    assert run(seed).ok

@@ -29,12 +29,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="meetings send dirty bits only, not mirrored writes in flight")
     p.add_argument("--decide-when-up", action="store_true",
                    help="a write that failed on an old link starts a decision anyway")
+    p.add_argument("--no-far", action="store_true", help="no remote copy to a far site C")
+    p.add_argument("--far-ship-while-blocked", action="store_true",
+                   help="a feeder whose copy is blocked ships (and its failed writes ship)")
+    p.add_argument("--far-unmarked-catch-up", action="store_true",
+                   help="C keeps saying it is consistent during a catch-up by blocks")
+    p.add_argument("--far-ignore-chunks", action="store_true",
+                   help="a takeover at the standby ignores the blocks a catch-up brought C")
     a = p.parse_args(argv)
     if a.seeds < 1 or a.duration <= 2:
         p.error("--seeds must be at least 1 and --duration above 2")
     options = SimOptions(leases=not a.no_leases, fence_alone=not a.no_fence_alone,
                          meeting_inflight=not a.no_meeting_inflight,
-                         skip_when_up=not a.decide_when_up)
+                         skip_when_up=not a.decide_when_up, far=not a.no_far,
+                         far_serving=not a.far_ship_while_blocked,
+                         far_settle=not a.far_ship_while_blocked,
+                         far_inconsistent=not a.far_unmarked_catch_up,
+                         far_chunked=not a.far_ignore_chunks)
     failed = 0
     started = time.monotonic()
     for seed in range(a.first, a.first + a.seeds):

@@ -1,5 +1,6 @@
-"""One seeded run: a pair A-B with a witness W, hosts writing and reading through both,
-a nemesis of crashes, pauses and cuts, then healing and the verdict.
+"""One seeded run: a pair A-B with a witness W and an asynchronous remote copy to a far
+site C (`far.py`), hosts writing and reading through A and B, a nemesis of crashes,
+pauses and cuts (C's too) and DR takeovers at the standby, then healing and the verdict.
 
 `run(seed)` is deterministic: the same seed gives the same schedule, the same trace and
 the same findings, so a failing seed replays exactly.
