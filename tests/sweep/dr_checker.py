@@ -23,6 +23,9 @@ the first S writes; a write sent after T has a number above S and is not.
   disaster is missing at C: the far copy was further behind than any fault explains.
 * report: a DR command's report contradicts what the sites show (sequence numbers, state,
   I/O mode, the chunks a failback copies).
+* understated: the takeover reports fewer lost writes (`lost.sequences`) than were
+  acknowledged and sent after its recovery point (each of those has a number above it,
+  so each is lost), or fewer lost seconds than those writes span.
 * served: C does not serve hosts after the takeover: a request through C failed, no
   write through C was acknowledged, or a read through C returned neither the data C
   had at the takeover nor a write through C (or something older than a write through C
@@ -45,8 +48,8 @@ from typing import Any
 from .checker import INF, Finding, Op, Value
 from .remote_checker import History, Sample, _describe, check_sample, older
 
-KINDS = ("corrupt", "mix", "kept", "ahead", "lag", "report", "served", "lost", "diverged",
-         "feed")
+KINDS = ("corrupt", "mix", "kept", "ahead", "lag", "report", "understated", "served",
+         "lost", "diverged", "feed")
 CHUNK_BLOCKS = 16   # 64 KiB chunks of 4 KiB blocks
 
 
@@ -55,6 +58,8 @@ class DrReport:
     variant: str = ""
     plan: dict[str, Any] = field(default_factory=dict)
     commands: list[dict[str, Any]] = field(default_factory=list)  # each DR command's report
+    events: list[dict[str, Any]] = field(default_factory=list)    # what the phase did, when
+    offset: float = 0.0     # time.time() - time.monotonic() when the phase began
     findings: dict[str, list[Finding]] = field(
         default_factory=lambda: {k: [] for k in KINDS})
     notes: list[str] = field(default_factory=list)
@@ -168,6 +173,25 @@ def check_takeover_report(report: Mapping[str, Any], view: Mapping[str, Any] | N
     if (view.get("state"), view.get("io_mode")) != ("takeover", "local"):
         bad(f"C is {view.get('state')}/{view.get('io_mode')}, expected takeover/local")
     return out
+
+
+def check_lost_report(ops: Iterable[Op], report: Mapping[str, Any], rp_time: float,
+                      margin: float) -> list[Finding]:
+    """`lost` of a takeover at C against the acknowledged writes sent after its recovery
+    point (`rp_time` on the clients' clock)."""
+    after = [o for o in ops if o.op == "w" and o.acked and o.send > rp_time + margin]
+    if not after:
+        return []
+    lost = report.get("lost") or {}
+    n, secs = int(lost.get("sequences", 0)), float(lost.get("seconds", 0.0))
+    span = max(o.send for o in after) - rp_time - margin
+    if n >= len(after) and secs >= span:
+        return []
+    return [Finding("understated", -1,
+                    f"the takeover at C reports {n} lost write(s) over {secs:g}s, but "
+                    f"{len(after)} acknowledged write(s) were sent after its recovery point "
+                    f"(sequence {(report.get('recovery_point') or {}).get('sequence')}), "
+                    f"the last {span:.3f}s after it", rp_time)]
 
 
 def check_served(ops: Iterable[Op], base: Sequence[Value], client: str = "C"

@@ -489,6 +489,7 @@ def run_seed(seed: int, duration: float, kinds: tuple[str, ...] = DEFAULT_KINDS,
                        "notes": pair.notes + remote.notes + (res.dr.notes if res.dr else []),
                        "dr": None if res.dr is None else {
                            "plan": res.dr.plan, "commands": res.dr.commands,
+                           "events": res.dr.events, "clock_offset": res.dr.offset,
                            "seconds": res.dr.seconds, "summary": res.dr.summary()},
                        "findings": {f"{'dr-' if rep is res.dr else ''}{k}":
                                     [x.as_dict() for x in v]

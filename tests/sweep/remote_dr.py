@@ -40,6 +40,7 @@ from .dr_checker import (
     check_equal,
     check_failback_report,
     check_feed,
+    check_lost_report,
     check_present,
     check_served,
     check_takeover,
@@ -120,8 +121,9 @@ class DrPhase:
         self.lag_bound = lag_bound
         self.rep = DrReport(variant=plan.variant, plan=asdict(plan))
         self.logs: list[str] = []
-        self.events: list[dict[str, Any]] = []
         self.offset = clock_offset()
+        self.rep.offset = self.offset
+        self.events = self.rep.events
         self.t0 = time.monotonic()
 
     # ---- helpers -------------------------------------------------------------------
@@ -258,6 +260,7 @@ class DrPhase:
         pre = self.ops()
         rep.add(check_takeover(pre, values, rp_seq, rp_time, disaster, self.lag_bound,
                                self.margin(), at))
+        rep.add(check_lost_report(pre, report, rp_time, self.margin()))
         self.event("checked takeover", rp_sequence=rp_seq, rp_time=rp_time)
 
         # C serves hosts: a writer and a reader straight to C.

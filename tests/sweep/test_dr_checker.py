@@ -10,6 +10,7 @@ from .dr_checker import (
     check_equal,
     check_failback_report,
     check_feed,
+    check_lost_report,
     check_present,
     check_served,
     check_takeover,
@@ -160,3 +161,14 @@ def test_the_failback_report_matches_the_takeover_and_cs_writes() -> None:
     assert check_failback_report(ok, 7, (3, 3), 5)
     assert check_failback_report(ok, 7, (2, 3), 3)
     assert check_failback_report({**ok, "from": "A"}, 7, (2, 3), 5)
+
+
+def test_the_takeover_must_not_understate_what_was_lost() -> None:
+    report = {"recovery_point": {"sequence": 3}, "lost": {"sequences": 2, "seconds": 2.6}}
+    # w3 and w4 were acknowledged and sent after the recovery point at 3.5: both lost
+    assert check_lost_report(SERIAL, report, 3.5, 0.01) == []
+    low = {**report, "lost": {"sequences": 1, "seconds": 2.6}}
+    assert [x.kind for x in check_lost_report(SERIAL, low, 3.5, 0.01)] == ["understated"]
+    short = {**report, "lost": {"sequences": 2, "seconds": 1.0}}
+    assert check_lost_report(SERIAL, short, 3.5, 0.01)
+    assert check_lost_report(SERIAL, {"lost": {"sequences": 0, "seconds": 0}}, 7.5, 0.01) == []
