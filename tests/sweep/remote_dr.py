@@ -64,6 +64,8 @@ class DrPlan:
     lag: float          # seconds C is paused just before the disaster (0: not paused)
     restart: str        # far: "a-first" (failback, then B returns) or "both" (before it)
     served: float       # far: seconds of writes and reads straight to C after takeover
+    hosts: bool = False  # far: a writer through the agent keeps trying while A and B
+                         # return and fail back (none of its acknowledged writes may be lost)
 
 
 def dr_plan(seed: int, force: bool | None = None, variant: str | None = None
@@ -76,11 +78,11 @@ def dr_plan(seed: int, force: bool | None = None, variant: str | None = None
                   writes=round(rng.uniform(1.0, 3.0), 3),
                   lag=round(rng.uniform(0.5, 2.5), 3) if rng.random() < 0.6 else 0.0,
                   restart=rng.choice(("a-first", "both")),
-                  served=round(rng.uniform(1.0, 2.5), 3))
+                  served=round(rng.uniform(1.0, 2.5), 3), hosts=rng.random() < 0.5)
     if force is False or not (enabled or force):
         return None
     if variant is not None:
-        plan = DrPlan(variant, plan.writes, plan.lag, plan.restart, plan.served)
+        plan = DrPlan(variant, plan.writes, plan.lag, plan.restart, plan.served, plan.hosts)
     return plan
 
 
@@ -88,7 +90,8 @@ def describe(plan: DrPlan) -> str:
     lag = f" C paused {plan.lag:g}s," if plan.lag else ""
     if plan.variant == "far":
         return (f"dr=far: writes {plan.writes:g}s,{lag} stop writers, kill A+B, takeover "
-                f"at C, {plan.served:g}s of I/O on C, restart {plan.restart}, failback")
+                f"at C, {plan.served:g}s of I/O on C, restart {plan.restart}, failback"
+                + (" (agent writing throughout)" if plan.hosts else ""))
     return (f"dr=standby: writes {plan.writes:g}s,{lag} kill A under load, takeover at B, "
             "restart A, failback --site A")
 
@@ -258,7 +261,7 @@ class DrPhase:
         rp = report.get("recovery_point") or {}
         rp_seq, rp_time = int(rp.get("sequence", 0)), float(rp.get("time", 0.0)) - self.offset
         pre = self.ops()
-        rep.add(check_takeover(pre, values, rp_seq, rp_time, disaster, self.lag_bound,
+        rep.add(check_takeover(pre, values, rp_seq, rp_time, disaster, DR_LAG_BOUND,
                                self.margin(), at))
         rep.add(check_lost_report(pre, report, rp_time, self.margin()))
         self.event("checked takeover", rp_sequence=rp_seq, rp_time=rp_time)
@@ -274,7 +277,10 @@ class DrPhase:
         c_ops = [o for o in load_history(self.logs[-1:]) if o.client == "C"]
         rep.add(check_served(c_ops, values))
 
-        # Failback: the original primary returns, C's changes go back to it.
+        # Failback: the original primary returns, C's changes go back to it (hosts may
+        # keep trying through the agent: whatever it acknowledges must survive).
+        during = self.client("agent", "fb-during", time.monotonic() + 300, 41, 1, 0) \
+            if p.hosts else None
         h.start_one("A")
         if p.restart == "both":
             h.start_one("B")
@@ -284,6 +290,9 @@ class DrPhase:
                                 lambda err: "not connected" in err, timeout=180)
         if p.restart != "both":
             h.start_one("B")
+        if during is not None:
+            time.sleep(1.0)
+            self.stop_client(during)
         if rc != 0 or not isinstance(body, dict) or not body.get("groups"):
             rep.notes.append(f"dr failback failed: {rep.commands[-1]['stderr']}")
             return
