@@ -565,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
             faults = schedule(seed, args.duration, args.faults, args.overlap, table=KINDS) \
                 if args.faults else []
             plan = dr_plan(seed, args.dr, args.dr_variant)
-            print(f"seed={seed}: " + " ".join(f"+{f.at:.1f}s {f.label}" for f in faults)
+            steps = [f"+{f.at:.1f}s {f.label}" for f in faults] or ["no faults"]
+            print(f"seed={seed}: " + " ".join(steps)
                   + (f"; then {describe(plan)}" if plan else ""))
         return 0
     why = cannot_run()
