@@ -294,16 +294,17 @@ class DrPhase:
             time.sleep(1.0)
             self.stop_client(during)
         if rc != 0 or not isinstance(body, dict) or not body.get("groups"):
+            # Noted (the seed fails), and the rest still checked: a failback that goes on
+            # after its command gave up must still leave every site equal.
             rep.notes.append(f"dr failback failed: {rep.commands[-1]['stderr']}")
-            return
-        fb = body["groups"][0]
-        c_writes = [o for o in c_ops if o.op == "w"]
-        after_rp = [o for o in pre if o.op == "w" and not (o.acked and o.done_at <
-                                                           rp_time - self.margin())]
-        rep.add(check_failback_report(
-            fb, rp_seq, (len(chunks_of(o for o in c_writes if o.acked)),
-                         len(chunks_of(c_writes))),
-            len(chunks_of(c_writes) | chunks_of(after_rp))))
+        else:
+            c_writes = [o for o in c_ops if o.op == "w"]
+            after_rp = [o for o in pre if o.op == "w" and not (o.acked and o.done_at <
+                                                               rp_time - self.margin())]
+            rep.add(check_failback_report(
+                body["groups"][0], rp_seq, (len(chunks_of(o for o in c_writes if o.acked)),
+                                            len(chunks_of(c_writes))),
+                len(chunks_of(c_writes) | chunks_of(after_rp))))
         self._settle_and_compare(since=took, what=" (written through C after its takeover)")
 
     def standby(self) -> None:
@@ -346,8 +347,8 @@ class DrPhase:
                                 within=30, timeout=180)
         if rc != 0 or not isinstance(body, dict) or not body.get("groups"):
             rep.notes.append(f"dr failback --site A failed: {rep.commands[-1]['stderr']}")
-            return
-        rep.add(check_feed(body["groups"][0], "return", 0, 0))
+        else:
+            rep.add(check_feed(body["groups"][0], "return", 0, 0))
         self._settle_and_compare(since=INF_GAP, what="")
 
     def _settle_and_compare(self, since: float, what: str) -> None:
