@@ -299,13 +299,15 @@ class DrPhase:
             rep.notes.append(f"dr failback failed: {rep.commands[-1]['stderr']}")
         else:
             c_writes = [o for o in c_ops if o.op == "w"]
-            after_rp = [o for o in pre if o.op == "w" and not (o.acked and o.done_at <
-                                                               rp_time - self.margin())]
+            # every write so far (the agent's, while A and B returned, too) that may be
+            # after the recovery point
+            after_rp = [o for o in self.ops() if o.op == "w" and o.client != "C" and not (
+                o.acked and o.done_at < rp_time - self.margin())]
             rep.add(check_failback_report(
                 body["groups"][0], rp_seq, (len(chunks_of(o for o in c_writes if o.acked)),
                                             len(chunks_of(c_writes))),
                 len(chunks_of(c_writes) | chunks_of(after_rp))))
-        self._settle_and_compare(since=took, what=" (written through C after its takeover)")
+        self._settle_and_compare(since=took, what=" (acknowledged after the takeover at C)")
 
     def standby(self) -> None:
         h, p, rep = self.h, self.plan, self.rep
