@@ -32,10 +32,12 @@ from typing import Any
 
 from .blocks import BLOCK, decode
 from .checker import Report, check
+from .dr_checker import DrReport
 from .harness import PAIR, Harness
 from .nemesis import Fault, Nemesis, schedule
 from .netns import Net, full_mesh
 from .remote_checker import Poll, RemoteReport, Sample, check_final, check_remote
+from .remote_dr import VARIANTS, DrPhase, DrPlan, describe, dr_plan
 from .run import load_history, revision
 
 DR_PAIR = "sweep-dr"
@@ -326,6 +328,8 @@ class RemoteResult:
     faults: list[dict[str, Any]] = field(default_factory=list)
     pair: Report | None = None          # the active-active pair (checker.check)
     remote: RemoteReport | None = None  # the far copy (remote_checker)
+    plan: DrPlan | None = None          # the DR phase (remote_dr), if this seed runs it
+    dr: DrReport | None = None          # its findings (dr_checker)
     error: str = ""
     revision: str = ""
     src_changed: bool = False
@@ -337,7 +341,8 @@ class RemoteResult:
         if self.error:
             return "ERROR"
         ok = self.pair is not None and self.pair.ok and self.remote is not None \
-            and self.remote.ok
+            and self.remote.ok and (self.plan is None or (self.dr is not None
+                                                          and self.dr.ok))
         return "PASS" if ok else "FAIL"
 
     def line(self) -> str:
@@ -347,11 +352,13 @@ class RemoteResult:
                 f"{' overlap' if self.overlap else ''} faults={len(done)} [{kinds}]")
         pair = self.pair.summary() if self.pair else "ops=0"
         far = self.remote.summary() if self.remote else "-"
+        if self.plan is not None:
+            far += f" dr: {self.dr.summary() if self.dr else self.plan.variant + ' -'}"
         tail = f"{self.verdict} {self.seconds:.0f}s"
         if self.src_changed:
             tail += " (WARNING: src/twinvol changed during the run: rerun it)"
         notes = (self.pair.notes if self.pair else []) + \
-            (self.remote.notes if self.remote else [])
+            (self.remote.notes if self.remote else []) + (self.dr.notes if self.dr else [])
         if self.error:
             tail += f" ({self.error})"
         elif notes:
@@ -360,7 +367,7 @@ class RemoteResult:
 
     def details(self, limit: int = 5) -> list[str]:
         out: list[str] = []
-        for rep in (self.pair, self.remote):
+        for rep in (self.pair, self.remote, self.dr):
             if rep is None:
                 continue
             for kind, items in rep.findings.items():
@@ -395,13 +402,16 @@ def _restore(h: RemoteHarness, net: Net) -> list[str]:
 
 
 def run_seed(seed: int, duration: float, kinds: tuple[str, ...] = DEFAULT_KINDS,
-             base_dir: str | None = None, keep: bool = False, overlap: bool = False
-             ) -> RemoteResult:
-    """One seed; its directory is kept when it does not pass (or with `keep`)."""
+             base_dir: str | None = None, keep: bool = False, overlap: bool = False,
+             dr: bool | None = None, dr_variant: str | None = None) -> RemoteResult:
+    """One seed; its directory is kept when it does not pass (or with `keep`). `dr`:
+    run the DR phase after the faults (True), never (False), or as the seed's plan says
+    (None: a third of the seeds); `dr_variant` overrides the plan's variant. No `kinds`:
+    no faults."""
     began = time.monotonic()
     directory = tempfile.mkdtemp(prefix=f"sweep3-{seed}-", dir=base_dir)
     res = RemoteResult(seed, duration, overlap=overlap, directory=directory,
-                       revision=revision())
+                       revision=revision(), plan=dr_plan(seed, dr, dr_variant))
     net = Net(nodes=NODES, links=full_mesh(NODES))
     h: RemoteHarness | None = None
     nemesis: RemoteNemesis | None = None
@@ -410,7 +420,7 @@ def run_seed(seed: int, duration: float, kinds: tuple[str, ...] = DEFAULT_KINDS,
         net.setup()
         h = RemoteHarness(directory, net, BLOCKS, HOLD_TIMEOUT)
         h.start()
-        faults = schedule(seed, duration, kinds, overlap, table=KINDS)
+        faults = schedule(seed, duration, kinds, overlap, table=KINDS) if kinds else []
         t0 = time.monotonic() + 0.5
         until = t0 + duration
         out = os.path.join(directory, "ops-agent.jsonl")
@@ -465,14 +475,25 @@ def run_seed(seed: int, duration: float, kinds: tuple[str, ...] = DEFAULT_KINDS,
         if not remote.checked:
             remote.notes.append("no sample of C was taken while it claimed mirrored")
         res.pair, res.remote = pair, remote
+        if res.plan is not None:
+            if catch_up is None:
+                remote.notes.append("the DR phase did not run: the far copy never caught up")
+            else:
+                res.dr = DrPhase(h, res.plan, seed, directory, history, LAG_BOUND).run()
         res.src_changed = revision() != res.revision
         with open(os.path.join(directory, "result.json"), "w") as f:
             json.dump({"seed": seed, "duration": duration, "overlap": overlap,
                        "revision": res.revision, "src_changed": res.src_changed,
                        "faults": res.faults, "actions": h.actions, "verify": verify_out,
                        "pair": pair.summary(), "far": remote.summary(),
-                       "notes": pair.notes + remote.notes,
-                       "findings": {k: [x.as_dict() for x in v] for rep in (pair, remote)
+                       "notes": pair.notes + remote.notes + (res.dr.notes if res.dr else []),
+                       "dr": None if res.dr is None else {
+                           "plan": res.dr.plan, "commands": res.dr.commands,
+                           "events": res.dr.events, "clock_offset": res.dr.offset,
+                           "seconds": res.dr.seconds, "summary": res.dr.summary()},
+                       "findings": {f"{'dr-' if rep is res.dr else ''}{k}":
+                                    [x.as_dict() for x in v]
+                                    for rep in (pair, remote, res.dr) if rep is not None
                                     for k, v in rep.findings.items()}}, f, indent=1)
     except Exception as e:
         res.error = f"{type(e).__name__}: {e}"
@@ -492,6 +513,8 @@ def run_seed(seed: int, duration: float, kinds: tuple[str, ...] = DEFAULT_KINDS,
 
 
 def _kinds(value: str) -> tuple[str, ...]:
+    if value == "none":
+        return ()
     kinds = tuple(k.strip() for k in value.split(",") if k.strip())
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
@@ -515,9 +538,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=30.0,
                    help="seconds of workload per seed (default 30)")
     p.add_argument("--faults", type=_kinds, default=DEFAULT_KINDS,
-                   help=f"comma-separated fault kinds (default all: {','.join(KINDS)})")
+                   help=f"comma-separated fault kinds (default all: {','.join(KINDS)}; "
+                        "`none`: no faults)")
     p.add_argument("--overlap", action="store_true",
                    help="let faults on different processes and links overlap in time")
+    p.add_argument("--dr", action="store_true", default=None,
+                   help="run the disaster-recovery phase after the faults on every seed "
+                        "(default: on the third of the seeds their plan picks)")
+    p.add_argument("--no-dr", dest="dr", action="store_false",
+                   help="never run the disaster-recovery phase")
+    p.add_argument("--dr-variant", choices=VARIANTS, default=None,
+                   help="far (lose A and B, take over at C) or standby (lose A, take over "
+                        "at B); default: the seed's plan")
     p.add_argument("--dir", default=None, help="where run directories go (default $TMPDIR)")
     p.add_argument("--keep", action="store_true", help="keep run directories of passing seeds")
     p.add_argument("--plan", action="store_true",
@@ -530,8 +562,12 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seed or list(range(args.first, args.first + args.seeds))
     if args.plan:
         for seed in seeds:
-            faults = schedule(seed, args.duration, args.faults, args.overlap, table=KINDS)
-            print(f"seed={seed}: " + " ".join(f"+{f.at:.1f}s {f.label}" for f in faults))
+            faults = schedule(seed, args.duration, args.faults, args.overlap, table=KINDS) \
+                if args.faults else []
+            plan = dr_plan(seed, args.dr, args.dr_variant)
+            steps = [f"+{f.at:.1f}s {f.label}" for f in faults] or ["no faults"]
+            print(f"seed={seed}: " + " ".join(steps)
+                  + (f"; then {describe(plan)}" if plan else ""))
         return 0
     why = cannot_run()
     if why:
@@ -541,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[int] = []
     try:
         for seed in seeds:
-            res = run_seed(seed, args.duration, args.faults, args.dir, args.keep, args.overlap)
+            res = run_seed(seed, args.duration, args.faults, args.dir, args.keep, args.overlap,
+                           args.dr, args.dr_variant)
             print(res.line(), flush=True)
             if res.verdict != "PASS":
                 failed.append(seed)
@@ -549,7 +586,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(line, flush=True)
                 again = " --overlap" if args.overlap else ""
                 if args.faults != DEFAULT_KINDS:
-                    again += f" --faults {','.join(args.faults)}"
+                    again += f" --faults {','.join(args.faults) or 'none'}"
+                if args.dr is not None:
+                    again += " --dr" if args.dr else " --no-dr"
+                if args.dr_variant:
+                    again += f" --dr-variant {args.dr_variant}"
                 print(f"  logs: {res.directory}; rerun: --seed {seed} "
                       f"--duration {args.duration:g}{again}", flush=True)
     except KeyboardInterrupt:
