@@ -113,6 +113,7 @@ class DisasterRecovery:
         rec.state = "mirrored"
         rec.reason = ""
         rec.hold = False
+        g.failing_back = False
         self.remote.save(g)
         for pr in g.pairs.values():
             pr.dirty.clear_all()
@@ -313,6 +314,27 @@ class DisasterRecovery:
                       **{"from": report["previous_feeder"]})
         return report
 
+    async def _take_pairs_back(self, g: GroupRuntime) -> None:
+        """Before the far copy's data comes back here: its active-active partner holds data
+        older than the far copy's, so it must be down now (chunks written here would not
+        reach it while the pair says mirrored), and it must resync from here when it
+        returns: this copy takes the primary role with a new generation, durably."""
+        for pr in g.pairs.values():
+            aa = self.mgr.by_volume.get(pr.rec.volume)
+            if aa is None or aa.rec.mode != "active-active":
+                continue
+            if self.mgr.peers.is_up(aa.rec.partner):
+                raise VolumeError(
+                    f"node {aa.rec.partner}, the active-active partner of volume "
+                    f"{pr.rec.volume!r}, is up: its copy is older than the far copy's. Stop it, "
+                    f"fail back, then start it again: it resyncs from {self.node.name}",
+                    "conflict")
+            # The chunks the failback brings mark this pair dirty as they land (`on_copied`);
+            # with the partner's own dirty bits, sent when they meet, that is what differs.
+            fork_generation(aa.rec)
+            aa.rec.role = Role.PRIMARY
+            self.mgr.save(aa)
+
     async def failback(self) -> list[dict[str, Any]]:
         """Run at the original primary once it is back: the far copy sends back every chunk
         it changed since its takeover plus every chunk this copy changed after the far copy's
@@ -333,7 +355,9 @@ class DisasterRecovery:
             link = mgr.link_or_none(rec.target)
             if h.get("state") != "takeover" or link is None:
                 continue
+            await self._take_pairs_back(g)
             remote.taken_over(g)
+            g.failing_back = True
             applied = int(h["applied"])
             extra: dict[str, set[int]] = {name: set() for name in g.pairs}
             try:

@@ -143,6 +143,7 @@ class RemoteCopy:
             if g.rec.role == "secondary":
                 self.target.redo(g)
             if g.rec.feeder == self.node.name and g.rec.role == "primary":
+                self.ship.check_after_restart(g)
                 self.start_shipping(g)
         self.mgr.spawn(self._housekeeping())
 
@@ -232,7 +233,7 @@ class RemoteCopy:
             aa = self.mgr.by_volume.get(volume)
             if aa is not None and aa.rec.mode == "active-active" \
                     and aa.dirty.set_many(chunks_of(offset, length)):
-                self.mgr.spawn(aa.dirty.sync(self.node.executor))
+                aa.dirty.sync_now()
             return
         self.mark(pr, offset, length)
         if g.rec.role == "standby":
@@ -343,6 +344,7 @@ class RemoteCopy:
         """The target serves hosts now (DR takeover there): this copy is not the latest,
         so it must not serve hosts either until `twinvol dr failback`."""
         rec = g.rec
+        g.checking_until = 0.0   # the answer is in: held until the failback
         reason = (f"the far copy at {rec.target} was taken over; run `twinvol dr failback` "
                   "to copy its changes back")
         if not rec.hold:

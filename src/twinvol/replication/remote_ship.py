@@ -25,6 +25,7 @@ BATCH_BYTES = 1024 * 1024
 WINDOW = 4                 # journal batches in flight to the target
 CHECKPOINT_EVERY = 0.3     # seconds between looks at the target's durable checkpoint
 PROGRESS_EVERY = 0.3       # seconds between progress reports to the standby
+CHECK_TARGET_FOR = 5.0     # after a restart, seconds a feeder holds hosts for its target
 
 
 class Shipper:
@@ -122,12 +123,31 @@ class Shipper:
     def still_feeder(self, g: GroupRuntime, h: dict[str, Any]) -> bool:
         """The target's view: taken over, or fed by another node since (DR)?"""
         if h.get("state") == "takeover":
-            self.remote.taken_over(g)
+            if not g.failing_back:   # (a failback running here already knows)
+                self.remote.taken_over(g)
             return False
         if h.get("feeder") and h["feeder"] != self.node.name:
             self.demote(g, str(h["feeder"]))
             return False
+        self.checked(g, "the far copy was not taken over")
         return True
+
+    def check_after_restart(self, g: GroupRuntime) -> None:
+        """Taken over while this node was down? Hosts wait until the target says (its
+        first answer), or until it does not answer within CHECK_TARGET_FOR."""
+        if not g.rec.hold:
+            g.checking_until = time.monotonic() + CHECK_TARGET_FOR
+            for pr in g.pairs.values():
+                self.mgr.hold(pr.rec.volume, f"asking the far copy at {g.rec.target} whether "
+                                             "it was taken over")
+
+    def checked(self, g: GroupRuntime, why: str) -> None:
+        """A restarted feeder held hosts until its target answered: serve again."""
+        if g.checking_until:
+            g.checking_until = 0.0
+            for pr in g.pairs.values():
+                self.mgr.unhold(pr.rec.volume)
+            log.info("hosts served again", extra={"group": g.rec.name, "why": why})
 
     @staticmethod
     def release_waiters(g: GroupRuntime, upto: int | None) -> None:
@@ -186,6 +206,9 @@ class Shipper:
     def watch(self, g: GroupRuntime) -> None:
         """A copy that stopped says so and catches up by itself (from dirty chunks)."""
         rec = g.rec
+        if g.checking_until and time.monotonic() > g.checking_until:
+            self.checked(g, f"the far copy at {rec.target} did not answer: serving without "
+                            "knowing whether it was taken over")
         if rec.state in ("suspended", "takeover") or rec.hold or not self.serving(g):
             g.progress.reset(time.monotonic())
             return

@@ -90,6 +90,8 @@ class GroupRuntime:
     waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)  # sync
     progress: CopyProgress = field(default_factory=CopyProgress)  # (feeder) still moving?
     last_heard: float = 0.0     # (target, standby) monotonic time of the feeder's last word
+    failing_back: bool = False  # (original primary) `dr failback` from the far copy runs
+    checking_until: float = 0.0  # (feeder, restarted) hosts held until the target answers
 
     def committed(self) -> int:
         """Highest sequence number below which every record may be shipped."""
