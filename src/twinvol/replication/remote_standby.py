@@ -43,7 +43,9 @@ class Standby:
         rec = g.rec
         aa = self.mgr.by_volume.get(pr.rec.volume)
         alone = aa is not None and aa.rec.io_mode == "local"
-        if alone and rec.mode == "journal" and g.journal.corrupt_at is None:
+        # Numbers go on from the last one seen from the feeder; none seen (a standby just
+        # demoted) could reuse numbers the target holds: dirty chunks then.
+        if alone and rec.mode == "journal" and g.journal.corrupt_at is None and rec.seq_seen:
             seq = rec.seq_seen + 1
             try:
                 g.journal.append_write(seq, pr.rec.name, cmd, flags, offset, length,

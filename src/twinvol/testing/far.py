@@ -115,8 +115,8 @@ class FarSide:
             seq = self._assign(block, value)
             self.inflight[seq] = None
             return seq
-        if self.node.mode is Mode.LOCAL and s.mode == "journal":
-            seq = max(s.seq_seen, s.written) + 1    # the standby goes on numbering alone
+        if self.node.mode is Mode.LOCAL and s.mode == "journal" and s.seq_seen:
+            seq = s.seq_seen + 1    # the standby goes on numbering alone
             s.journal.append((seq, block, value))
             s.seq_seen = s.written = seq
         else:
