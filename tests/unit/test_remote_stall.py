@@ -11,46 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from inproc import loopback_cluster, until
 
-from twinvol import cluster as cluster_mod
-from twinvol.cluster import ClusterConfig, ClusterSection, NodeConfig
 from twinvol.nbd.constants import Cmd
 from twinvol.node.daemon import Node
 from twinvol.replication.core.stall import CopyProgress
 from twinvol.replication.peer import PeerDown, RemoteError
 from twinvol.replication.writes import WriteFailed
-from twinvol.supervisor import free_ports
 
 SIZE = 1024 * 1024
 
 
-def make_cluster(tmp: str, names: tuple[str, ...] = ("A", "C")) -> ClusterConfig:
-    ports = iter(free_ports(3 * len(names)))
-    cfg = ClusterConfig(
-        nodes={n: NodeConfig(site=n, nbd=f"127.0.0.1:{next(ports)}",
-                             api=f"127.0.0.1:{next(ports)}", data_dir=f"data-{n}",
-                             peer=f"127.0.0.1:{next(ports)}") for n in names},
-        cluster=ClusterSection(name="stall", secret="stall-secret"))
-    path = os.path.join(tmp, "cluster.toml")
-    cluster_mod.dump(cfg, path)
-    return cluster_mod.load(path)
-
-
-async def until(check: Any, what: str, timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def stall(tmp: str) -> None:
-    cfg = make_cluster(tmp)
+    cfg = loopback_cluster(tmp, ("A", "C"), "stall")
     a, c = Node(cfg, "A"), Node(cfg, "C")
     await a.start()
     await c.start()
@@ -104,7 +81,7 @@ def test_a_stalled_far_copy_says_so_and_catches_up(tmp_path: pytest.TempPathFact
 @contextlib.asynccontextmanager
 async def three_sites(tmp: str) -> AsyncIterator[tuple[Node, Node, Node]]:
     """A-B mirrored (pair `p`), an async copy `dr` of the same volume to C, B standby."""
-    cfg = make_cluster(tmp, ("A", "B", "C"))
+    cfg = loopback_cluster(tmp, ("A", "B", "C"), "stall")
     a, b, c = Node(cfg, "A"), Node(cfg, "B"), Node(cfg, "C")
     for n in (a, b, c):
         await n.start()

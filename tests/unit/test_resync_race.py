@@ -10,42 +10,19 @@ alone after the copy had sent the old chunk and cleared its bit, and the pair sa
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import Any
 
 import pytest
+from inproc import loopback_cluster, until
 
-from twinvol import cluster as cluster_mod
-from twinvol.cluster import ClusterConfig, ClusterSection, NodeConfig
 from twinvol.nbd.constants import Cmd
 from twinvol.node.daemon import Node
-from twinvol.supervisor import free_ports
 
 SIZE = 1024 * 1024
 
 
-def make_cluster(tmp: str) -> ClusterConfig:
-    ports = iter(free_ports(6))
-    cfg = ClusterConfig(
-        nodes={n: NodeConfig(site=n, nbd=f"127.0.0.1:{next(ports)}",
-                             api=f"127.0.0.1:{next(ports)}", data_dir=f"data-{n}",
-                             peer=f"127.0.0.1:{next(ports)}") for n in ("A", "B")},
-        cluster=ClusterSection(name="race", secret="race-secret"))
-    path = os.path.join(tmp, "cluster.toml")
-    cluster_mod.dump(cfg, path)
-    return cluster_mod.load(path)
-
-
-async def until(check: Any, what: str, timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def race(tmp: str) -> tuple[bytes, bytes, str]:
-    cfg = make_cluster(tmp)
+    cfg = loopback_cluster(tmp, ("A", "B"), "race")
     a, b = Node(cfg, "A"), Node(cfg, "B")
     await a.start()
     await b.start()
