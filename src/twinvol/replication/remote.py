@@ -17,10 +17,9 @@ Copy-management information (sequence numbers written / sent / received / applie
 the primary-site time of each) is kept in every participating node's catalog: the target
 reports progress in its replies, the primary passes it on to the standby.
 
-This module keeps the groups and the write path's journaling; the roles' own work lives
-beside it: shipping (`remote_ship`), the standby (`remote_standby`), the far target
-(`remote_target`), creation (`remote_setup`), status (`remote_status`), host I/O without
-an active-active partner (`remote_io`) and disaster recovery (`dr`).
+Here: the groups and the journaling write path. Beside it: shipping (`remote_ship`), the
+standby (`remote_standby`), the target (`remote_target`), creation (`remote_setup`),
+status (`remote_status`), host I/O without an active-active partner (`remote_io`), DR.
 """
 
 from __future__ import annotations
@@ -236,8 +235,9 @@ class RemoteCopy:
                 aa.dirty.sync_now()
             return
         self.mark(pr, offset, length)
-        if g.rec.role == "standby":
-            g.rec.bitmap_until = max(g.rec.bitmap_until, seq, g.rec.written)
+        if g.rec.role == "standby":   # numbers up to `seq` are taken: never reuse them
+            g.rec.bitmap_until, g.rec.seq_seen = (max(g.rec.bitmap_until, seq, g.rec.written),
+                                                  max(g.rec.seq_seen, seq))
         elif g.rec.mode == "journal":
             # The feeder's copy was resynced by its partner: catch the target up by chunks.
             self.overflow(g, "resynced from the active-active partner", event="remote_catch_up",

@@ -56,6 +56,11 @@ class Standby:
                 return 0
             except JournalError as e:
                 self.to_bitmap(g, f"standby journal: {e}")
+        elif rec.mode == "journal":
+            # Mirrored with the feeder, which numbers this write without telling: from
+            # here this node's last number is stale, so what it writes, now or alone
+            # later, is tracked by dirty chunks, never by numbers the target may hold.
+            self.to_bitmap(g, "writes as the active-active primary: the feeder numbers them")
         self.remote.mark(pr, offset, length)
         rec.bitmap_until = BITS_NEEDED
         return 0
@@ -125,6 +130,9 @@ class Standby:
                 self.mgr.spawn(pr.dirty.sync(self.node.executor))
             if rec.mode == "bitmap" and g.journal.last == 0:
                 rec.mode = "journal"
+                # Numbers up to what the target applied are taken, whether this node saw
+                # them as records or as copied chunks: its own go on after them.
+                rec.seq_seen = max(rec.seq_seen, rec.applied)
         self.remote.save(g)
         return {}, b""
 

@@ -120,6 +120,10 @@ class FarSide:
             s.journal.append((seq, block, value))
             s.seq_seen = s.written = seq
         else:
+            if s.mode == "journal":   # the feeder numbers this write: our numbers go stale
+                self._unapplied_to_dirty()
+                s.journal.clear()
+                s.mode = "bitmap"
             s.dirty.add(block)
             s.bitmap_until = BITS_NEEDED
         return 0
@@ -146,8 +150,9 @@ class FarSide:
             if s.feeder:
                 if s.mode == "journal":
                     self._to_blocks("resynced from the partner")
-            else:
+            else:   # numbers up to `j` are taken: never reuse them
                 s.bitmap_until = max(s.bitmap_until, j, s.written)
+                s.seq_seen = max(s.seq_seen, j)
             return
         if s.feeder:
             self._assign(block, value)      # the partner writes; this node numbers
@@ -268,6 +273,7 @@ class FarSide:
             s.dirty.clear()
             if s.mode == "bitmap" and not s.journal:
                 s.mode = "journal"
+                s.seq_seen = max(s.seq_seen, msg.applied)
 
     # ---- disaster recovery at the standby ------------------------------------------------
 
