@@ -152,3 +152,13 @@ def test_a_takeover_mid_catch_up_copies_again_what_c_got(seed: int) -> None:
     blocks; a takeover at the standby that ignores C's blocks leaves C inconsistent."""
     assert run(seed, options=SimOptions(far_chunked=False)).findings.far
     assert run(seed).ok
+
+
+@pytest.mark.parametrize("seed", [31061, 32629, 32739])
+def test_a_standby_never_numbers_its_writes_from_a_stale_count(seed: int) -> None:
+    """Seeds a 4,000-seed run found: a standby that was just demoted (31061), wrote as the
+    active-active primary while the feeder numbered its writes (32629) or got the
+    feeder's writes as resync chunks (32739) went on alone from its old last number,
+    reusing numbers the far copy held; a takeover there then skipped its writes."""
+    assert run(seed, options=SimOptions(far_numbering=False)).findings.far
+    assert run(seed).ok

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="C keeps saying it is consistent during a catch-up by blocks")
     p.add_argument("--far-ignore-chunks", action="store_true",
                    help="a takeover at the standby ignores the blocks a catch-up brought C")
+    p.add_argument("--far-stale-numbers", action="store_true",
+                   help="a standby numbers its writes from its last count, however old")
     a = p.parse_args(argv)
     if a.seeds < 1 or a.duration <= 2:
         p.error("--seeds must be at least 1 and --duration above 2")
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                          far_serving=not a.far_ship_while_blocked,
                          far_settle=not a.far_ship_while_blocked,
                          far_inconsistent=not a.far_unmarked_catch_up,
-                         far_chunked=not a.far_ignore_chunks)
+                         far_chunked=not a.far_ignore_chunks,
+                         far_numbering=not a.far_stale_numbers)
     failed = 0
     started = time.monotonic()
     for seed in range(a.first, a.first + a.seeds):

@@ -115,12 +115,13 @@ class FarSide:
             seq = self._assign(block, value)
             self.inflight[seq] = None
             return seq
-        if self.node.mode is Mode.LOCAL and s.mode == "journal" and s.seq_seen:
+        fresh = self.node.options.far_numbering
+        if self.node.mode is Mode.LOCAL and s.mode == "journal" and (s.seq_seen or not fresh):
             seq = s.seq_seen + 1    # the standby goes on numbering alone
             s.journal.append((seq, block, value))
             s.seq_seen = s.written = seq
         else:
-            if s.mode == "journal":   # the feeder numbers this write: our numbers go stale
+            if s.mode == "journal" and fresh:   # the feeder numbers it: our count goes stale
                 self._unapplied_to_dirty()
                 s.journal.clear()
                 s.mode = "bitmap"
@@ -152,7 +153,8 @@ class FarSide:
                     self._to_blocks("resynced from the partner")
             else:   # numbers up to `j` are taken: never reuse them
                 s.bitmap_until = max(s.bitmap_until, j, s.written)
-                s.seq_seen = max(s.seq_seen, j)
+                if self.node.options.far_numbering:
+                    s.seq_seen = max(s.seq_seen, j)
             return
         if s.feeder:
             self._assign(block, value)      # the partner writes; this node numbers
@@ -273,7 +275,8 @@ class FarSide:
             s.dirty.clear()
             if s.mode == "bitmap" and not s.journal:
                 s.mode = "journal"
-                s.seq_seen = max(s.seq_seen, msg.applied)
+                if self.node.options.far_numbering:
+                    s.seq_seen = max(s.seq_seen, msg.applied)
 
     # ---- disaster recovery at the standby ------------------------------------------------
 

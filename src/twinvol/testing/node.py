@@ -67,6 +67,7 @@ class SimOptions:
     far_settle: bool = True       # a write failed on a losing copy is not shipped
     far_serving: bool = True      # a feeder whose copy is blocked ships nothing
     far_inconsistent: bool = True  # a catch-up block makes the far copy inconsistent
+    far_numbering: bool = True    # a standby never numbers its writes from a stale count
 
 
 class SimNode(Proc):
