@@ -114,6 +114,7 @@ class DisasterRecovery:
         rec.reason = ""
         rec.hold = False
         g.failing_back = False
+        g.failbacks += 1
         self.remote.save(g)
         for pr in g.pairs.values():
             pr.dirty.clear_all()
@@ -358,6 +359,11 @@ class DisasterRecovery:
             await self._take_pairs_back(g)
             remote.taken_over(g)
             g.failing_back = True
+            # Before the first request: the far copy may finish (and say so) before the
+            # last request's answer is back here.
+            rec.state = "copying"
+            rec.reason = f"failback from {rec.target} running"
+            remote.save(g)
             applied = int(h["applied"])
             extra: dict[str, set[int]] = {name: set() for name in g.pairs}
             try:
@@ -382,8 +388,6 @@ class DisasterRecovery:
                                          "chunks": r["chunks"], "bytes": r["chunks"] * CHUNK}
             report["chunks"] = sum(p["chunks"] for p in report["pairs"].values())
             report["bytes"] = report["chunks"] * CHUNK
-            rec.state = "copying"
-            rec.reason = f"failback from {rec.target} running"
             g.delta = report
             remote.save(g)
             node.events.publish("dr_failback", **{k: v for k, v in report.items() if k != "pairs"})

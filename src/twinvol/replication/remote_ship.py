@@ -52,10 +52,11 @@ class Shipper:
                 continue
             try:
                 if g.need_stat:
+                    asked = g.failbacks
                     h, _ = await link.request({"t": "jstat", "group": rec.name,
                                                "committed": g.committed()})
                     g.last_stat = time.monotonic()
-                    if not self.still_feeder(g, h):
+                    if not self.still_feeder(g, h, asked):
                         continue
                     self.learn(g, h)
                     rec.sent = max(int(h["received"]), rec.applied)
@@ -70,10 +71,11 @@ class Shipper:
                                                 or time.monotonic() - g.last_stat > 1.0):
                         # Learn the target's next durable checkpoint (trims the journal),
                         # and whether it still takes records from here.
+                        asked = g.failbacks
                         h, _ = await link.request({"t": "jstat", "group": rec.name,
                                                    "committed": g.committed()})
                         g.last_stat = time.monotonic()
-                        if self.still_feeder(g, h):
+                        if self.still_feeder(g, h, asked):
                             self.progress(g, h)
                     continue
                 if rec.sent < g.journal.first - 1 or (g.journal.first == 0
@@ -120,10 +122,12 @@ class Shipper:
                 self.stalled(g, Stalled(f"shipping failed: {type(e).__name__}: {e}"))
                 await asyncio.sleep(1.0)
 
-    def still_feeder(self, g: GroupRuntime, h: dict[str, Any]) -> bool:
-        """The target's view: taken over, or fed by another node since (DR)?"""
+    def still_feeder(self, g: GroupRuntime, h: dict[str, Any], asked: int) -> bool:
+        """The target's view: taken over, or fed by another node since (DR)? `asked`: the
+        failbacks done when the question left; an answer from before a failback ended
+        (its `takeover` is over) must not suspend the group again."""
         if h.get("state") == "takeover":
-            if not g.failing_back:   # (a failback running here already knows)
+            if not g.failing_back and asked == g.failbacks:
                 self.remote.taken_over(g)
             return False
         if h.get("feeder") and h["feeder"] != self.node.name:

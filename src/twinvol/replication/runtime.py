@@ -91,6 +91,7 @@ class GroupRuntime:
     progress: CopyProgress = field(default_factory=CopyProgress)  # (feeder) still moving?
     last_heard: float = 0.0     # (target, standby) monotonic time of the feeder's last word
     failing_back: bool = False  # (original primary) `dr failback` from the far copy runs
+    failbacks: int = 0          # (original primary) failbacks done since this node started
     checking_until: float = 0.0  # (feeder, restarted) hosts held until the target answers
 
     def committed(self) -> int:
