@@ -28,7 +28,6 @@ CURSOR_EVERY = 64   # chunks between durable checkpoints of the copy cursor
 PACE_EVERY = 4      # chunks between looks at the copy rate
 
 
-
 class Copier:
     def __init__(self, mgr: ManagerPort, remote: CopyFeedPort) -> None:
         self.mgr = mgr

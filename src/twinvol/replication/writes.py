@@ -172,7 +172,8 @@ class WritePath:
 
         def w_done(exc: BaseException | None) -> None:
             if exc is None:
-                self.remote.commit(rec.volume, seq)
+                if seq:
+                    self.remote.commit(rec.volume, seq)
             else:
                 # Mark the chunks before the write leaves the activity log's in-flight
                 # count: a meeting with the partner that runs before the task below must
