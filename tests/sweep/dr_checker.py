@@ -176,13 +176,20 @@ def check_takeover_report(report: Mapping[str, Any], view: Mapping[str, Any] | N
 
 
 def check_lost_report(ops: Iterable[Op], report: Mapping[str, Any], rp_time: float,
-                      margin: float) -> list[Finding]:
+                      margin: float, offset: float = 0.0) -> list[Finding]:
     """`lost` of a takeover at C against the acknowledged writes sent after its recovery
-    point (`rp_time` on the clients' clock)."""
-    after = [o for o in ops if o.op == "w" and o.acked and o.send > rp_time + margin]
+    point (`rp_time` on the clients' clock). C knows only what the feeder reported, so
+    the count is a lower bound: writes acknowledged after `known_until` (the feeder's
+    last word, `offset` converts it to the clients' clock) are not held against it."""
+    lost = report.get("lost") or {}
+    if not lost.get("lower_bound"):
+        return [Finding("report", -1, "the takeover at C does not say its `lost` is a "
+                                      "lower bound", rp_time)]
+    known = lost.get("known_until")
+    until = float(known) - offset - margin if known is not None else rp_time
+    after = [o for o in ops if o.op == "w" and o.acked and rp_time + margin < o.done_at < until]
     if not after:
         return []
-    lost = report.get("lost") or {}
     n, secs = int(lost.get("sequences", 0)), float(lost.get("seconds", 0.0))
     span = max(o.send for o in after) - rp_time - margin
     if n >= len(after) and secs >= span:

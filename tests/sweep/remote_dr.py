@@ -263,7 +263,7 @@ class DrPhase:
         pre = self.ops()
         rep.add(check_takeover(pre, values, rp_seq, rp_time, disaster, DR_LAG_BOUND,
                                self.margin(), at))
-        rep.add(check_lost_report(pre, report, rp_time, self.margin()))
+        rep.add(check_lost_report(pre, report, rp_time, self.margin(), self.offset))
         self.event("checked takeover", rp_sequence=rp_seq, rp_time=rp_time)
 
         # C serves hosts: a writer and a reader straight to C.
@@ -288,7 +288,17 @@ class DrPhase:
                   lambda: (self.dr_view("A") or {}).get("state") == "suspended", 30)
         rc, body = self.command("failback", ["dr", "failback"],
                                 lambda err: "not connected" in err, timeout=180)
-        if p.restart != "both":
+        if p.restart == "both" and rc != 0 and "is up" in rep.commands[-1]["stderr"]:
+            # Refused as the README says while B (older than C) is up: stop it, fail
+            # back, start it again (it resyncs from A).
+            h.kill9("B")
+            self.event("stop B for the failback")
+            time.sleep(1.0)
+            rc, body = self.command("failback (B stopped)", ["dr", "failback"],
+                                    lambda err: "not connected" in err or "is up" in err,
+                                    timeout=180)
+            h.start_one("B")
+        elif p.restart != "both":
             h.start_one("B")
         if during is not None:
             time.sleep(1.0)

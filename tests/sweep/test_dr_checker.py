@@ -163,12 +163,29 @@ def test_the_failback_report_matches_the_takeover_and_cs_writes() -> None:
     assert check_failback_report({**ok, "from": "A"}, 7, (2, 3), 5)
 
 
+def lost(sequences: int, seconds: float, known_until: float | None = 100.0
+         ) -> dict[str, Any]:
+    return {"recovery_point": {"sequence": 3},
+            "lost": {"sequences": sequences, "seconds": seconds, "lower_bound": True,
+                     "known_until": known_until}}
+
+
 def test_the_takeover_must_not_understate_what_was_lost() -> None:
-    report = {"recovery_point": {"sequence": 3}, "lost": {"sequences": 2, "seconds": 2.6}}
     # w3 and w4 were acknowledged and sent after the recovery point at 3.5: both lost
-    assert check_lost_report(SERIAL, report, 3.5, 0.01) == []
-    low = {**report, "lost": {"sequences": 1, "seconds": 2.6}}
+    assert check_lost_report(SERIAL, lost(2, 2.6), 3.5, 0.01) == []
+    low = lost(1, 2.6)
     assert [x.kind for x in check_lost_report(SERIAL, low, 3.5, 0.01)] == ["understated"]
-    short = {**report, "lost": {"sequences": 2, "seconds": 1.0}}
-    assert check_lost_report(SERIAL, short, 3.5, 0.01)
-    assert check_lost_report(SERIAL, {"lost": {"sequences": 0, "seconds": 0}}, 7.5, 0.01) == []
+    assert check_lost_report(SERIAL, lost(2, 1.0), 3.5, 0.01)
+    assert check_lost_report(SERIAL, lost(0, 0), 7.5, 0.01) == []
+
+
+def test_lost_is_a_lower_bound_up_to_the_feeders_last_word() -> None:
+    # the feeder last reported at 6.5 (clients' clock 5.5 with offset 1): w4, acknowledged
+    # at 7.0, was never reported to C, so only w3 counts
+    assert check_lost_report(SERIAL, lost(1, 1.5, 6.5), 3.5, 0.01, offset=1.0) == []
+    assert check_lost_report(SERIAL, lost(0, 0, 6.5), 3.5, 0.01, offset=1.0)
+    # never heard since C started: nothing can be held against it
+    assert check_lost_report(SERIAL, lost(0, 0, None), 3.5, 0.01) == []
+    # a report that does not say it is a lower bound is a finding
+    bare = {"lost": {"sequences": 2, "seconds": 2.6}}
+    assert [x.kind for x in check_lost_report(SERIAL, bare, 3.5, 0.01)] == ["report"]

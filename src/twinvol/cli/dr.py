@@ -68,9 +68,13 @@ def takeover(
                           f"sequence {r['target_received']}; delta resync sends {what}")
         elif r["action"] == "serve":
             rp, lost = r["recovery_point"], r["lost"]
+            known = lost.get("known_until")
+            since = (f" as the feeder last reported at "
+                     f"{time.strftime('%H:%M:%S', time.gmtime(known))}Z; later writes are "
+                     "unknown here, the failback report counts them") if known else ""
             console.print(f"group [bold]{r['group']}[/]: node {r['node']} serves hosts at "
-                          f"sequence {rp['sequence']}; lost {lost['sequences']} write(s) "
-                          f"({lost['seconds']} s) after it")
+                          f"sequence {rp['sequence']}; lost at least {lost['sequences']} "
+                          f"write(s) ({lost['seconds']} s) after it{since}")
         else:
             console.print(f"group [bold]{r['group']}[/]: {r.get('reason', r['action'])}")
     for err in errors:

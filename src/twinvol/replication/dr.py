@@ -273,11 +273,16 @@ class DisasterRecovery:
                               "refusing to serve it (--force to serve it anyway)", "conflict")
         self.remote.checkpoint_now(g)
         lost = max(0, rec.written - rec.applied)
+        # C knows only what the feeder reported before it went silent: `lost` is a lower
+        # bound, exact up to `known_until` (the feeder's last word, wall clock).
+        known = (time.time() - (time.monotonic() - g.last_heard)) if g.last_heard else None
         report = {"group": rec.name, "node": self.node.name, "action": "serve",
                   "recovery_point": {"sequence": rec.applied, "time": rec.applied_time},
                   "lost": {"sequences": lost, "last_written": rec.written,
                            "seconds": round(max(0.0, rec.written_time - rec.applied_time), 3)
-                           if lost else 0.0}}
+                           if lost else 0.0,
+                           "lower_bound": True,
+                           "known_until": round(known, 3) if known is not None else None}}
         rec.state = "takeover"
         rec.reason = f"taken over at {self.node.name}"
         for pr in g.pairs.values():
