@@ -89,6 +89,9 @@ class Leases:
             pr = self.mgr.pairs.get(name)
             if pr is None or pr.rec.remote or pr.rec.partner != peer:
                 continue
+            if pr.rec.volume in self.mgr.holds:
+                continue  # held (a far copy took over, or asked after a restart): the
+                # partner must not serve the old data either
             if pr.lease.grant(now):
                 granted.append(pr.rec.name)
         return {"granted": granted}, b""

@@ -242,6 +242,9 @@ class ReplicationManager:
         taken over: this copy is not the latest until failback)."""
         self.holds[volume] = reason
         self.node.set_io_mode(volume, "block", reason)
+        pr = self.by_volume.get(volume)
+        if pr is not None and not pr.rec.remote:
+            pr.lease.revoke()  # no lease for the partner either (`Leases.on_request`)
 
     def unhold(self, volume: str) -> None:
         if self.holds.pop(volume, None) is None:

@@ -436,6 +436,12 @@ class WritePath:
 
     def on_forwarded(self, pr: PairRuntime, h: dict[str, Any], payload: Payload
                    ) -> Later | Awaitable[Message]:
+        held = self.mgr.holds.get(pr.rec.volume)
+        if held is not None:
+            # This copy is not the latest (a far copy took over) or may not be: a write
+            # acknowledged now would be rolled back by the failback.
+            raise RemoteError(f"volume {pr.rec.volume} on node {self.mgr.node.name} is "
+                              f"held: {held}", str(Err.EIO))
         if pr.rec.role == "primary":
             later = Later()
 
