@@ -648,3 +648,39 @@ def test_far_site_killed_mid_stream_redoes_its_journal_to_a_prefix(ac: ClusterPr
     wait_applied(c, "A", "v1-dr")
     for v, pc in zip(("v1", "v2"), paths_c, strict=True):
         assert file_bytes(volume_path(c, "A", v)) == file_bytes(pc)
+
+
+def test_split_big_write_resync_then_more_writes_the_far_copy_catches_up(
+        tmp_path: object) -> None:
+    """Issue 15's reproduction, as an operator ran it: split the active-active pair, write
+    64 MiB through A, resync with --wait, write 32 MiB more at 128M through A. The far
+    copy stopped for good (A: written 257, sent 256) while every status said mirrored.
+    Now it catches up by itself within seconds and C equals A byte for byte."""
+    c = ClusterProc(str(tmp_path), names=("A", "B", "C"))
+    c.start()
+    try:
+        for a, b in (("A", "B"), ("A", "C"), ("B", "C")):
+            c.wait_peer(a, b)
+        make_volume(c, "A", "vol", 192 * MiB)
+        status, body = c.api("A", "POST", "/api/v1/pairs", {"name": "vol", "secondary": "B"})
+        assert status == 201, body
+        c.wait_pair("B", "vol", "mirrored", "mirror", timeout=60)
+        make_async(c, "vol-dr", "vol", "vol")
+        assert c.cli("pair", "split", "vol").returncode == 0
+        src = os.path.join(c.dir, "src.img")
+        with open(src, "wb") as f:
+            f.write(os.urandom(96 * MiB))
+        subprocess.run(["nbdcopy", "--synchronous", src, c.uri("A", "vol")], check=True,
+                       capture_output=True, timeout=120)   # the first 96 MiB: 64 + 32 below
+        p = c.cli("pair", "resync", "vol", "--wait")
+        assert p.returncode == 0, p.stderr
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 128M 32M", "-c", "flush",
+                        c.uri("A", "vol")], check=True, capture_output=True, timeout=120)
+        rc = wait_applied(c, "A", "vol-dr", timeout=60)   # stalled for good before
+        assert rc["lag"]["sequences"] == 0, rc
+        want = file_bytes(volume_path(c, "A", "vol"))
+        assert want[128 * MiB:160 * MiB] == b"\x5a" * (32 * MiB)
+        assert file_bytes(volume_path(c, "C", "vol")) == want
+        assert file_bytes(volume_path(c, "B", "vol")) == want
+    finally:
+        c.stop()
