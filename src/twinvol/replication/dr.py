@@ -15,10 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
+
+from twinvol.replication import remote_messages as rm
 from twinvol.replication.bitmap import CHUNK, chunks_of, nchunks
-from twinvol.replication.core.types import PairState, Role
+from twinvol.replication.core.types import GroupRole, GroupState, JournalMode, PairState, Role
+from twinvol.replication.messages import BadMessage
 from twinvol.replication.pairs import fork_generation
 from twinvol.replication.peer import Message, PeerDown, RemoteError
 from twinvol.replication.ports import RemotePort
@@ -27,6 +31,7 @@ from twinvol.replication.wire import Payload
 from twinvol.storage.journal import JournalError
 from twinvol.storage.volumes import VolumeError
 
+R = TypeVar("R", bound=msgspec.Struct)
 log = logging.getLogger("twinvol.dr")
 
 
@@ -38,19 +43,18 @@ class DisasterRecovery:
         self.mgr = remote.mgr
         self.node = remote.node
 
-    def on_failback(self, peer: str, h: dict[str, Any], bits: Payload) -> Message:
+    def on_failback(self, peer: str, msg: rm.Failback, bits: Payload) -> Message:
         """Far site after a takeover: stop serving hosts and send back what differs."""
-        g = self.remote.group_of(h)
+        g = self.remote.group_of(msg.group)
         if g.rec.role != "secondary" or g.rec.state != "takeover":
             raise RemoteError(f"group {g.rec.name!r} on node {self.node.name} was not taken "
                               "over", "conflict")
         if peer != g.rec.feeder:
             raise RemoteError(f"group {g.rec.name!r} was fed by {g.rec.feeder}, not {peer}",
                               "conflict")
-        pr = g.pairs.get(str(h["pair"]))
+        pr = g.pairs.get(msg.pair)
         if pr is None:
-            raise RemoteError(f"no pair {h.get('pair')!r} in group {g.rec.name!r}",
-                              "not_found")
+            raise RemoteError(f"no pair {msg.pair!r} in group {g.rec.name!r}", "not_found")
         changed = pr.dirty.count()
         pr.dirty.merge(bits)
         pr.dirty.sync_now()
@@ -58,7 +62,7 @@ class DisasterRecovery:
         pr.rec.copy_source = self.node.name
         self.mgr.set_state(pr, "copying", f"failback to {peer}")
         self.mgr.start_copy(pr)
-        return {"changed": changed, "chunks": pr.dirty.count()}, b""
+        return rm.encode(rm.FailbackReply(changed=changed, chunks=pr.dirty.count())), b""
 
     def failback_copied(self, pr: PairRuntime) -> None:
         """Far site: one pair's reverse copy is done; when all are, hand the group back."""
@@ -77,40 +81,44 @@ class DisasterRecovery:
         # A far copy again from this step on (before anything else on the link is handled):
         # the feeder's next jstat must not see `takeover` any more.
         rec = g.rec
-        rec.state = "mirrored"
+        rec.state = GroupState.MIRRORED
         rec.reason = ""
         for p in g.pairs.values():
             p.rec.copy_source = ""
             self.mgr.set_mode(p, "block", "far copy again: failback done")
             self.mgr.unhold(p.rec.volume)
         self.remote.save(g)
-        fut = link.request({"t": "a_failback_done", "group": g.rec.name,
-                            "received": rec.received})
+        fut = link.request(rm.encode(rm.FailbackDone(g.rec.name, received=rec.received)))
 
         def done(f: asyncio.Future[Message]) -> None:
             if f.cancelled() or f.exception() is not None:
                 log.warning("failback hand-back failed", extra={"group": g.rec.name})
                 return
-            h = f.result()[0]
+            try:
+                back = rm.reply(f.result()[0], rm.FailbackDoneReply)
+            except BadMessage as e:
+                log.warning("failback hand-back answered badly",
+                            extra={"group": g.rec.name, "error": str(e)})
+                return
             g.journal.reset()
-            rec.received = rec.applied = int(h["seq"])
-            rec.applied_time = float(h["time"])
+            rec.received = rec.applied = back.seq
+            rec.applied_time = back.time
             rec.written = max(rec.written, rec.received)
             self.remote.checkpoint_now(g)
             self.node.events.publish("dr_failback_done", group=rec.name, to=rec.feeder)
 
         fut.add_done_callback(done)
 
-    def failback_done(self, h: dict[str, Any]) -> Message:
+    def failback_done(self, msg: rm.FailbackDone) -> Message:
         """Original primary: the far copy's data is here; records flow from here again."""
-        g = self.remote.group_of(h)
+        g = self.remote.group_of(msg.group)
         rec = g.rec
-        rec.written = max(rec.written, g.journal.last, int(h.get("received", 0)))
+        rec.written = max(rec.written, g.journal.last, msg.received)
         g.journal.reset()
-        rec.mode = "journal"
+        rec.mode = JournalMode.JOURNAL
         rec.sent = rec.received = rec.applied = rec.written
         rec.applied_time = rec.written_time = time.time()
-        rec.state = "mirrored"
+        rec.state = GroupState.MIRRORED
         rec.reason = ""
         rec.hold = False
         g.failing_back = False
@@ -124,11 +132,11 @@ class DisasterRecovery:
         self.node.events.publish("dr_failback_done", group=rec.name, at=self.node.name)
         g.need_stat = True
         g.wake.set()
-        return {"seq": rec.written, "time": rec.applied_time}, b""
+        return rm.encode(rm.FailbackDoneReply(seq=rec.written, time=rec.applied_time)), b""
 
-    def on_new_feeder(self, peer: str, h: dict[str, Any]) -> Message:
+    def on_new_feeder(self, peer: str, msg: rm.NewFeeder) -> Message:
         """DR takeover at the standby: it feeds this target from now on."""
-        g = self.remote.group_of(h)
+        g = self.remote.group_of(msg.group)
         if g.rec.role != "secondary":
             raise RemoteError(f"node {self.node.name} is not the target of group "
                               f"{g.rec.name!r}", "conflict")
@@ -142,7 +150,7 @@ class DisasterRecovery:
             self.mgr.save(pr)
         self.remote.save(g)
         self.node.events.publish("group_feeder", group=g.rec.name, feeder=peer, previous=old)
-        return self.remote.stat(g), b""
+        return rm.stat_reply(g.rec)
 
     async def takeover(self, force: bool = False) -> list[dict[str, Any]]:
         """Run at a surviving site: every group this node can feed or serve, recovered."""
@@ -169,28 +177,28 @@ class DisasterRecovery:
                 raise VolumeError(f"volume {pr.rec.volume!r} on node {self.node.name} is "
                                   f"blocked (stale copy: {aa.rec.reason}); it cannot feed "
                                   "the remote copy", "conflict")
-        h, _ = await self.ask(rec.target, {"t": "jfeeder", "group": rec.name},
+        h, _ = await self.ask(rec.target, rm.NewFeeder(rec.name),
                               f"node {rec.target} (the remote copy) is not connected")
-        received = int(h["received"])
-        rec.applied = int(h["applied"])
-        rec.applied_time = float(h["applied_time"])
+        st = self.answer(h, rm.Stat)
+        received = st.received
+        rec.applied = st.applied
+        rec.applied_time = st.applied_time
         j = g.journal
         covered = rec.mode == "journal" and (rec.seq_seen <= received
                                              or j.holds(received + 1, rec.seq_seen))
         # Chunks the far copy got from a copy or catch-up whose writes the lost feeder had
         # not yet seen committed may hold writes this node never had: they go again.
         for pr in g.pairs.values():
-            rh, got = await self.ask(rec.target, {"t": "jbits", "group": rec.name,
-                                                  "pair": pr.rec.name},
+            rh, got = await self.ask(rec.target, rm.BitsRequest(rec.name, pair=pr.rec.name),
                                      f"node {rec.target} (the remote copy) is not connected")
-            if int(rh["chunks"]):
+            if self.answer(rh, rm.BitsReply).chunks:
                 pr.dirty.merge(got)
                 await pr.dirty.sync(self.node.executor)
                 covered = False
         bits = sum(pr.dirty.count() for pr in g.pairs.values())
         bits_needed = bits and not (rec.bitmap_until <= received
-                                    and str(h["state"]) == "mirrored")
-        rec.role = "primary"
+                                    and st.state == GroupState.MIRRORED)
+        rec.role = GroupRole.PRIMARY
         old_feeder, rec.feeder = rec.feeder, self.node.name
         rec.sent = received
         rec.received = received
@@ -215,18 +223,18 @@ class DisasterRecovery:
                     await pr.dirty.sync(self.node.executor)
             report.update(method="journal", records=delta_recs, bytes=delta_bytes,
                           full_copy=False)
-            rec.state = "mirrored"
+            rec.state = GroupState.MIRRORED
         else:
             # Bitmap catch-up: dirty chunks plus the chunks of every record past the target.
             self.remote.mark_unapplied(g, received + 1)
             j.reset()
-            rec.mode = "bitmap"
+            rec.mode = JournalMode.BITMAP
             rec.written = max(rec.written, received)
             chunks = sum(pr.dirty.count() for pr in g.pairs.values())
             total = sum(nchunks(pr.vol.record.size) for pr in g.pairs.values())
             report.update(method="bitmap", chunks=chunks, bytes=chunks * CHUNK,
                           full_copy=chunks >= total)
-            rec.state = "copying"
+            rec.state = GroupState.COPYING
             for pr in g.pairs.values():
                 if pr.dirty.count():
                     pr.rec.state = PairState.COPYING
@@ -241,7 +249,15 @@ class DisasterRecovery:
         g.wake.set()
         return report
 
-    async def ask(self, peer: str, header: dict[str, Any], unreachable: str,
+    @staticmethod
+    def answer(h: dict[str, Any], kind: type[R]) -> R:
+        """A typed reply; a malformed one fails the operator's command with the reason."""
+        try:
+            return rm.reply(h, kind)
+        except BadMessage as e:
+            raise VolumeError(str(e), "io") from None
+
+    async def ask(self, peer: str, msg: rm.RemoteMsg, unreachable: str,
                   within: float = 5.0) -> Message:
         """One request for an operator command, riding out a link that is just being
         re-established (a site that was frozen or restarted a moment ago)."""
@@ -250,7 +266,7 @@ class DisasterRecovery:
             link = self.mgr.link_or_none(peer)
             if link is not None:
                 try:
-                    reply: Message = await link.request(header)
+                    reply: Message = await link.request(rm.encode(msg))
                     return reply
                 except PeerDown:
                     pass
@@ -283,7 +299,7 @@ class DisasterRecovery:
                            if lost else 0.0,
                            "lower_bound": True,
                            "known_until": round(known, 3) if known is not None else None}}
-        rec.state = "takeover"
+        rec.state = GroupState.TAKEOVER
         rec.reason = f"taken over at {self.node.name}"
         for pr in g.pairs.values():
             fork_generation(pr.rec)
@@ -355,21 +371,22 @@ class DisasterRecovery:
                 continue
             if rec.role != "primary" or rec.feeder != node.name:
                 continue
-            h, _ = await self.ask(rec.target, {"t": "jstat", "group": rec.name},
-                                    f"node {rec.target} (the far copy of group {rec.name!r}) is "
-                                    "not connected")
+            h, _ = await self.ask(rec.target, rm.StatRequest(rec.name),
+                                  f"node {rec.target} (the far copy of group {rec.name!r}) is "
+                                  "not connected")
+            st = self.answer(h, rm.Stat)
             link = mgr.link_or_none(rec.target)
-            if h.get("state") != "takeover" or link is None:
+            if st.state != GroupState.TAKEOVER or link is None:
                 continue
             await self._take_pairs_back(g)
             remote.taken_over(g)
             g.failing_back = True
             # Before the first request: the far copy may finish (and say so) before the
             # last request's answer is back here.
-            rec.state = "copying"
+            rec.state = GroupState.COPYING
             rec.reason = f"failback from {rec.target} running"
             remote.save(g)
-            applied = int(h["applied"])
+            applied = st.applied
             extra: dict[str, set[int]] = {name: set() for name in g.pairs}
             try:
                 for r in g.journal.iter_from(max(applied + 1, g.journal.first or applied + 1)):
@@ -387,10 +404,11 @@ class DisasterRecovery:
                 for c in chunks:
                     bits[c >> 3] |= 1 << (c & 7)
                 mine = len(chunks)
-                r, _ = await link.request({"t": "a_failback", "group": rec.name, "pair": name},
+                r, _ = await link.request(rm.encode(rm.Failback(rec.name, pair=name)),
                                           bytes(bits))
-                report["pairs"][name] = {"changed_here": mine, "changed_there": r["changed"],
-                                         "chunks": r["chunks"], "bytes": r["chunks"] * CHUNK}
+                back = self.answer(r, rm.FailbackReply)
+                report["pairs"][name] = {"changed_here": mine, "changed_there": back.changed,
+                                         "chunks": back.chunks, "bytes": back.chunks * CHUNK}
             report["chunks"] = sum(p["chunks"] for p in report["pairs"].values())
             report["bytes"] = report["chunks"] * CHUNK
             g.delta = report

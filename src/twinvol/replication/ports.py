@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from twinvol.cluster import ClusterConfig, NodeConfig
 from twinvol.nbd.aio import Backend
 from twinvol.replication.core.lease import LeaseConfig
+from twinvol.replication.core.types import GroupRole
 from twinvol.replication.pairs import PairRecord, PairStore
 from twinvol.replication.peer_service import PeerService
 from twinvol.replication.runtime import GroupRecord, GroupRuntime, PairRuntime
@@ -148,9 +149,8 @@ class RemotePort(Protocol):
 
     def checkpoint_now(self, g: GroupRuntime) -> None: ...
 
-    def stat(self, g: GroupRuntime) -> dict[str, Any]: ...
 
-    def group_of(self, h: dict[str, Any]) -> GroupRuntime: ...
+    def group_of(self, name: str) -> GroupRuntime: ...
 
     def taken_over(self, g: GroupRuntime) -> None: ...
 
@@ -166,7 +166,7 @@ class RemotePort(Protocol):
     def on_applied(self, volume: str, cmd: int, offset: int, length: int,
                    data: Payload | None, flags: int, *, committed: bool) -> int: ...
 
-    def ensure_group(self, name: str, role: str, target: str, feeder: str,
+    def ensure_group(self, name: str, role: GroupRole, target: str, feeder: str,
                      limit: int) -> GroupRuntime: ...
 
 

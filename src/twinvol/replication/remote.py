@@ -34,8 +34,11 @@ from typing import Any
 import msgspec
 
 from twinvol.nbd.constants import Cmd
+from twinvol.replication import remote_messages as rm
 from twinvol.replication.bitmap import chunks_of
+from twinvol.replication.core.types import GroupRole, GroupState, JournalMode
 from twinvol.replication.dr import DisasterRecovery
+from twinvol.replication.messages import BadMessage
 from twinvol.replication.pairs import PairRecord
 from twinvol.replication.peer import Message, RemoteError
 from twinvol.replication.ports import ManagerPort
@@ -97,7 +100,7 @@ class RemoteCopy:
         elif rec.role == "standby":
             rec.seq_seen = max(rec.seq_seen, journal.last)
         if journal.corrupt_at is not None:
-            rec.state = "suspended"
+            rec.state = GroupState.SUSPENDED
             rec.reason = f"journal damaged at sequence {journal.corrupt_at}"
         return g
 
@@ -282,8 +285,8 @@ class RemoteCopy:
         if drop_inflight:
             g.inflight.clear()
             g.undecided.clear()
-        rec.mode = "bitmap"
-        rec.state = "copying"
+        rec.mode = JournalMode.BITMAP
+        rec.state = GroupState.COPYING
         rec.reason = f"catching up from dirty chunks: {reason}"
         self.save(g)
         self.node.events.publish(event, group=rec.name, reason=reason,
@@ -322,7 +325,7 @@ class RemoteCopy:
     def suspend(self, g: GroupRuntime, reason: str) -> None:
         if g.rec.state == "suspended" and g.rec.reason == reason:
             return
-        g.rec.state = "suspended"
+        g.rec.state = GroupState.SUSPENDED
         g.rec.reason = reason
         self.save(g)
         for pr in g.pairs.values():
@@ -381,59 +384,54 @@ class RemoteCopy:
 
     # ---- the target ---------------------------------------------------------------------
 
-    def stat(self, g: GroupRuntime) -> dict[str, Any]:
-        rec = g.rec
-        return {"received": rec.received, "applied": rec.applied,
-                "applied_time": rec.applied_time, "state": rec.state, "feeder": rec.feeder,
-                "written": rec.written}
-
     def checkpoint_now(self, g: GroupRuntime) -> None:
         self.target.checkpoint_now(g)
 
     def target_copied(self, pr: PairRuntime, upto: int, committed: int = -1) -> None:
         self.target.copied(pr, upto, committed)
 
-    def group_of(self, h: dict[str, Any]) -> GroupRuntime:
-        g = self.groups.get(str(h.get("group")))
+    def group_of(self, name: str) -> GroupRuntime:
+        g = self.groups.get(name)
         if g is None:
-            raise RemoteError(f"no consistency group {h.get('group')!r} on node "
-                              f"{self.node.name}", "not_found")
+            raise RemoteError(f"no consistency group {name!r} on node {self.node.name}",
+                              "not_found")
         return g
 
     # ---- peer messages ------------------------------------------------------------------
 
-    def on_message(self, peer: str, h: dict[str, Any], payload: Payload
-                   ) -> Message:
-        t = h["t"]
-        if t in ("jr", "jstat", "jprog", "jresume"):
-            heard = self.groups.get(str(h.get("group")))
+    def on_message(self, peer: str, h: dict[str, Any], payload: Payload) -> Message:
+        try:
+            msg = rm.decode(h)
+        except BadMessage as e:
+            raise RemoteError(str(e), "invalid") from None
+        if isinstance(msg, rm.Fed):
+            heard = self.groups.get(msg.group)
             if heard is not None and heard.rec.feeder == peer:
                 heard.last_heard = time.monotonic()
-                if "committed" in h and heard.rec.role == "secondary":
-                    self.target.committed(heard, int(h["committed"]))
-        if t == "jr":
-            return self.target.on_records(peer, h, payload)
-        if t == "jstat":
-            return self.stat(self.group_of(h)), b""
-        if t == "jprog":
-            return self.standby.on_progress(h)
-        if t == "a_prepare":
-            return self.target.prepare(peer, h)
-        if t == "a_standby":
-            return self.standby.prepare(peer, h)
-        if t == "jfeeder":
-            return self.dr.on_new_feeder(peer, h)
-        if t == "a_failback":
-            return self.dr.on_failback(peer, h, payload)
-        if t == "a_failback_done":
-            return self.dr.failback_done(h)
-        if t == "jresume":
-            return self.target.resume(h)
-        if t == "jbits":
-            return self.target.bits(h)
-        raise RemoteError(f"unknown remote-copy message {t!r}", "invalid")
+                committed = getattr(msg, "committed", -1)
+                if committed >= 0 and heard.rec.role == GroupRole.SECONDARY:
+                    self.target.committed(heard, committed)
+        if isinstance(msg, rm.Records):
+            return self.target.on_records(peer, msg, payload)
+        if isinstance(msg, rm.StatRequest):
+            return rm.stat_reply(self.group_of(msg.group).rec)
+        if isinstance(msg, rm.Progress):
+            return self.standby.on_progress(msg)
+        if isinstance(msg, rm.TargetPrepare):
+            return self.target.prepare(peer, msg)
+        if isinstance(msg, rm.StandbyPrepare):
+            return self.standby.prepare(peer, msg)
+        if isinstance(msg, rm.NewFeeder):
+            return self.dr.on_new_feeder(peer, msg)
+        if isinstance(msg, rm.Failback):
+            return self.dr.on_failback(peer, msg, payload)
+        if isinstance(msg, rm.FailbackDone):
+            return self.dr.failback_done(msg)
+        if isinstance(msg, rm.Resume):
+            return self.target.resume(msg)
+        return self.target.bits(msg)
 
-    def ensure_group(self, name: str, role: str, target: str, feeder: str,
+    def ensure_group(self, name: str, role: GroupRole, target: str, feeder: str,
                       limit: int) -> GroupRuntime:
         g = self.groups.get(name)
         if g is not None:
@@ -498,16 +496,17 @@ class RemoteCopy:
             # Caught up: the target now holds every write up to `written`; records resume
             # after it, in this same loop step (no write can fall between).
             g.journal.reset()
-            rec.mode = "journal"
+            rec.mode = JournalMode.JOURNAL
             link = self.mgr.link_or_none(rec.target)
             if link is not None:
-                fut = link.request({"t": "jresume", "group": rec.name, "seq": rec.written,
-                                    "time": rec.written_time, "committed": g.committed()})
+                fut = link.request(rm.encode(rm.Resume(rec.name, seq=rec.written,
+                                                       time=rec.written_time,
+                                                       committed=g.committed())))
                 fut.add_done_callback(lambda f: None if f.cancelled() else f.exception())
             rec.sent = rec.received = rec.applied = rec.written
             rec.applied_time = rec.written_time
             self.node.events.publish("journal_resumed", group=rec.name, seq=rec.written)
-        rec.state = "mirrored"
+        rec.state = GroupState.MIRRORED
         rec.reason = ""
         self.save(g)
         g.wake.set()

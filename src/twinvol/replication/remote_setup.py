@@ -4,8 +4,9 @@ the initial copy and the shipping of records start."""
 
 from __future__ import annotations
 
+from twinvol.replication import remote_messages as rm
 from twinvol.replication.bitmap import nchunks
-from twinvol.replication.core.types import Mode, PairState, Role
+from twinvol.replication.core.types import GroupRole, GroupState, Mode, PairState, Role
 from twinvol.replication.pairs import PairRecord, new_generation
 from twinvol.replication.peer import PeerDown, RemoteError
 from twinvol.replication.ports import RemotePort
@@ -59,29 +60,26 @@ class RemoteSetup:
         gen = new_generation()
         limit = g.rec.journal_limit if g is not None else journal_limit
         try:
-            await link.request({"t": "a_prepare", "pair": name, "volume": target_volume,
-                                "partner_volume": r.name, "size": r.size, "serial": r.serial,
-                                "vvol_id": r.vvol_id, "export_name": r.export_name,
-                                "description": r.description, "gen": gen, "group": group,
-                                "journal_limit": limit, "mode": mode})
+            await link.request(rm.encode(rm.TargetPrepare(
+                group, pair=name, volume=target_volume, partner_volume=r.name, size=r.size,
+                serial=r.serial, vvol_id=r.vvol_id, export_name=r.export_name,
+                description=r.description, gen=gen, journal_limit=limit, mode=mode)))
             if aa is not None:
                 plink = mgr.peers.link(aa.rec.partner)
-                await plink.request({"t": "a_standby", "pair": name,
-                                     "volume": aa.rec.partner_volume, "target": target,
-                                     "target_volume": target_volume, "group": group,
-                                     "journal_limit": limit, "gen": gen,
-                                     "written": g.rec.written if g else 0})
+                await plink.request(rm.encode(rm.StandbyPrepare(
+                    group, pair=name, volume=aa.rec.partner_volume, target=target,
+                    target_volume=target_volume, journal_limit=limit, gen=gen,
+                    written=g.rec.written if g else 0)))
         except RemoteError as e:
             raise VolumeError(f"{e}", e.code if e.code in (
                 "invalid", "not_found", "conflict", "busy") else "io") from None
         except PeerDown as e:
             raise VolumeError(f"a node went away while pairing: {e}", "io") from None
         if g is None:
-            g = self.remote.open_group(GroupRecord(name=group, role="primary", target=target,
-                                             feeder=self.node.name, origin=self.node.name,
-                                             journal_limit=limit,
-                                             sync=sync))
-        g.rec.state = "copying"
+            g = self.remote.open_group(GroupRecord(
+                name=group, role=GroupRole.PRIMARY, target=target, feeder=self.node.name,
+                origin=self.node.name, journal_limit=limit, sync=sync))
+        g.rec.state = GroupState.COPYING
         self.remote.save(g)
         prec = PairRecord(name=name, mode=mode, role=Role.PRIMARY, volume=r.name,
                           partner=target, partner_volume=target_volume, state=PairState.COPYING,

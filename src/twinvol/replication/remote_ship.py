@@ -10,11 +10,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
 
+from twinvol.replication import remote_messages as rm
 from twinvol.replication.core.stall import Stalled
-from twinvol.replication.core.types import Role
-from twinvol.replication.peer import Message, PeerDown, RemoteError
+from twinvol.replication.core.types import GroupRole, GroupState, JournalMode, Role
+from twinvol.replication.peer import Message, PeerDown, PeerLink, RemoteError
 from twinvol.replication.ports import RemotePort
 from twinvol.replication.runtime import GroupRuntime
 from twinvol.storage.journal import JournalCorrupt
@@ -53,18 +53,16 @@ class Shipper:
             try:
                 if g.need_stat:
                     asked = g.failbacks
-                    h, _ = await link.request({"t": "jstat", "group": rec.name,
-                                               "committed": g.committed()})
-                    g.last_stat = time.monotonic()
-                    if not self.still_feeder(g, h, asked):
+                    st = await self.stat(link, g)
+                    if not self.still_feeder(g, st, asked):
                         continue
-                    self.learn(g, h)
-                    rec.sent = max(int(h["received"]), rec.applied)
+                    self.learn(g, st)
+                    rec.sent = max(st.received, rec.applied)
                     g.need_stat = False
                 committed = g.committed()
                 if rec.mode != "journal" or rec.sent >= committed:
                     while window:
-                        self.progress(g, (await window.pop(0))[0])
+                        self.progress(g, rm.reply((await window.pop(0))[0], rm.Stat))
                     self.report_standby(g)
                     await self.idle(g, CHECKPOINT_EVERY)
                     if not g.wake.is_set() and (rec.applied < rec.sent
@@ -72,11 +70,9 @@ class Shipper:
                         # Learn the target's next durable checkpoint (trims the journal),
                         # and whether it still takes records from here.
                         asked = g.failbacks
-                        h, _ = await link.request({"t": "jstat", "group": rec.name,
-                                                   "committed": g.committed()})
-                        g.last_stat = time.monotonic()
-                        if self.still_feeder(g, h, asked):
-                            self.progress(g, h)
+                        st = await self.stat(link, g)
+                        if self.still_feeder(g, st, asked):
+                            self.progress(g, st)
                     continue
                 if rec.sent < g.journal.first - 1 or (g.journal.first == 0
                                                       and rec.sent < committed):
@@ -86,15 +82,14 @@ class Shipper:
                     continue
                 first = rec.sent + 1
                 last, blob = g.journal.read_encoded(first, BATCH_BYTES, seq_to=committed)
-                window.append(link.request(
-                    {"t": "jr", "group": rec.name, "first": first, "last": last,
-                     "committed": committed, "written": rec.written,
-                     "wtime": rec.written_time}, blob))
+                window.append(link.request(rm.encode(rm.Records(
+                    rec.name, first=first, last=last, committed=committed,
+                    written=rec.written, wtime=rec.written_time)), blob))
                 rec.sent = last
                 rec.bytes_shipped += len(blob)
                 rec.records_shipped += last - first + 1
                 if len(window) >= WINDOW:
-                    self.progress(g, (await window.pop(0))[0])
+                    self.progress(g, rm.reply((await window.pop(0))[0], rm.Stat))
                     self.report_standby(g)  # also while never idle (throttled)
             except JournalCorrupt as e:
                 self.remote.suspend(g, f"journal record {e.seq + 1} failed its CRC check: nothing "
@@ -122,16 +117,23 @@ class Shipper:
                 self.stalled(g, Stalled(f"shipping failed: {type(e).__name__}: {e}"))
                 await asyncio.sleep(1.0)
 
-    def still_feeder(self, g: GroupRuntime, h: dict[str, Any], asked: int) -> bool:
+    async def stat(self, link: PeerLink, g: GroupRuntime) -> rm.Stat:
+        """Ask the target for its numbers (and tell it what is committed)."""
+        h, _ = await link.request(rm.encode(rm.StatRequest(g.rec.name,
+                                                           committed=g.committed())))
+        g.last_stat = time.monotonic()
+        return rm.reply(h, rm.Stat)
+
+    def still_feeder(self, g: GroupRuntime, st: rm.Stat, asked: int) -> bool:
         """The target's view: taken over, or fed by another node since (DR)? `asked`: the
         failbacks done when the question left; an answer from before a failback ended
         (its `takeover` is over) must not suspend the group again."""
-        if h.get("state") == "takeover":
+        if st.state == GroupState.TAKEOVER:
             if not g.failing_back and asked == g.failbacks:
                 self.remote.taken_over(g)
             return False
-        if h.get("feeder") and h["feeder"] != self.node.name:
-            self.demote(g, str(h["feeder"]))
+        if st.feeder and st.feeder != self.node.name:
+            self.demote(g, st.feeder)
             return False
         self.checked(g, "the far copy was not taken over")
         return True
@@ -170,16 +172,16 @@ class Shipper:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(g.wake.wait(), timeout)
 
-    def learn(self, g: GroupRuntime, h: dict[str, Any]) -> None:
+    def learn(self, g: GroupRuntime, st: rm.Stat) -> None:
         rec = g.rec
-        rec.received = int(h["received"])
-        if int(h["applied"]) >= rec.applied:
-            rec.applied = int(h["applied"])
-            rec.applied_time = float(h.get("applied_time", rec.applied_time))
+        rec.received = st.received
+        if st.applied >= rec.applied:
+            rec.applied = st.applied
+            rec.applied_time = st.applied_time
 
-    def progress(self, g: GroupRuntime, h: dict[str, Any]) -> None:
+    def progress(self, g: GroupRuntime, st: rm.Stat) -> None:
         """A reply from the target: it received/applied up to these sequence numbers."""
-        self.learn(g, h)
+        self.learn(g, st)
         if g.waiters:
             self.release_waiters(g, g.rec.received)
         g.journal.trim(g.rec.applied)
@@ -200,10 +202,10 @@ class Shipper:
             link = self.mgr.link_or_none(aa.rec.partner)
             if link is None:
                 continue
-            fut = link.request({"t": "jprog", "group": g.rec.name, "written": g.rec.written,
-                                "wtime": g.rec.written_time, "received": g.rec.received,
-                                "applied": g.rec.applied, "atime": g.rec.applied_time,
-                                "state": g.rec.state})
+            fut = link.request(rm.encode(rm.Progress(
+                g.rec.name, written=g.rec.written, wtime=g.rec.written_time,
+                received=g.rec.received, applied=g.rec.applied, atime=g.rec.applied_time,
+                state=g.rec.state)))
             fut.add_done_callback(lambda f: f.exception())
             return
 
@@ -266,10 +268,10 @@ class Shipper:
         g.journal.reset()
         g.inflight.clear()
         g.undecided.clear()
-        old, rec.role, rec.feeder = rec.role, "standby", feeder
-        rec.mode = "bitmap"
+        old, rec.role, rec.feeder = rec.role, GroupRole.STANDBY, feeder
+        rec.mode = JournalMode.BITMAP
         rec.bitmap_until = rec.seq_seen = rec.written = 0
-        rec.state = "copying"
+        rec.state = GroupState.COPYING
         self.release_waiters(g, None)
         for pr in g.pairs.values():
             if pr.copy_task is not None:

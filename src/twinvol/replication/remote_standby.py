@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from twinvol.nbd.constants import Cmd
+from twinvol.replication import remote_messages as rm
 from twinvol.replication.bitmap import nchunks
-from twinvol.replication.core.types import Mode, PairState, Role
+from twinvol.replication.core.types import GroupRole, GroupState, JournalMode, Mode, PairState, Role
 from twinvol.replication.pairs import PairRecord
 from twinvol.replication.peer import Message, RemoteError
 from twinvol.replication.ports import RemotePort
@@ -103,57 +103,59 @@ class Standby:
         of the far copy, which the feeder still serves."""
         self.remote.mark_unapplied(g)
         g.journal.reset()
-        g.rec.mode = "bitmap"
+        g.rec.mode = JournalMode.BITMAP
         self.remote.save(g)
         self.node.events.publish("standby_bitmap", group=g.rec.name, reason=reason)
         log.info("standby tracks dirty chunks", extra={"group": g.rec.name, "reason": reason})
 
-    def on_progress(self, h: dict[str, Any]) -> Message:
-        g = self.remote.group_of(h)
+    def on_progress(self, msg: rm.Progress) -> Message:
+        g = self.remote.group_of(msg.group)
         rec = g.rec
-        if rec.role != "standby":
+        if rec.role != GroupRole.STANDBY:
             return {}, b""
-        rec.written = max(rec.written, int(h["written"]))
-        rec.written_time = float(h["wtime"])
-        rec.received = int(h["received"])
-        rec.applied = int(h["applied"])
-        rec.applied_time = float(h["atime"])
-        rec.state = str(h.get("state", rec.state))
+        rec.written = max(rec.written, msg.written)
+        rec.written_time = msg.wtime
+        rec.received = msg.received
+        rec.applied = msg.applied
+        rec.applied_time = msg.atime
+        rec.state = msg.state
         g.journal.trim(rec.applied)
-        for pr in g.pairs.values():
-            if pr.rec.state != rec.state and rec.state in ("mirrored", "copying", "suspended"):
-                self.mgr.set_state(pr, rec.state, rec.reason)
+        if rec.state in (GroupState.MIRRORED, GroupState.COPYING, GroupState.SUSPENDED):
+            want = PairState(rec.state)
+            for pr in g.pairs.values():
+                if pr.rec.state != want:
+                    self.mgr.set_state(pr, want, rec.reason)
         if rec.applied >= rec.bitmap_until and rec.state == "mirrored":
             # The target has everything the dirty chunks stood for.
             for pr in g.pairs.values():
                 pr.dirty.clear_all()
                 self.mgr.spawn(pr.dirty.sync(self.node.executor))
             if rec.mode == "bitmap" and g.journal.last == 0:
-                rec.mode = "journal"
+                rec.mode = JournalMode.JOURNAL
                 # Numbers up to what the target applied are taken, whether this node saw
                 # them as records or as copied chunks: its own go on after them.
                 rec.seq_seen = max(rec.seq_seen, rec.applied)
         self.remote.save(g)
         return {}, b""
 
-    def prepare(self, peer: str, h: dict[str, Any]) -> Message:
+    def prepare(self, peer: str, msg: rm.StandbyPrepare) -> Message:
         """Active-active partner of the primary: keep records with the same numbers."""
         mgr = self.mgr
-        name, vname = str(h["pair"]), str(h["volume"])
+        name, vname = msg.pair, msg.volume
         if name in mgr.pairs:
             raise RemoteError(f"pair {name!r} already exists here", "conflict")
         vol = self.node.volumes.get(vname)
-        g = self.remote.ensure_group(str(h["group"]), "standby", str(h["target"]), peer,
-                               int(h["journal_limit"]))
-        g.rec.written = max(g.rec.written, int(h["written"]))
+        g = self.remote.ensure_group(msg.group, GroupRole.STANDBY, msg.target, peer,
+                                     msg.journal_limit)
+        g.rec.written = max(g.rec.written, msg.written)
         # Until the initial copy is done the standby could only feed the target in full;
         # after it, its journal holds every write from here on.
-        g.rec.bitmap_until = max(g.rec.bitmap_until, int(h["written"]))
+        g.rec.bitmap_until = max(g.rec.bitmap_until, msg.written)
         self.remote.save(g)
         rec = PairRecord(name=name, mode="async", role=Role.STANDBY, volume=vol.record.name,
-                         partner=str(h["target"]), partner_volume=str(h["target_volume"]),
+                         partner=msg.target, partner_volume=msg.target_volume,
                          state=PairState.COPYING, io_mode=Mode(vol.io_mode),
-                         gen_current=str(h["gen"]),
+                         gen_current=msg.gen,
                          copy_total=nchunks(vol.record.size), group=g.rec.name)
         mgr.store.save(rec)
         pr = mgr.load(rec)

@@ -7,11 +7,10 @@ of the primary site's write order) and a restart redoes the journal from there.
 from __future__ import annotations
 
 import logging
-import time
-from typing import Any
 
+from twinvol.replication import remote_messages as rm
 from twinvol.replication.bitmap import nchunks
-from twinvol.replication.core.types import Mode, PairState, Role
+from twinvol.replication.core.types import GroupRole, GroupState, Mode, PairState, Role
 from twinvol.replication.pairs import PairRecord
 from twinvol.replication.peer import Message, RemoteError
 from twinvol.replication.ports import RemotePort
@@ -73,8 +72,8 @@ class FarTarget:
             return
         g.rec.applied_time = r.time
 
-    def on_records(self, peer: str, h: dict[str, Any], payload: Payload) -> Message:
-        g = self.remote.group_of(h)
+    def on_records(self, peer: str, msg: rm.Records, payload: Payload) -> Message:
+        g = self.remote.group_of(msg.group)
         rec = g.rec
         if rec.role != "secondary":
             raise RemoteError(f"node {self.node.name} is not the target of group "
@@ -115,8 +114,8 @@ class FarTarget:
             for r in new:
                 self.apply_record(g, r)
                 rec.received = r.seq
-        rec.written = max(rec.written, int(h.get("written", 0)))
-        rec.written_time = max(rec.written_time, float(h.get("wtime", 0.0)))
+        rec.written = max(rec.written, msg.written)
+        rec.written_time = max(rec.written_time, msg.wtime)
         self.maybe_mirrored(g)
         g.checkpoint_due = True
         if error is not None:
@@ -124,7 +123,7 @@ class FarTarget:
                              "nothing past it was applied")
             self.node.events.publish("journal_corrupt", group=rec.name, seq=rec.received + 1)
             raise RemoteError(str(error), "corrupt")
-        return self.remote.stat(g), b""
+        return rm.stat_reply(g.rec)
 
     def copied(self, pr: PairRuntime, upto: int, committed: int = -1) -> None:
         """Far site: a pair's initial copy (or catch-up) is complete; the group is a
@@ -144,24 +143,23 @@ class FarTarget:
         rec = g.rec
         if rec.state == "copying" and rec.received >= rec.consistent_at \
                 and not any(p.rec.state == "copying" for p in g.pairs.values()):
-            rec.state = "mirrored"
+            rec.state = GroupState.MIRRORED
             self.remote.save(g)
 
-    def prepare(self, peer: str, h: dict[str, Any]) -> Message:
+    def prepare(self, peer: str, msg: rm.TargetPrepare) -> Message:
         """Far-site side of async pair creation: a blocked volume with the same identity."""
         mgr = self.mgr
-        name, vname, size = str(h["pair"]), str(h["volume"]), int(h["size"])
+        name, vname, size = msg.pair, msg.volume, msg.size
         if name in mgr.pairs:
             raise RemoteError(f"pair {name!r} already exists here", "conflict")
-        _vol, own = mgr.take_identity(name, vname, size, h)
-        g = self.remote.ensure_group(str(h["group"]), "secondary", self.node.name, peer,
-                               int(h["journal_limit"]))
-        rec = PairRecord(name=name, mode=str(h.get("mode", "async")), role=Role.SECONDARY,
-                         volume=vname,
-                         partner=peer, partner_volume=str(h["partner_volume"]),
-                         state=PairState.COPYING, io_mode=Mode.BLOCK, gen_current=str(h["gen"]),
+        _vol, own = mgr.take_identity(name, vname, size, rm.encode(msg))
+        g = self.remote.ensure_group(msg.group, GroupRole.SECONDARY, self.node.name, peer,
+                                     msg.journal_limit)
+        rec = PairRecord(name=name, mode=msg.mode, role=Role.SECONDARY, volume=vname,
+                         partner=peer, partner_volume=msg.partner_volume,
+                         state=PairState.COPYING, io_mode=Mode.BLOCK, gen_current=msg.gen,
                          copy_total=nchunks(size), own_identity=own, group=g.rec.name)
-        g.rec.state = "copying"
+        g.rec.state = GroupState.COPYING
         self.remote.save(g)
         mgr.store.save(rec)
         mgr.load(rec)
@@ -169,22 +167,22 @@ class FarTarget:
                                  mode=rec.mode)
         return {}, b""
 
-    def resume(self, h: dict[str, Any]) -> Message:
+    def resume(self, msg: rm.Resume) -> Message:
         """The feeder caught this copy up by chunks: records resume after `seq`."""
-        g = self.remote.group_of(h)
+        g = self.remote.group_of(msg.group)
         g.journal.reset()
-        g.rec.received = g.rec.applied = int(h["seq"])
-        g.rec.applied_time = float(h.get("time", time.time()))
-        g.rec.state = "mirrored"
+        g.rec.received = g.rec.applied = msg.seq
+        g.rec.applied_time = msg.time
+        g.rec.state = GroupState.MIRRORED
         # The chunks may hold writes up to `seq` that the standby does not have yet.
-        g.rec.bits_until = max(g.rec.bits_until, int(h["seq"]))
+        g.rec.bits_until = max(g.rec.bits_until, msg.seq)
         g.rec.bits_open = True
         self.checkpoint_now(g)
         for pr in g.pairs.values():
             if pr.rec.state == "copying":
                 self.mgr.set_state(pr, "mirrored")
-        self.committed(g, int(h.get("committed", -1)))
-        return self.remote.stat(g), b""
+        self.committed(g, msg.committed)
+        return rm.stat_reply(g.rec)
 
     def committed(self, g: GroupRuntime, committed: int) -> None:
         """The feeder says every write up to `committed` is on both active-active copies:
@@ -211,17 +209,16 @@ class FarTarget:
                               f"{g.rec.feeder if g else '?'}, not {peer}", "conflict")
         if g.rec.state == "mirrored":
             reason = f"catching up from dirty chunks sent by {peer}"
-            g.rec.state, g.rec.reason = "copying", reason
+            g.rec.state, g.rec.reason = GroupState.COPYING, reason
             self.remote.save(g)
             for other in g.pairs.values():
                 self.mgr.set_state(other, "copying", reason)
         if pr.dirty.set_many(chunks):
             pr.dirty.sync_now()
 
-    def bits(self, h: dict[str, Any]) -> Message:
+    def bits(self, msg: rm.BitsRequest) -> Message:
         """A standby taking over asks what a catch-up brought here (dirty chunks)."""
-        pr = self.remote.group_of(h).pairs.get(str(h.get("pair")))
+        pr = self.remote.group_of(msg.group).pairs.get(msg.pair)
         if pr is None:
-            raise RemoteError(f"no pair {h.get('pair')!r} in group {h.get('group')!r}",
-                              "not_found")
-        return {"chunks": pr.dirty.count()}, bytes(pr.dirty.bits)
+            raise RemoteError(f"no pair {msg.pair!r} in group {msg.group!r}", "not_found")
+        return rm.encode(rm.BitsReply(chunks=pr.dirty.count())), bytes(pr.dirty.bits)

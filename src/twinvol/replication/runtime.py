@@ -13,6 +13,7 @@ import msgspec
 from twinvol.replication.bitmap import PersistentBits
 from twinvol.replication.core.lease import PeerLease
 from twinvol.replication.core.stall import CopyProgress
+from twinvol.replication.core.types import GroupRole, GroupState, JournalMode
 from twinvol.replication.pairs import PairRecord
 from twinvol.storage.journal import Journal
 from twinvol.storage.volumes import Volume
@@ -46,13 +47,13 @@ class GroupRecord(msgspec.Struct):
     """This node's copy-management information for one consistency group."""
 
     name: str
-    role: str                   # primary | standby | secondary
+    role: GroupRole
     target: str                 # the far-site node
     feeder: str                 # the node that feeds the target now
     journal_limit: int = DEFAULT_JOURNAL
-    state: str = "copying"      # copying | mirrored | suspended | takeover
+    state: GroupState = GroupState.COPYING
     reason: str = ""
-    mode: str = "journal"       # journal | bitmap (records missing: dirty chunks instead)
+    mode: JournalMode = JournalMode.JOURNAL
     written: int = 0            # last sequence number written at the primary site
     written_time: float = 0.0
     sent: int = 0

@@ -40,3 +40,25 @@ class Verdict(StrEnum):
     CONTINUE = "continue"
     BLOCK = "block"
     WAIT = "wait"
+
+
+class GroupRole(StrEnum):
+    """A node's part in a consistency group of remote copies."""
+
+    PRIMARY = "primary"       # feeds the far copy (numbers the writes)
+    STANDBY = "standby"       # the primary's active-active partner: keeps the records too
+    SECONDARY = "secondary"   # the far copy
+
+
+class GroupState(StrEnum):
+    """A consistency group's state (the far copy's view of it)."""
+
+    COPYING = "copying"       # initial copy or catch-up by chunks: not consistent yet
+    MIRRORED = "mirrored"     # records flow in write order: a consistent prefix
+    SUSPENDED = "suspended"   # stopped (the reason says why); nothing ships
+    TAKEOVER = "takeover"     # the far copy serves hosts (DR takeover)
+
+
+class JournalMode(StrEnum):
+    JOURNAL = "journal"       # every write since the target's point is in the journal
+    BITMAP = "bitmap"         # records are missing: dirty chunks stand for them
