@@ -51,6 +51,7 @@ from .remote_checker import History, Sample, _describe, check_sample, older
 KINDS = ("corrupt", "mix", "kept", "ahead", "lag", "report", "understated", "served",
          "lost", "diverged", "feed")
 CHUNK_BLOCKS = 16   # 64 KiB chunks of 4 KiB blocks
+AL_EXTENT_BLOCKS = 1024  # 4 MiB activity-log extents
 
 
 @dataclass
@@ -274,6 +275,15 @@ def check_equal(disks: Mapping[str, bytes | None], why: str, block: int = 4096
 
 def chunks_of(ops: Iterable[Op]) -> set[int]:
     return {o.block // CHUNK_BLOCKS for o in ops if o.op == "w"}
+
+
+def extent_chunks(ops: Iterable[Op], blocks: int) -> set[int]:
+    """Every chunk of the activity-log extents the writes touched (a crash resync
+    copies whole extents), within a volume of `blocks` blocks."""
+    last = (blocks - 1) // CHUNK_BLOCKS
+    per = AL_EXTENT_BLOCKS // CHUNK_BLOCKS
+    return {c for e in {o.block // AL_EXTENT_BLOCKS for o in ops if o.op == "w"}
+            for c in range(e * per, (e + 1) * per) if c <= last}
 
 
 def check_feed(report: Mapping[str, Any], action: str, writes: int, chunks: int

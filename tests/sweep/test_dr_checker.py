@@ -15,6 +15,7 @@ from .dr_checker import (
     check_served,
     check_takeover,
     check_takeover_report,
+    extent_chunks,
     flushed_before,
 )
 
@@ -189,3 +190,9 @@ def test_lost_is_a_lower_bound_up_to_the_feeders_last_word() -> None:
     # a report that does not say it is a lower bound is a finding
     bare = {"lost": {"sequences": 2, "seconds": 2.6}}
     assert [x.kind for x in check_lost_report(SERIAL, bare, 3.5, 0.01)] == ["report"]
+
+
+def test_extent_chunks_cover_whole_activity_log_extents_within_the_volume() -> None:
+    assert extent_chunks([w(1, 5, 0.0, 1.0)], 2048) == set(range(64))
+    assert extent_chunks([w(1, 1030, 0.0, 1.0), f(1.0, 2.0)], 1500) == set(range(64, 94))
+    assert extent_chunks([], 2048) == set()

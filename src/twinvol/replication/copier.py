@@ -13,6 +13,7 @@ import logging
 import time
 from typing import Any
 
+from twinvol.replication import data_messages as dm
 from twinvol.replication.bitmap import CHUNK
 from twinvol.replication.core.pace import Pace
 from twinvol.replication.core.types import Role
@@ -108,13 +109,13 @@ class Copier:
         off = chunk * CHUNK
         n = min(CHUNK, pr.vol.record.size - off)
         ext = store.extents(off, n)
-        header: dict[str, Any] = {"t": "copy", "pair": pr.rec.name, "off": off, "len": n}
-        if self.remote.feeds:
-            # A partner that feeds a far copy learns which write this chunk reflects.
-            header["j"] = self.remote.written_for(pr.rec.volume)
+        # A partner that feeds a far copy learns which write this chunk reflects.
+        j = self.remote.written_for(pr.rec.volume) if self.remote.feeds else 0
         if len(ext) == 1 and ext[0][1] & 2:
-            return link.request({**header, "zero": True}), 0
-        return link.request(header, store.pread(off, n)), n
+            return link.request(dm.encode(dm.Copy(pr.rec.name, off=off, length=n, j=j,
+                                                  zero=True))), 0
+        return link.request(dm.encode(dm.Copy(pr.rec.name, off=off, length=n, j=j)),
+                            store.pread(off, n)), n
 
     async def checkpoint(self, pr: PairRuntime, inflight: set[asyncio.Future[Message]],
                           sent: list[int]) -> None:

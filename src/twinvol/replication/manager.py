@@ -21,11 +21,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twinvol.nbd.constants import Cmd, Err
+from twinvol.replication import data_messages as dm
 from twinvol.replication.bitmap import AL_EXTENT, CHUNK, PersistentBits, extent_chunks, nchunks
 from twinvol.replication.commands import PairCommands
 from twinvol.replication.copier import Copier
 from twinvol.replication.core.lease import LeaseConfig, PeerLease
 from twinvol.replication.core.types import Mode, PairState, Role
+from twinvol.replication.data_messages import TAGS as DATA_TAGS
 from twinvol.replication.leases import Leases, leased
 from twinvol.replication.messages import TAGS as CONTROL_TAGS
 from twinvol.replication.messages import (
@@ -395,27 +397,32 @@ class ReplicationManager:
             except BadMessage as e:
                 raise RemoteError(str(e), "invalid") from None
             return self._on_control(peer, msg, payload)
-        h["_peer"] = peer
-        if t[0] == "j" or t.startswith("a_"):
+        if t not in DATA_TAGS:
             return self.remote.on_message(peer, h, payload)
-        pr = self.pairs.get(str(h.get("pair")))
+        try:
+            dmsg = dm.decode(h)
+        except BadMessage as e:
+            raise RemoteError(str(e), "invalid") from None
+        pr = self.pairs.get(dmsg.pair)
         if pr is None:
-            raise RemoteError(f"no pair {h.get('pair')!r} on node {self.node.name}", "not_found")
-        if (t == "wb" or t == "w") and pr.rec.io_mode == "local" and not pr.rec.remote:
+            raise RemoteError(f"no pair {dmsg.pair!r} on node {self.node.name}", "not_found")
+        w = self.writes
+        if isinstance(dmsg, dm.WriteBatch | dm.Write) and pr.rec.io_mode == "local" \
+                and not pr.rec.remote:
             # We write alone under a newer generation: the sender is the stale side.
             raise RemoteError(f"pair {pr.rec.name} continues alone on node {self.node.name}; "
                               "the sender's copy is stale", str(Err.EIO))
-        if t == "wb":
-            return self.writes.on_writes(pr, h, payload)
-        if t == "w" or t == "copy":
-            return self.writes.on_write(pr, h, payload)
-        if t == "fwb":
-            return self.writes.on_forwarded_batch(pr, h, payload)
-        if t == "fw":
-            return self.writes.on_forwarded(pr, h, payload)
-        if t == "flush":
-            return self.writes.on_flush(pr)
-        raise RemoteError(f"unknown peer message {t!r}", "invalid")
+        if isinstance(dmsg, dm.WriteBatch):
+            return w.on_writes(pr, peer, dmsg, payload)
+        if isinstance(dmsg, dm.Write):
+            return w.on_write(pr, peer, dmsg, payload)
+        if isinstance(dmsg, dm.Copy):
+            return w.on_copy(pr, peer, dmsg, payload)
+        if isinstance(dmsg, dm.ForwardBatch):
+            return w.on_forwarded_batch(pr, dmsg, payload)
+        if isinstance(dmsg, dm.Forward):
+            return w.on_forwarded(pr, dmsg.cmd, dmsg.off, dmsg.length, dmsg.flags, payload)
+        return w.on_flush(pr)
 
     def _on_control(self, peer: str, msg: Control, payload: Payload
                     ) -> Message | Awaitable[Message]:

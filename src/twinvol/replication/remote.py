@@ -407,10 +407,7 @@ class RemoteCopy:
         if isinstance(msg, rm.Fed):
             heard = self.groups.get(msg.group)
             if heard is not None and heard.rec.feeder == peer:
-                heard.last_heard = time.monotonic()
-                committed = getattr(msg, "committed", -1)
-                if committed >= 0 and heard.rec.role == GroupRole.SECONDARY:
-                    self.target.committed(heard, committed)
+                self.target.heard(heard, msg)
         if isinstance(msg, rm.Records):
             return self.target.on_records(peer, msg, payload)
         if isinstance(msg, rm.StatRequest):

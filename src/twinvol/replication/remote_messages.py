@@ -36,9 +36,13 @@ class Records(_RMsg, tag="jr"):
 
 
 class StatRequest(_RMsg, tag="jstat"):
-    """What did the target receive and apply, is it still fed by the sender?"""
+    """What did the target receive and apply, is it still fed by the sender? The feeder
+    also says how far it has written (a takeover's count of lost writes), also while it
+    ships no records (catching up by chunks)."""
 
     committed: int = -1
+    written: Seq = 0
+    wtime: float = 0.0
 
 
 class Progress(_RMsg, tag="jprog"):

@@ -14,6 +14,7 @@ import time
 from twinvol.replication import remote_messages as rm
 from twinvol.replication.core.stall import Stalled
 from twinvol.replication.core.types import GroupRole, GroupState, JournalMode, Role
+from twinvol.replication.messages import BadMessage
 from twinvol.replication.peer import Message, PeerDown, PeerLink, RemoteError
 from twinvol.replication.ports import RemotePort
 from twinvol.replication.runtime import GroupRuntime
@@ -48,6 +49,10 @@ class Shipper:
                     self.release_waiters(g, None)
                 window.clear()
                 g.need_stat = True
+                if link is not None and rec.feeder == self.node.name \
+                        and rec.state != GroupState.SUSPENDED \
+                        and time.monotonic() - g.last_stat > 1.0:
+                    await self.ask_while_idle(link, g)
                 await self.idle(g, 0.3)
                 continue
             try:
@@ -119,10 +124,25 @@ class Shipper:
 
     async def stat(self, link: PeerLink, g: GroupRuntime) -> rm.Stat:
         """Ask the target for its numbers (and tell it what is committed)."""
-        h, _ = await link.request(rm.encode(rm.StatRequest(g.rec.name,
-                                                           committed=g.committed())))
+        h, _ = await link.request(rm.encode(rm.StatRequest(
+            g.rec.name, committed=g.committed(), written=g.rec.written,
+            wtime=g.rec.written_time)))
         g.last_stat = time.monotonic()
         return rm.reply(h, rm.Stat)
+
+    async def ask_while_idle(self, link: PeerLink, g: GroupRuntime) -> None:
+        """Not shipping (this active-active copy is blocked): still learn whether the far
+        copy was taken over or is fed by another node, so the status tells the truth and
+        a restarted node stops waiting for the answer."""
+        asked = g.failbacks
+        try:
+            st = await self.stat(link, g)
+        except (PeerDown, RemoteError, BadMessage) as e:
+            log.info("far copy did not answer", extra={"group": g.rec.name, "error": str(e)})
+            g.last_stat = time.monotonic()
+            return
+        if self.still_feeder(g, st, asked):
+            self.learn(g, st)
 
     def still_feeder(self, g: GroupRuntime, st: rm.Stat, asked: int) -> bool:
         """The target's view: taken over, or fed by another node since (DR)? `asked`: the

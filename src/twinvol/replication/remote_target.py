@@ -7,6 +7,7 @@ of the primary site's write order) and a restart redoes the journal from there.
 from __future__ import annotations
 
 import logging
+import time
 
 from twinvol.replication import remote_messages as rm
 from twinvol.replication.bitmap import nchunks
@@ -71,6 +72,19 @@ class FarTarget:
         if pr.rec.state == "takeover" or pr.rec.io_mode == "local":
             return
         g.rec.applied_time = r.time
+
+    def heard(self, g: GroupRuntime, msg: rm.Fed) -> None:
+        """A message from the feeder (or, at the standby, from the primary): it is alive,
+        and a target learns how far it wrote and what is committed."""
+        g.last_heard = time.monotonic()
+        if g.rec.role != GroupRole.SECONDARY:
+            return
+        if isinstance(msg, rm.StatRequest):
+            g.rec.written = max(g.rec.written, msg.written)
+            g.rec.written_time = max(g.rec.written_time, msg.wtime)
+        committed = getattr(msg, "committed", -1)
+        if committed >= 0:
+            self.committed(g, committed)
 
     def on_records(self, peer: str, msg: rm.Records, payload: Payload) -> Message:
         g = self.remote.group_of(msg.group)

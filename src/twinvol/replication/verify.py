@@ -14,6 +14,7 @@ import time
 
 import xxhash
 
+from twinvol.replication import data_messages as dm
 from twinvol.replication.bitmap import CHUNK, nchunks
 from twinvol.replication.copier import Copier
 from twinvol.replication.messages import HashRequest, PairBlock, PairUnblock, encode
@@ -105,7 +106,7 @@ class Verifier:
                     pr.dirty.clear(c)
                     v["repaired_chunks"] += 1
                     v["repaired_bytes"] += min(CHUNK, pr.vol.record.size - c * CHUNK)
-                await link.request({"t": "flush", "pair": rec.name})
+                await link.request(dm.encode(dm.Flush(rec.name)))
                 await link.request(encode(PairUnblock(rec.name)))
             self.mgr.node.events.publish("verify_done", pair=rec.name, mismatches=len(suspects),
                                      repaired=v["repaired_chunks"])

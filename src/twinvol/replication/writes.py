@@ -20,6 +20,7 @@ from functools import partial
 from typing import Any
 
 from twinvol.nbd.constants import Cmd, Err
+from twinvol.replication import data_messages as dm
 from twinvol.replication.backend import AsyncWriteBackend
 from twinvol.replication.bitmap import AL_EXTENT, chunks_of
 from twinvol.replication.leases import Leases
@@ -217,8 +218,9 @@ class WritePath:
                 self.partners.partner_lost(pr, "partner unreachable")
                 raise WriteFailed(Err.EIO, "partner unreachable: this copy is blocked")
             try:
-                await link.request({"t": "fw", "pair": rec.name, "cmd": cmd, "off": offset,
-                                    "len": length, "flags": flags}, data or b"")
+                await link.request(dm.encode(dm.Forward(rec.name, cmd=cmd, off=offset,
+                                                        length=length, flags=flags)),
+                                   data or b"")
             except RemoteError as e:
                 raise WriteFailed(int(e.code) if e.code.isdigit() else Err.EIO, str(e)) from None
             except PeerDown as e:
@@ -279,10 +281,8 @@ class WritePath:
             if link is not None:
                 for x in exts:
                     pr.al_inflight[x] = pr.al_inflight.get(x, 0) + 1
-                header = {"t": "w", "pair": rec.name, "cmd": cmd, "off": offset,
-                          "len": length, "flags": flags}
-                if seq:
-                    header["j"] = seq
+                header = dm.encode(dm.Write(rec.name, cmd=cmd, off=offset, length=length,
+                                            flags=flags, j=seq or dm.NONE))
                 try:
                     fut = link.request(header, data or b"")
                 except PeerDown:  # closing: as if the partner were lost during the write
@@ -339,16 +339,13 @@ class WritePath:
         link = self.mgr.link_or_none(pr.rec.partner) if pr.rec.io_mode == "mirror" else None
         if link is not None:
             with contextlib.suppress(PeerDown):
-                await link.request({"t": "flush", "pair": pr.rec.name})
+                await link.request(dm.encode(dm.Flush(pr.rec.name)))
         await local
 
-    def on_writes(self, pr: PairRuntime, h: dict[str, Any], payload: Payload
-                     ) -> list[BaseException | Later | None]:
-        """A batch of mirrored writes (`wb`), applied in order: one outcome per row.
-
-        A row is [id, cmd, offset, length, flags, fwd, j]: `fwd` names a forwarded write
-        whose data this node holds (else a WRITE's data is next in the payload), `j` is
-        the primary's journal sequence number (-1: none). FUA never comes batched."""
+    def on_writes(self, pr: PairRuntime, peer: str, msg: dm.WriteBatch, payload: Payload
+                  ) -> list[BaseException | Later | None]:
+        """A batch of mirrored writes (`wb`), applied in order: one outcome per row
+        (`dm.WriteRow`). FUA never comes batched."""
         out: list[BaseException | Later | None] = []
         view = memoryview(payload)
         pos = 0
@@ -356,13 +353,14 @@ class WritePath:
         volume = pr.rec.volume
         held = None
         feeds = self.remote.feeds
-        for _rid, cmd, off, n, flags, fwd, j in h["rows"]:
+        for row in msg.rows:
+            cmd, off, n, flags, fwd, j = row.cmd, row.off, row.n, row.flags, row.fwd, row.j
             data: Payload | None = None
             try:
                 if cmd == Cmd.WRITE:
                     if fwd:
                         if held is None:
-                            link = self.mgr.peers.links.get(str(h["_peer"]))
+                            link = self.mgr.peers.links.get(peer)
                             held = {} if link is None else link.held
                         data = held.pop(fwd, None)
                         if data is None or len(data) != n:
@@ -374,7 +372,7 @@ class WritePath:
                         if len(data) != n:
                             raise RemoteError("batch payload is shorter than its writes",
                                               "invalid")
-                if off < 0 or n < 0 or off + n > size:
+                if off + n > size:
                     raise RemoteError(f"write [{off}, +{n}) outside volume {volume}", "invalid")
                 if flags & 1:
                     raise RemoteError("a FUA write cannot be batched", "invalid")
@@ -391,39 +389,49 @@ class WritePath:
                            RemoteError(f"{type(e).__name__}: {e}", "internal"))
         return out
 
-    def on_write(self, pr: PairRuntime, h: dict[str, Any], payload: Payload
-                    ) -> Message | Awaitable[Message]:
-        off, n = int(h["off"]), int(h["len"])
-        if off < 0 or n < 0 or off + n > pr.vol.record.size:
+    def inside(self, pr: PairRuntime, off: int, n: int) -> None:
+        if off + n > pr.vol.record.size:
             raise RemoteError(f"write [{off}, +{n}) outside volume {pr.rec.volume}", "invalid")
-        if h["t"] == "copy":
-            if pr.rec.remote and pr.rec.role == "secondary":
-                self.remote.check_feeder(pr, str(h.get("_peer", "")), chunks_of(off, n))
-            if h.get("zero"):
-                pr.vol.store.write_zeroes(off, n, no_hole=False, fast=False)
-            else:
-                pr.vol.store.pwrite(off, payload)
-            if self.remote.feeds:
-                self.remote.on_copied(pr.rec.volume, off, n, int(h.get("j", 0)))
-            return {}, b""
-        cmd, flags = int(h["cmd"]), int(h.get("flags", 0))
-        if "fwd" in h:
+
+    def on_copy(self, pr: PairRuntime, peer: str, msg: dm.Copy, payload: Payload) -> Message:
+        """A chunk of a copy (initial copy, resync, catch-up) from the copy source."""
+        off, n = msg.off, msg.length
+        self.inside(pr, off, n)
+        if pr.rec.remote and pr.rec.role == "secondary":
+            self.remote.check_feeder(pr, peer, chunks_of(off, n))
+        if msg.zero:
+            pr.vol.store.write_zeroes(off, n, no_hole=False, fast=False)
+        elif len(payload) != n:
+            raise RemoteError(f"copy chunk at {off} carries {len(payload)} bytes, not {n}",
+                              "invalid")
+        else:
+            pr.vol.store.pwrite(off, payload)
+        if self.remote.feeds:
+            self.remote.on_copied(pr.rec.volume, off, n, msg.j)
+        return {}, b""
+
+    def on_write(self, pr: PairRuntime, peer: str, msg: dm.Write, payload: Payload
+                 ) -> Message | Awaitable[Message]:
+        """A mirrored write in a frame of its own (FUA, or the general path)."""
+        off, n, cmd, flags = msg.off, msg.length, msg.cmd, msg.flags
+        self.inside(pr, off, n)
+        if msg.fwd:
             # Our own forwarded write, ordered by the primary: we kept its data.
-            link = self.mgr.peers.links.get(str(h["_peer"]))
-            held = None if link is None else link.held.pop(int(h["fwd"]), None)
+            link = self.mgr.peers.links.get(peer)
+            held = None if link is None else link.held.pop(msg.fwd, None)
             if held is None or len(held) != n:
-                raise RemoteError(f"mirrored write refers to forwarded write {h['fwd']}, "
+                raise RemoteError(f"mirrored write refers to forwarded write {msg.fwd}, "
                                   "whose data this node does not hold", "invalid")
             payload = held
         self.mgr.apply(pr, cmd, off, n, payload, flags)
         if self.remote.feeds:
-            if "j" in h:
-                self.remote.on_standby_write(pr.rec.volume, int(h["j"]), cmd, off, n, payload,
+            if msg.j != dm.NONE:
+                self.remote.on_standby_write(pr.rec.volume, msg.j, cmd, off, n, payload,
                                              flags)
             else:
                 self.remote.on_applied(pr.rec.volume, cmd, off, n, payload, flags,
                                        committed=True)
-        if int(h.get("flags", 0)) & 1:
+        if flags & 1:
             return self.sync_reply(pr)
         return {}, b""
 
@@ -434,8 +442,11 @@ class WritePath:
     async def on_flush(self, pr: PairRuntime) -> Message:
         return await self.sync_reply(pr)
 
-    def on_forwarded(self, pr: PairRuntime, h: dict[str, Any], payload: Payload
-                   ) -> Later | Awaitable[Message]:
+    def on_forwarded(self, pr: PairRuntime, cmd: int, off: int, n: int, flags: int,
+                     payload: Payload, fwd: int = 0) -> Later | Awaitable[Message]:
+        """A write the secondary forwarded: ordered and mirrored here like a host write.
+        `fwd`: its request id, when the secondary keeps the data (the mirrored write
+        then refers to it)."""
         held = self.mgr.holds.get(pr.rec.volume)
         if held is not None:
             # This copy is not the latest (a far copy took over) or may not be: a write
@@ -457,22 +468,20 @@ class WritePath:
                 else:
                     later.done(exc)
 
-            cmd = int(h["cmd"])
-            if self.fast_write(pr, cmd, int(h["off"]), int(h["len"]), payload,
-                                int(h.get("flags", 0)), done,
-                                fwd=int(h["id"]) if h.get("hold") else 0):
+            if self.fast_write(pr, cmd, off, n, payload, flags, done, fwd=fwd):
                 return later
-        return self.forwarded_slow(pr, h, payload)
+        return self.forwarded_slow(pr, cmd, off, n, flags, payload)
 
-    def on_forwarded_batch(self, pr: PairRuntime, h: dict[str, Any], payload: Payload
-                         ) -> list[BaseException | Later | None]:
-        """Writes the secondary forwarded in one step (`fwb`), each row [id, cmd, offset,
-        length, flags, hold], a WRITE's data next in the payload: each is ordered and
-        mirrored like a host write here and answered when complete."""
+    def on_forwarded_batch(self, pr: PairRuntime, msg: dm.ForwardBatch, payload: Payload
+                           ) -> list[BaseException | Later | None]:
+        """Writes the secondary forwarded in one step (`fwb`, rows `dm.ForwardRow`), a
+        WRITE's data next in the payload: each is ordered and mirrored like a host write
+        here and answered when complete."""
         out: list[BaseException | Later | None] = []
         view = memoryview(payload)
         pos = 0
-        for rid, cmd, off, n, flags, hold in h["rows"]:
+        for r in msg.rows:
+            cmd, n = r.cmd, r.n
             data: Payload = b""
             if cmd == Cmd.WRITE:
                 data = view[pos:pos + n]
@@ -481,9 +490,9 @@ class WritePath:
                     out.append(RemoteError("batch payload is shorter than its writes",
                                            "invalid"))
                     continue
-            row = {"cmd": cmd, "off": off, "len": n, "flags": flags, "id": rid, "hold": hold}
             try:
-                res = self.on_forwarded(pr, row, data)
+                res = self.on_forwarded(pr, cmd, r.off, n, r.flags, data,
+                                        fwd=r.rid if r.hold else 0)
             except RemoteError as e:
                 out.append(e)
                 continue
@@ -495,11 +504,10 @@ class WritePath:
             out.append(res)
         return out
 
-    async def forwarded_slow(self, pr: PairRuntime, h: dict[str, Any], payload: Payload
-                              ) -> Message:
+    async def forwarded_slow(self, pr: PairRuntime, cmd: int, off: int, n: int, flags: int,
+                             payload: Payload) -> Message:
         try:
-            await self.primary_write(pr, int(h["cmd"]), int(h["off"]), int(h["len"]),
-                                      payload, int(h.get("flags", 0)))
+            await self.primary_write(pr, cmd, off, n, payload, flags)
         except WriteFailed as e:
             raise RemoteError(str(e), str(e.errno)) from None
         return {}, b""
