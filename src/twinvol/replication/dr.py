@@ -290,8 +290,8 @@ class DisasterRecovery:
         self.remote.checkpoint_now(g)
         lost = max(0, rec.written - rec.applied)
         # C knows only what the feeder reported before it went silent: `lost` is a lower
-        # bound, exact up to `known_until` (the feeder's last word, wall clock).
-        known = (time.time() - (time.monotonic() - g.last_heard)) if g.last_heard else None
+        # bound, exact up to `known_until` (when the feeder sent its last word, its clock).
+        known = g.heard_sent or None
         report = {"group": rec.name, "node": self.node.name, "action": "serve",
                   "recovery_point": {"sequence": rec.applied, "time": rec.applied_time},
                   "lost": {"sequences": lost, "last_written": rec.written,

@@ -496,9 +496,9 @@ class RemoteCopy:
             rec.mode = JournalMode.JOURNAL
             link = self.mgr.link_or_none(rec.target)
             if link is not None:
-                fut = link.request(rm.encode(rm.Resume(rec.name, seq=rec.written,
-                                                       time=rec.written_time,
-                                                       committed=g.committed())))
+                fut = link.request(rm.encode(rm.Resume(
+                    rec.name, seq=rec.written, time=rec.written_time,
+                    committed=g.committed(), at=time.time())))
                 fut.add_done_callback(lambda f: None if f.cancelled() else f.exception())
             rec.sent = rec.received = rec.applied = rec.written
             rec.applied_time = rec.written_time

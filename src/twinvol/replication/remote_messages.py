@@ -33,6 +33,7 @@ class Records(_RMsg, tag="jr"):
     committed: int = -1
     written: Seq = 0
     wtime: float = 0.0
+    at: float = 0.0     # when the feeder sent it (its wall clock)
 
 
 class StatRequest(_RMsg, tag="jstat"):
@@ -43,6 +44,7 @@ class StatRequest(_RMsg, tag="jstat"):
     committed: int = -1
     written: Seq = 0
     wtime: float = 0.0
+    at: float = 0.0     # when the feeder sent it (its wall clock)
 
 
 class Progress(_RMsg, tag="jprog"):
@@ -54,6 +56,7 @@ class Progress(_RMsg, tag="jprog"):
     applied: Seq
     atime: float
     state: GroupState
+    at: float = 0.0     # when the feeder sent it (its wall clock)
 
 
 class TargetPrepare(_RMsg, tag="a_prepare"):
@@ -107,6 +110,7 @@ class Resume(_RMsg, tag="jresume"):
     seq: Seq
     time: float
     committed: int = -1
+    at: float = 0.0     # when the feeder sent it (its wall clock)
 
 
 class BitsRequest(_RMsg, tag="jbits"):

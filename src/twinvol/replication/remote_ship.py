@@ -89,7 +89,7 @@ class Shipper:
                 last, blob = g.journal.read_encoded(first, BATCH_BYTES, seq_to=committed)
                 window.append(link.request(rm.encode(rm.Records(
                     rec.name, first=first, last=last, committed=committed,
-                    written=rec.written, wtime=rec.written_time)), blob))
+                    written=rec.written, wtime=rec.written_time, at=time.time())), blob))
                 rec.sent = last
                 rec.bytes_shipped += len(blob)
                 rec.records_shipped += last - first + 1
@@ -126,7 +126,7 @@ class Shipper:
         """Ask the target for its numbers (and tell it what is committed)."""
         h, _ = await link.request(rm.encode(rm.StatRequest(
             g.rec.name, committed=g.committed(), written=g.rec.written,
-            wtime=g.rec.written_time)))
+            wtime=g.rec.written_time, at=time.time())))
         g.last_stat = time.monotonic()
         return rm.reply(h, rm.Stat)
 
@@ -225,7 +225,7 @@ class Shipper:
             fut = link.request(rm.encode(rm.Progress(
                 g.rec.name, written=g.rec.written, wtime=g.rec.written_time,
                 received=g.rec.received, applied=g.rec.applied, atime=g.rec.applied_time,
-                state=g.rec.state)))
+                state=g.rec.state, at=time.time())))
             fut.add_done_callback(lambda f: f.exception())
             return
 

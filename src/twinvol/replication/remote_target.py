@@ -79,6 +79,9 @@ class FarTarget:
         g.last_heard = time.monotonic()
         if g.rec.role != GroupRole.SECONDARY:
             return
+        # What the feeder knew when it sent this, not when it arrived (a paused target
+        # reads old frames late): the takeover's count of lost writes is exact up to it.
+        g.heard_sent = max(g.heard_sent, msg.at)
         if isinstance(msg, rm.StatRequest):
             g.rec.written = max(g.rec.written, msg.written)
             g.rec.written_time = max(g.rec.written_time, msg.wtime)

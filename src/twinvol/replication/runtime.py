@@ -91,6 +91,7 @@ class GroupRuntime:
     waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)  # sync
     progress: CopyProgress = field(default_factory=CopyProgress)  # (feeder) still moving?
     last_heard: float = 0.0     # (target, standby) monotonic time of the feeder's last word
+    heard_sent: float = 0.0     # (target) when the feeder sent that word, by its clock
     failing_back: bool = False  # (original primary) `dr failback` from the far copy runs
     failbacks: int = 0          # (original primary) failbacks done since this node started
     checking_until: float = 0.0  # (feeder, restarted) hosts held until the target answers
