@@ -40,6 +40,7 @@ class EtcdCluster:
     directory: str
     members: list[Member]
     token: str
+    exec_prefix: tuple[str, ...] = ()   # e.g. `ip netns exec NS` (the fault sweep)
 
     @property
     def endpoints(self) -> list[str]:
@@ -71,7 +72,7 @@ class EtcdCluster:
             raise EtcdStartError("the etcd binary is not installed (Debian package "
                                  "etcd-server; scripts/setup installs it)")
         initial = ",".join(f"{m.name}=http://{m.peer}" for m in self.members)
-        return [binary, "--name", member.name,
+        return [*self.exec_prefix, binary, "--name", member.name,
                 "--data-dir", os.path.join(self.directory, member.name),
                 "--listen-client-urls", f"http://{member.client}",
                 "--advertise-client-urls", f"http://{member.client}",
