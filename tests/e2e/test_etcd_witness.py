@@ -5,6 +5,7 @@ decisions survive etcd restarting from its data, and `twinvol up --witness etcd`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ from clusterproc import ClusterProc
 from linkproxy import LinkProxy
 from twinvol.cluster import split_hostport
 from twinvol.witness import Backend, WitnessConfig
+from twinvol.witness.client import WitnessUnreachable
 from twinvol.witness.etcd import EtcdWitness
 
 pytestmark = pytest.mark.e2e
@@ -288,3 +290,85 @@ def test_up_with_etcd_fio_verify_survives_kill9_of_a_with_one_member_killed(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def make_pki(directory: str) -> dict[str, str]:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=twinvol test CA")
+    for name, usage in (("server", "serverAuth,clientAuth"), ("client", "clientAuth")):
+        with open(os.path.join(directory, f"{name}.ext"), "w") as f:
+            f.write(f"subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n")
+        ssl("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        ssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+    return {n: os.path.join(directory, n) for n in
+            ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+def test_tls_with_client_certificates(tmp_path: Any) -> None:
+    pki = make_pki(str(tmp_path))
+    c = ClusterProc(str(tmp_path), etcd=True)
+    assert c.etcd is not None and c.cfg.witness is not None
+    c.etcd = dataclasses.replace(c.etcd, tls=(pki["ca.pem"], pki["server.pem"],
+                                              pki["server.key"]))
+    c.cfg.witness.update(ca_file="ca.pem", cert_file="client.pem", key_file="client.key")
+    c.rewrite()
+    try:
+        c.start()
+        c.wait_peer("A", "B")
+        make_pair(c)
+        c.kill9("B")
+        a = c.wait_pair("A", "vol", "suspended", "local", timeout=30)  # granted over TLS
+        assert a["role"] == "primary"
+        st = witness_status(c)
+        assert [(p["pair"], p["holder"]) for p in st["pairs"]] == [("vol", "A")]
+        assert all(m["reachable"] for m in st["members"])
+
+        async def heartbeat(**tls: str) -> None:
+            cfg = WitnessConfig(backend=Backend.ETCD, endpoints=c.etcd.endpoints, **tls)
+            w = EtcdWitness(cfg, "test", ("A", "B"))
+            try:
+                await w.heartbeat("B")
+            finally:
+                await w.close()
+
+        # Without a client certificate, or without TLS, etcd answers nobody.
+        with pytest.raises(WitnessUnreachable, match="no etcd quorum reachable"):
+            asyncio.run(heartbeat(ca_file=pki["ca.pem"]))
+        with pytest.raises(WitnessUnreachable, match="no etcd quorum reachable"):
+            asyncio.run(heartbeat())
+    finally:
+        c.stop()
+
+
+def test_usage_errors(tmp_path: Any) -> None:
+    from twinvol import cluster as cluster_mod
+    from twinvol.cli.up import _new_cluster
+
+    directory = str(tmp_path)
+    path = os.path.join(directory, "cluster.toml")
+    cluster_mod.dump(_new_cluster(directory), path)  # a builtin-witness directory
+
+    def twinvol(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "twinvol", *args], capture_output=True,
+                              text=True, timeout=60)
+
+    p = twinvol("up", "--dir", directory, "--witness", "etcd")
+    assert p.returncode == 2
+    assert (f"the cluster in {directory} uses the builtin witness, not etcd: run without "
+            "--witness or choose another --dir") in p.stderr
+    p = twinvol("up", "--dir", directory, "--witness", "zookeeper")
+    assert p.returncode == 2 and "'zookeeper' is not one of 'builtin', 'etcd'" in p.stderr
+    etcd_path = os.path.join(directory, "etcd.toml")
+    cluster_mod.dump(_new_cluster(os.path.join(directory, "e"), Backend.ETCD), etcd_path)
+    p = twinvol("witness", "run", "--cluster", etcd_path)
+    assert p.returncode == 1
+    assert "uses the etcd backend" in p.stderr and "there is no witness process" in p.stderr
+    p = twinvol("witness", "status", "--cluster", etcd_path, "--json")  # no etcd runs there
+    assert p.returncode == 1
+    assert "etcd witness: no etcd quorum reachable (127.0.0.1:" in p.stderr

@@ -11,7 +11,7 @@ from typing import Any
 
 from twinvol.cluster import ClusterConfig, ClusterError
 from twinvol.witness import Backend, table_config
-from twinvol.witness.client import HttpWitness, Witness
+from twinvol.witness.client import HttpWitness, Witness, WitnessError
 
 
 class ManagerGate:
@@ -53,7 +53,10 @@ def witness_for(cluster: ClusterConfig, mgr: Any) -> Witness | None:
     if cfg.backend is Backend.ETCD:
         from twinvol.witness.etcd import EtcdWitness
 
-        return EtcdWitness(cfg, cluster.cluster.name, cluster.nodes, ManagerGate(mgr))
+        try:
+            return EtcdWitness(cfg, cluster.cluster.name, cluster.nodes, ManagerGate(mgr))
+        except WitnessError as e:  # the TLS files
+            raise ClusterError(f"cluster file {cluster.path}, [witness]: {e}") from None
     return HttpWitness(cfg.addr, cluster.cluster.secret or None)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import ssl
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -41,6 +42,12 @@ class EtcdCluster:
     members: list[Member]
     token: str
     exec_prefix: tuple[str, ...] = ()   # e.g. `ip netns exec NS` (the fault sweep)
+    # (CA, certificate, key): clients must speak TLS and show a certificate of that CA
+    tls: tuple[str, str, str] | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
 
     @property
     def endpoints(self) -> list[str]:
@@ -72,10 +79,15 @@ class EtcdCluster:
             raise EtcdStartError("the etcd binary is not installed (Debian package "
                                  "etcd-server; scripts/setup installs it)")
         initial = ",".join(f"{m.name}=http://{m.peer}" for m in self.members)
+        tls: list[str] = []
+        if self.tls:
+            ca, cert, key = self.tls
+            tls = ["--client-cert-auth", "--trusted-ca-file", ca, "--cert-file", cert,
+                   "--key-file", key]
         return [*self.exec_prefix, binary, "--name", member.name,
                 "--data-dir", os.path.join(self.directory, member.name),
-                "--listen-client-urls", f"http://{member.client}",
-                "--advertise-client-urls", f"http://{member.client}",
+                "--listen-client-urls", f"{self.scheme}://{member.client}",
+                "--advertise-client-urls", f"{self.scheme}://{member.client}", *tls,
                 "--listen-peer-urls", f"http://{member.peer}",
                 "--initial-advertise-peer-urls", f"http://{member.peer}",
                 "--initial-cluster", initial, "--initial-cluster-state", "new",
@@ -100,7 +112,7 @@ class EtcdCluster:
                 raise EtcdStartError(f"etcd member {m.name} exited with status "
                                      f"{comp.proc.returncode if comp.proc else '?'}: "
                                      f"{comp.tail()}")
-            if _healthy(m.client):
+            if self._healthy(m.client):
                 pending.pop(0)
                 continue
             if time.monotonic() > deadline:
@@ -111,13 +123,18 @@ class EtcdCluster:
     def pids(self, sup: Supervisor) -> list[int]:
         return [sup.components[m.name].pid for m in self.members if m.name in sup.components]
 
-
-def _healthy(client: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{client}/health", timeout=1) as r:
-            return bool(json.loads(r.read()).get("health") == "true")
-    except (OSError, ValueError):
-        return False
+    def _healthy(self, client: str) -> bool:
+        ctx = None
+        if self.tls:
+            ca, cert, key = self.tls
+            ctx = ssl.create_default_context(cafile=ca)
+            ctx.load_cert_chain(cert, key)
+        try:
+            with urllib.request.urlopen(f"{self.scheme}://{client}/health", timeout=1,
+                                        context=ctx) as r:
+                return bool(json.loads(r.read()).get("health") == "true")
+        except (OSError, ValueError):
+            return False
 
 
 __all__ = ["MEMBERS", "EtcdCluster", "EtcdStartError", "Member"]
