@@ -179,6 +179,15 @@ def test_node_cut_from_etcd_loses_its_lease_and_stops_serving(tmp_path: Any) -> 
         assert "A lost its etcd lease" in lost[-1]["reason"]
         # The hold stays A's (sticky): B, back but cut from A, would be the stale side.
         assert [(p["pair"], p["holder"]) for p in witness_status(c)["pairs"]] == [("vol", "A")]
+        # Restarted still cut off, A may serve alone only until its first lease would
+        # have run out.
+        c.kill9("A")
+        c.start("A")
+        wait_for(lambda: one_write(c.uri("A", "vol")).startswith("failed"),
+                 "A, restarted without etcd, to stop serving", timeout=TTL + 5)
+        _, events = c.api("A", "GET", "/api/v1/events")  # the restarted process's events
+        assert [e["pair"] for e in events["events"] if e["type"] == "witness_lease_lost"] \
+            == ["vol"]
         proxy.restore()
         wait_for(lambda: one_write(c.uri("A", "vol")) == "completed", "A to serve again",
                  timeout=TTL + 10)

@@ -23,6 +23,12 @@ class ManagerGate:
         self.mgr = mgr
         self.reasons: dict[str, str] = {}   # volume -> the reason we held it with
 
+    def alone(self) -> list[str]:
+        """Active-active pairs whose copy here serves (``local``) with the partner away."""
+        return [name for name, pr in self.mgr.pairs.items()
+                if pr.rec.io_mode == "local" and not pr.rec.remote
+                and not self.mgr.peers.is_up(pr.rec.partner)]
+
     def fence(self, pairs: list[str], reason: str) -> None:
         for name in pairs:
             pr = self.mgr.pairs.get(name)

@@ -43,6 +43,9 @@ WATCH_RETRY = 0.5
 class ServeGate(Protocol):
     """What a node does when it may no longer serve alone (its etcd lease ran out)."""
 
+    def alone(self) -> list[str]:
+        """The pairs whose copy here serves without its partner."""
+
     def fence(self, pairs: list[str], reason: str) -> None: ...
 
     def unfence(self) -> None: ...
@@ -83,8 +86,7 @@ class EtcdWitness:
         self.timeout = timeout
         self.lease = 0
         self.lease_until = 0.0     # monotonic: our lease surely runs until then, no later
-        self.held: set[str] = set()
-        self.fenced = False
+        self.fenced: set[str] = set()   # pairs stopped for want of a lease
         self.node = ""
         self._good = 0
         self._session: aiohttp.ClientSession | None = None
@@ -157,7 +159,9 @@ class EtcdWitness:
     # ---- the lease: the right to serve alone ----------------------------------------
 
     def has_lease(self, now: float | None = None) -> bool:
-        return self.lease != 0 and (time.monotonic() if now is None else now) < self.lease_until
+        """Whether this node may serve alone: its lease surely runs (or, just after the
+        start, the first TTL has not passed: a restarted holder gets to renew first)."""
+        return (time.monotonic() if now is None else now) < self.lease_until
 
     async def heartbeat(self, node: str) -> None:
         """Renew this node's lease (or take a new one with its ``alive`` key)."""
@@ -183,25 +187,27 @@ class EtcdWitness:
         if self._tasks:
             return
         self.node = node
+        self.lease_until = time.monotonic() + self.ttl
         self._tasks = [asyncio.ensure_future(self._guard()),
                        asyncio.ensure_future(self._watch())]
 
     async def _guard(self) -> None:
-        """Stop serving alone once the lease may have run out; resume when renewed."""
+        """Copies serving alone stop once the lease may have run out; resume when renewed."""
         while True:
-            ok = self.has_lease()
-            if not ok and not self.fenced and self.held and self.gate is not None:
-                self.fenced = True
-                held = sorted(self.held)
-                log.warning("etcd lease lost: pairs held alone stop serving",
-                            extra={"node": self.node, "pairs": held})
-                self.gate.fence(held, f"{self.node} lost its etcd lease: a copy serves "
-                                      "alone only while it holds one")
-            elif ok and self.fenced:
-                self.fenced = False
-                log.info("etcd lease back: serving again", extra={"node": self.node})
-                if self.gate is not None:
-                    self.gate.unfence()
+            if self.gate is not None:
+                if self.has_lease():
+                    if self.fenced:
+                        self.fenced.clear()
+                        log.info("etcd lease back: serving again", extra={"node": self.node})
+                        self.gate.unfence()
+                else:
+                    alone = sorted(set(self.gate.alone()) - self.fenced)
+                    if alone:
+                        self.fenced.update(alone)
+                        log.warning("no etcd lease: pairs served alone stop serving",
+                                    extra={"node": self.node, "pairs": alone})
+                        self.gate.fence(alone, f"{self.node} lost its etcd lease: a copy "
+                                               "serves alone only while it holds one")
             await asyncio.sleep(GUARD_EVERY)
 
     async def _watch(self) -> None:
@@ -260,10 +266,8 @@ class EtcdWitness:
             except RequestError as e:
                 raise WitnessRejected(str(e), 400, e.code) from None
             if out.write is None:
-                if out.decision.decision == "continue":
-                    self.held.add(pair)
                 return out.decision
-            if not self.has_lease():
+            if not self.lease or not self.has_lease():
                 raise WitnessUnreachable(f"{node} holds no live etcd lease (its keepalives "
                                          "fail), so it is granted nothing")
             compare = [rules.compare_mod(self.hold_key(pair), seen.hold_rev),
@@ -273,7 +277,6 @@ class EtcdWitness:
             ok, _ = await self.txn(compare, [rules.put(self.hold_key(pair),
                                                        msgspec.json.encode(out.write))])
             if ok:
-                self.held.add(pair)
                 log.info("etcd granted", extra={"pair": pair, "node": node,
                                                 "reason": out.decision.reason})
                 return out.decision
@@ -290,13 +293,11 @@ class EtcdWitness:
                 raise WitnessRejected(str(e), 409 if e.code == "conflict" else 400,
                                       e.code) from None
             if not mine:
-                self.held.discard(pair)
                 return False
             ok, _ = await self.txn([rules.compare_mod(self.hold_key(pair),
                                                       found[0].mod_revision)],
                                    [rules.delete(self.hold_key(pair))])
             if ok:
-                self.held.discard(pair)
                 return True
         raise WitnessUnreachable(f"pair {pair} kept changing in etcd; release again")
 
