@@ -102,8 +102,10 @@ def test_primary_killed_secondary_takes_over_with_one_member_killed(tmp_path: An
         assert st["backend"] == "etcd" and st["pairs"] == []
         assert st["nodes"] == {"A": True, "B": True}
         c.kill9("etcd1")
+        killed = time.monotonic()
         c.kill9("A")
         b = c.wait_pair("B", "vol", "suspended", "local", timeout=30)
+        print(f"B served alone {time.monotonic() - killed:.2f}s after A was killed")
         assert b["role"] == "primary"
         qemu_io(c.uri("B", "vol"), "write -P 0x6b 0 64k", "flush")
         st = witness_status(c)
