@@ -3,18 +3,20 @@ transactions' encoding and the ``[witness]`` table for ``backend = "etcd"``."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import time
 from typing import Any
 
 import msgspec
 import pytest
 
 from twinvol.cluster import ClusterError
-from twinvol.witness import Backend, witness_config
+from twinvol.witness import Backend, WitnessConfig, witness_config
 from twinvol.witness import etcd_rules as rules
 from twinvol.witness.client import WitnessUnreachable
-from twinvol.witness.etcd import ssl_context
+from twinvol.witness.etcd import EtcdWitness, ssl_context
 from twinvol.witness.logic import ArbitrateRequest, Conflict, Hold, RequestError
 
 NODES = ("A", "B")
@@ -135,3 +137,47 @@ def test_tls_files_missing_is_a_clear_error(tmp_path: Any) -> None:
                                          'cert_file = "c.pem"\nkey_file = "k.pem"\n'))
     with pytest.raises(WitnessUnreachable, match=r"etcd TLS files unusable .*c\.pem"):
         ssl_context(cfg.resolve(os.path.join(str(tmp_path), "cluster.toml")))
+
+
+class FakeGate:
+    def __init__(self, alone: list[str]) -> None:
+        self.pairs = alone
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def alone(self) -> list[str]:
+        return list(self.pairs)
+
+    def fence(self, pairs: list[str], reason: str) -> None:
+        self.calls.append(("fence", pairs))
+        assert reason == "A lost its etcd lease: a copy serves alone only while it holds one"
+
+    def unfence(self) -> None:
+        self.calls.append(("unfence", []))
+
+
+def test_lease_guard_fences_lone_copies_and_a_watched_delete_is_a_loss_at_once() -> None:
+    cfg = msgspec.convert({"backend": "etcd", "endpoints": ["127.0.0.1:1"]}, WitnessConfig)
+    gate = FakeGate(["p1"])
+    w = EtcdWitness(cfg, "x", NODES, gate)
+
+    async def run() -> None:
+        w.node = "A"
+        w.lease, w.lease_until = 7, time.monotonic() + 60
+        guard = asyncio.ensure_future(w._guard())
+        try:
+            await asyncio.sleep(0.25)
+            assert gate.calls == []
+            # etcd's watch: our alive key was deleted (the lease expired there).
+            w._on_watch(b'{"result":{"events":[{"type":"DELETE","kv":{"key":"eA=="}}]}}')
+            assert not w.has_lease() and w.lease == 0
+            await asyncio.sleep(0.25)
+            gate.pairs.append("p2")  # another pair left alone while still without a lease
+            await asyncio.sleep(0.25)
+            w.lease_until = time.monotonic() + 60  # a keepalive succeeded
+            await asyncio.sleep(0.25)
+        finally:
+            guard.cancel()
+            await w.close()
+
+    asyncio.run(run())
+    assert gate.calls == [("fence", ["p1"]), ("fence", ["p2"]), ("unfence", [])]
