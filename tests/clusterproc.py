@@ -14,6 +14,7 @@ from typing import Any
 from twinvol import cluster as cluster_mod
 from twinvol.cluster import ClusterConfig, ClusterSection, NodeConfig
 from twinvol.supervisor import Supervisor, free_ports, twinvol_argv
+from twinvol.witness.etcd_cluster import EtcdCluster
 
 
 class ClusterProc:
@@ -22,16 +23,19 @@ class ClusterProc:
 
     def __init__(self, directory: str, names: tuple[str, ...] = ("A", "B"),
                  secret: str = "test-secret", witness: bool = False,
-                 takeover_after: float = 1.0, host: bool = False) -> None:
+                 takeover_after: float = 1.0, host: bool = False, etcd: bool = False) -> None:
         self.dir = directory
         self.takeover_after = takeover_after
+        # etcd: the witness is a real three-member etcd cluster (members etcd1..etcd3)
+        self.etcd = EtcdCluster.open(os.path.join(directory, "etcd")) if etcd else None
         ports = iter(free_ports(3 * len(names) + 3))
         self.cfg = ClusterConfig(
             nodes={n: NodeConfig(site=n, nbd=f"127.0.0.1:{next(ports)}",
                                  api=f"127.0.0.1:{next(ports)}", data_dir=f"data-{n}",
                                  peer=f"127.0.0.1:{next(ports)}") for n in names},
             cluster=ClusterSection(name="test", secret=secret),
-            witness={"addr": f"127.0.0.1:{next(ports)}", "data_dir": "witness"}
+            witness={"backend": "etcd", "endpoints": self.etcd.endpoints} if self.etcd
+            else {"addr": f"127.0.0.1:{next(ports)}", "data_dir": "witness"}
             if witness else None,
             host={"nbd": f"127.0.0.1:{next(ports)}", "api": f"127.0.0.1:{next(ports)}",
                   "nodes": list(names), "hold_timeout": 30.0} if host else None)
@@ -63,7 +67,25 @@ class ClusterProc:
         cluster_mod.dump(self.cfg, self.path)
         self.cfg = cluster_mod.load(self.path)
 
+    def route_etcd(self, node: str, endpoints: list[str]) -> None:
+        """Make `node` reach etcd at `endpoints` only (e.g. through a proxy)."""
+        raw = cluster_mod.load(self.node_files[node])
+        assert raw.witness is not None
+        raw.witness["endpoints"] = endpoints
+        path = os.path.join(self.dir, f"cluster-{node}.toml")
+        cluster_mod.dump(raw, path)
+        self.node_files[node] = path
+
+    def start_etcd(self, *members: str) -> None:
+        """Start etcd members (all by default) and wait until they have a quorum."""
+        assert self.etcd is not None
+        self.etcd.start(self.sup, self.dir, *members)
+        self.etcd.wait_ready(self.sup)
+
     def start_witness(self) -> None:
+        if self.etcd is not None:
+            self.start_etcd()
+            return
         assert self.cfg.witness is not None
         self.sup.start("witness", twinvol_argv("witness", "run", "--cluster", self.path,
                                                "--takeover-after", str(self.takeover_after)),

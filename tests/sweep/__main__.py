@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated fault kinds (default all: {','.join(KINDS)})")
     p.add_argument("--overlap", action="store_true",
                    help="let faults on different processes and links overlap in time")
+    p.add_argument("--witness", choices=("builtin", "etcd"), default="builtin",
+                   help="the witness backend: the builtin process (default) or a "
+                   "three-member etcd cluster in W's namespace")
     p.add_argument("--dir", default=None, help="where run directories go (default $TMPDIR)")
     p.add_argument("--keep", action="store_true", help="keep run directories of passing seeds")
     p.add_argument("--plan", action="store_true",
@@ -81,13 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for seed in seeds:
             res = run_seed(seed, args.duration, args.faults, args.dir, args.keep,
-                           args.overlap)
+                           args.overlap, args.witness)
             print(res.line(), flush=True)
             if res.verdict != "PASS":
                 failed.append(seed)
                 for line in res.details(args.details):
                     print(line, flush=True)
                 again = " --overlap" if args.overlap else ""
+                if args.witness != "builtin":
+                    again += f" --witness {args.witness}"
                 if args.faults != DEFAULT_KINDS:
                     again += f" --faults {','.join(args.faults)}"
                 print(f"  logs: {res.directory}; rerun: --seed {seed} "

@@ -21,6 +21,7 @@ from typing import Any
 from twinvol import cluster as cluster_mod
 from twinvol.cluster import ClusterConfig, ClusterSection, NodeConfig
 from twinvol.supervisor import Supervisor, free_ports, twinvol_argv
+from twinvol.witness.etcd_cluster import MEMBERS, EtcdCluster, Member
 
 from .blocks import BLOCK
 from .netns import Net
@@ -28,6 +29,7 @@ from .netns import Net
 PAIR = "sweep"
 SECRET = "sweep-secret"
 NBD_PORT, API_PORT, PEER_PORT, WITNESS_PORT = 10809, 8701, 8801, 8790
+ETCD_PORT = 2379   # member i listens on ETCD_PORT + 100 i (clients) and + 1 (peers)
 SYSTEM_PYTHON = "/usr/bin/python3"  # has the libnbd bindings (python3-libnbd)
 CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "client.py")
 
@@ -42,7 +44,7 @@ class Harness:
 
     def __init__(self, directory: str, net: Net, blocks: int,
                  hold_timeout: float = 30.0, takeover_after: float | None = None,
-                 nodes: tuple[str, ...] = ("A", "B")) -> None:
+                 nodes: tuple[str, ...] = ("A", "B"), witness: str = "builtin") -> None:
         self.dir = directory
         self.nodes = nodes
         self.net = net
@@ -54,12 +56,24 @@ class Harness:
         self.closed = False
         self.clients: list[subprocess.Popen[bytes]] = []
         host_nbd, host_api = free_ports(2)
+        # witness "etcd": W runs a three-member etcd cluster; "W" in faults means all of it
+        self.etcd: EtcdCluster | None = None
+        wtable: dict[str, Any] = {"addr": f"{net.addr('W')}:{WITNESS_PORT}",
+                                  "data_dir": "witness"}
+        if witness == "etcd":
+            w = net.addr("W")
+            self.etcd = EtcdCluster(
+                os.path.join(directory, "etcd"),
+                [Member(m, f"{w}:{ETCD_PORT + 100 * i}", f"{w}:{ETCD_PORT + 100 * i + 1}")
+                 for i, m in enumerate(MEMBERS)], f"sweep-{net.tag}",
+                tuple(net.exec_prefix("W")))
+            wtable = {"backend": "etcd", "endpoints": self.etcd.endpoints}
         cfg = ClusterConfig(
             nodes={n: NodeConfig(site=n, nbd=f"{net.addr(n)}:{NBD_PORT}",
                                  api=f"{net.addr(n)}:{API_PORT}", data_dir=f"data-{n}",
                                  peer=f"{net.addr(n)}:{PEER_PORT}") for n in nodes},
             cluster=ClusterSection(name=f"sweep-{net.tag}", secret=SECRET),
-            witness={"addr": f"{net.addr('W')}:{WITNESS_PORT}", "data_dir": "witness"},
+            witness=wtable,
             host={"nbd": f"127.0.0.1:{host_nbd}", "api": f"127.0.0.1:{host_api}",
                   "nodes": ["A", "B"], "hold_timeout": hold_timeout})
         self.path = os.path.join(directory, "cluster.toml")
@@ -91,31 +105,49 @@ class Harness:
         if self.closed:
             return  # a late heal by the nemesis must not outlive close()
         self.paused.discard(name)
+        if name == "W" and self.etcd is not None:
+            dead = [m for m in MEMBERS if m not in self.sup.components
+                    or not self.sup.components[m].alive()]
+            if dead:
+                self.etcd.start(self.sup, self.dir, *dead)
+            if wait:
+                self.etcd.wait_ready(self.sup)
+            return
         self.sup.start(name, self.argv(name), os.path.join(self.dir, f"{name}.log"))
         if wait:
             self.sup.wait_http(name, self.health_url(name), timeout=30,
                                headers={"Authorization": f"Bearer {SECRET}"})
 
+    def parts(self, name: str) -> list[str]:
+        """The supervised processes behind `name` (W with etcd: its three members)."""
+        return list(MEMBERS) if name == "W" and self.etcd is not None else [name]
+
     def pid(self, name: str) -> int:
         return self.sup.components[name].pid
 
     def alive(self, name: str) -> bool:
-        return self.sup.components[name].alive()
+        return all(self.sup.components[p].alive() for p in self.parts(name))
+
+    def tail(self, name: str, lines: int = 3) -> str:
+        return " | ".join(self.sup.components[p].tail(lines) for p in self.parts(name))
 
     def kill9(self, name: str) -> None:
         self.paused.discard(name)
-        self.sup.kill(name)
+        for p in self.parts(name):
+            self.sup.kill(p)
 
     def pause(self, name: str) -> None:
         if self.closed:
             return
-        os.kill(self.pid(name), signal.SIGSTOP)
+        for p in self.parts(name):
+            os.kill(self.pid(p), signal.SIGSTOP)
         self.paused.add(name)
 
     def resume(self, name: str) -> None:
         self.paused.discard(name)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid(name), signal.SIGCONT)
+        for p in self.parts(name):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid(p), signal.SIGCONT)
 
     def start(self) -> None:
         """Everything up, the pair created and mirrored."""

@@ -106,8 +106,8 @@ def load_history(paths: list[str]) -> list[Op]:
 
 
 def run_seed(seed: int, duration: float, kinds: tuple[str, ...] = DEFAULT_KINDS,
-             base_dir: str | None = None, keep: bool = False, overlap: bool = False
-             ) -> SeedResult:
+             base_dir: str | None = None, keep: bool = False, overlap: bool = False,
+             witness: str = "builtin") -> SeedResult:
     """Run one seed; the run directory is kept when it fails (or with `keep`)."""
     began = time.monotonic()
     directory = tempfile.mkdtemp(prefix=f"sweep-{seed}-", dir=base_dir)
@@ -118,7 +118,7 @@ def run_seed(seed: int, duration: float, kinds: tuple[str, ...] = DEFAULT_KINDS,
     nemesis: Nemesis | None = None
     try:
         net.setup()
-        harness = Harness(directory, net, BLOCKS, hold_timeout=HOLD_TIMEOUT)
+        harness = Harness(directory, net, BLOCKS, hold_timeout=HOLD_TIMEOUT, witness=witness)
         harness.start()
         faults = schedule(seed, duration, kinds, overlap)
         t0 = time.monotonic() + 0.5
@@ -215,7 +215,6 @@ def _restore(harness: Harness, net: Net) -> list[str]:
     for name in ("W", "A", "B", "host"):
         harness.resume(name)
         if not harness.alive(name):
-            notes.append(f"{name} exited by itself: "
-                         f"{harness.sup.components[name].tail(3)!r}")
+            notes.append(f"{name} exited by itself: {harness.tail(name)!r}")
             harness.start_one(name, wait=False)
     return notes

@@ -27,12 +27,22 @@ if WHY_NOT is not None and os.environ.get("CI"):
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))]
 
 SEEDS = [int(s) for s in os.environ.get("TWINVOL_SWEEP_SEEDS", "1,7,12").split(",")]
+# With the etcd witness (W is then a three-member etcd cluster): TWINVOL_SWEEP_ETCD_SEEDS.
+ETCD_SEEDS = [int(s) for s in os.environ.get("TWINVOL_SWEEP_ETCD_SEEDS", "1").split(",")]
 DURATION = float(os.environ.get("TWINVOL_SWEEP_DURATION", "20"))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_seed_keeps_every_promise(seed: int, tmp_path: Path) -> None:
     res = run_seed(seed, DURATION, base_dir=str(tmp_path))
+    assert res.verdict == "PASS", "\n".join([res.line(), *res.details(),
+                                             f"logs: {res.directory}"])
+    assert res.report is not None and res.report.acked_writes > 0 and res.report.reads > 0
+
+
+@pytest.mark.parametrize("seed", ETCD_SEEDS)
+def test_seed_keeps_every_promise_with_etcd(seed: int, tmp_path: Path) -> None:
+    res = run_seed(seed, DURATION, base_dir=str(tmp_path), witness="etcd")
     assert res.verdict == "PASS", "\n".join([res.line(), *res.details(),
                                              f"logs: {res.directory}"])
     assert res.report is not None and res.report.acked_writes > 0 and res.report.reads > 0

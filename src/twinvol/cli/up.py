@@ -1,6 +1,7 @@
 """`twinvol up`: the local demo cluster on loopback, in the foreground.
 
-Starts nodes A, B and C (sites A, B, C), each its own process, creates the
+Starts nodes A, B and C (sites A, B, C), each its own process, and the witness (the
+builtin one, or with `--witness etcd` a three-member etcd cluster), creates the
 volume `demo` (1 GiB) on A as an active-active pair with B plus an async copy to C
 (pair `demo-dr`, consistency group `demo`), waits until both are mirrored, prints
 one ready line (or one JSON object with `--json`) and runs until SIGINT/SIGTERM,
@@ -25,6 +26,8 @@ from twinvol.cli.common import ApiError, CliError, api
 from twinvol.cluster import ClusterConfig, ClusterError, ClusterSection, NodeConfig
 from twinvol.host import UNIX_PATH_MAX
 from twinvol.supervisor import Supervisor, free_ports, twinvol_argv
+from twinvol.witness import Backend
+from twinvol.witness.etcd_cluster import EtcdCluster, EtcdStartError
 
 NODES = ("A", "B", "C")
 DEMO_VOLUME = "demo"
@@ -34,9 +37,21 @@ PAIR_SECONDARY = "B"
 REMOTE_SECONDARY = "C"      # the far site: async copy of demo (three-data-centre layout)
 REMOTE_PAIR = "demo-dr"
 HOST_SOCKET = "host.sock"  # the host agent's Unix socket, next to the cluster file
+ETCD_DIR = "etcd"          # the etcd members' data and ports, under DIR
 
 
-def _new_cluster(directory: str) -> ClusterConfig:
+WitnessOpt = typer.Option(
+    None, "--witness", help="Who decides for broken pairs: the builtin witness process "
+    "(default) or a three-member etcd cluster on loopback (etcd must be installed).")
+
+
+def _backend(cfg: ClusterConfig) -> Backend | None:
+    if not cfg.witness:
+        return None
+    return Backend(cfg.witness.get("backend", Backend.BUILTIN))
+
+
+def _new_cluster(directory: str, backend: Backend = Backend.BUILTIN) -> ClusterConfig:
     ports = iter(free_ports(3 * len(NODES) + 3))
     nodes = {
         name: NodeConfig(site=name, nbd=f"127.0.0.1:{next(ports)}",
@@ -44,9 +59,13 @@ def _new_cluster(directory: str) -> ClusterConfig:
                          peer=f"127.0.0.1:{next(ports)}")
         for name in NODES
     }
+    witness: dict[str, Any] = {"addr": f"127.0.0.1:{next(ports)}", "data_dir": "witness"}
+    if backend is Backend.ETCD:
+        etcd = EtcdCluster.open(os.path.join(directory, ETCD_DIR))
+        witness = {"backend": str(Backend.ETCD), "endpoints": etcd.endpoints}
     return ClusterConfig(nodes=nodes, cluster=ClusterSection(name="twinvol-up",
                                                              secret=secrets.token_hex(16)),
-                         witness={"addr": f"127.0.0.1:{next(ports)}", "data_dir": "witness"},
+                         witness=witness,
                          host={"nbd": f"127.0.0.1:{next(ports)}",
                                "api": f"127.0.0.1:{next(ports)}",
                                "nodes": [PAIR_PRIMARY, PAIR_SECONDARY],
@@ -60,6 +79,7 @@ def up(
     directory: str = typer.Option("twinvol-data", "--dir", "-d",
                                   help="Directory for the cluster file, data and logs."),
     json_out: bool = typer.Option(False, "--json", help="Print the ready object as JSON."),
+    witness: Backend | None = WitnessOpt,
 ) -> None:
     """Start the local demo cluster (nodes A, B, C and volume `demo`) until Ctrl-C."""
     directory = os.path.abspath(directory)
@@ -70,10 +90,19 @@ def up(
             cfg = cluster_mod.load(path)
         except ClusterError as e:
             raise CliError(f"{e}; remove it or choose another --dir") from None
+        if witness is not None and _backend(cfg) is not witness:
+            raise CliError(f"the cluster in {directory} uses the {_backend(cfg) or 'no'} "
+                           f"witness, not {witness}: run without --witness or choose "
+                           "another --dir", exit_code=2)
     else:
-        cfg = _new_cluster(directory)
+        try:
+            cfg = _new_cluster(directory, witness or Backend.BUILTIN)
+        except EtcdStartError as e:
+            raise CliError(str(e)) from None
         cluster_mod.dump(cfg, path)
         cfg = cluster_mod.load(path)
+    etcd = (EtcdCluster.open(os.path.join(directory, ETCD_DIR))
+            if _backend(cfg) is Backend.ETCD else None)
 
     # A plain flag, not a threading.Event: the handler runs in the main thread, and
     # Event.set() from it deadlocks when the signal lands while wait() holds the lock.
@@ -83,7 +112,13 @@ def up(
 
     sup = Supervisor()
     try:
-        if cfg.witness:
+        if etcd is not None:
+            try:
+                etcd.start(sup, os.path.join(directory, "logs"))
+                etcd.wait_ready(sup)
+            except EtcdStartError as e:
+                raise CliError(f"etcd failed to start: {e}") from None
+        elif cfg.witness:
             sup.start("witness", twinvol_argv("witness", "run", "--cluster", path),
                       os.path.join(directory, "logs", "witness.log"))
             try:
@@ -122,7 +157,7 @@ def up(
                 sup.wait_http("host", f"http://{cfg.host['api']}/api/v1/health")
             except RuntimeError as e:
                 raise CliError(f"the host agent failed to start: {e}") from None
-        ready = _ready(cfg, sup, path, first)
+        ready = _ready(cfg, sup, path, first, etcd)
         if json_out:
             sys.stdout.write(json.dumps(ready) + "\n")
         else:
@@ -167,7 +202,8 @@ def _ensure_pair(cfg: ClusterConfig, primary: str, name: str, body: dict[str, An
         view = api(cfg, primary, "GET", f"/api/v1/pairs/{name}")
 
 
-def _ready(cfg: ClusterConfig, sup: Supervisor, path: str, first: str) -> dict[str, Any]:
+def _ready(cfg: ClusterConfig, sup: Supervisor, path: str, first: str,
+           etcd: EtcdCluster | None) -> dict[str, Any]:
     sock = None
     if cfg.host and cfg.host.get("socket"):
         sock = os.path.join(os.path.dirname(path), str(cfg.host["socket"]))
@@ -177,7 +213,8 @@ def _ready(cfg: ClusterConfig, sup: Supervisor, path: str, first: str) -> dict[s
                          "api": node.api_url, "site": node.site}
                   for name, node in cfg.nodes.items()},
         "witness": ({"pid": sup.components["witness"].pid, "addr": cfg.witness["addr"]}
-                    if cfg.witness else None),
+                    if cfg.witness and etcd is None else None),
+        "etcd": ({"endpoints": etcd.endpoints, "pids": etcd.pids(sup)} if etcd else None),
         "host": ({"pid": sup.components["host"].pid, "nbd": f"nbd://{cfg.host['nbd']}/",
                   "api": f"http://{cfg.host['api']}", "socket": sock} if cfg.host else None),
         "volumes": {DEMO_VOLUME: (f"nbd://{cfg.host['nbd']}/{DEMO_VOLUME}" if cfg.host

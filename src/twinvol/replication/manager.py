@@ -93,12 +93,12 @@ class ReplicationManager:
                                  self.partners.on_down, self.partners.on_refused)
         self.decide: Decider = self.partners.no_witness
         self.witness: Any = None
-        wcfg = node.cluster.witness
-        if wcfg and wcfg.get("addr"):
-            from twinvol.witness.client import HttpWitness
+        if node.cluster.witness:
+            from twinvol.witness.connect import witness_for
 
-            self.witness = HttpWitness(str(wcfg["addr"]), node.cluster.cluster.secret or None)
-            self.decide = self.partners.ask_witness
+            self.witness = witness_for(node.cluster, self)
+            if self.witness is not None:
+                self.decide = self.partners.ask_witness
         self.lease_config = LeaseConfig()
         self.bitmap_dir = os.path.join(node.data_dir, "bitmaps")
         os.makedirs(self.bitmap_dir, exist_ok=True)
