@@ -14,10 +14,10 @@ import json
 import secrets
 import sqlite3
 import time
-from typing import Literal
 
 import msgspec
 
+from twinvol.replication.core.generations import Direction, compare
 from twinvol.replication.core.types import Mode, PairState, Role
 
 REMOTE_MODES = ("async", "sync")
@@ -69,19 +69,11 @@ def fork_generation(rec: PairRecord) -> None:
     rec.gen_current = new_generation()
 
 
-Direction = Literal["none", "to_peer", "from_peer", "split_brain"]
-
-
 def resync_direction(mine_current: str, mine_history: list[str], peer_current: str,
                      peer_history: list[str]) -> Direction:
-    """Which way data must flow when two sides of a pair meet again."""
-    if mine_current == peer_current:
-        return "none"
-    if peer_current in mine_history:
-        return "to_peer"
-    if mine_current in peer_history:
-        return "from_peer"
-    return "split_brain"
+    """Which way data must flow when two sides of a pair meet again (`compare` also
+    says which rule decided)."""
+    return compare(mine_current, mine_history, peer_current, peer_history).direction
 
 
 class PairStore:

@@ -16,10 +16,11 @@ from collections.abc import Callable
 from twinvol.replication.bitmap import extent_chunks
 from twinvol.replication.core.decide import Effect as LossEffect
 from twinvol.replication.core.decide import GoAlone, PartnerLoss, Phase, SetMode, Suspend
+from twinvol.replication.core.generations import Meeting, compare, meeting
 from twinvol.replication.core.types import Mode, Role, Verdict
 from twinvol.replication.leases import Leases
 from twinvol.replication.messages import BadMessage, PairStateMsg, decode_reply, encode
-from twinvol.replication.pairs import PairRecord, fork_generation, resync_direction
+from twinvol.replication.pairs import PairRecord, fork_generation
 from twinvol.replication.peer import DEAD_AFTER, Message, PeerDown, RemoteError
 from twinvol.replication.ports import ManagerPort
 from twinvol.replication.runtime import PairRuntime
@@ -189,18 +190,20 @@ class Partners:
             if source == self.mgr.node.name:
                 self.mgr.start_copy(pr)
             return
-        direction = resync_direction(rec.gen_current, rec.gen_history, theirs.gen,
-                                     theirs.history)
-        if direction == "none":
-            # Same data generation: only chunks touched around a crash can differ; the
-            # primary sends them (from both sides' bitmaps).
-            direction = "to_peer" if rec.role == "primary" else "from_peer"
-        if direction == "split_brain":
-            self.mgr.set_mode(pr, "block", "split brain: both copies were written alone")
-            self.mgr.set_state(pr, "suspended", "split brain: both copies were written alone; "
-                            "resolve with `twinvol pair resync NAME --from NODE`")
+        cmp = compare(rec.gen_current, rec.gen_history, theirs.gen, theirs.history)
+        log.info("generations compared", extra={"pair": rec.name, "rule": int(cmp.rule),
+                                                "direction": str(cmp.direction),
+                                                "why": cmp.why})
+        # Same data generation: only chunks touched around a crash can differ; the
+        # primary sends them (from both sides' bitmaps).
+        plan = meeting(cmp, rec.role == "primary")
+        if plan is Meeting.STOP:
+            self.mgr.set_mode(pr, "block", f"split brain: {cmp.why}")
+            self.mgr.set_state(pr, "suspended", f"split brain (rule {int(cmp.rule)}): "
+                               f"{cmp.why}; resolve with `twinvol pair resync NAME "
+                               "--from NODE`")
             return
-        if direction == "to_peer":
+        if plan is Meeting.SEND:
             pr.dirty.merge(peer_bits)
             rec.role = Role.PRIMARY
             if rec.io_mode == "block":

@@ -1,7 +1,7 @@
 """A simulated storage node holding one side of an active-active pair.
 
 It runs the real core (`PeerLease` for the right to serve, `PartnerLoss` for what to do
-when the partner is lost, `resync_direction` when the sides meet again) and models
+when the partner is lost, `compare` and `meeting` when the sides meet again) and models
 around it what the asyncio manager does with sockets and files: the peer connection
 with its silence timer, the mirrored write (the primary applies, sends, and acknowledges
 once the partner has it; the secondary forwards to the primary), the resync copy, and a
@@ -22,9 +22,9 @@ from twinvol.replication.core.decide import (
     SetMode,
     Suspend,
 )
+from twinvol.replication.core.generations import Meeting, compare, meeting
 from twinvol.replication.core.lease import LeaseConfig, PeerLease
 from twinvol.replication.core.types import Mode, PairState, Role
-from twinvol.replication.pairs import resync_direction
 from twinvol.testing import messages as m
 from twinvol.testing.far import FAR, FarSide, FarState
 from twinvol.testing.sim import Clock, Network, Proc, Scheduler
@@ -442,14 +442,13 @@ class SimNode(Proc):
 
     def _reconcile(self, peer: m.PairStateMsg) -> None:
         d = self.disk
-        direction = resync_direction(d.gen, d.history, peer.gen, list(peer.history))
-        if direction == "none":
-            direction = "to_peer" if d.role is Role.PRIMARY else "from_peer"
-        if direction == "split_brain":
+        plan = meeting(compare(d.gen, d.history, peer.gen, peer.history),
+                       d.role is Role.PRIMARY)
+        if plan is Meeting.STOP:
             self.split_brain = True
             self.set_mode(Mode.BLOCK, "split brain")
             return
-        if direction == "to_peer":
+        if plan is Meeting.SEND:
             d.dirty |= peer.dirty
             d.role = Role.PRIMARY
             if self.mode is Mode.BLOCK:
