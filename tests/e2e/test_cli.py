@@ -62,8 +62,8 @@ def test_volume_on_given_file(node: NodeProc, tmp_path: object) -> None:
     path = os.path.join(str(tmp_path), "backing.img")
     with open(path, "wb") as f:
         f.truncate(4 * MiB)
-    p = node.cli("volume", "create", "onfile", "--path", path, "--export-name", "exp-onfile",
-                 "--json", check=True)
+    p = node.cli("volume", "create", "onfile", "--path", path, "--adopt", "--export-name",
+                 "exp-onfile", "--json", check=True)
     vol = json.loads(p.stdout)
     assert vol["kind"] == "file" and vol["size"] == 4 * MiB and vol["path"] == path
     subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x7 0 4k", node.uri("exp-onfile")],

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from twinvol import cluster as cluster_mod
 from twinvol.cluster import ClusterConfig, ClusterError
+from twinvol.sizes import SizeError, decimal_looking, format_size, parse_size
 
 ClusterOpt = typer.Option(None, "--cluster", "-c", envvar="TWINVOL_CLUSTER",
                           help="Cluster file (default: $TWINVOL_CLUSTER).", show_envvar=False)
@@ -20,6 +21,7 @@ JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON.")
 NodeOpt = typer.Option(None, "--node", "-n", help="Node name from the cluster file.")
 
 console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 class CliError(Exception):
@@ -28,6 +30,27 @@ class CliError(Exception):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class UsageError(CliError):
+    """A mistake in how a command was called: exit code 2, as for a missing argument."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 2)
+
+
+def cli_size(text: str, option: str = "--size") -> int:
+    """A size given on the command line; a bad one is a usage mistake (exit 2). A decimal-
+    looking unit ('1GB') is read as binary, and the operator is told so on stderr."""
+    try:
+        n = parse_size(text)
+    except SizeError as e:
+        raise UsageError(f"{option}: {e}") from None
+    if decimal_looking(text):
+        err_console.print(f"note: {option} {text} is read as {format_size(n)} ({n} bytes): "
+                          "twinvol sizes are binary (1G = 1GB = 1GiB = 1073741824 bytes)",
+                          highlight=False)
+    return n
 
 
 def load_cluster(path: str | None) -> ClusterConfig:

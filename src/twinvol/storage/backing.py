@@ -53,11 +53,15 @@ class BackingStore:
 
     @staticmethod
     def create_thin(path: str, size: int) -> None:
-        """Create a sparse file of `size` bytes, durably (file and directory entry)."""
+        """Create a sparse file of `size` bytes, durably (file and directory entry), or
+        nothing."""
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, size)
             os.fsync(fd)
+        except OSError:
+            os.unlink(path)  # a refused size (EFBIG) must leave no empty file behind
+            raise
         finally:
             os.close(fd)
         fsync_dir(os.path.dirname(path))
