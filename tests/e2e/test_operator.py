@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -120,3 +121,98 @@ def test_impossible_size_is_a_clear_json_error_leaving_no_file(node: NodeProc) -
     assert "cannot hold a file" in line and "choose a smaller size" in line
     assert set(os.listdir(vol_dir)) == before
     assert "huge" not in volume_names(node)
+
+
+# ---- point 3: errors an operator can act on ----------------------------------------
+
+def write(path: str, text: str) -> str:
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def node_table(name: str, port: int, data: str = "d") -> str:
+    return (f"[nodes.{name}]\nsite = '{name}'\nnbd = '127.0.0.1:{port}'\n"
+            f"api = '127.0.0.1:{port + 1}'\ndata_dir = '{data}'\n")
+
+
+def test_cluster_file_typo_names_table_and_line(node: NodeProc, tmp_path: object) -> None:
+    bad = write(os.path.join(str(tmp_path), "typo.toml"),
+                "[cluster]\nname = 'x'\n\n" + node_table("A", 1) + "\n[nodes.B]\n"
+                "site = 'B'\nsitee = 'B'\nnbd = '127.0.0.1:3'\napi = '127.0.0.1:4'\n"
+                "data_dir = 'b'\n")
+    for args in (["volume", "list"], ["config", "check"]):
+        line = one_error_line(node.cli(*args, "--cluster", bad))
+        assert line == (f"twinvol: error: cluster file {bad}, line 12, [nodes.B]: unknown key "
+                        "`sitee` (known keys: site, nbd, api, data_dir, peer, faults)")
+    p = node.cli("config", "check", "--cluster", bad, "--json")
+    assert p.returncode == 1 and json.loads(p.stdout)["error"].endswith("unknown key `sitee` "
+                                                                        "(known keys: site, "
+                                                                        "nbd, api, data_dir, "
+                                                                        "peer, faults)")
+
+
+def test_two_nodes_on_one_address_are_refused(node: NodeProc, tmp_path: object) -> None:
+    dup = write(os.path.join(str(tmp_path), "dup.toml"),
+                node_table("A", 10) + node_table("B", 20).replace("127.0.0.1:21",
+                                                                  "127.0.0.1:11"))
+    line = one_error_line(node.cli("node", "status", "--cluster", dup))
+    assert line == (f"twinvol: error: cluster file {dup}: node A api and node B api have the "
+                    "same address 127.0.0.1:11; each needs its own")
+
+
+def test_config_check_and_the_node_that_answers(node: NodeProc, tmp_path: object) -> None:
+    ok = node.cli("config", "check", "--json", check=True)
+    res = json.loads(ok.stdout)
+    assert res["ok"] is True and res["nodes"]["A"]["state"] == "ok"
+    assert res["nodes"]["A"]["pid"] == node.pid
+    # A file that calls the running node A "B" (and puts A elsewhere): every command
+    # notices that the answer came from another node.
+    api = node.config.api
+    wrong = write(os.path.join(str(tmp_path), "wrong.toml"),
+                  "[nodes.B]\nsite = 'B'\nnbd = '127.0.0.1:9'\n"
+                  f"api = '{api}'\ndata_dir = 'b'\n" + node_table("A", 7))
+    p = node.cli("config", "check", "--cluster", wrong)
+    assert p.returncode == 1
+    out = " ".join(p.stdout.split())
+    assert (f"node B: wrong_node: node B's address (http://{api}/api/v1/node) is answered "
+            "by node A") in out
+    assert "node A: unreachable:" in out
+    line = one_error_line(node.cli("volume", "list", "--node", "B", "--cluster", wrong))
+    assert f"node B's address (http://{api}/api/v1/volumes) is answered by node A" in line
+
+
+def test_usage_mistakes_exit_2(node: NodeProc) -> None:
+    for args, needle in [
+        (["volume", "create", "u1", "--size", "10X"], "--size: invalid size '10X'"),
+        (["pair", "create", "u2", "--mode", "bogus", "--primary", "A", "--secondary", "B"],
+         "unknown pair mode 'bogus'"),
+        (["volume", "create", "u3", "--adopt", "--size", "1M"], "--adopt needs --path"),
+    ]:
+        p = node.cli(*args)
+        assert p.returncode == 2, (args, p.stderr)
+        assert needle in one_error_line(p)
+
+
+def test_decimal_units_are_stated(node: NodeProc) -> None:
+    p = node.cli("volume", "create", "gbvol", "--size", "1GB", "--json", check=True)
+    assert json.loads(p.stdout)["size"] == 1 << 30
+    assert " ".join(p.stderr.split()) == ("note: --size 1GB is read as 1GiB (1073741824 "
+                                          "bytes): twinvol sizes are binary (1G = 1GB = 1GiB "
+                                          "= 1073741824 bytes)")
+
+
+def test_node_status_with_a_node_down(node: NodeProc, tmp_path: object) -> None:
+    two = write(os.path.join(str(tmp_path), "two.toml"),
+                f"[nodes.A]\nsite = 'A'\nnbd = '{node.config.nbd}'\napi = '{node.config.api}'\n"
+                f"data_dir = '{node.data_dir}'\n" + node_table("Z", 5))
+    p = node.cli("node", "status", "--cluster", two)
+    assert p.returncode == 1
+    rows = {r.split()[1]: r.split() for r in p.stdout.splitlines() if r.startswith("│")}
+    assert rows["A"][5] == "up" and rows["Z"][5] == "down"
+    assert rows["Z"][-2] == "-"  # the error is not in the free column ...
+    assert re.fullmatch(r"\d+(\.\d)?[KMGTP]iB", rows["A"][-2]), rows["A"]
+    assert ("node Z is down: node Z (http://127.0.0.1:6/api/v1/node) is not reachable"
+            in " ".join(p.stdout.split()))  # ... but on its own line
+    p = node.cli("node", "status", "--cluster", two, "--json")
+    assert p.returncode == 1 and "error" in json.loads(p.stdout)["nodes"]["Z"]

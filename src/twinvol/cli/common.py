@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 from twinvol import cluster as cluster_mod
-from twinvol.cluster import ClusterConfig, ClusterError
+from twinvol.cluster import NODE_HEADER, ClusterConfig, ClusterError
 from twinvol.sizes import SizeError, decimal_looking, format_size, parse_size
 
 ClusterOpt = typer.Option(None, "--cluster", "-c", envvar="TWINVOL_CLUSTER",
@@ -67,11 +67,25 @@ class ApiError(CliError):
         self.code = code
 
 
+class WrongNode(CliError):
+    """The address of one node was answered by another."""
+
+
+def _check_node(expect: str | None, url: str, headers: Any) -> None:
+    got = headers.get(NODE_HEADER) if headers is not None else None
+    if expect is not None and got is not None and got != expect:
+        raise WrongNode(f"node {expect}'s address ({url}) is answered by node {got}: two "
+                        "nodes share an address, or the cluster file is out of date (check it "
+                        "with `twinvol config check`)")
+
+
 def call_json(cfg: ClusterConfig, url: str, method: str, body: dict[str, Any] | None,
-              timeout: float, *, prefix: str, unreachable: str) -> Any:
+              timeout: float, *, prefix: str, unreachable: str,
+              expect_node: str | None = None) -> Any:
     """One JSON call to a twinvol component's HTTP API with the cluster secret. An error
     answer becomes ApiError(`prefix` + the server's message); no answer becomes
-    CliError(`unreachable`, with the URL and the reason)."""
+    CliError(`unreachable`, with the URL and the reason); an answer from another node than
+    `expect_node` becomes WrongNode."""
     data = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     if cfg.cluster.secret:
@@ -79,8 +93,10 @@ def call_json(cfg: ClusterConfig, url: str, method: str, body: dict[str, Any] | 
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
+            _check_node(expect_node, url, resp.headers)
             return json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as e:
+        _check_node(expect_node, url, e.headers)
         try:
             err = json.loads(e.read())["error"]
             raise ApiError(prefix + str(err["message"]), e.code, err["code"]) from None
@@ -95,7 +111,7 @@ def api(cfg: ClusterConfig, node: str, method: str, path: str,
         body: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
     """Call a node's HTTP API; raise CliError with the server's message on failure."""
     return call_json(cfg, cfg.node(node).api_url + path, method, body, timeout,
-                     prefix=f"node {node}: ",
+                     prefix=f"node {node}: ", expect_node=node,
                      unreachable=f"node {node} ({{url}}) is not reachable: {{reason}}; is it "
                                  "running (`twinvol node run` or `twinvol up`)?")
 

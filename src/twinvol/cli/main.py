@@ -10,7 +10,20 @@ import click
 import typer
 
 from twinvol import __version__
-from twinvol.cli import dr, events, host, node, pair, switch, up, vm, volume, witness
+from twinvol.cli import (
+    config,
+    dr,
+    events,
+    host,
+    node,
+    pair,
+    status,
+    switch,
+    up,
+    vm,
+    volume,
+    witness,
+)
 from twinvol.cli.common import CliError
 from twinvol.cluster import ClusterError
 
@@ -28,7 +41,9 @@ app.add_typer(dr.app, name="dr")
 app.add_typer(witness.app, name="witness")
 app.add_typer(host.app, name="host")
 app.add_typer(vm.app, name="vm")
+app.add_typer(config.app, name="config")
 app.command("up")(up.up)
+app.command("status")(status.status)
 app.command("events")(events.events)
 app.command("switch")(switch.switch)
 

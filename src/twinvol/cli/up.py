@@ -24,7 +24,7 @@ from twinvol import cluster as cluster_mod
 from twinvol.cli.common import ApiError, CliError, api
 from twinvol.cluster import ClusterConfig, ClusterError, ClusterSection, NodeConfig
 from twinvol.host import UNIX_PATH_MAX
-from twinvol.supervisor import Supervisor, free_ports, twinvol_argv
+from twinvol.supervisor import AlreadyRunning, Supervisor, free_ports, hold_dir_lock, twinvol_argv
 
 NODES = ("A", "B", "C")
 DEMO_VOLUME = "demo"
@@ -64,6 +64,10 @@ def up(
     """Start the local demo cluster (nodes A, B, C and volume `demo`) until Ctrl-C."""
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
+    try:
+        lock_fd = hold_dir_lock(directory, "twinvol up")  # noqa: F841 (held until exit)
+    except AlreadyRunning as e:
+        raise CliError(str(e)) from None
     path = os.path.join(directory, "cluster.toml")
     if os.path.exists(path):
         try:

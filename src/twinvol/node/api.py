@@ -6,6 +6,7 @@ so the CLI can print one clear line.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -15,6 +16,7 @@ import msgspec
 from aiohttp import web
 
 from twinvol import __version__
+from twinvol.cluster import NODE_HEADER
 from twinvol.faults.api import fault_routes
 from twinvol.httpapi import bearer_auth, error_response, follow_lines
 from twinvol.sizes import SizeError, parse_size
@@ -145,6 +147,13 @@ def make_app(node: Node) -> web.Application:
     app = web.Application(middlewares=[bearer_auth(node.cluster.cluster.secret), errors],
                           client_max_size=1 << 20)
     routes = web.RouteTableDef()
+
+    async def say_who(_: web.Request, resp: web.StreamResponse) -> None:
+        # Every answer names its node, so a client that reached the wrong one (two nodes on
+        # one address, a stale cluster file) can tell instead of trusting the answer.
+        resp.headers[NODE_HEADER] = node.name
+
+    app.on_response_prepare.append(say_who)
 
     @routes.get("/api/v1/health")
     async def health(_: web.Request) -> web.Response:
@@ -308,6 +317,7 @@ def make_app(node: Node) -> web.Application:
             return web.json_response(mgr.view(mgr.verifier.start(name)))
         if action == "resync":
             await mgr.commands.resync(name, request.query.get("from") or None)
+            await asyncio.sleep(0)  # let the copy task start, so the answer shows it running
             return web.json_response(mgr.view(mgr.get(name)))
         ops = {"split": mgr.commands.split, "swap": mgr.commands.swap}
         if action not in ops:

@@ -1,0 +1,173 @@
+"""`twinvol status` as an operator and a monitor meet it: one verdict with its exit code
+(0 healthy, 1 degraded, 2 down) on a real cluster (two nodes, witness, host agent) as it
+loses a copy, a node and then everything; and the commands around it that must not lie
+(`node status`, `host status`, `pair resync`, Ctrl-C on `pair create --wait`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from test_cli import one_error_line
+
+from clusterproc import ClusterProc
+
+pytestmark = pytest.mark.e2e
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterProc]:
+    c = ClusterProc(str(tmp_path_factory.mktemp("status")), witness=True, host=True)
+    c.start()
+    status, body = c.api("A", "POST", "/api/v1/volumes", {"name": "p1", "size": 16 * MiB})
+    assert status == 201, body
+    p = c.cli("pair", "create", "p1", "--primary", "A", "--secondary", "B", "--wait")
+    assert p.returncode == 0, p.stderr
+    subprocess.run(["nbdinfo", "--size", c.host_uri("p1")], check=True, capture_output=True)
+    yield c
+    c.stop()
+
+
+def status(c: ClusterProc) -> tuple[int, dict[str, Any]]:
+    p = c.cli("status", "--json")
+    return p.returncode, json.loads(p.stdout)
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_healthy(cluster: ClusterProc) -> None:
+    rc, st = status(cluster)
+    assert (rc, st["verdict"], st["exit_code"], st["reasons"]) == (0, "healthy", 0, [])
+    assert st["time"].endswith("Z")
+    assert {n: "error" in s for n, s in st["nodes"].items()} == {"A": False, "B": False}
+    p1 = st["pairs"]["p1"]
+    assert (p1["state"], p1["serving"], p1["nodes"]) == ("mirrored", ["A", "B"], ["A", "B"])
+    assert st["witness"] == {"status": "ok"}
+    assert set(st["host"]["exports"]["p1"]["paths"]) == {"A", "B"}
+    p = cluster.cli("status")
+    assert p.returncode == 0
+    assert p.stdout.startswith("twinvol test: HEALTHY")
+    assert "p1 │ active-active │ A B │ mirrored" in flat(p.stdout)
+
+
+def test_watch_json_streams_until_ctrl_c(cluster: ClusterProc) -> None:
+    env = {**os.environ, "TWINVOL_CLUSTER": cluster.path}
+    proc = subprocess.Popen([sys.executable, "-m", "twinvol", "status", "--watch", "--json",
+                             "--interval", "0.3"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        seen = []
+        buf = ""
+        while len(seen) < 2:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read() if proc.stderr else ""
+            buf += line
+            if line == "}\n":
+                seen.append(json.loads(buf))
+                buf = ""
+        assert [s["verdict"] for s in seen] == ["healthy", "healthy"]
+        assert seen[0]["time"] <= seen[1]["time"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_ctrl_c_on_pair_create_wait_says_the_copy_goes_on(cluster: ClusterProc) -> None:
+    status_, body = cluster.api("A", "POST", "/api/v1/volumes", {"name": "p2", "size": 16 * MiB})
+    assert status_ == 201, body
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 9 0 16M", cluster.uri("A", "p2")],
+                   check=True, capture_output=True)  # data to copy: 256 s at 64K/s
+    env = {**os.environ, "TWINVOL_CLUSTER": cluster.path}
+    proc = subprocess.Popen([sys.executable, "-m", "twinvol", "pair", "create", "p2",
+                             "--primary", "A", "--secondary", "B", "--copy-rate", "64K",
+                             "--wait"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # interrupt once the copy runs
+        s, view = cluster.api("A", "GET", "/api/v1/pairs/p2")
+        if s == 200 and view["copy"]["running"]:
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    assert proc.returncode == 130
+    assert one_error_line(done) == (
+        "twinvol: error: stopped waiting (Ctrl-C); the copy of pair 'p2' goes on in node A: "
+        "follow it with `twinvol pair show p2` or `twinvol status`; `twinvol pair delete p2` "
+        "stops it")
+    view = cluster.pair("A", "p2")
+    assert view["copy"]["running"] and view["state"] != "mirrored"
+    # ... and `twinvol status` shows it: degraded, with the copy's progress.
+    rc, st = status(cluster)
+    assert rc == 1 and st["verdict"] == "degraded"
+    assert st["pairs"]["p2"]["progress"] is not None
+    assert any(r.startswith(f"pair p2 is {view['state']}, copy ") for r in st["reasons"])
+    cluster.cli("pair", "set", "p2", "--copy-rate", "0")
+    cluster.wait_pair("A", "p2", timeout=60)
+    assert status(cluster)[0] == 0
+
+
+def test_resync_without_wait_says_what_it_started(cluster: ClusterProc) -> None:
+    assert cluster.cli("pair", "split", "p1").returncode == 0
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 3 0 4M", cluster.uri("A", "p1")],
+                   check=True, capture_output=True)
+    p = cluster.cli("pair", "resync", "p1")
+    assert p.returncode == 0, p.stderr
+    said = flat(p.stdout)
+    assert said.startswith("pair p1 on A: resync started from A, ") and said.endswith(
+        "chunks to copy; the pair reads " + said.split("the pair reads ")[1])
+    todo, total = said.split("started from A, ")[1].split(" chunks")[0].split(" of ")
+    assert int(total) > 0 and 0 <= int(todo) <= int(total)
+    cluster.wait_pair("A", "p1")
+    assert cluster.cli("pair", "resync", "p1").stdout.strip() == (
+        "pair p1 on A: already mirrored, nothing to copy")
+
+
+def test_a_node_down_is_degraded_everywhere(cluster: ClusterProc) -> None:
+    cluster.kill9("B")
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        rc, st = status(cluster)
+        if "host path p1 via B is down" in st["reasons"]:
+            break
+        time.sleep(0.2)
+    assert rc == 1 and st["verdict"] == "degraded"
+    assert st["reasons"][:2] == ["node B is down", "pair p1 is suspended"]
+    assert "pair p1 has lost its side on B" in st["reasons"]
+    assert st["pairs"]["p1"]["serving"] == ["A"]
+    host = json.loads(cluster.cli("host", "status", "--json").stdout)
+    path = host["exports"]["p1"]["paths"]["B"]
+    assert (path["state"], path["io_mode"]) == ("down", None)  # not idle / mirror
+    assert path["reason"].startswith("node B not reachable")
+    table = flat(cluster.cli("host", "status").stdout)
+    assert "│ B │ down │ - │" in table
+    assert cluster.cli("node", "status").returncode == 1
+    p = cluster.cli("status")
+    assert p.returncode == 1 and p.stdout.startswith("twinvol test: DEGRADED")
+    assert "- node B is down" in p.stdout
+
+
+def test_all_nodes_down_is_down(cluster: ClusterProc) -> None:
+    cluster.kill9("A")
+    rc, st = status(cluster)
+    assert (rc, st["verdict"], st["exit_code"]) == (2, "down", 2)
+    assert st["reasons"][0] == "no node answers"
+    p = cluster.cli("status")
+    assert p.returncode == 2 and p.stdout.startswith("twinvol test: DOWN")
