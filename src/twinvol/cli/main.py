@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+from enum import StrEnum
 
 import click
 import typer
 
-from twinvol import __version__
+from twinvol import __version__, logs
 from twinvol.cli import (
     config,
     dr,
@@ -19,6 +20,7 @@ from twinvol.cli import (
     pair,
     status,
     switch,
+    systemd,
     up,
     vm,
     volume,
@@ -27,12 +29,20 @@ from twinvol.cli import (
 from twinvol.cli.common import CliError
 from twinvol.cluster import ClusterError
 
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
 app = typer.Typer(
     name="twinvol",
     help="twinvol: replicated block storage served over NBD.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
 app.add_typer(node.app, name="node")
 app.add_typer(volume.app, name="volume")
@@ -42,10 +52,34 @@ app.add_typer(witness.app, name="witness")
 app.add_typer(host.app, name="host")
 app.add_typer(vm.app, name="vm")
 app.add_typer(config.app, name="config")
+app.add_typer(systemd.app, name="systemd")
 app.command("up")(up.up)
 app.command("status")(status.status)
 app.command("events")(events.events)
 app.command("switch")(switch.switch)
+
+
+_LogLevelOpt = typer.Option(None, "--log-level", case_sensitive=False, show_envvar=False,
+                            help="Log level of the components this command runs (node run, "
+                                 "up, ...); default info or $TWINVOL_LOG_LEVEL.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"twinvol {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                  help="Print the version and exit."),
+    log_level: LogLevel = _LogLevelOpt,
+) -> None:
+    """twinvol: replicated block storage served over NBD."""
+    if log_level is not None:
+        # An environment variable, so the processes `twinvol up` starts inherit it.
+        os.environ[logs.LEVEL_ENV] = log_level.value
 
 
 @app.command()

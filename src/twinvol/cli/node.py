@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from twinvol import logs
+from twinvol import logs, sdnotify
 from twinvol.cli.common import (
     CliError,
     ClusterOpt,
@@ -38,6 +38,8 @@ def run(
     except ClusterError as e:
         raise CliError(str(e)) from None
     logs.setup(f"node-{node}")
+    sdnotify.ready_when_answering(cfg.node(node).api_url + "/api/v1/health",
+                                  what=f"node {node}")
     try:
         run_node(cfg, node)
     except (NodeStartError, CatalogError) as e:

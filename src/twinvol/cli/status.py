@@ -125,7 +125,9 @@ def render(cfg: ClusterConfig, seen: Seen, j: Judgement) -> RenderableType:
                 for node, p in sorted(ex.get("paths", {}).items()):
                     paths.add_row(export, node, f"[{_COLOUR.get(p['state'], 'white')}]"
                                   f"{p['state']}[/]", p.get("io_mode") or "-", str(ex["held"]))
-            parts.append(paths)
+            parts.append(paths if paths.row_count else
+                         Text("host paths: none yet (no host has opened a volume through the "
+                              "host agent)"))
     if seen.witness is not None:
         w = seen.witness
         said = f"down: {w['error']}" if "error" in w else w.get("status", w.get("state", "ok"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from twinvol import logs
+from twinvol import logs, sdnotify
 from twinvol.cli.common import CliError, ClusterOpt
 from twinvol.cluster import ClusterError
 from twinvol.witness.logic import DEFAULT_TAKEOVER_AFTER
@@ -37,6 +37,8 @@ def run(
     except ClusterError as e:
         raise CliError(str(e)) from None
     logs.setup("witness")
+    sdnotify.ready_when_answering(f"{settings.config.url}/api/v1/health", settings.secret,
+                                  what="witness")
     try:
         run_witness(settings, takeover_after)
     except WitnessStartError as e:
