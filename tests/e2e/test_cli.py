@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -204,6 +205,10 @@ def test_up_json_and_clean_stop(tmp_path: object, sig: signal.Signals) -> None:
             f"twinvol: error: twinvol up is already running on {directory} (pid {proc.pid}); "
             f"stop it first (Ctrl-C in its terminal, or kill {proc.pid})")
         assert len(_pids_alive(pids)) == 5
+        with urllib.request.urlopen(ready["dashboard"], timeout=10) as r:  # the web page
+            assert r.status == 200 and b"<title>twinvol</title>" in r.read()
+        with urllib.request.urlopen(ready["dashboard"] + "api/v1/status", timeout=30) as r:
+            assert json.loads(r.read())["pairs"]["demo"]["state"] == "mirrored"
         # The demo as `twinvol status` judges it: all well, the far copy included.
         health = subprocess.run([sys.executable, "-m", "twinvol", "status", "--json"], env=env,
                                 capture_output=True, text=True, timeout=60)

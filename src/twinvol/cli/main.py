@@ -13,6 +13,7 @@ import typer
 from twinvol import __version__, logs
 from twinvol.cli import (
     config,
+    dashboard,
     dr,
     events,
     host,
@@ -55,6 +56,7 @@ app.add_typer(config.app, name="config")
 app.add_typer(systemd.app, name="systemd")
 app.command("up")(up.up)
 app.command("status")(status.status)
+app.command("dashboard")(dashboard.dashboard)
 app.command("events")(events.events)
 app.command("switch")(switch.switch)
 

@@ -126,7 +126,16 @@ def up(
                 sup.wait_http("host", f"http://{cfg.host['api']}/api/v1/health")
             except RuntimeError as e:
                 raise CliError(f"the host agent failed to start: {e}") from None
-        ready = _ready(cfg, sup, path, first)
+        dash_addr = f"127.0.0.1:{free_ports(1)[0]}"  # the read-only page: a new port each run
+        dashboard = f"http://{dash_addr}/"
+        sup.start("dashboard", twinvol_argv("dashboard", "--cluster", path, "--listen",
+                                            dash_addr),
+                  os.path.join(directory, "logs", "dashboard.log"))
+        try:
+            sup.wait_http("dashboard", dashboard + "api/v1/health")
+        except RuntimeError as e:
+            raise CliError(f"the dashboard failed to start: {e}") from None
+        ready = {**_ready(cfg, sup, path, first), "dashboard": dashboard}
         if json_out:
             sys.stdout.write(json.dumps(ready) + "\n")
         else:
@@ -134,7 +143,7 @@ def up(
                              for n, v in ready["nodes"].items())
             vols = " ".join(f"{k}={v}" for k, v in ready["volumes"].items())
             sys.stdout.write(f"twinvol up: ready; cluster {path}; nodes {nodes}; "
-                             f"volumes {vols}; Ctrl-C stops\n")
+                             f"volumes {vols}; dashboard {dashboard}; Ctrl-C stops\n")
         sys.stdout.flush()
         reported: set[str] = set()
         while not stopping:
