@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 from test_cli import one_error_line
 
 from clusterproc import ClusterProc
+from twinvol import __version__
 
 pytestmark = pytest.mark.e2e
 
@@ -59,6 +61,38 @@ def test_healthy(cluster: ClusterProc) -> None:
     assert p.returncode == 0
     assert p.stdout.startswith("twinvol test: HEALTHY")
     assert "p1 │ active-active │ A B │ mirrored" in flat(p.stdout)
+
+
+def metrics(url: str, secret: str | None = None) -> dict[str, float]:
+    """A Prometheus text page as {'name{labels}': value}."""
+    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+    with urllib.request.urlopen(urllib.request.Request(url + "/metrics", headers=headers),
+                                timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def test_metrics_of_host_agent_and_nodes(cluster: ClusterProc) -> None:
+    assert cluster.cfg.host is not None
+    host = metrics(f"http://{cluster.cfg.host['api']}")
+    assert host[f'twinvol_build_info{{component="host",version="{__version__}"}}'] == 1.0
+    states = {k: v for k, v in host.items()
+              if k.startswith('twinvol_host_path_state{export="p1",node="A"')}
+    assert len(states) == 6 and sum(states.values()) == 1.0  # one state at a time
+    for name in ("twinvol_host_failovers_total", "twinvol_host_holds_total",
+                 "twinvol_host_hold_failures_total", "twinvol_host_path_requests_total"):
+        assert any(k.startswith(name + '{export="p1"') for k in host), name
+    assert host['twinvol_host_held_requests{export="p1"}'] == 0.0
+    assert host['twinvol_host_node_events_up{node="B"}'] == 1.0
+    node = metrics(cluster.cfg.node("A").api_url, cluster.cfg.cluster.secret)
+    assert node[f'twinvol_build_info{{component="node",node="A",site="A",'
+                f'version="{__version__}"}}'] == 1.0
+    assert node['twinvol_pair_copy_remaining_chunks{node="A",pair="p1",site="A"}'] == 0.0
 
 
 def test_watch_json_streams_until_ctrl_c(cluster: ClusterProc) -> None:
@@ -114,6 +148,9 @@ def test_ctrl_c_on_pair_create_wait_says_the_copy_goes_on(cluster: ClusterProc) 
         "stops it")
     view = cluster.pair("A", "p2")
     assert view["copy"]["running"] and view["state"] != "mirrored"
+    left = metrics(cluster.cfg.node("A").api_url, cluster.cfg.cluster.secret)[
+        'twinvol_pair_copy_remaining_chunks{node="A",pair="p2",site="A"}']
+    assert 0 < left <= view["copy"]["total_chunks"]
     # ... and `twinvol status` shows it: degraded, with the copy's progress.
     rc, st = status(cluster)
     assert rc == 1 and st["verdict"] == "degraded"

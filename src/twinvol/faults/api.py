@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from twinvol import __version__
 from twinvol.faults.model import Component, FaultDraft, FaultReport, RelayBatch, Severity
 from twinvol.faults.node import BadReport
 from twinvol.httpapi import follow_lines
@@ -139,6 +140,10 @@ class NodeCollector(Collector):
         node, fm = self.node, self.node.faults
         labels = {"node": node.name, "site": node.config.site}
         ln, lv = list(labels), list(labels.values())
+        info = GaugeMetricFamily("twinvol_build_info", "twinvol version (value 1)",
+                                 labels=[*ln, "component", "version"])
+        info.add_metric([*lv, "node", __version__], 1.0)
+        yield info
         c = CounterMetricFamily("twinvol_nbd_requests", "NBD requests served (rate() = IOPS)",
                                 labels=ln)
         c.add_metric(lv, node.io_stats.requests)
@@ -182,6 +187,12 @@ class NodeCollector(Collector):
                                 labels=[*ln, "pair"])
         link = GaugeMetricFamily("twinvol_pair_link_up", "1 when the pair's peer link is up",
                                  labels=[*ln, "pair"])
+        copy_left = GaugeMetricFamily("twinvol_pair_copy_remaining_chunks",
+                                      "chunks a running copy (initial, resync) still has to "
+                                      "send; 0 when none runs", labels=[*ln, "pair"])
+        copy_total = GaugeMetricFamily("twinvol_pair_copy_total_chunks",
+                                       "chunks the running (or last) copy had to send",
+                                       labels=[*ln, "pair"])
         for pr in list(mgr.pairs.values()):
             view = mgr.view(pr)
             for s in PairState:
@@ -189,9 +200,15 @@ class NodeCollector(Collector):
             lag.add_metric([*lv, pr.rec.name],
                            float(view["dirty_chunks"]) * float(view["chunk_size"]))
             link.add_metric([*lv, pr.rec.name], 1.0 if view["peer_link"] == "up" else 0.0)
+            c = view["copy"]
+            copy_left.add_metric([*lv, pr.rec.name],
+                                 float(c["remaining_chunks"]) if c["running"] else 0.0)
+            copy_total.add_metric([*lv, pr.rec.name], float(c["total_chunks"] or 0))
         yield state
         yield lag
         yield link
+        yield copy_left
+        yield copy_total
         yield from _remote_metrics(mgr, ln, lv)
         st = os.statvfs(node.data_dir)
         g = GaugeMetricFamily("twinvol_capacity_bytes", "data directory file system space",
