@@ -216,3 +216,19 @@ def test_node_status_with_a_node_down(node: NodeProc, tmp_path: object) -> None:
             in " ".join(p.stdout.split()))  # ... but on its own line
     p = node.cli("node", "status", "--cluster", two, "--json")
     assert p.returncode == 1 and "error" in json.loads(p.stdout)["nodes"]["Z"]
+
+
+def test_zeroes_written_with_no_hole_are_not_a_hole(node: NodeProc) -> None:
+    """WRITE_ZEROES without the may-trim flag (qemu-io `write -z` sends NO_HOLE) leaves the
+    range allocated: block status says zero (2), not hole (3), as nbdkit does."""
+    node.create_volume("nohole", 4 * MiB)
+    uri = node.uri("nohole")
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 1 0 64k", "-c", "write -z 1M 1M",
+                    "-c", "write -z -u 3M 1M", uri], check=True, capture_output=True)
+    extents = json.loads(subprocess.run(["nbdinfo", "--map", "--json", uri], check=True,
+                                        capture_output=True, text=True).stdout)
+    got = [(e["offset"], e["length"], e["type"]) for e in extents]
+    assert got == [(0, 64 << 10, 0), (64 << 10, MiB - (64 << 10), 3), (MiB, MiB, 2),
+                   (2 * MiB, 2 * MiB, 3)]
+    data = subprocess.run(["nbdcopy", uri, "-"], capture_output=True, check=True).stdout
+    assert data == b"\x01" * (64 << 10) + bytes(4 * MiB - (64 << 10))
