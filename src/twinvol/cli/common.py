@@ -126,8 +126,8 @@ def collect(cfg: ClusterConfig, path: str, key: str, only: str | None = None
         cfg.node(n)
         try:
             items.extend(api(cfg, n, "GET", path, timeout=5)[key])
-        except ApiError:
-            raise
+        except (ApiError, WrongNode):
+            raise  # an answer from the wrong node is no "unreachable": the file is wrong
         except CliError as e:
             if only:
                 raise
