@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +120,42 @@ def test_watch_json_streams_until_ctrl_c(cluster: ClusterProc) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_watch_in_a_terminal(cluster: ClusterProc) -> None:
+    """`status --watch` in a real terminal (tmux): the screen follows a split without a
+    new command, and Ctrl-C ends it with the verdict's exit code."""
+    assert shutil.which("tmux"), "scripts/setup installs tmux"
+    session = f"twinvol-watch-{os.getpid()}"
+    exe = shutil.which("twinvol", path=os.path.dirname(sys.executable))
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "100", "-y", "50",
+                    f"env TWINVOL_CLUSTER={cluster.path} {exe} status --watch --interval 0.3;"
+                    " echo EXIT=$?; sleep 60"], check=True)
+
+    def screen() -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
+                              capture_output=True, text=True, check=True).stdout
+
+    def wait_screen(needle: str) -> str:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            text = screen()
+            if needle in text:
+                return text
+            time.sleep(0.2)
+        raise AssertionError(f"{needle!r} not on the screen:\n{screen()}")
+
+    try:
+        wait_screen("twinvol test: HEALTHY")
+        assert cluster.cli("pair", "split", "p1").returncode == 0
+        text = wait_screen("twinvol test: DEGRADED")
+        assert "- pair p1 is split" in text and "│ p1   │ active-active │ A B   │ split" in text
+        subprocess.run(["tmux", "send-keys", "-t", session, "C-c"], check=True)
+        assert "EXIT=1" in wait_screen("EXIT=")
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    assert cluster.cli("pair", "resync", "p1").returncode == 0
+    cluster.wait_pair("A", "p1")
 
 
 def test_ctrl_c_on_pair_create_wait_says_the_copy_goes_on(cluster: ClusterProc) -> None:
