@@ -59,12 +59,37 @@ def _component(cfg: ClusterConfig, addr: Any, path: str, what: str) -> dict[str,
         return {"error": str(e)}
 
 
-def gather(cfg: ClusterConfig) -> Seen:
+class FaultFeed:
+    """Each node's fault log, read whole once and then only from where it was (`since`),
+    so `--watch` and the dashboard do not fetch thousands of old reports every second.
+    A node whose log id changes (a new data directory) is read whole again."""
+
+    KEEP = 500  # reports kept per node
+
+    def __init__(self) -> None:
+        self.logs: dict[str, tuple[str, int, list[dict[str, Any]]]] = {}
+
+    def fetch(self, cfg: ClusterConfig, node: str) -> list[dict[str, Any]]:
+        log, lseq, reports = self.logs.get(node, ("", 0, []))
+        ans = _get(cfg, node, f"/api/v1/faults?since={lseq}")
+        if "error" in ans:
+            return reports
+        if log and ans.get("log") != log:
+            self.logs.pop(node, None)
+            return self.fetch(cfg, node)
+        reports = (reports + [i["report"] for i in ans.get("faults", []) if "report" in i])
+        self.logs[node] = (str(ans.get("log", "")), int(ans.get("lseq", 0)),
+                           reports[-self.KEEP:])
+        return self.logs[node][2]
+
+
+def gather(cfg: ClusterConfig, feed: FaultFeed | None = None) -> Seen:
     """Ask every component at once (a dead one costs one timeout, not one per call)."""
+    feed = feed or FaultFeed()
     with ThreadPoolExecutor(max_workers=8) as pool:
         nodes_f = {n: pool.submit(_get, cfg, n, "/api/v1/node") for n in cfg.nodes}
         pairs_f = {n: pool.submit(_get, cfg, n, "/api/v1/pairs") for n in cfg.nodes}
-        faults_f = {n: pool.submit(_get, cfg, n, "/api/v1/faults") for n in cfg.nodes}
+        faults_f = {n: pool.submit(feed.fetch, cfg, n) for n in cfg.nodes}
         host_f = pool.submit(_component, cfg, (cfg.host or {}).get("api"), "/api/v1/status",
                              "host agent")
         witness_f = pool.submit(_component, cfg, (cfg.witness or {}).get("addr"),
@@ -74,8 +99,7 @@ def gather(cfg: ClusterConfig) -> Seen:
         for n, f in pairs_f.items():
             for view in f.result().get("pairs", []):
                 pairs.setdefault(view["name"], {})[n] = view
-        faults = [item["report"] for f in faults_f.values()
-                  for item in f.result().get("faults", []) if "report" in item]
+        faults = [r for f in faults_f.values() for r in f.result()]
         witness = witness_f.result()
         if witness is None and cfg.witness:
             witness = {"state": "configured"}  # another kind of witness: not probed here
@@ -155,7 +179,8 @@ def status(
     """One screen: nodes, pairs (state, lag, progress), host paths, witness, open faults and
     a verdict. Exit 0 healthy, 1 degraded, 2 down."""
     cfg = load_cluster(cluster)
-    seen = gather(cfg)
+    feed = FaultFeed()
+    seen = gather(cfg, feed)
     j = judge(seen)
     if not watch:
         if json_out:
@@ -168,12 +193,12 @@ def status(
             while True:
                 emit_json(as_json(seen, j))
                 time.sleep(interval)
-                seen = gather(cfg)
+                seen = gather(cfg, feed)
                 j = judge(seen)
         with Live(render(cfg, seen, j), console=console, auto_refresh=False) as live:
             while True:
                 time.sleep(interval)
-                seen = gather(cfg)
+                seen = gather(cfg, feed)
                 j = judge(seen)
                 live.update(render(cfg, seen, j), refresh=True)
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from twinvol import __version__
 from twinvol.cli.common import CliError, call_json
-from twinvol.cli.status import as_json, gather
+from twinvol.cli.status import FaultFeed, as_json, gather
 from twinvol.cluster import ClusterConfig
 from twinvol.health import judge
 
@@ -45,9 +45,9 @@ def _vmhosts(cfg: ClusterConfig) -> dict[str, Any]:
     return out
 
 
-def snapshot(cfg: ClusterConfig) -> dict[str, Any]:
+def snapshot(cfg: ClusterConfig, feed: FaultFeed | None = None) -> dict[str, Any]:
     """Everything the page shows, as one JSON object (blocking: run it in a thread)."""
-    seen = gather(cfg)
+    seen = gather(cfg, feed)
     out = as_json(seen, judge(seen))
     recent = sorted(seen.faults, key=lambda r: (r.get("time", 0.0), r.get("seq", 0)))
     out["recent_faults"] = recent[-RECENT_FAULTS:][::-1]
@@ -64,12 +64,22 @@ class Dashboard:
     def __init__(self, cfg: ClusterConfig, interval: float = 1.0) -> None:
         self.cfg = cfg
         self.interval = interval
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dashboard")
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dashboard")
+        self.feed = FaultFeed()  # one thread uses it: the pool has one worker
+        self._lock = asyncio.Lock()
+        self._last: tuple[float, dict[str, Any]] | None = None
         self.page = importlib.resources.files("twinvol.dashboard").joinpath(
             "page.html").read_text(encoding="utf-8")
 
     async def _snapshot(self) -> dict[str, Any]:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, snapshot, self.cfg)
+        """A snapshot at most half an interval old: open pages share one, so more viewers
+        do not mean more load on the nodes."""
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            if self._last is None or loop.time() - self._last[0] >= self.interval / 2:
+                snap = await loop.run_in_executor(self.pool, snapshot, self.cfg, self.feed)
+                self._last = (loop.time(), snap)
+            return self._last[1]
 
     def app(self) -> web.Application:
         app = web.Application()
