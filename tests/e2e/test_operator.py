@@ -180,9 +180,15 @@ def test_config_check_and_the_node_that_answers(node: NodeProc, tmp_path: object
     assert "node A: unreachable:" in out
     line = one_error_line(node.cli("volume", "list", "--node", "B", "--cluster", wrong))
     assert f"node B's address (http://{api}/api/v1/volumes) is answered by node A" in line
-    # Listing every node fails too: a wrong answer is not an unreachable node to skip.
+    # Listing every node fails too: a wrong answer is not an unreachable node to skip,
+    # nor a missing pair; a followed event stream is checked as well.
     line = one_error_line(node.cli("volume", "list", "--cluster", wrong))
     assert f"node B's address (http://{api}/api/v1/volumes) is answered by node A" in line
+    line = one_error_line(node.cli("pair", "show", "nope", "--cluster", wrong))
+    assert f"node B's address (http://{api}/api/v1/pairs/nope) is answered by node A" in line
+    line = one_error_line(node.cli("events", "--node", "B", "--follow", "--cluster", wrong))
+    assert f"node B's address (http://{api}/api/v1/events?follow=1&since=0) is answered " \
+        "by node A" in line
 
 
 def test_usage_mistakes_exit_2(node: NodeProc) -> None:

@@ -67,11 +67,16 @@ class ApiError(CliError):
         self.code = code
 
 
-class WrongNode(CliError):
-    """The address of one node was answered by another."""
+class WrongNode(ApiError):
+    """The address of one node was answered by another. An ApiError (status 0), so the
+    many `except ApiError` that re-raise what is not a 404 never mistake it for an
+    unreachable node or a missing object."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 0, "wrong_node")
 
 
-def _check_node(expect: str | None, url: str, headers: Any) -> None:
+def check_node(expect: str | None, url: str, headers: Any) -> None:
     got = headers.get(NODE_HEADER) if headers is not None else None
     if expect is not None and got is not None and got != expect:
         raise WrongNode(f"node {expect}'s address ({url}) is answered by node {got}: two "
@@ -93,10 +98,10 @@ def call_json(cfg: ClusterConfig, url: str, method: str, body: dict[str, Any] | 
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            _check_node(expect_node, url, resp.headers)
+            check_node(expect_node, url, resp.headers)
             return json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as e:
-        _check_node(expect_node, url, e.headers)
+        check_node(expect_node, url, e.headers)
         try:
             err = json.loads(e.read())["error"]
             raise ApiError(prefix + str(err["message"]), e.code, err["code"]) from None
@@ -126,8 +131,8 @@ def collect(cfg: ClusterConfig, path: str, key: str, only: str | None = None
         cfg.node(n)
         try:
             items.extend(api(cfg, n, "GET", path, timeout=5)[key])
-        except (ApiError, WrongNode):
-            raise  # an answer from the wrong node is no "unreachable": the file is wrong
+        except ApiError:
+            raise  # an answer from the wrong node too: it is no "unreachable" node
         except CliError as e:
             if only:
                 raise
