@@ -94,6 +94,32 @@ def test_metrics_of_host_agent_and_nodes(cluster: ClusterProc) -> None:
     assert node[f'twinvol_build_info{{component="node",node="A",site="A",'
                 f'version="{__version__}"}}'] == 1.0
     assert node['twinvol_pair_copy_remaining_chunks{node="A",pair="p1",site="A"}'] == 0.0
+    # Per-volume I/O: 32 writes of 2 KiB (the mirrored path) and 32 reads through node A;
+    # one request in 16 is timed.
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 5 0 64k", "-c", "read -P 5 0 64k",
+                    cluster.uri("A", "p1"), *[a for i in range(32) for a in (
+                        "-c", f"write -P 6 {i * 2}k 2k", "-c", f"read -P 6 {i * 2}k 2k")]],
+                   check=True, capture_output=True)
+    after = metrics(cluster.cfg.node("A").api_url, cluster.cfg.cluster.secret)
+
+    def delta(name: str, op: str) -> float:
+        key = f'{name}{{node="A",op="{op}",site="A",volume="p1"}}'
+        return after[key] - node.get(key, 0.0)
+
+    for op in ("read", "write"):
+        assert delta("twinvol_volume_requests_total", op) == 33.0, op
+        assert delta("twinvol_volume_bytes_total", op) == 65536.0 + 32 * 2048, op
+    # The timed requests are those whose node-wide number is a multiple of 16.
+    total = 'twinvol_nbd_requests_total{node="A",site="A"}'
+    timed = int(after[total]) // 16 - int(node[total]) // 16
+    ops = ("read", "write", "other")
+    assert sum(delta("twinvol_volume_request_seconds_count", op) for op in ops) == timed >= 4
+    for op in ops:
+        label = f'node="A",op="{op}",site="A",volume="p1"'
+        count = after[f"twinvol_volume_request_seconds_count{{{label}}}"]
+        assert after[f'twinvol_volume_request_seconds_bucket{{le="+Inf",{label}}}'] == count
+        if delta("twinvol_volume_request_seconds_count", op):
+            assert 0 < delta("twinvol_volume_request_seconds_sum", op) < 5.0, op
 
 
 def test_watch_json_streams_until_ctrl_c(cluster: ClusterProc) -> None:

@@ -19,13 +19,18 @@ import msgspec
 from aiohttp import web
 from msgspec import Meta
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from twinvol import __version__
 from twinvol.faults.model import Component, FaultDraft, FaultReport, RelayBatch, Severity
 from twinvol.faults.node import BadReport
 from twinvol.httpapi import follow_lines
+from twinvol.nbd.iostats import BOUNDS, SAMPLE, IoStats
 from twinvol.replication.core.types import PairState
 
 if TYPE_CHECKING:
@@ -155,6 +160,7 @@ class NodeCollector(Collector):
         g = GaugeMetricFamily("twinvol_nbd_connections", "NBD client connections", labels=ln)
         g.add_metric(lv, len(node.connections))
         yield g
+        yield from _volume_metrics(node.io_stats, ln, lv)
         c = CounterMetricFamily("twinvol_faults_raised", "fault reports raised by this node",
                                 labels=[*ln, "component", "severity"])
         for (comp, sev), n in sorted(fm.raised.items()):
@@ -216,6 +222,30 @@ class NodeCollector(Collector):
         g.add_metric([*lv, "total"], st.f_blocks * st.f_frsize)
         g.add_metric([*lv, "free"], st.f_bavail * st.f_frsize)
         yield g
+
+
+def _volume_metrics(stats: IoStats, ln: list[str], lv: list[str]) -> Iterator[Any]:
+    """Per volume (export name) and kind of request: count, bytes and service time (the
+    request parsed to its reply queued) as a histogram."""
+    labels = [*ln, "volume", "op"]
+    reqs = CounterMetricFamily("twinvol_volume_requests", "NBD requests served",
+                               labels=labels)
+    nbytes = CounterMetricFamily("twinvol_volume_bytes", "bytes read or written",
+                                 labels=labels)
+    hist = HistogramMetricFamily("twinvol_volume_request_seconds",
+                                 f"service time of NBD requests, 1 in {SAMPLE} timed (the "
+                                 "count is of timed requests)", labels=labels)
+    for export, vio in sorted(stats.volumes.items()):
+        for op, s in (("read", vio.read), ("write", vio.write), ("other", vio.other)):
+            lab = [*lv, export, op]
+            reqs.add_metric(lab, s.count)
+            nbytes.add_metric(lab, s.bytes)
+            running, buckets = 0, []
+            for bound, n in zip((*BOUNDS, float("inf")), s.buckets, strict=True):
+                running += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+            hist.add_metric(lab, buckets, s.ns / 1e9)
+    yield from (reqs, nbytes, hist)
 
 
 def _remote_metrics(mgr: Any, ln: list[str], lv: list[str]) -> Iterator[GaugeMetricFamily]:
