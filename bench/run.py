@@ -188,7 +188,8 @@ def start_servers(sup: Supervisor, tmp: Path, size: int, names: list[str]) -> di
         sup.start("twinvol", twinvol_argv("node", "run", "--cluster", str(cluster), "--node", "A"),
                   str(logs / "twinvol.log"))
         sup.wait_http("twinvol", f"{api}/health")
-        body = json.dumps({"name": EXPORT, "path": str(files["twinvol"])}).encode()
+        body = json.dumps({"name": EXPORT, "path": str(files["twinvol"]),
+                           "adopt": True}).encode()
         req = urllib.request.Request(f"{api}/volumes", data=body, method="POST",
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=10) as r:

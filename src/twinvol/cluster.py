@@ -25,6 +25,9 @@ from twinvol.sizes import SizeError, parse_size
 
 T = TypeVar("T")
 
+# The HTTP header with which a node names itself in every API answer.
+NODE_HEADER = "X-Twinvol-Node"
+
 
 class ClusterError(Exception):
     """The cluster file is missing, unreadable or inconsistent."""
@@ -185,9 +188,10 @@ def load(path: str | None) -> ClusterConfig:
     try:
         cfg = msgspec.convert(raw, ClusterConfig)
     except msgspec.ValidationError as e:
-        raise ClusterError(f"cluster file {path}: {e}") from None
+        raise ClusterError(explain(path, raw, e)) from None
     if not cfg.nodes:
         raise ClusterError(f"cluster file {path} names no nodes")
+    _check_unique(path, cfg)
     for name, node in cfg.nodes.items():
         try:
             split_hostport(node.nbd)
@@ -208,6 +212,88 @@ def load(path: str | None) -> ClusterConfig:
     for name in cfg.nodes:
         cfg.fault_config(name)
     return cfg
+
+
+def _check_unique(path: str, cfg: ClusterConfig) -> None:
+    """Two components on one address would answer for each other (node B showing A's pid):
+    refuse the file instead."""
+    seen: dict[tuple[str, int], str] = {}
+    owners: list[tuple[str, str | None]] = []
+    for name, node in cfg.nodes.items():
+        owners += [(f"node {name} nbd", node.nbd), (f"node {name} api", node.api),
+                   (f"node {name} peer", node.peer)]
+    owners += [(f"vmhost {name} api", vh.api) for name, vh in cfg.vmhosts.items()]
+    for who, addr in owners:
+        if addr is None:
+            continue
+        key = split_hostport(addr)
+        if key in seen:
+            raise ClusterError(f"cluster file {path}: {seen[key]} and {who} have the same "
+                               f"address {addr}; each needs its own")
+        seen[key] = who
+
+
+_TABLES: dict[str, type[msgspec.Struct]] = {"nodes": NodeConfig, "vmhosts": VmHostConfig}
+_SECTIONS: dict[str, type[msgspec.Struct]] = {"cluster": ClusterSection,
+                                              "faults": FaultConfig}
+
+
+def explain(path: str, raw: dict[str, Any], err: msgspec.ValidationError) -> str:
+    """msgspec's "unknown field `x` - at `$.nodes[...]`" as the table, line and key an
+    operator edits: "line 7, [nodes.B]: unknown key `sitee` (known: site, ...)"."""
+    tables: list[tuple[str, Any, type[msgspec.Struct] | None]] = [
+        (f"{t}.{name}", entry, kind) for t, kind in _TABLES.items()
+        for name, entry in (raw.get(t) or {}).items() if isinstance(raw.get(t), dict)]
+    tables += [(t, raw.get(t), kind) for t, kind in _SECTIONS.items() if t in raw]
+    for table, entry, kind in tables:
+        if kind is None:
+            continue
+        try:
+            msgspec.convert(entry, kind)
+        except msgspec.ValidationError as e:
+            return _describe(path, table, str(e), kind)
+    return _describe(path, "", str(err), ClusterConfig)
+
+
+def _describe(path: str, table: str, message: str, kind: type[msgspec.Struct]) -> str:
+    text, _, where = message.partition(" - at `$")
+    where = where.rstrip("`").lstrip(".")
+    known = ", ".join(f.name for f in msgspec.structs.fields(kind) if f.name != "path")
+    key = ""
+    if text.startswith("Object contains unknown field `"):
+        key = text.split("`")[1]
+        text = f"unknown key `{key}` (known keys: {known})"
+    elif text.startswith("Object missing required field `"):
+        text = f"missing key `{text.split('`')[1]}`"
+    else:
+        key = where.split(".")[-1] if where else ""
+        text = f"`{where}`: {text}" if where else text
+    header = f"[{table}]" if table else "top level"
+    line = _line_of(path, table, key)
+    at = f"line {line}, " if line else ""
+    return f"cluster file {path}, {at}{header}: {text}"
+
+
+def _line_of(path: str, table: str, key: str) -> int | None:
+    """The line of `key = ...` under the `[table]` header (best effort: None if not found)."""
+    if not key:
+        return None
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    inside = not table
+    for no, text in enumerate(lines, 1):
+        stripped = text.strip()
+        if stripped.startswith("["):
+            header = stripped.strip("[] ")
+            if not table and (header == key or header.startswith(key + ".")):
+                return no  # an unknown top-level table
+            inside = header == table
+        elif inside and stripped.split("=")[0].strip().strip('"') == key:
+            return no
+    return None
 
 
 def dump(cfg: ClusterConfig, path: str) -> None:

@@ -1,9 +1,15 @@
-"""Structured logs: one JSON object per line on stderr, with the fields passed in `extra`."""
+"""Structured logs: one JSON object per line on stderr, with the fields passed in `extra`.
+
+`time` is UTC with milliseconds and a `Z` (2026-12-07T00:24:37.123Z), so lines from nodes
+in different time zones sort and compare as they are. The level comes from
+$TWINVOL_LOG_LEVEL (set by `twinvol --log-level`, and inherited by what `twinvol up`
+starts)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -18,7 +24,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, object] = {
             "ts": round(record.created, 6),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
+            "time": utc_text(record.created),
             "level": record.levelname.lower(),
             "component": self.component,
             "logger": record.name,
@@ -32,7 +38,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def setup(component: str, level: int = logging.INFO) -> None:
+LEVELS = ("debug", "info", "warning", "error")
+LEVEL_ENV = "TWINVOL_LOG_LEVEL"
+
+
+def utc_text(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+
+def env_level() -> int:
+    name = os.environ.get(LEVEL_ENV, "info").lower()
+    return getattr(logging, name.upper()) if name in LEVELS else logging.INFO
+
+
+def setup(component: str, level: int | None = None) -> None:
+    level = env_level() if level is None else level
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(component))
     root = logging.getLogger()

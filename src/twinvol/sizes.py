@@ -24,6 +24,25 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def decimal_looking(text: str) -> bool:
+    """True for '1GB', '500 MB' and the like: units that some tools read as powers of ten,
+    which twinvol reads as binary (GiB, MiB); the CLI says so rather than guess silently."""
+    m = _RE.match(text)
+    return bool(m and m.group(2) and re.search(r"[KMGTP]B\s*$", text, re.IGNORECASE))
+
+
+def human_size(n: int) -> str:
+    """A short reading of `n` bytes (e.g. free space: '77.5GiB'), rounded, never a
+    seven-digit KiB count."""
+    for unit in ("P", "T", "G", "M", "K"):
+        mult = _UNITS[unit]
+        if n >= mult:
+            value = n / mult
+            return f"{value:.0f}{unit}iB" if value >= 100 or value == int(value) else \
+                f"{value:.1f}{unit}iB"
+    return f"{n}B"
+
+
 def format_size(n: int) -> str:
     for unit in ("P", "T", "G", "M", "K"):
         mult = _UNITS[unit]

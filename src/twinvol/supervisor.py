@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import random
 import signal
@@ -154,3 +155,26 @@ class Supervisor:
                 except subprocess.TimeoutExpired:
                     comp.proc.kill()
                     comp.proc.wait()
+
+
+class AlreadyRunning(Exception):
+    """Another process holds the directory's lock."""
+
+
+def hold_dir_lock(directory: str, what: str) -> int:
+    """Take `directory`/.lock for this process's life (the kernel drops it when the process
+    dies, however it dies), so a second `twinvol up` on a running directory refuses rather
+    than start a second set of nodes on the same data. Returns the fd to keep open."""
+    path = os.path.join(directory, ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise AlreadyRunning(f"{what} is already running on {directory} (pid {holder}); "
+                             f"stop it first (Ctrl-C in its terminal, or kill {holder})"
+                             ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -62,8 +63,8 @@ def test_volume_on_given_file(node: NodeProc, tmp_path: object) -> None:
     path = os.path.join(str(tmp_path), "backing.img")
     with open(path, "wb") as f:
         f.truncate(4 * MiB)
-    p = node.cli("volume", "create", "onfile", "--path", path, "--export-name", "exp-onfile",
-                 "--json", check=True)
+    p = node.cli("volume", "create", "onfile", "--path", path, "--adopt", "--export-name",
+                 "exp-onfile", "--json", check=True)
     vol = json.loads(p.stdout)
     assert vol["kind"] == "file" and vol["size"] == 4 * MiB and vol["path"] == path
     subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x7 0 4k", node.uri("exp-onfile")],
@@ -129,7 +130,7 @@ def test_cluster_file_errors(tmp_path: object) -> None:
         f.write("[nodes.A\n")
     assert "not valid TOML" in one_error_line(cli("volume", "list", "--cluster", bad))
     with open(bad, "w") as f:
-        f.write("[nodes.A]\nsite = 'A'\nnbd = '127.0.0.1:1'\napi = '127.0.0.1:1'\n"
+        f.write("[nodes.A]\nsite = 'A'\nnbd = '127.0.0.1:2'\napi = '127.0.0.1:1'\n"
                 "data_dir = 'a'\n")
     line = one_error_line(cli("volume", "list", "--node", "A", "--cluster", bad))
     assert "not reachable" in line
@@ -196,6 +197,26 @@ def test_up_json_and_clean_stop(tmp_path: object, sig: signal.Signals) -> None:
             capture_output=True, text=True, check=True).stdout)["pairs"]
         assert {(p["name"], p["node"], p["state"]) for p in pairs
                 if p["name"] == "demo"} == {("demo", "A", "mirrored"), ("demo", "B", "mirrored")}
+        # A second `up` on the running directory refuses at once and starts nothing.
+        again = subprocess.run([sys.executable, "-m", "twinvol", "up", "--dir", directory],
+                               capture_output=True, text=True, timeout=30)
+        assert again.returncode == 1 and again.stdout == ""
+        assert one_error_line(again) == (
+            f"twinvol: error: twinvol up is already running on {directory} (pid {proc.pid}); "
+            f"stop it first (Ctrl-C in its terminal, or kill {proc.pid})")
+        assert len(_pids_alive(pids)) == 5
+        with urllib.request.urlopen(ready["dashboard"], timeout=10) as r:  # the web page
+            assert r.status == 200 and b"<title>twinvol</title>" in r.read()
+        with urllib.request.urlopen(ready["dashboard"] + "api/v1/status", timeout=30) as r:
+            assert json.loads(r.read())["pairs"]["demo"]["state"] == "mirrored"
+        # The demo as `twinvol status` judges it: all well, the far copy included.
+        health = subprocess.run([sys.executable, "-m", "twinvol", "status", "--json"], env=env,
+                                capture_output=True, text=True, timeout=60)
+        st = json.loads(health.stdout)
+        assert (health.returncode, st["verdict"], st["reasons"]) == (0, "healthy", []), st
+        assert {p: (v["state"], v["serving"]) for p, v in st["pairs"].items()} == {
+            "demo": ("mirrored", ["A", "B"]), "demo-dr": ("mirrored", ["A", "B"])}
+        assert st["pairs"]["demo-dr"]["lag_seconds"] is not None
         proc.send_signal(sig)
         assert proc.wait(30) == 0
         deadline = time.monotonic() + 10

@@ -68,23 +68,30 @@ def test_conflicts_and_shrink(vm: VolumeManager) -> None:
     vm.delete("a", force=True)
 
 
-def test_given_file_kept_on_delete(vm: VolumeManager, tmp_path: object) -> None:
+def test_given_file_kept_on_delete(tmp_path: object) -> None:
+    vm = VolumeManager(os.path.join(str(tmp_path), "node"))  # given files live outside it
     path = os.path.join(str(tmp_path), "given.img")
     with open(path, "wb") as f:
         f.truncate(2 * MiB)
-    vol = vm.create("g", None, path=path)
+    with pytest.raises(VolumeError, match="Pass --adopt"):
+        vm.create("g", None, path=path)
+    vol = vm.create("g", None, path=path, adopt=True)
     assert vol.record.kind == "file" and vol.record.size == 2 * MiB
     with pytest.raises(VolumeError, match="already backs"):
-        vm.create("g2", None, path=path)
+        vm.create("g2", None, path=path, adopt=True)
     vm.delete("g")
     assert os.path.exists(path)
     with pytest.raises(VolumeError, match="larger than --size"):
-        vm.create("g3", MiB, path=path)
+        vm.create("g3", MiB, path=path, adopt=True)
     odd = os.path.join(str(tmp_path), "odd.img")
     with open(odd, "wb") as f:
         f.write(b"x" * 1000)
-    with pytest.raises(VolumeError, match="not a positive multiple"):
-        vm.create("odd", None, path=odd)
+    with pytest.raises(VolumeError, match="not a multiple of 512"):
+        vm.create("odd", None, path=odd, adopt=True)
+    inside = os.path.join(vm.data_dir, "mine.img")
+    with pytest.raises(VolumeError, match="inside the twinvol node data directory"):
+        vm.create("mine", MiB, path=inside)
+    vm.close()
 
 
 def test_reopen_keeps_volumes_and_removes_orphans(tmp_path: object) -> None:

@@ -12,7 +12,8 @@ import typer
 from rich.console import Console
 
 from twinvol import cluster as cluster_mod
-from twinvol.cluster import ClusterConfig, ClusterError
+from twinvol.cluster import NODE_HEADER, ClusterConfig, ClusterError
+from twinvol.sizes import SizeError, decimal_looking, format_size, parse_size
 
 ClusterOpt = typer.Option(None, "--cluster", "-c", envvar="TWINVOL_CLUSTER",
                           help="Cluster file (default: $TWINVOL_CLUSTER).", show_envvar=False)
@@ -20,6 +21,7 @@ JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON.")
 NodeOpt = typer.Option(None, "--node", "-n", help="Node name from the cluster file.")
 
 console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 class CliError(Exception):
@@ -28,6 +30,27 @@ class CliError(Exception):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class UsageError(CliError):
+    """A mistake in how a command was called: exit code 2, as for a missing argument."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 2)
+
+
+def cli_size(text: str, option: str = "--size") -> int:
+    """A size given on the command line; a bad one is a usage mistake (exit 2). A decimal-
+    looking unit ('1GB') is read as binary, and the operator is told so on stderr."""
+    try:
+        n = parse_size(text)
+    except SizeError as e:
+        raise UsageError(f"{option}: {e}") from None
+    if decimal_looking(text):
+        err_console.print(f"note: {option} {text} is read as {format_size(n)} ({n} bytes): "
+                          "twinvol sizes are binary (1G = 1GB = 1GiB = 1073741824 bytes)",
+                          highlight=False)
+    return n
 
 
 def load_cluster(path: str | None) -> ClusterConfig:
@@ -44,11 +67,30 @@ class ApiError(CliError):
         self.code = code
 
 
+class WrongNode(ApiError):
+    """The address of one node was answered by another. An ApiError (status 0), so the
+    many `except ApiError` that re-raise what is not a 404 never mistake it for an
+    unreachable node or a missing object."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 0, "wrong_node")
+
+
+def check_node(expect: str | None, url: str, headers: Any) -> None:
+    got = headers.get(NODE_HEADER) if headers is not None else None
+    if expect is not None and got is not None and got != expect:
+        raise WrongNode(f"node {expect}'s address ({url}) is answered by node {got}: two "
+                        "nodes share an address, or the cluster file is out of date (check it "
+                        "with `twinvol config check`)")
+
+
 def call_json(cfg: ClusterConfig, url: str, method: str, body: dict[str, Any] | None,
-              timeout: float, *, prefix: str, unreachable: str) -> Any:
+              timeout: float, *, prefix: str, unreachable: str,
+              expect_node: str | None = None) -> Any:
     """One JSON call to a twinvol component's HTTP API with the cluster secret. An error
     answer becomes ApiError(`prefix` + the server's message); no answer becomes
-    CliError(`unreachable`, with the URL and the reason)."""
+    CliError(`unreachable`, with the URL and the reason); an answer from another node than
+    `expect_node` becomes WrongNode."""
     data = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     if cfg.cluster.secret:
@@ -56,8 +98,10 @@ def call_json(cfg: ClusterConfig, url: str, method: str, body: dict[str, Any] | 
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
+            check_node(expect_node, url, resp.headers)
             return json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as e:
+        check_node(expect_node, url, e.headers)
         try:
             err = json.loads(e.read())["error"]
             raise ApiError(prefix + str(err["message"]), e.code, err["code"]) from None
@@ -72,7 +116,7 @@ def api(cfg: ClusterConfig, node: str, method: str, path: str,
         body: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
     """Call a node's HTTP API; raise CliError with the server's message on failure."""
     return call_json(cfg, cfg.node(node).api_url + path, method, body, timeout,
-                     prefix=f"node {node}: ",
+                     prefix=f"node {node}: ", expect_node=node,
                      unreachable=f"node {node} ({{url}}) is not reachable: {{reason}}; is it "
                                  "running (`twinvol node run` or `twinvol up`)?")
 
@@ -88,7 +132,7 @@ def collect(cfg: ClusterConfig, path: str, key: str, only: str | None = None
         try:
             items.extend(api(cfg, n, "GET", path, timeout=5)[key])
         except ApiError:
-            raise
+            raise  # an answer from the wrong node too: it is no "unreachable" node
         except CliError as e:
             if only:
                 raise

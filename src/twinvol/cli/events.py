@@ -19,6 +19,7 @@ from twinvol.cli.common import (
     JsonOpt,
     NodeOpt,
     api,
+    check_node,
     console,
     emit_json,
     load_cluster,
@@ -99,6 +100,11 @@ def events(
             else {}
         url = cfg.node(node).api_url + f"/api/v1/events?follow=1&since={since}"
         stream = _open(url, headers, f"node {node}", 10)
+        try:
+            check_node(node, url, stream.headers)
+        except CliError:
+            stream.close()
+            raise
         key, show = "seq", _event_line
     else:
         base = _host_url(cfg)

@@ -10,9 +10,9 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from twinvol import logs
+from twinvol import logs, sdnotify
 from twinvol.cli.common import CliError, ClusterOpt, JsonOpt, console, emit_json
-from twinvol.cluster import ClusterError, split_hostport
+from twinvol.cluster import ClusterError, http_url, split_hostport
 
 app = typer.Typer(help="Run and inspect the host agent (multipath NBD proxy).",
                   no_args_is_help=True)
@@ -35,6 +35,8 @@ def run(cluster: str = ClusterOpt) -> None:
 
     setup = _setup(cluster)
     logs.setup("host")
+    sdnotify.ready_when_answering(f"{http_url(setup.config.api)}/api/v1/health",
+                                  what="host agent")
     try:
         run_agent(setup)
     except AgentStartError as e:

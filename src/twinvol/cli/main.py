@@ -5,21 +5,45 @@ from __future__ import annotations
 import json
 import os
 import sys
+from enum import StrEnum
 
 import click
 import typer
 
-from twinvol import __version__
-from twinvol.cli import dr, events, host, node, pair, switch, up, vm, volume, witness
+from twinvol import __version__, logs
+from twinvol.cli import (
+    config,
+    dashboard,
+    dr,
+    events,
+    host,
+    node,
+    pair,
+    status,
+    switch,
+    systemd,
+    up,
+    vm,
+    volume,
+    witness,
+)
 from twinvol.cli.common import CliError
 from twinvol.cluster import ClusterError
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
 
 app = typer.Typer(
     name="twinvol",
     help="twinvol: replicated block storage served over NBD.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
 app.add_typer(node.app, name="node")
 app.add_typer(volume.app, name="volume")
@@ -28,9 +52,36 @@ app.add_typer(dr.app, name="dr")
 app.add_typer(witness.app, name="witness")
 app.add_typer(host.app, name="host")
 app.add_typer(vm.app, name="vm")
+app.add_typer(config.app, name="config")
+app.add_typer(systemd.app, name="systemd")
 app.command("up")(up.up)
+app.command("status")(status.status)
+app.command("dashboard")(dashboard.dashboard)
 app.command("events")(events.events)
 app.command("switch")(switch.switch)
+
+
+_LogLevelOpt = typer.Option(None, "--log-level", case_sensitive=False, show_envvar=False,
+                            help="Log level of the components this command runs (node run, "
+                                 "up, ...); default info or $TWINVOL_LOG_LEVEL.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"twinvol {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                  help="Print the version and exit."),
+    log_level: LogLevel = _LogLevelOpt,
+) -> None:
+    """twinvol: replicated block storage served over NBD."""
+    if log_level is not None:
+        # An environment variable, so the processes `twinvol up` starts inherit it.
+        os.environ[logs.LEVEL_ENV] = log_level.value
 
 
 @app.command()

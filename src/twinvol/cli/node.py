@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from twinvol import logs
+from twinvol import logs, sdnotify
 from twinvol.cli.common import (
     CliError,
     ClusterOpt,
@@ -17,7 +17,7 @@ from twinvol.cli.common import (
     load_cluster,
 )
 from twinvol.cluster import ClusterError
-from twinvol.sizes import format_size
+from twinvol.sizes import human_size
 from twinvol.storage.catalog import CatalogError
 
 app = typer.Typer(help="Run and inspect storage nodes.", no_args_is_help=True)
@@ -38,6 +38,8 @@ def run(
     except ClusterError as e:
         raise CliError(str(e)) from None
     logs.setup(f"node-{node}")
+    sdnotify.ready_when_answering(cfg.node(node).api_url + "/api/v1/health",
+                                  what=f"node {node}")
     try:
         run_node(cfg, node)
     except (NodeStartError, CatalogError) as e:
@@ -62,15 +64,23 @@ def status(
             if node:
                 raise
             out[n] = {"node": n, "error": str(e)}
+    down = [n for n, s in out.items() if isinstance(s, dict) and "error" in s]
     if json_out:
         emit_json({"nodes": out})
-        return
-    table = Table("node", "site", "pid", "nbd", "api", "volumes", "conns", "free")
-    for n, s in out.items():
-        assert isinstance(s, dict)
-        if "error" in s:
-            table.add_row(n, "-", "-", "-", "-", "-", "-", f"[red]{s['error']}[/]")
-        else:
-            table.add_row(n, s["site"], str(s["pid"]), s["nbd"], s["api"], str(s["volumes"]),
-                          str(s["connections"]), format_size(s["capacity"]["free"]))
-    console.print(table)
+    else:
+        table = Table("node", "site", "state", "pid", "nbd", "api", "volumes", "conns", "free")
+        for n, s in out.items():
+            assert isinstance(s, dict)
+            if "error" in s:
+                table.add_row(n, cfg.node(n).site, "[red]down[/]", "-", "-",
+                              cfg.node(n).api_url, "-", "-", "-")
+            else:
+                table.add_row(n, s["site"], "[green]up[/]", str(s["pid"]), s["nbd"], s["api"],
+                              str(s["volumes"]), str(s["connections"]),
+                              human_size(s["capacity"]["free"]))
+        console.print(table)
+        for n in down:
+            console.print(f"[red]node {n} is down:[/] {out[n]['error']}",  # type: ignore[index]
+                          highlight=False)
+    if down:
+        raise typer.Exit(1)  # monitoring can tell: a node that does not answer is not "ok"

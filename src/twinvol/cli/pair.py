@@ -14,6 +14,7 @@ from twinvol.cli.common import (
     CliError,
     ClusterOpt,
     JsonOpt,
+    UsageError,
     api,
     collect,
     console,
@@ -33,7 +34,7 @@ TimeoutOpt = typer.Option(3600.0, "--timeout", help="Give up waiting after this 
 def _side(text: str, default_volume: str) -> tuple[str, str]:
     node, _, vol = text.partition(":")
     if not node:
-        raise CliError(f"bad side {text!r}: use NODE or NODE:VOLUME")
+        raise UsageError(f"bad side {text!r}: use NODE or NODE:VOLUME")
     return node, vol or default_volume
 
 
@@ -65,7 +66,18 @@ def _primary(cfg: ClusterConfig, name: str) -> tuple[str, dict[str, Any]]:
 
 
 def _wait(cfg: ClusterConfig, node: str, name: str, timeout: float, quiet: bool) -> dict[str, Any]:
-    """Poll the copy source until the pair is mirrored, showing a progress bar."""
+    """Poll the copy source until the pair is mirrored, showing a progress bar. Ctrl-C
+    stops the waiting, not the copy, and says so."""
+    try:
+        return _poll(cfg, node, name, timeout, quiet)
+    except KeyboardInterrupt:
+        raise CliError(f"stopped waiting (Ctrl-C); the copy of pair {name!r} goes on in node "
+                       f"{node}: follow it with `twinvol pair show {name}` or `twinvol "
+                       f"status`; `twinvol pair delete {name}` stops it", 130) from None
+
+
+def _poll(cfg: ClusterConfig, node: str, name: str, timeout: float, quiet: bool
+          ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     view = api(cfg, node, "GET", f"/api/v1/pairs/{name}")
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
@@ -119,9 +131,9 @@ def create(
 ) -> None:
     """Pair two volumes; the secondary takes the primary's identity and gets a full copy."""
     if mode not in ("active-active", "async", "sync", "local"):
-        raise CliError(f"unknown pair mode {mode!r}: use active-active, async, sync or local")
+        raise UsageError(f"unknown pair mode {mode!r}: use active-active, async, sync or local")
     if mode not in ("async", "sync") and (group or journal_size):
-        raise CliError("--group and --journal-size apply to --mode async or sync only")
+        raise UsageError("--group and --journal-size apply to --mode async or sync only")
     cfg = load_cluster(cluster)
     pnode, pvol = _side(primary, name)
     snode, svol = _side(secondary, name)
@@ -236,9 +248,24 @@ def _action(name: str, action: str, cluster: str | None, json_out: bool, wait: b
         view = _wait(cfg, node, name, timeout, json_out)
     if json_out:
         emit_json(view)
-    else:
-        console.print(f"pair [bold]{name}[/] on {node}: {view['state']}, role {view['role']}, "
-                      f"I/O mode {view['io_mode']}")
+        return
+    if action == "resync" and not wait:
+        console.print(resync_started(name, node, view), highlight=False)
+        return
+    console.print(f"pair [bold]{name}[/] on {node}: {view['state']}, role {view['role']}, "
+                  f"I/O mode {view['io_mode']}")
+
+
+def resync_started(name: str, node: str, view: dict[str, Any]) -> str:
+    """What `pair resync` without --wait says: the copy it started, not the state the pair
+    had before (which it keeps until the copy ends)."""
+    c = view.get("copy") or {}
+    if view["state"] == "mirrored" and not c.get("running"):
+        return f"pair {name} on {node}: already mirrored, nothing to copy"
+    return (f"pair {name} on {node}: resync started from {c.get('source') or node}, "
+            f"{c.get('remaining_chunks', '?')} of {c.get('total_chunks', '?')} chunks to copy; "
+            f"the pair reads {view['state']} until the copy ends (follow it with `twinvol pair "
+            f"show {name}`, or resync with --wait)")
 
 
 @app.command()
@@ -265,8 +292,10 @@ def resync(name: str = typer.Argument(...), wait: bool = WaitOpt, timeout: float
         view = _wait(cfg, source, name, timeout, json_out)
     if json_out:
         emit_json(view)
+    elif wait:
+        console.print(f"pair [bold]{name}[/] resynced from {source}: {view['state']}")
     else:
-        console.print(f"pair [bold]{name}[/] resyncing from {source}: {view['state']}")
+        console.print(resync_started(name, source, view), highlight=False)
 
 
 @app.command("set")

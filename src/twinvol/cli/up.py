@@ -25,7 +25,7 @@ from twinvol import cluster as cluster_mod
 from twinvol.cli.common import ApiError, CliError, api
 from twinvol.cluster import ClusterConfig, ClusterError, ClusterSection, NodeConfig
 from twinvol.host import UNIX_PATH_MAX
-from twinvol.supervisor import Supervisor, free_ports, twinvol_argv
+from twinvol.supervisor import AlreadyRunning, Supervisor, free_ports, hold_dir_lock, twinvol_argv
 from twinvol.witness import Backend
 from twinvol.witness.etcd_cluster import EtcdCluster, EtcdStartError
 
@@ -84,6 +84,10 @@ def up(
     """Start the local demo cluster (nodes A, B, C and volume `demo`) until Ctrl-C."""
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
+    try:
+        lock_fd = hold_dir_lock(directory, "twinvol up")  # noqa: F841 (held until exit)
+    except AlreadyRunning as e:
+        raise CliError(str(e)) from None
     path = os.path.join(directory, "cluster.toml")
     if os.path.exists(path):
         try:
@@ -157,7 +161,16 @@ def up(
                 sup.wait_http("host", f"http://{cfg.host['api']}/api/v1/health")
             except RuntimeError as e:
                 raise CliError(f"the host agent failed to start: {e}") from None
-        ready = _ready(cfg, sup, path, first, etcd)
+        dash_addr = f"127.0.0.1:{free_ports(1)[0]}"  # the read-only page: a new port each run
+        dashboard = f"http://{dash_addr}/"
+        sup.start("dashboard", twinvol_argv("dashboard", "--cluster", path, "--listen",
+                                            dash_addr),
+                  os.path.join(directory, "logs", "dashboard.log"))
+        try:
+            sup.wait_http("dashboard", dashboard + "api/v1/health")
+        except RuntimeError as e:
+            raise CliError(f"the dashboard failed to start: {e}") from None
+        ready = {**_ready(cfg, sup, path, first, etcd), "dashboard": dashboard}
         if json_out:
             sys.stdout.write(json.dumps(ready) + "\n")
         else:
@@ -165,7 +178,7 @@ def up(
                              for n, v in ready["nodes"].items())
             vols = " ".join(f"{k}={v}" for k, v in ready["volumes"].items())
             sys.stdout.write(f"twinvol up: ready; cluster {path}; nodes {nodes}; "
-                             f"volumes {vols}; Ctrl-C stops\n")
+                             f"volumes {vols}; dashboard {dashboard}; Ctrl-C stops\n")
         sys.stdout.flush()
         reported: set[str] = set()
         while not stopping:

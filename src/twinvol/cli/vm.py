@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from twinvol import logs
+from twinvol import logs, sdnotify
 from twinvol.cli.common import (
     CliError,
     ClusterOpt,
@@ -71,6 +71,8 @@ def host_run(cluster: str = ClusterOpt,
     cfg = load_cluster(cluster)
     cfg.vmhost(name)
     logs.setup(f"vmhost-{name}")
+    sdnotify.ready_when_answering(cfg.vmhost(name).api_url + "/api/v1/health",
+                                  cfg.cluster.secret, what=f"hypervisor host {name}")
     try:
         run(cfg, name)
     except VmError as e:

@@ -13,7 +13,9 @@ from twinvol.cli.common import (
     ClusterOpt,
     JsonOpt,
     NodeOpt,
+    UsageError,
     api,
+    cli_size,
     collect,
     console,
     emit_json,
@@ -21,16 +23,17 @@ from twinvol.cli.common import (
     warn_unreachable,
 )
 from twinvol.cluster import ClusterConfig
-from twinvol.sizes import SizeError, format_size, parse_size
+from twinvol.sizes import format_size
 
 app = typer.Typer(help="Create and manage volumes on storage nodes.", no_args_is_help=True)
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except SizeError as e:
-        raise CliError(str(e)) from None
+def _done(says: str) -> str:
+    """'create a new file ...' -> 'created a new file ...' (the node says what it does)."""
+    for verb, past in (("create ", "created "), ("use ", "using ")):
+        if says.startswith(verb):
+            return past + says[len(verb):]
+    return says
 
 
 def _locate(cfg: ClusterConfig, name: str, node: str | None) -> str:
@@ -76,7 +79,14 @@ def create(
     name: str = typer.Argument(..., help="Volume name."),
     size: str = typer.Option(None, "--size", "-s", help="Size, e.g. 1G (optional with --path)."),
     node: str = NodeOpt,
-    path: str = typer.Option(None, "--path", help="Use this file or block device as backing."),
+    path: str = typer.Option(None, "--path",
+                             help="Backing file or block device. A path that does not exist "
+                                  "is created; an existing one is refused unless --adopt."),
+    adopt: bool = typer.Option(False, "--adopt",
+                               help="Use the existing file or device at --path: its contents "
+                                    "become the volume's (grown to --size if that is larger)."),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="Only check and say what would be done."),
     export_name: str = typer.Option(None, "--export-name", help="NBD export name (default: NAME)."),
     description: str = typer.Option("", "--description", help="Description shown to NBD clients."),
     read_only: bool = typer.Option(False, "--read-only", help="Export read-only."),
@@ -89,17 +99,29 @@ def create(
     cfg.node(target)
     body: dict[str, Any] = {"name": name, "description": description, "read_only": read_only}
     if size is not None:
-        body["size"] = _size(size)
+        body["size"] = cli_size(size)
     if path is not None:
         body["path"] = path
     if export_name is not None:
         body["export_name"] = export_name
+    if adopt:
+        if path is None:
+            raise UsageError("--adopt needs --path (the file or device to adopt)")
+        body["adopt"] = True
+    if dry_run:
+        body["dry_run"] = True
     vol = api(cfg, target, "POST", "/api/v1/volumes", body)
     if json_out:
         emit_json(vol)
+    elif dry_run:
+        console.print(f"dry run: node {vol['node']} would {vol['says']} for volume "
+                      f"[bold]{vol['name']}[/] ({format_size(vol['size'])}); nothing was done",
+                      highlight=False)
     else:
         console.print(f"created volume [bold]{vol['name']}[/] on node {vol['node']}: "
-                      f"{format_size(vol['size'])}, {vol['nbd_uri']}")
+                      f"{format_size(vol['size'])}, {vol['nbd_uri']}", highlight=False)
+        if path is not None and vol.get("says"):
+            console.print(f"  backing: {_done(vol['says'])}", highlight=False)
 
 
 @app.command("list")
@@ -149,7 +171,7 @@ def resize(
 ) -> None:
     """Grow a volume. Connected NBD clients see the new size when they reconnect."""
     cfg = load_cluster(cluster)
-    new_size = _size(size)
+    new_size = cli_size(size)
     target = _locate(cfg, name, node)
     vol = api(cfg, target, "POST", f"/api/v1/volumes/{name}/resize", {"size": new_size})
     if json_out:

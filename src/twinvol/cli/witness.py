@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from twinvol import logs
+from twinvol import logs, sdnotify
 from twinvol.cli.common import CliError, ClusterOpt, JsonOpt, console, emit_json
 from twinvol.cluster import ClusterError
 from twinvol.witness.logic import DEFAULT_TAKEOVER_AFTER
@@ -47,6 +47,8 @@ def run(
                        f"({', '.join(settings.config.endpoints)}): there is no witness "
                        "process to run; the nodes ask etcd directly")
     logs.setup("witness")
+    sdnotify.ready_when_answering(f"{settings.config.url}/api/v1/health", settings.secret,
+                                  what="witness")
     try:
         run_witness(settings, takeover_after)
     except WitnessStartError as e:

@@ -19,12 +19,18 @@ import msgspec
 from aiohttp import web
 from msgspec import Meta
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
+from twinvol import __version__
 from twinvol.faults.model import Component, FaultDraft, FaultReport, RelayBatch, Severity
 from twinvol.faults.node import BadReport
 from twinvol.httpapi import follow_lines
+from twinvol.nbd.iostats import BOUNDS, SAMPLE, IoStats
 from twinvol.replication.core.types import PairState
 
 if TYPE_CHECKING:
@@ -139,6 +145,10 @@ class NodeCollector(Collector):
         node, fm = self.node, self.node.faults
         labels = {"node": node.name, "site": node.config.site}
         ln, lv = list(labels), list(labels.values())
+        info = GaugeMetricFamily("twinvol_build_info", "twinvol version (value 1)",
+                                 labels=[*ln, "component", "version"])
+        info.add_metric([*lv, "node", __version__], 1.0)
+        yield info
         c = CounterMetricFamily("twinvol_nbd_requests", "NBD requests served (rate() = IOPS)",
                                 labels=ln)
         c.add_metric(lv, node.io_stats.requests)
@@ -150,6 +160,7 @@ class NodeCollector(Collector):
         g = GaugeMetricFamily("twinvol_nbd_connections", "NBD client connections", labels=ln)
         g.add_metric(lv, len(node.connections))
         yield g
+        yield from _volume_metrics(node.io_stats, ln, lv)
         c = CounterMetricFamily("twinvol_faults_raised", "fault reports raised by this node",
                                 labels=[*ln, "component", "severity"])
         for (comp, sev), n in sorted(fm.raised.items()):
@@ -182,6 +193,12 @@ class NodeCollector(Collector):
                                 labels=[*ln, "pair"])
         link = GaugeMetricFamily("twinvol_pair_link_up", "1 when the pair's peer link is up",
                                  labels=[*ln, "pair"])
+        copy_left = GaugeMetricFamily("twinvol_pair_copy_remaining_chunks",
+                                      "chunks a running copy (initial, resync) still has to "
+                                      "send; 0 when none runs", labels=[*ln, "pair"])
+        copy_total = GaugeMetricFamily("twinvol_pair_copy_total_chunks",
+                                       "chunks the running (or last) copy had to send",
+                                       labels=[*ln, "pair"])
         for pr in list(mgr.pairs.values()):
             view = mgr.view(pr)
             for s in PairState:
@@ -189,9 +206,15 @@ class NodeCollector(Collector):
             lag.add_metric([*lv, pr.rec.name],
                            float(view["dirty_chunks"]) * float(view["chunk_size"]))
             link.add_metric([*lv, pr.rec.name], 1.0 if view["peer_link"] == "up" else 0.0)
+            c = view["copy"]
+            copy_left.add_metric([*lv, pr.rec.name],
+                                 float(c["remaining_chunks"]) if c["running"] else 0.0)
+            copy_total.add_metric([*lv, pr.rec.name], float(c["total_chunks"] or 0))
         yield state
         yield lag
         yield link
+        yield copy_left
+        yield copy_total
         yield from _remote_metrics(mgr, ln, lv)
         st = os.statvfs(node.data_dir)
         g = GaugeMetricFamily("twinvol_capacity_bytes", "data directory file system space",
@@ -199,6 +222,30 @@ class NodeCollector(Collector):
         g.add_metric([*lv, "total"], st.f_blocks * st.f_frsize)
         g.add_metric([*lv, "free"], st.f_bavail * st.f_frsize)
         yield g
+
+
+def _volume_metrics(stats: IoStats, ln: list[str], lv: list[str]) -> Iterator[Any]:
+    """Per volume (export name) and kind of request: count, bytes and service time (the
+    request parsed to its reply queued) as a histogram."""
+    labels = [*ln, "volume", "op"]
+    reqs = CounterMetricFamily("twinvol_volume_requests", "NBD requests served",
+                               labels=labels)
+    nbytes = CounterMetricFamily("twinvol_volume_bytes", "bytes read or written",
+                                 labels=labels)
+    hist = HistogramMetricFamily("twinvol_volume_request_seconds",
+                                 f"service time of NBD requests, 1 in {SAMPLE} timed (the "
+                                 "count is of timed requests)", labels=labels)
+    for export, vio in sorted(stats.volumes.items()):
+        for op, s in (("read", vio.read), ("write", vio.write), ("other", vio.other)):
+            lab = [*lv, export, op]
+            reqs.add_metric(lab, s.count)
+            nbytes.add_metric(lab, s.bytes)
+            running, buckets = 0, []
+            for bound, n in zip((*BOUNDS, float("inf")), s.buckets, strict=True):
+                running += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+            hist.add_metric(lab, buckets, s.ns / 1e9)
+    yield from (reqs, nbytes, hist)
 
 
 def _remote_metrics(mgr: Any, ln: list[str], lv: list[str]) -> Iterator[GaugeMetricFamily]:

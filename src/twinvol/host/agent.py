@@ -424,8 +424,14 @@ class Agent:
                 else:
                     state = "idle"
                 reasons = [p.reason for p in states if p.reason]
+                mode = st.modes.get(node)
+                w = self.watchers.get(node)
+                if w is not None and not w.up and state in ("idle", "down"):
+                    # an unreachable node's path is down, and its last I/O mode is history
+                    state, mode = "down", None
+                    reasons.insert(0, f"node {node} not reachable: {w.last_error or '?'}")
                 paths[node] = {
-                    "state": state, "io_mode": st.modes.get(node), "connections": up,
+                    "state": state, "io_mode": mode, "connections": up,
                     "inflight": sum(p.inflight for p in states),
                     "requests": st.requests.get(node, 0) + sum(p.requests for p in states),
                     "reason": reasons[0] if reasons else ""}

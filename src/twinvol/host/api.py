@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from twinvol.faults.host import HostFaults
+from twinvol.host.metrics import CONTENT_TYPE, exposition
 from twinvol.host.switching import Switching
 from twinvol.httpapi import bearer_ok, unauthorized
 
@@ -26,6 +27,12 @@ def make_app(*, nbd: str, secret: str | None, report: Callable[[], dict[str, Any
     @routes.get("/api/v1/status")
     async def status(_: web.Request) -> web.Response:
         return web.json_response(report())
+
+    render = exposition(report)
+
+    @routes.get("/metrics")
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=render(), headers={"Content-Type": CONTENT_TYPE})
 
     @routes.post("/api/v1/switch")
     async def switch(request: web.Request) -> web.Response:

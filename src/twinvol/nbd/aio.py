@@ -17,9 +17,11 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from time import perf_counter_ns
 from typing import Protocol
 
 from twinvol.nbd.constants import NEED_DATA, Cmd, Err
+from twinvol.nbd.iostats import SAMPLE_MASK, IoStats, VolumeIo
 from twinvol.nbd.server import FAST_ZERO, FUA, NO_HOLE, REQ_ONE, ServerConnection
 from twinvol.nbd.server_events import Disconnect, ExportInfo, ExportProvider, Ready, Request
 from twinvol.storage.backing import NotFast
@@ -61,26 +63,6 @@ def nbd_errno(e: OSError) -> int:
     return Err.EIO
 
 
-class IoStats:
-    """Per-node request counters and fault hooks. Counting is one int increment per
-    request (exported by the node's metrics collector); the hooks run only on errors
-    and on flushes."""
-
-    __slots__ = ("errors", "on_error", "on_slow", "requests")
-
-    def __init__(self) -> None:
-        self.requests = 0
-        self.errors = 0
-        self.on_error: Callable[[str, str, int, BaseException], None] | None = None
-        self.on_slow: Callable[[str, str, float], None] | None = None
-
-    def error(self, op: str, export: ExportInfo | None, offset: int,
-              exc: BaseException) -> None:
-        self.errors += 1
-        if self.on_error is not None:
-            self.on_error(op, export.name if export else "?", offset, exc)
-
-
 SCRATCH_SIZE = 256 * 1024
 LARGE_WRITE = 256 * 1024
 SMALL_READ = 4096
@@ -105,6 +87,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.backend: Backend | None = None
         self.export: ExportInfo | None = None
+        self._vio = VolumeIo()  # this export's counters in `stats`, once negotiated
         self.peer = "?"
         self._async = False  # the backend's writes complete asynchronously (submit/start)
         self._start: Callable[..., None] | None = None
@@ -239,6 +222,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
 
     def _ready(self, ev: Ready) -> None:
         self.export = ev.export
+        self._vio = self.stats.volume(ev.export.name)
         self._set_backend(self.registry.attach(ev.export))
         log.info("nbd client connected", extra={"peer": self.peer, "export": ev.export.name,
                                                 "structured": ev.structured})
@@ -280,18 +264,25 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
     def _handle(self, req: Request) -> None:
         backend = self.backend
         assert backend is not None
-        self.stats.requests += 1
+        stats = self.stats
+        stats.requests += 1
+        t0 = 0 if stats.requests & SAMPLE_MASK else perf_counter_ns()  # time 1 in SAMPLE
         cmd = req.command
         conn = self.conn
         replies = self._replies
         self._large = req.length >= LARGE_WRITE and cmd == Cmd.WRITE
         if self._async and cmd in _ASYNC_CMDS:
-            self._submit(req)
+            self._submit(req, t0)
             return
         try:
             if cmd == Cmd.READ:
                 data = backend.pread(req.offset, req.length)
                 replies.extend(conn.reply_read(req.cookie, req.offset, data))
+                ops = self._vio.read
+                ops.count += 1
+                ops.bytes += req.length
+                if t0:
+                    ops.time(perf_counter_ns() - t0)
                 return
             if cmd == Cmd.WRITE:
                 assert req.data is not None
@@ -322,12 +313,18 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
             replies.extend(conn.reply_error(req.cookie, nbd_errno(e),
                                             f"{cmd.name} failed: {e.strerror}"))
             return
+        ops = self._vio.write if cmd == Cmd.WRITE else self._vio.other
+        ops.count += 1
+        if cmd == Cmd.WRITE:
+            ops.bytes += req.length
+        if t0:
+            ops.time(perf_counter_ns() - t0)
         if req.flags & FUA:
             self._sync(req)
         else:
             replies.append(conn.reply_ok(req.cookie))
 
-    def _submit(self, req: Request) -> None:
+    def _submit(self, req: Request, t0: int) -> None:
         """Hand a write to an asynchronous (replicated) backend; reply when it completes.
 
         A backend with `start` calls back when done (no Future per request); otherwise
@@ -336,12 +333,18 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         data = None if req.data is None else self.conn.own_payload(req.data)
         self._began()
         cookie, command = req.cookie, req.command
+        ops = self._vio.write if command == Cmd.WRITE else self._vio.other
+        ops.count += 1  # counted when taken; timed (1 in SAMPLE) when answered
+        if command == Cmd.WRITE:
+            ops.bytes += req.length
 
         def done(exc: BaseException | None) -> None:
             self._ended()
             if self.transport is None or self.transport.is_closing():
                 return
             if exc is None:
+                if t0:
+                    ops.time(perf_counter_ns() - t0)
                 self._replies.append(self.conn.reply_ok(cookie))
             else:
                 err = getattr(exc, "errno", None)

@@ -6,6 +6,8 @@ so the CLI can print one clear line.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -14,6 +16,7 @@ import msgspec
 from aiohttp import web
 
 from twinvol import __version__
+from twinvol.cluster import NODE_HEADER
 from twinvol.faults.api import fault_routes
 from twinvol.httpapi import bearer_auth, error_response, follow_lines
 from twinvol.sizes import SizeError, parse_size
@@ -34,6 +37,8 @@ class CreateVolume(msgspec.Struct, forbid_unknown_fields=True):
     read_only: bool = False
     serial: str | None = None  # virtual identity override (default: this node's serial)
     volume_id: int | None = None
+    adopt: bool = False        # use an existing file or device (its contents are the volume)
+    dry_run: bool = False      # only say what would be done
 
 
 class CreatePair(msgspec.Struct, forbid_unknown_fields=True):
@@ -109,6 +114,11 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
         if e.status >= 400:
             return error(e.status, "http", e.reason)
         raise
+    except Exception as e:  # a bug: still the documented JSON error, and logged in full
+        logging.getLogger("twinvol.api").exception("request %s %s failed", request.method,
+                                                   request.path)
+        return error(500, "internal", f"internal error: {type(e).__name__}: {e} (the node "
+                     "log has the details)")
 
 
 def volume_view(node: Node, vol: Volume) -> dict[str, Any]:
@@ -137,6 +147,13 @@ def make_app(node: Node) -> web.Application:
     app = web.Application(middlewares=[bearer_auth(node.cluster.cluster.secret), errors],
                           client_max_size=1 << 20)
     routes = web.RouteTableDef()
+
+    async def say_who(_: web.Request, resp: web.StreamResponse) -> None:
+        # Every answer names its node, so a client that reached the wrong one (two nodes on
+        # one address, a stale cluster file) can tell instead of trusting the answer.
+        resp.headers[NODE_HEADER] = node.name
+
+    app.on_response_prepare.append(say_who)
 
     @routes.get("/api/v1/health")
     async def health(_: web.Request) -> web.Response:
@@ -168,15 +185,25 @@ def make_app(node: Node) -> web.Application:
     @routes.post("/api/v1/volumes")
     async def create_volume(request: web.Request) -> web.Response:
         body: CreateVolume = await _body(request, CreateVolume)
+        plan = node.volumes.plan(body.name, _size(body.size), path=body.path,
+                                 export_name=body.export_name, serial=body.serial,
+                                 vvol_id=body.volume_id, adopt=body.adopt)
+        if body.dry_run:
+            return web.json_response({"dry_run": True, "name": plan.name, "node": node.name,
+                                      "export_name": plan.export_name, "kind": plan.kind,
+                                      "size": plan.size, "path": plan.path,
+                                      "action": plan.step.action, "says": plan.step.says})
         vol = node.volumes.create(body.name, _size(body.size), path=body.path,
                                   export_name=body.export_name, description=body.description,
                                   read_only=body.read_only, serial=body.serial,
-                                  vvol_id=body.volume_id)
+                                  vvol_id=body.volume_id, adopt=body.adopt)
         node.events.publish("volume_created", volume=vol.record.name,
                             export=vol.record.export_name)
         node.log.info("volume created", extra={"volume": vol.record.name,
-                                               "size": vol.record.size})
-        return web.json_response(volume_view(node, vol), status=201)
+                                               "size": vol.record.size, "path": vol.record.path,
+                                               "action": plan.step.action})
+        return web.json_response({**volume_view(node, vol), "action": plan.step.action,
+                                  "says": plan.step.says}, status=201)
 
     @routes.get("/api/v1/volumes/{name}")
     async def show_volume(request: web.Request) -> web.Response:
@@ -290,6 +317,7 @@ def make_app(node: Node) -> web.Application:
             return web.json_response(mgr.view(mgr.verifier.start(name)))
         if action == "resync":
             await mgr.commands.resync(name, request.query.get("from") or None)
+            await asyncio.sleep(0)  # let the copy task start, so the answer shows it running
             return web.json_response(mgr.view(mgr.get(name)))
         ops = {"split": mgr.commands.split, "swap": mgr.commands.swap}
         if action not in ops:

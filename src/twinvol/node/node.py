@@ -21,7 +21,8 @@ from aiohttp import web
 from twinvol.cluster import ClusterConfig
 from twinvol.faults.node import FaultManager
 from twinvol.faults.store import FaultStoreError
-from twinvol.nbd.aio import Backend, IoStats, NbdServerProtocol, close_all, rebind, shutdown_all
+from twinvol.nbd.aio import Backend, NbdServerProtocol, close_all, rebind, shutdown_all
+from twinvol.nbd.iostats import IoStats
 from twinvol.nbd.server_events import ExportInfo
 from twinvol.node.events import EventBus
 from twinvol.node.switching import Switching

@@ -156,7 +156,7 @@ class FrameDecoder:
 def _decode(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
     try:
         header = _decoder.decode(raw)
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:  # a bad string is not UTF-8
         raise WireError(f"undecodable frame header: {e}") from None
     if not isinstance(header.get("t"), str):
         raise WireError("frame header has no type")

@@ -10,8 +10,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import stat
+import struct
 
 from twinvol.nbd.constants import STATE_HOLE, STATE_ZERO
 
@@ -23,6 +25,13 @@ _fallocate.restype = ctypes.c_int
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
+
+FS_IOC_FIEMAP = 0xC020660B
+FIEMAP_EXTENT_LAST = 0x1
+FIEMAP_EXTENT_UNWRITTEN = 0x800
+_FIEMAP_HDR = struct.Struct("=QQIIII")          # struct fiemap (without the extents)
+_FIEMAP_EXT = struct.Struct("=QQQ16xI12x")      # struct fiemap_extent
+_FIEMAP_BATCH = 64
 
 MAX_EXTENTS = 1 << 16
 WRITE_PIECE = 16 * 1024  # largest single pwrite (see BackingStore.pwrite)
@@ -53,11 +62,15 @@ class BackingStore:
 
     @staticmethod
     def create_thin(path: str, size: int) -> None:
-        """Create a sparse file of `size` bytes, durably (file and directory entry)."""
+        """Create a sparse file of `size` bytes, durably (file and directory entry), or
+        nothing."""
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, size)
             os.fsync(fd)
+        except OSError:
+            os.unlink(path)  # a refused size (EFBIG) must leave no empty file behind
+            raise
         finally:
             os.close(fd)
         fsync_dir(os.path.dirname(path))
@@ -162,7 +175,7 @@ class BackingStore:
                 data = end  # only a hole remains
             if data > pos:
                 stop = min(data, end)
-                _append(out, stop - pos, STATE_HOLE | STATE_ZERO)
+                self._hole_or_zeroed(out, pos, stop)
                 pos = stop
                 continue
             try:
@@ -173,6 +186,48 @@ class BackingStore:
             _append(out, stop - pos, 0)
             pos = stop
         return out
+
+
+    def _hole_or_zeroed(self, out: list[tuple[int, int]], pos: int, stop: int) -> None:
+        """SEEK_DATA skips unwritten extents (ext4, xfs): space zeroed with NO_HOLE is
+        allocated but looks like a hole. FIEMAP tells them apart, so such a range reads
+        as allocated zeroes (status 2), not as a hole (3)."""
+        for _start, length, unwritten in _fiemap(self.fd, pos, stop):
+            _append(out, length, STATE_ZERO if unwritten else STATE_HOLE | STATE_ZERO)
+
+
+def _fiemap(fd: int, pos: int, stop: int) -> list[tuple[int, int, bool]]:
+    """[pos, stop) as (start, length, unwritten-allocated) pieces: holes are (.., False).
+    Without FIEMAP (tmpfs, some file systems) the whole range is one hole."""
+    pieces: list[tuple[int, int, bool]] = []
+    cur = pos
+    while cur < stop:
+        req = bytearray(_FIEMAP_HDR.size + _FIEMAP_EXT.size * _FIEMAP_BATCH)
+        _FIEMAP_HDR.pack_into(req, 0, cur, stop - cur, 0, 0, _FIEMAP_BATCH, 0)
+        try:
+            fcntl.ioctl(fd, FS_IOC_FIEMAP, req)
+        except OSError:
+            break
+        mapped = _FIEMAP_HDR.unpack_from(req, 0)[3]
+        if not mapped:
+            break
+        last = False
+        for i in range(mapped):
+            logical, _phys, length, flags = _FIEMAP_EXT.unpack_from(
+                req, _FIEMAP_HDR.size + i * _FIEMAP_EXT.size)
+            a, b = max(logical, cur), min(logical + length, stop)
+            if b <= a:
+                continue
+            if a > cur:
+                pieces.append((cur, a - cur, False))
+            pieces.append((a, b - a, bool(flags & FIEMAP_EXTENT_UNWRITTEN)))
+            cur = b
+            last = bool(flags & FIEMAP_EXTENT_LAST)
+        if last or mapped < _FIEMAP_BATCH:
+            break
+    if cur < stop:
+        pieces.append((cur, stop - cur, False))
+    return pieces
 
 
 def _append(out: list[tuple[int, int]], length: int, flags: int) -> None:

@@ -9,16 +9,19 @@ removes on the next start.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
-import stat
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from twinvol.nbd.server_events import ExportInfo
+from twinvol.sizes import format_size
+from twinvol.storage import givenpath
 from twinvol.storage.backing import BackingStore, fsync_dir
 from twinvol.storage.catalog import Catalog, VolumeRecord, now
+from twinvol.storage.givenpath import PathAction, PathPlan
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SECTOR = 512
@@ -31,6 +34,18 @@ class VolumeError(Exception):
     def __init__(self, message: str, code: str = "invalid") -> None:
         super().__init__(message)
         self.code = code  # invalid | not_found | conflict | busy | io
+
+
+@dataclass(frozen=True, slots=True)
+class CreatePlan:
+    """What creating a volume will do (the answer to a dry run)."""
+
+    name: str
+    export_name: str
+    kind: str          # thin | file | device
+    size: int
+    path: str | None   # None: a new thin file in the data directory
+    step: PathPlan
 
 
 @dataclass(slots=True)
@@ -90,10 +105,10 @@ class VolumeManager:
             raise VolumeError(f"volume {name!r} does not exist", "not_found")
         return vol
 
-    def create(self, name: str, size: int | None, *, path: str | None = None,
-               export_name: str | None = None, description: str = "",
-               read_only: bool = False, serial: str | None = None,
-               vvol_id: int | None = None) -> Volume:
+    def plan(self, name: str, size: int | None, *, path: str | None = None,
+             export_name: str | None = None, serial: str | None = None,
+             vvol_id: int | None = None, adopt: bool = False) -> CreatePlan:
+        """Check a creation without doing it: what `create` would do, or VolumeError."""
         if not NAME_RE.match(name):
             raise VolumeError(f"invalid volume name {name!r}: use 1-64 letters, digits, '.', "
                               "'_' or '-', starting with a letter or digit")
@@ -107,32 +122,57 @@ class VolumeManager:
                               f"{self._by_export[export_name].record.name!r}", "conflict")
         if size is not None:
             _check_size(size)
-        vol_id = uuid.uuid4().hex
-        if path is None:
-            if size is None:
-                raise VolumeError("a thin volume needs a size (e.g. --size 1G)")
-            kind = "thin"
-            path = os.path.join(self.volume_dir, f"{vol_id}.img")
-            BackingStore.create_thin(path, size)
-        else:
-            path = os.path.abspath(path)
-            for v in self.volumes.values():
-                if v.record.path == path:
-                    raise VolumeError(f"{path} already backs volume {v.record.name!r}",
-                                      "conflict")
-            kind, size = _prepare_path(path, size)
         if serial is not None and not re.match(r"^[A-Za-z0-9-]{1,32}$", serial):
             raise VolumeError(f"invalid serial {serial!r}: 1-32 letters, digits or '-'")
         if vvol_id is not None and not 0 <= vvol_id < 2**32:
             raise VolumeError(f"invalid volume id {vvol_id}: 0 to 2^32-1")
-        rec = VolumeRecord(vol_id, name, export_name, size, kind, path, description,
+        if path is None:
+            if size is None:
+                raise VolumeError("a thin volume needs a size (e.g. --size 1G)")
+            return CreatePlan(name, export_name, "thin", size, None,
+                              PathPlan(PathAction.CREATE, "thin", size,
+                                       f"create a thin volume of {size} bytes in "
+                                       f"{self.volume_dir}"))
+        path = os.path.abspath(path)
+        real = os.path.realpath(path)
+        for v in self.volumes.values():
+            if os.path.realpath(v.record.path) == real:
+                raise VolumeError(f"{path} already backs volume {v.record.name!r}", "conflict")
+        try:
+            pp = givenpath.decide(givenpath.facts(path), size, adopt)
+        except givenpath.PathRefused as e:
+            raise VolumeError(str(e), e.code) from None
+        except OSError as e:
+            raise VolumeError(f"cannot inspect {path}: {e.strerror}", "io") from None
+        return CreatePlan(name, export_name, pp.kind, pp.size, path, pp)
+
+    def create(self, name: str, size: int | None, *, path: str | None = None,
+               export_name: str | None = None, description: str = "",
+               read_only: bool = False, serial: str | None = None,
+               vvol_id: int | None = None, adopt: bool = False) -> Volume:
+        plan = self.plan(name, size, path=path, export_name=export_name, serial=serial,
+                         vvol_id=vvol_id, adopt=adopt)
+        vol_id = uuid.uuid4().hex
+        size = plan.size
+        made = plan.step.action is PathAction.CREATE
+        path = plan.path or os.path.join(self.volume_dir, f"{vol_id}.img")
+        try:
+            if made:
+                BackingStore.create_thin(path, size)
+            elif plan.step.action is PathAction.ADOPT_GROW:
+                with open(path, "r+b") as f:
+                    f.truncate(size)
+                    os.fsync(f.fileno())
+        except OSError as e:
+            raise _create_error(path, size, e) from None
+        rec = VolumeRecord(vol_id, name, plan.export_name, size, plan.kind, path, description,
                            serial or self.serial,
                            self.catalog.next_vvol_id() if vvol_id is None else vvol_id,
                            read_only, now())
         try:
             vol = self._open(rec)
         except OSError as e:
-            if kind == "thin":
+            if made:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
             raise VolumeError(f"cannot open {path}: {e.strerror}", "io") from e
@@ -219,41 +259,15 @@ def _check_size(size: int) -> None:
         raise VolumeError(f"size {size} is larger than the maximum {MAX_VOLUME_SIZE}")
 
 
-def _prepare_path(path: str, size: int | None) -> tuple[str, int]:
-    """Validate (or create) a user-given backing path; returns (kind, size)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if size is None:
-            raise VolumeError(f"{path} does not exist; give --size to create it") from None
-        parent = os.path.dirname(path)
-        if not os.path.isdir(parent):
-            raise VolumeError(f"directory {parent} does not exist") from None
-        BackingStore.create_thin(path, size)
-        return "file", size
-    if stat.S_ISBLK(st.st_mode):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            dev_size = os.lseek(fd, 0, os.SEEK_END)
-        finally:
-            os.close(fd)
-        if size is not None and size > dev_size:
-            raise VolumeError(f"device {path} holds only {dev_size} bytes")
-        return "device", size or dev_size
-    if not stat.S_ISREG(st.st_mode):
-        raise VolumeError(f"{path} is neither a regular file nor a block device")
-    if size is None:
-        if st.st_size == 0 or st.st_size % SECTOR:
-            raise VolumeError(f"{path} is {st.st_size} bytes, not a positive multiple of "
-                              f"{SECTOR}; give --size")
-        return "file", st.st_size
-    if size < st.st_size:
-        raise VolumeError(f"{path} is already {st.st_size} bytes, larger than --size {size}")
-    if size > st.st_size:
-        with open(path, "r+b") as f:
-            f.truncate(size)
-            os.fsync(f.fileno())
-    return "file", size
+def _create_error(path: str, size: int, e: OSError) -> VolumeError:
+    """A clear refusal for a backing file the file system would not make."""
+    where = os.path.dirname(path)
+    if e.errno == errno.EFBIG:
+        return VolumeError(f"the file system of {where} cannot hold a file of {size} bytes "
+                           f"({format_size(size)}): {e.strerror}; choose a smaller size")
+    if e.errno == errno.ENOSPC:
+        return VolumeError(f"no space left in {where} for {path}", "io")
+    return VolumeError(f"cannot create {path}: {e.strerror}", "io")
 
 
 def msgspec_replace(rec: VolumeRecord, **changes: object) -> VolumeRecord:
