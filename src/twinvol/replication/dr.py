@@ -21,6 +21,7 @@ import msgspec
 
 from twinvol.replication import remote_messages as rm
 from twinvol.replication.bitmap import CHUNK, chunks_of, nchunks
+from twinvol.replication.core import far
 from twinvol.replication.core.types import GroupRole, GroupState, JournalMode, PairState, Role
 from twinvol.replication.messages import BadMessage
 from twinvol.replication.pairs import fork_generation
@@ -184,20 +185,21 @@ class DisasterRecovery:
         rec.applied = st.applied
         rec.applied_time = st.applied_time
         j = g.journal
-        covered = rec.mode == "journal" and (rec.seq_seen <= received
-                                             or j.holds(received + 1, rec.seq_seen))
+        holds_gap = rec.seq_seen <= received or j.holds(received + 1, rec.seq_seen)
         # Chunks the far copy got from a copy or catch-up whose writes the lost feeder had
         # not yet seen committed may hold writes this node never had: they go again.
+        chunked = 0
         for pr in g.pairs.values():
             rh, got = await self.ask(rec.target, rm.BitsRequest(rec.name, pair=pr.rec.name),
                                      f"node {rec.target} (the remote copy) is not connected")
-            if self.answer(rh, rm.BitsReply).chunks:
+            if (n := self.answer(rh, rm.BitsReply).chunks):
+                chunked += n
                 pr.dirty.merge(got)
                 await pr.dirty.sync(self.node.executor)
-                covered = False
         bits = sum(pr.dirty.count() for pr in g.pairs.values())
-        bits_needed = bits and not (rec.bitmap_until <= received
-                                    and st.state == GroupState.MIRRORED)
+        plan = far.takeover_plan(rec.mode == JournalMode.JOURNAL, rec.seq_seen, received,
+                                 holds_gap, bits, rec.bitmap_until,
+                                 st.state == GroupState.MIRRORED, chunked)
         rec.role = GroupRole.PRIMARY
         old_feeder, rec.feeder = rec.feeder, self.node.name
         rec.sent = received
@@ -211,7 +213,7 @@ class DisasterRecovery:
                                   "target": rec.target, "target_received": received,
                                   "target_applied": rec.applied,
                                   "recovery_point_time": rec.applied_time}
-        if covered and not bits_needed:
+        if plan.journal:
             delta_recs = max(0, j.last - received)
             delta_bytes = sum(j.index[s][2] for s in range(received + 1, j.last + 1))
             rec.written = max(rec.seq_seen, received)
@@ -233,7 +235,7 @@ class DisasterRecovery:
             chunks = sum(pr.dirty.count() for pr in g.pairs.values())
             total = sum(nchunks(pr.vol.record.size) for pr in g.pairs.values())
             report.update(method="bitmap", chunks=chunks, bytes=chunks * CHUNK,
-                          full_copy=chunks >= total)
+                          full_copy=chunks >= total, why=plan.reason)
             rec.state = GroupState.COPYING
             for pr in g.pairs.values():
                 if pr.dirty.count():

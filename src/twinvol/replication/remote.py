@@ -36,6 +36,7 @@ import msgspec
 from twinvol.nbd.constants import Cmd
 from twinvol.replication import remote_messages as rm
 from twinvol.replication.bitmap import chunks_of
+from twinvol.replication.core import far
 from twinvol.replication.core.types import GroupRole, GroupState, JournalMode
 from twinvol.replication.dr import DisasterRecovery
 from twinvol.replication.messages import BadMessage
@@ -239,8 +240,8 @@ class RemoteCopy:
             return
         self.mark(pr, offset, length)
         if g.rec.role == "standby":   # numbers up to `seq` are taken: never reuse them
-            g.rec.bitmap_until, g.rec.seq_seen = (max(g.rec.bitmap_until, seq, g.rec.written),
-                                                  max(g.rec.seq_seen, seq))
+            g.rec.seq_seen, g.rec.bitmap_until = far.after_copy_chunk(
+                g.rec.seq_seen, g.rec.bitmap_until, g.rec.written, seq)
         elif g.rec.mode == "journal":
             # The feeder's copy was resynced by its partner: catch the target up by chunks.
             self.overflow(g, "resynced from the active-active partner", event="remote_catch_up",

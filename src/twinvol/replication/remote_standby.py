@@ -13,6 +13,7 @@ import time
 from twinvol.nbd.constants import Cmd
 from twinvol.replication import remote_messages as rm
 from twinvol.replication.bitmap import nchunks
+from twinvol.replication.core import far
 from twinvol.replication.core.types import GroupRole, GroupState, JournalMode, Mode, PairState, Role
 from twinvol.replication.pairs import PairRecord
 from twinvol.replication.peer import Message, RemoteError
@@ -23,7 +24,6 @@ from twinvol.storage.journal import JournalError
 
 log = logging.getLogger("twinvol.remote")
 
-BITS_NEEDED = 1 << 62      # dirty chunks stand for writes no record holds
 
 
 class Standby:
@@ -43,9 +43,9 @@ class Standby:
         rec = g.rec
         aa = self.mgr.by_volume.get(pr.rec.volume)
         alone = aa is not None and aa.rec.io_mode == "local"
-        # Numbers go on from the last one seen from the feeder; none seen (a standby just
-        # demoted) could reuse numbers the target holds: dirty chunks then.
-        if alone and rec.mode == "journal" and g.journal.corrupt_at is None and rec.seq_seen:
+        step = far.standby_write(alone, rec.mode == JournalMode.JOURNAL, rec.seq_seen,
+                                 readable=g.journal.corrupt_at is None)
+        if step is far.StandbyStep.NUMBER:
             seq = rec.seq_seen + 1
             try:
                 g.journal.append_write(seq, pr.rec.name, cmd, flags, offset, length,
@@ -56,13 +56,13 @@ class Standby:
                 return 0
             except JournalError as e:
                 self.to_bitmap(g, f"standby journal: {e}")
-        elif rec.mode == "journal":
+        elif step is far.StandbyStep.TO_BLOCKS:
             # Mirrored with the feeder, which numbers this write without telling: from
             # here this node's last number is stale, so what it writes, now or alone
             # later, is tracked by dirty chunks, never by numbers the target may hold.
             self.to_bitmap(g, "writes as the active-active primary: the feeder numbers them")
         self.remote.mark(pr, offset, length)
-        rec.bitmap_until = BITS_NEEDED
+        rec.bitmap_until = far.BITS_NEEDED
         return 0
 
     def on_write(self, volume: str, seq: int, cmd: int, offset: int, length: int,
@@ -78,7 +78,7 @@ class Standby:
             return
         rec = g.rec
         last = rec.seq_seen
-        if rec.mode == "journal" and (last == 0 or seq == last + 1):
+        if far.standby_keeps(rec.mode == JournalMode.JOURNAL, last, seq):
             try:
                 g.journal.append_write(seq, pr.rec.name, cmd, flags, offset, length,
                                        time.time(),
@@ -125,7 +125,8 @@ class Standby:
             for pr in g.pairs.values():
                 if pr.rec.state != want:
                     self.mgr.set_state(pr, want, rec.reason)
-        if rec.applied >= rec.bitmap_until and rec.state == "mirrored":
+        if far.standby_caught_up(rec.state == GroupState.MIRRORED, rec.applied,
+                                 rec.bitmap_until):
             # The target has everything the dirty chunks stood for.
             for pr in g.pairs.values():
                 pr.dirty.clear_all()

@@ -11,6 +11,7 @@ import time
 
 from twinvol.replication import remote_messages as rm
 from twinvol.replication.bitmap import nchunks
+from twinvol.replication.core import far
 from twinvol.replication.core.types import GroupRole, GroupState, Mode, PairState, Role
 from twinvol.replication.pairs import PairRecord
 from twinvol.replication.peer import Message, RemoteError
@@ -204,7 +205,8 @@ class FarTarget:
     def committed(self, g: GroupRuntime, committed: int) -> None:
         """The feeder says every write up to `committed` is on both active-active copies:
         once that covers what the last copy's chunks may hold, their bits are closed."""
-        if g.rec.bits_open and committed >= g.rec.bits_until and g.rec.state == "mirrored":
+        if g.rec.bits_open and far.chunk_bits_close(g.rec.state == GroupState.MIRRORED,
+                                                    committed, g.rec.bits_until):
             for pr in g.pairs.values():
                 if pr.dirty.count():
                     pr.dirty.clear_all()

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from twinvol.replication.core import far
 from twinvol.replication.core.types import Mode
 from twinvol.testing import messages as m
 from twinvol.testing.sim import Clock, Network, Proc, Scheduler
@@ -29,7 +30,6 @@ FAR = "C"
 JOURNAL_LIMIT = 24      # records a journal holds before the copy falls back to blocks
 SHIP_EVERY = 0.05
 STAT_AFTER = 1.0        # seconds without a word from C before asking where it is
-BITS_NEEDED = 1 << 62
 
 Record = tuple[int, int, int]   # (sequence number, block, value)
 
@@ -115,18 +115,22 @@ class FarSide:
             seq = self._assign(block, value)
             self.inflight[seq] = None
             return seq
-        fresh = self.node.options.far_numbering
-        if self.node.mode is Mode.LOCAL and s.mode == "journal" and (s.seq_seen or not fresh):
+        alone, journaling = self.node.mode is Mode.LOCAL, s.mode == "journal"
+        if self.node.options.far_numbering:
+            step = far.standby_write(alone, journaling, s.seq_seen)
+        else:   # the old rule (--far-stale-numbers): number alone from any count
+            step = far.StandbyStep.NUMBER if alone and journaling else far.StandbyStep.MARK
+        if step is far.StandbyStep.NUMBER:
             seq = s.seq_seen + 1    # the standby goes on numbering alone
             s.journal.append((seq, block, value))
             s.seq_seen = s.written = seq
-        else:
-            if s.mode == "journal" and fresh:   # the feeder numbers it: our count goes stale
-                self._unapplied_to_dirty()
-                s.journal.clear()
-                s.mode = "bitmap"
-            s.dirty.add(block)
-            s.bitmap_until = BITS_NEEDED
+            return 0
+        if step is far.StandbyStep.TO_BLOCKS:   # the feeder numbers it: our count is stale
+            self._unapplied_to_dirty()
+            s.journal.clear()
+            s.mode = "bitmap"
+        s.dirty.add(block)
+        s.bitmap_until = far.BITS_NEEDED
         return 0
 
     def commit(self, seq: int) -> None:
@@ -152,15 +156,15 @@ class FarSide:
                 if s.mode == "journal":
                     self._to_blocks("resynced from the partner")
             else:   # numbers up to `j` are taken: never reuse them
-                s.bitmap_until = max(s.bitmap_until, j, s.written)
+                seq_seen, s.bitmap_until = far.after_copy_chunk(s.seq_seen, s.bitmap_until,
+                                                                s.written, j)
                 if self.node.options.far_numbering:
-                    s.seq_seen = max(s.seq_seen, j)
+                    s.seq_seen = seq_seen
             return
         if s.feeder:
             self._assign(block, value)      # the partner writes; this node numbers
             return
-        last = s.seq_seen
-        if s.mode == "journal" and seq and (last == 0 or seq == last + 1):
+        if far.standby_keeps(s.mode == "journal", s.seq_seen, seq):
             s.journal.append((seq, block, value))
         else:
             if s.mode == "journal":
@@ -271,7 +275,7 @@ class FarSide:
         self.applied = msg.applied
         self.c_consistent = msg.consistent
         s.journal = [r for r in s.journal if r[0] > msg.applied]
-        if msg.consistent and msg.applied >= s.bitmap_until:
+        if far.standby_caught_up(msg.consistent, msg.applied, s.bitmap_until):
             s.dirty.clear()
             if s.mode == "bitmap" and not s.journal:
                 s.mode = "journal"
@@ -292,19 +296,19 @@ class FarSide:
         self.taking_over = False
         received = msg.applied
         held = {r[0] for r in s.journal}
-        covered = s.mode == "journal" and (
-            s.seq_seen <= received or all(q in held for q in range(received + 1, s.seq_seen + 1)))
-        bits_needed = bool(s.dirty) and not (s.bitmap_until <= received and msg.consistent)
-        if msg.chunked and self.node.options.far_chunked:
-            # Blocks C got in a copy whose writes the lost feeder had not seen committed
-            # may hold writes this node never had. They go again, from here.
-            s.dirty |= msg.chunked
-            covered = False
+        chunked = msg.chunked if self.node.options.far_chunked else frozenset()
+        # Blocks C got in a copy whose writes the lost feeder had not seen committed
+        # may hold writes this node never had. They go again, from here.
+        s.dirty |= chunked
+        plan = far.takeover_plan(
+            s.mode == "journal", s.seq_seen, received,
+            all(q in held for q in range(received + 1, s.seq_seen + 1)), len(s.dirty),
+            s.bitmap_until, msg.consistent, len(chunked))
         s.feeder = True
         self.need_stat = False
         self.sent = self.applied = received
         self.c_consistent = msg.consistent
-        if covered and not bits_needed:
+        if plan.journal:
             s.written = max(s.seq_seen, received)
             s.dirty.clear()
             method = "journal"
@@ -343,7 +347,7 @@ class SimTarget(Proc):
 
     def _committed(self, committed: int) -> None:
         d = self.disk
-        if d.consistent and committed >= d.chunked_until:
+        if far.chunk_bits_close(d.consistent, committed, d.chunked_until):
             d.chunked.clear()
 
     def receive(self, src: str, msg: object) -> None:
