@@ -22,7 +22,7 @@ import msgspec
 from twinvol.replication import remote_messages as rm
 from twinvol.replication.bitmap import CHUNK, chunks_of, nchunks
 from twinvol.replication.core import far
-from twinvol.replication.core.types import GroupRole, GroupState, JournalMode, PairState, Role
+from twinvol.replication.core.types import GroupRole, GroupState, JournalMode, Role
 from twinvol.replication.messages import BadMessage
 from twinvol.replication.pairs import fork_generation
 from twinvol.replication.peer import Message, PeerDown, RemoteError
@@ -239,8 +239,8 @@ class DisasterRecovery:
             rec.state = GroupState.COPYING
             for pr in g.pairs.values():
                 if pr.dirty.count():
-                    pr.rec.state = PairState.COPYING
-                    mgr.save(pr)
+                    mgr.set_state(pr, "copying", f"takeover at {self.node.name}: "
+                                                 "catching the far copy up by chunks")
                     mgr.start_copy(pr)
         g.delta = report
         self.remote.save(g)

@@ -32,7 +32,9 @@ import msgspec
 from twinvol.nbd.constants import Cmd
 from twinvol.replication.backend import AsyncWriteBackend
 from twinvol.replication.bitmap import CHUNK, PersistentBits, chunks_of, nchunks
+from twinvol.replication.core import states
 from twinvol.replication.core.pace import Pace
+from twinvol.replication.core.types import PairState
 from twinvol.replication.ports import ManagerPort
 from twinvol.replication.wire import Payload
 from twinvol.storage.backing import BackingStore
@@ -299,6 +301,7 @@ class LocalCopies:
 
     def _set_state(self, lp: LocalPair, state: str, reason: str = "") -> None:
         old = lp.rec.state
+        states.check(lp.rec.name, PairState(old), PairState(state))
         lp.rec.state, lp.rec.reason = state, reason
         self.save(lp)
         if old != state:

@@ -25,6 +25,7 @@ from twinvol.replication import data_messages as dm
 from twinvol.replication.bitmap import AL_EXTENT, CHUNK, PersistentBits, extent_chunks, nchunks
 from twinvol.replication.commands import PairCommands
 from twinvol.replication.copier import Copier
+from twinvol.replication.core import states
 from twinvol.replication.core.lease import LeaseConfig, PeerLease
 from twinvol.replication.core.types import Mode, PairState, Role
 from twinvol.replication.data_messages import TAGS as DATA_TAGS
@@ -209,6 +210,7 @@ class ReplicationManager:
     def set_state(self, pr: PairRuntime, state: str, reason: str = "") -> None:
         if pr.rec.state != state or pr.rec.reason != reason:
             old = pr.rec.state
+            states.check(pr.rec.name, old, PairState(state))
             pr.rec.state = PairState(state)
             pr.rec.reason = reason
             self.save(pr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from twinvol.replication.core import states
 from twinvol.replication.core.decide import (
     AskWitness,
     Effect,
@@ -386,7 +387,7 @@ class SimNode(Proc):
             if isinstance(e, SetMode):
                 self.set_mode(e.mode, e.reason)
             elif isinstance(e, Suspend):
-                self.disk.state = PairState.SUSPENDED
+                self.set_state(PairState.SUSPENDED)
             elif isinstance(e, GoAlone):
                 if e.fork:
                     self.gens += 1
@@ -394,7 +395,7 @@ class SimNode(Proc):
                     self.disk.gen = f"{self.name}{self.incarnation}.{self.gens}"
                     self.disk.role = Role.PRIMARY
                 self.set_mode(Mode.LOCAL, e.reason)
-                self.disk.state = PairState.SUSPENDED
+                self.set_state(PairState.SUSPENDED)
             elif isinstance(e, AskWitness):
                 self.witness_rid = self._new_rid()
                 self._send(WITNESS, m.Arbitrate(self.witness_rid, self.name, self.partner,
@@ -440,6 +441,11 @@ class SimNode(Proc):
         return m.PairStateMsg(self.session, reply, d.gen, tuple(d.history), d.role, d.state,
                               self.mode, frozenset(dirty))
 
+    def set_state(self, state: PairState) -> None:
+        """Through the node's own state table: a transition it lacks fails the run."""
+        states.check("sim", self.disk.state, state)
+        self.disk.state = state
+
     def _reconcile(self, peer: m.PairStateMsg) -> None:
         d = self.disk
         plan = meeting(compare(d.gen, d.history, peer.gen, peer.history),
@@ -484,7 +490,7 @@ class SimNode(Proc):
         d.gen, d.history, d.role = msg.gen, list(msg.history), msg.role
         d.dirty.clear()
         d.copy_source = ""
-        d.state = PairState.MIRRORED
+        self.set_state(PairState.MIRRORED)
         self.set_mode(Mode.MIRROR, "resync done")
         self._send(WITNESS, m.Release(self.name))
         assert self.session is not None
@@ -499,7 +505,7 @@ class SimNode(Proc):
         d = self.disk
         d.dirty.clear()
         d.copy_source = ""
-        d.state = PairState.MIRRORED
+        self.set_state(PairState.MIRRORED)
         self.set_mode(Mode.MIRROR, "resync done")
         self._send(WITNESS, m.Release(self.name))
 
