@@ -349,7 +349,8 @@ def test_refusals(tmp_path: object) -> None:
         assert p.returncode == 1 and "already holds the active-active copy" in p.stderr
         p = c.cli("pair", "create", "x", "--mode", "active-active", "--primary", "A",
                   "--secondary", "C", "--group", "g")
-        assert p.returncode == 1 and "apply to --mode async or sync only" in p.stderr
+        # a usage mistake: exit 2, as the README says
+        assert p.returncode == 2 and "apply to --mode async or sync only" in p.stderr
         status, body = c.api("A", "POST", "/api/v1/pairs",
                              {"name": "vol-dr", "mode": "async", "secondary": "C",
                               "primary_volume": "vol", "journal_size": "4k"})
