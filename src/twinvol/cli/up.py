@@ -70,6 +70,15 @@ def _vmhosts() -> dict[str, VmHostConfig]:
             for name, node in VMHOSTS.items()}
 
 
+def _add_vmhosts(cfg: ClusterConfig, path: str) -> ClusterConfig:
+    """A cluster file made before the demo had hypervisor hosts gets them (written back)."""
+    if cfg.vmhosts or not all(n in cfg.nodes for n in VMHOSTS.values()):
+        return cfg
+    cfg.vmhosts = _vmhosts()
+    cluster_mod.dump(cfg, path)
+    return cluster_mod.load(path)
+
+
 def _new_cluster(directory: str, backend: Backend = Backend.BUILTIN) -> ClusterConfig:
     ports = iter(free_ports(3 * len(NODES) + 3))
     nodes = {
@@ -125,10 +134,7 @@ def up(
             raise CliError(str(e)) from None
         cluster_mod.dump(cfg, path)
         cfg = cluster_mod.load(path)
-    if not cfg.vmhosts and all(n in cfg.nodes for n in VMHOSTS.values()):
-        cfg.vmhosts = _vmhosts()  # a directory made before the demo had hypervisor hosts
-        cluster_mod.dump(cfg, path)
-        cfg = cluster_mod.load(path)
+    cfg = _add_vmhosts(cfg, path)
     etcd = (EtcdCluster.open(os.path.join(directory, ETCD_DIR))
             if _backend(cfg) is Backend.ETCD else None)
 
