@@ -58,7 +58,9 @@ def test_up_starts_vm_hosts_and_the_readme_guest_migrates_in_three_commands(
     qemu_pid = None
     try:
         assert proc.stdout is not None
-        ready = json.loads(proc.stdout.readline())
+        line = proc.stdout.readline()
+        assert line, proc.communicate(timeout=30)[1]  # up exited without its ready line
+        ready = json.loads(line)
         hosts = ready["vmhosts"]
         assert {h: v["site"] for h, v in hosts.items()} == {"H1": "A", "H2": "B"}
         assert all(_alive(v["pid"]) and v["api"].startswith("http://127.0.0.1:")

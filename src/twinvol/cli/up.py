@@ -19,6 +19,7 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -60,10 +61,9 @@ def _backend(cfg: ClusterConfig) -> Backend | None:
     return Backend(cfg.witness.get("backend", Backend.BUILTIN))
 
 
-def _vmhosts() -> dict[str, VmHostConfig]:
+def _vmhosts(ports: Iterator[int]) -> dict[str, VmHostConfig]:
     """The demo's hypervisor hosts: each reaches `volume:NAME` through its own site's node,
     so a VM migrated from H1 to H2 moves from node A's path to node B's."""
-    ports = iter(free_ports(len(VMHOSTS)))
     return {name: VmHostConfig(site=node, api=f"127.0.0.1:{next(ports)}", storage=node,
                                data_dir=f"vm-{name}", cpus=2, memory="1G",
                                networks={"lan": "isolated"})
@@ -74,13 +74,18 @@ def _add_vmhosts(cfg: ClusterConfig, path: str) -> ClusterConfig:
     """A cluster file made before the demo had hypervisor hosts gets them (written back)."""
     if cfg.vmhosts or not all(n in cfg.nodes for n in VMHOSTS.values()):
         return cfg
-    cfg.vmhosts = _vmhosts()
+    # Nothing runs yet: free_ports cannot see the file's own ports, so skip them.
+    taken = {a for n in cfg.nodes.values() for a in (n.nbd, n.api, n.peer)} | {
+        str(a) for sec in (cfg.witness or {}, cfg.host or {}) for k, a in sec.items()
+        if k in ("addr", "nbd", "api")}
+    cfg.vmhosts = _vmhosts(p for p in free_ports(len(VMHOSTS) + len(taken))
+                           if f"127.0.0.1:{p}" not in taken)
     cluster_mod.dump(cfg, path)
     return cluster_mod.load(path)
 
 
 def _new_cluster(directory: str, backend: Backend = Backend.BUILTIN) -> ClusterConfig:
-    ports = iter(free_ports(3 * len(NODES) + 3))
+    ports = iter(free_ports(3 * len(NODES) + 3 + len(VMHOSTS)))
     nodes = {
         name: NodeConfig(site=name, nbd=f"127.0.0.1:{next(ports)}",
                          api=f"127.0.0.1:{next(ports)}", data_dir=name,
@@ -101,7 +106,7 @@ def _new_cluster(directory: str, backend: Backend = Backend.BUILTIN) -> ClusterC
                                **({"socket": HOST_SOCKET} if len(os.fsencode(
                                    os.path.join(directory, HOST_SOCKET))) <= UNIX_PATH_MAX
                                   else {})},
-                         vmhosts=_vmhosts())
+                         vmhosts=_vmhosts(ports))
 
 
 def up(
