@@ -240,6 +240,23 @@ def test_up_leaves_out_the_unix_socket_when_the_dir_is_too_deep() -> None:
     assert deep.host["nodes"] == ["A", "B"]
 
 
+def test_up_adds_vm_hosts_to_a_cluster_file_made_without_them(tmp_path: object) -> None:
+    from twinvol import cluster as cluster_mod
+    from twinvol.cli.up import _add_vmhosts, _new_cluster
+
+    path = os.path.join(str(tmp_path), "cluster.toml")
+    old = _new_cluster(str(tmp_path))
+    old.vmhosts = {}
+    cluster_mod.dump(old, path)
+    cfg = _add_vmhosts(cluster_mod.load(path), path)
+    again = cluster_mod.load(path)
+    assert again.vmhosts == cfg.vmhosts
+    assert {h: (v.site, v.storage, v.data_dir) for h, v in again.vmhosts.items()} == {
+        "H1": ("A", "A", "vm-H1"), "H2": ("B", "B", "vm-H2")}
+    assert again.nodes == old.nodes and again.cluster == old.cluster  # the rest is kept
+    assert _add_vmhosts(again, path).vmhosts == again.vmhosts  # added once, ports kept
+
+
 def test_up_killed_takes_nodes_down(tmp_path: object) -> None:
     directory = os.path.join(str(tmp_path), "up")
     proc = subprocess.Popen([sys.executable, "-m", "twinvol", "up", "--dir", directory, "--json"],

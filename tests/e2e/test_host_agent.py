@@ -872,10 +872,13 @@ class MemBackend:
         self.writes = 0
         self.fail_read: int | None = None
         self.fail_write: int | None = None
+        self.delay = 0.0  # seconds each read takes
 
     def pread(self, offset: int, length: int) -> bytes:
         if self.fail_read:
             raise OSError(self.fail_read, os.strerror(self.fail_read))
+        if self.delay:
+            time.sleep(self.delay)
         self.reads += 1
         return bytes(self.buf[offset:offset + length])
 
@@ -1097,6 +1100,50 @@ def test_silent_event_stream_is_reconnected_and_missed_modes_are_read(data_path:
         await c.aclose()
 
     in_process(test, data_path=data_path, silence=0.3)
+
+
+@DATA_PATHS
+def test_request_latency_per_export_and_op_in_metrics(data_path: str) -> None:
+    async def scrape(agent: Agent) -> dict[str, float]:
+        def get() -> bytes:
+            with urllib.request.urlopen(f"http://127.0.0.1:{agent.api_port}/metrics",
+                                        timeout=10) as r:
+                return r.read()  # type: ignore[no-any-return]
+
+        text = (await asyncio.get_running_loop().run_in_executor(None, get)).decode()
+        return {k: float(v) for line in text.splitlines() if line.startswith("twinvol_host_req")
+                for k, _, v in [line.rpartition(" ")]}
+
+    def key(part: str, op: str, le: str = "") -> str:
+        return (f'twinvol_host_request_seconds_{part}{{export="v",'
+                + (f'le="{le}",' if le else "") + f'op="{op}"}}')
+
+    async def test(agent: Agent, nodes: dict[str, MemNode], links: dict[str, FakeLink]) -> None:
+        c = await NbdClient.connect("127.0.0.1", agent.nbd_port, "v")
+        await until(lambda: path_state(agent, "B") == "up", "path B up")
+        for n in nodes.values():
+            n.backend.delay = 0.03
+        for i in range(40):  # requests 1-40: the 1st, 17th and 33rd are timed
+            await c.pread(i * 4096, 4096)
+        for n in nodes.values():
+            n.backend.delay = 0.0
+        for i in range(8):   # 41-48: none timed
+            await c.pwrite(i * 4096, b"w" * 4096)
+        await c.flush_cmd()  # 49: timed
+        m = await scrape(agent)
+        assert [m[key("count", op)] for op in ("read", "write", "other")] == [3, 0, 1]
+        assert 0.09 <= m[key("sum", "read")] < 3.0
+        # Each timed read took 30 ms at its node: none in the buckets up to 16.8 ms.
+        assert m[key("bucket", "read", "0.016777216")] == 0
+        assert m[key("bucket", "read", "+Inf")] == 3
+        assert 0 < m[key("sum", "other")] < 1.0
+        await c.aclose()
+        # The closed session's samples stay in the export's totals.
+        await until(lambda: agent.status()["exports"]["v"]["sessions"] == 0, "session closed")
+        assert await scrape(agent) == m
+        assert agent.status()["exports"]["v"]["latency"]["read"]["count"] == 3
+
+    in_process(test, data_path=data_path)
 
 
 @DATA_PATHS

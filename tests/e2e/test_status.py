@@ -5,10 +5,13 @@ loses a copy, a node and then everything; and the commands around it that must n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -20,6 +23,7 @@ import pytest
 from test_cli import one_error_line
 
 from clusterproc import ClusterProc
+from rawnbd import RawClient
 from twinvol import __version__
 
 pytestmark = pytest.mark.e2e
@@ -120,6 +124,42 @@ def test_metrics_of_host_agent_and_nodes(cluster: ClusterProc) -> None:
         assert after[f'twinvol_volume_request_seconds_bucket{{le="+Inf",{label}}}'] == count
         if delta("twinvol_volume_request_seconds_count", op):
             assert 0 < delta("twinvol_volume_request_seconds_sum", op) < 5.0, op
+
+
+def test_protocol_errors_on_peer_and_nbd_ports_are_counted_and_logged(
+        cluster: ClusterProc) -> None:
+    node = cluster.cfg.node("A")
+    key = 'twinvol_protocol_errors_total{{node="A",port="{}",site="A"}}'
+    before = metrics(node.api_url, cluster.cfg.cluster.secret)
+    # The peer port: a frame whose header is msgpack {"t": <the byte 0xff as a string>}.
+    header = b"\x81\xa1t\xa1\xff"
+    assert node.peer is not None
+    host, port = node.peer.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        peer_addr = "{}:{}".format(*s.getsockname())
+        s.sendall(struct.pack(">II", len(header), 0) + header)
+        with contextlib.suppress(ConnectionResetError):
+            while s.recv(65536):  # A's hello, then A drops the link
+                pass
+    # The NBD port: client flags with an unknown bit.
+    c = RawClient(int(node.nbd.rsplit(":", 1)[1]))
+    nbd_addr = "{}:{}".format(*c.sock.getsockname())
+    c.client_flags(0x80)
+    assert c.is_closed()
+    after = metrics(node.api_url, cluster.cfg.cluster.secret)
+    assert after[key.format("peer")] - before[key.format("peer")] == 1.0
+    assert after[key.format("nbd")] - before[key.format("nbd")] == 1.0
+    # Each logged once, with the address it came from; the link to B is untouched.
+    with open(os.path.join(cluster.dir, "A.log")) as f:
+        lines = [json.loads(line) for line in f]
+    peer_lines = [r for r in lines if r["msg"] == "peer protocol error, link dropped"
+                  and r.get("addr") == peer_addr]
+    assert len(peer_lines) == 1
+    assert "undecodable frame header" in peer_lines[0]["reason"]
+    assert len([r for r in lines if r["msg"] == "nbd protocol error, hard disconnect"
+                and r.get("peer") == nbd_addr]) == 1
+    rc, st = status(cluster)
+    assert (rc, st["verdict"]) == (0, "healthy"), st["reasons"]
 
 
 def test_watch_json_streams_until_ctrl_c(cluster: ClusterProc) -> None:

@@ -62,7 +62,7 @@ def test_oversized_or_garbage_frames_are_errors() -> None:
     with pytest.raises(WireError, match="undecodable"):
         FrameDecoder().feed(struct.pack(">II", 3, 0) + b"\xc1\xc1\xc1")
     not_utf8 = b"\x81\xa1t\xa1\xff"   # {"t": <the byte 0xff as a string>}
-    with pytest.raises(WireError, match="undecodable.*utf-8"):
+    with pytest.raises(WireError, match=r"undecodable.*utf-8"):
         FrameDecoder().feed(struct.pack(">II", len(not_utf8), 0) + not_utf8)
     with pytest.raises(WireError, match="no type"):
         FrameDecoder().feed(b"".join(encode({"x": 1})))

@@ -1,7 +1,9 @@
 """`twinvol up`: the local demo cluster on loopback, in the foreground.
 
-Starts nodes A, B and C (sites A, B, C), each its own process, and the witness (the
-builtin one, or with `--witness etcd` a three-member etcd cluster), creates the
+Starts nodes A, B and C (sites A, B, C), each its own process, the witness (the
+builtin one, or with `--witness etcd` a three-member etcd cluster), the host agent,
+hypervisor hosts H1 (site A, through node A) and H2 (site B, through node B) and the
+dashboard, creates the
 volume `demo` (1 GiB) on A as an active-active pair with B plus an async copy to C
 (pair `demo-dr`, consistency group `demo`), waits until both are mirrored, prints
 one ready line (or one JSON object with `--json`) and runs until SIGINT/SIGTERM,
@@ -17,13 +19,20 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import typer
 
 from twinvol import cluster as cluster_mod
 from twinvol.cli.common import ApiError, CliError, api
-from twinvol.cluster import ClusterConfig, ClusterError, ClusterSection, NodeConfig
+from twinvol.cluster import (
+    ClusterConfig,
+    ClusterError,
+    ClusterSection,
+    NodeConfig,
+    VmHostConfig,
+)
 from twinvol.host import UNIX_PATH_MAX
 from twinvol.supervisor import AlreadyRunning, Supervisor, free_ports, hold_dir_lock, twinvol_argv
 from twinvol.witness import Backend
@@ -38,6 +47,7 @@ REMOTE_SECONDARY = "C"      # the far site: async copy of demo (three-data-centr
 REMOTE_PAIR = "demo-dr"
 HOST_SOCKET = "host.sock"  # the host agent's Unix socket, next to the cluster file
 ETCD_DIR = "etcd"          # the etcd members' data and ports, under DIR
+VMHOSTS = {"H1": PAIR_PRIMARY, "H2": PAIR_SECONDARY}  # hypervisor host -> its site and node
 
 
 WitnessOpt = typer.Option(
@@ -51,8 +61,31 @@ def _backend(cfg: ClusterConfig) -> Backend | None:
     return Backend(cfg.witness.get("backend", Backend.BUILTIN))
 
 
+def _vmhosts(ports: Iterator[int]) -> dict[str, VmHostConfig]:
+    """The demo's hypervisor hosts: each reaches `volume:NAME` through its own site's node,
+    so a VM migrated from H1 to H2 moves from node A's path to node B's."""
+    return {name: VmHostConfig(site=node, api=f"127.0.0.1:{next(ports)}", storage=node,
+                               data_dir=f"vm-{name}", cpus=2, memory="1G",
+                               networks={"lan": "isolated"})
+            for name, node in VMHOSTS.items()}
+
+
+def _add_vmhosts(cfg: ClusterConfig, path: str) -> ClusterConfig:
+    """A cluster file made before the demo had hypervisor hosts gets them (written back)."""
+    if cfg.vmhosts or not all(n in cfg.nodes for n in VMHOSTS.values()):
+        return cfg
+    # Nothing runs yet: free_ports cannot see the file's own ports, so skip them.
+    taken = {a for n in cfg.nodes.values() for a in (n.nbd, n.api, n.peer)} | {
+        str(a) for sec in (cfg.witness or {}, cfg.host or {}) for k, a in sec.items()
+        if k in ("addr", "nbd", "api")}
+    cfg.vmhosts = _vmhosts(p for p in free_ports(len(VMHOSTS) + len(taken))
+                           if f"127.0.0.1:{p}" not in taken)
+    cluster_mod.dump(cfg, path)
+    return cluster_mod.load(path)
+
+
 def _new_cluster(directory: str, backend: Backend = Backend.BUILTIN) -> ClusterConfig:
-    ports = iter(free_ports(3 * len(NODES) + 3))
+    ports = iter(free_ports(3 * len(NODES) + 3 + len(VMHOSTS)))
     nodes = {
         name: NodeConfig(site=name, nbd=f"127.0.0.1:{next(ports)}",
                          api=f"127.0.0.1:{next(ports)}", data_dir=name,
@@ -72,7 +105,8 @@ def _new_cluster(directory: str, backend: Backend = Backend.BUILTIN) -> ClusterC
                                # deep --dirs go without: the path would not fit a Unix socket
                                **({"socket": HOST_SOCKET} if len(os.fsencode(
                                    os.path.join(directory, HOST_SOCKET))) <= UNIX_PATH_MAX
-                                  else {})})
+                                  else {})},
+                         vmhosts=_vmhosts(ports))
 
 
 def up(
@@ -105,6 +139,7 @@ def up(
             raise CliError(str(e)) from None
         cluster_mod.dump(cfg, path)
         cfg = cluster_mod.load(path)
+    cfg = _add_vmhosts(cfg, path)
     etcd = (EtcdCluster.open(os.path.join(directory, ETCD_DIR))
             if _backend(cfg) is Backend.ETCD else None)
 
@@ -132,6 +167,9 @@ def up(
                 raise CliError(f"the witness failed to start: {e}") from None
         for name in cfg.nodes:
             sup.start(name, twinvol_argv("node", "run", "--cluster", path, "--node", name),
+                      os.path.join(directory, "logs", f"{name}.log"))
+        for name in cfg.vmhosts:  # QEMU probing takes a while: waited for at the end
+            sup.start(name, twinvol_argv("vm", "host", "run", "--cluster", path, "--name", name),
                       os.path.join(directory, "logs", f"{name}.log"))
         for name, node in cfg.nodes.items():
             try:
@@ -170,6 +208,12 @@ def up(
             sup.wait_http("dashboard", dashboard + "api/v1/health")
         except RuntimeError as e:
             raise CliError(f"the dashboard failed to start: {e}") from None
+        for name, vh in cfg.vmhosts.items():
+            try:
+                sup.wait_http(name, vh.api_url + "/api/v1/health",
+                              headers={"Authorization": f"Bearer {cfg.cluster.secret}"})
+            except RuntimeError as e:
+                raise CliError(f"hypervisor host {name} failed to start: {e}") from None
         ready = {**_ready(cfg, sup, path, first, etcd), "dashboard": dashboard}
         if json_out:
             sys.stdout.write(json.dumps(ready) + "\n")
@@ -177,8 +221,11 @@ def up(
             nodes = " ".join(f"{n}(pid {v['pid']}, {v['nbd']}, {v['api']})"
                              for n, v in ready["nodes"].items())
             vols = " ".join(f"{k}={v}" for k, v in ready["volumes"].items())
+            vmhosts = " ".join(f"{n}(site {v['site']}, {v['api']})"
+                               for n, v in ready["vmhosts"].items())
             sys.stdout.write(f"twinvol up: ready; cluster {path}; nodes {nodes}; "
-                             f"volumes {vols}; dashboard {dashboard}; Ctrl-C stops\n")
+                             f"volumes {vols}; hypervisor hosts {vmhosts or 'none'}; "
+                             f"dashboard {dashboard}; Ctrl-C stops\n")
         sys.stdout.flush()
         reported: set[str] = set()
         while not stopping:
@@ -235,4 +282,6 @@ def _ready(cfg: ClusterConfig, sup: Supervisor, path: str, first: str,
         # the same volumes through the host agent's Unix socket (local clients)
         "unix_volumes": ({DEMO_VOLUME: f"nbd+unix:///{DEMO_VOLUME}?socket={sock}"} if sock
                          else {}),
+        "vmhosts": {name: {"pid": sup.components[name].pid, "api": vh.api_url,
+                           "site": vh.site} for name, vh in cfg.vmhosts.items()},
     }

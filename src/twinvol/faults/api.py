@@ -32,6 +32,7 @@ from twinvol.faults.node import BadReport
 from twinvol.httpapi import follow_lines
 from twinvol.nbd.iostats import BOUNDS, SAMPLE, IoStats
 from twinvol.replication.core.types import PairState
+from twinvol.replication.peer import PROTOCOL_ERRORS
 
 if TYPE_CHECKING:
     from twinvol.node.node import Node
@@ -160,6 +161,11 @@ class NodeCollector(Collector):
         g = GaugeMetricFamily("twinvol_nbd_connections", "NBD client connections", labels=ln)
         g.add_metric(lv, len(node.connections))
         yield g
+        c = CounterMetricFamily("twinvol_protocol_errors", "connections dropped for breaking "
+                                "the protocol (NBD clients, peer links)", labels=[*ln, "port"])
+        c.add_metric([*lv, "nbd"], node.io_stats.protocol_errors)
+        c.add_metric([*lv, "peer"], PROTOCOL_ERRORS[node.name])
+        yield c
         yield from _volume_metrics(node.io_stats, ln, lv)
         c = CounterMetricFamily("twinvol_faults_raised", "fault reports raised by this node",
                                 labels=[*ln, "component", "severity"])

@@ -66,6 +66,11 @@ enum { E_EPERM = 1, E_EIO = 5, E_EINVAL = 22, E_ENOSPC = 28, E_EOVERFLOW = 75,
 #define DEFER_MAX 32
 #define BATCH_SLACK 16                  /* see choose_path */
 #define META_CONTEXT_ID 1               /* the agent's id for base:allocation (as nbd/server.py) */
+/* Latency: one request in LAT_SAMPLE is timed, from the whole request read to its reply
+   queued, and binned by bit length as twinvol.nbd.iostats does (same buckets). */
+#define LAT_SAMPLE_MASK 15u
+#define LAT_SHIFT 14
+#define LAT_BUCKETS 18
 
 static const char *CMD_NAMES[] = {"READ", "WRITE", "DISC", "FLUSH", "TRIM", "CACHE",
                                   "WRITE_ZEROES", "BLOCK_STATUS"};
@@ -88,6 +93,12 @@ static inline void wr32(unsigned char *p, uint32_t v) {
     p[3] = (unsigned char)v;
 }
 static inline void wr64(unsigned char *p, uint64_t v) { wr32(p, (uint32_t)(v >> 32)); wr32(p + 4, (uint32_t)v); }
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 static double now_mono(void) {
     struct timespec ts;
@@ -302,6 +313,7 @@ typedef struct {
     int parked;          /* 1 + the path it waits to drain, 0 when not parked */
     uint32_t gen;        /* bumped each time the slot is (re)sent: stale replies are refused */
     uint32_t charged;    /* bytes of payload this request holds or will (see out_bytes) */
+    uint64_t t0;         /* now_ns() when read, for the one in LAT_SAMPLE timed; else 0 */
     int next;            /* free list / held queue link */
     int used;
 } Slot;
@@ -325,6 +337,11 @@ typedef struct {
     unsigned long long requests;
     double progress;
 } Path;
+
+/* Timed requests of one kind (read, write, other) since take_latency last took them. */
+typedef struct {
+    unsigned long long samples, ns, buckets[LAT_BUCKETS];
+} Lat;
 
 typedef struct {
     PyObject_HEAD
@@ -359,6 +376,7 @@ typedef struct {
     int client_paused, closing, client_gone;
     const char *close_reason;  /* why closing: a DISC or the client's EOF */
     unsigned long long retries, held_total, requests;
+    Lat lat[3];              /* by kind: read, write, other */
     PyObject *events;        /* list being built during one call, or NULL */
     PyObject *on_events;     /* called with the events of an I/O call (see deliver) */
 } Relay;
@@ -713,6 +731,23 @@ static uint32_t check(Relay *r, uint16_t cmd, uint16_t flags, uint64_t off, uint
     return 0;
 }
 
+/* One request in LAT_SAMPLE (by arrival number) is timed. */
+static inline void lat_start(Slot *s) {
+    if (!(s->seq & LAT_SAMPLE_MASK)) s->t0 = now_ns();
+}
+
+/* A timed request is answered (its reply queued): count its time. */
+static void lat_done(Relay *r, Slot *s) {
+    if (!s->t0) return;
+    uint64_t ns = now_ns() - s->t0;
+    Lat *l = &r->lat[s->cmd == C_READ ? 0 : s->cmd == C_WRITE ? 1 : 2];
+    l->samples++;
+    l->ns += ns;
+    unsigned b = 0;
+    for (uint64_t v = ns >> LAT_SHIFT; v && b < LAT_BUCKETS - 1; v >>= 1) b++;
+    l->buckets[b]++;
+}
+
 /* A complete write payload: route it (or answer the error found in its header). */
 static int finish_write(Relay *r) {
     r->w_active = 0;
@@ -722,6 +757,7 @@ static int finish_write(Relay *r) {
     int si = r->w_slot;
     r->slots[si].data = r->w_pl;
     r->w_pl = NULL;
+    lat_start(&r->slots[si]);
     r->requests++;
     return dispatch(r, si);
 }
@@ -818,6 +854,7 @@ static int parse_requests(Relay *r) {
             s->charged = len;
             r->out_bytes += len;
         }
+        lat_start(s);
         r->requests++;
         if (dispatch(r, si) < 0) return -1;
     }
@@ -905,6 +942,7 @@ static void after_io(Relay *r, int defer) {
 static void done_ok(Relay *r, int si, int pi) {
     Path *p = &r->paths[pi];
     p->requests++;
+    lat_done(r, &r->slots[si]);
     slot_free(r, si);
 }
 
@@ -922,6 +960,7 @@ static int done_error(Relay *r, int si, int pi, uint32_t err, const unsigned cha
     p->requests++;
     if (client_error(err)) {
         int rc = reply_error(r, s->cookie, err, (const char *)msg, mlen);
+        lat_done(r, s);
         slot_free(r, si);
         return rc;
     }
@@ -1479,6 +1518,28 @@ static PyObject *Relay_stats(Relay *r, PyObject *unused) {
                          (Py_ssize_t)r->out_bytes);
 }
 
+/* take_latency() -> ((samples, ns, (bucket counts...)) for read, write, other): the timed
+   requests since the last call, which starts them again from zero. */
+static PyObject *Relay_take_latency(Relay *r, PyObject *unused) {
+    PyObject *out = PyTuple_New(3);
+    if (!out) return NULL;
+    for (int k = 0; k < 3; k++) {
+        Lat *l = &r->lat[k];
+        PyObject *b = PyTuple_New(LAT_BUCKETS);
+        if (!b) { Py_DECREF(out); return NULL; }
+        for (int i = 0; i < LAT_BUCKETS; i++) {
+            PyObject *n = PyLong_FromUnsignedLongLong(l->buckets[i]);
+            if (!n) { Py_DECREF(b); Py_DECREF(out); return NULL; }
+            PyTuple_SET_ITEM(b, i, n);
+        }
+        PyObject *t = Py_BuildValue("(KKN)", l->samples, l->ns, b);
+        if (!t) { Py_DECREF(out); return NULL; }
+        PyTuple_SET_ITEM(out, k, t);
+        memset(l, 0, sizeof *l);
+    }
+    return out;
+}
+
 /* flush() -> events | None: try to send what is queued (before a close). */
 static PyObject *Relay_flush(Relay *r, PyObject *unused) {
     after_io(r, 0);
@@ -1520,6 +1581,7 @@ static PyMethodDef Relay_methods[] = {
     {"path_stats", (PyCFunction)Relay_path_stats, METH_O, NULL},
     {"path_fd", (PyCFunction)Relay_path_fd, METH_O, NULL},
     {"stats", (PyCFunction)Relay_stats, METH_NOARGS, NULL},
+    {"take_latency", (PyCFunction)Relay_take_latency, METH_NOARGS, NULL},
     {"flush", (PyCFunction)Relay_flush, METH_NOARGS, NULL},
     {"close", (PyCFunction)Relay_close, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},

@@ -31,7 +31,7 @@ from aiohttp import web
 from twinvol import __version__
 from twinvol.cluster import split_hostport
 from twinvol.faults.host import HostFaults
-from twinvol.host import UNIX_PATH_MAX, HostSetup
+from twinvol.host import UNIX_PATH_MAX, HostSetup, latency
 from twinvol.host.api import make_app
 from twinvol.host.connection import AgentProtocol
 from twinvol.host.events import NodeWatcher
@@ -59,6 +59,7 @@ class ExportState:
         self.modes: dict[str, str] = {}
         self.counters = dict.fromkeys(_COUNTERS, 0)
         self.requests: dict[str, int] = {}  # per node, of sessions already closed
+        self.latency = latency.VolumeIo()   # timed requests of sessions already closed
 
 
 class Agent:
@@ -118,6 +119,7 @@ class Agent:
         if st is None:
             return
         st.sessions.discard(session)
+        latency.add(st.latency, session.take_latency())
         for p in session.paths:
             st.requests[p.node] = st.requests.get(p.node, 0) + p.requests
 
@@ -437,8 +439,12 @@ class Agent:
                     "reason": reasons[0] if reasons else ""}
             ex_held = sum(s.held_count() for s in sessions)
             held += ex_held
+            timed = latency.VolumeIo()
+            for vio in (st.latency, *(s.take_latency() for s in sessions)):
+                latency.add(timed, vio)
             exports[name] = {"identity": st.identity, "sessions": len(sessions),
-                             "held": ex_held, "paths": paths, **st.counters}
+                             "held": ex_held, "paths": paths, **st.counters,
+                             "latency": latency.as_json(timed)}
         return {
             "component": "host", "version": __version__, "pid": os.getpid(),
             "uptime": round(time.monotonic() - self.started, 3),

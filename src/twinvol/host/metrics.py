@@ -1,6 +1,7 @@
 """The host agent's Prometheus `/metrics`: per-path state and requests, held requests,
-failovers and retries per export, read from its status document at scrape time (nothing
-is counted per request for it)."""
+failovers, retries and request latency per export, read from its status document at
+scrape time (nothing is counted per request for it but the sampled latency,
+host/latency.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from twinvol import __version__
+from twinvol.host.latency import BOUNDS, SAMPLE
 
 PATH_STATES = ("up", "blocked", "mismatch", "absent", "down", "idle")
 _EXPORT_COUNTERS = (  # status key, metric name (prometheus adds _total), help
@@ -48,6 +50,10 @@ class HostCollector(Collector):
                                      labels=["export"])
         counters = {k: CounterMetricFamily(f"twinvol_host_{name}", doc, labels=["export"])
                     for k, name, doc in _EXPORT_COUNTERS}
+        latency = HistogramMetricFamily(
+            "twinvol_host_request_seconds", "time from a client's request read to its reply "
+            f"queued, through the nodes; 1 in {SAMPLE} timed (the count is of timed requests)",
+            labels=["export", "op"])
         for export, ex in sorted(st.get("exports", {}).items()):
             for node, p in sorted(ex.get("paths", {}).items()):
                 for s in PATH_STATES:
@@ -60,7 +66,13 @@ class HostCollector(Collector):
             sessions.add_metric([export], float(ex.get("sessions", 0)))
             for k, fam in counters.items():
                 fam.add_metric([export], float(ex.get(k, 0)))
-        yield from (state, mode, reqs, inflight, held, sessions, *counters.values())
+            for op, h in sorted((ex.get("latency") or {}).items()):
+                running, buckets = 0, []
+                for bound, n in zip((*BOUNDS, float("inf")), h["buckets"], strict=True):
+                    running += n
+                    buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+                latency.add_metric([export, op], buckets, h["sum"])
+        yield from (state, mode, reqs, inflight, held, sessions, *counters.values(), latency)
         g = GaugeMetricFamily("twinvol_host_connections", "client connections to the agent")
         g.add_metric([], float(st.get("connections", 0)))
         yield g

@@ -86,10 +86,11 @@ class Op:
     """One client request on its way through the agent."""
 
     __slots__ = ("cmd", "cookie", "data", "first_fault", "flags", "length", "offset", "path",
-                 "seq", "session")
+                 "seq", "session", "t0")
 
     def __init__(self, session: Owner, cmd: int, flags: int, cookie: int, offset: int,
-                 length: int, data: bytes | memoryview | None, seq: int = 0) -> None:
+                 length: int, data: bytes | memoryview | None, seq: int = 0,
+                 t0: int = 0) -> None:
         self.session = session
         self.cmd = cmd
         self.flags = flags
@@ -100,6 +101,7 @@ class Op:
         self.path: Path | None = None
         self.seq = seq  # arrival order: re-sent requests keep it
         self.first_fault: float | None = None  # when a path first failed it
+        self.t0 = t0  # perf_counter_ns() when read, if timed (host/latency.py); else 0
 
     def __call__(self, res: Completed | BaseException) -> None:
         """The path's reply (or its loss): the op itself is the callback, no bound method."""

@@ -24,6 +24,7 @@ import os
 import time
 from typing import Any
 
+from twinvol.host.latency import VolumeIo, fold
 from twinvol.host.paths import Path, PathState
 from twinvol.host.session import Session
 from twinvol.nbd.aio_client import ConnectionLost, NbdClient
@@ -253,6 +254,12 @@ class RelaySession(Session):
 
     def held_count(self) -> int:
         return int(self.relay.held) if self.relay is not None else 0
+
+    def take_latency(self) -> VolumeIo:
+        """The relay times its requests itself: take its samples into the session's."""
+        if self.relay is not None:
+            fold(self.latency, self.relay.take_latency())
+        return self.latency
 
     # ---- holding -------------------------------------------------------------
 

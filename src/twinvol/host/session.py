@@ -24,9 +24,11 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from time import perf_counter_ns
 from typing import Any
 
 from twinvol.host import retry
+from twinvol.host.latency import SAMPLE_MASK, VolumeIo, op_stats
 from twinvol.host.nodes import NodeLink
 from twinvol.host.paths import Hooks, Op, Path, PathState, Responder
 from twinvol.host.policy import PathPolicy
@@ -77,6 +79,7 @@ class Session:
         self.failovers = 0
         self.held_total = 0
         self.hold_failed = 0
+        self.latency = VolumeIo()  # timed requests (host/latency.py), until the agent folds them
 
     # ---- lifecycle ------------------------------------------------------
 
@@ -216,8 +219,10 @@ class Session:
     def submit(self, cmd: int, flags: int, cookie: int, offset: int, length: int,
                data: bytes | memoryview | None) -> None:
         self.outstanding += 1
-        self._seq += 1
-        self._dispatch(Op(self, cmd, flags, cookie, offset, length, data, self._seq))
+        n = self._seq  # the 1st, 17th, 33rd... request is timed, as the relay does
+        self._seq = n + 1
+        self._dispatch(Op(self, cmd, flags, cookie, offset, length, data, n + 1,
+                          0 if n & SAMPLE_MASK else perf_counter_ns()))
 
     def _dispatch(self, op: Op) -> None:
         up = self.up
@@ -270,6 +275,8 @@ class Session:
                 r = self.responder
                 if r is not None:
                     r.reply(op, res)
+                if op.t0:
+                    self._timed(op)
             elif not retry.path_fault(err):
                 self._answer(op, res)
             else:
@@ -361,6 +368,15 @@ class Session:
         r = self.responder
         if r is not None:
             r.reply(op, res)
+        if op.t0:
+            self._timed(op)
+
+    def _timed(self, op: Op) -> None:
+        op_stats(self.latency, op.cmd).time(perf_counter_ns() - op.t0)
+
+    def take_latency(self) -> VolumeIo:
+        """The session's timed requests so far (the agent adds them to the export's)."""
+        return self.latency
 
     def _answer_error(self, op: Op, err: int, message: str) -> None:
         self.outstanding -= 1

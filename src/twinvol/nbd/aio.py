@@ -237,6 +237,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         assert self.transport is not None
         self._closing = True
         if ev.error:
+            self.stats.protocol_errors += 1
             log.warning("nbd protocol error, hard disconnect",
                         extra={"peer": self.peer, "reason": ev.reason})
             self.transport.abort()

@@ -56,11 +56,12 @@ class IoStats:
     request plus the volume's counters (exported by the node's metrics collector); the
     hooks run only on errors and on flushes."""
 
-    __slots__ = ("errors", "on_error", "on_slow", "requests", "volumes")
+    __slots__ = ("errors", "on_error", "on_slow", "protocol_errors", "requests", "volumes")
 
     def __init__(self) -> None:
         self.requests = 0
         self.errors = 0
+        self.protocol_errors = 0  # clients hung up on for breaking the protocol
         self.volumes: dict[str, VolumeIo] = {}  # by export name
         self.on_error: Callable[[str, str, int, BaseException], None] | None = None
         self.on_slow: Callable[[str, str, float], None] | None = None
