@@ -31,6 +31,7 @@ import msgspec
 from twinvol.cluster import ClusterError
 from twinvol.replication.core.types import PairState
 from twinvol.replication.ports import NodePort
+from twinvol.storage.records import RecordTable
 from twinvol.storage.volumes import Volume, VolumeError
 
 if TYPE_CHECKING:
@@ -53,12 +54,6 @@ log = logging.getLogger("twinvol.switching")
 NODE_CALL_TIMEOUT = 20.0
 DRAIN_TIMEOUT = 10.0
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS switching (
-    host_id TEXT PRIMARY KEY,
-    body TEXT NOT NULL
-);
-"""
 
 
 class SwitchEntry(msgspec.Struct):
@@ -163,13 +158,12 @@ class Switching:
 
     def __init__(self, node: SwitchingNode) -> None:
         self.node = node
-        self.db = node.volumes.catalog.db
-        self.db.executescript(_SCHEMA)
+        self.rows = RecordTable(node.volumes.catalog.db, "switching", SwitchEntry,
+                                 key="host_id")
         self.entries: dict[str, SwitchEntry] = {}
         self.busy: set[str] = set()     # host ids with a switch in progress here
         self._http: aiohttp.ClientSession | None = None
-        for (body,) in self.db.execute("SELECT body FROM switching ORDER BY host_id"):
-            e = msgspec.json.decode(body, type=SwitchEntry)
+        for e in self.rows.all():
             self.entries[e.host_id] = e
             # Before the NBD server starts: no host may reach a switched-away copy.
             vol = node.volumes.by_export(e.host_id)
@@ -394,11 +388,10 @@ class Switching:
 
     def _store(self, host_id: str, entry: SwitchEntry | None) -> None:
         if entry is None:
-            self.db.execute("DELETE FROM switching WHERE host_id = ?", (host_id,))
+            self.rows.delete(host_id)
             self.entries.pop(host_id, None)
         else:
-            self.db.execute("INSERT OR REPLACE INTO switching (host_id, body) VALUES (?, ?)",
-                            (host_id, msgspec.json.encode(entry).decode()))
+            self.rows.save(host_id, entry)
             self.entries[host_id] = entry
 
     async def _effect(self, host_id: str, old: SwitchEntry | None,

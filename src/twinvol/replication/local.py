@@ -38,6 +38,7 @@ from twinvol.replication.core.types import PairState
 from twinvol.replication.ports import ManagerPort
 from twinvol.replication.wire import Payload
 from twinvol.storage.backing import BackingStore
+from twinvol.storage.records import RecordTable
 from twinvol.storage.volumes import Volume, VolumeError
 
 if TYPE_CHECKING:
@@ -51,12 +52,6 @@ STEP_CHUNKS = 16        # chunks copied per event-loop step
 CHECKPOINT_CHUNKS = 256  # chunks between durable checkpoints of a copy...
 CHECKPOINT_SECONDS = 0.5  # ...or seconds, whichever comes first (a paced copy resumes)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS local_pairs (
-    name TEXT PRIMARY KEY,
-    body TEXT NOT NULL
-);
-"""
 
 
 class LocalPairRecord(msgspec.Struct):
@@ -239,12 +234,11 @@ class LocalCopies:
     def __init__(self, mgr: ManagerPort) -> None:
         self.mgr = mgr
         self.node = mgr.node
-        self.db = self.node.volumes.catalog.db
-        self.db.executescript(_SCHEMA)
+        self.table = RecordTable(self.node.volumes.catalog.db, "local_pairs",
+                                 LocalPairRecord)
         self.pairs: dict[str, LocalPair] = {}
         self.by_volume: dict[str, LocalPair] = {}   # primary and secondary volume names
-        for (body,) in self.db.execute("SELECT body FROM local_pairs ORDER BY name"):
-            rec = msgspec.json.decode(body, type=LocalPairRecord)
+        for rec in self.table.all():
             try:
                 self._load(rec)
             except VolumeError as e:
@@ -254,8 +248,7 @@ class LocalCopies:
 
     def save(self, lp: LocalPair) -> None:
         lp.rec.updated = time.time()
-        self.db.execute("INSERT OR REPLACE INTO local_pairs (name, body) VALUES (?, ?)",
-                        (lp.rec.name, msgspec.json.encode(lp.rec).decode()))
+        self.table.save(lp.rec.name, lp.rec)
 
     def _bits(self, name: str, side: str, vol: Volume) -> PersistentBits:
         return PersistentBits(os.path.join(self.mgr.bitmap_dir, f"{name}.local-{side}"),
@@ -364,8 +357,7 @@ class LocalCopies:
             raise VolumeError(f"volume {secondary!r} is read-only")
         rec = LocalPairRecord(name=name, primary=primary, secondary=secondary,
                               state="copying", created=time.time(), copy_rate=copy_rate)
-        self.db.execute("INSERT INTO local_pairs (name, body) VALUES (?, ?)",
-                        (name, msgspec.json.encode(rec).decode()))
+        self.table.insert(name, rec)
         lp = self._load(rec)
         lp.sbits.clear_all()
         lp.pbits.set_all()
@@ -420,7 +412,7 @@ class LocalCopies:
             store = vol.store
             vol.store = _adopt(BackingStore, store)
             store.pair = None  # type: ignore[attr-defined]  # references held elsewhere
-        self.db.execute("DELETE FROM local_pairs WHERE name = ?", (name,))
+        self.table.delete(name)
         del self.pairs[name]
         self.by_volume.pop(lp.rec.primary, None)
         self.by_volume.pop(lp.rec.secondary, None)

@@ -19,16 +19,11 @@ import msgspec
 
 from twinvol.replication.core.generations import Direction, compare
 from twinvol.replication.core.types import Mode, PairState, Role
+from twinvol.storage.records import RecordTable
 
 REMOTE_MODES = ("async", "sync")
 HISTORY = 8
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS pairs (
-    name TEXT PRIMARY KEY,
-    body TEXT NOT NULL
-);
-"""
 
 
 class PairRecord(msgspec.Struct):
@@ -80,20 +75,17 @@ class PairStore:
     """Pair records in the node's catalog database (same transactional guarantees)."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-        db.executescript(_SCHEMA)
+        self.table = RecordTable(db, "pairs", PairRecord)
 
     def all(self) -> list[PairRecord]:
-        rows = self.db.execute("SELECT body FROM pairs ORDER BY name").fetchall()
-        return [msgspec.json.decode(r[0], type=PairRecord) for r in rows]
+        return self.table.all()
 
     def save(self, rec: PairRecord) -> None:
         rec.updated = time.time()
-        self.db.execute("INSERT OR REPLACE INTO pairs (name, body) VALUES (?, ?)",
-                        (rec.name, msgspec.json.encode(rec).decode()))
+        self.table.save(rec.name, rec)
 
     def delete(self, name: str) -> None:
-        self.db.execute("DELETE FROM pairs WHERE name = ?", (name,))
+        self.table.delete(name)
 
 
 def dumps(rec: PairRecord) -> str:

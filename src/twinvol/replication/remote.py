@@ -31,8 +31,6 @@ import os
 import time
 from typing import Any
 
-import msgspec
-
 from twinvol.nbd.constants import Cmd
 from twinvol.replication import remote_messages as rm
 from twinvol.replication.bitmap import chunks_of
@@ -55,17 +53,12 @@ from twinvol.storage.journal import (
     JournalError,
     JournalFull,
 )
+from twinvol.storage.records import RecordTable
 
 log = logging.getLogger("twinvol.remote")
 
 CHECKPOINT_EVERY = 0.3     # seconds between durable apply checkpoints at the target
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS groups (
-    name TEXT PRIMARY KEY,
-    body TEXT NOT NULL
-);
-"""
 
 
 class RemoteCopy:
@@ -74,8 +67,7 @@ class RemoteCopy:
     def __init__(self, mgr: ManagerPort) -> None:
         self.mgr = mgr
         self.node = mgr.node
-        self.db = self.node.volumes.catalog.db
-        self.db.executescript(_SCHEMA)
+        self.table = RecordTable(self.node.volumes.catalog.db, "groups", GroupRecord)
         self.dir = os.path.join(self.node.data_dir, "journals")
         self.groups: dict[str, GroupRuntime] = {}
         self.feeds: dict[str, GroupRuntime] = {}   # volume -> group it feeds (primary/standby)
@@ -84,8 +76,7 @@ class RemoteCopy:
         self.ship = Shipper(self)
         self.standby = Standby(self)
         self.setup = RemoteSetup(self)
-        for (body,) in self.db.execute("SELECT body FROM groups ORDER BY name").fetchall():
-            rec = msgspec.json.decode(body, type=GroupRecord)
+        for rec in self.table.all():
             self.open_group(rec)
 
     # ---- records and lifecycle ----------------------------------------------------
@@ -108,8 +99,7 @@ class RemoteCopy:
     def save(self, g: GroupRuntime) -> None:
         g.rec.updated = time.time()
         g.last_save = time.monotonic()
-        self.db.execute("INSERT OR REPLACE INTO groups (name, body) VALUES (?, ?)",
-                        (g.rec.name, msgspec.json.encode(g.rec).decode()))
+        self.table.save(g.rec.name, g.rec)
 
     def attach(self, pr: PairRuntime) -> None:
         """An async pair record was loaded: link it to its group."""
@@ -135,7 +125,7 @@ class RemoteCopy:
             g.journal.close()
             with contextlib.suppress(OSError):
                 os.rmdir(g.journal.dir)
-            self.db.execute("DELETE FROM groups WHERE name = ?", (g.rec.name,))
+            self.table.delete(g.rec.name)
             del self.groups[g.rec.name]
 
     async def start(self) -> None:
