@@ -685,3 +685,46 @@ def test_split_big_write_resync_then_more_writes_the_far_copy_catches_up(
         assert file_bytes(volume_path(c, "B", "vol")) == want
     finally:
         c.stop()
+
+
+def test_a_standby_that_orders_writes_clears_its_chunks_and_a_takeover_there_is_small(
+        tmp_path: object) -> None:
+    """The standby B made primary of the active-active pair (A numbers B's writes for
+    the far copy, B cannot): B's dirty chunks used to stand for good, so a later
+    takeover at B copied everything B ever wrote. Now they are cleared once the far copy
+    has applied what A reported after answering them, and a takeover at B sends only the
+    chunks written since."""
+    c = ClusterProc(str(tmp_path), names=("A", "B", "C"))
+    c.start()
+    try:
+        for a, b in (("A", "B"), ("A", "C"), ("B", "C")):
+            c.wait_peer(a, b)
+        make_volume(c, "A", "vol", 32 * MiB)
+        status, body = c.api("A", "POST", "/api/v1/pairs", {"name": "vol", "secondary": "B"})
+        assert status == 201, body
+        c.wait_pair("B", "vol", "mirrored", "mirror")
+        make_async(c, "vol-dr", "vol", "vol")
+        c.wait_pair("B", "vol-dr", "mirrored", timeout=10)
+        assert c.cli("pair", "swap", "vol").returncode == 0
+        assert c.pair("B", "vol")["role"] == "primary"
+        qemu = ["qemu-io", "-f", "raw"]
+        subprocess.run([*qemu, "-c", "write -P 0x51 0 8M", c.uri("B", "vol")], check=True,
+                       capture_output=True, timeout=60)      # 128 chunks written by B
+        wait_applied(c, "A", "vol-dr")
+        deadline = time.monotonic() + 20
+        while (dirty := remote(c, "B", "vol-dr")["dirty_chunks"]) and \
+                time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert dirty == 0, remote(c, "B", "vol-dr")
+        subprocess.run([*qemu, "-c", "write -P 0x52 16M 128k", c.uri("B", "vol")],
+                       check=True, capture_output=True, timeout=60)   # 2 chunks more
+        c.kill9("A")
+        c.wait_pair("B", "vol", "suspended", timeout=20)
+        p = c.cli("dr", "takeover", "--site", "B", "--json")
+        assert p.returncode == 0, p.stderr
+        r = json.loads(p.stdout)["groups"][0]
+        assert r["full_copy"] is False and r.get("chunks", 0) <= 2, r
+        wait_applied(c, "B", "vol-dr")
+        assert file_bytes(volume_path(c, "B", "vol")) == file_bytes(volume_path(c, "C", "vol"))
+    finally:
+        c.stop()

@@ -51,3 +51,13 @@ def test_catch_up_bits_close_once_their_writes_are_committed() -> None:
     assert far.chunk_bits_close(True, 50, 50)
     assert not far.chunk_bits_close(True, 49, 50)
     assert not far.chunk_bits_close(False, 60, 50)
+
+
+def test_the_standbys_unnumbered_chunks_get_a_bound_only_when_every_write_is_answered(
+        ) -> None:
+    need = far.BITS_NEEDED
+    assert far.standby_bound(need, True, 0, 0, 812) == 812
+    assert far.standby_bound(need, True, 3, 0, 812) == need    # writes still in flight
+    assert far.standby_bound(need, True, 0, 2, 812) == need    # a write failed: resync first
+    assert far.standby_bound(need, False, 0, 0, 812) == need   # not mirrored
+    assert far.standby_bound(40, True, 0, 0, 812) == 40        # numbers known: kept

@@ -120,6 +120,18 @@ class Standby:
         rec.applied_time = msg.atime
         rec.state = msg.state
         g.journal.trim(rec.applied)
+        mirrored, inflight, dirty, orders = bool(g.pairs), 0, 0, False
+        for p in g.pairs.values():
+            aa = self.mgr.by_volume.get(p.rec.volume)
+            if aa is None or aa.rec.mode != "active-active":
+                mirrored = False
+                continue
+            mirrored &= aa.rec.state == "mirrored" and aa.rec.io_mode == "mirror"
+            inflight += sum(aa.al_inflight.values())
+            dirty += aa.dirty.count()
+            orders |= aa.rec.role == "primary"
+        rec.bitmap_until = far.standby_bound(rec.bitmap_until, mirrored, inflight, dirty,
+                                             msg.written)
         if rec.state in (GroupState.MIRRORED, GroupState.COPYING, GroupState.SUSPENDED):
             want = PairState(rec.state)
             for pr in g.pairs.values():
@@ -131,7 +143,8 @@ class Standby:
             for pr in g.pairs.values():
                 pr.dirty.clear_all()
                 self.mgr.spawn(pr.dirty.sync(self.node.executor))
-            if rec.mode == "bitmap" and g.journal.last == 0:
+            # (Not while this copy orders the writes: each would switch it back.)
+            if rec.mode == "bitmap" and g.journal.last == 0 and not orders:
                 rec.mode = JournalMode.JOURNAL
                 # Numbers up to what the target applied are taken, whether this node saw
                 # them as records or as copied chunks: its own go on after them.

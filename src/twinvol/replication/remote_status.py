@@ -81,6 +81,9 @@ def group_view(g: GroupRuntime, node: str, wall: float, now: float) -> dict[str,
         out["served_at"] = node
     if rec.bitmap_until:
         out["bitmap_until"] = rec.bitmap_until
+    if rec.role != "secondary":
+        # chunks this node would send the far copy by blocks (what no record covers)
+        out["dirty_chunks"] = sum(pr.dirty.count() for pr in g.pairs.values())
     if g.delta:
         out["delta_resync"] = g.delta
     return out

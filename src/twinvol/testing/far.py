@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twinvol.replication.core import far
-from twinvol.replication.core.types import Mode
+from twinvol.replication.core.types import Mode, PairState, Role
 from twinvol.testing import messages as m
 from twinvol.testing.sim import Clock, Network, Proc, Scheduler
 
@@ -56,6 +56,7 @@ class PairNode(Protocol):
     session: int | None
     options: Any
     disk: Any
+    repl_wait: dict[int, Any]
 
     def local_now(self) -> float: ...
 
@@ -234,7 +235,7 @@ class FarSide:
                 self.node.send(FAR, m.Resume(self.node.name, s.written))
         if self.node.session is not None:
             self.node.send(self.node.partner, m.Progress(self.node.session, self.applied,
-                                                         self.c_consistent))
+                                                         self.c_consistent, s.written))
 
     def on_far(self, msg: object) -> None:
         """A reply from C."""
@@ -275,9 +276,14 @@ class FarSide:
         self.applied = msg.applied
         self.c_consistent = msg.consistent
         s.journal = [r for r in s.journal if r[0] > msg.applied]
+        node = self.node
+        s.bitmap_until = far.standby_bound(
+            s.bitmap_until, node.mode is Mode.MIRROR and node.disk.state is PairState.MIRRORED,
+            len(node.repl_wait), len(node.disk.dirty), msg.written)
         if far.standby_caught_up(msg.consistent, msg.applied, s.bitmap_until):
             s.dirty.clear()
-            if s.mode == "bitmap" and not s.journal:
+            orders = node.disk.role is Role.PRIMARY
+            if s.mode == "bitmap" and not s.journal and not orders:
                 s.mode = "journal"
                 if self.node.options.far_numbering:
                     s.seq_seen = max(s.seq_seen, msg.applied)

@@ -66,6 +66,7 @@ class Progress:
     session: int
     applied: int
     consistent: bool
+    written: int = 0    # the feeder's last number (bounds the standby's unnumbered chunks)
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,3 +89,17 @@ def chunk_bits_close(far_mirrored: bool, committed: int, bits_until: int) -> boo
     """At the far copy: the chunk bits of a catch-up stand until the feeder says every
     write they may hold (up to `bits_until`) is on both active-active copies."""
     return far_mirrored and committed >= bits_until
+
+
+def standby_bound(bitmap_until: int, aa_mirrored: bool, aa_inflight: int, aa_dirty: int,
+                  feeder_written: int) -> int:
+    """The standby's dirty chunks for writes it made as the active-active primary stand
+    for numbers only the feeder knows (`BITS_NEEDED`). Once every such write has been
+    answered by the feeder (none in flight), none failed (no active-active dirty chunk:
+    a failed one goes to the feeder by the pair's resync, then to the far copy by its
+    catch-up) and the pair is mirrored, the feeder's `written` in a progress report
+    read now covers them all: the feeder numbers a write before answering it, and the
+    report follows the answer on the same link. Returns the new bound."""
+    if bitmap_until == BITS_NEEDED and aa_mirrored and not aa_inflight and not aa_dirty:
+        return feeder_written
+    return bitmap_until
