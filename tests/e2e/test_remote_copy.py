@@ -132,6 +132,17 @@ def make_async(c: ClusterProc, name: str, volume: str, group: str, target: str =
     c.wait_pair(target, name, "mirrored", "block", timeout=30)
 
 
+def three_sites(c: ClusterProc, size: int) -> None:
+    """Volume `vol` on A, active-active with B, and its async copy `vol-dr` to C."""
+    for a, b in (("A", "B"), ("A", "C"), ("B", "C")):
+        c.wait_peer(a, b)
+    make_volume(c, "A", "vol", size)
+    status, body = c.api("A", "POST", "/api/v1/pairs", {"name": "vol", "secondary": "B"})
+    assert status == 201, body
+    c.wait_pair("B", "vol", "mirrored", "mirror", timeout=60)
+    make_async(c, "vol-dr", "vol", "vol")
+
+
 def file_bytes(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -567,13 +578,7 @@ def test_three_sites_lose_a_and_b_take_over_at_c_and_fail_back(tmp_path: object)
     c = ClusterProc(str(tmp_path), names=("A", "B", "C"))
     c.start()
     try:
-        for a, b in (("A", "B"), ("A", "C"), ("B", "C")):
-            c.wait_peer(a, b)
-        make_volume(c, "A", "vol", 16 * MiB)
-        status, body = c.api("A", "POST", "/api/v1/pairs", {"name": "vol", "secondary": "B"})
-        assert status == 201, body
-        c.wait_pair("B", "vol", "mirrored", "mirror")
-        make_async(c, "vol-dr", "vol", "vol")
+        three_sites(c, 16 * MiB)
         qemu = ["qemu-io", "-f", "raw"]
         subprocess.run([*qemu, "-c", "write -P 0x11 0 1M", c.uri("A", "vol")], check=True,
                        capture_output=True, timeout=60)
@@ -660,13 +665,7 @@ def test_split_big_write_resync_then_more_writes_the_far_copy_catches_up(
     c = ClusterProc(str(tmp_path), names=("A", "B", "C"))
     c.start()
     try:
-        for a, b in (("A", "B"), ("A", "C"), ("B", "C")):
-            c.wait_peer(a, b)
-        make_volume(c, "A", "vol", 192 * MiB)
-        status, body = c.api("A", "POST", "/api/v1/pairs", {"name": "vol", "secondary": "B"})
-        assert status == 201, body
-        c.wait_pair("B", "vol", "mirrored", "mirror", timeout=60)
-        make_async(c, "vol-dr", "vol", "vol")
+        three_sites(c, 192 * MiB)
         assert c.cli("pair", "split", "vol").returncode == 0
         src = os.path.join(c.dir, "src.img")
         with open(src, "wb") as f:
@@ -697,13 +696,7 @@ def test_a_standby_that_orders_writes_clears_its_chunks_and_a_takeover_there_is_
     c = ClusterProc(str(tmp_path), names=("A", "B", "C"))
     c.start()
     try:
-        for a, b in (("A", "B"), ("A", "C"), ("B", "C")):
-            c.wait_peer(a, b)
-        make_volume(c, "A", "vol", 32 * MiB)
-        status, body = c.api("A", "POST", "/api/v1/pairs", {"name": "vol", "secondary": "B"})
-        assert status == 201, body
-        c.wait_pair("B", "vol", "mirrored", "mirror")
-        make_async(c, "vol-dr", "vol", "vol")
+        three_sites(c, 32 * MiB)
         c.wait_pair("B", "vol-dr", "mirrored", timeout=10)
         assert c.cli("pair", "swap", "vol").returncode == 0
         assert c.pair("B", "vol")["role"] == "primary"

@@ -10,10 +10,9 @@ import asyncio
 from typing import Any
 
 import pytest
-from inproc import loopback_cluster, until
+from inproc import two_nodes, until
 
 from twinvol.nbd.constants import Cmd
-from twinvol.node.daemon import Node
 from twinvol.replication.writes import WriteFailed
 
 SIZE = 1024 * 1024
@@ -21,13 +20,7 @@ HELD = "the far copy at C was taken over"
 
 
 async def held_partner(tmp: str) -> tuple[str, str, bytes, bool]:
-    cfg = loopback_cluster(tmp, ("A", "B"), "hold")
-    a, b = Node(cfg, "A"), Node(cfg, "B")
-    await a.start()
-    await b.start()
-    try:
-        a.volumes.create("v", SIZE)
-        await until(lambda: a.replication.peers.is_up("B"), "the peer link")
+    async with two_nodes(tmp, ("A", "B"), "hold", SIZE) as (a, b):
         await a.replication.create("p", "v", "B", "v")
         pa, pb = a.replication.pairs["p"], b.replication.pairs["p"]
         await until(lambda: pb.rec.state == "mirrored" and pb.rec.io_mode == "mirror"
@@ -44,9 +37,6 @@ async def held_partner(tmp: str) -> tuple[str, str, bytes, bool]:
         a.replication.unhold("v")
         await until(lambda: pb.vol.export.blocked is None, "B serving again", timeout=10)
         return fenced, str(refused.value), data, pa.rec.io_mode == "mirror"
-    finally:
-        await b.stop()
-        await a.stop()
 
 
 def test_a_held_copy_keeps_its_partner_from_serving(tmp_path: Any) -> None:

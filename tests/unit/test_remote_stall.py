@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from inproc import loopback_cluster, until
+from inproc import loopback_cluster, two_nodes, until
 
 from twinvol.nbd.constants import Cmd
 from twinvol.node.daemon import Node
@@ -27,13 +27,7 @@ SIZE = 1024 * 1024
 
 
 async def stall(tmp: str) -> None:
-    cfg = loopback_cluster(tmp, ("A", "C"), "stall")
-    a, c = Node(cfg, "A"), Node(cfg, "C")
-    await a.start()
-    await c.start()
-    try:
-        a.volumes.create("v", SIZE)
-        await until(lambda: a.replication.peers.is_up("C"), "the peer link")
+    async with two_nodes(tmp, ("A", "C"), "stall", SIZE) as (a, c):
         await a.replication.create("dr", "v", "C", "v", mode="async")
         g = a.replication.remote.groups["dr"]
         gc = c.replication.remote.groups["dr"]
@@ -69,9 +63,6 @@ async def stall(tmp: str) -> None:
         await backend.submit(Cmd.WRITE, 65536, 4096, b"\xa5" * 4096, 0)
         await until(lambda: gc.rec.applied == g.rec.written, "records again", timeout=10)
         assert c.volumes.get("v").store.pread(0, SIZE) == a.volumes.get("v").store.pread(0, SIZE)
-    finally:
-        await a.stop()
-        await c.stop()
 
 
 def test_a_stalled_far_copy_says_so_and_catches_up(tmp_path: pytest.TempPathFactory) -> None:
