@@ -7,6 +7,8 @@ synchronous write methods exist only to satisfy the NBD Backend protocol.
 
 from __future__ import annotations
 
+from twinvol.nbd.aio import Backend
+from twinvol.nbd.constants import Cmd
 from twinvol.storage.backing import BackingStore
 
 
@@ -26,3 +28,16 @@ class AsyncWriteBackend:
 
     def write_zeroes(self, offset: int, length: int, *, no_hole: bool, fast: bool) -> None:
         raise NotImplementedError("zeroes go through submit()")
+
+
+def apply_write(store: Backend, cmd: int, offset: int, length: int,
+                data: bytes | bytearray | memoryview | None, flags: int) -> None:
+    """Apply a WRITE, TRIM or WRITE_ZEROES (NBD flags: 2 no hole, 16 fast zero) to `store`;
+    other commands change nothing. FUA and FLUSH are the caller's (they wait)."""
+    if cmd == Cmd.WRITE:
+        assert data is not None
+        store.pwrite(offset, data)
+    elif cmd == Cmd.TRIM:
+        store.trim(offset, length)
+    elif cmd == Cmd.WRITE_ZEROES:
+        store.write_zeroes(offset, length, no_hole=bool(flags & 2), fast=bool(flags & 16))

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 
 from twinvol.nbd.constants import Cmd
-from twinvol.replication.backend import AsyncWriteBackend
+from twinvol.replication.backend import AsyncWriteBackend, apply_write
 from twinvol.replication.bitmap import CHUNK, PersistentBits, chunks_of, nchunks
 from twinvol.replication.core import states
 from twinvol.replication.core.pace import Pace
@@ -217,13 +217,7 @@ class LocalTargetBackend(AsyncWriteBackend):
     async def _sync(self, target: Backend, cmd: int, offset: int, length: int,
                     data: Payload | None, flags: int) -> None:
         loop = asyncio.get_running_loop()
-        if cmd == Cmd.WRITE:
-            assert data is not None
-            target.pwrite(offset, data)
-        elif cmd == Cmd.TRIM:
-            target.trim(offset, length)
-        elif cmd == Cmd.WRITE_ZEROES:
-            target.write_zeroes(offset, length, no_hole=bool(flags & 2), fast=bool(flags & 16))
+        apply_write(target, cmd, offset, length, data, flags)
         if cmd == Cmd.FLUSH or flags & 1:
             await loop.run_in_executor(self.copies.node.executor, target.flush)
 

@@ -20,8 +20,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from twinvol.nbd.constants import Cmd, Err
+from twinvol.nbd.constants import Err
 from twinvol.replication import data_messages as dm
+from twinvol.replication.backend import apply_write
 from twinvol.replication.bitmap import AL_EXTENT, CHUNK, PersistentBits, extent_chunks, nchunks
 from twinvol.replication.commands import PairCommands
 from twinvol.replication.copier import Copier
@@ -362,14 +363,7 @@ class ReplicationManager:
 
     def apply(self, pr: PairRuntime, cmd: int, offset: int, length: int,
                data: Payload | None, flags: int) -> None:
-        store = pr.vol.store
-        if cmd == Cmd.WRITE:
-            assert data is not None
-            store.pwrite(offset, data)
-        elif cmd == Cmd.TRIM:
-            store.trim(offset, length)
-        elif cmd == Cmd.WRITE_ZEROES:
-            store.write_zeroes(offset, length, no_hole=bool(flags & 2), fast=bool(flags & 16))
+        apply_write(pr.vol.store, cmd, offset, length, data, flags)
 
     def link_or_none(self, peer: str) -> Any:
         try:
