@@ -673,7 +673,7 @@ def test_round_trip_with_the_server_state_machine(structured: bool) -> None:
     replies: list[bytes | bytearray | memoryview] = []
     while True:
         ev = s.next_event()
-        if s._out:
+        if s.out:
             replies.append(s.data_to_send())
         if ev is SERVER_NEED_DATA:
             break

@@ -382,7 +382,7 @@ class AgentProtocol(asyncio.BufferedProtocol):
         next_event = conn.next_event
         while not self._closed:
             ev = next_event()
-            if conn._out:
+            if conn.out:
                 replies.append(conn.data_to_send())
             if ev is NEED_DATA:
                 break

@@ -167,7 +167,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         replies = self._replies
         while not self._closing:
             ev = conn.next_event()
-            if conn._out:
+            if conn.out:
                 replies.append(conn.data_to_send())
             if ev is NEED_DATA:
                 break

@@ -222,7 +222,7 @@ class NbdClient:
                 if self._transport is not None:
                     self._transport.close()
                 break
-        if conn._out:
+        if conn.out:
             self._write(conn.data_to_send())
         if self.after_batch is not None:
             self.after_batch()

@@ -99,9 +99,9 @@ class ClientConnection:
         self._data: bytes | bytearray | memoryview = b""
         self._pos = 0
         self._tail = bytearray()  # unparsed bytes kept between receive_data calls
-        self._out: list[bytes] = []
+        self.out: list[bytes] = []  # waiting to be sent (`data_to_send` takes them)
         self._options = Negotiation(export, raw, structured=structured,
-                                    meta_context=meta_context, out=self._out)
+                                    meta_context=meta_context, out=self.out)
         self._events: list[Event] = []
         self._inflight: dict[int, Pending] = {}
         self._next_cookie = 0
@@ -146,10 +146,10 @@ class ClientConnection:
 
     def data_to_send(self) -> bytes:
         """Handshake bytes to send (transmission requests come from `request()`)."""
-        if not self._out:
+        if not self.out:
             return b""
-        out = b"".join(self._out)
-        self._out.clear()
+        out = b"".join(self.out)
+        self.out.clear()
         return out
 
     def _stash(self) -> None:

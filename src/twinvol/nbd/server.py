@@ -115,9 +115,10 @@ class ServerConnection:
         self.meta_context = False
         self._data: bytes | memoryview = b""
         self._pos = 0
-        self._out: list[bytes] = [struct.pack(">QQH", NBDMAGIC, IHAVEOPT,
-                                              FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)]
-        self._options = Negotiation(exports, max_payload, self._out)
+        # bytes waiting to be sent: an adapter checks it, `data_to_send` takes them
+        self.out: list[bytes] = [struct.pack(">QQH", NBDMAGIC, IHAVEOPT,
+                                             FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)]
+        self._options = Negotiation(exports, max_payload, self.out)
         self._payload: _Payload | None = None
         self._spare: bytearray | None = None
         self._skip = 0  # option bytes still to discard
@@ -166,10 +167,10 @@ class ServerConnection:
 
     def data_to_send(self) -> bytes:
         """Bytes produced by the state machine itself (handshake and error replies)."""
-        if not self._out:
+        if not self.out:
             return b""
-        out = b"".join(self._out)
-        self._out.clear()
+        out = b"".join(self.out)
+        self.out.clear()
         return out
 
     def _avail(self) -> int:
@@ -381,7 +382,7 @@ class ServerConnection:
         return None
 
     def _reply_error_now(self, cookie: int, err: int, message: str) -> None:
-        self._out.append(b"".join(self.reply_error(cookie, err, message)))
+        self.out.append(b"".join(self.reply_error(cookie, err, message)))
 
     # ---- reply builders (for the I/O layer) ------------------------------
 
