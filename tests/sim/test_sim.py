@@ -23,6 +23,14 @@ def test_many_seeds_find_nothing() -> None:
     assert failed == []
 
 
+def test_one_way_cuts_find_nothing_either() -> None:
+    """Links cut in one direction only (a peer that still hears its partner while the
+    partner hears nothing; a witness that hears a node that cannot hear it)."""
+    results = [run(seed, options=SimOptions(one_way=True)) for seed in range(SEEDS // 3)]
+    assert sum(1 for r in results for f in r.faults if "one_way" in f) > SEEDS // 3
+    assert [r.line() for r in results if not r.ok] == []
+
+
 def test_a_seed_replays_exactly() -> None:
     a, b = run(7), run(7)
     assert a.trace == b.trace and a.faults == b.faults and a.ops == b.ops

@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a takeover at the standby ignores the blocks a catch-up brought C")
     p.add_argument("--far-stale-numbers", action="store_true",
                    help="a standby numbers its writes from its last count, however old")
+    p.add_argument("--one-way", action="store_true",
+                   help="the nemesis also cuts links in one direction only")
     a = p.parse_args(argv)
     if a.seeds < 1 or a.duration <= 2:
         p.error("--seeds must be at least 1 and --duration above 2")
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                          far_settle=not a.far_ship_while_blocked,
                          far_inconsistent=not a.far_unmarked_catch_up,
                          far_chunked=not a.far_ignore_chunks,
-                         far_numbering=not a.far_stale_numbers)
+                         far_numbering=not a.far_stale_numbers, one_way=a.one_way)
     failed = 0
     started = time.monotonic()
     for seed in range(a.first, a.first + a.seeds):

@@ -57,7 +57,8 @@ Origin = tuple[str, int]
 
 @dataclass(slots=True)
 class SimOptions:
-    """Switches that put back old behaviour, so the simulator can show it finds it."""
+    """Switches that put back old behaviour, so the simulator can show it finds it (and
+    `one_way`, more faults: kept apart so the schedules of the kept seeds stay the same)."""
 
     leases: bool = True           # mirrored copies serve only under the partner's lease
     fence_alone: bool = True      # a write acknowledged alone waits until the partner is fenced
@@ -69,6 +70,7 @@ class SimOptions:
     far_serving: bool = True      # a feeder whose copy is blocked ships nothing
     far_inconsistent: bool = True  # a catch-up block makes the far copy inconsistent
     far_numbering: bool = True    # a standby never numbers its writes from a stale count
+    one_way: bool = False         # the nemesis also cuts links in one direction only
 
 
 class SimNode(Proc):

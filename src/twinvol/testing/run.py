@@ -29,6 +29,7 @@ TAKEOVER_AFTER = 2.0
 FAULTS = ("kill", "pause", "cut_peer", "cut_witness", "isolate", "pause_witness",
           "kill_witness", "cut_host")
 FAR_FAULTS = ("kill_far", "pause_far", "cut_far", "dr_standby")
+ONE_WAY_FAULTS = ("one_way_to_peer", "one_way_to_witness", "one_way_from_witness")
 
 
 @dataclass(slots=True)
@@ -53,6 +54,7 @@ class Result:
 class Cluster:
     def __init__(self, seed: int, options: SimOptions, lease: LeaseConfig) -> None:
         self.rng = random.Random(seed)
+        self.options = options
         self.sched = Scheduler()
         self.net = Network(self.sched, self.rng)
         self.trace: list[str] = []
@@ -114,7 +116,8 @@ class Cluster:
             t += self.rng.uniform(0.3, 3.0)
             if t >= end:
                 return done
-            kind = self.rng.choice(FAULTS + (FAR_FAULTS if self.far is not None else ()))
+            kind = self.rng.choice(FAULTS + (FAR_FAULTS if self.far is not None else ())
+                                   + (ONE_WAY_FAULTS if self.options.one_way else ()))
             node = self.rng.choice(NODES)
             length = self.rng.uniform(0.5, 6.0)
             done.append(f"{t:.2f} {kind} {node} {length:.2f}s")
@@ -144,6 +147,12 @@ class Cluster:
                 return
             self.witness.kill()
             heal = self._restart_witness
+        elif kind in ONE_WAY_FAULTS:
+            src, dst = {"one_way_to_peer": (name, node.partner),
+                        "one_way_to_witness": (name, "W"),
+                        "one_way_from_witness": ("W", name)}[kind]
+            self.net.cut_one_way(src, dst)
+            heal = partial(self.net.heal_one_way, src, dst)
         else:
             links = {"cut_peer": [("A", "B")], "cut_witness": [(name, "W")],
                      "isolate": [(name, node.partner), (name, "W")],

@@ -1,5 +1,5 @@
 """Deterministic machinery for the simulator: a scheduler, drifting clocks, processes
-that can be paused and killed, and a network of ordered links that can be cut.
+that can be paused and killed, and a network of ordered links that can be cut, both ways or one way.
 
 Everything random comes from one `random.Random(seed)`, and events at the same time run
 in the order they were scheduled, so a seed replays exactly.
@@ -122,8 +122,10 @@ class Network:
         self.rng = rng
         self.procs: dict[str, Proc] = {}
         self.down: set[frozenset[str]] = set()
+        self.down_one: set[tuple[str, str]] = set()   # one direction only: (from, to)
         self._last: dict[tuple[str, str], float] = {}
         self._held: dict[frozenset[str], list[tuple[Proc, int, str, object]]] = {}
+        self._held_one: dict[tuple[str, str], list[tuple[Proc, int, str, object]]] = {}
         self.sent = 0
 
     def add(self, proc: Proc) -> None:
@@ -149,6 +151,9 @@ class Network:
         if link in self.down:
             self._held.setdefault(link, []).append((proc, inc, src, msg))
             return
+        if (src, proc.name) in self.down_one:
+            self._held_one.setdefault((src, proc.name), []).append((proc, inc, src, msg))
+            return
         proc.run(inc, proc.receive, src, msg)
 
     def cut(self, a: str, b: str) -> None:
@@ -160,7 +165,19 @@ class Network:
         for proc, inc, src, msg in self._held.pop(link, []):
             proc.run(inc, proc.receive, src, msg)  # in order, before anything sent later
 
+    def cut_one_way(self, src: str, dst: str) -> None:
+        """Messages from `src` to `dst` stop (held, as TCP retransmits), the others flow:
+        the sender keeps hearing its peer while the receiver hears nothing."""
+        self.down_one.add((src, dst))
+
+    def heal_one_way(self, src: str, dst: str) -> None:
+        self.down_one.discard((src, dst))
+        for proc, inc, s, msg in self._held_one.pop((src, dst), []):
+            proc.run(inc, proc.receive, s, msg)
+
     def heal_all(self) -> None:
         for link in list(self.down):
             a, b = sorted(link)
             self.heal(a, b)
+        for src, dst in list(self.down_one):
+            self.heal_one_way(src, dst)
