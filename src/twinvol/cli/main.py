@@ -12,6 +12,7 @@ import typer
 
 from twinvol import __version__, logs
 from twinvol.cli import (
+    certs,
     config,
     dashboard,
     dr,
@@ -53,6 +54,7 @@ app.add_typer(witness.app, name="witness")
 app.add_typer(host.app, name="host")
 app.add_typer(vm.app, name="vm")
 app.add_typer(config.app, name="config")
+app.add_typer(certs.app, name="certs")
 app.add_typer(systemd.app, name="systemd")
 app.command("up")(up.up)
 app.command("status")(status.status)
