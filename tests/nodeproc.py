@@ -11,12 +11,13 @@ import urllib.request
 from typing import Any
 
 from twinvol import cluster as cluster_mod
-from twinvol.cluster import ClusterConfig, NodeConfig
+from twinvol.cluster import ClusterConfig, LimitsConfig, NodeConfig, TlsConfig
 from twinvol.supervisor import Supervisor, free_ports, twinvol_argv
 
 
 class NodeProc:
-    def __init__(self, directory: str, name: str = "A") -> None:
+    def __init__(self, directory: str, name: str = "A", *, tls: TlsConfig | None = None,
+                 limits: LimitsConfig | None = None) -> None:
         self.dir = directory
         self.name = name
         nbd_port, api_port = free_ports(2)
@@ -24,7 +25,8 @@ class NodeProc:
         self.cluster_path = os.path.join(directory, "cluster.toml")
         cfg = ClusterConfig(nodes={name: NodeConfig(site=name, nbd=f"127.0.0.1:{nbd_port}",
                                                     api=f"127.0.0.1:{api_port}",
-                                                    data_dir=f"data-{name}")})
+                                                    data_dir=f"data-{name}")},
+                            tls=tls, limits=limits or LimitsConfig())
         cluster_mod.dump(cfg, self.cluster_path)
         self.config = cluster_mod.load(self.cluster_path).node(name)
         self.data_dir = os.path.join(directory, f"data-{name}")

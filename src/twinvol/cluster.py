@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 import msgspec
 import tomli_w
 
+from twinvol.nbd.constants import MAX_OPTIONS
+from twinvol.nbd.server_events import TlsMode
 from twinvol.sizes import SizeError, parse_size
 
 T = TypeVar("T")
@@ -49,6 +51,24 @@ class FaultConfig(msgspec.Struct, forbid_unknown_fields=True):
     retention: int = 10000  # reports kept in each node's outbox and log
 
 
+class TlsConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """`[tls]`: where the certificates are (`twinvol certs`) and who must use them."""
+
+    dir: str  # ca-cert.pem, server-*.pem, client-*.pem, nodes/NAME/ (relative: to this file)
+    nbd: TlsMode = TlsMode.OFF  # NBD on every node and the host agent ([nodes.X] tls overrides)
+    verify_clients: bool = False  # NBD clients must show a certificate signed by the CA
+
+
+class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """`[limits]`: what one NBD listener accepts before it refuses (each refusal is
+    logged once, as one line)."""
+
+    nbd_negotiation_timeout: float = 30.0  # seconds from accept to transmission
+    nbd_max_connections: int = 1024  # per node
+    nbd_max_per_client: int = 128  # per client address
+    nbd_max_options: int = MAX_OPTIONS  # options in one negotiation
+
+
 class NodeConfig(msgspec.Struct, forbid_unknown_fields=True):
     site: str
     nbd: str
@@ -56,6 +76,7 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True):
     data_dir: str
     peer: str | None = None  # replication listen address; nodes without one cannot pair
     faults: dict[str, Any] | None = None  # overrides of [faults] for this node
+    tls: TlsMode | None = None  # NBD TLS of this node (default: [tls] nbd)
 
     @property
     def peer_hostport(self) -> tuple[str, int]:
@@ -110,6 +131,8 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
     witness: dict[str, Any] | None = None
     host: dict[str, Any] | None = None
     vmhosts: dict[str, VmHostConfig] = msgspec.field(default_factory=dict)
+    tls: TlsConfig | None = None
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     path: str = ""  # where it was loaded from (not stored in the file)
 
     def _entry(self, table: dict[str, T], name: str, what: str, key: str) -> T:
@@ -142,6 +165,19 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
     def data_dir(self, name: str) -> str:
         d = self.node(name).data_dir
         return d if os.path.isabs(d) else os.path.join(os.path.dirname(self.path), d)
+
+    def tls_dir(self) -> str | None:
+        if self.tls is None:
+            return None
+        d = self.tls.dir
+        return d if os.path.isabs(d) else os.path.join(os.path.dirname(self.path), d)
+
+    def nbd_tls(self, name: str) -> TlsMode:
+        """The NBD TLS mode of node `name`."""
+        own = self.node(name).tls
+        if own is not None:
+            return own
+        return self.tls.nbd if self.tls is not None else TlsMode.OFF
 
     def vmhost(self, name: str) -> VmHostConfig:
         return self._entry(self.vmhosts, name, "hypervisor host", "vmhosts")
@@ -211,6 +247,10 @@ def load(path: str | None) -> ClusterConfig:
     cfg.path = path
     for name in cfg.nodes:
         cfg.fault_config(name)
+        if cfg.nbd_tls(name) is not TlsMode.OFF and cfg.tls is None:
+            raise ClusterError(f"cluster file {path}, node {name}: tls = "
+                               f"\"{cfg.nbd_tls(name)}\" needs a [tls] table with dir = "
+                               "the certificate directory (`twinvol certs init`)")
     return cfg
 
 
@@ -235,7 +275,8 @@ def _check_unique(path: str, cfg: ClusterConfig) -> None:
 
 _TABLES: dict[str, type[msgspec.Struct]] = {"nodes": NodeConfig, "vmhosts": VmHostConfig}
 _SECTIONS: dict[str, type[msgspec.Struct]] = {"cluster": ClusterSection,
-                                              "faults": FaultConfig}
+                                              "faults": FaultConfig, "tls": TlsConfig,
+                                              "limits": LimitsConfig}
 
 
 def explain(path: str, raw: dict[str, Any], err: msgspec.ValidationError) -> str:
@@ -300,7 +341,9 @@ def dump(cfg: ClusterConfig, path: str) -> None:
     """Write a cluster file atomically."""
     data: dict[str, Any] = msgspec.to_builtins(cfg)
     data.pop("path", None)
-    for key in ("witness", "host"):
+    if data.get("limits") == msgspec.to_builtins(LimitsConfig()):
+        data.pop("limits", None)
+    for key in ("witness", "host", "tls"):
         if data.get(key) is None:
             data.pop(key, None)
     if not data.get("vmhosts"):
@@ -310,7 +353,7 @@ def dump(cfg: ClusterConfig, path: str) -> None:
     elif data.get("faults"):
         data["faults"] = {k: v for k, v in data["faults"].items() if v is not None}
     for node in data["nodes"].values():
-        for key in ("peer", "faults"):
+        for key in ("peer", "faults", "tls"):
             if node.get(key) is None:
                 node.pop(key, None)
     tmp = path + ".tmp"

@@ -217,7 +217,7 @@ class Switching:
 
     async def barrier(self, volume: str) -> None:
         """Let requests in flight on connections switched to `volume` complete."""
-        from twinvol.nbd.aio import rebind
+        from twinvol.nbd.aio_group import rebind
 
         for e in self.involving(volume):
             if e.target_node == self.node.name and e.target_volume == volume:
@@ -404,7 +404,7 @@ class Switching:
     async def _effect(self, host_id: str, old: SwitchEntry | None,
                       new: SwitchEntry | None) -> None:
         """Make host I/O here follow the table: refuse the export, or serve the target."""
-        from twinvol.nbd.aio import DrainTimeout
+        from twinvol.nbd.aio_group import DrainTimeout
 
         me, mgr = self.node.name, self.node.replication
         vol = self.node.volumes.by_export(host_id)

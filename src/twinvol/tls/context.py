@@ -1,0 +1,71 @@
+"""SSL contexts from a certificate directory (`twinvol certs`), and a node's NBD guard.
+
+A node uses its own certificate (`nodes/NAME/server-*.pem`) when there is one, else the
+shared `server-*.pem`; TLS 1.2 is the floor (the NBD spec's MUST).
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+
+from twinvol.cluster import ClusterConfig, ClusterError
+from twinvol.nbd.guard import Admission, Guard
+from twinvol.nbd.server_events import TlsMode
+from twinvol.tls.certs import CA_CERT
+
+
+def _server_files(directory: str, node: str | None) -> tuple[str, str]:
+    if node is not None:
+        own = os.path.join(directory, "nodes", node)
+        if os.path.exists(os.path.join(own, "server-cert.pem")):
+            return os.path.join(own, "server-cert.pem"), os.path.join(own, "server-key.pem")
+    return os.path.join(directory, "server-cert.pem"), os.path.join(directory, "server-key.pem")
+
+
+def server_context(directory: str, *, node: str | None = None,
+                   verify_clients: bool = False) -> ssl.SSLContext:
+    """A server context; with `verify_clients` a client must show a certificate signed by
+    the directory's CA (and valid now), or the handshake fails."""
+    cert, key = _server_files(directory, node)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+        if verify_clients:
+            ctx.load_verify_locations(os.path.join(directory, CA_CERT))
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as e:
+        raise ClusterError(f"TLS certificates in {directory} cannot be used: {e} (make them "
+                           "with `twinvol certs init` and `twinvol certs issue`)") from None
+    return ctx
+
+
+def client_context(directory: str, *, node: str | None = None) -> ssl.SSLContext:
+    """A client context trusting the directory's CA and showing a client certificate (the
+    node's own when `node` is given)."""
+    base = os.path.join(directory, "nodes", node) if node is not None else directory
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_verify_locations(os.path.join(directory, CA_CERT))
+        cert = os.path.join(base, "client-cert.pem")
+        if os.path.exists(cert):
+            ctx.load_cert_chain(cert, os.path.join(base, "client-key.pem"))
+    except (OSError, ssl.SSLError) as e:
+        raise ClusterError(f"TLS certificates in {directory} cannot be used: {e}") from None
+    return ctx
+
+
+def nbd_guard(cluster: ClusterConfig, node: str) -> Guard:
+    """The NBD listener policy of `node` from the cluster file's [tls] and [limits]."""
+    limits = cluster.limits
+    mode = cluster.nbd_tls(node)
+    ctx = None
+    directory = cluster.tls_dir()
+    if mode is not TlsMode.OFF:
+        assert directory is not None and cluster.tls is not None  # checked by cluster.load
+        ctx = server_context(directory, node=node, verify_clients=cluster.tls.verify_clients)
+    return Guard(tls=mode, ssl=ctx, negotiation_timeout=limits.nbd_negotiation_timeout,
+                 max_options=limits.nbd_max_options,
+                 admission=Admission(limits.nbd_max_connections, limits.nbd_max_per_client))
