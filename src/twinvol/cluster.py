@@ -121,6 +121,7 @@ class VmHostConfig(msgspec.Struct, forbid_unknown_fields=True):
 class ClusterSection(msgspec.Struct, forbid_unknown_fields=True):
     name: str = "twinvol"
     secret: str = ""  # shared by every component; peers and API clients must prove it
+    metrics_open: bool = False  # /metrics answers without a token (else a read token)
 
 
 class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):

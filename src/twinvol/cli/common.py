@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -20,6 +21,7 @@ ClusterOpt = typer.Option(None, "--cluster", "-c", envvar="TWINVOL_CLUSTER",
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON.")
 NodeOpt = typer.Option(None, "--node", "-n", help="Node name from the cluster file.")
 
+TOKEN_ENV = "TWINVOL_TOKEN"  # an API token to use instead of the cluster secret
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -93,8 +95,9 @@ def call_json(cfg: ClusterConfig, url: str, method: str, body: dict[str, Any] | 
     `expect_node` becomes WrongNode."""
     data = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
-    if cfg.cluster.secret:
-        headers["Authorization"] = f"Bearer {cfg.cluster.secret}"
+    token = os.environ.get(TOKEN_ENV) or cfg.cluster.secret
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
