@@ -57,6 +57,7 @@ class TlsConfig(msgspec.Struct, forbid_unknown_fields=True):
     dir: str  # ca-cert.pem, server-*.pem, client-*.pem, nodes/NAME/ (relative: to this file)
     nbd: TlsMode = TlsMode.OFF  # NBD on every node and the host agent ([nodes.X] tls overrides)
     verify_clients: bool = False  # NBD clients must show a certificate signed by the CA
+    peer: bool = False  # peer links use mutual TLS; each node proves its name (nodes/NAME/)
 
 
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):

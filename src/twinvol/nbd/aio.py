@@ -151,6 +151,8 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         """STARTTLS was acknowledged: upgrade with the loop's own TLS (the state machine
         stays sans-IO; it sees plaintext before and after)."""
         self._tls_early = bytearray()
+        assert self.transport is not None
+        self.transport.pause_reading()  # the ClientHello is for start_tls, not for us
         self._loop.create_task(self._handshake())
 
     async def _handshake(self) -> None:

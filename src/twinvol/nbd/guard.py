@@ -54,11 +54,12 @@ class Guard:
     admission: Admission = field(default_factory=Admission)
 
 
-def describe_tls_error(e: BaseException) -> str:
-    """One clear line for a failed handshake, naming the side that did not trust whom."""
+def describe_tls_error(e: BaseException, other: str = "the client") -> str:
+    """One clear line for a failed handshake, naming the side that did not trust whom
+    (`other` is the far side: the client, the peer)."""
     verify = getattr(e, "verify_message", None)
     if verify:
-        return f"the client's certificate was refused: {verify}"
+        return f"{other}'s certificate was refused: {verify}"
     reason = str(getattr(e, "reason", "") or "")
     hints = {
         "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust the CA of this server's "

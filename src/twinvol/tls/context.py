@@ -6,13 +6,14 @@ shared `server-*.pem`; TLS 1.2 is the floor (the NBD spec's MUST).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import ssl
 
 from twinvol.cluster import ClusterConfig, ClusterError
 from twinvol.nbd.guard import Admission, Guard
 from twinvol.nbd.server_events import TlsMode
-from twinvol.tls.certs import CA_CERT
+from twinvol.tls.certs import CA_CERT, NODE_PREFIX
 
 
 def _server_files(directory: str, node: str | None) -> tuple[str, str]:
@@ -69,3 +70,44 @@ def nbd_guard(cluster: ClusterConfig, node: str) -> Guard:
     return Guard(tls=mode, ssl=ctx, negotiation_timeout=limits.nbd_negotiation_timeout,
                  max_options=limits.nbd_max_options,
                  admission=Admission(limits.nbd_max_connections, limits.nbd_max_per_client))
+
+
+def peer_contexts(cluster: ClusterConfig, node: str
+                  ) -> tuple[ssl.SSLContext, ssl.SSLContext] | None:
+    """(accepting, dialing) contexts for `node`'s peer links when [tls] peer is on: both
+    sides show their node certificate and require one signed by the cluster CA. Names
+    are checked by the link itself (`cert_node`), against the node it says it is."""
+    if cluster.tls is None or not cluster.tls.peer:
+        return None
+    directory = cluster.tls_dir()
+    assert directory is not None
+    own = os.path.join(directory, "nodes", node)
+    if not os.path.exists(os.path.join(own, "server-cert.pem")):
+        raise ClusterError(f"[tls] peer = true but node {node} has no certificate in {own} "
+                           f"(`twinvol certs issue node --name {node} --dir {directory}`)")
+    accept = server_context(directory, node=node, verify_clients=True)
+    dial = client_context(directory, node=node)
+    dial.check_hostname = False  # the name is checked against the cluster file instead
+    dial.verify_mode = ssl.CERT_REQUIRED
+    return accept, dial
+
+
+def cert_node(peercert: dict[str, object] | None) -> str | None:
+    """The node a verified certificate names (subject CN `twinvol-node:NAME`), if any."""
+    for rdn in (peercert or {}).get("subject", ()):  # type: ignore[attr-defined]
+        for key, value in rdn:
+            if key == "commonName" and str(value).startswith(NODE_PREFIX):
+                return str(value)[len(NODE_PREFIX):]
+    return None
+
+
+def cert_mismatch(transport: asyncio.BaseTransport | None, name: str) -> str | None:
+    """Over TLS, why the peer's certificate does not prove it is node `name` (None if it
+    does, or if the link is plain)."""
+    if transport is None or transport.get_extra_info("ssl_object") is None:
+        return None
+    named = cert_node(transport.get_extra_info("peercert"))
+    if named == name:
+        return None
+    what = f"node {named!r}" if named else "no node"
+    return f"the peer's certificate names {what}, but it says it is node {name!r}"
