@@ -40,7 +40,9 @@ from twinvol.host.paths import Clock, PathState, identity_diff
 from twinvol.host.relay import RelaySession, usable_for
 from twinvol.host.session import Session
 from twinvol.host.switching import Switching
-from twinvol.nbd.server_events import ExportInfo
+from twinvol.nbd.guard import Guard
+from twinvol.nbd.server_events import ExportInfo, TlsMode
+from twinvol.tls.context import client_context, server_context
 
 log = logging.getLogger("twinvol.host")
 
@@ -89,6 +91,7 @@ class Agent:
         self.faults: HostFaults | None = None
         self.switching = Switching(self.links)
         self.native = False  # sessions use the native data path (decided at start)
+        self.guard = Guard()  # the TCP listener's TLS policy (the Unix socket stays plain)
 
     # ---- Hooks for sessions -----------------------------------------------
 
@@ -296,14 +299,18 @@ class Agent:
             self._http = aiohttp.ClientSession()
             self.links.update({n: HttpNodeLink(n, addr, self._http, self.setup.secret)
                                for n, addr in self.setup.nodes.items()})
+            self._use_tls()
             self.faults = HostFaults(self.setup.fault_log, self.config.sinks,
                                      self.setup.cluster_name)
-        self.native = self.config.data_path == "native" and usable_for(len(self.links))
+        self.native = self.config.data_path == "native" and usable_for(len(self.links)) \
+            and self.guard.tls is TlsMode.OFF and not any(
+                getattr(link, "tls", None) for link in self.links.values())
         if self.config.data_path == "native" and not self.native:
             log.warning("native data path not available, using the Python one",
                         extra={"paths": len(self.links)})
         try:
-            self._server = await loop.create_server(lambda: AgentProtocol(self), host, port,
+            self._server = await loop.create_server(lambda: AgentProtocol(self, self.guard),
+                                                    host, port,
                                                     reuse_address=True, backlog=256)
         except OSError as e:
             await self._close_http()
@@ -352,6 +359,21 @@ class Agent:
                                               "hold_timeout": self.config.hold_timeout,
                                               "data_path": "native" if self.native
                                               else "python"})
+
+    def _use_tls(self) -> None:
+        """TLS contexts from [tls]: the server side for clients, a client side (the
+        directory's client certificate) for the nodes that want TLS."""
+        directory = self.setup.tls_dir
+        if directory is None:
+            return
+        mode = self.setup.client_tls
+        if mode is not TlsMode.OFF:
+            assert self.setup.tls is not None
+            self.guard = Guard(tls=mode, ssl=server_context(
+                directory, verify_clients=self.setup.tls.verify_clients))
+        for name, link in self.links.items():
+            if isinstance(link, HttpNodeLink) and self.setup.node_tls(name):
+                link.tls = client_context(directory)
 
     async def _close_http(self) -> None:
         if self._http is not None:
