@@ -58,6 +58,7 @@ class TlsConfig(msgspec.Struct, forbid_unknown_fields=True):
     nbd: TlsMode = TlsMode.OFF  # NBD on every node and the host agent ([nodes.X] tls overrides)
     verify_clients: bool = False  # NBD clients must show a certificate signed by the CA
     peer: bool = False  # peer links use mutual TLS; each node proves its name (nodes/NAME/)
+    api: bool = False  # node HTTP APIs are HTTPS with client certificates (mutual TLS)
 
 
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -78,6 +79,7 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True):
     peer: str | None = None  # replication listen address; nodes without one cannot pair
     faults: dict[str, Any] | None = None  # overrides of [faults] for this node
     tls: TlsMode | None = None  # NBD TLS of this node (default: [tls] nbd)
+    api_tls: bool | None = None  # its API is HTTPS (default: [tls] api)
 
     @property
     def peer_hostport(self) -> tuple[str, int]:
@@ -94,7 +96,7 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True):
 
     @property
     def api_url(self) -> str:
-        return http_url(self.api)
+        return http_url(self.api, https=bool(self.api_tls))
 
     def nbd_uri(self, export: str = "") -> str:
         host, port = self.nbd_hostport
@@ -196,10 +198,10 @@ def _urlhost(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def http_url(addr: str) -> str:
-    """`http://HOST:PORT` for a HOST:PORT address (IPv6 hosts bracketed)."""
+def http_url(addr: str, *, https: bool = False) -> str:
+    """`http://HOST:PORT` (or https) for a HOST:PORT address (IPv6 hosts bracketed)."""
     host, port = split_hostport(addr)
-    return f"http://{_urlhost(host)}:{port}"
+    return f"{'https' if https else 'http'}://{_urlhost(host)}:{port}"
 
 
 def read_toml(path: str | None) -> tuple[str, dict[str, Any]]:
@@ -249,10 +251,14 @@ def load(path: str | None) -> ClusterConfig:
     cfg.path = path
     for name in cfg.nodes:
         cfg.fault_config(name)
-        if cfg.nbd_tls(name) is not TlsMode.OFF and cfg.tls is None:
-            raise ClusterError(f"cluster file {path}, node {name}: tls = "
-                               f"\"{cfg.nbd_tls(name)}\" needs a [tls] table with dir = "
-                               "the certificate directory (`twinvol certs init`)")
+        node = cfg.nodes[name]
+        if node.api_tls is None and cfg.tls is not None and cfg.tls.api:
+            node.api_tls = True
+        if (cfg.nbd_tls(name) is not TlsMode.OFF or node.api_tls) and cfg.tls is None:
+            raise ClusterError(f"cluster file {path}, node {name}: TLS (tls = "
+                               f"\"{cfg.nbd_tls(name)}\", api_tls = {bool(node.api_tls)}) "
+                               "needs a [tls] table with dir = the certificate directory "
+                               "(`twinvol certs init`)")
     return cfg
 
 
@@ -355,8 +361,8 @@ def dump(cfg: ClusterConfig, path: str) -> None:
     elif data.get("faults"):
         data["faults"] = {k: v for k, v in data["faults"].items() if v is not None}
     for node in data["nodes"].values():
-        for key in ("peer", "faults", "tls"):
-            if node.get(key) is None:
+        for key in ("peer", "faults", "tls", "api_tls"):
+            if node.get(key) is None or (key == "api_tls" and cfg.tls and cfg.tls.api):
                 node.pop(key, None)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:

@@ -15,6 +15,7 @@ from rich.console import Console
 from twinvol import cluster as cluster_mod
 from twinvol.cluster import NODE_HEADER, ClusterConfig, ClusterError
 from twinvol.sizes import SizeError, decimal_looking, format_size, parse_size
+from twinvol.tls.context import use_for_urllib
 
 ClusterOpt = typer.Option(None, "--cluster", "-c", envvar="TWINVOL_CLUSTER",
                           help="Cluster file (default: $TWINVOL_CLUSTER).", show_envvar=False)
@@ -57,7 +58,9 @@ def cli_size(text: str, option: str = "--size") -> int:
 
 def load_cluster(path: str | None) -> ClusterConfig:
     try:
-        return cluster_mod.load(path)
+        cfg = cluster_mod.load(path)
+        use_for_urllib(cfg)  # HTTPS node APIs: show the client certificate
+        return cfg
     except ClusterError as e:
         raise CliError(str(e)) from None
 

@@ -113,6 +113,7 @@ def up(
         cfg = cluster_mod.load(path)
     etcd = (EtcdCluster.open(os.path.join(directory, ETCD_DIR))
             if _backend(cfg) is Backend.ETCD else None)
+    up_tls.use_for_urllib(cfg)
 
     # A plain flag, not a threading.Event: the handler runs in the main thread, and
     # Event.set() from it deadlocks when the signal lands while wait() holds the lock.

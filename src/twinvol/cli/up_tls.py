@@ -11,16 +11,21 @@ from twinvol.cli.common import CliError
 from twinvol.cluster import ClusterConfig, TlsConfig
 from twinvol.nbd.server_events import TlsMode
 from twinvol.tls.certs import setup_dir
+from twinvol.tls.context import use_for_urllib
+
+__all__ = ["check", "decorate", "enable", "use_for_urllib"]
 
 TLS_DIR = "tls"  # under the --dir, next to the cluster file
 
 
 def enable(cfg: ClusterConfig, directory: str) -> None:
     """Make the CA and every certificate, and turn on TLS everywhere: NBD required (with
-    client certificates) on the nodes and the host agent, mutual TLS on peer links."""
+    client certificates) on the nodes and the host agent, mutual TLS on peer links and
+    on the nodes' HTTP APIs."""
     hosts = {name: ["127.0.0.1", "localhost"] for name in cfg.nodes}
     setup_dir(os.path.join(directory, TLS_DIR), hosts, name="twinvol-up")
-    cfg.tls = TlsConfig(dir=TLS_DIR, nbd=TlsMode.REQUIRE, verify_clients=True, peer=True)
+    cfg.tls = TlsConfig(dir=TLS_DIR, nbd=TlsMode.REQUIRE, verify_clients=True, peer=True,
+                        api=True)
 
 
 def check(cfg: ClusterConfig, directory: str, wanted: bool) -> None:

@@ -68,6 +68,7 @@ class NodeAddr(msgspec.Struct):
     nbd: str
     api: str
     tls: TlsMode | None = None  # the node's own NBD TLS mode
+    api_tls: bool | None = None  # its API is HTTPS (default: [tls] api)
 
     @property
     def nbd_hostport(self) -> tuple[str, int]:
@@ -75,7 +76,7 @@ class NodeAddr(msgspec.Struct):
 
     @property
     def api_url(self) -> str:
-        return http_url(self.api)
+        return http_url(self.api, https=bool(self.api_tls))
 
 
 @dataclass
@@ -163,6 +164,9 @@ def load(path: str | None) -> HostSetup:
             raise ClusterError(f"cluster file {path}, node {name}: {e}") from None
         chosen[name] = nodes[name]
     name = section.get("name", "twinvol") if isinstance(section, dict) else "twinvol"
+    for node_addr in chosen.values():
+        if node_addr.api_tls is None and tls is not None:
+            node_addr.api_tls = tls.api
     setup = HostSetup(config, chosen, secret, path, str(name), tls)
     if tls is None and (setup.client_tls is not TlsMode.OFF
                         or any(setup.node_tls(n) for n in chosen)):

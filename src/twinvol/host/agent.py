@@ -296,7 +296,10 @@ class Agent:
         if self._given_links is not None:
             self.links.update(self._given_links)
         else:
-            self._http = aiohttp.ClientSession()
+            api_ssl = client_context(self.setup.tls_dir) if self.setup.tls_dir and any(
+                a.api_tls for a in self.setup.nodes.values()) else None  # HTTPS node APIs
+            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=api_ssl)
+                                               if api_ssl else None)
             self.links.update({n: HttpNodeLink(n, addr, self._http, self.setup.secret)
                                for n, addr in self.setup.nodes.items()})
             self._use_tls()
@@ -306,7 +309,7 @@ class Agent:
             and self.guard.tls is TlsMode.OFF and not any(
                 getattr(link, "tls", None) for link in self.links.values())
         if self.config.data_path == "native" and not self.native:
-            log.warning("native data path not available, using the Python one",
+            log.warning("native data path not used (TLS on, or unavailable): the Python one",
                         extra={"paths": len(self.links)})
         try:
             self._server = await loop.create_server(lambda: AgentProtocol(self, self.guard),

@@ -30,7 +30,7 @@ from twinvol.node.switching import Switching
 from twinvol.replication.manager import ReplicationManager
 from twinvol.storage.catalog import VolumeRecord
 from twinvol.storage.volumes import Volume, VolumeError, VolumeManager
-from twinvol.tls.context import nbd_guard
+from twinvol.tls.context import api_contexts, nbd_guard
 
 
 class NodeStartError(Exception):
@@ -226,7 +226,8 @@ class Node:
             await self._runner.setup()
             ahost, aport = self.config.api_hostport
             try:
-                await web.TCPSite(self._runner, ahost, aport, reuse_address=True).start()
+                await web.TCPSite(self._runner, ahost, aport, reuse_address=True,
+                                  ssl_context=api_contexts(self.cluster, self.name)[0]).start()
             except OSError as e:
                 raise NodeStartError(f"cannot listen for the API on {ahost}:{aport}: "
                                      f"{e.strerror}") from e

@@ -32,6 +32,7 @@ from twinvol.cluster import ClusterError
 from twinvol.replication.core.types import PairState
 from twinvol.replication.ports import NodePort
 from twinvol.storage.volumes import Volume, VolumeError
+from twinvol.tls.context import api_contexts
 
 if TYPE_CHECKING:
     from twinvol.nbd.aio import Backend, NbdServerProtocol
@@ -344,7 +345,9 @@ class Switching:
         body = {"host_id": host_id, "expect": expect,
                 "entry": None if entry is None else msgspec.to_builtins(entry)}
         if self._http is None:
-            self._http = aiohttp.ClientSession()
+            ssl_ctx = api_contexts(self.node.cluster, self.node.name)[1]
+            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_ctx)
+                                               if ssl_ctx else None)
         try:
             async with self._http.post(cfg.api_url + "/api/v1/switching/apply", json=body,
                                        headers=headers,

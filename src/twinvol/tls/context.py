@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+import urllib.request
 
 from twinvol.cluster import ClusterConfig, ClusterError
 from twinvol.nbd.guard import Admission, Guard
@@ -111,3 +112,26 @@ def cert_mismatch(transport: asyncio.BaseTransport | None, name: str) -> str | N
         return None
     what = f"node {named!r}" if named else "no node"
     return f"the peer's certificate names {what}, but it says it is node {name!r}"
+
+
+def api_contexts(cluster: ClusterConfig, node: str | None = None
+                 ) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    """(server, client) contexts for node APIs over HTTPS with client certificates
+    ([tls] api): the server side of `node` (None when not given or its API is plain), and
+    a client side showing `node`'s certificate, or the directory's client certificate."""
+    directory = cluster.tls_dir()
+    if directory is None or not any(n.api_tls for n in cluster.nodes.values()):
+        return None, None
+    own = node is not None and cluster.node(node).api_tls
+    server = server_context(directory, node=node, verify_clients=True) if own else None
+    has_own = node is not None and os.path.exists(os.path.join(directory, "nodes", node))
+    return server, client_context(directory, node=node if has_own else None)
+
+
+def use_for_urllib(cluster: ClusterConfig) -> None:
+    """Make this process's urllib calls (the CLI, readiness probes) show the client
+    certificate and trust the cluster CA, when node APIs are HTTPS."""
+    _, client = api_contexts(cluster)
+    if client is not None:
+        urllib.request.install_opener(
+            urllib.request.build_opener(urllib.request.HTTPSHandler(context=client)))
