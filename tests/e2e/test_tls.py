@@ -190,3 +190,23 @@ def test_expired_and_foreign_client_certificates_are_refused(tls_node: NodeProc,
     p = run("nbdinfo", nbds(tls_node, "t1", foreign), check=False)
     assert p.returncode != 0
     wait_log(tls_node, "the client's certificate was refused: unable to get local issuer")
+
+
+def test_allow_serves_plain_and_tls_clients(tmp_path: object, certs: str) -> None:
+    n = NodeProc(str(tmp_path), tls=TlsConfig(dir=certs, nbd=TlsMode.ALLOW))
+    n.start()
+    try:
+        n.create_volume("a1", 8 * MiB)
+        plain = json.loads(run("nbdinfo", "--json", n.uri("a1")).stdout)
+        assert plain["TLS"] is False and plain["exports"][0]["export-size"] == 8 * MiB
+        secure = json.loads(run("nbdinfo", "--json", nbds(n, "a1", certs)).stdout)
+        assert secure["TLS"] is True
+        # No client certificate needed without verify_clients: the CA alone will do.
+        ca_only = os.path.join(str(tmp_path), "ca-only")
+        os.makedirs(ca_only)
+        os.symlink(os.path.join(certs, "ca-cert.pem"), os.path.join(ca_only, "ca-cert.pem"))
+        assert json.loads(run("nbdinfo", "--json", nbds(n, "a1", ca_only)).stdout)["TLS"]
+        check = twinvol("config", "check", "--cluster", n.cluster_path, check=False)
+        assert check.returncode == 0, check.stdout + check.stderr
+    finally:
+        n.stop()
