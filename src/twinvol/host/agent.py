@@ -32,6 +32,7 @@ from twinvol import __version__
 from twinvol.cluster import split_hostport
 from twinvol.faults.host import HostFaults
 from twinvol.host import UNIX_PATH_MAX, HostSetup
+from twinvol.host import tls as host_tls
 from twinvol.host.api import make_app
 from twinvol.host.connection import AgentProtocol
 from twinvol.host.events import NodeWatcher
@@ -41,8 +42,7 @@ from twinvol.host.relay import RelaySession, usable_for
 from twinvol.host.session import Session
 from twinvol.host.switching import Switching
 from twinvol.nbd.guard import Guard
-from twinvol.nbd.server_events import ExportInfo, TlsMode
-from twinvol.tls.context import client_context, server_context
+from twinvol.nbd.server_events import ExportInfo
 
 log = logging.getLogger("twinvol.host")
 
@@ -296,18 +296,14 @@ class Agent:
         if self._given_links is not None:
             self.links.update(self._given_links)
         else:
-            api_ssl = client_context(self.setup.tls_dir) if self.setup.tls_dir and any(
-                a.api_tls for a in self.setup.nodes.values()) else None  # HTTPS node APIs
-            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=api_ssl)
-                                               if api_ssl else None)
+            self._http = host_tls.api_session(self.setup)
             self.links.update({n: HttpNodeLink(n, addr, self._http, self.setup.secret)
                                for n, addr in self.setup.nodes.items()})
-            self._use_tls()
+            self.guard = host_tls.apply(self.setup, self.links)
             self.faults = HostFaults(self.setup.fault_log, self.config.sinks,
                                      self.setup.cluster_name)
         self.native = self.config.data_path == "native" and usable_for(len(self.links)) \
-            and self.guard.tls is TlsMode.OFF and not any(
-                getattr(link, "tls", None) for link in self.links.values())
+            and host_tls.plain_only(self.guard, self.links)
         if self.config.data_path == "native" and not self.native:
             log.warning("native data path not used (TLS on, or unavailable): the Python one",
                         extra={"paths": len(self.links)})
@@ -362,21 +358,6 @@ class Agent:
                                               "hold_timeout": self.config.hold_timeout,
                                               "data_path": "native" if self.native
                                               else "python"})
-
-    def _use_tls(self) -> None:
-        """TLS contexts from [tls]: the server side for clients, a client side (the
-        directory's client certificate) for the nodes that want TLS."""
-        directory = self.setup.tls_dir
-        if directory is None:
-            return
-        mode = self.setup.client_tls
-        if mode is not TlsMode.OFF:
-            assert self.setup.tls is not None
-            self.guard = Guard(tls=mode, ssl=server_context(
-                directory, verify_clients=self.setup.tls.verify_clients))
-        for name, link in self.links.items():
-            if isinstance(link, HttpNodeLink) and self.setup.node_tls(name):
-                link.tls = client_context(directory)
 
     async def _close_http(self) -> None:
         if self._http is not None:
