@@ -32,7 +32,6 @@ from twinvol import __version__
 from twinvol.cluster import split_hostport
 from twinvol.faults.host import HostFaults
 from twinvol.host import UNIX_PATH_MAX, HostSetup
-from twinvol.host import tls as host_tls
 from twinvol.host.api import make_app
 from twinvol.host.connection import AgentProtocol
 from twinvol.host.events import NodeWatcher
@@ -41,6 +40,7 @@ from twinvol.host.paths import Clock, PathState, identity_diff
 from twinvol.host.relay import RelaySession, usable_for
 from twinvol.host.session import Session
 from twinvol.host.switching import Switching
+from twinvol.host.tls import api_session, apply_tls, plain_only
 from twinvol.nbd.guard import Guard
 from twinvol.nbd.server_events import ExportInfo
 
@@ -296,14 +296,14 @@ class Agent:
         if self._given_links is not None:
             self.links.update(self._given_links)
         else:
-            self._http = host_tls.api_session(self.setup)
+            self._http = api_session(self.setup)
             self.links.update({n: HttpNodeLink(n, addr, self._http, self.setup.secret)
                                for n, addr in self.setup.nodes.items()})
-            self.guard = host_tls.apply(self.setup, self.links)
+            self.guard = apply_tls(self.setup, self.links)
             self.faults = HostFaults(self.setup.fault_log, self.config.sinks,
                                      self.setup.cluster_name)
         self.native = self.config.data_path == "native" and usable_for(len(self.links)) \
-            and host_tls.plain_only(self.guard, self.links)
+            and plain_only(self.guard, self.links)
         if self.config.data_path == "native" and not self.native:
             log.warning("native data path not used (TLS on, or unavailable): the Python one",
                         extra={"paths": len(self.links)})

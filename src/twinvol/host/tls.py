@@ -23,7 +23,7 @@ def api_session(setup: HostSetup) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx) if ctx else None)
 
 
-def apply(setup: HostSetup, links: dict[str, NodeLink]) -> Guard:
+def apply_tls(setup: HostSetup, links: dict[str, NodeLink]) -> Guard:
     """The client-side listener's guard, and a client context on each node link whose
     node wants NBD over TLS (the directory's client certificate)."""
     directory = setup.tls_dir
