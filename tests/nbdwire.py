@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from twinvol.nbd.constants import (
     FLAG_C_FIXED_NEWSTYLE,
@@ -26,7 +27,7 @@ from twinvol.nbd.constants import (
     Reply,
 )
 from twinvol.nbd.server import NEED_DATA, ServerConnection
-from twinvol.nbd.server_events import Disconnect, ExportInfo, Ready, Request
+from twinvol.nbd.server_events import Disconnect, ExportInfo, Ready, Request, StartTls
 
 Event = Ready | Request | Disconnect
 
@@ -307,7 +308,7 @@ class Client:
     greeting: bytes = b""
 
     @classmethod
-    def new(cls, exports: Exports, **kw: int) -> Client:
+    def new(cls, exports: Exports, **kw: Any) -> Client:
         conn = ServerConnection(exports, **kw)
         c = cls(conn)
         c.greeting = conn.data_to_send()
@@ -321,7 +322,7 @@ class Client:
             self.out += self.conn.data_to_send()
             if ev is NEED_DATA:
                 break
-            assert isinstance(ev, Ready | Request | Disconnect), ev
+            assert isinstance(ev, Ready | Request | Disconnect | StartTls), ev
             # A write payload is only valid until the next next_event call: copy it now.
             got.append(as_bytes(ev))
         else:  # pragma: no cover

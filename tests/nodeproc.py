@@ -11,20 +11,30 @@ import urllib.request
 from typing import Any
 
 from twinvol import cluster as cluster_mod
-from twinvol.cluster import ClusterConfig, NodeConfig
+from twinvol.cluster import (
+    ClusterConfig,
+    ClusterSection,
+    LimitsConfig,
+    NodeConfig,
+    TlsConfig,
+)
 from twinvol.supervisor import Supervisor, free_ports, twinvol_argv
 
 
 class NodeProc:
-    def __init__(self, directory: str, name: str = "A") -> None:
+    def __init__(self, directory: str, name: str = "A", *, tls: TlsConfig | None = None,
+                 limits: LimitsConfig | None = None, secret: str = "") -> None:
         self.dir = directory
         self.name = name
         nbd_port, api_port = free_ports(2)
         self.nbd_port = nbd_port
+        self.secret = secret
         self.cluster_path = os.path.join(directory, "cluster.toml")
         cfg = ClusterConfig(nodes={name: NodeConfig(site=name, nbd=f"127.0.0.1:{nbd_port}",
                                                     api=f"127.0.0.1:{api_port}",
-                                                    data_dir=f"data-{name}")})
+                                                    data_dir=f"data-{name}")},
+                            tls=tls, limits=limits or LimitsConfig(),
+                            cluster=ClusterSection(secret=secret))
         cluster_mod.dump(cfg, self.cluster_path)
         self.config = cluster_mod.load(self.cluster_path).node(name)
         self.data_dir = os.path.join(directory, f"data-{name}")
@@ -55,8 +65,11 @@ class NodeProc:
     def api(self, method: str, path: str, body: dict[str, Any] | None = None
             ) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.secret:
+            headers["Authorization"] = f"Bearer {self.secret}"
         req = urllib.request.Request(self.config.api_url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+                                     headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 return r.status, json.loads(r.read())

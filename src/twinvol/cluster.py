@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 import msgspec
 import tomli_w
 
+from twinvol.nbd.constants import MAX_OPTIONS
+from twinvol.nbd.server_events import TlsMode
 from twinvol.sizes import SizeError, parse_size
 
 T = TypeVar("T")
@@ -49,6 +51,26 @@ class FaultConfig(msgspec.Struct, forbid_unknown_fields=True):
     retention: int = 10000  # reports kept in each node's outbox and log
 
 
+class TlsConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """`[tls]`: where the certificates are (`twinvol certs`) and who must use them."""
+
+    dir: str  # ca-cert.pem, server-*.pem, client-*.pem, nodes/NAME/ (relative: to this file)
+    nbd: TlsMode = TlsMode.OFF  # NBD on every node and the host agent ([nodes.X] tls overrides)
+    verify_clients: bool = False  # NBD clients must show a certificate signed by the CA
+    peer: bool = False  # peer links use mutual TLS; each node proves its name (nodes/NAME/)
+    api: bool = False  # node HTTP APIs are HTTPS with client certificates (mutual TLS)
+
+
+class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """`[limits]`: what one NBD listener accepts before it refuses (each refusal is
+    logged once, as one line)."""
+
+    nbd_negotiation_timeout: float = 30.0  # seconds from accept to transmission
+    nbd_max_connections: int = 1024  # per node
+    nbd_max_per_client: int = 128  # per client address
+    nbd_max_options: int = MAX_OPTIONS  # options in one negotiation
+
+
 class NodeConfig(msgspec.Struct, forbid_unknown_fields=True):
     site: str
     nbd: str
@@ -56,6 +78,8 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True):
     data_dir: str
     peer: str | None = None  # replication listen address; nodes without one cannot pair
     faults: dict[str, Any] | None = None  # overrides of [faults] for this node
+    tls: TlsMode | None = None  # NBD TLS of this node (default: [tls] nbd)
+    api_tls: bool | None = None  # its API is HTTPS (default: [tls] api)
 
     @property
     def peer_hostport(self) -> tuple[str, int]:
@@ -72,7 +96,7 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True):
 
     @property
     def api_url(self) -> str:
-        return http_url(self.api)
+        return http_url(self.api, https=bool(self.api_tls))
 
     def nbd_uri(self, export: str = "") -> str:
         host, port = self.nbd_hostport
@@ -100,6 +124,7 @@ class VmHostConfig(msgspec.Struct, forbid_unknown_fields=True):
 class ClusterSection(msgspec.Struct, forbid_unknown_fields=True):
     name: str = "twinvol"
     secret: str = ""  # shared by every component; peers and API clients must prove it
+    metrics_open: bool = False  # /metrics answers without a token (else a read token)
 
 
 class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -110,6 +135,8 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
     witness: dict[str, Any] | None = None
     host: dict[str, Any] | None = None
     vmhosts: dict[str, VmHostConfig] = msgspec.field(default_factory=dict)
+    tls: TlsConfig | None = None
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     path: str = ""  # where it was loaded from (not stored in the file)
 
     def _entry(self, table: dict[str, T], name: str, what: str, key: str) -> T:
@@ -143,6 +170,19 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
         d = self.node(name).data_dir
         return d if os.path.isabs(d) else os.path.join(os.path.dirname(self.path), d)
 
+    def tls_dir(self) -> str | None:
+        if self.tls is None:
+            return None
+        d = self.tls.dir
+        return d if os.path.isabs(d) else os.path.join(os.path.dirname(self.path), d)
+
+    def nbd_tls(self, name: str) -> TlsMode:
+        """The NBD TLS mode of node `name`."""
+        own = self.node(name).tls
+        if own is not None:
+            return own
+        return self.tls.nbd if self.tls is not None else TlsMode.OFF
+
     def vmhost(self, name: str) -> VmHostConfig:
         return self._entry(self.vmhosts, name, "hypervisor host", "vmhosts")
 
@@ -158,10 +198,10 @@ def _urlhost(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def http_url(addr: str) -> str:
-    """`http://HOST:PORT` for a HOST:PORT address (IPv6 hosts bracketed)."""
+def http_url(addr: str, *, https: bool = False) -> str:
+    """`http://HOST:PORT` (or https) for a HOST:PORT address (IPv6 hosts bracketed)."""
     host, port = split_hostport(addr)
-    return f"http://{_urlhost(host)}:{port}"
+    return f"{'https' if https else 'http'}://{_urlhost(host)}:{port}"
 
 
 def read_toml(path: str | None) -> tuple[str, dict[str, Any]]:
@@ -211,6 +251,14 @@ def load(path: str | None) -> ClusterConfig:
     cfg.path = path
     for name in cfg.nodes:
         cfg.fault_config(name)
+        node = cfg.nodes[name]
+        if node.api_tls is None and cfg.tls is not None and cfg.tls.api:
+            node.api_tls = True
+        if (cfg.nbd_tls(name) is not TlsMode.OFF or node.api_tls) and cfg.tls is None:
+            raise ClusterError(f"cluster file {path}, node {name}: TLS (tls = "
+                               f"\"{cfg.nbd_tls(name)}\", api_tls = {bool(node.api_tls)}) "
+                               "needs a [tls] table with dir = the certificate directory "
+                               "(`twinvol certs init`)")
     return cfg
 
 
@@ -235,7 +283,8 @@ def _check_unique(path: str, cfg: ClusterConfig) -> None:
 
 _TABLES: dict[str, type[msgspec.Struct]] = {"nodes": NodeConfig, "vmhosts": VmHostConfig}
 _SECTIONS: dict[str, type[msgspec.Struct]] = {"cluster": ClusterSection,
-                                              "faults": FaultConfig}
+                                              "faults": FaultConfig, "tls": TlsConfig,
+                                              "limits": LimitsConfig}
 
 
 def explain(path: str, raw: dict[str, Any], err: msgspec.ValidationError) -> str:
@@ -300,7 +349,9 @@ def dump(cfg: ClusterConfig, path: str) -> None:
     """Write a cluster file atomically."""
     data: dict[str, Any] = msgspec.to_builtins(cfg)
     data.pop("path", None)
-    for key in ("witness", "host"):
+    if data.get("limits") == msgspec.to_builtins(LimitsConfig()):
+        data.pop("limits", None)
+    for key in ("witness", "host", "tls"):
         if data.get(key) is None:
             data.pop(key, None)
     if not data.get("vmhosts"):
@@ -310,8 +361,8 @@ def dump(cfg: ClusterConfig, path: str) -> None:
     elif data.get("faults"):
         data["faults"] = {k: v for k, v in data["faults"].items() if v is not None}
     for node in data["nodes"].values():
-        for key in ("peer", "faults"):
-            if node.get(key) is None:
+        for key in ("peer", "faults", "tls", "api_tls"):
+            if node.get(key) is None or (key == "api_tls" and cfg.tls and cfg.tls.api):
                 node.pop(key, None)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:

@@ -14,6 +14,9 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from twinvol.access import SECRET_NAME, Scope, TokenStore, required_scope
+from twinvol.audit import AuditLog
+
 T = TypeVar("T")
 
 UNAUTHORIZED = "missing or wrong cluster secret: send 'Authorization: Bearer <[cluster] secret>'"
@@ -45,6 +48,56 @@ def bearer_auth(secret: str | None,
         return await handler(request)  # type: ignore[no-any-return]
 
     return auth
+
+
+def _caller(request: web.Request, secret: str | None,
+            store: TokenStore | None) -> tuple[str, Scope] | None:
+    """Who the bearer credential names: the cluster secret (admin) or a token."""
+    auth = request.headers.get("Authorization", "")
+    if not auth.startswith("Bearer "):
+        return None
+    if secret and hmac.compare_digest(auth, f"Bearer {secret}"):
+        return SECRET_NAME, Scope.ADMIN
+    tok = store.identify(auth[7:]) if store is not None else None
+    return None if tok is None else (tok.name, tok.scope)
+
+
+def access_control(secret: str | None, store: TokenStore | None, *,
+                   open_paths: Collection[str] = ("/api/v1/health",),
+                   metrics_open: bool = False, audit: AuditLog | None = None) -> Any:
+    """Middleware: the caller's credential must carry the scope the call needs (see
+    twinvol.access) once a secret or a token exists; every call that is not a read is
+    written to `audit`, refused ones included."""
+    open_set = set(open_paths) | ({"/metrics"} if metrics_open else set())
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        who = _caller(request, secret, store)
+        needed = required_scope(request.method, request.path)
+        enforced = bool(secret) or bool(store is not None and store.tokens)
+        resp: web.StreamResponse | None = None
+        if enforced and request.path not in open_set:
+            if who is None:
+                resp = unauthorized()
+            elif not who[1].allows(needed):
+                resp = error_response(403, "forbidden", f"token {who[0]!r} has scope "
+                                      f"{who[1]}; {request.method} {request.path} needs "
+                                      f"{needed}")
+        status = 500
+        try:
+            if resp is None:
+                resp = await handler(request)
+            status = resp.status
+            return resp
+        except web.HTTPException as e:
+            status = e.status
+            raise
+        finally:
+            if audit is not None and request.method not in ("GET", "HEAD", "OPTIONS"):
+                audit.record(who[0] if who else "-", request.remote or "?", request.method,
+                             request.path_qs, status)
+
+    return guard
 
 
 async def follow_lines(request: web.Request, queue: asyncio.Queue[T | None],

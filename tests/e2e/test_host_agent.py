@@ -37,8 +37,9 @@ import tomli_w
 from twinvol.host import HostConfig, HostSetup
 from twinvol.host.agent import Agent, AgentStartError
 from twinvol.host.nodes import NodeUnreachable
-from twinvol.nbd.aio import NbdServerProtocol, close_all
+from twinvol.nbd.aio import NbdServerProtocol
 from twinvol.nbd.aio_client import NbdClient, NbdError, NegotiationError
+from twinvol.nbd.aio_group import close_all
 from twinvol.nbd.constants import Cmd, Err, Opt, Rep
 from twinvol.nbd.server_events import ExportInfo
 from twinvol.supervisor import Supervisor, free_ports, twinvol_argv

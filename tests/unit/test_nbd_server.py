@@ -299,6 +299,7 @@ def test_starttls_unsupported() -> None:
     c.send(option(Opt.STARTTLS))
     r = only_reply(c)
     assert (r.opt, r.rep) == (Opt.STARTTLS, Rep.ERR_UNSUP)
+    assert r.data == b"TLS is not enabled on this server"
     c.send(option(Opt.STARTTLS, b"\x00"))
     r = only_reply(c)
     assert (r.opt, r.rep) == (Opt.STARTTLS, Rep.ERR_INVALID)

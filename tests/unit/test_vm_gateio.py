@@ -12,8 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from twinvol.nbd.aio import NbdServerProtocol, close_all
+from twinvol.nbd.aio import NbdServerProtocol
 from twinvol.nbd.aio_client import NbdClient, NbdError
+from twinvol.nbd.aio_group import close_all
 from twinvol.nbd.constants import Err
 from twinvol.nbd.server_events import ExportInfo
 from twinvol.vm.gateio import GateServer

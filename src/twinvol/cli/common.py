@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -14,12 +15,14 @@ from rich.console import Console
 from twinvol import cluster as cluster_mod
 from twinvol.cluster import NODE_HEADER, ClusterConfig, ClusterError
 from twinvol.sizes import SizeError, decimal_looking, format_size, parse_size
+from twinvol.tls.context import use_for_urllib
 
 ClusterOpt = typer.Option(None, "--cluster", "-c", envvar="TWINVOL_CLUSTER",
                           help="Cluster file (default: $TWINVOL_CLUSTER).", show_envvar=False)
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON.")
 NodeOpt = typer.Option(None, "--node", "-n", help="Node name from the cluster file.")
 
+TOKEN_ENV = "TWINVOL_TOKEN"  # an API token to use instead of the cluster secret
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -55,7 +58,9 @@ def cli_size(text: str, option: str = "--size") -> int:
 
 def load_cluster(path: str | None) -> ClusterConfig:
     try:
-        return cluster_mod.load(path)
+        cfg = cluster_mod.load(path)
+        use_for_urllib(cfg)  # HTTPS node APIs: show the client certificate
+        return cfg
     except ClusterError as e:
         raise CliError(str(e)) from None
 
@@ -93,8 +98,9 @@ def call_json(cfg: ClusterConfig, url: str, method: str, body: dict[str, Any] | 
     `expect_node` becomes WrongNode."""
     data = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
-    if cfg.cluster.secret:
-        headers["Authorization"] = f"Bearer {cfg.cluster.secret}"
+    token = os.environ.get(TOKEN_ENV) or cfg.cluster.secret
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:

@@ -12,6 +12,7 @@ import typer
 
 from twinvol import __version__, logs
 from twinvol.cli import (
+    certs,
     config,
     dashboard,
     dr,
@@ -22,6 +23,7 @@ from twinvol.cli import (
     status,
     switch,
     systemd,
+    token,
     up,
     vm,
     volume,
@@ -53,6 +55,8 @@ app.add_typer(witness.app, name="witness")
 app.add_typer(host.app, name="host")
 app.add_typer(vm.app, name="vm")
 app.add_typer(config.app, name="config")
+app.add_typer(certs.app, name="certs")
+app.add_typer(token.app, name="token")
 app.add_typer(systemd.app, name="systemd")
 app.command("up")(up.up)
 app.command("status")(status.status)

@@ -25,6 +25,7 @@ from typing import Any
 import typer
 
 from twinvol import cluster as cluster_mod
+from twinvol.cli import up_tls
 from twinvol.cli.common import ApiError, CliError, api
 from twinvol.cluster import (
     ClusterConfig,
@@ -114,6 +115,8 @@ def up(
                                   help="Directory for the cluster file, data and logs."),
     json_out: bool = typer.Option(False, "--json", help="Print the ready object as JSON."),
     witness: Backend | None = WitnessOpt,
+    tls: bool = typer.Option(False, "--tls", help="TLS everywhere: a CA and certificates in "
+                             "DIR/tls, NBD over TLS (nbds://), mutual TLS between nodes."),
 ) -> None:
     """Start the local demo cluster (nodes A, B, C and volume `demo`) until Ctrl-C."""
     directory = os.path.abspath(directory)
@@ -132,16 +135,20 @@ def up(
             raise CliError(f"the cluster in {directory} uses the {_backend(cfg) or 'no'} "
                            f"witness, not {witness}: run without --witness or choose "
                            "another --dir", exit_code=2)
+        up_tls.check(cfg, directory, tls)
     else:
         try:
             cfg = _new_cluster(directory, witness or Backend.BUILTIN)
         except EtcdStartError as e:
             raise CliError(str(e)) from None
+        if tls:
+            up_tls.enable(cfg, directory)
         cluster_mod.dump(cfg, path)
         cfg = cluster_mod.load(path)
     cfg = _add_vmhosts(cfg, path)
     etcd = (EtcdCluster.open(os.path.join(directory, ETCD_DIR))
             if _backend(cfg) is Backend.ETCD else None)
+    up_tls.use_for_urllib(cfg)
 
     # A plain flag, not a threading.Event: the handler runs in the main thread, and
     # Event.set() from it deadlocks when the signal lands while wait() holds the lock.
@@ -214,7 +221,8 @@ def up(
                               headers={"Authorization": f"Bearer {cfg.cluster.secret}"})
             except RuntimeError as e:
                 raise CliError(f"hypervisor host {name} failed to start: {e}") from None
-        ready = {**_ready(cfg, sup, path, first, etcd), "dashboard": dashboard}
+        ready = up_tls.decorate({**_ready(cfg, sup, path, first, etcd),
+                                 "dashboard": dashboard}, cfg)
         if json_out:
             sys.stdout.write(json.dumps(ready) + "\n")
         else:

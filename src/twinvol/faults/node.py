@@ -47,6 +47,7 @@ from twinvol.faults.model import (
 )
 from twinvol.faults.store import FaultStore
 from twinvol.sizes import parse_size
+from twinvol.tls.context import api_contexts
 
 log = logging.getLogger("twinvol.faults")
 
@@ -405,7 +406,9 @@ class FaultManager:
     async def start(self) -> None:
         global _active
         self._wake = asyncio.Event()
-        self._http = aiohttp.ClientSession()
+        ssl_ctx = api_contexts(self.cluster, self.name)[1]  # HTTPS to peers' APIs
+        self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_ctx)
+                                           if ssl_ctx else None)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._relay(), name="faults-relay"),
                        loop.create_task(self._detect(), name="faults-detect")]

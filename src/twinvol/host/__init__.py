@@ -30,8 +30,9 @@ from dataclasses import dataclass
 
 import msgspec
 
-from twinvol.cluster import ClusterError, http_url, read_toml, split_hostport
+from twinvol.cluster import ClusterError, TlsConfig, http_url, read_toml, split_hostport
 from twinvol.faults.sinks import SinkConfig
+from twinvol.nbd.server_events import TlsMode
 
 # The longest Unix socket path bind() takes (sun_path holds 108 bytes with its NUL).
 UNIX_PATH_MAX = 107
@@ -55,6 +56,9 @@ class HostConfig(msgspec.Struct, forbid_unknown_fields=True):
     # Optional Unix socket for clients on this host (nbd+unix:///EXPORT?socket=PATH):
     # no TCP port to guard, and the cheapest hop for local clients.
     socket: str | None = None
+    # NBD TLS towards clients (default: [tls] nbd); towards each node the agent follows
+    # that node's mode. Either one on means the Python data path (the relay is plain TCP).
+    tls: TlsMode | None = None
 
 
 class NodeAddr(msgspec.Struct):
@@ -63,6 +67,8 @@ class NodeAddr(msgspec.Struct):
     site: str
     nbd: str
     api: str
+    tls: TlsMode | None = None  # the node's own NBD TLS mode
+    api_tls: bool | None = None  # its API is HTTPS (default: [tls] api)
 
     @property
     def nbd_hostport(self) -> tuple[str, int]:
@@ -70,7 +76,7 @@ class NodeAddr(msgspec.Struct):
 
     @property
     def api_url(self) -> str:
-        return http_url(self.api)
+        return http_url(self.api, https=bool(self.api_tls))
 
 
 @dataclass
@@ -82,6 +88,23 @@ class HostSetup:
     secret: str | None
     path: str
     cluster_name: str = "twinvol"
+    tls: TlsConfig | None = None
+
+    @property
+    def tls_dir(self) -> str | None:
+        return None if self.tls is None else self._relative(self.tls.dir)
+
+    @property
+    def client_tls(self) -> TlsMode:
+        """The agent's NBD TLS mode towards its clients."""
+        own = self.config.tls
+        return own if own is not None else self.tls.nbd if self.tls else TlsMode.OFF
+
+    def node_tls(self, name: str) -> bool:
+        """Whether the agent must speak TLS to node `name` (its mode is not off)."""
+        mode = self.nodes[name].tls
+        mode = mode if mode is not None else self.tls.nbd if self.tls else TlsMode.OFF
+        return mode is not TlsMode.OFF
 
     @property
     def fault_log(self) -> str:
@@ -105,6 +128,7 @@ def load(path: str | None) -> HostSetup:
     try:
         config = msgspec.convert(raw["host"], HostConfig)
         nodes = msgspec.convert(raw.get("nodes", {}), dict[str, NodeAddr])
+        tls = msgspec.convert(raw["tls"], TlsConfig) if "tls" in raw else None
     except msgspec.ValidationError as e:
         raise ClusterError(f"cluster file {path}: {e}") from None
     section = raw.get("cluster", {})
@@ -140,7 +164,15 @@ def load(path: str | None) -> HostSetup:
             raise ClusterError(f"cluster file {path}, node {name}: {e}") from None
         chosen[name] = nodes[name]
     name = section.get("name", "twinvol") if isinstance(section, dict) else "twinvol"
-    return HostSetup(config, chosen, secret, path, str(name))
+    for node_addr in chosen.values():
+        if node_addr.api_tls is None and tls is not None:
+            node_addr.api_tls = tls.api
+    setup = HostSetup(config, chosen, secret, path, str(name), tls)
+    if tls is None and (setup.client_tls is not TlsMode.OFF
+                        or any(setup.node_tls(n) for n in chosen)):
+        raise ClusterError(f"cluster file {path}: TLS on the host agent or its nodes needs a "
+                           "[tls] table with dir = the certificate directory")
+    return setup
 
 
 __all__ = ["UNIX_PATH_MAX", "HostConfig", "HostSetup", "NodeAddr", "load"]

@@ -40,6 +40,8 @@ from twinvol.host.paths import Clock, PathState, identity_diff
 from twinvol.host.relay import RelaySession, usable_for
 from twinvol.host.session import Session
 from twinvol.host.switching import Switching
+from twinvol.host.tls import api_session, apply_tls, plain_only
+from twinvol.nbd.guard import Guard
 from twinvol.nbd.server_events import ExportInfo
 
 log = logging.getLogger("twinvol.host")
@@ -90,6 +92,7 @@ class Agent:
         self.faults: HostFaults | None = None
         self.switching = Switching(self.links)
         self.native = False  # sessions use the native data path (decided at start)
+        self.guard = Guard()  # the TCP listener's TLS policy (the Unix socket stays plain)
 
     # ---- Hooks for sessions -----------------------------------------------
 
@@ -295,17 +298,20 @@ class Agent:
         if self._given_links is not None:
             self.links.update(self._given_links)
         else:
-            self._http = aiohttp.ClientSession()
+            self._http = api_session(self.setup)
             self.links.update({n: HttpNodeLink(n, addr, self._http, self.setup.secret)
                                for n, addr in self.setup.nodes.items()})
+            self.guard = apply_tls(self.setup, self.links)
             self.faults = HostFaults(self.setup.fault_log, self.config.sinks,
                                      self.setup.cluster_name)
-        self.native = self.config.data_path == "native" and usable_for(len(self.links))
+        self.native = self.config.data_path == "native" and usable_for(len(self.links)) \
+            and plain_only(self.guard, self.links)
         if self.config.data_path == "native" and not self.native:
-            log.warning("native data path not available, using the Python one",
+            log.warning("native data path not used (TLS on, or unavailable): the Python one",
                         extra={"paths": len(self.links)})
         try:
-            self._server = await loop.create_server(lambda: AgentProtocol(self), host, port,
+            self._server = await loop.create_server(lambda: AgentProtocol(self, self.guard),
+                                                    host, port,
                                                     reuse_address=True, backlog=256)
         except OSError as e:
             await self._close_http()

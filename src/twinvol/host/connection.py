@@ -27,8 +27,9 @@ from twinvol.host.relay import RelaySession
 from twinvol.host.session import Session
 from twinvol.nbd.client_events import Completed
 from twinvol.nbd.constants import IHAVEOPT, MAX_OPTION_DATA, NEED_DATA, Cmd, Opt
+from twinvol.nbd.guard import Guard, describe_tls_error
 from twinvol.nbd.server import Phase, ServerConnection
-from twinvol.nbd.server_events import Disconnect, ExportInfo, Ready, Request
+from twinvol.nbd.server_events import Disconnect, ExportInfo, Ready, Request, StartTls
 
 log = logging.getLogger("twinvol.host")
 
@@ -93,10 +94,12 @@ def _option_name(opt: int, data: bytes) -> str | None:
 class AgentProtocol(asyncio.BufferedProtocol):
     """One client connection to the agent."""
 
-    def __init__(self, agent: AgentSide) -> None:
+    def __init__(self, agent: AgentSide, guard: Guard | None = None) -> None:
         self.agent = agent
         self.exports = _ConnExports()
-        self.conn = ServerConnection(self.exports)
+        self.guard = guard or Guard()
+        self.conn = ServerConnection(self.exports, tls=self.guard.tls)
+        self._tls_pending = False  # STARTTLS acknowledged, handshake running
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.session: Session | None = None
@@ -214,7 +217,8 @@ class AgentProtocol(asyncio.BufferedProtocol):
     def _negotiate(self) -> None:
         """Feed complete options to the state machine, resolving named exports first."""
         buf = self._neg
-        while not self._closed and not self._transmission and self._resolving is None:
+        while not self._closed and not self._transmission and self._resolving is None \
+                and not self._tls_pending:
             if self._skip:
                 n = min(self._skip, len(buf))
                 if not n:
@@ -399,10 +403,35 @@ class AgentProtocol(asyncio.BufferedProtocol):
             elif type(ev) is Disconnect:
                 self._disconnect(ev)
                 break
+            elif type(ev) is StartTls:
+                self.flush_replies()
+                self._tls_pending = True
+                self.transport.pause_reading()  # type: ignore[union-attr]  # for start_tls
+                self._loop.create_task(self._upgrade())
+                break
         if session is not None:
             session.flush_paths()
             self._update_reading()
         self.flush_replies()
+
+    async def _upgrade(self) -> None:
+        raw = self.transport
+        assert raw is not None and self.guard.ssl is not None
+        try:
+            tls = await self._loop.start_tls(raw, self, self.guard.ssl, server_side=True,
+                                             ssl_handshake_timeout=self.guard.negotiation_timeout)
+        except (OSError, TimeoutError, ConnectionError, RuntimeError) as e:
+            log.warning("nbd TLS handshake failed, connection dropped",
+                        extra={"peer": self.peer, "reason": describe_tls_error(e)})
+            raw.abort()
+            self.connection_lost(e)
+            return
+        if tls is None or self._closed:
+            return
+        self.transport = tls
+        self._tls_pending = False
+        self.conn.tls_started()
+        self._negotiate()
 
     def _own(self, data: bytes | bytearray | memoryview) -> bytes | memoryview:
         """A write payload the session may keep (for a retry on another path)."""

@@ -7,6 +7,7 @@ nodes; `HttpNodeLink` is the real one over the node's HTTP API.
 from __future__ import annotations
 
 import contextlib
+import ssl
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -68,6 +69,7 @@ class HttpNodeLink:
         self.name = name
         self.addr = addr
         self.nbd = addr.nbd_hostport
+        self.tls: ssl.SSLContext | None = None  # NBD TLS towards this node, if it wants it
         self.base = addr.api_url
         self.session = session
         self.headers = {"Authorization": f"Bearer {secret}"} if secret else {}

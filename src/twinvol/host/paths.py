@@ -320,7 +320,8 @@ class Path:
         host, port = self.link.nbd
         try:
             client = await NbdClient.connect(host, port, session.export, meta_context=True,
-                                             timeout=CONNECT_TIMEOUT)
+                                             timeout=CONNECT_TIMEOUT,
+                                             tls=getattr(self.link, "tls", None))
         except NegotiationError as e:
             self._set(PathState.BLOCKED if e.policy else PathState.DOWN,
                       f"node {self.node} refused: {e}")

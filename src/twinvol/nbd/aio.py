@@ -14,16 +14,25 @@ import errno
 import logging
 import math
 import socket
+import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Executor
 from time import perf_counter_ns
 from typing import Protocol
 
 from twinvol.nbd.constants import NEED_DATA, Cmd, Err
+from twinvol.nbd.guard import Guard, describe_tls_error
 from twinvol.nbd.iostats import SAMPLE_MASK, IoStats, VolumeIo
 from twinvol.nbd.server import FAST_ZERO, FUA, NO_HOLE, REQ_ONE, ServerConnection
-from twinvol.nbd.server_events import Disconnect, ExportInfo, ExportProvider, Ready, Request
+from twinvol.nbd.server_events import (
+    Disconnect,
+    ExportInfo,
+    ExportProvider,
+    Ready,
+    Request,
+    StartTls,
+)
 from twinvol.storage.backing import NotFast
 
 log = logging.getLogger("twinvol.nbd")
@@ -78,12 +87,17 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
     """
 
     def __init__(self, registry: ExportRegistry, executor: Executor,
-                 connections: set[NbdServerProtocol], stats: IoStats | None = None) -> None:
+                 connections: set[NbdServerProtocol], stats: IoStats | None = None,
+                 guard: Guard | None = None) -> None:
         self.registry = registry
         self.stats = stats if stats is not None else IoStats()
         self.executor = executor
         self.connections = connections
-        self.conn = ServerConnection(registry)
+        self.guard = guard = guard if guard is not None else Guard()
+        self.conn = ServerConnection(registry, tls=guard.tls, max_options=guard.max_options)
+        self._host: str | None = None  # counted in guard.admission while set
+        self._deadline: asyncio.TimerHandle | None = None
+        self._tls_early: bytearray | None = None  # bytes that came in during the handshake
         self.transport: asyncio.Transport | None = None
         self.backend: Backend | None = None
         self.export: ExportInfo | None = None
@@ -114,8 +128,58 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        host = str(peer[0]) if isinstance(peer, tuple) else self.peer
+        refused = self.guard.admission.admit(host)
+        if refused is not None:
+            log.warning("nbd connection refused", extra={"peer": self.peer, "reason": refused})
+            self._closing = True
+            self.transport.abort()  # type: ignore[union-attr]
+            return
+        self._host = host
+        self._deadline = self._loop.call_later(self.guard.negotiation_timeout, self._too_slow)
         self.connections.add(self)
         transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+
+    def _too_slow(self) -> None:
+        if self.export is None and self.transport is not None:
+            log.warning("nbd negotiation timed out, connection dropped",
+                        extra={"peer": self.peer, "timeout": self.guard.negotiation_timeout})
+            self._closing = True
+            self.transport.abort()
+
+    def _start_tls(self) -> None:
+        """STARTTLS was acknowledged: upgrade with the loop's own TLS (the state machine
+        stays sans-IO; it sees plaintext before and after)."""
+        self._tls_early = bytearray()
+        assert self.transport is not None
+        self.transport.pause_reading()  # the ClientHello is for start_tls, not for us
+        self._loop.create_task(self._handshake())
+
+    async def _handshake(self) -> None:
+        raw = self.transport
+        assert raw is not None and self.guard.ssl is not None
+        try:
+            tls = await self._loop.start_tls(raw, self, self.guard.ssl, server_side=True,
+                                             ssl_handshake_timeout=self.guard.negotiation_timeout)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError, RuntimeError) as e:
+            log.warning("nbd TLS handshake failed, connection dropped",
+                        extra={"peer": self.peer, "reason": describe_tls_error(e)})
+            self._closing = True
+            raw.abort()
+            self.connection_lost(e)
+            return
+        if tls is None or self._closing:
+            return
+        self.transport = tls
+        early, self._tls_early = self._tls_early, None
+        self.conn.tls_started()
+        cert = tls.get_extra_info("peercert") or {}
+        subject = dict(x[0] for x in cert.get("subject", ()))
+        log.info("nbd TLS established", extra={"peer": self.peer, "version": tls.get_extra_info(
+            "ssl_object").version(), "client_cert": subject.get("commonName", "")})
+        if early:
+            self.conn.receive_data(bytes(early))
+        self._pump()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         buf = self.conn.payload_buffer()
@@ -130,6 +194,9 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         return self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._tls_early is not None:
+            self._tls_early += self._scratch[:nbytes]
+            return
         if self._into_payload:
             self.conn.payload_received(nbytes)
         else:
@@ -144,6 +211,11 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.discard(self)
         self._closing = True
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self._host is not None:
+            self.guard.admission.release(self._host)
+            self._host = None
         if self.export is not None:
             self.registry.detach(self.export)
             self.export = None
@@ -175,6 +247,10 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
                 self._handle(ev)
             elif type(ev) is Ready:
                 self._ready(ev)
+            elif type(ev) is StartTls:
+                self._flush_replies()
+                self._start_tls()
+                break
             elif type(ev) is Disconnect:
                 self._flush_replies()
                 self._disconnect(ev)
@@ -221,6 +297,8 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
             replies.clear()
 
     def _ready(self, ev: Ready) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
         self.export = ev.export
         self._vio = self.stats.volume(ev.export.name)
         self._set_backend(self.registry.attach(ev.export))
@@ -434,63 +512,3 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         elif not pause and self._paused_pending:
             self._paused_pending = False
             transport.resume_reading()
-
-
-class DrainTimeout(Exception):
-    """In-flight requests did not finish in time; the connections keep their backend."""
-
-
-async def rebind(connections: Sequence[NbdServerProtocol], backend: Backend | None,
-                 timeout: float = 10.0) -> None:
-    """Swap the backend of open connections without the clients noticing.
-
-    Reading stops on every connection, requests already received complete on the old
-    backend (which is then flushed, so a later FLUSH on the new one still covers writes
-    acknowledged before), and the new backend is installed on all of them in one loop
-    step before reading resumes: every request acknowledged before the swap was served
-    by the old backend, every request read after it by the new one. `backend=None`
-    keeps the current backend (a barrier only)."""
-    conns = [c for c in connections if c.transport is not None
-             and not c.transport.is_closing()]
-    for c in conns:
-        c._held = True
-        c._update_reading()
-    try:
-        busy = [c for c in conns if c._inflight]
-        if busy:
-            await asyncio.wait([c.idle() for c in busy], timeout=timeout)
-            late = sum(c._inflight for c in busy)
-            if late:
-                raise DrainTimeout(f"{late} request(s) in flight did not finish within "
-                                   f"{timeout:g} s")
-        olds = {id(c.backend): c.backend for c in conns if c.backend is not None}
-        if backend is not None:
-            loop = asyncio.get_running_loop()
-            for old in olds.values():
-                if old is backend:
-                    continue
-                submit = getattr(old, "submit", None)
-                if getattr(old, "async_writes", False) and submit is not None:
-                    await submit(int(Cmd.FLUSH), 0, 0, None, 0)
-                else:
-                    executor = conns[0].executor
-                    await loop.run_in_executor(executor, old.flush)
-            for c in conns:
-                if c.export is not None:
-                    c._set_backend(backend)
-    finally:
-        for c in conns:
-            c._held = False
-            c._update_reading()
-
-
-async def shutdown_all(connections: set[NbdServerProtocol], timeout: float = 10.0) -> None:
-    """Server shutdown: stop reading, let in-flight requests finish and reply, then close."""
-    await asyncio.gather(*(c.drain_and_close(timeout) for c in list(connections)))
-
-
-def close_all(connections: Sequence[NbdServerProtocol] | set[NbdServerProtocol]) -> None:
-    for c in list(connections):
-        if c.transport is not None:
-            c.transport.close()
-

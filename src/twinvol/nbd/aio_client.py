@@ -20,12 +20,20 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from twinvol.nbd.client import NEED_DATA, ClientConnection, ClientStateError, Phase, errname
-from twinvol.nbd.client_events import Closed, Completed, Negotiated, ProtocolError, Refused
+from twinvol.nbd.client_events import (
+    Closed,
+    Completed,
+    Negotiated,
+    ProtocolError,
+    Refused,
+    TlsReady,
+)
 from twinvol.nbd.constants import Cmd, Err, Rep, TxFlag
 
 log = logging.getLogger("twinvol.nbd.client")
@@ -116,8 +124,11 @@ class NbdClient:
     """One NBD connection to one export."""
 
     def __init__(self, export: str, *, structured: bool = True,
-                 meta_context: bool = False) -> None:
-        self.conn = ClientConnection(export, structured=structured, meta_context=meta_context)
+                 meta_context: bool = False, tls: ssl.SSLContext | None = None) -> None:
+        self.conn = ClientConnection(export, structured=structured, meta_context=meta_context,
+                                     tls=tls is not None)
+        self._tls = tls
+        self._host = ""
         self.export = export
         self.peer = ""
         self.info: Negotiated | None = None
@@ -137,10 +148,13 @@ class NbdClient:
 
     @classmethod
     async def connect(cls, host: str, port: int, export: str, *, structured: bool = True,
-                      meta_context: bool = False, timeout: float = 10.0) -> NbdClient:
-        """Connect and negotiate; raises NegotiationError, ConnectionLost, OSError or
-        TimeoutError."""
-        self = cls(export, structured=structured, meta_context=meta_context)
+                      meta_context: bool = False, timeout: float = 10.0,
+                      tls: ssl.SSLContext | None = None) -> NbdClient:
+        """Connect and negotiate (with `tls`: NBD_OPT_STARTTLS first, the server's
+        certificate checked for `host`); raises NegotiationError, ConnectionLost, OSError
+        (ssl.SSLError too) or TimeoutError."""
+        self = cls(export, structured=structured, meta_context=meta_context, tls=tls)
+        self._host = host
         loop = self._loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self._closed = loop.create_future()
@@ -205,6 +219,10 @@ class NbdClient:
             elif type(ev) is Negotiated:
                 if self._ready is not None and not self._ready.done():
                     self._ready.set_result(ev)
+            elif type(ev) is TlsReady:
+                assert self._loop is not None
+                self._loop.create_task(self._upgrade())
+                break
             elif type(ev) is Refused:
                 self._write(conn.data_to_send())  # NBD_OPT_ABORT
                 if self._ready is not None and not self._ready.done():
@@ -226,6 +244,25 @@ class NbdClient:
             self._write(conn.data_to_send())
         if self.after_batch is not None:
             self.after_batch()
+
+    async def _upgrade(self) -> None:
+        """STARTTLS was acknowledged: TLS handshake on the same connection, then go on."""
+        raw = self._transport
+        assert raw is not None and self._loop is not None and self._tls is not None
+        raw.pause_reading()
+        try:
+            tls = await self._loop.start_tls(raw, raw.get_protocol(), self._tls,
+                                             server_hostname=self._host)
+        except (OSError, ConnectionError) as e:
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_exception(e)
+            raw.abort()
+            return
+        if tls is None:
+            return
+        self._transport = tls
+        self.conn.tls_started()
+        self._write(self.conn.data_to_send())
 
     def _lost(self, reason: str) -> None:
         if self.lost_reason is not None:

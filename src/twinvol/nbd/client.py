@@ -83,7 +83,7 @@ class ClientConnection:
     """One NBD connection, client side, as a pure state machine."""
 
     def __init__(self, export: str, *, structured: bool = True, meta_context: bool = False,
-                 max_read: int = MAX_PAYLOAD) -> None:
+                 max_read: int = MAX_PAYLOAD, tls: bool = False) -> None:
         raw = export.encode()
         if len(raw) > MAX_STRING:
             raise ClientStateError(f"export name longer than {MAX_STRING} bytes")
@@ -101,7 +101,7 @@ class ClientConnection:
         self._tail = bytearray()  # unparsed bytes kept between receive_data calls
         self.out: list[bytes] = []  # waiting to be sent (`data_to_send` takes them)
         self._options = Negotiation(export, raw, structured=structured,
-                                    meta_context=meta_context, out=self.out)
+                                    meta_context=meta_context, out=self.out, tls=tls)
         self._events: list[Event] = []
         self._inflight: dict[int, Pending] = {}
         self._next_cookie = 0
@@ -287,7 +287,12 @@ class ClientConnection:
             self._events.insert(0, ev)
         elif type(ev) is ProtocolError:
             self._close(ev)
+        else:  # TlsReady: the I/O layer upgrades, then calls tls_started()
+            self._events.append(ev)
         return True
+
+    def tls_started(self) -> None:
+        self._options.tls_started()
 
     def _start_transmission(self, negotiated: Negotiated) -> None:
         self.size = negotiated.size

@@ -25,6 +25,12 @@ class Negotiated:
 
 
 @dataclass(slots=True)
+class TlsReady:
+    """The server acknowledged NBD_OPT_STARTTLS: the I/O layer does the TLS handshake,
+    then calls `ClientConnection.tls_started()` and negotiation goes on over TLS."""
+
+
+@dataclass(slots=True)
 class Refused:
     """The server refused the export (NBD_REP_ERR_*); `message` is its text."""
 
@@ -73,4 +79,4 @@ class Closed:
     reason: str
 
 
-Event = Negotiated | Refused | Completed | ProtocolError | Closed
+Event = Negotiated | Refused | Completed | ProtocolError | Closed | TlsReady

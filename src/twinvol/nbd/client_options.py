@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from twinvol.nbd.client_events import Negotiated, ProtocolError, Refused
+from twinvol.nbd.client_events import Negotiated, ProtocolError, Refused, TlsReady
 from twinvol.nbd.constants import (
     BASE_ALLOCATION,
     FLAG_C_FIXED_NEWSTYLE,
@@ -37,15 +37,16 @@ from twinvol.nbd.constants import (
 
 _U32 = struct.Struct(">I")
 
-Outcome = Negotiated | Refused | ProtocolError | None
+Outcome = Negotiated | Refused | ProtocolError | TlsReady | None
 
 
 class Negotiation:
     """One connection's options: asked one at a time, each reply checked against it."""
 
     def __init__(self, export: str, export_raw: bytes, *, structured: bool, meta_context: bool,
-                 out: list[bytes]) -> None:
+                 out: list[bytes], tls: bool = False) -> None:
         self.export = export
+        self.tls = tls  # STARTTLS first, and nothing in clear text if the server says no
         self._export_raw = export_raw
         self.want_structured = structured
         self.want_meta = meta_context
@@ -105,6 +106,13 @@ class Negotiation:
         self.no_zeroes = bool(server_flags & FLAG_NO_ZEROES)
         cflags = FLAG_C_FIXED_NEWSTYLE | (FLAG_C_NO_ZEROES if self.no_zeroes else 0)
         self._out.append(_U32.pack(cflags))
+        if self.tls:
+            self._send_option(Opt.STARTTLS)
+        else:
+            self.tls_started()
+
+    def tls_started(self) -> None:
+        """Options proper: after the TLS handshake, or at once without TLS."""
         if self.want_structured:
             self._send_option(Opt.STRUCTURED_REPLY)
         else:
@@ -130,6 +138,13 @@ class Negotiation:
                                                                    len(wanted), *wanted))
 
     def _reply(self, opt: int, rep: int, data: bytes) -> Outcome:
+        if opt == Opt.STARTTLS:
+            if rep == Rep.ACK and not data:
+                self.opt = None
+                return TlsReady()
+            if rep & REP_ERR:
+                return Refused(rep, f"TLS refused: {data.decode(errors='replace')}")
+            return ProtocolError(f"unexpected reply {rep:#x} to NBD_OPT_STARTTLS")
         if opt == Opt.STRUCTURED_REPLY:
             return self._on_structured_reply(rep, data)
         if opt == Opt.SET_META_CONTEXT:

@@ -153,3 +153,7 @@ class NeedData:
 
 
 NEED_DATA = NeedData()   # one sentinel for the server and client machines alike
+
+# Options one negotiation may send before it is cut off (haggling is bounded); generous
+# enough for `nbdinfo --list` over a thousand exports (LIST plus one INFO each).
+MAX_OPTIONS = 4096

@@ -36,6 +36,7 @@ from twinvol.nbd.constants import (
     FLAG_NO_ZEROES,
     IHAVEOPT,
     MAX_OPTION_DATA,
+    MAX_OPTIONS,
     MAX_PAYLOAD,
     NBDMAGIC,
     NEED_DATA,
@@ -53,7 +54,16 @@ from twinvol.nbd.constants import (
     Opt,
     Reply,
 )
-from twinvol.nbd.server_events import Disconnect, Event, ExportInfo, ExportProvider, Ready, Request
+from twinvol.nbd.server_events import (
+    Disconnect,
+    Event,
+    ExportInfo,
+    ExportProvider,
+    Ready,
+    Request,
+    StartTls,
+    TlsMode,
+)
 from twinvol.nbd.server_options import META_CONTEXT_ID, Negotiation, utf8_bounded
 from twinvol.storage.buffers import POOL
 
@@ -105,8 +115,11 @@ class _Payload:
 class ServerConnection:
     """One NBD connection, server side, as a pure state machine."""
 
-    def __init__(self, exports: ExportProvider, *, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(self, exports: ExportProvider, *, max_payload: int = MAX_PAYLOAD,
+                 tls: TlsMode = TlsMode.OFF, max_options: int = MAX_OPTIONS) -> None:
         self.exports = exports
+        self.max_options = max_options
+        self.options_seen = 0
         self.max_payload = max_payload
         self.phase = Phase.CLIENT_FLAGS
         self.export: ExportInfo | None = None
@@ -118,7 +131,8 @@ class ServerConnection:
         # bytes waiting to be sent: an adapter checks it, `data_to_send` takes them
         self.out: list[bytes] = [struct.pack(">QQH", NBDMAGIC, IHAVEOPT,
                                              FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)]
-        self._options = Negotiation(exports, max_payload, self.out)
+        self._options = Negotiation(exports, max_payload, self.out, tls)
+        self._tls_wait = False  # STARTTLS acknowledged, handshake not yet done
         self._payload: _Payload | None = None
         self._spare: bytearray | None = None
         self._skip = 0  # option bytes still to discard
@@ -173,6 +187,17 @@ class ServerConnection:
         self.out.clear()
         return out
 
+    @property
+    def tls_active(self) -> bool:
+        return self._options.tls_active
+
+    def tls_started(self) -> None:
+        """The I/O layer finished the TLS handshake that `StartTls` asked for: option
+        haggling starts again, over TLS, from a clean slate."""
+        assert self._tls_wait
+        self._tls_wait = False
+        self._options.tls_started()
+
     def _avail(self) -> int:
         return len(self._data) - self._pos
 
@@ -226,6 +251,12 @@ class ServerConnection:
     # ---- options (framing here; answers in nbd/server_options.py) ------------
 
     def _next_option(self) -> Event | NeedData | None:
+        if self._tls_wait:
+            if self._avail():
+                self._close("client sent data after NBD_OPT_STARTTLS before the TLS "
+                            "handshake", error=True)
+                return None
+            return NEED_DATA
         if self._skip:
             n = min(self._skip, self._avail())
             self._pos += n
@@ -241,6 +272,10 @@ class ServerConnection:
         magic, opt, length = OPTION_HEADER.unpack_from(self._data, self._pos)
         if magic != IHAVEOPT:
             self._close(f"bad option magic {magic:#x}", error=True)
+            return None
+        self.options_seen += 1
+        if self.options_seen > self.max_options:
+            self._close(f"more than {self.max_options} options in one negotiation", error=True)
             return None
         if length > MAX_OPTION_DATA:
             self._pos += OPTION_HEADER.size
@@ -260,6 +295,12 @@ class ServerConnection:
             return None
         if type(ev) is Ready:
             self._enter_transmission(ev)
+        elif type(ev) is StartTls:
+            self._tls_wait = True
+            if self._avail():
+                self._close("client sent data after NBD_OPT_STARTTLS before the TLS "
+                            "handshake", error=True)
+                return None
         return ev
 
     def _enter_transmission(self, ready: Ready) -> None:

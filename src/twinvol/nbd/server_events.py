@@ -7,9 +7,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Protocol
 
 from twinvol.nbd.constants import Cmd
+
+
+class TlsMode(StrEnum):
+    """A server's TLS policy (the spec's NOTLS, SELECTIVETLS with no TLS-only export,
+    FORCEDTLS)."""
+
+    OFF = "off"
+    ALLOW = "allow"
+    REQUIRE = "require"
 
 
 @dataclass(slots=True)
@@ -71,4 +81,10 @@ class Disconnect:
     error: bool = False
 
 
-Event = Ready | Request | Disconnect
+@dataclass(slots=True)
+class StartTls:
+    """NBD_OPT_STARTTLS was acknowledged: the I/O layer upgrades the connection to TLS
+    and then calls `ServerConnection.tls_started()` (or drops it if the handshake fails)."""
+
+
+Event = Ready | Request | Disconnect | StartTls

@@ -23,16 +23,27 @@ from twinvol.nbd.constants import (
     Rep,
     TxFlag,
 )
-from twinvol.nbd.server_events import Disconnect, ExportInfo, ExportProvider, Ready
+from twinvol.nbd.server_events import (
+    Disconnect,
+    ExportInfo,
+    ExportProvider,
+    Ready,
+    StartTls,
+    TlsMode,
+)
 
 META_CONTEXT_ID = 1  # id of base:allocation once selected
+_TLS_REQD = "this server requires TLS: send NBD_OPT_STARTTLS first"
 
 
 class Negotiation:
     """What one connection's client and server agreed so far, and the option replies."""
 
-    def __init__(self, exports: ExportProvider, max_payload: int, out: list[bytes]) -> None:
+    def __init__(self, exports: ExportProvider, max_payload: int, out: list[bytes],
+                 tls: TlsMode = TlsMode.OFF) -> None:
         self.exports = exports
+        self.tls = tls
+        self.tls_active = False
         self.max_payload = max_payload
         self._out = out
         self.structured = False
@@ -46,25 +57,49 @@ class Negotiation:
     def _error(self, opt: int, rep: Rep, message: str) -> None:
         self._reply(opt, rep, utf8_bounded(message))
 
+    @property
+    def tls_missing(self) -> bool:
+        """TLS is required and not yet initiated: every option but STARTTLS and ABORT
+        gets NBD_REP_ERR_TLS_REQD (FORCEDTLS)."""
+        return self.tls is TlsMode.REQUIRE and not self.tls_active
+
+    def tls_started(self) -> None:
+        """The TLS handshake succeeded: whatever was agreed in clear text is forgotten."""
+        self.tls_active = True
+        self.structured = False
+        self.meta_selected = False
+        self.meta_export = None
+
     def oversized(self, opt: int) -> Disconnect | None:
         """Answer an option whose data was over MAX_OPTION_DATA (skipped unread)."""
         if opt == Opt.ABORT:  # data with ABORT is ignored, never refused
             self._reply(Opt.ABORT, Rep.ACK)
             return Disconnect("client aborted negotiation", False)
+        if self.tls_missing:
+            self._error(opt, Rep.ERR_TLS_REQD, _TLS_REQD)
+            return None
         if opt == Opt.SET_META_CONTEXT:  # a failed SET still clears the selection
             self.meta_selected = False
             self.meta_export = None
         self._error(opt, Rep.ERR_TOO_BIG, f"option data larger than {MAX_OPTION_DATA} bytes")
         return None
 
-    def handle(self, opt: int, data: bytes) -> Ready | Disconnect | None:
+    def handle(self, opt: int, data: bytes) -> Ready | Disconnect | StartTls | None:
         """Answer one complete option: `Ready` ends negotiation, `Disconnect` the
-        connection, None lets it go on."""
-        if opt == Opt.EXPORT_NAME:
-            return self._opt_export_name(data)
+        connection, `StartTls` upgrades it, None lets it go on."""
         if opt == Opt.ABORT:
             self._reply(opt, Rep.ACK)
             return Disconnect("client aborted negotiation", False)
+        if opt == Opt.STARTTLS:
+            return self._opt_starttls(data)
+        if self.tls_missing:
+            if opt == Opt.EXPORT_NAME:  # cannot be answered with an error: hang up
+                return Disconnect("client asked for an export with NBD_OPT_EXPORT_NAME "
+                                  "without TLS; this server requires TLS", True)
+            self._error(opt, Rep.ERR_TLS_REQD, _TLS_REQD)
+            return None
+        if opt == Opt.EXPORT_NAME:
+            return self._opt_export_name(data)
         if opt == Opt.LIST:
             if data:
                 self._error(opt, Rep.ERR_INVALID, "NBD_OPT_LIST takes no data")
@@ -74,12 +109,6 @@ class Negotiation:
                 self._reply(opt, Rep.SERVER,
                             struct.pack(">I", len(name)) + name + exp.description.encode())
             self._reply(opt, Rep.ACK)
-            return None
-        if opt == Opt.STARTTLS:
-            if data:
-                self._error(opt, Rep.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
-            else:
-                self._error(opt, Rep.ERR_UNSUP, "TLS is not supported by this server")
             return None
         if opt in (Opt.INFO, Opt.GO):
             return self._opt_info_go(opt, data)
@@ -96,6 +125,18 @@ class Negotiation:
             self._opt_meta_context(opt, data)
             return None
         self._error(opt, Rep.ERR_UNSUP, f"option {opt} is not supported")
+        return None
+
+    def _opt_starttls(self, data: bytes) -> StartTls | None:
+        if data:
+            self._error(Opt.STARTTLS, Rep.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+        elif self.tls is TlsMode.OFF:
+            self._error(Opt.STARTTLS, Rep.ERR_UNSUP, "TLS is not enabled on this server")
+        elif self.tls_active:
+            self._error(Opt.STARTTLS, Rep.ERR_INVALID, "TLS is already negotiated")
+        else:
+            self._reply(Opt.STARTTLS, Rep.ACK)
+            return StartTls()
         return None
 
     def _flags_for(self, exp: ExportInfo) -> int:

@@ -16,9 +16,12 @@ import msgspec
 from aiohttp import web
 
 from twinvol import __version__
+from twinvol.access import TokenError, TokenStore
+from twinvol.audit import AuditLog
 from twinvol.cluster import NODE_HEADER
 from twinvol.faults.api import fault_routes
-from twinvol.httpapi import bearer_auth, error_response, follow_lines
+from twinvol.httpapi import access_control, error_response, follow_lines
+from twinvol.node.api_tokens import token_routes
 from twinvol.sizes import SizeError, parse_size
 from twinvol.storage.volumes import Volume, VolumeError
 
@@ -144,8 +147,16 @@ def identity(rec: Any) -> dict[str, Any]:
 
 
 def make_app(node: Node) -> web.Application:
-    app = web.Application(middlewares=[bearer_auth(node.cluster.cluster.secret), errors],
-                          client_max_size=1 << 20)
+    section = node.cluster.cluster
+    try:
+        store = TokenStore(os.path.join(node.data_dir, "tokens.json"))
+    except TokenError as e:
+        from twinvol.node.node import NodeStartError
+        raise NodeStartError(str(e)) from None
+    audit = AuditLog(os.path.join(node.data_dir, "audit.log"))
+    app = web.Application(middlewares=[access_control(section.secret, store, audit=audit,
+                                                      metrics_open=section.metrics_open),
+                                       errors], client_max_size=1 << 20)
     routes = web.RouteTableDef()
 
     async def say_who(_: web.Request, resp: web.StreamResponse) -> None:
@@ -425,4 +436,5 @@ def make_app(node: Node) -> web.Application:
 
     app.add_routes(routes)
     app.add_routes(fault_routes(node))
+    app.add_routes(token_routes(store, node.name))
     return app

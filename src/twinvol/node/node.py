@@ -18,10 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
-from twinvol.cluster import ClusterConfig
+from twinvol.cluster import ClusterConfig, ClusterError
 from twinvol.faults.node import FaultManager
 from twinvol.faults.store import FaultStoreError
-from twinvol.nbd.aio import Backend, NbdServerProtocol, close_all, rebind, shutdown_all
+from twinvol.nbd.aio import Backend, NbdServerProtocol
+from twinvol.nbd.aio_group import close_all, rebind, shutdown_all
 from twinvol.nbd.iostats import IoStats
 from twinvol.nbd.server_events import ExportInfo
 from twinvol.node.events import EventBus
@@ -29,6 +30,7 @@ from twinvol.node.switching import Switching
 from twinvol.replication.manager import ReplicationManager
 from twinvol.storage.catalog import VolumeRecord
 from twinvol.storage.volumes import Volume, VolumeError, VolumeManager
+from twinvol.tls.context import api_contexts, nbd_guard
 
 
 class NodeStartError(Exception):
@@ -206,8 +208,13 @@ class Node:
         loop = asyncio.get_running_loop()
         host, port = self.config.nbd_hostport
         try:
+            guard = nbd_guard(self.cluster, self.name)
+        except ClusterError as e:
+            raise NodeStartError(str(e)) from None
+        try:
             self._nbd_server = await loop.create_server(
-                lambda: NbdServerProtocol(self, self.executor, self.connections, self.io_stats),
+                lambda: NbdServerProtocol(self, self.executor, self.connections, self.io_stats,
+                                          guard),
                 host, port, reuse_address=True, backlog=256)
         except OSError as e:
             raise NodeStartError(f"cannot listen for NBD on {host}:{port}: {e.strerror}") from e
@@ -219,12 +226,14 @@ class Node:
             await self._runner.setup()
             ahost, aport = self.config.api_hostport
             try:
-                await web.TCPSite(self._runner, ahost, aport, reuse_address=True).start()
+                await web.TCPSite(self._runner, ahost, aport, reuse_address=True,
+                                  ssl_context=api_contexts(self.cluster, self.name)[0]).start()
             except OSError as e:
                 raise NodeStartError(f"cannot listen for the API on {ahost}:{aport}: "
                                      f"{e.strerror}") from e
         await self.faults.start()
         self.log.info("node serving", extra={"node": self.name, "nbd": self.config.nbd,
+                                             "nbd_tls": guard.tls.value,
                                              "api": self.config.api, "pid": os.getpid(),
                                              "volumes": len(self.volumes.volumes)})
 

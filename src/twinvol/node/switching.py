@@ -33,6 +33,7 @@ from twinvol.replication.core.types import PairState
 from twinvol.replication.ports import NodePort
 from twinvol.storage.records import RecordTable
 from twinvol.storage.volumes import Volume, VolumeError
+from twinvol.tls.context import api_contexts
 
 if TYPE_CHECKING:
     from twinvol.nbd.aio import Backend, NbdServerProtocol
@@ -211,7 +212,7 @@ class Switching:
 
     async def barrier(self, volume: str) -> None:
         """Let requests in flight on connections switched to `volume` complete."""
-        from twinvol.nbd.aio import rebind
+        from twinvol.nbd.aio_group import rebind
 
         for e in self.involving(volume):
             if e.target_node == self.node.name and e.target_volume == volume:
@@ -338,7 +339,9 @@ class Switching:
         body = {"host_id": host_id, "expect": expect,
                 "entry": None if entry is None else msgspec.to_builtins(entry)}
         if self._http is None:
-            self._http = aiohttp.ClientSession()
+            ssl_ctx = api_contexts(self.node.cluster, self.node.name)[1]
+            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_ctx)
+                                               if ssl_ctx else None)
         try:
             async with self._http.post(cfg.api_url + "/api/v1/switching/apply", json=body,
                                        headers=headers,
@@ -397,7 +400,7 @@ class Switching:
     async def _effect(self, host_id: str, old: SwitchEntry | None,
                       new: SwitchEntry | None) -> None:
         """Make host I/O here follow the table: refuse the export, or serve the target."""
-        from twinvol.nbd.aio import DrainTimeout
+        from twinvol.nbd.aio_group import DrainTimeout
 
         me, mgr = self.node.name, self.node.replication
         vol = self.node.volumes.by_export(host_id)

@@ -34,6 +34,7 @@ from twinvol.replication.wire import (
     encode,
     encode_parts,
 )
+from twinvol.tls.context import cert_mismatch
 
 log = logging.getLogger("twinvol.peer")
 
@@ -254,6 +255,10 @@ class PeerLink(asyncio.BufferedProtocol):
                 return
             if self.expect is not None and name != self.expect:
                 self._refuse(f"dialed {self.expect!r} but {name!r} answered")
+                return
+            mismatch = cert_mismatch(self.transport, str(name))
+            if mismatch is not None:
+                self._refuse(mismatch)
                 return
             self.peer = str(name)
             self.peer_nonce = str(h.get("nonce", ""))

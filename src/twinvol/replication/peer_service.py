@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import ssl
 import time
 from collections.abc import Callable
 
 from twinvol.cluster import ClusterConfig
+from twinvol.nbd.guard import describe_tls_error
 from twinvol.replication.peer import (
     DEAD_AFTER,
     HANDSHAKE_TIMEOUT,
@@ -19,6 +22,7 @@ from twinvol.replication.peer import (
     PeerDown,
     PeerLink,
 )
+from twinvol.tls.context import peer_contexts
 
 log = logging.getLogger("twinvol.peer")
 
@@ -37,6 +41,11 @@ class PeerService:
         self.on_down = on_down
         self.on_refused = on_refused or (lambda _p, _r: None)
         self.links: dict[str, PeerLink] = {}
+        tls = peer_contexts(cluster, node)  # (accept, dial) with [tls] peer = true
+        self.tls_accept = tls[0] if tls else None
+        self.tls_dial = tls[1] if tls else None
+        self._dial_refusals: dict[str, str] = {}  # last TLS refusal logged per peer
+        self._listener: socket.socket | None = None
         self._server: asyncio.base_events.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -60,8 +69,13 @@ class PeerService:
             return
         host, port = cfg.peer_hostport
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: PeerLink(self, None), host, port,
-                                                reuse_address=True)
+        if self.tls_accept is not None:
+            lsock = self._listener = socket.create_server((host, port), backlog=64)
+            lsock.setblocking(False)
+            self._tasks.append(asyncio.create_task(self._accept_tls(lsock)))
+        else:
+            self._server = await loop.create_server(lambda: PeerLink(self, None), host, port,
+                                                    reuse_address=True)
         for peer in self.peers():
             if self.node < peer:
                 self._tasks.append(asyncio.create_task(self._dial_forever(peer)))
@@ -76,6 +90,8 @@ class PeerService:
                 await t
         if self._server is not None:
             self._server.close()
+        if self._listener is not None:
+            self._listener.close()
         for link in list(self.links.values()):
             link._fail("node stopping")
 
@@ -90,10 +106,22 @@ class PeerService:
                 continue
             try:
                 _t, proto = await asyncio.wait_for(
-                    loop.create_connection(lambda: PeerLink(self, peer), host, port),
+                    loop.create_connection(lambda: PeerLink(self, peer), host, port,
+                                           ssl=self.tls_dial,
+                                           ssl_handshake_timeout=HANDSHAKE_TIMEOUT
+                                           if self.tls_dial else None),
                     HANDSHAKE_TIMEOUT)
                 await asyncio.wait_for(proto.ready, HANDSHAKE_TIMEOUT)
                 delay = 0.1
+                self._dial_refusals.pop(peer, None)
+            except ssl.SSLError as e:
+                reason = f"TLS handshake failed: {describe_tls_error(e, 'the peer')}"
+                if self._dial_refusals.get(peer) != reason:  # once per reason, not per retry
+                    self._dial_refusals[peer] = reason
+                    log.warning("peer refused", extra={"peer": peer, "reason": reason})
+                    self.on_refused(peer, reason)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
             except (OSError, PeerDown, TimeoutError) as e:
                 log.debug("peer dial failed", extra={"peer": peer, "error": str(e)})
                 await asyncio.sleep(delay)
@@ -110,6 +138,29 @@ class PeerService:
                     link._fail(f"no traffic for {DEAD_AFTER}s")
                 else:
                     link.ping()
+
+    async def _accept_tls(self, lsock: socket.socket) -> None:
+        """Accept peers over mutual TLS ([tls] peer = true). Each socket is accepted here
+        and handed to TLS before any byte is read, so a refused handshake is known and
+        logged once, as one line, with its reason."""
+        assert self.tls_accept is not None
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            conn, addr = await loop.sock_accept(lsock)
+            self._tasks.append(asyncio.create_task(self._handshake(conn, addr)))
+
+    async def _handshake(self, conn: socket.socket, addr: object) -> None:
+        assert self.tls_accept is not None
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: PeerLink(self, None), conn,
+                                               ssl=self.tls_accept,
+                                               ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as e:
+            reason = f"TLS handshake failed: {describe_tls_error(e, 'the peer')}"
+            log.warning("peer refused", extra={"addr": str(addr), "reason": reason})
+            self.on_refused("?", reason)
+            conn.close()
 
     def link_up(self, link: PeerLink) -> None:
         assert link.peer is not None

@@ -1,0 +1,46 @@
+"""The host agent's TLS, from the cluster file's [tls] (see twinvol.tls): the listener's
+policy towards clients, NBD TLS towards the nodes that want it, HTTPS to node APIs."""
+
+from __future__ import annotations
+
+import ssl
+
+import aiohttp
+
+from twinvol.host import HostSetup
+from twinvol.host.nodes import HttpNodeLink, NodeLink
+from twinvol.nbd.guard import Guard
+from twinvol.nbd.server_events import TlsMode
+from twinvol.tls.context import client_context, server_context
+
+
+def api_session(setup: HostSetup) -> aiohttp.ClientSession:
+    """The agent's HTTP session to the nodes: with the client certificate when their
+    APIs are HTTPS ([tls] api)."""
+    ctx: ssl.SSLContext | None = None
+    if setup.tls_dir and any(a.api_tls for a in setup.nodes.values()):
+        ctx = client_context(setup.tls_dir)
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx) if ctx else None)
+
+
+def apply_tls(setup: HostSetup, links: dict[str, NodeLink]) -> Guard:
+    """The client-side listener's guard, and a client context on each node link whose
+    node wants NBD over TLS (the directory's client certificate)."""
+    directory = setup.tls_dir
+    if directory is None:
+        return Guard()
+    for name, link in links.items():
+        if isinstance(link, HttpNodeLink) and setup.node_tls(name):
+            link.tls = client_context(directory)
+    mode = setup.client_tls
+    if mode is TlsMode.OFF:
+        return Guard()
+    assert setup.tls is not None
+    return Guard(tls=mode, ssl=server_context(directory,
+                                              verify_clients=setup.tls.verify_clients))
+
+
+def plain_only(guard: Guard, links: dict[str, NodeLink]) -> bool:
+    """The native relay moves plain TCP: usable only with TLS off on both sides."""
+    return guard.tls is TlsMode.OFF and not any(getattr(link, "tls", None)
+                                                 for link in links.values())
