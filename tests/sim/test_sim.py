@@ -27,7 +27,7 @@ def test_one_way_cuts_find_nothing_either() -> None:
     """Links cut in one direction only (a peer that still hears its partner while the
     partner hears nothing; a witness that hears a node that cannot hear it)."""
     results = [run(seed, options=SimOptions(one_way=True)) for seed in range(SEEDS // 3)]
-    assert sum(1 for r in results for f in r.faults if "one_way" in f) > SEEDS // 3
+    assert sum(1 for r in results for f in r.faults if "one_way" in f) > len(results) // 2
     assert [r.line() for r in results if not r.ok] == []
 
 
