@@ -152,6 +152,10 @@ def test_the_standby_feeds_only_what_the_far_copy_lacks() -> None:
     assert check_feed(bits, "feed", 50, 10) == []
     assert check_feed({**bits, "chunks": 11}, "feed", 50, 10)
     assert check_feed(ok, "return", 50, 10)
+    # every chunk copied is fine when the writes since touched every chunk ...
+    assert check_feed({**bits, "chunks": 128, "full_copy": True}, "feed", 9000, 128) == []
+    # ... and needless when they did not
+    assert check_feed({**bits, "chunks": 128, "full_copy": True}, "feed", 90, 40)
 
 
 def test_the_failback_report_matches_the_takeover_and_cs_writes() -> None:
