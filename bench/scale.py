@@ -80,11 +80,11 @@ h.shutdown()
 """
 
 
-def rss(pid: int) -> int:
-    """Resident memory of a process in bytes (VmRSS)."""
+def rss(pid: int, key: str = "VmRSS") -> int:
+    """Resident memory of a process in bytes (VmRSS; VmHWM for the peak)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -296,6 +296,7 @@ def thin_case(size: int, timeout: float) -> dict[str, Any]:
             done = cp["done"]
             p = c.api("A", "GET", "/api/v1/pairs/t")
             out["copy"]["bytes_sent"] = p["copy"]["bytes_sent"]
+            out["copy"]["a_peak_rss"] = rss(c.pid("A"), "VmHWM")
             out["copy"]["b_allocated"] = c.api("B", "GET", "/api/v1/volumes/"
                                                + p["partner_volume"]).get("allocated")
             if done:
@@ -377,7 +378,8 @@ def report(console: Console, res: dict[str, list[dict[str, Any]]]) -> None:
     if res.get("thin"):
         t = Table(title="Thin volumes in an active-active pair (16 chunks written; "
                         "CPU is A + B)")
-        for h in ("size", "initial copy", "copy CPU", "copy: A disk writes", "B allocated",
+        for h in ("size", "initial copy", "copy CPU", "copy: A disk writes", "A peak RSS",
+                  "B allocated",
                   "resync of 4 chunks", "resync CPU", "verify", "verify CPU",
                   "restart A: API / mirrored"):
             t.add_column(h, justify="right")
@@ -385,7 +387,8 @@ def report(console: Console, res: dict[str, list[dict[str, Any]]]) -> None:
             cp, rs, vf, rt = (r.get(k) for k in ("copy", "resync", "verify", "restart"))
             assert cp is not None
             t.add_row(format_size(r["size"]), secs(cp), cpu(cp),
-                      mib(cp["disk_writes"]["A"]), mib(cp["b_allocated"] or 0), secs(rs), cpu(rs),
+                      mib(cp["disk_writes"]["A"]), mib(cp["a_peak_rss"]),
+                      mib(cp["b_allocated"] or 0), secs(rs), cpu(rs),
                       secs(vf), cpu(vf), restart(rt))
         console.print(t)
 
