@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import secrets
+import signal
 import statistics
 import subprocess
 import sys
@@ -406,6 +407,8 @@ def main() -> None:
                     help="seconds a thin-volume phase may take before it is projected")
     ap.add_argument("--json-out", default="bench/results/scale.json")
     args = ap.parse_args()
+    # SIGTERM (a timeout, CI) unwinds like Ctrl-C: nodes stopped, temporary files removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         vols = [int(x) for x in (args.volumes or ("1,10,100" if args.quick else
                                                   "1,10,100,1000")).split(",")]
