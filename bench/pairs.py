@@ -73,15 +73,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+PROFILERS = ("py-spy", "native", "perf")
+
+
+def profiler_argv(tool: str, pid: int, seconds: int, out: str) -> list[str]:
+    """The sampler for one process: py-spy (Python frames only, never pauses it), py-spy
+    --native (also C frames: uvloop, the agent's relay, libc; pauses it per sample) or
+    perf (user and kernel frames, for where the kernel's share goes)."""
+    if tool == "perf":
+        return ["perf", "record", "-g", "-F", "499", "-p", str(pid), "-o", f"{out}.perf",
+                "--", "sleep", str(seconds)]
+    native = ["--native"] if tool == "native" else ["--nonblocking"]
+    return [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--pid",
+            str(pid), "--format", "raw", *native, "--duration", str(seconds),
+            "--output", f"{out}.txt"]
+
+
 def fio(uri: str, rw: str, bs: str, qd: int, size: int, runtime: float,
-        pids: dict[str, int] | None = None, profile: str | None = None) -> dict[str, Any]:
+        pids: dict[str, int] | None = None, profile: str | None = None,
+        profiler: str = "py-spy") -> dict[str, Any]:
     """One fio run. With `pids`, also each process's CPU microseconds per completed
-    request (`cpu_us`); with `profile` (a path prefix), py-spy records every pid."""
+    request (`cpu_us`); with `profile` (a path prefix), `profiler` samples every pid."""
     pids = pids or {}
-    spies = [subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"),
-                               "record", "--pid", str(pid), "--format", "raw", "--nonblocking",
-                               "--duration", str(max(1, int(runtime))),
-                               "--output", f"{profile}-{name}.txt"],
+    spies = [subprocess.Popen(profiler_argv(profiler, pid, max(1, int(runtime)),
+                                            f"{profile}-{name}"),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for name, pid in pids.items() if profile is not None]
     cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
@@ -110,7 +125,9 @@ def main() -> None:
                          "agent unix (the agent's Unix socket)")
     ap.add_argument("--no-stall", action="store_true", help="skip the failover stall test")
     ap.add_argument("--profile", metavar="DIR",
-                    help="py-spy record nodes A and B (and the agent) into DIR per case")
+                    help="profile nodes A and B (and the agent) into DIR per case")
+    ap.add_argument("--profiler", choices=PROFILERS, default="py-spy",
+                    help="py-spy (Python frames), native (py-spy --native) or perf")
     args = ap.parse_args()
     size = parse_size(args.size)
     console = Console(width=150)
@@ -176,7 +193,7 @@ def main() -> None:
                 results[wl] = {
                     name: fio(uri, rw, bs, qd, size, args.runtime, pids,
                               os.path.join(args.profile, f"{wl}-{name.replace(' ', '')}")
-                              if args.profile else None)
+                              if args.profile else None, args.profiler)
                     for name, uri in targets.items()}
             worst, count = "nan", "0"
             if args.no_stall:
