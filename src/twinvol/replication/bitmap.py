@@ -18,6 +18,10 @@ CHUNK = 64 * 1024          # resync granularity
 AL_EXTENT = 4 * 1024 * 1024  # activity-log granularity
 
 
+PAGE = 4096                 # bitmap bytes written together by a sync
+PAGE_BITS_SHIFT = 15        # bit index -> page (PAGE * 8 bits a page)
+
+
 class PersistentBits:
     """A bit array kept in a file; `sync` makes the in-memory bits durable."""
 
@@ -30,6 +34,9 @@ class PersistentBits:
         self.bits = bytearray(data) + bytearray(size - len(data))
         # Bits past nbits (a corrupt or foreign file) are ignored, never trusted.
         self._dirty = False
+        # Pages (of PAGE bytes) changed since the last sync: a sync writes only those, so
+        # a copy's checkpoints cost by what they cleared, not by the volume's size.
+        self._pages: set[int] = set()
         self._sync_task: asyncio.Future[None] | None = None
 
     def close(self) -> None:
@@ -42,7 +49,7 @@ class PersistentBits:
         if size > len(self.bits):
             self.bits += bytearray(size - len(self.bits))
         self.nbits = nbits
-        self._dirty = True
+        self._touch_all()
 
     def test(self, i: int) -> bool:
         return bool(self.bits[i >> 3] & (1 << (i & 7)))
@@ -54,6 +61,7 @@ class PersistentBits:
             return False
         self.bits[i >> 3] |= b
         self._dirty = True
+        self._pages.add(i >> PAGE_BITS_SHIFT)
         return True
 
     def set_many(self, idx: Iterable[int]) -> bool:
@@ -67,6 +75,7 @@ class PersistentBits:
         if self.bits[i >> 3] & b:
             self.bits[i >> 3] &= ~b & 0xFF
             self._dirty = True
+            self._pages.add(i >> PAGE_BITS_SHIFT)
 
     def merge(self, other: bytes | bytearray | memoryview) -> None:
         """Set every bit set in `other` (a partner's bitmap, same layout); bits past
@@ -79,7 +88,7 @@ class PersistentBits:
         merged = mine | theirs
         if merged != mine:
             self.bits[:n] = merged.to_bytes(n, "little")
-            self._dirty = True
+            self._touch_all()
 
     def set_all(self) -> None:
         for i in range(self.nbits):
@@ -88,7 +97,7 @@ class PersistentBits:
     def clear_all(self) -> None:
         if any(self.bits):
             self.bits[:] = bytes(len(self.bits))
-            self._dirty = True
+            self._touch_all()
 
     def count(self) -> int:
         """Set bits below nbits (a popcount: the API asks often, volumes can be large)."""
@@ -111,6 +120,10 @@ class PersistentBits:
                 if i >= start and v & (1 << j):
                     yield i
 
+    def _touch_all(self) -> None:
+        self._dirty = True
+        self._pages.update(range((len(self.bits) + PAGE - 1) // PAGE))
+
     @property
     def durable(self) -> bool:
         """Every set bit is on disk (nothing changed since the last completed sync)."""
@@ -121,8 +134,15 @@ class PersistentBits:
         if not self._dirty:
             return
         self._dirty = False
-        snapshot = bytes(self.bits)
-        os.pwrite(self.fd, snapshot, 0)
+        pages, self._pages = sorted(self._pages), set()
+        start = prev = -2
+        for page in [*pages, -1]:   # runs of consecutive pages, one write each
+            if page != prev + 1:
+                if start >= 0:
+                    a, b = start * PAGE, min((prev + 1) * PAGE, len(self.bits))
+                    os.pwrite(self.fd, bytes(self.bits[a:b]), a)
+                start = page
+            prev = page
         os.fdatasync(self.fd)
 
     async def sync(self, executor: Executor) -> None:
