@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from enum import StrEnum
 
@@ -39,6 +40,11 @@ class LogLevel(StrEnum):
     WARNING = "warning"
     ERROR = "error"
 
+
+# `--show-completion bash|zsh|fish` takes the shell by name, as the README says, instead
+# of guessing it from the parent processes (which fails under a service manager, a
+# script or CI, where there is no interactive shell to find).
+os.environ.setdefault("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
 
 app = typer.Typer(
     name="twinvol",
@@ -103,6 +109,9 @@ def _fail(message: str, code: int) -> None:
 
 
 def main() -> None:
+    # Ctrl-C (SIGINT) stops a command even when it was started from a context that
+    # ignores SIGINT (a background job, a script): `--watch` and `--wait` rely on it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         rc = app(standalone_mode=False)
     except CliError as e:
