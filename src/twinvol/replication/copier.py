@@ -47,7 +47,10 @@ class Copier:
         pace = Pace()
         try:
             link = self.mgr.peers.link(rec.partner)
-            for chunk in list(pr.dirty.iter_set(0)):
+            # Walk the bits as they are (no list of every chunk first: 16.7 million ints
+            # and a 2 s loop step at 1 TiB). A bit set behind the walk is a write that
+            # the mirrored path carries; one set ahead is copied, as it should be.
+            for chunk in pr.dirty.iter_set(0):
                 if chunk * CHUNK >= pr.vol.record.size:
                     pr.dirty.clear(chunk)
                     continue
