@@ -120,18 +120,16 @@ class Standby:
         rec.applied_time = msg.atime
         rec.state = msg.state
         g.journal.trim(rec.applied)
-        mirrored, inflight, dirty, orders = bool(g.pairs), 0, 0, False
-        for p in g.pairs.values():
-            aa = self.mgr.by_volume.get(p.rec.volume)
-            if aa is None or aa.rec.mode != "active-active":
-                mirrored = False
-                continue
-            mirrored &= aa.rec.state == "mirrored" and aa.rec.io_mode == "mirror"
-            inflight += sum(aa.al_inflight.values())
-            dirty += aa.dirty.count()
-            orders |= aa.rec.role == "primary"
-        rec.bitmap_until = far.standby_bound(rec.bitmap_until, mirrored, inflight, dirty,
-                                             msg.written)
+        aas = [self.mgr.by_volume.get(p.rec.volume) for p in g.pairs.values()]
+        pairs = [aa for aa in aas if aa is not None and aa.rec.mode == "active-active"]
+        orders = any(aa.rec.role == "primary" for aa in pairs)
+        if rec.bitmap_until == far.BITS_NEEDED:   # (the counts below cost a popcount)
+            rec.bitmap_until = far.standby_bound(
+                rec.bitmap_until,
+                bool(pairs) and len(pairs) == len(aas) and all(
+                    aa.rec.state == "mirrored" and aa.rec.io_mode == "mirror" for aa in pairs),
+                sum(sum(aa.al_inflight.values()) for aa in pairs),
+                sum(aa.dirty.count() for aa in pairs), msg.written)
         if rec.state in (GroupState.MIRRORED, GroupState.COPYING, GroupState.SUSPENDED):
             want = PairState(rec.state)
             for pr in g.pairs.values():
