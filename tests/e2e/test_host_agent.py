@@ -912,7 +912,7 @@ class MemNode:
         self.name = name
         self.export = ExportInfo("v", size, "mem")
         self.backend = MemBackend(size, fill)
-        self.connections: set[NbdServerProtocol] = set()
+        self.connections: dict[NbdServerProtocol, None] = {}
         self.executor = ThreadPoolExecutor(2)
         self.server: asyncio.base_events.Server | None = None
         self.port = 0

@@ -62,7 +62,7 @@ class Storage:
     def __init__(self) -> None:
         self.store = LogStore()
         self.export = ExportInfo("d", SIZE)
-        self.connections: set[NbdServerProtocol] = set()
+        self.connections: dict[NbdServerProtocol, None] = {}
         self.executor = ThreadPoolExecutor(1)
 
     def lookup(self, name: str) -> ExportInfo | None:

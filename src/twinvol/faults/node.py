@@ -19,13 +19,13 @@ import errno
 import itertools
 import logging
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import msgspec
 
+from twinvol import clock
 from twinvol.cluster import ClusterConfig
 from twinvol.faults.detectors import from_event
 from twinvol.faults.logic import (
@@ -124,7 +124,7 @@ class FaultManager:
     def raise_fault(self, draft: FaultDraft) -> None:
         """Rate-limit, number, persist and queue a fault of this node."""
         if not draft.time:
-            draft.time = time.time()
+            draft.time = clock.wall()
         # A clear only means something after a raise of the same fault (no "link up"
         # report for every link coming up at start).
         if draft.state == "cleared":
@@ -133,7 +133,7 @@ class FaultManager:
             self.open.discard(draft.key())
         elif draft.severity != "info":
             self.open.add(draft.key())
-        self._emit(self.limiter.offer(draft, time.monotonic()))
+        self._emit(self.limiter.offer(draft, clock.monotonic()))
 
     def _emit(self, drafts: list[FaultDraft]) -> None:
         if not drafts:
@@ -147,7 +147,7 @@ class FaultManager:
                 incarnation=self.incarnation, seq=seq, component=d.component, kind=d.kind,
                 severity=d.severity, state=d.state, time=round(d.time, 6), subject=d.subject,
                 description=d.description, action=d.action, count=d.count,
-                first_time=d.first_time, path=[Hop(self.name, round(time.time(), 6))]))
+                first_time=d.first_time, path=[Hop(self.name, round(clock.wall(), 6))]))
         self.store.add_own(reports)
         for r in reports:
             self.outbox.append(r)
@@ -167,7 +167,7 @@ class FaultManager:
             return
         self.raise_fault(draft)
         if ev.get("type") == "peer_down" and self.flapping.down(draft.subject,
-                                                                time.monotonic()):
+                                                                clock.monotonic()):
             self.raise_fault(FaultDraft(
                 component="peer_link", kind="peer_link_flapping", severity="error",
                 subject=draft.subject,
@@ -233,21 +233,21 @@ class FaultManager:
 
     def _probe_disk(self) -> float:
         path = os.path.join(self.data_dir, "faults-probe")
-        t0 = time.monotonic()
+        t0 = clock.monotonic()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             os.pwrite(fd, b"\0" * 4096, 0)
             os.fdatasync(fd)
         finally:
             os.close(fd)
-        return time.monotonic() - t0
+        return clock.monotonic() - t0
 
     async def _detect(self) -> None:
         loop = asyncio.get_running_loop()
         next_check = next_probe = 0.0
         while True:
             now = loop.time()
-            self._emit(self.limiter.tick(time.monotonic()))
+            self._emit(self.limiter.tick(clock.monotonic()))
             if now >= next_check:
                 next_check = now + self.cfg.check_interval
                 try:
@@ -274,7 +274,7 @@ class FaultManager:
                 raise BadReport(f"report {r.id} is not of stream {batch.stream}")
         if batch.reports and any(b.seq <= a.seq for a, b in itertools.pairwise(batch.reports)):
             raise BadReport("reports of a batch must be in seq order")
-        now = round(time.time(), 6)
+        now = round(clock.wall(), 6)
         entries: list[tuple[int, FaultReport]] = []
         dups = 0
         for r in batch.reports:

@@ -15,12 +15,12 @@ import logging
 import math
 import socket
 import ssl
-import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from time import perf_counter_ns
 from typing import Protocol
 
+from twinvol import clock
 from twinvol.nbd.constants import NEED_DATA, Cmd, Err
 from twinvol.nbd.guard import Guard, describe_tls_error
 from twinvol.nbd.iostats import SAMPLE_MASK, IoStats, VolumeIo
@@ -87,7 +87,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
     """
 
     def __init__(self, registry: ExportRegistry, executor: Executor,
-                 connections: set[NbdServerProtocol], stats: IoStats | None = None,
+                 connections: dict[NbdServerProtocol, None], stats: IoStats | None = None,
                  guard: Guard | None = None) -> None:
         self.registry = registry
         self.stats = stats if stats is not None else IoStats()
@@ -137,7 +137,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
             return
         self._host = host
         self._deadline = self._loop.call_later(self.guard.negotiation_timeout, self._too_slow)
-        self.connections.add(self)
+        self.connections[self] = None
         transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
 
     def _too_slow(self) -> None:
@@ -209,7 +209,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.connections.discard(self)
+        self.connections.pop(self, None)
         self._closing = True
         if self._deadline is not None:
             self._deadline.cancel()
@@ -274,7 +274,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         if exp is None:
             return False
         until = exp.serve_until
-        if until == math.inf or until > time.monotonic():
+        if until == math.inf or until > clock.monotonic():
             return False
         log.warning("lease expired: replies withheld, connection dropped",
                     extra={"peer": self.peer, "export": exp.name,

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from twinvol.nbd.aio import Backend, NbdServerProtocol
 from twinvol.nbd.constants import Cmd
@@ -58,12 +58,12 @@ async def rebind(connections: Sequence[NbdServerProtocol], backend: Backend | No
             c._update_reading()
 
 
-async def shutdown_all(connections: set[NbdServerProtocol], timeout: float = 10.0) -> None:
+async def shutdown_all(connections: Iterable[NbdServerProtocol], timeout: float = 10.0) -> None:
     """Server shutdown: stop reading, let in-flight requests finish and reply, then close."""
     await asyncio.gather(*(c.drain_and_close(timeout) for c in list(connections)))
 
 
-def close_all(connections: Sequence[NbdServerProtocol] | set[NbdServerProtocol]) -> None:
+def close_all(connections: Iterable[NbdServerProtocol]) -> None:
     for c in list(connections):
         if c.transport is not None:
             c.transport.close()

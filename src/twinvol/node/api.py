@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import web
 
-from twinvol import __version__
+from twinvol import __version__, clock
 from twinvol.access import TokenError, TokenStore
 from twinvol.audit import AuditLog
 from twinvol.cluster import NODE_HEADER
@@ -179,7 +178,7 @@ def make_app(node: Node) -> web.Application:
             "pid": os.getpid(),
             "version": __version__,
             "serial": node.volumes.serial,
-            "uptime": round(time.monotonic() - node.started, 3),
+            "uptime": round(clock.monotonic() - node.started, 3),
             "nbd": node.config.nbd_uri(),
             "api": node.config.api_url,
             "data_dir": node.data_dir,

@@ -11,9 +11,10 @@ import asyncio
 import collections
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
+
+from twinvol import clock
 
 RING = 4096
 QUEUE = 1024
@@ -36,7 +37,7 @@ class EventBus:
 
     def publish(self, type_: str, **fields: Any) -> dict[str, Any]:
         self.seq += 1
-        ev = {"seq": self.seq, "time": round(time.time(), 6), "node": self.node,
+        ev = {"seq": self.seq, "time": round(clock.wall(), 6), "node": self.node,
               "site": self.site, "type": type_, **fields}
         self.ring.append(ev)
         log.info("event", extra={"event": ev})

@@ -12,12 +12,12 @@ import fcntl
 import logging
 import os
 import socket
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
+from twinvol import clock
 from twinvol.cluster import ClusterConfig, ClusterError
 from twinvol.faults.node import FaultManager
 from twinvol.faults.store import FaultStoreError
@@ -50,8 +50,10 @@ class Node:
         self.config = cluster.node(name)
         self.data_dir = cluster.data_dir(name)
         self.log = logging.getLogger("twinvol.node")
-        self.started = time.monotonic()
-        self.connections: set[NbdServerProtocol] = set()
+        self.started = clock.monotonic()
+        # Insertion-ordered (a dict, not a set): closing them is done in one order
+        # every run, which the deterministic simulator needs to replay a seed.
+        self.connections: dict[NbdServerProtocol, None] = {}
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="flush")
         os.makedirs(self.data_dir, exist_ok=True)
         self._lock_fd = self._lock_data_dir()

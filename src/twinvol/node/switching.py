@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import aiohttp
 import msgspec
 
+from twinvol import clock
 from twinvol.cluster import ClusterError
 from twinvol.replication.core.types import PairState
 from twinvol.replication.ports import NodePort
@@ -282,7 +283,7 @@ class Switching:
             entry = SwitchEntry(host_id=host_id, source_node=me, source_volume=vol.record.name,
                                 target_node=p.node, target_volume=p.volume, pair=p.pair,
                                 mode=p.mode, nodes=nodes, version=time.time_ns(),
-                                switched_at=time.time(), origin=me)
+                                switched_at=clock.wall(), origin=me)
             # Nodes that stop serving the export first, the target's node last.
             order = sorted(nodes, key=lambda n: n == entry.target_node)
             await self._everywhere(host_id, order, None, entry)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
+from twinvol import clock
 from twinvol.replication import data_messages as dm
 from twinvol.replication.bitmap import CHUNK
 from twinvol.replication.core.pace import Pace
@@ -38,7 +38,7 @@ class Copier:
         """Send every dirty chunk at or after the cursor to the partner, then go mirrored."""
         rec = pr.rec
         pr.copied_bytes = 0
-        pr.copy_started = time.monotonic()
+        pr.copy_started = clock.monotonic()
         rec.copy_source = self.mgr.node.name
         rec.copy_total = pr.dirty.count()
         self.mgr.save(pr)
@@ -67,7 +67,7 @@ class Copier:
                     await self.checkpoint(pr, inflight, sent)
                     inflight = set()
                 if len(sent) % PACE_EVERY == 0:
-                    wait = pace.delay(rec.copy_rate, pr.copied_bytes, time.monotonic())
+                    wait = pace.delay(rec.copy_rate, pr.copied_bytes, clock.monotonic())
                     if wait:
                         await asyncio.sleep(wait)
             await self.checkpoint(pr, inflight, sent)
@@ -79,7 +79,7 @@ class Copier:
                               self.remote.committed_for(rec.volume) if rec.remote else -1)
             if not rec.remote:
                 pr.lease.resume()  # the partner serves from the moment it is mirrored
-            lease_seq = pr.lease.request(time.monotonic())
+            lease_seq = pr.lease.request(clock.monotonic())
             reply, _ = await link.request(encode(finish))
             pr.lease.on_reply(lease_seq, bool(reply.get("lease")))
             rec.copy_cursor = 0
@@ -94,7 +94,7 @@ class Copier:
                 self.mgr.set_mode(pr, "mirror")
                 self.mgr.release(pr)
             self.mgr.node.events.publish("copy_done", pair=rec.name, bytes=pr.copied_bytes,
-                                     seconds=round(time.monotonic() - pr.copy_started, 3))
+                                     seconds=round(clock.monotonic() - pr.copy_started, 3))
         except (PeerDown, RemoteError) as e:
             # Chunks sent but not acknowledged keep their dirty bit: they go again next time.
             log.warning("copy interrupted", extra={"pair": rec.name, "error": str(e)})
@@ -158,4 +158,4 @@ class Copier:
         self.mgr.set_mode(pr, "mirror")
         self.mgr.release(pr)
         # The copy source goes on serving, now under a lease granted with this answer.
-        return {"lease": pr.lease.grant(time.monotonic())}, b""
+        return {"lease": pr.lease.grant(clock.monotonic())}, b""

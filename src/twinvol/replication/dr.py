@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any, TypeVar
 
 import msgspec
 
+from twinvol import clock
 from twinvol.replication import remote_messages as rm
 from twinvol.replication.bitmap import CHUNK, chunks_of, nchunks
 from twinvol.replication.core import far
@@ -118,7 +118,7 @@ class DisasterRecovery:
         g.journal.reset()
         rec.mode = JournalMode.JOURNAL
         rec.sent = rec.received = rec.applied = rec.written
-        rec.applied_time = rec.written_time = time.time()
+        rec.applied_time = rec.written_time = clock.wall()
         rec.state = GroupState.MIRRORED
         rec.reason = ""
         rec.hold = False
@@ -263,7 +263,7 @@ class DisasterRecovery:
                   within: float = 5.0) -> Message:
         """One request for an operator command, riding out a link that is just being
         re-established (a site that was frozen or restarted a moment ago)."""
-        deadline = time.monotonic() + within
+        deadline = clock.monotonic() + within
         while True:
             link = self.mgr.link_or_none(peer)
             if link is not None:
@@ -272,7 +272,7 @@ class DisasterRecovery:
                     return reply
                 except PeerDown:
                     pass
-            if time.monotonic() > deadline:
+            if clock.monotonic() > deadline:
                 raise VolumeError(unreachable, "io")
             await asyncio.sleep(0.1)
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 
+from twinvol import clock
 from twinvol.replication.messages import LeaseRequest, encode
 from twinvol.replication.peer import Message, PeerDown
 from twinvol.replication.ports import ManagerPort
@@ -34,7 +34,7 @@ class Leases:
             return
         if leased(pr):
             export.serve_until = pr.lease.held_until
-            if pr.lease.valid(time.monotonic()):
+            if pr.lease.valid(clock.monotonic()):
                 self.mgr.node.unfence(rec.volume)
             else:
                 self.mgr.node.fence(rec.volume, f"no lease from partner {rec.partner}")
@@ -45,7 +45,7 @@ class Leases:
         """Renew the leases of mirrored copies, and fence those whose lease ran out."""
         while True:
             await asyncio.sleep(self.mgr.lease_config.renew_every)
-            now = time.monotonic()
+            now = clock.monotonic()
             partners = set()
             for pr in list(self.mgr.pairs.values()):
                 if not leased(pr):
@@ -61,7 +61,7 @@ class Leases:
         link = self.mgr.peers.links.get(peer)
         if link is None or link.closed or not link.authed:
             return
-        now = time.monotonic()
+        now = clock.monotonic()
         asks = {name: pr.lease.request(now) for name, pr in self.mgr.pairs.items()
                 if pr.rec.partner == peer and leased(pr)}
         if not asks:
@@ -83,7 +83,7 @@ class Leases:
 
     def on_request(self, peer: str, msg: LeaseRequest) -> Message:
         """The partner asks to serve its copies: grant each pair that is mirrored here."""
-        now = time.monotonic()
+        now = clock.monotonic()
         granted = []
         for name in msg.pairs:
             pr = self.mgr.pairs.get(name)
@@ -99,7 +99,7 @@ class Leases:
     async def fence_partner(self, pr: PairRuntime) -> None:
         """Before this copy acknowledges writes alone: stop granting leases, and wait
         until every lease granted to the partner has run out (it stops serving)."""
-        wait = pr.lease.revoke() - time.monotonic()
+        wait = pr.lease.revoke() - clock.monotonic()
         if wait > 0:
             log.info("waiting for the partner's lease to run out",
                      extra={"pair": pr.rec.name, "seconds": round(wait, 3)})

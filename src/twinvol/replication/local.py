@@ -22,13 +22,13 @@ import contextlib
 import errno
 import logging
 import os
-import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
+from twinvol import clock
 from twinvol.nbd.constants import Cmd
 from twinvol.replication.backend import AsyncWriteBackend, apply_write
 from twinvol.replication.bitmap import CHUNK, PersistentBits, chunks_of, nchunks
@@ -241,7 +241,7 @@ class LocalCopies:
     # ---- records and lifecycle ----------------------------------------------------
 
     def save(self, lp: LocalPair) -> None:
-        lp.rec.updated = time.time()
+        lp.rec.updated = clock.wall()
         self.table.save(lp.rec.name, lp.rec)
 
     def _bits(self, name: str, side: str, vol: Volume) -> PersistentBits:
@@ -350,7 +350,7 @@ class LocalCopies:
         if svol.record.read_only:
             raise VolumeError(f"volume {secondary!r} is read-only")
         rec = LocalPairRecord(name=name, primary=primary, secondary=secondary,
-                              state="copying", created=time.time(), copy_rate=copy_rate)
+                              state="copying", created=clock.wall(), copy_rate=copy_rate)
         self.table.insert(name, rec)
         lp = self._load(rec)
         lp.sbits.clear_all()
@@ -373,7 +373,7 @@ class LocalCopies:
         # Host connections switched to the secondary write through the primary while
         # mirrored: let their writes in flight land before the point in time.
         await self.node.switching.barrier(lp.rec.secondary)
-        lp.rec.split_at = time.time()
+        lp.rec.split_at = clock.wall()
         self._set_state(lp, "split", "split by operator")
         await asyncio.get_running_loop().run_in_executor(self.node.executor, lp.sraw.flush)
         self._secondary_mode(lp)
@@ -442,7 +442,7 @@ class LocalCopies:
         todo = [c for c in lp.pbits.iter_set() if c * CHUNK < lp.pvol.record.size]
         rec.copy_total = len(todo)
         lp.copied_bytes = 0
-        started = time.monotonic()
+        started = clock.monotonic()
         self.save(lp)
         done: list[int] = []
         checkpoint = started
@@ -452,8 +452,8 @@ class LocalCopies:
                 lp.copied_bytes += self._copy_chunk(lp, chunk)
                 done.append(chunk)
                 if len(done) >= CHECKPOINT_CHUNKS or i == len(todo) - 1 \
-                        or time.monotonic() - checkpoint > CHECKPOINT_SECONDS:
-                    checkpoint = time.monotonic()
+                        or clock.monotonic() - checkpoint > CHECKPOINT_SECONDS:
+                    checkpoint = clock.monotonic()
                     # Data durable first, then the bits that say it is there.
                     await loop.run_in_executor(ex, lp.sraw.flush)
                     for c in done:
@@ -463,12 +463,12 @@ class LocalCopies:
                 elif (i + 1) % STEP_CHUNKS == 0:
                     await asyncio.sleep(0)
                 if (i + 1) % STEP_CHUNKS == 0:
-                    ahead = pace.delay(rec.copy_rate, (i + 1) * CHUNK, time.monotonic())
+                    ahead = pace.delay(rec.copy_rate, (i + 1) * CHUNK, clock.monotonic())
                     if ahead:
                         await asyncio.sleep(ahead)
             self._set_state(lp, "mirrored")
             self.node.events.publish("copy_done", pair=rec.name, bytes=lp.copied_bytes,
-                                     seconds=round(time.monotonic() - started, 3))
+                                     seconds=round(clock.monotonic() - started, 3))
         except OSError as e:
             self._suspend(lp, f"copy failed: {e.strerror or e}")
 

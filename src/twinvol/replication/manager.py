@@ -16,10 +16,10 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from twinvol import clock
 from twinvol.nbd.constants import Err
 from twinvol.replication import data_messages as dm
 from twinvol.replication.backend import apply_write
@@ -129,7 +129,7 @@ class ReplicationManager:
         al = PersistentBits(os.path.join(self.bitmap_dir, f"{rec.name}.al"),
                             nchunks(vol.record.size, AL_EXTENT))
         pr = PairRuntime(rec, vol, dirty, al,
-                         PeerLease.after_start(self.lease_config, time.monotonic()))
+                         PeerLease.after_start(self.lease_config, clock.monotonic()))
         # Recovery: extents that had writes in flight at a crash may differ from the partner.
         for ext in list(al.iter_set()):
             dirty.set_many(extent_chunks(ext, vol.record.size))
@@ -496,7 +496,7 @@ class ReplicationManager:
     async def _al_retirer(self) -> None:
         while True:
             await asyncio.sleep(AL_IDLE)
-            now = time.monotonic()
+            now = clock.monotonic()
             for pr in list(self.pairs.values()):
                 changed = False
                 for ext in list(pr.al.iter_set()):

@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
-import time
 
 import msgspec
 
+from twinvol import clock
 from twinvol.replication.core.generations import Direction, compare
 from twinvol.replication.core.types import Mode, PairState, Role
 from twinvol.storage.records import RecordTable
@@ -81,7 +81,7 @@ class PairStore:
         return self.table.all()
 
     def save(self, rec: PairRecord) -> None:
-        rec.updated = time.time()
+        rec.updated = clock.wall()
         self.table.save(rec.name, rec)
 
     def delete(self, name: str) -> None:

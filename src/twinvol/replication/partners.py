@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 
+from twinvol import clock
 from twinvol.replication.bitmap import extent_chunks
 from twinvol.replication.core.decide import Effect as LossEffect
 from twinvol.replication.core.decide import GoAlone, PartnerLoss, Phase, SetMode, Suspend
@@ -68,21 +68,21 @@ class Partners:
         loss = PartnerLoss(pr.lease, Role(rec.role), Mode(rec.io_mode),
                            copying=rec.state == "copying",
                            copy_source=rec.copy_source == self.mgr.node.name)
-        self.apply_loss(pr, loss.start(time.monotonic(), reason))
+        self.apply_loss(pr, loss.start(clock.monotonic(), reason))
         while not loss.done:
             if loss.asking:
                 try:
                     d = await self.mgr.decide(rec)
                 except WitnessError as e:  # unreachable or refused: never write alone
-                    effects = loss.on_witness_error(time.monotonic(), str(e))
+                    effects = loss.on_witness_error(clock.monotonic(), str(e))
                 else:
-                    effects = loss.on_verdict(Verdict(d.decision), time.monotonic(), d.reason,
+                    effects = loss.on_verdict(Verdict(d.decision), clock.monotonic(), d.reason,
                                               d.retry_after)
             else:
                 when = loss.next_timer()
                 if when is not None:
-                    await asyncio.sleep(max(0.0, when - time.monotonic()))
-                effects = loss.handle_timer(time.monotonic())
+                    await asyncio.sleep(max(0.0, when - clock.monotonic()))
+                effects = loss.handle_timer(clock.monotonic())
             self.apply_loss(pr, effects)
             if loss.phase is Phase.WAITING and self.mgr.peers.is_up(rec.partner):
                 return  # the partner is back: meeting it decides instead

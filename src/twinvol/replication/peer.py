@@ -19,11 +19,11 @@ import itertools
 import logging
 import secrets
 import socket
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from twinvol import clock
 from twinvol.cluster import ClusterConfig
 from twinvol.replication.wire import (
     MAX_FRAME_PAYLOAD,
@@ -141,7 +141,7 @@ class PeerLink(asyncio.BufferedProtocol):
         # primary's mirrored write refers to them instead of sending them back.
         self.held: dict[int, Payload] = {}
         self.ids = itertools.count(1)
-        self.last_rx = time.monotonic()
+        self.last_rx = clock.monotonic()
         self.closed = False
         self._outq: list[bytes | bytearray | memoryview] = []
         # The frame still being filled: `acks` (ids of requests answered with an empty
@@ -175,7 +175,7 @@ class PeerLink(asyncio.BufferedProtocol):
         return self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.last_rx = time.monotonic()
+        self.last_rx = clock.monotonic()
         try:
             if self._into_payload:
                 frames = self.decoder.payload_received(nbytes)

@@ -9,9 +9,9 @@ import contextlib
 import logging
 import socket
 import ssl
-import time
 from collections.abc import Callable
 
+from twinvol import clock
 from twinvol.cluster import ClusterConfig
 from twinvol.nbd.guard import describe_tls_error
 from twinvol.replication.peer import (
@@ -130,7 +130,7 @@ class PeerService:
     async def _liveness(self) -> None:
         while not self._stopping:
             await asyncio.sleep(PING_EVERY)
-            now = time.monotonic()
+            now = clock.monotonic()
             for link in list(self.links.values()):
                 if link.closed:
                     continue

@@ -28,9 +28,9 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from typing import Any
 
+from twinvol import clock
 from twinvol.nbd.constants import Cmd
 from twinvol.replication import remote_messages as rm
 from twinvol.replication.bitmap import chunks_of
@@ -97,8 +97,8 @@ class RemoteCopy:
         return g
 
     def save(self, g: GroupRuntime) -> None:
-        g.rec.updated = time.time()
-        g.last_save = time.monotonic()
+        g.rec.updated = clock.wall()
+        g.last_save = clock.monotonic()
         self.table.save(g.rec.name, g.rec)
 
     def attach(self, pr: PairRuntime) -> None:
@@ -171,7 +171,7 @@ class RemoteCopy:
             self.mark(pr, offset, length)
             return 0
         seq = rec.written + 1
-        now = time.time()
+        now = clock.wall()
         if rec.mode == "journal":
             try:
                 g.journal.append_write(seq, pr.rec.name, cmd, flags, offset, length, now,
@@ -489,7 +489,7 @@ class RemoteCopy:
             if link is not None:
                 fut = link.request(rm.encode(rm.Resume(
                     rec.name, seq=rec.written, time=rec.written_time,
-                    committed=g.committed(), at=time.time())))
+                    committed=g.committed(), at=clock.wall())))
                 fut.add_done_callback(lambda f: None if f.cancelled() else f.exception())
             rec.sent = rec.received = rec.applied = rec.written
             rec.applied_time = rec.written_time
@@ -503,5 +503,5 @@ class RemoteCopy:
 
     def view(self, pr: PairRuntime) -> dict[str, Any]:
         g = self.groups.get(pr.rec.group)
-        return {} if g is None else group_view(g, self.node.name, time.time(),
-                                               time.monotonic())
+        return {} if g is None else group_view(g, self.node.name, clock.wall(),
+                                               clock.monotonic())

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 
+from twinvol import clock
 from twinvol.replication import remote_messages as rm
 from twinvol.replication.core.stall import Stalled
 from twinvol.replication.core.types import GroupRole, GroupState, JournalMode, Role
@@ -51,7 +51,7 @@ class Shipper:
                 g.need_stat = True
                 if link is not None and rec.feeder == self.node.name \
                         and rec.state != GroupState.SUSPENDED \
-                        and time.monotonic() - g.last_stat > 1.0:
+                        and clock.monotonic() - g.last_stat > 1.0:
                     await self.ask_while_idle(link, g)
                 await self.idle(g, 0.3)
                 continue
@@ -71,7 +71,7 @@ class Shipper:
                     self.report_standby(g)
                     await self.idle(g, CHECKPOINT_EVERY)
                     if not g.wake.is_set() and (rec.applied < rec.sent
-                                                or time.monotonic() - g.last_stat > 1.0):
+                                                or clock.monotonic() - g.last_stat > 1.0):
                         # Learn the target's next durable checkpoint (trims the journal),
                         # and whether it still takes records from here.
                         asked = g.failbacks
@@ -89,7 +89,7 @@ class Shipper:
                 last, blob = g.journal.read_encoded(first, BATCH_BYTES, seq_to=committed)
                 window.append(link.request(rm.encode(rm.Records(
                     rec.name, first=first, last=last, committed=committed,
-                    written=rec.written, wtime=rec.written_time, at=time.time())), blob))
+                    written=rec.written, wtime=rec.written_time, at=clock.wall())), blob))
                 rec.sent = last
                 rec.bytes_shipped += len(blob)
                 rec.records_shipped += last - first + 1
@@ -126,8 +126,8 @@ class Shipper:
         """Ask the target for its numbers (and tell it what is committed)."""
         h, _ = await link.request(rm.encode(rm.StatRequest(
             g.rec.name, committed=g.committed(), written=g.rec.written,
-            wtime=g.rec.written_time, at=time.time())))
-        g.last_stat = time.monotonic()
+            wtime=g.rec.written_time, at=clock.wall())))
+        g.last_stat = clock.monotonic()
         return rm.reply(h, rm.Stat)
 
     async def ask_while_idle(self, link: PeerLink, g: GroupRuntime) -> None:
@@ -139,7 +139,7 @@ class Shipper:
             st = await self.stat(link, g)
         except (PeerDown, RemoteError, BadMessage) as e:
             log.info("far copy did not answer", extra={"group": g.rec.name, "error": str(e)})
-            g.last_stat = time.monotonic()
+            g.last_stat = clock.monotonic()
             return
         if self.still_feeder(g, st, asked):
             self.learn(g, st)
@@ -162,7 +162,7 @@ class Shipper:
         """Taken over while this node was down? Hosts wait until the target says (its
         first answer), or until it does not answer within CHECK_TARGET_FOR."""
         if not g.rec.hold:
-            g.checking_until = time.monotonic() + CHECK_TARGET_FOR
+            g.checking_until = clock.monotonic() + CHECK_TARGET_FOR
             for pr in g.pairs.values():
                 self.mgr.hold(pr.rec.volume, f"asking the far copy at {g.rec.target} whether "
                                              "it was taken over")
@@ -205,12 +205,12 @@ class Shipper:
         if g.waiters:
             self.release_waiters(g, g.rec.received)
         g.journal.trim(g.rec.applied)
-        if time.monotonic() - g.last_save > 0.5:
+        if clock.monotonic() - g.last_save > 0.5:
             self.remote.save(g)
 
     def report_standby(self, g: GroupRuntime) -> None:
         """Piggy-back the copy progress to the standby (when it changed, throttled)."""
-        now = time.monotonic()
+        now = clock.monotonic()
         if now - g.last_progress < PROGRESS_EVERY:
             return
         g.last_progress = now
@@ -225,18 +225,18 @@ class Shipper:
             fut = link.request(rm.encode(rm.Progress(
                 g.rec.name, written=g.rec.written, wtime=g.rec.written_time,
                 received=g.rec.received, applied=g.rec.applied, atime=g.rec.applied_time,
-                state=g.rec.state, at=time.time())))
+                state=g.rec.state, at=clock.wall())))
             fut.add_done_callback(lambda f: f.exception())
             return
 
     def watch(self, g: GroupRuntime) -> None:
         """A copy that stopped says so and catches up by itself (from dirty chunks)."""
         rec = g.rec
-        if g.checking_until and time.monotonic() > g.checking_until:
+        if g.checking_until and clock.monotonic() > g.checking_until:
             self.checked(g, f"the far copy at {rec.target} did not answer: serving without "
                             "knowing whether it was taken over")
         if rec.state in ("suspended", "takeover") or rec.hold or not self.serving(g):
-            g.progress.reset(time.monotonic())
+            g.progress.reset(clock.monotonic())
             return
         if g.undecided:
             # This copy serves again and was not resynced from its partner: the writes
@@ -255,7 +255,7 @@ class Shipper:
                     self.mgr.start_copy(pr)
         if g.ship_task is None or g.ship_task.done():
             self.remote.start_shipping(g)
-        stalled = g.progress.observe(time.monotonic(), written=rec.written,
+        stalled = g.progress.observe(clock.monotonic(), written=rec.written,
                                      committed=g.committed(), sent=rec.sent,
                                      applied=rec.applied,
                                      oldest_inflight=next(iter(g.inflight), 0),
@@ -275,7 +275,7 @@ class Shipper:
 
     def stalled(self, g: GroupRuntime, stall: Stalled) -> None:
         log.error("far copy stalled", extra={"group": g.rec.name, "reason": stall.reason})
-        g.progress.reset(time.monotonic())
+        g.progress.reset(clock.monotonic())
         self.remote.overflow(g, f"the copy stalled: {stall.reason}", event="remote_stalled",
                              drop_inflight=True)
 

@@ -8,8 +8,8 @@ chunks stand for, until the far copy has applied past them.
 from __future__ import annotations
 
 import logging
-import time
 
+from twinvol import clock
 from twinvol.nbd.constants import Cmd
 from twinvol.replication import remote_messages as rm
 from twinvol.replication.bitmap import nchunks
@@ -49,7 +49,7 @@ class Standby:
             seq = rec.seq_seen + 1
             try:
                 g.journal.append_write(seq, pr.rec.name, cmd, flags, offset, length,
-                                       time.time(),
+                                       clock.wall(),
                                        data if cmd == Cmd.WRITE and data else b"")
                 rec.seq_seen = seq
                 rec.written = max(rec.written, seq)
@@ -81,7 +81,7 @@ class Standby:
         if far.standby_keeps(rec.mode == JournalMode.JOURNAL, last, seq):
             try:
                 g.journal.append_write(seq, pr.rec.name, cmd, flags, offset, length,
-                                       time.time(),
+                                       clock.wall(),
                                        data if cmd == Cmd.WRITE and data else b"")
                 rec.seq_seen = seq
             except JournalError as e:

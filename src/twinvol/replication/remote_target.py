@@ -7,8 +7,8 @@ of the primary site's write order) and a restart redoes the journal from there.
 from __future__ import annotations
 
 import logging
-import time
 
+from twinvol import clock
 from twinvol.replication import remote_messages as rm
 from twinvol.replication.bitmap import nchunks
 from twinvol.replication.core import far
@@ -77,7 +77,7 @@ class FarTarget:
     def heard(self, g: GroupRuntime, msg: rm.Fed) -> None:
         """A message from the feeder (or, at the standby, from the primary): it is alive,
         and a target learns how far it wrote and what is committed."""
-        g.last_heard = time.monotonic()
+        g.last_heard = clock.monotonic()
         if g.rec.role != GroupRole.SECONDARY:
             return
         # What the feeder knew when it sent this, not when it arrived (a paused target

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import struct
-import time
 
 import xxhash
 
+from twinvol import clock
 from twinvol.replication import data_messages as dm
 from twinvol.replication.bitmap import CHUNK, nchunks
 from twinvol.replication.copier import Copier
@@ -41,7 +41,7 @@ class Verifier:
         if pr.verify_task is None or pr.verify_task.done():
             pr.verify = {"running": True, "checked_chunks": 0,
                          "total_chunks": nchunks(pr.vol.record.size), "mismatched_chunks": [],
-                         "repaired_chunks": 0, "repaired_bytes": 0, "started": time.time()}
+                         "repaired_chunks": 0, "repaired_bytes": 0, "started": clock.wall()}
             pr.verify_task = asyncio.ensure_future(self.run(pr))
         return pr
 
@@ -114,4 +114,4 @@ class Verifier:
             v["error"] = str(e)
         finally:
             v["running"] = False
-            v["seconds"] = round(time.time() - v["started"], 3)
+            v["seconds"] = round(clock.wall() - v["started"], 3)

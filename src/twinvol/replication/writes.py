@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable
 from functools import partial
 from typing import Any
 
+from twinvol import clock
 from twinvol.nbd.constants import Cmd, Err
 from twinvol.replication import data_messages as dm
 from twinvol.replication.backend import AsyncWriteBackend
@@ -180,7 +180,7 @@ class WritePath:
                 # count: a meeting with the partner that runs before the task below must
                 # still see them (it sends in-flight extents and dirty bits).
                 pr.dirty.set_many(chunks_of(offset, length))
-            now = time.monotonic()
+            now = clock.monotonic()
             for x in exts:
                 inflight[x] -= 1
                 pr.al_last[x] = now
@@ -305,12 +305,12 @@ class WritePath:
                     await self.partner_missing(pr, chunks)
         finally:
             if fut is not None:
-                now = time.monotonic()
+                now = clock.monotonic()
                 for x in exts:
                     pr.al_inflight[x] -= 1
                     pr.al_last[x] = now
         if not replicate and not rec.remote \
-                and not pr.lease.may_act_alone(time.monotonic()):
+                and not pr.lease.may_act_alone(clock.monotonic()):
             # Acknowledged by this copy alone: only once no lease granted to the partner
             # is left (a resync that just ended may have granted one).
             await self.leases.fence_partner(pr)
@@ -327,7 +327,7 @@ class WritePath:
         if pr.rec.io_mode != "local":
             raise WriteFailed(Err.EIO, f"partner lost and this copy may not continue: "
                                        f"{pr.rec.reason}")
-        if not pr.rec.remote and not pr.lease.may_act_alone(time.monotonic()):
+        if not pr.rec.remote and not pr.lease.may_act_alone(clock.monotonic()):
             await self.leases.fence_partner(pr)
 
     async def host_flush(self, pr: PairRuntime) -> None:

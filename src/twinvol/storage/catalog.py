@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
-import time
 from typing import Any
 
 import msgspec
+
+from twinvol import clock
 
 SCHEMA_VERSION = 1
 
@@ -136,4 +137,4 @@ def _record(row: tuple[Any, ...]) -> VolumeRecord:
 
 
 def now() -> float:
-    return time.time()
+    return clock.wall()
