@@ -29,6 +29,20 @@ CURSOR_EVERY = 64   # chunks between durable checkpoints of the copy cursor
 PACE_EVERY = 4      # chunks between looks at the copy rate
 
 
+def _retrieve(f: asyncio.Future[Message]) -> None:
+    if not f.cancelled():
+        f.exception()
+
+
+def _raise_first(done: set[asyncio.Future[Message]]) -> None:
+    """Raise the first failure among `done`, having looked at every one (the others
+    fail for the same reason; asyncio would log each as never retrieved)."""
+    errors = [f.exception() for f in done if not f.cancelled()]
+    for e in errors:
+        if e is not None:
+            raise e
+
+
 class Copier:
     def __init__(self, mgr: ManagerPort, remote: CopyFeedPort) -> None:
         self.mgr = mgr
@@ -61,8 +75,7 @@ class Copier:
                 if len(inflight) >= COPY_WINDOW:
                     done, inflight = await asyncio.wait(inflight,
                                                         return_when=asyncio.FIRST_COMPLETED)
-                    for f in done:
-                        f.result()
+                    _raise_first(done)
                 if len(sent) >= CURSOR_EVERY:
                     await self.checkpoint(pr, inflight, sent)
                     inflight = set()
@@ -98,9 +111,8 @@ class Copier:
         except (PeerDown, RemoteError) as e:
             # Chunks sent but not acknowledged keep their dirty bit: they go again next time.
             log.warning("copy interrupted", extra={"pair": rec.name, "error": str(e)})
-            for f in inflight:
-                if f.done() and not f.cancelled():
-                    f.exception()
+            for f in inflight:  # their failure is this one: not "never retrieved" noise
+                f.add_done_callback(_retrieve)
             self.mgr.save(pr)
 
     def send_chunk(self, pr: PairRuntime, link: Any, chunk: int

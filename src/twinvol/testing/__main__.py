@@ -2,6 +2,8 @@
 
 One line per seed; a failing seed prints its fault schedule, findings and (with
 `--trace`) its trace, and replays exactly with `--first SEED --seeds 1`.
+`--real` runs the node's own code (replication, peer links, NBD server, catalog) under
+the deterministic runtime instead of the model (`realrun.py`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import sys
 import time
 
 from twinvol.testing.node import SimOptions
-from twinvol.testing.run import run
+from twinvol.testing.realrun import RealResult, run_real
+from twinvol.testing.run import Result, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a standby numbers its writes from its last count, however old")
     p.add_argument("--one-way", action="store_true",
                    help="the nemesis also cuts links in one direction only")
+    p.add_argument("--real", action="store_true",
+                   help="run the node's real code under the deterministic runtime (A-B-W; "
+                        "--no-leases is the only switch it takes)")
     a = p.parse_args(argv)
     if a.seeds < 1 or a.duration <= 2:
         p.error("--seeds must be at least 1 and --duration above 2")
@@ -53,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
                          far_numbering=not a.far_stale_numbers, one_way=a.one_way)
     failed = 0
     started = time.monotonic()
+    r: Result | RealResult
     for seed in range(a.first, a.first + a.seeds):
-        r = run(seed, a.duration, options)
+        r = (run_real(seed, a.duration, leases=not a.no_leases) if a.real
+             else run(seed, a.duration, options))
         if not r.ok:
             failed += 1
         if not a.quiet or not r.ok:

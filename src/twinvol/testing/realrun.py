@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
 import logging
+import math
 import os
 import random
 import shutil
@@ -25,6 +27,8 @@ from twinvol.nbd.aio_client import NbdClient
 from twinvol.node.node import Node
 from twinvol.replication.core.lease import LeaseConfig
 from twinvol.replication.core.types import PairState
+from twinvol.replication.leases import Leases
+from twinvol.replication.runtime import PairRuntime
 from twinvol.testing.history import TIMEOUT, Findings, Op, check
 from twinvol.testing.realnodes import (
     BLOCK_SPACING,
@@ -47,7 +51,8 @@ CLIENTS = 3
 TAKEOVER_AFTER = 2.0
 PAIR, VOLUME = "p", "v"
 FAULTS = ("kill", "pause", "cut_peer", "cut_witness", "isolate", "pause_witness",
-          "kill_witness", "cut_host")
+          "kill_witness", "cut_host", "one_way_to_peer", "one_way_to_witness",
+          "one_way_from_witness")
 
 
 @dataclass(slots=True)
@@ -57,6 +62,7 @@ class RealResult:
     ops: int
     findings: Findings
     trace: list[str] = field(default_factory=list)
+    digest: str = ""   # of every request's outcome and time: equal when a seed replays
 
     @property
     def ok(self) -> bool:
@@ -234,6 +240,11 @@ class RealRun:
                 pairs = {(node, x) for x in far} | {(x, node) for x in far}
                 self.world.at(t, self.cut, pairs, f"{fault} {node}")
                 self.world.at(t + span, self.cut, set(), "")
+            elif fault.startswith("one_way"):
+                pairs = {{"one_way_to_peer": (node, other), "one_way_to_witness": (node, "W"),
+                          "one_way_from_witness": ("W", node)}[fault]}
+                self.world.at(t, self.cut, pairs, f"{fault} {node}")
+                self.world.at(t + span, self.cut, set(), "")
             elif fault == "pause_witness":
                 self.world.at(t, self.pause, "W", True)
                 self.world.at(t + span, self.pause, "W", False)
@@ -265,7 +276,10 @@ class RealRun:
         with contextlib.suppress(TimeoutError):
             self.world.run(self._until_mirrored(), self.host_loop, limit=60)
         self.settle()
-        return RealResult(self.seed, self.faults, len(self.log), self.findings, self.trace)
+        digest = hashlib.sha256(repr([(o.client, o.node, o.kind, o.block, o.sent, o.value,
+                                       o.answered, o.ok) for o in self.log]).encode())
+        return RealResult(self.seed, self.faults, len(self.log), self.findings, self.trace,
+                          digest.hexdigest()[:16])
 
     def settle(self) -> None:
         states = {n: self.nodes[n].replication.pairs[PAIR].rec.state
@@ -279,8 +293,7 @@ class RealRun:
             self.findings.other.append(f"unhandled error in a node: {e}")
 
     def close(self) -> None:
-        self.world.loops.clear()
-        self.world.graveyard.clear()
+        self.world.close()
         gc.collect()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -302,10 +315,31 @@ def seeded_entropy(seed: int) -> Iterator[None]:
         os.urandom, random._urandom = saved  # type: ignore[attr-defined]
 
 
-def run_real(seed: int, duration: float = 20.0) -> RealResult:
-    """One seeded run of the real node code; the same seed gives the same result."""
+@contextlib.contextmanager
+def without_leases() -> Iterator[None]:
+    """The old behaviour, to show the simulator finds it: a mirrored copy serves hosts
+    whether or not its partner's lease is valid (the consistency issue's stale reads)."""
+    saved = Leases.gate
+
+    def gate(self: Leases, pr: PairRuntime) -> None:
+        if self.mgr.by_volume.get(pr.rec.volume) is not pr or pr.rec.volume in self.mgr.holds:
+            return
+        pr.vol.export.serve_until = 0.0 if pr.rec.io_mode == "block" else math.inf
+        if pr.rec.io_mode != "block":
+            self.mgr.node.unfence(pr.rec.volume)
+
+    Leases.gate = gate  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Leases.gate = saved  # type: ignore[method-assign]
+
+
+def run_real(seed: int, duration: float = 20.0, *, leases: bool = True) -> RealResult:
+    """One seeded run of the real node code; the same seed gives the same result.
+    `leases=False` puts the old rule back (see `without_leases`)."""
     logging.getLogger("twinvol").setLevel(logging.CRITICAL)
-    with seeded_entropy(seed):
+    with seeded_entropy(seed), (contextlib.nullcontext() if leases else without_leases()):
         run = RealRun(seed, duration, LeaseConfig())
         try:
             return run.go()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import heapq
 import random
 import socket
@@ -477,6 +478,22 @@ class World:
             while self._events and self._events[0][0] <= self.now:
                 _, _, fn, args = heapq.heappop(self._events)
                 fn(*args)
+
+    def close(self) -> None:
+        """End every process now, killed ones too: their coroutines are closed here, in
+        order, rather than finalised later by the garbage collector (during another
+        seed's run, on a closed loop)."""
+        for loop in [*self.loops.values(), *self.graveyard]:
+            clock_port.remove(loop)
+            loop.dead = True
+            for task in asyncio.all_tasks(loop):
+                with contextlib.suppress(BaseException):
+                    task.get_coro().close()
+            loop._ready.clear()  # type: ignore[attr-defined]
+            loop._scheduled.clear()  # type: ignore[attr-defined]
+            loop.close()
+        self.loops.clear()
+        self.graveyard.clear()
 
     def run(self, coro: Any, loop: SimLoop, limit: float = 600.0) -> Any:
         """Run `coro` on `loop` to its end (or fail after `limit` simulated seconds)."""
