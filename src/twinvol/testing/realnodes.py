@@ -31,7 +31,7 @@ from twinvol.witness.client import WitnessRejected, WitnessUnreachable
 from twinvol.witness.logic import ArbitrateRequest, Decision, RequestError
 from twinvol.witness.server import PersistError, WitnessServer
 
-HOSTS = {"A": "10.9.0.1", "B": "10.9.0.2", "W": "10.9.0.9"}
+HOSTS = {"A": "10.9.0.1", "B": "10.9.0.2", "C": "10.9.0.3", "W": "10.9.0.9"}
 NBD_PORT, PEER_PORT, API_PORT, WITNESS_PORT = 10809, 7001, 7000, 7100
 WITNESS_TIMEOUT = 1.0   # as the HTTP witness client's
 BLOCK = 4096
@@ -39,11 +39,11 @@ BLOCK_SPACING = 128 * 1024   # blocks in different resync chunks
 
 
 def cluster_file(tmp: str) -> ClusterConfig:
-    """A cluster of A and B with a witness W, on simulated addresses."""
+    """A cluster of A and B with a witness W, and a far site C, on simulated addresses."""
     cfg = ClusterConfig(
         nodes={n: NodeConfig(site=n, nbd=f"{HOSTS[n]}:{NBD_PORT}", api=f"{HOSTS[n]}:{API_PORT}",
                              data_dir=f"data-{n}", peer=f"{HOSTS[n]}:{PEER_PORT}")
-               for n in ("A", "B")},
+               for n in ("A", "B", "C")},
         cluster=ClusterSection(name="sim", secret="sim-secret"),
         witness={"addr": f"{HOSTS['W']}:{WITNESS_PORT}", "data_dir": "witness"})
     path = os.path.join(tmp, "cluster.toml")

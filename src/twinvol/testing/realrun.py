@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from twinvol.nbd.aio_client import NbdClient
 from twinvol.node.node import Node
 from twinvol.replication.core.lease import LeaseConfig
-from twinvol.replication.core.types import PairState
+from twinvol.replication.core.types import GroupState, PairState
 from twinvol.replication.leases import Leases
 from twinvol.replication.runtime import PairRuntime
 from twinvol.testing.history import TIMEOUT, Findings, Op, check
+from twinvol.testing.realfar import GROUP, FarWatch, far_state
 from twinvol.testing.realnodes import (
     BLOCK_SPACING,
     HOSTS,
@@ -53,6 +54,16 @@ PAIR, VOLUME = "p", "v"
 FAULTS = ("kill", "pause", "cut_peer", "cut_witness", "isolate", "pause_witness",
           "kill_witness", "cut_host", "one_way_to_peer", "one_way_to_witness",
           "one_way_from_witness")
+FAR_FAULTS = ("kill_far", "pause_far", "cut_far")
+SAMPLE_EVERY = 0.1   # how often C's copy is looked at while it says it is consistent
+
+
+@dataclass(slots=True, frozen=True)
+class Fault:
+    at: float      # simulated seconds
+    kind: str      # one of FAULTS or FAR_FAULTS
+    node: str
+    span: float    # how long until it heals (or the process comes back)
 
 
 @dataclass(slots=True)
@@ -63,6 +74,7 @@ class RealResult:
     findings: Findings
     trace: list[str] = field(default_factory=list)
     digest: str = ""   # of every request's outcome and time: equal when a seed replays
+    far_samples: int = 0   # looks at C's copy while it said it was consistent
 
     @property
     def ok(self) -> bool:
@@ -134,7 +146,8 @@ class Host:
 
 
 class RealRun:
-    def __init__(self, seed: int, duration: float, lease: LeaseConfig) -> None:
+    def __init__(self, seed: int, duration: float, lease: LeaseConfig, far: bool = True
+                 ) -> None:
         self.seed = seed
         self.duration = duration
         self.world = World(seed)
@@ -144,7 +157,7 @@ class RealRun:
         drift = lease.drift
         self.clocks = {n: Clock(self.world.rng.uniform(0, 1000),
                                 1 + self.world.rng.uniform(-drift, drift))
-                       for n in ("A", "B", "W")}
+                       for n in ("A", "B", "C", "W")}
         self.nodes: dict[str, Node] = {}
         self.witness: SimWitnessService | None = None
         self.log: list[Op] = []
@@ -154,6 +167,7 @@ class RealRun:
         self.down: set[str] = set()      # killed, not restarted yet
         self.paused: set[str] = set()
         self.host_loop = self.world.loop("H", Clock(0.0, 1.0))
+        self.far = FarWatch(self._far_values) if far else None
 
     def note(self, what: str) -> None:
         self.trace.append(f"{self.world.now:9.4f} {what}")
@@ -200,9 +214,23 @@ class RealRun:
         self.world.set_cut(pairs)
         self.note(f"cut {what}" if pairs else "heal")
 
+    def _far_values(self) -> list[int] | None:
+        c = self.nodes.get("C")
+        if c is None or "C" in self.paused:
+            return None
+        state = far_state(c)
+        if state is None or state[0] != GroupState.MIRRORED:
+            return None
+        return read_store(c, VOLUME, BLOCKS)
+
+    def _sample(self) -> None:
+        assert self.far is not None
+        self.far.sample(self.world.now)
+        self.world.at(self.world.now + SAMPLE_EVERY, self._sample)
+
     # -- the schedule --
     def setup(self) -> None:
-        for name in ("W", "A", "B"):
+        for name in ("W", "A", "B", "C") if self.far else ("W", "A", "B"):
             self.start(name)
         self.world.run_until(1.0)
         a = self.nodes["A"]
@@ -211,6 +239,17 @@ class RealRun:
         self.world.run(a.replication.create(PAIR, VOLUME, "B", VOLUME), loop, limit=30)
         self.world.run(self._until_mirrored(), self.host_loop, limit=60)
         self.note("pair mirrored")
+        if self.far is not None:
+            self.world.run(a.replication.create(f"{PAIR}-dr", VOLUME, "C", VOLUME,
+                                                mode="async", group=GROUP), loop, limit=30)
+            self.world.run(self._until_far_mirrored(), self.host_loop, limit=60)
+            self.note("far copy mirrored")
+            self._sample()
+
+    async def _until_far_mirrored(self) -> None:
+        while "C" not in self.nodes or (far_state(self.nodes["C"]) or ("",))[0] != \
+                GroupState.MIRRORED:
+            await asyncio.sleep(0.1)
 
     async def _until_mirrored(self) -> None:
         while not all(n in self.nodes and PAIR in self.nodes[n].replication.pairs
@@ -218,41 +257,43 @@ class RealRun:
                       for n in NODES):
             await asyncio.sleep(0.1)
 
-    def nemesis(self) -> None:
+    def plan(self) -> list[Fault]:
+        """The nemesis's random schedule: one fault at a time, with gaps."""
         rng = self.world.rng
         t = self.world.now + 1.0
         end = self.world.now + self.duration
+        out = []
         while t < end:
-            fault = rng.choice(FAULTS)
+            fault = rng.choice(FAULTS + FAR_FAULTS if self.far else FAULTS)
             node = rng.choice(NODES)
-            other = "B" if node == "A" else "A"
             span = rng.uniform(0.5, 4.0)
-            self.faults.append(f"{t:.2f} {fault} {node} {span:.2f}s")
-            if fault == "kill":
-                self.world.at(t, self.kill, node)
-                self.world.at(t + span, self.start, node)
-            elif fault == "pause":
-                self.world.at(t, self.pause, node, True)
-                self.world.at(t + span, self.pause, node, False)
-            elif fault in ("cut_peer", "cut_witness", "isolate", "cut_host"):
-                far = {"cut_peer": {other}, "cut_witness": {"W"}, "isolate": {other, "W"},
-                       "cut_host": {"H"}}[fault]
-                pairs = {(node, x) for x in far} | {(x, node) for x in far}
-                self.world.at(t, self.cut, pairs, f"{fault} {node}")
-                self.world.at(t + span, self.cut, set(), "")
-            elif fault.startswith("one_way"):
-                pairs = {{"one_way_to_peer": (node, other), "one_way_to_witness": (node, "W"),
-                          "one_way_from_witness": ("W", node)}[fault]}
-                self.world.at(t, self.cut, pairs, f"{fault} {node}")
-                self.world.at(t + span, self.cut, set(), "")
-            elif fault == "pause_witness":
-                self.world.at(t, self.pause, "W", True)
-                self.world.at(t + span, self.pause, "W", False)
-            else:
-                self.world.at(t, self.kill, "W")
-                self.world.at(t + span, self.start, "W")
+            out.append(Fault(t, fault, "C" if fault in FAR_FAULTS else node, span))
             t += span + rng.uniform(0.5, 3.0)
-        self.heal_at = t
+        return out
+
+    def schedule(self, plan: list[Fault]) -> None:
+        at = self.world.at
+        for f in plan:
+            t, fault, node, span = f.at, f.kind, f.node, f.span
+            other = "B" if node == "A" else "A"
+            if fault in ("kill", "kill_far", "kill_witness"):
+                name = "W" if fault == "kill_witness" else node
+                at(t, self.kill, name)
+                at(t + span, self.start, name)
+            elif fault in ("pause", "pause_far", "pause_witness"):
+                name = "W" if fault == "pause_witness" else node
+                at(t, self.pause, name, True)
+                at(t + span, self.pause, name, False)
+            else:
+                far = {"cut_peer": {other}, "cut_witness": {"W"}, "isolate": {other, "W"},
+                       "cut_host": {"H"}, "cut_far": set(NODES)}.get(fault)
+                pairs = ({(node, x) for x in far} | {(x, node) for x in far} if far else
+                         {{"one_way_to_peer": (node, other), "one_way_to_witness": (node, "W"),
+                           "one_way_from_witness": ("W", node)}[fault]})
+                at(t, self.cut, pairs, f"{fault} {node}")
+                at(t + span, self.cut, set(), "")
+            self.faults.append(f"{t:.2f} {fault} {node} {span:.2f}s")
+        self.heal_at = max((f.at + f.span for f in plan), default=self.world.now) + 0.5
 
     def heal(self) -> None:
         self.world.set_cut(set())
@@ -261,11 +302,12 @@ class RealRun:
         for name in sorted(self.down):
             self.start(name)
 
-    def go(self) -> RealResult:
+    def go(self, plan: list[Fault] | None = None) -> RealResult:
+        """Run the schedule (`plan`, or the nemesis's random one), heal, judge."""
         self.setup()
         host = Host(self, self.host_loop)
         tasks = [self.host_loop.create_task(host.client(i)) for i in range(CLIENTS)]
-        self.nemesis()
+        self.schedule(self.plan() if plan is None else plan)
         self.world.run_until(self.heal_at)
         self.heal()
         self.world.run_until(self.world.now + 2.0)
@@ -275,11 +317,25 @@ class RealRun:
             t.cancel()
         with contextlib.suppress(TimeoutError):
             self.world.run(self._until_mirrored(), self.host_loop, limit=60)
+        if self.far is not None:
+            with contextlib.suppress(TimeoutError):
+                self.world.run(self._until_far_caught_up(), self.host_loop, limit=60)
         self.settle()
         digest = hashlib.sha256(repr([(o.client, o.node, o.kind, o.block, o.sent, o.value,
                                        o.answered, o.ok) for o in self.log]).encode())
         return RealResult(self.seed, self.faults, len(self.log), self.findings, self.trace,
-                          digest.hexdigest()[:16])
+                          digest.hexdigest()[:16],
+                          len(self.far.samples) if self.far is not None else 0)
+
+    async def _until_far_caught_up(self) -> None:
+        while True:
+            c, a = self.nodes.get("C"), self.nodes.get("A")
+            state = far_state(c) if c is not None else None
+            if (a is not None and c is not None and state is not None
+                    and state[0] == GroupState.MIRRORED and state[1] == state[2]
+                    and read_store(c, VOLUME, BLOCKS) == read_store(a, VOLUME, BLOCKS)):
+                return
+            await asyncio.sleep(0.2)
 
     def settle(self) -> None:
         states = {n: self.nodes[n].replication.pairs[PAIR].rec.state
@@ -289,6 +345,11 @@ class RealRun:
         final = {n: read_store(self.nodes[n], VOLUME, BLOCKS) for n in NODES if n in self.nodes}
         if len(final) == 2:
             check(self.log, final, self.findings)
+        if self.far is not None:
+            self.far.check(self.log, self.findings)
+            c = self.nodes.get("C")
+            self.far.final(c, read_store(c, VOLUME, BLOCKS) if c is not None else None,
+                           final.get("A"), self.findings)
         for e in self.world.errors:
             self.findings.other.append(f"unhandled error in a node: {e}")
 
@@ -335,13 +396,14 @@ def without_leases() -> Iterator[None]:
         Leases.gate = saved  # type: ignore[method-assign]
 
 
-def run_real(seed: int, duration: float = 20.0, *, leases: bool = True) -> RealResult:
+def run_real(seed: int, duration: float = 20.0, *, leases: bool = True, far: bool = True,
+             plan: list[Fault] | None = None) -> RealResult:
     """One seeded run of the real node code; the same seed gives the same result.
     `leases=False` puts the old rule back (see `without_leases`)."""
     logging.getLogger("twinvol").setLevel(logging.CRITICAL)
     with seeded_entropy(seed), (contextlib.nullcontext() if leases else without_leases()):
-        run = RealRun(seed, duration, LeaseConfig())
+        run = RealRun(seed, duration, LeaseConfig(), far)
         try:
-            return run.go()
+            return run.go(plan)
         finally:
             run.close()
