@@ -27,8 +27,10 @@ class LeaseRequest(_Msg, tag="lease"):
     pairs: list[Name]
 
 
-class PairPrepare(_Msg, tag="pair_prepare"):
-    """The primary creates a pair: the receiver takes its identity and blocks hosts."""
+class VolumeIdentity(_Msg):
+    """What a node needs to take a volume's identity (serial, id, export name...): the
+    active-active partner (`PairPrepare`) and the far site (`remote_messages.
+    TargetPrepare`) both get it."""
 
     pair: Name
     volume: Name
@@ -39,6 +41,10 @@ class PairPrepare(_Msg, tag="pair_prepare"):
     export_name: str
     description: str
     gen: str
+
+
+class PairPrepare(VolumeIdentity, tag="pair_prepare"):
+    """The primary creates a pair: the receiver takes its identity and blocks hosts."""
 
 
 class PairStateMsg(_Msg, tag="pair_state"):

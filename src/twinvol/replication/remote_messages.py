@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 
 from twinvol.replication.core.types import GroupState
-from twinvol.replication.messages import TRANSPORT, BadMessage, Name
+from twinvol.replication.messages import TRANSPORT, BadMessage, Name, VolumeIdentity
 from twinvol.replication.runtime import GroupRecord
 
 Seq = Annotated[int, msgspec.Meta(ge=0)]
@@ -59,18 +59,10 @@ class Progress(_RMsg, tag="jprog"):
     at: float = 0.0     # when the feeder sent it (its wall clock)
 
 
-class TargetPrepare(_RMsg, tag="a_prepare"):
+class TargetPrepare(VolumeIdentity, tag="a_prepare"):
     """The primary creates an async pair: the far site takes the volume's identity."""
 
-    pair: Name
-    volume: Name
-    partner_volume: Name
-    size: Annotated[int, msgspec.Meta(gt=0)]
-    serial: str
-    vvol_id: int
-    export_name: str
-    description: str
-    gen: str
+    group: Name
     journal_limit: Annotated[int, msgspec.Meta(gt=0)]
     mode: str = "async"
 

@@ -61,7 +61,7 @@ class RemoteSetup:
         limit = g.rec.journal_limit if g is not None else journal_limit
         try:
             await link.request(rm.encode(rm.TargetPrepare(
-                group, pair=name, volume=target_volume, partner_volume=r.name, size=r.size,
+                group=group, pair=name, volume=target_volume, partner_volume=r.name, size=r.size,
                 serial=r.serial, vvol_id=r.vvol_id, export_name=r.export_name,
                 description=r.description, gen=gen, journal_limit=limit, mode=mode)))
             if aa is not None:
