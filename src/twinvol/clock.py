@@ -1,5 +1,5 @@
 """The node's clocks, as a port: `monotonic()` for timers and leases, `wall()` for
-timestamps.
+timestamps, `boot_id()` for telling a process restart from a machine restart.
 
 Production reads `time` directly. The deterministic simulator (`twinvol.testing.simloop`)
 runs each simulated node on its own event loop with its own drifting virtual clock and
@@ -18,6 +18,8 @@ class Source(Protocol):
     def monotonic(self) -> float: ...
 
     def wall(self) -> float: ...
+
+    def boot_id(self) -> str: ...
 
 
 _sources: dict[asyncio.AbstractEventLoop, Source] = {}
@@ -42,6 +44,25 @@ def wall() -> float:
         if src is not None:
             return src.wall()
     return time.time()
+
+
+_BOOT: list[str] = []
+
+
+def boot_id() -> str:
+    """This machine's boot (the epoch of `monotonic`): it changes when the machine
+    restarts, i.e. when writes not yet synced to disk may have been lost."""
+    if _sources:
+        src = _source()
+        if src is not None:
+            return src.boot_id()
+    if not _BOOT:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                _BOOT.append(f.read().strip())
+        except OSError:
+            _BOOT.append("unknown")
+    return _BOOT[0]
 
 
 def install(loop: asyncio.AbstractEventLoop, source: Source) -> None:

@@ -22,6 +22,8 @@ from typing import Any
 from twinvol import clock
 from twinvol.nbd.constants import Err
 from twinvol.replication import data_messages as dm
+from twinvol.replication.activity import machine_restarted, retire_idle_extents
+from twinvol.replication.apply import PartnerApply
 from twinvol.replication.backend import apply_write
 from twinvol.replication.bitmap import AL_EXTENT, CHUNK, PersistentBits, extent_chunks, nchunks
 from twinvol.replication.commands import PairCommands
@@ -75,7 +77,6 @@ from twinvol.witness.logic import Decision
 
 log = logging.getLogger("twinvol.replication")
 
-AL_IDLE = 1.0          # seconds without writes before an activity-log extent is retired
 
 
 Decider = Callable[[PairRecord], Awaitable[Decision]]
@@ -110,8 +111,13 @@ class ReplicationManager:
         self.copier = Copier(self, self.remote)
         self.verifier = Verifier(self, self.copier)
         self.writes = WritePath(self, self.remote, self.partners, self.leases)
+        self.partner_apply = PartnerApply(self, self.remote)
         self.commands = PairCommands(self, self.leases, self.remote)
+        rebooted = machine_restarted(node.data_dir)
         for rec in self.store.all():
+            if rebooted and not rec.rebooted and not rec.remote:
+                rec.rebooted = True   # until the partner is met: see `core.meeting`
+                self.store.save(rec)
             self.load(rec)
         from twinvol.replication.local import LocalCopies
 
@@ -159,7 +165,7 @@ class ReplicationManager:
         await self.remote.start()
         await self.local.start()
         await self.peers.start()
-        self.spawn(self._al_retirer())
+        self.spawn(retire_idle_extents(self))
         self.spawn(self.leases.keeper())
         if self.witness is not None:
             self.spawn(self.partners.heartbeats())
@@ -209,6 +215,9 @@ class ReplicationManager:
         self.store.save(pr.rec)
 
     def set_state(self, pr: PairRuntime, state: str, reason: str = "") -> None:
+        if state == "mirrored" and pr.rec.rebooted:   # the copies met again and agree
+            pr.rec.rebooted = False
+            self.save(pr)
         if pr.rec.state != state or pr.rec.reason != reason:
             old = pr.rec.state
             states.check(pr.rec.name, old, PairState(state))
@@ -409,16 +418,16 @@ class ReplicationManager:
             raise RemoteError(f"pair {pr.rec.name} continues alone on node {self.node.name}; "
                               "the sender's copy is stale", str(Err.EIO))
         if isinstance(dmsg, dm.WriteBatch):
-            return w.on_writes(pr, peer, dmsg, payload)
+            return self.partner_apply.on_writes(pr, peer, dmsg, payload)
         if isinstance(dmsg, dm.Write):
-            return w.on_write(pr, peer, dmsg, payload)
+            return self.partner_apply.on_write(pr, peer, dmsg, payload)
         if isinstance(dmsg, dm.Copy):
-            return w.on_copy(pr, peer, dmsg, payload)
+            return self.partner_apply.on_copy(pr, peer, dmsg, payload)
         if isinstance(dmsg, dm.ForwardBatch):
             return w.on_forwarded_batch(pr, dmsg, payload)
         if isinstance(dmsg, dm.Forward):
             return w.on_forwarded(pr, dmsg.cmd, dmsg.off, dmsg.length, dmsg.flags, payload)
-        return w.on_flush(pr)
+        return self.partner_apply.on_flush(pr)
 
     def _on_control(self, peer: str, msg: Control, payload: Payload
                     ) -> Message | Awaitable[Message]:
@@ -493,16 +502,3 @@ class ReplicationManager:
 
     # ---- activity log upkeep -------------------------------------------------------------
 
-    async def _al_retirer(self) -> None:
-        while True:
-            await asyncio.sleep(AL_IDLE)
-            now = clock.monotonic()
-            for pr in list(self.pairs.values()):
-                changed = False
-                for ext in list(pr.al.iter_set()):
-                    if pr.al_inflight.get(ext, 0) == 0 and now - pr.al_last.get(ext, 0) > AL_IDLE:
-                        pr.al.clear(ext)
-                        pr.al_last.pop(ext, None)
-                        changed = True
-                if changed:
-                    await pr.al.sync(self.node.executor)

@@ -57,6 +57,7 @@ class PairStateMsg(_Msg, tag="pair_state"):
     state: str
     io_mode: str
     copy_source: str = ""
+    rebooted: bool = False   # this machine restarted since the copies last met
 
 
 class PairDone(_Msg, tag="pair_done"):

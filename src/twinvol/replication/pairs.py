@@ -45,6 +45,7 @@ class PairRecord(msgspec.Struct):
     own_identity: dict[str, object] = msgspec.field(default_factory=dict)
     group: str = ""                 # consistency group (async / sync remote copies)
     copy_rate: int = 0              # pace of copies this node feeds, bytes/s (0: unlimited)
+    rebooted: bool = False          # the machine restarted since the copies last met
 
     @property
     def remote(self) -> bool:

@@ -180,7 +180,7 @@ class Partners:
         rec = pr.rec
         return PairStateMsg(rec.name, rec.gen_current, list(rec.gen_history),
                          "primary" if rec.role == "primary" else "secondary", rec.state,
-                         rec.io_mode, rec.copy_source)
+                         rec.io_mode, rec.copy_source, rec.rebooted)
 
     async def reconcile(self, pr: PairRuntime, theirs: PairStateMsg,
                         peer_bits: Payload) -> None:
@@ -196,7 +196,7 @@ class Partners:
                                                 "why": cmp.why})
         # Same data generation: only chunks touched around a crash can differ; the
         # primary sends them (from both sides' bitmaps).
-        plan = meeting(cmp, rec.role == "primary")
+        plan = meeting(cmp, rec.role == "primary", rec.rebooted, theirs.rebooted)
         if plan is Meeting.STOP:
             self.mgr.set_mode(pr, "block", f"split brain: {cmp.why}")
             self.mgr.set_state(pr, "suspended", f"split brain (rule {int(cmp.rule)}): "

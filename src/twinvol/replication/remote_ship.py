@@ -22,6 +22,14 @@ from twinvol.storage.journal import JournalCorrupt
 
 log = logging.getLogger("twinvol.remote")
 
+
+def _drop(window: list[asyncio.Future[Message]]) -> None:
+    """Forget record batches in flight: they fail for the reason already handled, and
+    asyncio would log each as "exception never retrieved" (the simulator saw it)."""
+    for fut in window:
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+    window.clear()
+
 BATCH_BYTES = 1024 * 1024
 WINDOW = 4                 # journal batches in flight to the target
 CHECKPOINT_EVERY = 0.3     # seconds between looks at the target's durable checkpoint
@@ -47,7 +55,7 @@ class Shipper:
                     or not self.serving(g):
                 if g.waiters:
                     self.release_waiters(g, None)
-                window.clear()
+                _drop(window)
                 g.need_stat = True
                 if link is not None and rec.feeder == self.node.name \
                         and rec.state != GroupState.SUSPENDED \
@@ -101,7 +109,7 @@ class Shipper:
                                  "past it is shipped; resync the pair to repair the copy")
                 self.node.events.publish("journal_corrupt", group=rec.name, seq=e.seq + 1)
             except RemoteError as e:
-                window.clear()
+                _drop(window)
                 if e.code == "corrupt":
                     self.remote.suspend(g, f"the target refused a damaged record: {e}")
                     self.node.events.publish("journal_corrupt", group=rec.name, error=str(e))
@@ -111,13 +119,13 @@ class Shipper:
                     g.need_stat = True
                     await asyncio.sleep(0.5)
             except PeerDown:
-                window.clear()
+                _drop(window)
                 g.need_stat = True
                 if g.waiters:
                     self.release_waiters(g, None)
             except Exception as e:  # a bug must not stop the copy while status says mirrored
                 log.exception("journal shipping failed", extra={"group": rec.name})
-                window.clear()
+                _drop(window)
                 g.need_stat = True
                 self.stalled(g, Stalled(f"shipping failed: {type(e).__name__}: {e}"))
                 await asyncio.sleep(1.0)

@@ -44,6 +44,7 @@ from twinvol.testing.realnodes import (
     start_node,
 )
 from twinvol.testing.sim import Clock
+from twinvol.testing.simdisk import Disks
 from twinvol.testing.simloop import SimLoop, World
 
 NODES = ("A", "B")
@@ -53,8 +54,8 @@ TAKEOVER_AFTER = 2.0
 PAIR, VOLUME = "p", "v"
 FAULTS = ("kill", "pause", "cut_peer", "cut_witness", "isolate", "pause_witness",
           "kill_witness", "cut_host", "one_way_to_peer", "one_way_to_witness",
-          "one_way_from_witness")
-FAR_FAULTS = ("kill_far", "pause_far", "cut_far")
+          "one_way_from_witness", "power")
+FAR_FAULTS = ("kill_far", "pause_far", "cut_far", "power_far")
 SAMPLE_EVERY = 0.1   # how often C's copy is looked at while it says it is consistent
 
 
@@ -165,9 +166,12 @@ class RealRun:
         self.faults: list[str] = []
         self.findings = Findings()
         self.down: set[str] = set()      # killed, not restarted yet
+        self.boots: dict[str, int] = {}  # power losses so far, by machine
         self.paused: set[str] = set()
         self.host_loop = self.world.loop("H", Clock(0.0, 1.0))
         self.far = FarWatch(self._far_values) if far else None
+        self.disks = Disks(random.Random(self.world.rng.random()),
+                           {n: self.cluster.data_dir(n) for n in ("A", "B", "C")})
 
     def note(self, what: str) -> None:
         self.trace.append(f"{self.world.now:9.4f} {what}")
@@ -175,6 +179,7 @@ class RealRun:
     # -- processes --
     def start(self, name: str) -> None:
         loop = self.world.loop(name, self.clocks[name])
+        loop.boot = f"{name}-{self.boots.get(name, 0)}"
         if name == "W":
             self.witness = SimWitnessService(self.cluster.path or "", loop, TAKEOVER_AFTER)
             loop.create_task(self.witness.start())
@@ -189,6 +194,8 @@ class RealRun:
             self.findings.other.append(f"node {name} failed to start: {task.exception()!r}")
             return
         self.nodes[name] = task.result()
+        if name == "C" and self.far is not None:
+            self.far.sample(self.world.now)   # what a takeover right after a restart serves
 
     def kill(self, name: str) -> None:
         self.world.kill(name)
@@ -202,6 +209,14 @@ class RealRun:
         self.down.add(name)
         self.paused.discard(name)
         self.note(f"kill {name}")
+
+    def power(self, name: str) -> None:
+        """The machine loses power: the process dies and unsynced writes may be lost."""
+        self.kill(name)
+        self.boots[name] = self.boots.get(name, 0) + 1
+        before = self.disks.lost
+        self.disks.power_loss(name)
+        self.note(f"power loss {name}: {self.disks.lost - before} unsynced writes lost or torn")
 
     def pause(self, name: str, on: bool) -> None:
         loop = self.world.loops.get(name)
@@ -276,9 +291,9 @@ class RealRun:
         for f in plan:
             t, fault, node, span = f.at, f.kind, f.node, f.span
             other = "B" if node == "A" else "A"
-            if fault in ("kill", "kill_far", "kill_witness"):
+            if fault in ("kill", "kill_far", "kill_witness", "power", "power_far"):
                 name = "W" if fault == "kill_witness" else node
-                at(t, self.kill, name)
+                at(t, self.power if fault.startswith("power") else self.kill, name)
                 at(t + span, self.start, name)
             elif fault in ("pause", "pause_far", "pause_witness"):
                 name = "W" if fault == "pause_witness" else node
@@ -404,6 +419,7 @@ def run_real(seed: int, duration: float = 20.0, *, leases: bool = True, far: boo
     with seeded_entropy(seed), (contextlib.nullcontext() if leases else without_leases()):
         run = RealRun(seed, duration, LeaseConfig(), far)
         try:
-            return run.go(plan)
+            with run.disks.installed():
+                return run.go(plan)
         finally:
             run.close()

@@ -78,6 +78,7 @@ class SimLoop(asyncio.BaseEventLoop):
         self.clock = clock
         self.dead = False
         self.paused = False
+        self.boot = f"{name}-0"   # the machine's boot: a power loss starts a new one
         self._selector = _NoSelector()
         self._default_executor = InlineExecutor()
         self.endpoints: list[Endpoint] = []
@@ -93,6 +94,9 @@ class SimLoop(asyncio.BaseEventLoop):
 
     def wall(self) -> float:
         return 1.8e9 + self.world.now
+
+    def boot_id(self) -> str:
+        return self.boot
 
     # -- what BaseEventLoop leaves to a subclass --
     def _process_events(self, event_list: list[Any]) -> None:

@@ -76,10 +76,16 @@ class Meeting(StrEnum):
     STOP = "stop"        # split brain: block, suspend, wait for the operator
 
 
-def meeting(cmp: Comparison, primary: bool) -> Meeting:
-    """The side that sends when the copies meet (rule 1: the primary)."""
+def meeting(cmp: Comparison, primary: bool, rebooted: bool = False,
+            partner_rebooted: bool = False) -> Meeting:
+    """The side that sends when the copies meet. With one data generation, only chunks
+    touched around a crash can differ: the side whose machine did not restart sends
+    them (the other may have lost or torn writes both had acknowledged, which were
+    still in its page cache); otherwise the primary."""
     if cmp.diverged:
         return Meeting.STOP
+    if cmp.direction is Direction.NONE and rebooted != partner_rebooted:
+        return Meeting.RECEIVE if rebooted else Meeting.SEND
     if cmp.direction is Direction.TO_PEER or (cmp.direction is Direction.NONE and primary):
         return Meeting.SEND
     return Meeting.RECEIVE
