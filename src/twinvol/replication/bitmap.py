@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor
 
@@ -20,6 +21,8 @@ AL_EXTENT = 4 * 1024 * 1024  # activity-log granularity
 
 PAGE = 4096                 # bitmap bytes written together by a sync
 PAGE_BITS_SHIFT = 15        # bit index -> page (PAGE * 8 bits a page)
+_NONZERO = re.compile(rb"[^\x00]")   # finds the next byte with a bit set, at C speed
+_NOTFULL = re.compile(rb"[^\xff]")   # ... with a bit clear
 
 
 class PersistentBits:
@@ -65,6 +68,8 @@ class PersistentBits:
         return True
 
     def set_many(self, idx: Iterable[int]) -> bool:
+        if isinstance(idx, range) and idx.step == 1:  # a copy's span: no loop per bit
+            return self.fill(idx.start, idx.stop, True)
         changed = False
         for i in idx:
             changed |= self.set(i)
@@ -76,6 +81,59 @@ class PersistentBits:
             self.bits[i >> 3] &= ~b & 0xFF
             self._dirty = True
             self._pages.add(i >> PAGE_BITS_SHIFT)
+
+    def fill(self, start: int, stop: int, on: bool) -> bool:
+        """Set (or clear) bits [start, stop) a byte at a time: a copy clears the span of
+        a whole hole at once. True if any bit changed."""
+        stop = min(stop, self.nbits)
+        if start >= stop:
+            return False
+        bits = self.bits
+        lo, hi = (start + 7) >> 3, stop >> 3     # whole bytes inside the span
+        if lo >= hi:                            # within one or two bytes
+            return self._fill_bits(start, stop, on)
+        full = (b"\xff" if on else b"\x00") * (hi - lo)
+        changed = bits[lo:hi] != full
+        if changed:
+            bits[lo:hi] = full
+        changed |= self._fill_bits(start, lo << 3, on)
+        changed |= self._fill_bits(hi << 3, stop, on)
+        if changed:
+            self._dirty = True
+            self._pages.update(range(start >> PAGE_BITS_SHIFT, ((stop - 1) >> PAGE_BITS_SHIFT) + 1))
+        return changed
+
+    def _fill_bits(self, start: int, stop: int, on: bool) -> bool:
+        changed = False
+        for i in range(start, stop):
+            if on:
+                changed |= self.set(i)
+            elif self.test(i):
+                self.clear(i)
+                changed = True
+        return changed
+
+    def next_set(self, start: int) -> int:
+        """The first set bit at or after `start`, or `nbits` (zero bytes skipped in C)."""
+        return self._next(start, 0, _NONZERO)
+
+    def next_clear(self, start: int) -> int:
+        """The first clear bit at or after `start`, or `nbits`."""
+        return self._next(start, 0xFF, _NOTFULL)
+
+    def _next(self, start: int, flip: int, other: re.Pattern[bytes]) -> int:
+        bits, nbits = self.bits, self.nbits
+        i = start >> 3
+        if start >= nbits or i >= len(bits):
+            return nbits
+        v = ((bits[i] ^ flip) >> (start & 7)) << (start & 7)
+        if not v:
+            m = other.search(bits, i + 1)
+            if m is None:
+                return nbits
+            i = m.start()
+            v = bits[i] ^ flip
+        return min((i << 3) + (v & -v).bit_length() - 1, nbits)
 
     def merge(self, other: bytes | bytearray | memoryview) -> None:
         """Set every bit set in `other` (a partner's bitmap, same layout); bits past
@@ -91,8 +149,7 @@ class PersistentBits:
             self._touch_all()
 
     def set_all(self) -> None:
-        for i in range(self.nbits):
-            self.set(i)
+        self.fill(0, self.nbits, True)
 
     def clear_all(self) -> None:
         if any(self.bits):

@@ -35,6 +35,7 @@ from twinvol.replication.messages import TAGS as CONTROL_TAGS
 from twinvol.replication.messages import (
     BadMessage,
     Control,
+    DataMapRequest,
     HashRequest,
     LeaseRequest,
     PairBlock,
@@ -435,6 +436,8 @@ class ReplicationManager:
             return self.copier.on_done(pr, msg)
         if isinstance(msg, HashRequest):
             return self.verifier.on_hash(pr, msg)
+        if isinstance(msg, DataMapRequest):
+            return self.verifier.on_data_map(pr, msg)
         if isinstance(msg, PairSplit):
             self.set_mode(pr, "block", "pair split: the primary continues alone")
             self.set_state(pr, "split", "split by operator")
