@@ -69,7 +69,7 @@ from twinvol.replication.remote import RemoteCopy
 from twinvol.replication.remote_io import JournalingBackend, TakeoverBackend
 from twinvol.replication.runtime import DEFAULT_JOURNAL, PairRuntime
 from twinvol.replication.verify import Verifier
-from twinvol.replication.wire import Payload
+from twinvol.replication.wire import Header, Payload
 from twinvol.replication.writes import ReplicatedBackend, WritePath
 from twinvol.storage.volumes import Volume, VolumeError
 from twinvol.witness.logic import Decision
@@ -385,21 +385,24 @@ class ReplicationManager:
 
     # ---- peer messages ---------------------------------------------------------------
 
-    def _on_message(self, peer: str, h: dict[str, Any], payload: Payload
+    def _on_message(self, peer: str, h: Header, payload: Payload
                     ) -> Message | Awaitable[Message] | Later | Outcomes | None:
-        t = h["t"]
-        if t in CONTROL_TAGS:
-            try:
-                msg = decode(h)
+        if isinstance(h, dict):
+            t = h["t"]
+            if t in CONTROL_TAGS:
+                try:
+                    msg = decode(h)
+                except BadMessage as e:
+                    raise RemoteError(str(e), "invalid") from None
+                return self._on_control(peer, msg, payload)
+            if t not in DATA_TAGS:
+                return self.remote.on_message(peer, h, payload)
+            try:   # a data-path header the wire layer could not type: name the bad field
+                dmsg = dm.decode(h)
             except BadMessage as e:
                 raise RemoteError(str(e), "invalid") from None
-            return self._on_control(peer, msg, payload)
-        if t not in DATA_TAGS:
-            return self.remote.on_message(peer, h, payload)
-        try:
-            dmsg = dm.decode(h)
-        except BadMessage as e:
-            raise RemoteError(str(e), "invalid") from None
+        else:
+            dmsg = h
         pr = self.pairs.get(dmsg.pair)
         if pr is None:
             raise RemoteError(f"no pair {dmsg.pair!r} on node {self.node.name}", "not_found")
