@@ -32,6 +32,11 @@ def test_fill_and_next_agree_with_a_list_of_bits(tmp_path_factory: object, nbits
         for s in range(nbits + 2):
             assert bits.next_set(s) == next((i for i in range(s, nbits) if ref[i]), nbits)
             assert bits.next_clear(s) == next((i for i in range(s, nbits) if not ref[i]), nbits)
+            for e in (s + 1, s + 9, nbits + 5):
+                end = min(e, nbits)
+                assert bits.next_set(s, e) == next((i for i in range(s, end) if ref[i]), end)
+                assert bits.next_clear(s, e) == next((i for i in range(s, end) if not ref[i]),
+                                                     end)
     bits.sync_now()
     again = PersistentBits(str(path), nbits)
     assert [again.test(i) for i in range(nbits)] == ref

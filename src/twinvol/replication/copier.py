@@ -16,7 +16,7 @@ from typing import Any
 from twinvol.replication import data_messages as dm
 from twinvol.replication.bitmap import CHUNK, nchunks
 from twinvol.replication.core.pace import Pace
-from twinvol.replication.core.spans import zero_chunks
+from twinvol.replication.core.spans import ZERO_SPAN, zero_chunks
 from twinvol.replication.core.types import Role
 from twinvol.replication.messages import PairDone, encode
 from twinvol.replication.peer import Message, PeerDown, RemoteError
@@ -59,7 +59,7 @@ class Copier:
             data_end = 0   # bytes below this are known data (data stays data, holes do not)
             while (first := pr.dirty.next_set(pos)) < nb:
                 fut, count, nbytes, data_end = self.send_span(
-                    pr, link, first, pr.dirty.next_clear(first), data_end)
+                    pr, link, first, pr.dirty.next_clear(first, first + ZERO_SPAN), data_end)
                 pos = first + count
                 pr.copied_bytes += nbytes
                 sent.append((first, count))
