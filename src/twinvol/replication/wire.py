@@ -13,7 +13,6 @@ handed on as a dict, for the handler to refuse naming the field.
 
 from __future__ import annotations
 
-import contextlib
 import struct
 from typing import Any
 
@@ -170,9 +169,11 @@ def _decode(raw: bytes | bytearray | memoryview, typed: bool) -> Header:
     # Our encoder writes `t` first: a fixmap, the key "t", then the tag as a fixstr.
     if typed and len(raw) > 4 and raw[0] & 0xF0 == 0x80 and raw[1] == 0xA1 \
             and raw[2] == 0x74 and bytes(raw[4:4 + raw[3] - 0xA0]) in _DATA_TAGS:
-        with contextlib.suppress(msgspec.DecodeError):  # ValidationError: a bad field
+        try:   # (a try costs nothing in 3.11; contextlib.suppress cost 1.7% of B here)
             msg: dm.DataMsg = _typed.decode(raw)
             return msg
+        except msgspec.DecodeError:   # ValidationError too: a bad field, named below
+            pass
     try:
         header = _decoder.decode(raw)
     except (msgspec.DecodeError, UnicodeDecodeError) as e:  # a bad string is not UTF-8
