@@ -70,3 +70,23 @@ def test_what_is_synced_is_read_back(tmp_path: Path) -> None:
     again = PersistentBits(path, 300_000)
     assert set(again.iter_set()) == want
     again.close()
+
+
+def _written_back() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("write_bytes"))
+
+
+def test_a_sync_after_a_bulk_write_writes_back_only_the_changed_pages(tmp_path: Path) -> None:
+    """Written in one piece, the bitmap sat in the page cache in 2 MiB folios (ext4), and
+    every later sync of one changed page wrote back 2 MiB: 128 MiB for the checkpoints of
+    an empty 1 TiB copy. Measured by the kernel's count of this process's writes."""
+    bits = PersistentBits(str(tmp_path / "b"), NBITS)
+    bits.set_all()
+    bits.sync_now()
+    before = _written_back()
+    for k in range(8):   # eight checkpoints, each clearing 8 pages of bits
+        bits.fill(k * 262_144, (k + 1) * 262_144, False)
+        bits.sync_now()
+    assert _written_back() - before <= 8 * 8 * PAGE
+    bits.close()

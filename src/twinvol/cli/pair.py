@@ -357,6 +357,7 @@ def verify(name: str = typer.Argument(...), timeout: float = TimeoutOpt,
     if "error" in v:
         raise CliError(f"verify of {name!r} failed: {v['error']}")
     report = {"pair": name, "node": node, "checked_chunks": v["checked_chunks"],
+              "skipped_chunks": v.get("skipped_chunks", 0),
               "mismatched_chunks": len(v["mismatched_chunks"]),
               "mismatched_offsets": [c * view["chunk_size"] for c in v["mismatched_chunks"]],
               "latest": v.get("latest"), "stale": v.get("stale"),

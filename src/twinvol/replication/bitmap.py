@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor
 
@@ -20,6 +21,8 @@ AL_EXTENT = 4 * 1024 * 1024  # activity-log granularity
 
 PAGE = 4096                 # bitmap bytes written together by a sync
 PAGE_BITS_SHIFT = 15        # bit index -> page (PAGE * 8 bits a page)
+_NONZERO = re.compile(rb"[^\x00]")   # finds the next byte with a bit set, at C speed
+_NOTFULL = re.compile(rb"[^\xff]")   # ... with a bit clear
 
 
 class PersistentBits:
@@ -65,6 +68,8 @@ class PersistentBits:
         return True
 
     def set_many(self, idx: Iterable[int]) -> bool:
+        if isinstance(idx, range) and idx.step == 1:  # a copy's span: no loop per bit
+            return self.fill(idx.start, idx.stop, True)
         changed = False
         for i in idx:
             changed |= self.set(i)
@@ -76,6 +81,62 @@ class PersistentBits:
             self.bits[i >> 3] &= ~b & 0xFF
             self._dirty = True
             self._pages.add(i >> PAGE_BITS_SHIFT)
+
+    def fill(self, start: int, stop: int, on: bool) -> bool:
+        """Set (or clear) bits [start, stop) a byte at a time: a copy clears the span of
+        a whole hole at once. True if any bit changed."""
+        stop = min(stop, self.nbits)
+        if start >= stop:
+            return False
+        bits = self.bits
+        lo, hi = (start + 7) >> 3, stop >> 3     # whole bytes inside the span
+        if lo >= hi:                            # within one or two bytes
+            return self._fill_bits(start, stop, on)
+        full = (b"\xff" if on else b"\x00") * (hi - lo)
+        changed = bits[lo:hi] != full
+        if changed:
+            bits[lo:hi] = full
+        changed |= self._fill_bits(start, lo << 3, on)
+        changed |= self._fill_bits(hi << 3, stop, on)
+        if changed:
+            self._dirty = True
+            self._pages.update(range(start >> PAGE_BITS_SHIFT, ((stop - 1) >> PAGE_BITS_SHIFT) + 1))
+        return changed
+
+    def _fill_bits(self, start: int, stop: int, on: bool) -> bool:
+        changed = False
+        for i in range(start, stop):
+            if on:
+                changed |= self.set(i)
+            elif self.test(i):
+                self.clear(i)
+                changed = True
+        return changed
+
+    def next_set(self, start: int, stop: int | None = None) -> int:
+        """The first set bit in [start, stop), else `stop` (default and at most `nbits`);
+        zero bytes are skipped in C."""
+        return self._next(start, stop, 0, _NONZERO)
+
+    def next_clear(self, start: int, stop: int | None = None) -> int:
+        """The first clear bit in [start, stop), else `stop` (a bounded search: a copy
+        asks from every span, and an unbounded one would scan to the end each time)."""
+        return self._next(start, stop, 0xFF, _NOTFULL)
+
+    def _next(self, start: int, stop: int | None, flip: int, other: re.Pattern[bytes]) -> int:
+        bits = self.bits
+        stop = self.nbits if stop is None else min(stop, self.nbits)
+        i = start >> 3
+        if start >= stop:
+            return stop
+        v = ((bits[i] ^ flip) >> (start & 7)) << (start & 7)
+        if not v:
+            m = other.search(bits, i + 1, (stop + 7) >> 3)
+            if m is None:
+                return stop
+            i = m.start()
+            v = bits[i] ^ flip
+        return min((i << 3) + (v & -v).bit_length() - 1, stop)
 
     def merge(self, other: bytes | bytearray | memoryview) -> None:
         """Set every bit set in `other` (a partner's bitmap, same layout); bits past
@@ -91,8 +152,7 @@ class PersistentBits:
             self._touch_all()
 
     def set_all(self) -> None:
-        for i in range(self.nbits):
-            self.set(i)
+        self.fill(0, self.nbits, True)
 
     def clear_all(self) -> None:
         if any(self.bits):
@@ -134,15 +194,14 @@ class PersistentBits:
         if not self._dirty:
             return
         self._dirty = False
+        # One write per page: a larger write makes the page cache hold the file in folios
+        # as large as the write (ext4), and a later sync of one changed page then writes
+        # back the whole folio: 2 MiB per checkpoint of a 1 TiB copy (bench/scale.py).
         pages, self._pages = sorted(self._pages), set()
-        start = prev = -2
-        for page in [*pages, -1]:   # runs of consecutive pages, one write each
-            if page != prev + 1:
-                if start >= 0:
-                    a, b = start * PAGE, min((prev + 1) * PAGE, len(self.bits))
-                    os.pwrite(self.fd, bytes(self.bits[a:b]), a)
-                start = page
-            prev = page
+        bits, fd = self.bits, self.fd
+        for page in pages:
+            a = page * PAGE
+            os.pwrite(fd, bytes(bits[a:a + PAGE]), a)
         os.fdatasync(self.fd)
 
     async def sync(self, executor: Executor) -> None:

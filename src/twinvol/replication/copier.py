@@ -14,8 +14,9 @@ from typing import Any
 
 from twinvol import clock
 from twinvol.replication import data_messages as dm
-from twinvol.replication.bitmap import CHUNK
+from twinvol.replication.bitmap import CHUNK, nchunks
 from twinvol.replication.core.pace import Pace
+from twinvol.replication.core.spans import ZERO_SPAN, zero_chunks
 from twinvol.replication.core.types import Role
 from twinvol.replication.messages import PairDone, encode
 from twinvol.replication.peer import Message, PeerDown, RemoteError
@@ -57,20 +58,25 @@ class Copier:
         rec.copy_total = pr.dirty.count()
         self.mgr.save(pr)
         inflight: set[asyncio.Future[Message]] = set()
-        sent: list[int] = []  # chunks sent since the last checkpoint (bits cleared once acked)
+        # Spans (first chunk, count) sent since the last checkpoint: bits cleared once acked.
+        sent: list[tuple[int, int]] = []
         pace = Pace()
         try:
             link = self.mgr.peers.link(rec.partner)
             # Walk the bits as they are (no list of every chunk first: 16.7 million ints
             # and a 2 s loop step at 1 TiB). A bit set behind the walk is a write that
-            # the mirrored path carries; one set ahead is copied, as it should be.
-            for chunk in pr.dirty.iter_set(0):
-                if chunk * CHUNK >= pr.vol.record.size:
-                    pr.dirty.clear(chunk)
-                    continue
-                fut, nbytes = self.send_chunk(pr, link, chunk)
+            # the mirrored path carries; one set ahead is copied, as it should be. A span
+            # of dirty chunks that reads as zeroes here goes as one zero message.
+            nb = nchunks(pr.vol.record.size)
+            pr.dirty.fill(nb, pr.dirty.nbits, False)   # bits past the end: nothing to copy
+            pos = 0
+            data_end = 0   # bytes below this are known data (data stays data, holes do not)
+            while (first := pr.dirty.next_set(pos)) < nb:
+                fut, count, nbytes, data_end = self.send_span(
+                    pr, link, first, pr.dirty.next_clear(first, first + ZERO_SPAN), data_end)
+                pos = first + count
                 pr.copied_bytes += nbytes
-                sent.append(chunk)
+                sent.append((first, count))
                 inflight.add(fut)
                 if len(inflight) >= COPY_WINDOW:
                     done, inflight = await asyncio.wait(inflight,
@@ -115,38 +121,53 @@ class Copier:
                 f.add_done_callback(_retrieve)
             self.mgr.save(pr)
 
-    def send_chunk(self, pr: PairRuntime, link: Any, chunk: int
-                    ) -> tuple[asyncio.Future[Message], int]:
-        """Read one chunk and send it in the same loop step, so a host write to it can
-        only follow it on the ordered link. Holes go as a zero request. Returns the
-        reply future and the payload bytes sent."""
+    def send_chunk(self, pr: PairRuntime, link: Any, chunk: int) -> asyncio.Future[Message]:
+        """Send one chunk (verify's repair); its reply future."""
+        return self.send_span(pr, link, chunk, chunk + 1, 0)[0]
+
+    def send_span(self, pr: PairRuntime, link: Any, first: int, run_end: int, data_end: int
+                  ) -> tuple[asyncio.Future[Message], int, int, int]:
+        """Send chunk `first` or, if it reads as zeroes, every chunk up to `run_end` that
+        does as one zero message (the target punches or zeroes it: old data there must
+        read back as zeroes). Read and sent in the same loop step, so a host write can
+        only follow it on the ordered link. `data_end`: bytes below it are known to be
+        data. Returns the reply future, the chunks sent, the payload bytes and the new
+        `data_end`."""
         store = pr.vol.store
-        off = chunk * CHUNK
-        n = min(CHUNK, pr.vol.record.size - off)
-        ext = store.extents(off, n)
-        # A partner that feeds a far copy learns which write this chunk reflects.
+        size = pr.vol.record.size
+        off = first * CHUNK
+        # A partner that feeds a far copy learns which write this span reflects.
         j = self.remote.written_for(pr.rec.volume) if self.remote.feeds else 0
-        if len(ext) == 1 and ext[0][1] & 2:
-            return link.request(dm.encode(dm.Copy(pr.rec.name, off=off, length=n, j=j,
-                                                  zero=True))), 0
+        if off >= data_end:
+            is_data, stop = store.data_at(off, min(run_end * CHUNK, size))
+            if is_data:
+                data_end = stop
+            elif count := zero_chunks(first, run_end, stop, size, CHUNK):
+                n = min(count * CHUNK, size - off)
+                return link.request(dm.encode(dm.Copy(pr.rec.name, off=off, length=n, j=j,
+                                                      zero=True))), count, 0, data_end
+        n = min(CHUNK, size - off)
         return link.request(dm.encode(dm.Copy(pr.rec.name, off=off, length=n, j=j)),
-                            store.pread(off, n)), n
+                            store.pread(off, n)), 1, n, data_end
 
     async def checkpoint(self, pr: PairRuntime, inflight: set[asyncio.Future[Message]],
-                          sent: list[int]) -> None:
+                          sent: list[tuple[int, int]]) -> None:
         """Wait for acks, then durably record the progress (bits and cursor)."""
         if inflight:
             await asyncio.gather(*inflight)
-        for c in sent:
-            if c not in pr.recopy:
-                pr.dirty.clear(c)
-        pr.recopy.difference_update(sent)
-        last = sent[-1] if sent else None
+        for first, count in sent:
+            # A chunk marked again while in flight keeps its bit (`recopy`).
+            again = [c for c in pr.recopy if first <= c < first + count] if pr.recopy else []
+            pr.dirty.fill(first, first + count, False)
+            for c in again:
+                pr.dirty.set(c)
+            pr.recopy.difference_update(again)
+        last = sum(sent[-1]) if sent else None
         sent.clear()
         # Bits first: the cursor shown (and saved) never runs ahead of what is durable.
         await pr.dirty.sync(self.mgr.node.executor)
         if last is not None:
-            pr.rec.copy_cursor = last + 1
+            pr.rec.copy_cursor = last
         self.mgr.save(pr)
 
     def on_done(self, pr: PairRuntime, msg: PairDone) -> Message:

@@ -37,6 +37,7 @@ from twinvol.replication.messages import TAGS as CONTROL_TAGS
 from twinvol.replication.messages import (
     BadMessage,
     Control,
+    DataMapRequest,
     HashRequest,
     LeaseRequest,
     PairBlock,
@@ -70,7 +71,7 @@ from twinvol.replication.remote import RemoteCopy
 from twinvol.replication.remote_io import JournalingBackend, TakeoverBackend
 from twinvol.replication.runtime import DEFAULT_JOURNAL, PairRuntime
 from twinvol.replication.verify import Verifier
-from twinvol.replication.wire import Payload
+from twinvol.replication.wire import Header, Payload
 from twinvol.replication.writes import ReplicatedBackend, WritePath
 from twinvol.storage.volumes import Volume, VolumeError
 from twinvol.witness.logic import Decision
@@ -393,21 +394,24 @@ class ReplicationManager:
 
     # ---- peer messages ---------------------------------------------------------------
 
-    def _on_message(self, peer: str, h: dict[str, Any], payload: Payload
+    def _on_message(self, peer: str, h: Header, payload: Payload
                     ) -> Message | Awaitable[Message] | Later | Outcomes | None:
-        t = h["t"]
-        if t in CONTROL_TAGS:
-            try:
-                msg = decode(h)
+        if isinstance(h, dict):
+            t = h["t"]
+            if t in CONTROL_TAGS:
+                try:
+                    msg = decode(h)
+                except BadMessage as e:
+                    raise RemoteError(str(e), "invalid") from None
+                return self._on_control(peer, msg, payload)
+            if t not in DATA_TAGS:
+                return self.remote.on_message(peer, h, payload)
+            try:   # a data-path header the wire layer could not type: name the bad field
+                dmsg = dm.decode(h)
             except BadMessage as e:
                 raise RemoteError(str(e), "invalid") from None
-            return self._on_control(peer, msg, payload)
-        if t not in DATA_TAGS:
-            return self.remote.on_message(peer, h, payload)
-        try:
-            dmsg = dm.decode(h)
-        except BadMessage as e:
-            raise RemoteError(str(e), "invalid") from None
+        else:
+            dmsg = h
         pr = self.pairs.get(dmsg.pair)
         if pr is None:
             raise RemoteError(f"no pair {dmsg.pair!r} on node {self.node.name}", "not_found")
@@ -444,6 +448,8 @@ class ReplicationManager:
             return self.copier.on_done(pr, msg)
         if isinstance(msg, HashRequest):
             return self.verifier.on_hash(pr, msg)
+        if isinstance(msg, DataMapRequest):
+            return self.verifier.on_data_map(pr, msg)
         if isinstance(msg, PairSplit):
             self.set_mode(pr, "block", "pair split: the primary continues alone")
             self.set_state(pr, "split", "split by operator")

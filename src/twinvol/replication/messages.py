@@ -15,6 +15,7 @@ import msgspec
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Role = Literal["primary", "secondary"]
 MAX_HASH_CHUNKS = 4096
+MAX_MAP_CHUNKS = 16384   # chunks a data map answers for (1 GiB; a 2 KiB bitmap)
 
 
 class _Msg(msgspec.Struct, tag_field="t", forbid_unknown_fields=True):
@@ -105,14 +106,23 @@ class HashRequest(_Msg, tag="hash"):
                       msgspec.Meta(max_length=MAX_HASH_CHUNKS)]
 
 
+class DataMapRequest(_Msg, tag="data_map"):
+    """Which of chunks [first, first + count) hold data? Answered with a bitmap (bit i:
+    chunk first + i), so `pair verify` reads only what either side allocated."""
+
+    pair: Name
+    first: Annotated[int, msgspec.Meta(ge=0)]
+    count: Annotated[int, msgspec.Meta(ge=1, le=MAX_MAP_CHUNKS)]
+
+
 Control = (LeaseRequest | PairPrepare | PairStateMsg | PairDone | PairSplit | PairDelete
-           | PairYield | PairBlock | PairUnblock | PairSwap | HashRequest)
+           | PairYield | PairBlock | PairUnblock | PairSwap | HashRequest | DataMapRequest)
 PairMsg = (PairStateMsg | PairDone | PairSplit | PairDelete | PairYield | PairBlock
-           | PairUnblock | PairSwap | HashRequest)
+           | PairUnblock | PairSwap | HashRequest | DataMapRequest)
 
 TAGS = frozenset({"lease", "pair_prepare", "pair_state", "pair_done", "pair_split",
                   "pair_delete", "pair_yield", "pair_block", "pair_unblock", "pair_swap",
-                  "hash"})
+                  "hash", "data_map"})
 
 
 class BadMessage(ValueError):

@@ -25,10 +25,12 @@ from typing import Any, Protocol
 
 from twinvol import clock
 from twinvol.cluster import ClusterConfig
+from twinvol.replication import data_messages as dm
 from twinvol.replication.wire import (
     MAX_FRAME_PAYLOAD,
     PROTOCOL_VERSION,
     FrameDecoder,
+    Header,
     Payload,
     WireError,
     encode,
@@ -45,7 +47,7 @@ HANDSHAKE_TIMEOUT = 3.0
 Message = tuple[dict[str, Any], Payload]
 # A batch frame's answer: per row, None (success), an exception, or a Later.
 Outcomes = list["BaseException | Later | None"]
-Handler = Callable[[str, dict[str, Any], Payload],
+Handler = Callable[[str, Header, Payload],
                    "Message | Awaitable[Message] | Later | Outcomes | None"]
 Done = Callable[[BaseException | None], None]
 
@@ -56,6 +58,11 @@ PROTOCOL_ERRORS: Counter[str] = Counter()
 FLUSH_NOW = 256 * 1024  # a payload this large leaves at once, not at the end of the step
 MAX_ROWS = 4096         # requests in one batch frame
 _ACKS = ("acks", "")
+
+
+def _tag(h: Header) -> object:
+    """The `t` of a frame header, typed or not (for logs)."""
+    return h.get("t") if isinstance(h, dict) else type(h).__struct_config__.tag
 
 
 class PeerDown(Exception):
@@ -129,7 +136,7 @@ class PeerLink(asyncio.BufferedProtocol):
         self.expect = dialer_for  # peer name we dialed, or None when accepting
         self.peer: str | None = None
         self.transport: asyncio.Transport | None = None
-        self.decoder = FrameDecoder()
+        self.decoder = FrameDecoder(typed=True)
         self.nonce = secrets.token_hex(16)
         self.peer_nonce: str | None = None
         self.authed = False
@@ -196,7 +203,7 @@ class PeerLink(asyncio.BufferedProtocol):
                 self._on_frame(header, payload)
             except Exception as e:  # a handler bug must not kill the link silently
                 log.exception("peer message handling failed", extra={"peer": self.peer})
-                self._fail(f"internal error handling {header.get('t')}: {e}")
+                self._fail(f"internal error handling {_tag(header)}: {e}")
                 return
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -204,7 +211,13 @@ class PeerLink(asyncio.BufferedProtocol):
 
     # ---- handshake --------------------------------------------------------
 
-    def _on_frame(self, h: dict[str, Any], payload: Payload) -> None:
+    def _on_frame(self, h: Header, payload: Payload) -> None:
+        if not isinstance(h, dict):   # a data-path request, already typed by the decoder
+            if self.authed:
+                self._dispatch(h, payload)
+            else:
+                self._fail(f"unexpected {_tag(h)!r} during the peer handshake")
+            return
         t = h["t"]
         if not self.authed:
             self._handshake(t, h)
@@ -386,8 +399,8 @@ class PeerLink(asyncio.BufferedProtocol):
         self._send(header, payload)
         return rid
 
-    def _dispatch(self, h: dict[str, Any], payload: Payload) -> None:
-        rid = h.get("id")
+    def _dispatch(self, h: Header, payload: Payload) -> None:
+        rid = h.get("id") if isinstance(h, dict) else (h.id or None)
         try:
             result = self.service.handler(self.peer or "?", h, payload)
         except RemoteError as e:
@@ -395,18 +408,18 @@ class PeerLink(asyncio.BufferedProtocol):
                 self._reply_error(r, str(e), e.code)
             return
         except Exception as e:
-            log.exception("peer request failed", extra={"peer": self.peer, "t": h.get("t")})
+            log.exception("peer request failed", extra={"peer": self.peer, "t": _tag(h)})
             for r in self._ids_of(h):
                 self._reply_error(r, f"{type(e).__name__}: {e}", "internal")
             return
         if isinstance(result, list):  # a batch frame: one outcome per row
-            for row, res in zip(h["rows"], result, strict=True):
+            for row_id, res in zip(self._ids_of(h), result, strict=True):
                 if res is None:
-                    self._ack(row[0])
+                    self._ack(row_id)
                 elif isinstance(res, Later):
-                    res._attach(self, row[0])
+                    res._attach(self, row_id)
                 else:
-                    self._complete(row[0], res)
+                    self._complete(row_id, res)
             return
         if result is None or rid is None:
             return
@@ -420,8 +433,12 @@ class PeerLink(asyncio.BufferedProtocol):
         task.add_done_callback(lambda f: self._finish(rid, f))
 
     @staticmethod
-    def _ids_of(h: dict[str, Any]) -> list[Any]:
+    def _ids_of(h: Header) -> list[Any]:
         """The request ids a frame carries: its own, or one per row of a batch."""
+        if isinstance(h, dm.WriteBatch | dm.ForwardBatch):
+            return [r.rid for r in h.rows]
+        if not isinstance(h, dict):
+            return [h.id or None]
         rows = h.get("rows")
         if isinstance(rows, list):
             return [r[0] for r in rows if isinstance(r, list) and r]

@@ -4,6 +4,11 @@ A frame is `u32 header length, u32 payload length, header, payload`. Headers
 are msgpack maps (msgspec) with a `t` (type) key; payloads are raw block data
 and never decoded. Both lengths are bounded, so a bad or hostile peer cannot
 make the receiver buffer more than one maximal frame.
+
+A data-path header (`wb`, `w`, `copy`, ...: data_messages) is decoded straight into
+its typed message, checked as it is decoded: one pass instead of a dict and then a
+conversion (0.3-1.2 us a frame instead of 6-8 us). One that does not match its type is
+handed on as a dict, for the handler to refuse naming the field.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 import msgspec
 
 from twinvol.nbd.constants import MAX_PAYLOAD
+from twinvol.replication import data_messages as dm
 from twinvol.storage.buffers import MIN_POOLED, POOL
 
 PROTOCOL_VERSION = 3  # 2: `acks`, mirrored writes referring to forwarded data; 3: `wb`
@@ -23,6 +29,10 @@ _LEN = struct.Struct(">II")
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(dict[str, Any])
+_typed = msgspec.msgpack.Decoder(dm.DataMsg)
+_DATA_TAGS = frozenset(t.encode() for t in dm.TAGS)
+
+Header = dict[str, Any] | dm.DataMsg
 
 
 class WireError(Exception):
@@ -42,6 +52,7 @@ def encode(header: dict[str, Any], payload: bytes | bytearray | memoryview = b""
 
 
 Payload = bytes | bytearray | memoryview
+Frame = tuple[Header, Payload]
 
 
 def encode_parts(header: dict[str, Any], parts: list[Payload], plen: int
@@ -63,9 +74,10 @@ class FrameDecoder:
     receive straight into it (`payload_received(n)`), with no copy at all.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, typed: bool = False) -> None:
+        self.typed = typed   # data-path headers come out as their typed messages
         self._buf = bytearray()
-        self._header: dict[str, Any] | None = None
+        self._header: Header | None = None
         self._payload: memoryview | None = None
         self._got = 0
 
@@ -76,7 +88,7 @@ class FrameDecoder:
             return None
         return payload[self._got:]
 
-    def payload_received(self, n: int) -> list[tuple[dict[str, Any], Payload]]:
+    def payload_received(self, n: int) -> list[Frame]:
         """`n` bytes were written into the view `payload_buffer()` returned."""
         payload = self._payload
         assert payload is not None and self._got + n <= len(payload)
@@ -84,12 +96,12 @@ class FrameDecoder:
         if self._got < len(payload):
             return []
         assert self._header is not None
-        out: list[tuple[dict[str, Any], Payload]] = [(self._header, payload)]
+        out: list[Frame] = [(self._header, payload)]
         self._header = self._payload = None
         return out
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[dict[str, Any], Payload]]:
-        out: list[tuple[dict[str, Any], Payload]] = []
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        out: list[Frame] = []
         view = memoryview(data)
         pos = 0
         end = len(view)
@@ -124,7 +136,7 @@ class FrameDecoder:
                     pos += take
                     if len(buf) < want:
                         return out
-                header = _decode(buf[_LEN.size:want])
+                header = _decode(buf[_LEN.size:want], self.typed)
                 buf.clear()
             else:
                 # Fast path: the lengths and header are whole in `data` (the usual case).
@@ -139,7 +151,7 @@ class FrameDecoder:
                 if want > end:
                     buf += view[pos:end]
                     return out
-                header = _decode(view[pos + _LEN.size:want])
+                header = _decode(view[pos + _LEN.size:want], self.typed)
                 pos = want
             if plen == 0:
                 out.append((header, b""))
@@ -153,7 +165,15 @@ class FrameDecoder:
             self._got = 0
 
 
-def _decode(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
+def _decode(raw: bytes | bytearray | memoryview, typed: bool) -> Header:
+    # Our encoder writes `t` first: a fixmap, the key "t", then the tag as a fixstr.
+    if typed and len(raw) > 4 and raw[0] & 0xF0 == 0x80 and raw[1] == 0xA1 \
+            and raw[2] == 0x74 and bytes(raw[4:4 + raw[3] - 0xA0]) in _DATA_TAGS:
+        try:   # (a try costs nothing in 3.11; contextlib.suppress cost 1.7% of B here)
+            msg: dm.DataMsg = _typed.decode(raw)
+            return msg
+        except msgspec.DecodeError:   # ValidationError too: a bad field, named below
+            pass
     try:
         header = _decoder.decode(raw)
     except (msgspec.DecodeError, UnicodeDecodeError) as e:  # a bad string is not UTF-8

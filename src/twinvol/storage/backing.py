@@ -188,6 +188,36 @@ class BackingStore:
         return out
 
 
+    def data_at(self, offset: int, end: int) -> tuple[bool, int]:
+        """Whether `offset` holds data (else it reads as zeroes: a hole or an unwritten
+        extent), and where that run of data or zeroes ends, at most `end`. Two lseeks at
+        most, so a copy or verify walks a thin volume by what is allocated. Without
+        SEEK_DATA (a device, an old file system) everything is data."""
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:   # nothing but a hole from here to the end
+                return False, end
+            return True, end
+        if data > offset:
+            return False, min(data, end)
+        try:
+            hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        except OSError:
+            return True, end
+        return True, min(max(hole, offset + 1), end)
+
+    def data_runs(self, offset: int, end: int) -> list[tuple[int, int]]:
+        """The [start, stop) byte ranges in [offset, end) that hold data."""
+        out: list[tuple[int, int]] = []
+        pos = offset
+        while pos < end:
+            is_data, stop = self.data_at(pos, end)
+            if is_data:
+                out.append((pos, stop))
+            pos = stop
+        return out
+
     def _hole_or_zeroed(self, out: list[tuple[int, int]], pos: int, stop: int) -> None:
         """SEEK_DATA skips unwritten extents (ext4, xfs): space zeroed with NO_HOLE is
         allocated but looks like a hole. FIEMAP tells them apart, so such a range reads
