@@ -115,10 +115,11 @@ class VmHostConfig(msgspec.Struct, forbid_unknown_fields=True):
     memory: str = "4G"
     networks: dict[str, str] = msgspec.field(default_factory=dict)  # name -> "user"|"isolated"
     accel: str = "auto"      # "kvm", "tcg" or "auto" (KVM when usable)
+    api_tls: bool | None = None  # its API is HTTPS (default: [tls] api)
 
     @property
     def api_url(self) -> str:
-        return http_url(self.api)
+        return http_url(self.api, https=bool(self.api_tls))
 
 
 class ClusterSection(msgspec.Struct, forbid_unknown_fields=True):
@@ -186,6 +187,15 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
     def vmhost(self, name: str) -> VmHostConfig:
         return self._entry(self.vmhosts, name, "hypervisor host", "vmhosts")
 
+    @property
+    def https_apis(self) -> bool:
+        """[tls] api: every HTTP API (nodes, host agent, witness, VM hosts) is HTTPS."""
+        return self.tls is not None and self.tls.api
+
+    def service_url(self, addr: str) -> str:
+        """The base URL of the host agent's or the witness's API at `addr`."""
+        return http_url(addr, https=self.https_apis)
+
 
 def split_hostport(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
@@ -249,6 +259,9 @@ def load(path: str | None) -> ClusterConfig:
             raise ClusterError(f"cluster file {path}, vmhost {name}: storage {vh.storage!r} "
                                "is neither a node nor \"host\" (with a [host] table)")
     cfg.path = path
+    for vh in cfg.vmhosts.values():
+        if vh.api_tls is None and cfg.https_apis:
+            vh.api_tls = True
     for name in cfg.nodes:
         cfg.fault_config(name)
         node = cfg.nodes[name]
@@ -356,6 +369,9 @@ def dump(cfg: ClusterConfig, path: str) -> None:
             data.pop(key, None)
     if not data.get("vmhosts"):
         data.pop("vmhosts", None)
+    for vh in data.get("vmhosts", {}).values():
+        if vh.get("api_tls") is None or cfg.https_apis:
+            vh.pop("api_tls", None)
     if data.get("faults") == msgspec.to_builtins(FaultConfig()):
         data.pop("faults", None)
     elif data.get("faults"):

@@ -89,6 +89,12 @@ def check_node(expect: str | None, url: str, headers: Any) -> None:
                         "with `twinvol config check`)")
 
 
+def auth_headers(cfg: ClusterConfig) -> dict[str, str]:
+    """The caller's credential: $TWINVOL_TOKEN, else the cluster secret (admin)."""
+    token = os.environ.get(TOKEN_ENV) or cfg.cluster.secret
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def call_json(cfg: ClusterConfig, url: str, method: str, body: dict[str, Any] | None,
               timeout: float, *, prefix: str, unreachable: str,
               expect_node: str | None = None) -> Any:
@@ -97,10 +103,7 @@ def call_json(cfg: ClusterConfig, url: str, method: str, body: dict[str, Any] | 
     CliError(`unreachable`, with the URL and the reason); an answer from another node than
     `expect_node` becomes WrongNode."""
     data = None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"}
-    token = os.environ.get(TOKEN_ENV) or cfg.cluster.secret
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
+    headers = {"Content-Type": "application/json", **auth_headers(cfg)}
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:

@@ -20,7 +20,10 @@ Configuration is the `[host]` table of the cluster file::
     type = "webhook"             # or "command" (command = [argv]); min_severity = "error"
     url = "http://127.0.0.1:9000/hook"
 
-`[cluster] secret`, when set, is sent to the nodes' APIs as a bearer token.
+`[cluster] secret`, when set, is sent to the nodes' APIs as a bearer token, and the
+agent's own API wants it (admin) or a scoped token (`twinvol token create`; hashes in
+`host-tokens.json`, calls that change something in `host-audit.log`, both next to the
+cluster file). With `[tls] api = true` the API is HTTPS and callers show a certificate.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class HostSetup:
     path: str
     cluster_name: str = "twinvol"
     tls: TlsConfig | None = None
+    metrics_open: bool = False  # [cluster] metrics_open: /metrics without a read token
 
     @property
     def tls_dir(self) -> str | None:
@@ -167,7 +171,8 @@ def load(path: str | None) -> HostSetup:
     for node_addr in chosen.values():
         if node_addr.api_tls is None and tls is not None:
             node_addr.api_tls = tls.api
-    setup = HostSetup(config, chosen, secret, path, str(name), tls)
+    setup = HostSetup(config, chosen, secret, path, str(name), tls,
+                      isinstance(section, dict) and section.get("metrics_open") is True)
     if tls is None and (setup.client_tls is not TlsMode.OFF
                         or any(setup.node_tls(n) for n in chosen)):
         raise ClusterError(f"cluster file {path}: TLS on the host agent or its nodes needs a "

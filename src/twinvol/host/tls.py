@@ -1,17 +1,23 @@
-"""The host agent's TLS, from the cluster file's [tls] (see twinvol.tls): the listener's
-policy towards clients, NBD TLS towards the nodes that want it, HTTPS to node APIs."""
+"""The host agent's TLS and API access, from the cluster file's [tls] (see twinvol.tls):
+the listener's policy towards clients, NBD TLS towards the nodes that want it, HTTPS to
+node APIs and on its own API, scoped tokens there."""
 
 from __future__ import annotations
 
+import os
 import ssl
+from typing import Any
 
 import aiohttp
+from aiohttp import web
 
+from twinvol.api_tokens import service_access
 from twinvol.host import HostSetup
 from twinvol.host.nodes import HttpNodeLink, NodeLink
 from twinvol.nbd.guard import Guard
 from twinvol.nbd.server_events import TlsMode
 from twinvol.tls.context import client_context, server_context
+from twinvol.tls.https import service_server
 
 
 def api_session(setup: HostSetup) -> aiohttp.ClientSession:
@@ -44,3 +50,13 @@ def plain_only(guard: Guard, links: dict[str, NodeLink]) -> bool:
     """The native relay moves plain TCP: usable only with TLS off on both sides."""
     return guard.tls is TlsMode.OFF and not any(getattr(link, "tls", None)
                                                  for link in links.values())
+
+
+def api_access(setup: HostSetup) -> tuple[ssl.SSLContext | None, tuple[Any, web.RouteTableDef]]:
+    """The agent API's server context ([tls] api: HTTPS, callers show a certificate of the
+    CA) and its access guard: tokens in `host-tokens.json`, `host-audit.log`, both next to
+    the cluster file."""
+    https = setup.tls_dir if setup.tls is not None and setup.tls.api else None
+    access = service_access(os.path.dirname(setup.path), setup.secret, "host", prefix="host-",
+                            metrics_open=setup.metrics_open)
+    return service_server(https), access

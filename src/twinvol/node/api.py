@@ -17,11 +17,11 @@ from aiohttp import web
 
 from twinvol import __version__
 from twinvol.access import TokenError, TokenStore
+from twinvol.api_tokens import token_routes
 from twinvol.audit import AuditLog
 from twinvol.cluster import NODE_HEADER
 from twinvol.faults.api import fault_routes
 from twinvol.httpapi import access_control, error_response, follow_lines
-from twinvol.node.api_tokens import token_routes
 from twinvol.sizes import SizeError, parse_size
 from twinvol.storage.volumes import Volume, VolumeError
 

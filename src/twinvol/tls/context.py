@@ -130,8 +130,11 @@ def api_contexts(cluster: ClusterConfig, node: str | None = None
 
 def use_for_urllib(cluster: ClusterConfig) -> None:
     """Make this process's urllib calls (the CLI, readiness probes) show the client
-    certificate and trust the cluster CA, when node APIs are HTTPS."""
+    certificate and trust the cluster CA, when any API is HTTPS."""
     _, client = api_contexts(cluster)
+    directory = cluster.tls_dir()
+    if client is None and cluster.https_apis and directory is not None:
+        client = client_context(directory)
     if client is not None:
         urllib.request.install_opener(
             urllib.request.build_opener(urllib.request.HTTPSHandler(context=client)))
