@@ -29,11 +29,18 @@ cluster file). With `[tls] api = true` the API is HTTPS and callers show a certi
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
-from twinvol.cluster import ClusterError, TlsConfig, http_url, read_toml, split_hostport
+from twinvol.cluster import (
+    ClusterError,
+    LimitsConfig,
+    TlsConfig,
+    http_url,
+    read_toml,
+    split_hostport,
+)
 from twinvol.faults.sinks import SinkConfig
 from twinvol.nbd.server_events import TlsMode
 
@@ -93,6 +100,7 @@ class HostSetup:
     cluster_name: str = "twinvol"
     tls: TlsConfig | None = None
     metrics_open: bool = False  # [cluster] metrics_open: /metrics without a read token
+    limits: LimitsConfig = field(default_factory=LimitsConfig)  # [limits], as on a node
 
     @property
     def tls_dir(self) -> str | None:
@@ -133,6 +141,7 @@ def load(path: str | None) -> HostSetup:
         config = msgspec.convert(raw["host"], HostConfig)
         nodes = msgspec.convert(raw.get("nodes", {}), dict[str, NodeAddr])
         tls = msgspec.convert(raw["tls"], TlsConfig) if "tls" in raw else None
+        limits = msgspec.convert(raw.get("limits", {}), LimitsConfig)
     except msgspec.ValidationError as e:
         raise ClusterError(f"cluster file {path}: {e}") from None
     section = raw.get("cluster", {})
@@ -172,7 +181,7 @@ def load(path: str | None) -> HostSetup:
         if node_addr.api_tls is None and tls is not None:
             node_addr.api_tls = tls.api
     setup = HostSetup(config, chosen, secret, path, str(name), tls,
-                      isinstance(section, dict) and section.get("metrics_open") is True)
+                      isinstance(section, dict) and section.get("metrics_open") is True, limits)
     if tls is None and (setup.client_tls is not TlsMode.OFF
                         or any(setup.node_tls(n) for n in chosen)):
         raise ClusterError(f"cluster file {path}: TLS on the host agent or its nodes needs a "

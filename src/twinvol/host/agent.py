@@ -41,7 +41,7 @@ from twinvol.host.paths import Clock, PathState, identity_diff
 from twinvol.host.relay import RelaySession, usable_for
 from twinvol.host.session import Session
 from twinvol.host.switching import Switching
-from twinvol.host.tls import api_access, api_session, apply_tls, plain_only
+from twinvol.host.tls import api_access, api_session, apply_tls, limited, plain_only
 from twinvol.nbd.guard import Guard
 from twinvol.nbd.server_events import ExportInfo
 from twinvol.tls.https import api_site
@@ -321,9 +321,11 @@ class Agent:
                                   f"{e.strerror}") from e
         self.nbd_port = self._server.sockets[0].getsockname()[1]
         if self.setup.socket is not None:
+            unix_guard = limited(self.setup, unix=True)
             try:
                 self._unix = await loop.create_unix_server(
-                    lambda: AgentProtocol(self), _claim_socket(self.setup.socket), backlog=256)
+                    lambda: AgentProtocol(self, unix_guard), _claim_socket(self.setup.socket),
+                    backlog=256)
             except OSError as e:
                 await self.stop()
                 raise AgentStartError(f"cannot listen for NBD on {self.setup.socket}: "
