@@ -32,10 +32,11 @@ def _view(t: Any) -> dict[str, Any]:
     return {"name": t.name, "scope": t.scope.value, "created": t.created}
 
 
-def token_routes(store: TokenStore, component: str) -> web.RouteTableDef:
+def token_routes(store: TokenStore, component: str, label: str = "") -> web.RouteTableDef:
     """GET/POST /api/v1/tokens and DELETE /api/v1/tokens/{name}; answers name the
-    component (`node`) so the CLI can say where."""
+    component (`node`), errors its `label` ("node A"), so the CLI can say where."""
     routes = web.RouteTableDef()
+    label = label or component
 
     @routes.get("/api/v1/tokens")
     async def list_tokens(_: web.Request) -> web.Response:
@@ -51,7 +52,7 @@ def token_routes(store: TokenStore, component: str) -> web.RouteTableDef:
                 return web.json_response({"node": component, **_view(old)})  # a retry
             if old is not None:
                 return error_response(409, "conflict", f"a token named {body.name!r} "
-                                      f"already exists on {component} (delete it first)")
+                                      f"already exists on {label} (delete it first)")
             tok = store.add(body.name, body.scope, body.hash)
         except (msgspec.DecodeError, TokenError) as e:
             return error_response(400, "invalid", str(e))
@@ -63,7 +64,7 @@ def token_routes(store: TokenStore, component: str) -> web.RouteTableDef:
         want = request.query.get("hash")
         tok = store.tokens.get(name)
         if want is not None and tok is not None and tok.hash != want:
-            return error_response(409, "conflict", f"token {name!r} on {component} is "
+            return error_response(409, "conflict", f"token {name!r} on {label} is "
                                   "another token than the one named (left alone)")
         try:
             store.remove(name)

@@ -65,6 +65,15 @@ def load_cluster(path: str | None) -> ClusterConfig:
         raise CliError(str(e)) from None
 
 
+class Unreachable(CliError):
+    """No answer. `maybe_done`: the request may have reached the component (not a
+    refused connection), so what it asked for may have been done there."""
+
+    def __init__(self, message: str, maybe_done: bool) -> None:
+        super().__init__(message)
+        self.maybe_done = maybe_done
+
+
 class ApiError(CliError):
     def __init__(self, message: str, status: int, code: str) -> None:
         super().__init__(message)
@@ -118,7 +127,8 @@ def call_json(cfg: ClusterConfig, url: str, method: str, body: dict[str, Any] | 
             raise ApiError(f"{prefix}HTTP {e.code} {e.reason}", e.code, "http") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise CliError(unreachable.format(url=url, reason=reason)) from None
+        raise Unreachable(unreachable.format(url=url, reason=reason),
+                          not isinstance(reason, ConnectionRefusedError)) from None
 
 
 def api(cfg: ClusterConfig, node: str, method: str, path: str,

@@ -85,7 +85,7 @@ def create(name: str = NameArg, scope: Scope = ScopeOpt, cluster: str = ClusterO
             _call(cfg, label, base + "/api/v1/tokens", "POST", body)
         except CliError as e:
             # An unanswered call may still have been done there: undo it too.
-            maybe = done if isinstance(e, ApiError) else [*done, (label, base)]
+            maybe = [*done, (label, base)] if getattr(e, "maybe_done", False) else done
             cleaned, stuck = _undo(cfg, maybe, name, body["hash"])
             msg = f"token {name} was not created: {e}"
             back = [c for c in cleaned if c in {lbl for lbl, _ in done}]

@@ -436,5 +436,5 @@ def make_app(node: Node) -> web.Application:
 
     app.add_routes(routes)
     app.add_routes(fault_routes(node))
-    app.add_routes(token_routes(store, node.name))
+    app.add_routes(token_routes(store, node.name, f"node {node.name}"))
     return app
