@@ -80,6 +80,7 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True):
     faults: dict[str, Any] | None = None  # overrides of [faults] for this node
     tls: TlsMode | None = None  # NBD TLS of this node (default: [tls] nbd)
     api_tls: bool | None = None  # its API is HTTPS (default: [tls] api)
+    tls_psk: str | None = None  # NBD TLS with pre-shared keys from this psktool file
 
     @property
     def peer_hostport(self) -> tuple[str, int]:
@@ -177,6 +178,10 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
         d = self.tls.dir
         return d if os.path.isabs(d) else os.path.join(os.path.dirname(self.path), d)
 
+    def relative(self, p: str) -> str:
+        """A path of the cluster file, resolved against its directory."""
+        return p if os.path.isabs(p) else os.path.join(os.path.dirname(self.path), p)
+
     def nbd_tls(self, name: str) -> TlsMode:
         """The NBD TLS mode of node `name`."""
         own = self.node(name).tls
@@ -267,7 +272,11 @@ def load(path: str | None) -> ClusterConfig:
         node = cfg.nodes[name]
         if node.api_tls is None and cfg.tls is not None and cfg.tls.api:
             node.api_tls = True
-        if (cfg.nbd_tls(name) is not TlsMode.OFF or node.api_tls) and cfg.tls is None:
+        if node.tls_psk and cfg.nbd_tls(name) is TlsMode.OFF:
+            raise ClusterError(f"cluster file {path}, node {name}: tls_psk needs tls = "
+                               "\"allow\" or \"require\"")
+        if ((cfg.nbd_tls(name) is not TlsMode.OFF and not node.tls_psk) or node.api_tls) \
+                and cfg.tls is None:
             raise ClusterError(f"cluster file {path}, node {name}: TLS (tls = "
                                f"\"{cfg.nbd_tls(name)}\", api_tls = {bool(node.api_tls)}) "
                                "needs a [tls] table with dir = the certificate directory "
@@ -377,7 +386,7 @@ def dump(cfg: ClusterConfig, path: str) -> None:
     elif data.get("faults"):
         data["faults"] = {k: v for k, v in data["faults"].items() if v is not None}
     for node in data["nodes"].values():
-        for key in ("peer", "faults", "tls", "api_tls"):
+        for key in ("peer", "faults", "tls", "api_tls", "tls_psk"):
             if node.get(key) is None or (key == "api_tls" and cfg.tls and cfg.tls.api):
                 node.pop(key, None)
     tmp = path + ".tmp"

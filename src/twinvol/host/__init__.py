@@ -69,6 +69,8 @@ class HostConfig(msgspec.Struct, forbid_unknown_fields=True):
     # NBD TLS towards clients (default: [tls] nbd); towards each node the agent follows
     # that node's mode. Either one on means the Python data path (the relay is plain TCP).
     tls: TlsMode | None = None
+    # TLS towards clients with pre-shared keys (a psktool file) instead of certificates.
+    tls_psk: str | None = None
 
 
 class NodeAddr(msgspec.Struct):
@@ -182,7 +184,10 @@ def load(path: str | None) -> HostSetup:
             node_addr.api_tls = tls.api
     setup = HostSetup(config, chosen, secret, path, str(name), tls,
                       isinstance(section, dict) and section.get("metrics_open") is True, limits)
-    if tls is None and (setup.client_tls is not TlsMode.OFF
+    if config.tls_psk and setup.client_tls is TlsMode.OFF:
+        raise ClusterError(f"cluster file {path}: [host] tls_psk needs tls = \"allow\" or "
+                           "\"require\"")
+    if tls is None and ((setup.client_tls is not TlsMode.OFF and not config.tls_psk)
                         or any(setup.node_tls(n) for n in chosen)):
         raise ClusterError(f"cluster file {path}: TLS on the host agent or its nodes needs a "
                            "[tls] table with dir = the certificate directory")

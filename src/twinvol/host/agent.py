@@ -303,7 +303,11 @@ class Agent:
             self._http = api_session(self.setup)
             self.links.update({n: HttpNodeLink(n, addr, self._http, self.setup.secret)
                                for n, addr in self.setup.nodes.items()})
-            self.guard = apply_tls(self.setup, self.links)
+            try:
+                self.guard = apply_tls(self.setup, self.links)
+            except ClusterError as e:  # certificates or PSK file that cannot be used
+                await self._close_http()
+                raise AgentStartError(str(e)) from None
             self.faults = HostFaults(self.setup.fault_log, self.config.sinks,
                                      self.setup.cluster_name)
         self.native = self.config.data_path == "native" and usable_for(len(self.links)) \

@@ -416,10 +416,9 @@ class AgentProtocol(asyncio.BufferedProtocol):
 
     async def _upgrade(self) -> None:
         raw = self.transport
-        assert raw is not None and self.guard.ssl is not None
+        assert raw is not None
         try:
-            tls = await self._loop.start_tls(raw, self, self.guard.ssl, server_side=True,
-                                             ssl_handshake_timeout=self.guard.negotiation_timeout)
+            tls = await self.guard.upgrade(raw, self)
         except (OSError, TimeoutError, ConnectionError, RuntimeError) as e:
             log.warning("nbd TLS handshake failed, connection dropped",
                         extra={"peer": self.peer, "reason": describe_tls_error(e)})

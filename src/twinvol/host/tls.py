@@ -12,12 +12,14 @@ import aiohttp
 from aiohttp import web
 
 from twinvol.api_tokens import service_access
+from twinvol.cluster import ClusterError
 from twinvol.host import HostSetup
 from twinvol.host.nodes import HttpNodeLink, NodeLink
 from twinvol.nbd.guard import Admission, Guard
 from twinvol.nbd.server_events import TlsMode
 from twinvol.tls.context import client_context, server_context
 from twinvol.tls.https import service_server
+from twinvol.tls.psk import PskContext, PskError
 
 
 def api_session(setup: HostSetup) -> aiohttp.ClientSession:
@@ -45,12 +47,18 @@ def apply_tls(setup: HostSetup, links: dict[str, NodeLink]) -> Guard:
     node link whose node wants NBD over TLS (the directory's client certificate)."""
     guard = limited(setup)
     directory = setup.tls_dir
+    if setup.config.tls_psk and setup.client_tls is not TlsMode.OFF:
+        try:
+            guard.psk = PskContext(setup._relative(setup.config.tls_psk))
+        except PskError as e:
+            raise ClusterError(str(e)) from None
+        guard.tls = setup.client_tls
     if directory is None:
         return guard
     for name, link in links.items():
         if isinstance(link, HttpNodeLink) and setup.node_tls(name):
             link.tls = client_context(directory)
-    if setup.client_tls is not TlsMode.OFF:
+    if setup.client_tls is not TlsMode.OFF and guard.psk is None:
         assert setup.tls is not None
         guard.tls = setup.client_tls
         guard.ssl = server_context(directory, verify_clients=setup.tls.verify_clients)

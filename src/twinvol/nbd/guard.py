@@ -19,6 +19,7 @@ from typing import Any
 from twinvol.nbd.constants import MAX_OPTIONS
 from twinvol.nbd.server import ServerConnection
 from twinvol.nbd.server_events import TlsMode
+from twinvol.tls.psk import PskContext, PskError
 
 
 @dataclass(slots=True)
@@ -59,6 +60,18 @@ class Guard:
     negotiation_timeout: float = 30.0  # seconds from accept to transmission (TLS included)
     max_options: int = MAX_OPTIONS
     admission: Admission = field(default_factory=Admission)
+    psk: PskContext | None = None  # TLS with pre-shared keys instead of `ssl`
+
+    async def upgrade(self, raw: asyncio.Transport, protocol: asyncio.BaseProtocol
+                      ) -> asyncio.Transport | None:
+        """STARTTLS on `raw` (reading paused) for `protocol`: X.509 with the loop's own
+        TLS, or PSK through a memory BIO (twinvol.tls.psk)."""
+        if self.psk is not None:
+            return await self.psk.start(raw, protocol, self.negotiation_timeout)
+        assert self.ssl is not None
+        return await asyncio.get_running_loop().start_tls(
+            raw, protocol, self.ssl, server_side=True,
+            ssl_handshake_timeout=self.negotiation_timeout)
 
     def connection(self, registry: Any) -> ServerConnection:
         """The sans-IO server side of a new connection under this guard."""
@@ -118,6 +131,8 @@ class Standing:
 def describe_tls_error(e: BaseException, other: str = "the client") -> str:
     """One clear line for a failed handshake, naming the side that did not trust whom
     (`other` is the far side: the client, the peer)."""
+    if isinstance(e, PskError):
+        return str(e)
     verify = getattr(e, "verify_message", None)
     if verify:
         return f"{other}'s certificate was refused: {verify}"
