@@ -2,7 +2,7 @@
 host agent, with the real clients: nbdinfo (`nbds://USER@HOST/EXPORT?tls-psk-file=F`),
 qemu-img and qemu-io (`--object tls-creds-psk`). Bytes written through PSK TLS read back;
 an unknown identity and a wrong key are refused with one clear log line; a plain client
-gets nothing from a `require` export."""
+gets nothing from a `require` export. The agent dials the PSK node with PSK as well."""
 
 from __future__ import annotations
 
@@ -22,25 +22,21 @@ pytestmark = pytest.mark.e2e
 MiB = 1 << 20
 
 
-@pytest.fixture(params=["node", "host"])
-def cluster(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[ClusterProc]:
-    """PSK on node A (no agent: the agent has no PSK client side), or on the host agent
-    in front of a plain node A."""
+@pytest.fixture
+def cluster(tmp_path: Any) -> Iterator[ClusterProc]:
+    """PSK on node A and on the host agent, which dials A with PSK too."""
     d = str(tmp_path)
-    on_host = request.param == "host"
-    c = ClusterProc(d, names=("A",), host=on_host)
+    c = ClusterProc(d, names=("A",), host=True)
     key = os.urandom(32).hex()
     for sub, lines in (("keys", f"alice:{key}\n"), ("other", f"bob:{key}\n"),
                        ("wrong", f"alice:{os.urandom(32).hex()}\n")):
         os.makedirs(os.path.join(d, sub))
         with open(os.path.join(d, sub, "keys.psk"), "w") as f:  # qemu's name in its dir
             f.write(lines)
-    if on_host:
-        assert c.cfg.host is not None
-        c.cfg.host.update({"tls": "require", "tls_psk": "keys/keys.psk"})
-    else:
-        c.cfg.nodes["A"].tls = TlsMode.REQUIRE
-        c.cfg.nodes["A"].tls_psk = "keys/keys.psk"
+    assert c.cfg.host is not None
+    c.cfg.host.update({"tls": "require", "tls_psk": "keys/keys.psk"})
+    c.cfg.nodes["A"].tls = TlsMode.REQUIRE
+    c.cfg.nodes["A"].tls_psk = "keys/keys.psk"
     c.rewrite()
     try:
         c.start()
@@ -75,8 +71,9 @@ def log_has(path: str, text: str, wait: float = 10.0) -> bool:
 
 def test_psk_on_node_and_host_agent(cluster: ClusterProc) -> None:
     c = cluster
-    servers = {"host": (str(c.cfg.host["nbd"]), os.path.join(c.dir, "host.log"))} \
-        if c.cfg.host else {"node": (c.cfg.node("A").nbd, os.path.join(c.dir, "A.log"))}
+    assert c.cfg.host is not None
+    servers = {"node": (c.cfg.node("A").nbd, os.path.join(c.dir, "A.log")),
+               "host": (str(c.cfg.host["nbd"]), os.path.join(c.dir, "host.log"))}
     for i, (name, (hostport, log)) in enumerate(servers.items()):
         keys = os.path.join(c.dir, "keys", "keys.psk")
         uri = f"nbds://alice@{hostport}/vol?tls-psk-file={keys}"
@@ -100,3 +97,6 @@ def test_psk_on_node_and_host_agent(cluster: ClusterProc) -> None:
                             "'alice' is not the one in keys.psk"), name
         p = run("nbdinfo", "--size", f"nbd://{hostport}/vol")
         assert p.returncode != 0 and "TLS" in p.stderr, (name, p.stderr)
+    # What the agent wrote reached node A over the agent's own PSK link.
+    p = qemu("qemu-io", c, c.cfg.node("A").nbd, "keys", "alice", "-c", "read -P 0x41 0 4M")
+    assert p.returncode == 0 and "read 4194304/4194304" in p.stdout, p.stdout

@@ -81,6 +81,7 @@ class NodeAddr(msgspec.Struct):
     api: str
     tls: TlsMode | None = None  # the node's own NBD TLS mode
     api_tls: bool | None = None  # its API is HTTPS (default: [tls] api)
+    tls_psk: str | None = None  # its NBD TLS uses pre-shared keys: the agent dials with these
 
     @property
     def nbd_hostport(self) -> tuple[str, int]:
@@ -188,7 +189,7 @@ def load(path: str | None) -> HostSetup:
         raise ClusterError(f"cluster file {path}: [host] tls_psk needs tls = \"allow\" or "
                            "\"require\"")
     if tls is None and ((setup.client_tls is not TlsMode.OFF and not config.tls_psk)
-                        or any(setup.node_tls(n) for n in chosen)):
+                        or any(setup.node_tls(n) and not chosen[n].tls_psk for n in chosen)):
         raise ClusterError(f"cluster file {path}: TLS on the host agent or its nodes needs a "
                            "[tls] table with dir = the certificate directory")
     return setup

@@ -19,7 +19,7 @@ from twinvol.nbd.guard import Admission, Guard
 from twinvol.nbd.server_events import TlsMode
 from twinvol.tls.context import client_context, server_context
 from twinvol.tls.https import service_server
-from twinvol.tls.psk import PskContext, PskError
+from twinvol.tls.psk import PskClientContext, PskContext, PskError
 
 
 def api_session(setup: HostSetup) -> aiohttp.ClientSession:
@@ -47,6 +47,13 @@ def apply_tls(setup: HostSetup, links: dict[str, NodeLink]) -> Guard:
     node link whose node wants NBD over TLS (the directory's client certificate)."""
     guard = limited(setup)
     directory = setup.tls_dir
+    for name, link in links.items():  # PSK nodes: the first identity of their key file
+        psk_file = setup.nodes[name].tls_psk
+        if isinstance(link, HttpNodeLink) and setup.node_tls(name) and psk_file:
+            try:
+                link.tls = PskClientContext(setup._relative(psk_file))
+            except PskError as e:
+                raise ClusterError(f"node {name}: {e}") from None
     if setup.config.tls_psk and setup.client_tls is not TlsMode.OFF:
         try:
             guard.psk = PskContext(setup._relative(setup.config.tls_psk))
@@ -56,7 +63,7 @@ def apply_tls(setup: HostSetup, links: dict[str, NodeLink]) -> Guard:
     if directory is None:
         return guard
     for name, link in links.items():
-        if isinstance(link, HttpNodeLink) and setup.node_tls(name):
+        if isinstance(link, HttpNodeLink) and setup.node_tls(name) and link.tls is None:
             link.tls = client_context(directory)
     if setup.client_tls is not TlsMode.OFF and guard.psk is None:
         assert setup.tls is not None

@@ -92,6 +92,49 @@ class PskContext:
         return link
 
 
+class PskClientContext:
+    """The client side: one identity and its key (the host agent dialing a PSK node)."""
+
+    def __init__(self, path: str, identity: str | None = None) -> None:
+        self.path = path
+        keys = load_keys(path)
+        self.identity = identity or next(iter(keys))
+        if self.identity not in keys:
+            raise PskError(f"PSK file {path} has no identity {self.identity!r}")
+        self.key = keys[self.identity]
+        self.refused: dict[int, str] = {}
+        self.asked: dict[int, str] = {}
+        ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.set_cipher_list(b"ECDHE-PSK:DHE-PSK:PSK")
+        self._callback = ffi.callback(
+            "unsigned int(SSL *, char *, char *, unsigned int, unsigned char *, unsigned int)",
+            self._give)
+        lib.SSL_CTX_set_psk_client_callback(ctx._context, self._callback)
+        self.ctx = ctx
+
+    def _give(self, ssl: Any, hint: Any, identity: Any, id_room: int, out: Any,
+              room: int) -> int:
+        name = self.identity.encode()
+        if len(name) + 1 > id_room or len(self.key) > room:
+            return 0
+        ffi.memmove(identity, name + b"\0", len(name) + 1)
+        ffi.memmove(out, self.key, len(self.key))
+        return len(self.key)
+
+    async def start(self, raw: asyncio.Transport, app: asyncio.BaseProtocol,
+                    timeout: float) -> PskTransport:
+        """Upgrade `raw` (reading paused) for `app` as the client."""
+        link = PskTransport(self, raw, app, client=True)
+        raw.set_protocol(link)
+        raw.resume_reading()
+        try:
+            await asyncio.wait_for(link.start(), timeout)
+        except TimeoutError:
+            raise TimeoutError("the TLS-PSK handshake did not finish in time") from None
+        return link
+
+
 class _Info:
     """What `get_extra_info("ssl_object")` offers of a PSK connection."""
 
@@ -105,12 +148,15 @@ class _Info:
 class PskTransport(asyncio.Transport, asyncio.BufferedProtocol):
     """The TLS transport an NBD protocol writes to, and the protocol of the raw one."""
 
-    def __init__(self, psk: PskContext, raw: asyncio.Transport,
-                 app: asyncio.BaseProtocol) -> None:
+    def __init__(self, psk: PskContext | PskClientContext, raw: asyncio.Transport,
+                 app: asyncio.BaseProtocol, client: bool = False) -> None:
         super().__init__()
         self.psk, self.raw, self.app = psk, raw, app
         self.conn = SSL.Connection(psk.ctx, None)
-        self.conn.set_accept_state()
+        if client:
+            self.conn.set_connect_state()
+        else:
+            self.conn.set_accept_state()
         self.key = int(ffi.cast("uintptr_t", self.conn._ssl))
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._in = bytearray(MAX_READ)
@@ -118,6 +164,11 @@ class PskTransport(asyncio.Transport, asyncio.BufferedProtocol):
         self._paused = False
         self._closed = False
         self._up = False  # the handshake succeeded: the app owns the connection
+
+    async def start(self) -> None:
+        """Client side: send the ClientHello, then wait for the handshake."""
+        self._handshake()
+        await self.ready
 
     # ---- the raw transport's protocol ------------------------------------
 
@@ -129,6 +180,12 @@ class PskTransport(asyncio.Transport, asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes) -> None:
         self.conn.bio_write(data)
+        if not self.ready.done():
+            self._handshake()
+        if self._up:
+            self._decrypt()
+
+    def _handshake(self) -> None:
         if not self.ready.done():
             try:
                 self.conn.do_handshake()
@@ -143,7 +200,6 @@ class PskTransport(asyncio.Transport, asyncio.BufferedProtocol):
             self._flush()
             self._up = True
             self.ready.set_result(None)
-        self._decrypt()
 
     def _why(self, e: SSL.Error) -> str:
         name = self.psk.asked.get(self.key)
@@ -189,8 +245,8 @@ class PskTransport(asyncio.Transport, asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         if not self.ready.done():
-            self.ready.set_exception(PskError("the client hung up during the TLS-PSK "
-                                              "handshake (wrong key?)"))
+            self.ready.set_exception(PskError("the other side hung up during the TLS-PSK "
+                                              "handshake (wrong key or identity?)"))
         if self._up:  # else the failed upgrade's caller cleans up
             self.app.connection_lost(exc)
 
