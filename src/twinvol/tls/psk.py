@@ -21,6 +21,7 @@ from OpenSSL._util import ffi, lib  # cryptography's OpenSSL bindings (PSK is th
 
 _LINE = re.compile(r"^([^:\s]+):([0-9a-fA-F]+)$")
 MAX_READ = 256 * 1024
+MAX_OUT = 1 << 20  # bytes taken from OpenSSL's outgoing BIO at once
 
 
 class PskError(OSError):
@@ -176,9 +177,9 @@ class PskTransport(asyncio.Transport, asyncio.BufferedProtocol):
         return memoryview(self._in)
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(self._in[:nbytes]))
+        self.data_received(memoryview(self._in)[:nbytes])
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         self.conn.bio_write(data)
         if not self.ready.done():
             self._handshake()
@@ -209,8 +210,14 @@ class PskTransport(asyncio.Transport, asyncio.BufferedProtocol):
                 f"one in {os.path.basename(self.psk.path)} ({e})")
 
     def _decrypt(self) -> None:
-        while True:
+        app = self.app
+        while not self._closed:  # after close() the app wants nothing more
             try:
+                if isinstance(app, asyncio.BufferedProtocol) and not self._pending \
+                        and not self._paused:
+                    n = self.conn.recv_into(app.get_buffer(-1))  # straight to the app
+                    app.buffer_updated(n)
+                    continue
                 self._pending += self.conn.recv(MAX_READ)
             except SSL.WantReadError:
                 break
@@ -259,23 +266,24 @@ class PskTransport(asyncio.Transport, asyncio.BufferedProtocol):
     # ---- the transport the app sees ----------------------------------------
 
     def _flush(self) -> None:
-        out = bytearray()
+        """Move what OpenSSL encrypted to the socket, one piece per read of its BIO."""
         while True:
             try:
-                out += self.conn.bio_read(MAX_READ)
+                out = self.conn.bio_read(MAX_OUT)
             except SSL.WantReadError:
-                break
-        if out and not self.raw.is_closing():
-            self.raw.write(bytes(out))
+                return
+            if not self.raw.is_closing():
+                self.raw.write(out)
 
     def write(self, data: Any) -> None:
-        if self._closed or self.raw.is_closing():
-            return
-        self.conn.sendall(bytes(data))
-        self._flush()
+        self.writelines((data,))
 
     def writelines(self, list_of_data: Any) -> None:
-        self.write(b"".join(bytes(d) for d in list_of_data))
+        if self._closed or self.raw.is_closing():
+            return
+        for data in list_of_data:
+            self.conn.sendall(data)  # into the memory BIO: it never blocks
+        self._flush()
 
     def can_write_eof(self) -> bool:
         return False
