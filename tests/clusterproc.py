@@ -90,7 +90,8 @@ class ClusterProc:
         self.sup.start("witness", twinvol_argv("witness", "run", "--cluster", self.path,
                                                "--takeover-after", str(self.takeover_after)),
                        os.path.join(self.dir, "witness.log"))
-        self.sup.wait_http("witness", f"http://{self.cfg.witness['addr']}/api/v1/health",
+        self.sup.wait_http("witness", self.cfg.service_url(str(self.cfg.witness["addr"]))
+                           + "/api/v1/health",
                            headers={"Authorization": f"Bearer {self.cfg.cluster.secret}"})
 
     def start(self, *names: str) -> None:
@@ -104,7 +105,8 @@ class ClusterProc:
         if not names and self.cfg.host is not None:
             self.sup.start("host", twinvol_argv("host", "run", "--cluster", self.path),
                            os.path.join(self.dir, "host.log"))
-            self.sup.wait_http("host", f"http://{self.cfg.host['api']}/api/v1/health")
+            self.sup.wait_http("host", self.cfg.service_url(str(self.cfg.host["api"]))
+                               + "/api/v1/health")
 
     def host_uri(self, export: str) -> str:
         assert self.cfg.host is not None

@@ -80,6 +80,7 @@ class NodeConfig(msgspec.Struct, forbid_unknown_fields=True):
     faults: dict[str, Any] | None = None  # overrides of [faults] for this node
     tls: TlsMode | None = None  # NBD TLS of this node (default: [tls] nbd)
     api_tls: bool | None = None  # its API is HTTPS (default: [tls] api)
+    tls_psk: str | None = None  # NBD TLS with pre-shared keys from this psktool file
 
     @property
     def peer_hostport(self) -> tuple[str, int]:
@@ -115,10 +116,11 @@ class VmHostConfig(msgspec.Struct, forbid_unknown_fields=True):
     memory: str = "4G"
     networks: dict[str, str] = msgspec.field(default_factory=dict)  # name -> "user"|"isolated"
     accel: str = "auto"      # "kvm", "tcg" or "auto" (KVM when usable)
+    api_tls: bool | None = None  # its API is HTTPS (default: [tls] api)
 
     @property
     def api_url(self) -> str:
-        return http_url(self.api)
+        return http_url(self.api, https=bool(self.api_tls))
 
 
 class ClusterSection(msgspec.Struct, forbid_unknown_fields=True):
@@ -176,6 +178,10 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
         d = self.tls.dir
         return d if os.path.isabs(d) else os.path.join(os.path.dirname(self.path), d)
 
+    def relative(self, p: str) -> str:
+        """A path of the cluster file, resolved against its directory."""
+        return p if os.path.isabs(p) else os.path.join(os.path.dirname(self.path), p)
+
     def nbd_tls(self, name: str) -> TlsMode:
         """The NBD TLS mode of node `name`."""
         own = self.node(name).tls
@@ -185,6 +191,15 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True):
 
     def vmhost(self, name: str) -> VmHostConfig:
         return self._entry(self.vmhosts, name, "hypervisor host", "vmhosts")
+
+    @property
+    def https_apis(self) -> bool:
+        """[tls] api: every HTTP API (nodes, host agent, witness, VM hosts) is HTTPS."""
+        return self.tls is not None and self.tls.api
+
+    def service_url(self, addr: str) -> str:
+        """The base URL of the host agent's or the witness's API at `addr`."""
+        return http_url(addr, https=self.https_apis)
 
 
 def split_hostport(value: str) -> tuple[str, int]:
@@ -249,12 +264,19 @@ def load(path: str | None) -> ClusterConfig:
             raise ClusterError(f"cluster file {path}, vmhost {name}: storage {vh.storage!r} "
                                "is neither a node nor \"host\" (with a [host] table)")
     cfg.path = path
+    for vh in cfg.vmhosts.values():
+        if vh.api_tls is None and cfg.https_apis:
+            vh.api_tls = True
     for name in cfg.nodes:
         cfg.fault_config(name)
         node = cfg.nodes[name]
         if node.api_tls is None and cfg.tls is not None and cfg.tls.api:
             node.api_tls = True
-        if (cfg.nbd_tls(name) is not TlsMode.OFF or node.api_tls) and cfg.tls is None:
+        if node.tls_psk and cfg.nbd_tls(name) is TlsMode.OFF:
+            raise ClusterError(f"cluster file {path}, node {name}: tls_psk needs tls = "
+                               "\"allow\" or \"require\"")
+        if ((cfg.nbd_tls(name) is not TlsMode.OFF and not node.tls_psk) or node.api_tls) \
+                and cfg.tls is None:
             raise ClusterError(f"cluster file {path}, node {name}: TLS (tls = "
                                f"\"{cfg.nbd_tls(name)}\", api_tls = {bool(node.api_tls)}) "
                                "needs a [tls] table with dir = the certificate directory "
@@ -356,12 +378,15 @@ def dump(cfg: ClusterConfig, path: str) -> None:
             data.pop(key, None)
     if not data.get("vmhosts"):
         data.pop("vmhosts", None)
+    for vh in data.get("vmhosts", {}).values():
+        if vh.get("api_tls") is None or cfg.https_apis:
+            vh.pop("api_tls", None)
     if data.get("faults") == msgspec.to_builtins(FaultConfig()):
         data.pop("faults", None)
     elif data.get("faults"):
         data["faults"] = {k: v for k, v in data["faults"].items() if v is not None}
     for node in data["nodes"].values():
-        for key in ("peer", "faults", "tls", "api_tls"):
+        for key in ("peer", "faults", "tls", "api_tls", "tls_psk"):
             if node.get(key) is None or (key == "api_tls" and cfg.tls and cfg.tls.api):
                 node.pop(key, None)
     tmp = path + ".tmp"

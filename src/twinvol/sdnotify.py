@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import threading
 import time
 import urllib.error
@@ -33,8 +34,10 @@ def notify(state: str) -> bool:
 
 
 def ready_when_answering(url: str, secret: str | None = None, what: str = "",
-                         timeout: float = 300.0) -> threading.Thread | None:
-    """Under systemd (Type=notify), send READY=1 once `url` answers 200; else nothing."""
+                         timeout: float = 300.0, context: ssl.SSLContext | None = None
+                         ) -> threading.Thread | None:
+    """Under systemd (Type=notify), send READY=1 once `url` answers 200; else nothing.
+    `context`: the client side of an HTTPS API (its CA and client certificate)."""
     if not os.environ.get(ENV):
         return None
     headers = {"Authorization": f"Bearer {secret}"} if secret else {}
@@ -44,7 +47,7 @@ def ready_when_answering(url: str, secret: str | None = None, what: str = "",
         while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
-                                            timeout=2) as r:
+                                            timeout=2, context=context) as r:
                     if r.status == 200:
                         notify(f"READY=1\nSTATUS={what or 'serving'} at {url}")
                         return

@@ -27,7 +27,9 @@ C_FAULTS = {"capacity_quota": "64M", "capacity_warn": 0.5, "capacity_critical": 
 
 def host_get(c: ClusterProc, path: str) -> Any:
     assert c.cfg.host is not None
-    with urllib.request.urlopen(f"http://{c.cfg.host['api']}{path}", timeout=10) as r:
+    req = urllib.request.Request(f"http://{c.cfg.host['api']}{path}",
+                                 headers={"Authorization": f"Bearer {c.cfg.cluster.secret}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())
 
 

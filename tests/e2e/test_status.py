@@ -84,7 +84,7 @@ def metrics(url: str, secret: str | None = None) -> dict[str, float]:
 
 def test_metrics_of_host_agent_and_nodes(cluster: ClusterProc) -> None:
     assert cluster.cfg.host is not None
-    host = metrics(f"http://{cluster.cfg.host['api']}")
+    host = metrics(f"http://{cluster.cfg.host['api']}", cluster.cfg.cluster.secret)
     assert host[f'twinvol_build_info{{component="host",version="{__version__}"}}'] == 1.0
     states = {k: v for k, v in host.items()
               if k.startswith('twinvol_host_path_state{export="p1",node="A"')}

@@ -229,7 +229,9 @@ def test_refusals_leave_the_table_unchanged(one: ClusterProc) -> None:
 
 def _agent_status(c: ClusterProc) -> dict[str, Any]:
     assert c.cfg.host is not None
-    with urllib.request.urlopen(f"http://{c.cfg.host['api']}/api/v1/status", timeout=10) as r:
+    req = urllib.request.Request(f"http://{c.cfg.host['api']}/api/v1/status",
+                                 headers={"Authorization": f"Bearer {c.cfg.cluster.secret}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())  # type: ignore[no-any-return]
 
 

@@ -35,6 +35,7 @@ def test_up_tls_json_and_clients(tmp_path: object) -> None:
         uri = ready["volumes"]["demo"]
         assert uri == host.replace("/?", "/demo?")
         assert ready["nodes"]["A"]["nbd"].startswith("nbds://")
+        assert ready["host"]["api"].startswith("https://127.0.0.1:")  # every API is HTTPS
         size = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True,
                               check=True, timeout=60).stdout
         assert int(size) == 1 << 30

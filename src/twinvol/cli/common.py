@@ -65,6 +65,15 @@ def load_cluster(path: str | None) -> ClusterConfig:
         raise CliError(str(e)) from None
 
 
+class Unreachable(CliError):
+    """No answer. `maybe_done`: the request may have reached the component (not a
+    refused connection), so what it asked for may have been done there."""
+
+    def __init__(self, message: str, maybe_done: bool) -> None:
+        super().__init__(message)
+        self.maybe_done = maybe_done
+
+
 class ApiError(CliError):
     def __init__(self, message: str, status: int, code: str) -> None:
         super().__init__(message)
@@ -89,6 +98,12 @@ def check_node(expect: str | None, url: str, headers: Any) -> None:
                         "with `twinvol config check`)")
 
 
+def auth_headers(cfg: ClusterConfig) -> dict[str, str]:
+    """The caller's credential: $TWINVOL_TOKEN, else the cluster secret (admin)."""
+    token = os.environ.get(TOKEN_ENV) or cfg.cluster.secret
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def call_json(cfg: ClusterConfig, url: str, method: str, body: dict[str, Any] | None,
               timeout: float, *, prefix: str, unreachable: str,
               expect_node: str | None = None) -> Any:
@@ -97,10 +112,7 @@ def call_json(cfg: ClusterConfig, url: str, method: str, body: dict[str, Any] | 
     CliError(`unreachable`, with the URL and the reason); an answer from another node than
     `expect_node` becomes WrongNode."""
     data = None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"}
-    token = os.environ.get(TOKEN_ENV) or cfg.cluster.secret
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
+    headers = {"Content-Type": "application/json", **auth_headers(cfg)}
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -115,7 +127,8 @@ def call_json(cfg: ClusterConfig, url: str, method: str, body: dict[str, Any] | 
             raise ApiError(f"{prefix}HTTP {e.code} {e.reason}", e.code, "http") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise CliError(unreachable.format(url=url, reason=reason)) from None
+        raise Unreachable(unreachable.format(url=url, reason=reason),
+                          not isinstance(reason, ConnectionRefusedError)) from None
 
 
 def api(cfg: ClusterConfig, node: str, method: str, path: str,

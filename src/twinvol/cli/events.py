@@ -19,12 +19,13 @@ from twinvol.cli.common import (
     JsonOpt,
     NodeOpt,
     api,
+    auth_headers,
     check_node,
     console,
     emit_json,
     load_cluster,
 )
-from twinvol.cluster import ClusterConfig, http_url
+from twinvol.cluster import ClusterConfig
 
 _STYLE = {"critical": "bold red", "error": "red", "warning": "yellow", "info": "green"}
 
@@ -35,7 +36,7 @@ def _host_url(cfg: ClusterConfig) -> str:
     if not isinstance(addr, str):
         raise CliError(f"cluster file {cfg.path} has no [host] api address; the host agent "
                        "receives the fault reports (or use --node NAME for a node's events)")
-    return http_url(addr)
+    return cfg.service_url(addr)
 
 
 def _open(url: str, headers: dict[str, str], what: str, timeout: float) -> Any:
@@ -109,15 +110,16 @@ def events(
     else:
         base = _host_url(cfg)
         if not follow:
-            with _open(f"{base}/api/v1/faults?since={since}", {}, "the host agent", 10) as r:
+            with _open(f"{base}/api/v1/faults?since={since}", auth_headers(cfg), "the host agent",
+                       10) as r:
                 body = json.loads(r.read())
             if json_out:
                 emit_json(body)
                 return
             _table(body["faults"])
             return
-        stream = _open(f"{base}/api/v1/faults?follow=1&since={since}", {}, "the host agent",
-                       10)
+        stream = _open(f"{base}/api/v1/faults?follow=1&since={since}", auth_headers(cfg),
+                       "the host agent", 10)
         key, show = "hseq", None
     with stream:
         while True:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import ssl
 import urllib.error
 import urllib.request
 from typing import Any
@@ -11,8 +13,9 @@ import typer
 from rich.table import Table
 
 from twinvol import logs, sdnotify
-from twinvol.cli.common import CliError, ClusterOpt, JsonOpt, console, emit_json
-from twinvol.cluster import ClusterError, http_url, split_hostport
+from twinvol.cli.common import TOKEN_ENV, CliError, ClusterOpt, JsonOpt, console, emit_json
+from twinvol.cluster import ClusterError, http_url
+from twinvol.tls.https import service_client
 
 app = typer.Typer(help="Run and inspect the host agent (multipath NBD proxy).",
                   no_args_is_help=True)
@@ -27,6 +30,15 @@ def _setup(cluster: str | None) -> Any:
         raise CliError(str(e)) from None
 
 
+def _api(setup: Any) -> tuple[str, ssl.SSLContext | None]:
+    """The agent API's base URL, and the client context when it is HTTPS ([tls] api)."""
+    https = setup.tls_dir if setup.tls is not None and setup.tls.api else None
+    try:
+        return http_url(setup.config.api, https=https is not None), service_client(https)
+    except ClusterError as e:
+        raise CliError(str(e)) from None
+
+
 @app.command()
 def run(cluster: str = ClusterOpt) -> None:
     """Run the host agent in the foreground (stops on SIGTERM/SIGINT)."""
@@ -35,8 +47,8 @@ def run(cluster: str = ClusterOpt) -> None:
 
     setup = _setup(cluster)
     logs.setup("host")
-    sdnotify.ready_when_answering(f"{http_url(setup.config.api)}/api/v1/health",
-                                  what="host agent")
+    base, ctx = _api(setup)
+    sdnotify.ready_when_answering(f"{base}/api/v1/health", what="host agent", context=ctx)
     try:
         run_agent(setup)
     except AgentStartError as e:
@@ -47,10 +59,13 @@ def run(cluster: str = ClusterOpt) -> None:
 def status(cluster: str = ClusterOpt, json_out: bool = JsonOpt) -> None:
     """Show the host agent's exports, paths and counters."""
     setup = _setup(cluster)
-    host, port = split_hostport(setup.config.api)
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/api/v1/status"
+    base, ctx = _api(setup)
+    url = f"{base}/api/v1/status"
+    token = os.environ.get(TOKEN_ENV) or setup.secret
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"}
+                                 if token else {})
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
             st = json.loads(r.read())
     except (urllib.error.URLError, OSError) as e:
         raise CliError(f"host agent ({url}) is not reachable: {getattr(e, 'reason', e)}; is "

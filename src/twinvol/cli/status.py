@@ -24,7 +24,7 @@ from twinvol.cli.common import (
     emit_json,
     load_cluster,
 )
-from twinvol.cluster import ClusterConfig, http_url
+from twinvol.cluster import ClusterConfig
 from twinvol.health import Judgement, Seen, judge
 from twinvol.sizes import human_size
 
@@ -51,7 +51,7 @@ def _component(cfg: ClusterConfig, addr: Any, path: str, what: str) -> dict[str,
     if not isinstance(addr, str):
         return None
     try:
-        return dict(call_json(cfg, http_url(addr) + path, "GET", None, TIMEOUT,
+        return dict(call_json(cfg, cfg.service_url(addr) + path, "GET", None, TIMEOUT,
                               prefix=f"{what}: ",
                               unreachable=f"{what} ({{url}}) is not reachable: {{reason}}")
                     or {})

@@ -22,21 +22,20 @@ from twinvol.cli.common import (
     JsonOpt,
     NodeOpt,
     api,
+    auth_headers,
     collect,
     console,
     emit_json,
     load_cluster,
     warn_unreachable,
 )
-from twinvol.cluster import ClusterConfig, http_url
+from twinvol.cluster import ClusterConfig
 
 
 def _agent(cfg: ClusterConfig, body: dict[str, Any]) -> dict[str, Any]:
     assert cfg.host is not None
-    url = http_url(str(cfg.host["api"])) + "/api/v1/switch"
-    headers = {"Content-Type": "application/json"}
-    if cfg.cluster.secret:
-        headers["Authorization"] = f"Bearer {cfg.cluster.secret}"
+    url = cfg.service_url(str(cfg.host["api"])) + "/api/v1/switch"
+    headers = {"Content-Type": "application/json", **auth_headers(cfg)}
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                  headers=headers)
     try:

@@ -168,7 +168,8 @@ def up(
             sup.start("witness", twinvol_argv("witness", "run", "--cluster", path),
                       os.path.join(directory, "logs", "witness.log"))
             try:
-                sup.wait_http("witness", f"http://{cfg.witness['addr']}/api/v1/health",
+                sup.wait_http("witness",
+                              cfg.service_url(str(cfg.witness["addr"])) + "/api/v1/health",
                               headers={"Authorization": f"Bearer {cfg.cluster.secret}"})
             except RuntimeError as e:
                 raise CliError(f"the witness failed to start: {e}") from None
@@ -203,7 +204,7 @@ def up(
             sup.start("host", twinvol_argv("host", "run", "--cluster", path),
                       os.path.join(directory, "logs", "host.log"))
             try:
-                sup.wait_http("host", f"http://{cfg.host['api']}/api/v1/health")
+                sup.wait_http("host", cfg.service_url(str(cfg.host["api"])) + "/api/v1/health")
             except RuntimeError as e:
                 raise CliError(f"the host agent failed to start: {e}") from None
         dash_addr = f"127.0.0.1:{free_ports(1)[0]}"  # the read-only page: a new port each run
@@ -284,7 +285,8 @@ def _ready(cfg: ClusterConfig, sup: Supervisor, path: str, first: str,
                     if cfg.witness and etcd is None else None),
         "etcd": ({"endpoints": etcd.endpoints, "pids": etcd.pids(sup)} if etcd else None),
         "host": ({"pid": sup.components["host"].pid, "nbd": f"nbd://{cfg.host['nbd']}/",
-                  "api": f"http://{cfg.host['api']}", "socket": sock} if cfg.host else None),
+                  "api": cfg.service_url(str(cfg.host["api"])), "socket": sock}
+                 if cfg.host else None),
         "volumes": {DEMO_VOLUME: (f"nbd://{cfg.host['nbd']}/{DEMO_VOLUME}" if cfg.host
                                   else cfg.node(first).nbd_uri(DEMO_VOLUME))},
         # the same volumes through the host agent's Unix socket (local clients)

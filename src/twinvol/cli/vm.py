@@ -22,6 +22,7 @@ from twinvol.cli.common import (
 )
 from twinvol.cluster import ClusterConfig
 from twinvol.sizes import format_size
+from twinvol.tls.https import service_client
 
 app = typer.Typer(help="Virtual machines on hypervisor hosts: define, start, stop, migrate.",
                   no_args_is_help=True)
@@ -71,8 +72,10 @@ def host_run(cluster: str = ClusterOpt,
     cfg = load_cluster(cluster)
     cfg.vmhost(name)
     logs.setup(f"vmhost-{name}")
-    sdnotify.ready_when_answering(cfg.vmhost(name).api_url + "/api/v1/health",
-                                  cfg.cluster.secret, what=f"hypervisor host {name}")
+    sdnotify.ready_when_answering(
+        cfg.vmhost(name).api_url + "/api/v1/health", cfg.cluster.secret,
+        what=f"hypervisor host {name}",
+        context=service_client(cfg.tls_dir() if cfg.https_apis else None))
     try:
         run(cfg, name)
     except VmError as e:

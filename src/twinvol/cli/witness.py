@@ -10,7 +10,8 @@ import typer
 
 from twinvol import logs, sdnotify
 from twinvol.cli.common import CliError, ClusterOpt, JsonOpt, console, emit_json
-from twinvol.cluster import ClusterError
+from twinvol.cluster import ClusterError, http_url
+from twinvol.tls.https import service_client
 from twinvol.witness.logic import DEFAULT_TAKEOVER_AFTER
 
 app = typer.Typer(help="Run the witness that decides which side of a broken pair writes.",
@@ -47,8 +48,9 @@ def run(
                        f"({', '.join(settings.config.endpoints)}): there is no witness "
                        "process to run; the nodes ask etcd directly")
     logs.setup("witness")
-    sdnotify.ready_when_answering(f"{settings.config.url}/api/v1/health", settings.secret,
-                                  what="witness")
+    sdnotify.ready_when_answering(
+        http_url(settings.config.addr, https=settings.tls_dir is not None) + "/api/v1/health",
+        settings.secret, what="witness", context=service_client(settings.tls_dir))
     try:
         run_witness(settings, takeover_after)
     except WitnessStartError as e:
@@ -104,7 +106,7 @@ async def _status(settings: Any) -> dict[str, Any]:
             raise CliError(f"etcd witness: {e}") from None
         finally:
             await w.close()
-    w = HttpWitness(cfg.addr, settings.secret)
+    w = HttpWitness(cfg.addr, settings.secret, ssl=service_client(settings.tls_dir))
     try:
         st = await w.status()
         return {"backend": "builtin", "addr": cfg.addr, "pid": st["pid"],

@@ -20,17 +20,27 @@ Configuration is the `[host]` table of the cluster file::
     type = "webhook"             # or "command" (command = [argv]); min_severity = "error"
     url = "http://127.0.0.1:9000/hook"
 
-`[cluster] secret`, when set, is sent to the nodes' APIs as a bearer token.
+`[cluster] secret`, when set, is sent to the nodes' APIs as a bearer token, and the
+agent's own API wants it (admin) or a scoped token (`twinvol token create`; hashes in
+`host-tokens.json`, calls that change something in `host-audit.log`, both next to the
+cluster file). With `[tls] api = true` the API is HTTPS and callers show a certificate.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
-from twinvol.cluster import ClusterError, TlsConfig, http_url, read_toml, split_hostport
+from twinvol.cluster import (
+    ClusterError,
+    LimitsConfig,
+    TlsConfig,
+    http_url,
+    read_toml,
+    split_hostport,
+)
 from twinvol.faults.sinks import SinkConfig
 from twinvol.nbd.server_events import TlsMode
 
@@ -59,6 +69,8 @@ class HostConfig(msgspec.Struct, forbid_unknown_fields=True):
     # NBD TLS towards clients (default: [tls] nbd); towards each node the agent follows
     # that node's mode. Either one on means the Python data path (the relay is plain TCP).
     tls: TlsMode | None = None
+    # TLS towards clients with pre-shared keys (a psktool file) instead of certificates.
+    tls_psk: str | None = None
 
 
 class NodeAddr(msgspec.Struct):
@@ -69,6 +81,7 @@ class NodeAddr(msgspec.Struct):
     api: str
     tls: TlsMode | None = None  # the node's own NBD TLS mode
     api_tls: bool | None = None  # its API is HTTPS (default: [tls] api)
+    tls_psk: str | None = None  # its NBD TLS uses pre-shared keys: the agent dials with these
 
     @property
     def nbd_hostport(self) -> tuple[str, int]:
@@ -89,6 +102,8 @@ class HostSetup:
     path: str
     cluster_name: str = "twinvol"
     tls: TlsConfig | None = None
+    metrics_open: bool = False  # [cluster] metrics_open: /metrics without a read token
+    limits: LimitsConfig = field(default_factory=LimitsConfig)  # [limits], as on a node
 
     @property
     def tls_dir(self) -> str | None:
@@ -129,6 +144,7 @@ def load(path: str | None) -> HostSetup:
         config = msgspec.convert(raw["host"], HostConfig)
         nodes = msgspec.convert(raw.get("nodes", {}), dict[str, NodeAddr])
         tls = msgspec.convert(raw["tls"], TlsConfig) if "tls" in raw else None
+        limits = msgspec.convert(raw.get("limits", {}), LimitsConfig)
     except msgspec.ValidationError as e:
         raise ClusterError(f"cluster file {path}: {e}") from None
     section = raw.get("cluster", {})
@@ -167,9 +183,13 @@ def load(path: str | None) -> HostSetup:
     for node_addr in chosen.values():
         if node_addr.api_tls is None and tls is not None:
             node_addr.api_tls = tls.api
-    setup = HostSetup(config, chosen, secret, path, str(name), tls)
-    if tls is None and (setup.client_tls is not TlsMode.OFF
-                        or any(setup.node_tls(n) for n in chosen)):
+    setup = HostSetup(config, chosen, secret, path, str(name), tls,
+                      isinstance(section, dict) and section.get("metrics_open") is True, limits)
+    if config.tls_psk and setup.client_tls is TlsMode.OFF:
+        raise ClusterError(f"cluster file {path}: [host] tls_psk needs tls = \"allow\" or "
+                           "\"require\"")
+    if tls is None and ((setup.client_tls is not TlsMode.OFF and not config.tls_psk)
+                        or any(setup.node_tls(n) and not chosen[n].tls_psk for n in chosen)):
         raise ClusterError(f"cluster file {path}: TLS on the host agent or its nodes needs a "
                            "[tls] table with dir = the certificate directory")
     return setup

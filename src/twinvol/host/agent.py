@@ -29,7 +29,8 @@ import aiohttp
 from aiohttp import web
 
 from twinvol import __version__
-from twinvol.cluster import split_hostport
+from twinvol.access import TokenError
+from twinvol.cluster import ClusterError, split_hostport
 from twinvol.faults.host import HostFaults
 from twinvol.host import UNIX_PATH_MAX, HostSetup, latency
 from twinvol.host.api import make_app
@@ -40,9 +41,10 @@ from twinvol.host.paths import Clock, PathState, identity_diff
 from twinvol.host.relay import RelaySession, usable_for
 from twinvol.host.session import Session
 from twinvol.host.switching import Switching
-from twinvol.host.tls import api_session, apply_tls, plain_only
+from twinvol.host.tls import api_access, api_session, apply_tls, limited, plain_only
 from twinvol.nbd.guard import Guard
 from twinvol.nbd.server_events import ExportInfo
+from twinvol.tls.https import api_site
 
 log = logging.getLogger("twinvol.host")
 
@@ -301,7 +303,11 @@ class Agent:
             self._http = api_session(self.setup)
             self.links.update({n: HttpNodeLink(n, addr, self._http, self.setup.secret)
                                for n, addr in self.setup.nodes.items()})
-            self.guard = apply_tls(self.setup, self.links)
+            try:
+                self.guard = apply_tls(self.setup, self.links)
+            except ClusterError as e:  # certificates or PSK file that cannot be used
+                await self._close_http()
+                raise AgentStartError(str(e)) from None
             self.faults = HostFaults(self.setup.fault_log, self.config.sinks,
                                      self.setup.cluster_name)
         self.native = self.config.data_path == "native" and usable_for(len(self.links)) \
@@ -319,19 +325,26 @@ class Agent:
                                   f"{e.strerror}") from e
         self.nbd_port = self._server.sockets[0].getsockname()[1]
         if self.setup.socket is not None:
+            unix_guard = limited(self.setup, unix=True)
             try:
                 self._unix = await loop.create_unix_server(
-                    lambda: AgentProtocol(self), _claim_socket(self.setup.socket), backlog=256)
+                    lambda: AgentProtocol(self, unix_guard), _claim_socket(self.setup.socket),
+                    backlog=256)
             except OSError as e:
                 await self.stop()
                 raise AgentStartError(f"cannot listen for NBD on {self.setup.socket}: "
                                       f"{e.strerror or e}") from e
+        try:  # a real agent (not given its links by a test) guards its API with tokens
+            ctx, access = api_access(self.setup) if self._given_links is None else (None, None)
+        except (ClusterError, TokenError) as e:
+            await self.stop()
+            raise AgentStartError(str(e)) from None
         app = make_app(nbd=self.config.nbd, secret=self.setup.secret, report=self.status,
-                       switches=self.switching, faults=self.faults)
+                       switches=self.switching, faults=self.faults, access=access)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                      shutdown_timeout=STOP_WAIT)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, ahost, aport, reuse_address=True)
+        site = api_site(self._runner, ahost, aport, ctx, "host agent")
         try:
             await site.start()
         except OSError as e:

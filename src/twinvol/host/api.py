@@ -14,9 +14,12 @@ from twinvol.httpapi import bearer_ok, unauthorized
 
 
 def make_app(*, nbd: str, secret: str | None, report: Callable[[], dict[str, Any]],
-             switches: Switching, faults: HostFaults | None) -> web.Application:
-    """The API of one host agent; `report` builds its status document."""
-    app = web.Application()
+             switches: Switching, faults: HostFaults | None,
+             access: tuple[Any, web.RouteTableDef] | None = None) -> web.Application:
+    """The API of one host agent; `report` builds its status document. `access`: the
+    scoped-token guard and token routes (api_tokens.service_access); without it (an agent
+    built by a test) only the switch command needs the cluster secret."""
+    app = web.Application(middlewares=[access[0]] if access else [])
     routes = web.RouteTableDef()
 
     @routes.get("/api/v1/health")
@@ -37,7 +40,7 @@ def make_app(*, nbd: str, secret: str | None, report: Callable[[], dict[str, Any
     @routes.post("/api/v1/switch")
     async def switch(request: web.Request) -> web.Response:
         """The host's switch command: {"export", "to"} or {"export", "back": true}."""
-        if not bearer_ok(request, secret):
+        if access is None and not bearer_ok(request, secret):
             return unauthorized()
         try:
             body = await request.json()
@@ -59,6 +62,8 @@ def make_app(*, nbd: str, secret: str | None, report: Callable[[], dict[str, Any
         return web.json_response({"switching": switches.table})
 
     app.add_routes(routes)
+    if access is not None:
+        app.add_routes(access[1])
     if faults is not None:
         app.add_routes(faults.routes())
     return app

@@ -27,8 +27,8 @@ from twinvol.host.relay import RelaySession
 from twinvol.host.session import Session
 from twinvol.nbd.client_events import Completed
 from twinvol.nbd.constants import IHAVEOPT, MAX_OPTION_DATA, NEED_DATA, Cmd, Opt
-from twinvol.nbd.guard import Guard, describe_tls_error
-from twinvol.nbd.server import Phase, ServerConnection
+from twinvol.nbd.guard import Guard, Standing, describe_tls_error
+from twinvol.nbd.server import Phase
 from twinvol.nbd.server_events import Disconnect, ExportInfo, Ready, Request, StartTls
 
 log = logging.getLogger("twinvol.host")
@@ -47,14 +47,10 @@ class AgentSide(Protocol):
     than an import: the agent module imports this one)."""
 
     connections: set[AgentProtocol]
-
     async def resolve(self, name: str, *, connect: bool, peer: str = ""
                       ) -> tuple[ExportInfo | None, Session | None]: ...
-
     async def list_exports(self) -> list[ExportInfo]: ...
-
     def register(self, session: Session) -> None: ...
-
     def unregister(self, session: Session) -> None: ...
 
 
@@ -98,7 +94,8 @@ class AgentProtocol(asyncio.BufferedProtocol):
         self.agent = agent
         self.exports = _ConnExports()
         self.guard = guard or Guard()
-        self.conn = ServerConnection(self.exports, tls=self.guard.tls)
+        self.conn = self.guard.connection(self.exports)
+        self._standing = Standing(self.guard, log)  # the node's limits (nbd/guard.py)
         self._tls_pending = False  # STARTTLS acknowledged, handshake running
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -126,8 +123,9 @@ class AgentProtocol(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+        if not self._standing.admit(transport):
+            return
+        self.peer = self._standing.peer
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family != socket.AF_UNIX:
             with contextlib.suppress(OSError):
@@ -174,6 +172,7 @@ class AgentProtocol(asyncio.BufferedProtocol):
         if self._handed_over:
             return  # only our descriptor closed; the relay has the connection
         self._closed = True
+        self._standing.release()
         self.agent.connections.discard(self)
         if self._resolving is not None:
             self._resolving.cancel()
@@ -319,6 +318,7 @@ class AgentProtocol(asyncio.BufferedProtocol):
 
     def _ready(self, ev: Ready) -> None:
         self._transmission = True
+        self._standing.negotiated()
         session = self.candidates.pop(ev.export.name, None)
         for other in self.candidates.values():
             other.close()
@@ -371,11 +371,11 @@ class AgentProtocol(asyncio.BufferedProtocol):
     def _relay_closed(self, reason: str, error: bool) -> None:
         """The relay's client connection ended (the session is closed already)."""
         self._closed = True
+        self._standing.release()
         self.agent.connections.discard(self)
         if self.session is not None:
             self.agent.unregister(self.session)
-        log.info("client disconnected", extra={"peer": self.peer, "reason": reason,
-                                               "error": error})
+        log.info("client disconnected", extra={"peer": self.peer, "reason": reason, "error": error})
 
     # ---- transmission ---------------------------------------------------
 
@@ -416,10 +416,9 @@ class AgentProtocol(asyncio.BufferedProtocol):
 
     async def _upgrade(self) -> None:
         raw = self.transport
-        assert raw is not None and self.guard.ssl is not None
+        assert raw is not None
         try:
-            tls = await self._loop.start_tls(raw, self, self.guard.ssl, server_side=True,
-                                             ssl_handshake_timeout=self.guard.negotiation_timeout)
+            tls = await self.guard.upgrade(raw, self)
         except (OSError, TimeoutError, ConnectionError, RuntimeError) as e:
             log.warning("nbd TLS handshake failed, connection dropped",
                         extra={"peer": self.peer, "reason": describe_tls_error(e)})

@@ -15,6 +15,7 @@ import aiohttp
 import msgspec
 
 from twinvol.host import NodeAddr
+from twinvol.tls.psk import PskClientContext
 
 
 class NodeUnreachable(Exception):
@@ -69,7 +70,7 @@ class HttpNodeLink:
         self.name = name
         self.addr = addr
         self.nbd = addr.nbd_hostport
-        self.tls: ssl.SSLContext | None = None  # NBD TLS towards this node, if it wants it
+        self.tls: ssl.SSLContext | PskClientContext | None = None  # NBD TLS to this node
         self.base = addr.api_url
         self.session = session
         self.headers = {"Authorization": f"Bearer {secret}"} if secret else {}

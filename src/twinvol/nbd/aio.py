@@ -22,9 +22,9 @@ from typing import Protocol
 
 from twinvol import clock
 from twinvol.nbd.constants import NEED_DATA, Cmd, Err
-from twinvol.nbd.guard import Guard, describe_tls_error
+from twinvol.nbd.guard import Guard, Standing, describe_tls_error
 from twinvol.nbd.iostats import SAMPLE_MASK, IoStats, VolumeIo
-from twinvol.nbd.server import FAST_ZERO, FUA, NO_HOLE, REQ_ONE, ServerConnection
+from twinvol.nbd.server import FAST_ZERO, FUA, NO_HOLE, REQ_ONE
 from twinvol.nbd.server_events import (
     Disconnect,
     ExportInfo,
@@ -94,9 +94,8 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         self.executor = executor
         self.connections = connections
         self.guard = guard = guard if guard is not None else Guard()
-        self.conn = ServerConnection(registry, tls=guard.tls, max_options=guard.max_options)
-        self._host: str | None = None  # counted in guard.admission while set
-        self._deadline: asyncio.TimerHandle | None = None
+        self.conn = guard.connection(registry)
+        self._standing = Standing(guard, log)  # counted, and timed until negotiated
         self._tls_early: bytearray | None = None  # bytes that came in during the handshake
         self.transport: asyncio.Transport | None = None
         self.backend: Backend | None = None
@@ -126,25 +125,16 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        host = str(peer[0]) if isinstance(peer, tuple) else self.peer
-        refused = self.guard.admission.admit(host)
-        if refused is not None:
-            log.warning("nbd connection refused", extra={"peer": self.peer, "reason": refused})
+        if not self._standing.admit(transport, self._too_slow):
             self._closing = True
-            self.transport.abort()  # type: ignore[union-attr]
             return
-        self._host = host
-        self._deadline = self._loop.call_later(self.guard.negotiation_timeout, self._too_slow)
+        self.peer = self._standing.peer
         self.connections[self] = None
         transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
 
     def _too_slow(self) -> None:
-        if self.export is None and self.transport is not None:
-            log.warning("nbd negotiation timed out, connection dropped",
-                        extra={"peer": self.peer, "timeout": self.guard.negotiation_timeout})
-            self._closing = True
+        self._closing = True
+        if self.transport is not None:
             self.transport.abort()
 
     def _start_tls(self) -> None:
@@ -157,10 +147,9 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
 
     async def _handshake(self) -> None:
         raw = self.transport
-        assert raw is not None and self.guard.ssl is not None
+        assert raw is not None
         try:
-            tls = await self._loop.start_tls(raw, self, self.guard.ssl, server_side=True,
-                                             ssl_handshake_timeout=self.guard.negotiation_timeout)
+            tls = await self.guard.upgrade(raw, self)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError, RuntimeError) as e:
             log.warning("nbd TLS handshake failed, connection dropped",
                         extra={"peer": self.peer, "reason": describe_tls_error(e)})
@@ -211,11 +200,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.pop(self, None)
         self._closing = True
-        if self._deadline is not None:
-            self._deadline.cancel()
-        if self._host is not None:
-            self.guard.admission.release(self._host)
-            self._host = None
+        self._standing.release()
         if self.export is not None:
             self.registry.detach(self.export)
             self.export = None
@@ -297,8 +282,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
             replies.clear()
 
     def _ready(self, ev: Ready) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
+        self._standing.negotiated()
         self.export = ev.export
         self._vio = self.stats.volume(ev.export.name)
         self._set_backend(self.registry.attach(ev.export))

@@ -35,10 +35,12 @@ from twinvol.nbd.client_events import (
     TlsReady,
 )
 from twinvol.nbd.constants import Cmd, Err, Rep, TxFlag
+from twinvol.tls.psk import PskClientContext
 
 log = logging.getLogger("twinvol.nbd.client")
 
 SCRATCH_SIZE = 256 * 1024
+PSK_TIMEOUT = 30.0  # seconds for a TLS-PSK handshake
 DIRECT_RECV = 16 * 1024  # read data at least this big is received in place
 
 Result = Completed | BaseException
@@ -124,7 +126,8 @@ class NbdClient:
     """One NBD connection to one export."""
 
     def __init__(self, export: str, *, structured: bool = True,
-                 meta_context: bool = False, tls: ssl.SSLContext | None = None) -> None:
+                 meta_context: bool = False,
+                 tls: ssl.SSLContext | PskClientContext | None = None) -> None:
         self.conn = ClientConnection(export, structured=structured, meta_context=meta_context,
                                      tls=tls is not None)
         self._tls = tls
@@ -149,7 +152,7 @@ class NbdClient:
     @classmethod
     async def connect(cls, host: str, port: int, export: str, *, structured: bool = True,
                       meta_context: bool = False, timeout: float = 10.0,
-                      tls: ssl.SSLContext | None = None) -> NbdClient:
+                      tls: ssl.SSLContext | PskClientContext | None = None) -> NbdClient:
         """Connect and negotiate (with `tls`: NBD_OPT_STARTTLS first, the server's
         certificate checked for `host`); raises NegotiationError, ConnectionLost, OSError
         (ssl.SSLError too) or TimeoutError."""
@@ -251,8 +254,12 @@ class NbdClient:
         assert raw is not None and self._loop is not None and self._tls is not None
         raw.pause_reading()
         try:
-            tls = await self._loop.start_tls(raw, raw.get_protocol(), self._tls,
-                                             server_hostname=self._host)
+            if isinstance(self._tls, PskClientContext):  # pre-shared keys: a memory BIO
+                tls: asyncio.Transport | None = await self._tls.start(
+                    raw, raw.get_protocol(), PSK_TIMEOUT)
+            else:
+                tls = await self._loop.start_tls(raw, raw.get_protocol(), self._tls,
+                                                 server_hostname=self._host)
         except (OSError, ConnectionError) as e:
             if self._ready is not None and not self._ready.done():
                 self._ready.set_exception(e)

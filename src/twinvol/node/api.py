@@ -16,11 +16,11 @@ from aiohttp import web
 
 from twinvol import __version__, clock
 from twinvol.access import TokenError, TokenStore
+from twinvol.api_tokens import token_routes
 from twinvol.audit import AuditLog
 from twinvol.cluster import NODE_HEADER
 from twinvol.faults.api import fault_routes
 from twinvol.httpapi import access_control, error_response, follow_lines
-from twinvol.node.api_tokens import token_routes
 from twinvol.sizes import SizeError, parse_size
 from twinvol.storage.volumes import Volume, VolumeError
 
@@ -435,5 +435,5 @@ def make_app(node: Node) -> web.Application:
 
     app.add_routes(routes)
     app.add_routes(fault_routes(node))
-    app.add_routes(token_routes(store, node.name))
+    app.add_routes(token_routes(store, node.name, f"node {node.name}"))
     return app

@@ -31,6 +31,7 @@ from twinvol.replication.manager import ReplicationManager
 from twinvol.storage.catalog import VolumeRecord
 from twinvol.storage.volumes import Volume, VolumeError, VolumeManager
 from twinvol.tls.context import api_contexts, nbd_guard
+from twinvol.tls.https import api_site
 
 
 class NodeStartError(Exception):
@@ -228,8 +229,8 @@ class Node:
             await self._runner.setup()
             ahost, aport = self.config.api_hostport
             try:
-                await web.TCPSite(self._runner, ahost, aport, reuse_address=True,
-                                  ssl_context=api_contexts(self.cluster, self.name)[0]).start()
+                ctx = api_contexts(self.cluster, self.name)[0]
+                await api_site(self._runner, ahost, aport, ctx, f"node {self.name}").start()
             except OSError as e:
                 raise NodeStartError(f"cannot listen for the API on {ahost}:{aport}: "
                                      f"{e.strerror}") from e

@@ -15,6 +15,7 @@ from twinvol.cluster import ClusterConfig, ClusterError
 from twinvol.nbd.guard import Admission, Guard
 from twinvol.nbd.server_events import TlsMode
 from twinvol.tls.certs import CA_CERT, NODE_PREFIX
+from twinvol.tls.psk import PskContext, PskError
 
 
 def _server_files(directory: str, node: str | None) -> tuple[str, str]:
@@ -63,12 +64,18 @@ def nbd_guard(cluster: ClusterConfig, node: str) -> Guard:
     """The NBD listener policy of `node` from the cluster file's [tls] and [limits]."""
     limits = cluster.limits
     mode = cluster.nbd_tls(node)
-    ctx = None
+    ctx = psk = None
     directory = cluster.tls_dir()
-    if mode is not TlsMode.OFF:
+    psk_file = cluster.node(node).tls_psk
+    if mode is not TlsMode.OFF and psk_file:
+        try:
+            psk = PskContext(cluster.relative(psk_file))
+        except PskError as e:
+            raise ClusterError(str(e)) from None
+    elif mode is not TlsMode.OFF:
         assert directory is not None and cluster.tls is not None  # checked by cluster.load
         ctx = server_context(directory, node=node, verify_clients=cluster.tls.verify_clients)
-    return Guard(tls=mode, ssl=ctx, negotiation_timeout=limits.nbd_negotiation_timeout,
+    return Guard(tls=mode, ssl=ctx, psk=psk, negotiation_timeout=limits.nbd_negotiation_timeout,
                  max_options=limits.nbd_max_options,
                  admission=Admission(limits.nbd_max_connections, limits.nbd_max_per_client))
 
@@ -130,8 +137,11 @@ def api_contexts(cluster: ClusterConfig, node: str | None = None
 
 def use_for_urllib(cluster: ClusterConfig) -> None:
     """Make this process's urllib calls (the CLI, readiness probes) show the client
-    certificate and trust the cluster CA, when node APIs are HTTPS."""
+    certificate and trust the cluster CA, when any API is HTTPS."""
     _, client = api_contexts(cluster)
+    directory = cluster.tls_dir()
+    if client is None and cluster.https_apis and directory is not None:
+        client = client_context(directory)
     if client is not None:
         urllib.request.install_opener(
             urllib.request.build_opener(urllib.request.HTTPSHandler(context=client)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from typing import Any
 
@@ -11,8 +12,12 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from twinvol.cluster import ClusterConfig, split_hostport
-from twinvol.httpapi import bearer_auth, error_response
+from twinvol.access import TokenError
+from twinvol.api_tokens import service_access
+from twinvol.cluster import ClusterConfig, ClusterError, split_hostport
+from twinvol.httpapi import error_response
+from twinvol.tls.context import api_contexts
+from twinvol.tls.https import api_site, service_client, service_server
 from twinvol.vm.manager import Incoming, Manager
 from twinvol.vm.migration import MigrateOptions
 from twinvol.vm.spec import SpecError, from_dict
@@ -42,8 +47,16 @@ async def _json(request: web.Request, kind: type[Any]) -> Any:
 
 
 def make_app(m: Manager) -> web.Application:
-    app = web.Application(middlewares=[bearer_auth(m.cfg.cluster.secret), _errors],
-                          client_max_size=256 << 20)
+    """The manager's API: the cluster secret (admin) or a scoped token (hashes in
+    DATA_DIR/tokens.json), each call that changes something in DATA_DIR/audit.log."""
+    os.makedirs(m.data_dir, exist_ok=True)
+    try:
+        guard, token_api = service_access(m.data_dir, m.cfg.cluster.secret, f"vmhost {m.name}",
+                                          metrics_open=m.cfg.cluster.metrics_open)
+    except TokenError as e:
+        raise VmError(str(e)) from None
+    app = web.Application(middlewares=[guard, _errors], client_max_size=256 << 20)
+    app.add_routes(token_api)
     r = web.RouteTableDef()
 
     @r.get("/api/v1/health")
@@ -123,11 +136,18 @@ def make_app(m: Manager) -> web.Application:
 async def serve(cfg: ClusterConfig, name: str) -> None:
     m = Manager(cfg, name)
     m.load_definitions()
-    m.calls.session = aiohttp.ClientSession()
+    directory = m.cfg.tls_dir() if m.cfg.https_apis else None
+    try:
+        server_ctx = service_server(directory if m.host.api_tls else None)
+        client_ctx = api_contexts(m.cfg)[1] or service_client(directory)
+    except ClusterError as e:
+        raise VmError(str(e)) from None
+    m.calls.session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=client_ctx) if client_ctx else None)
     runner = web.AppRunner(make_app(m), access_log=None, handle_signals=False)
     await runner.setup()
     host, port = split_hostport(m.host.api)
-    site = web.TCPSite(runner, host, port)
+    site = api_site(runner, host, port, server_ctx, f"vmhost {m.name}")
     try:
         await site.start()
     except OSError as e:

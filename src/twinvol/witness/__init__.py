@@ -29,7 +29,7 @@ from typing import Any
 
 import msgspec
 
-from twinvol.cluster import ClusterError, http_url, read_toml, split_hostport
+from twinvol.cluster import ClusterError, TlsConfig, http_url, read_toml, split_hostport
 
 MIN_LEASE_TTL = 2  # etcd's own floor with its default election timeout
 
@@ -124,6 +124,7 @@ class WitnessSettings:
     config: WitnessConfig
     nodes: tuple[str, ...]
     secret: str | None
+    tls_dir: str | None = None  # [tls] api: the API is HTTPS with client certificates
 
     @property
     def data_dir(self) -> str:
@@ -165,7 +166,18 @@ def witness_settings(cluster_path: str | None) -> WitnessSettings:
     secret = section.get("secret") if isinstance(section, dict) else None
     if secret is not None and (not isinstance(secret, str) or not secret):
         raise ClusterError(f"cluster file {path}: [cluster] secret must be a non-empty string")
-    return WitnessSettings(path, cfg, tuple(sorted(nodes)), secret)
+    return WitnessSettings(path, cfg, tuple(sorted(nodes)), secret, https_dir(path, raw))
+
+
+def https_dir(path: str, raw: dict[str, Any]) -> str | None:
+    """The certificate directory when the cluster file's [tls] api is on, else None."""
+    try:
+        tls = msgspec.convert(raw["tls"], TlsConfig) if "tls" in raw else None
+    except msgspec.ValidationError as e:
+        raise ClusterError(f"cluster file {path}, [tls]: {e}") from None
+    if tls is None or not tls.api:
+        return None
+    return tls.dir if os.path.isabs(tls.dir) else os.path.join(os.path.dirname(path), tls.dir)
 
 
 def table_config(table: dict[str, Any], cluster_path: str) -> WitnessConfig:
@@ -173,5 +185,5 @@ def table_config(table: dict[str, Any], cluster_path: str) -> WitnessConfig:
     return _config(cluster_path, {"witness": table}).resolve(cluster_path)
 
 
-__all__ = ["Backend", "WitnessConfig", "WitnessSettings", "table_config", "witness_config",
-           "witness_settings"]
+__all__ = ["Backend", "WitnessConfig", "WitnessSettings", "https_dir", "table_config",
+           "witness_config", "witness_settings"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from ssl import SSLContext
 from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
@@ -66,10 +67,11 @@ class HttpWitness:
     """`Witness` over the builtin witness's HTTP API, with short timeouts."""
 
     def __init__(self, addr: str, secret: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, ssl: SSLContext | None = None) -> None:
         host, port = split_hostport(addr)
         self.addr = addr
-        self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        self.ssl = ssl  # HTTPS with this client context ([tls] api)
+        self.url = f"{'https' if ssl else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.headers = {"Authorization": f"Bearer {secret}"} if secret else {}
         self._session: aiohttp.ClientSession | None = None
@@ -82,7 +84,9 @@ class HttpWitness:
 
     def _sess(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self.timeout, headers=self.headers)
+            self._session = aiohttp.ClientSession(
+                timeout=self.timeout, headers=self.headers,
+                connector=aiohttp.TCPConnector(ssl=self.ssl) if self.ssl else None)
         return self._session
 
     async def close(self) -> None:

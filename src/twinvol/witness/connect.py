@@ -7,9 +7,11 @@ lone copies from serving when its etcd lease runs out.
 
 from __future__ import annotations
 
+from ssl import SSLContext
 from typing import Any
 
 from twinvol.cluster import ClusterConfig, ClusterError
+from twinvol.tls.https import service_client
 from twinvol.witness import Backend, table_config
 from twinvol.witness.client import HttpWitness, Witness, WitnessError
 
@@ -55,7 +57,8 @@ def witness_for(cluster: ClusterConfig, mgr: Any) -> Witness | None:
         if not cluster.witness.get("addr"):
             raise
         # An older table the builtin witness itself still accepts.
-        return HttpWitness(str(cluster.witness["addr"]), cluster.cluster.secret or None)
+        return HttpWitness(str(cluster.witness["addr"]), cluster.cluster.secret or None,
+                           ssl=_https(cluster, mgr))
     if cfg.backend is Backend.ETCD:
         from twinvol.witness.etcd import EtcdWitness
 
@@ -63,7 +66,15 @@ def witness_for(cluster: ClusterConfig, mgr: Any) -> Witness | None:
             return EtcdWitness(cfg, cluster.cluster.name, cluster.nodes, ManagerGate(mgr))
         except WitnessError as e:  # the TLS files
             raise ClusterError(f"cluster file {cluster.path}, [witness]: {e}") from None
-    return HttpWitness(cfg.addr, cluster.cluster.secret or None)
+    return HttpWitness(cfg.addr, cluster.cluster.secret or None, ssl=_https(cluster, mgr))
+
+
+def _https(cluster: ClusterConfig, mgr: Any) -> SSLContext | None:
+    """[tls] api: the node shows its own certificate to the witness's HTTPS API."""
+    if not cluster.https_apis:
+        return None
+    return service_client(cluster.tls_dir(), node=getattr(getattr(mgr, "node", None),
+                                                           "name", None))
 
 
 __all__ = ["ManagerGate", "witness_for"]

@@ -23,7 +23,11 @@ import msgspec
 from aiohttp import web
 
 from twinvol import __version__
-from twinvol.httpapi import bearer_auth, error_response
+from twinvol.access import TokenError
+from twinvol.api_tokens import service_access
+from twinvol.cluster import ClusterError
+from twinvol.httpapi import error_response
+from twinvol.tls.https import api_site, service_server
 from twinvol.witness import WitnessSettings
 from twinvol.witness.logic import (
     DEFAULT_TAKEOVER_AFTER,
@@ -155,11 +159,19 @@ class WitnessServer:
                                f"{e.strerror}; no decision was made") from None
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(make_app(self), access_log=None, handle_signals=False)
+        try:
+            app = make_app(self)
+        except TokenError as e:
+            raise WitnessStartError(str(e)) from None
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         host, port = self.settings.config.hostport
         try:
-            await web.TCPSite(self._runner, host, port, reuse_address=True).start()
+            ctx = service_server(self.settings.tls_dir)
+        except ClusterError as e:
+            raise WitnessStartError(str(e)) from None
+        try:
+            await api_site(self._runner, host, port, ctx, "witness").start()
         except OSError as e:
             raise WitnessStartError(f"cannot listen on {host}:{port}: {e.strerror}") from e
         for pair in self.arbiter.unknown_holders():
@@ -168,7 +180,8 @@ class WitnessServer:
         log.info("witness serving", extra={"addr": self.settings.config.addr, "pid": os.getpid(),
                                            "holds": len(self.arbiter.holds),
                                            "takeover_after": self.arbiter.takeover_after,
-                                           "auth": self.settings.secret is not None})
+                                           "auth": self.settings.secret is not None,
+                                           "https": ctx is not None})
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -192,8 +205,10 @@ async def _body(request: web.Request, kind: type[Any]) -> Any:
 
 def make_app(server: WitnessServer) -> web.Application:
     arbiter = server.arbiter
-    # Every call needs the secret, the health probe too (it tells the witness's state).
-    auth = bearer_auth(server.settings.secret, open_paths=())
+    # Every call needs a credential, the health probe too (it tells the witness's state):
+    # the cluster secret (admin, what nodes send) or a scoped token; changes are audited.
+    auth, token_api = service_access(server.data_dir, server.settings.secret, "witness",
+                                     open_paths=())
 
     @web.middleware
     async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -266,6 +281,7 @@ def make_app(server: WitnessServer) -> web.Application:
         return web.json_response({"pair": body.pair, "released": released, "holder": None})
 
     app.add_routes(routes)
+    app.add_routes(token_api)
     return app
 
 
