@@ -26,7 +26,7 @@ def test_many_seeds_of_the_real_code_find_nothing() -> None:
     assert all(r.ops > 500 for r in results)
     kinds = {f.split()[1] for r in results for f in r.faults}
     assert {"kill", "pause", "cut_peer", "isolate", "kill_witness", "one_way_to_peer",
-            "kill_far", "pause_far", "cut_far", "power", "power_far"} <= kinds
+            "kill_far", "pause_far", "cut_far", "power", "power_far", "read_errors"} <= kinds
     assert all(r.far_samples > 50 for r in results)  # C's copy was looked at, often
 
 

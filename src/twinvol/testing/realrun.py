@@ -54,7 +54,7 @@ TAKEOVER_AFTER = 2.0
 PAIR, VOLUME = "p", "v"
 FAULTS = ("kill", "pause", "cut_peer", "cut_witness", "isolate", "pause_witness",
           "kill_witness", "cut_host", "one_way_to_peer", "one_way_to_witness",
-          "one_way_from_witness", "power")
+          "one_way_from_witness", "power", "read_errors")
 FAR_FAULTS = ("kill_far", "pause_far", "cut_far", "power_far")
 SAMPLE_EVERY = 0.1   # how often C's copy is looked at while it says it is consistent
 
@@ -218,6 +218,10 @@ class RealRun:
         self.disks.power_loss(name)
         self.note(f"power loss {name}: {self.disks.lost - before} unsynced writes lost or torn")
 
+    def read_errors(self, name: str, on: bool) -> None:
+        (self.disks.failing.add if on else self.disks.failing.discard)(name)
+        self.note(f"{name}'s volume reads {'fail' if on else 'work again'}")
+
     def pause(self, name: str, on: bool) -> None:
         loop = self.world.loops.get(name)
         if loop is not None:
@@ -295,6 +299,9 @@ class RealRun:
                 name = "W" if fault == "kill_witness" else node
                 at(t, self.power if fault.startswith("power") else self.kill, name)
                 at(t + span, self.start, name)
+            elif fault == "read_errors":
+                at(t, self.read_errors, node, True)
+                at(t + span, self.read_errors, node, False)
             elif fault in ("pause", "pause_far", "pause_witness"):
                 name = "W" if fault == "pause_witness" else node
                 at(t, self.pause, name, True)

@@ -6,7 +6,8 @@ wraps those calls: a write to a file under a machine's directory is remembered a
 unsynced (with the bytes it replaced) until that file is synced. `power_loss(machine)`
 then puts every such file back to its last synced content and lets each unsynced write
 survive whole, not at all, or torn after a random number of 512-byte sectors, as a disk
-may (drawn from the world's seed).
+may (drawn from the world's seed). `failing` machines get EIO for every read of their
+volumes' data (a disk with bad sectors), as `os.pread` reports it.
 
 Not covered (taken as durable): the SQLite catalog (its own file I/O, in C), files
 written with `open()` (markers, the witness's state file), preallocation and hole
@@ -16,6 +17,7 @@ punching, and directory entries.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import random
@@ -40,6 +42,7 @@ class Disks:
         self.unsynced: dict[str, list[_Write]] = {}   # path -> writes since its last sync
         self._paths: dict[int, str | None] = {}
         self.lost = 0   # writes dropped or torn by power losses (for the trace)
+        self.failing: set[str] = set()   # machines whose volume reads fail with EIO
         self._real = (os.pwrite, os.writev, os.fsync, os.fdatasync, os.close, os.pread)
 
     # -- the wrapped calls --
@@ -60,6 +63,14 @@ class Disks:
         size = os.fstat(fd).st_size
         old = self._real[5](fd, n, offset) if offset < size else b""
         self.unsynced.setdefault(path, []).append(_Write(offset, b"", old, size))
+
+    def pread(self, fd: int, n: int, offset: int) -> bytes:
+        if self.failing:
+            path = self._path(fd)
+            if path is not None and any(path.startswith(self.roots[m] + "volumes" + os.sep)
+                                        for m in self.failing):
+                raise OSError(errno.EIO, "Input/output error (simulated bad sector)")
+        return self._real[5](fd, n, offset)
 
     def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
         self._remember(fd, offset, len(data))
@@ -100,7 +111,7 @@ class Disks:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[Disks]:
-        names = ("pwrite", "writev", "fsync", "fdatasync", "close")
+        names = ("pwrite", "writev", "fsync", "fdatasync", "close", "pread")
         for name in names:
             setattr(os, name, getattr(self, name))
         try:
