@@ -277,8 +277,10 @@ class RealRun:
             await asyncio.sleep(0.1)
 
     def plan(self) -> list[Fault]:
-        """The nemesis's random schedule: one fault at a time, with gaps."""
-        rng = self.world.rng
+        """The nemesis's random schedule: one fault at a time, with gaps. Drawn from its
+        own generator, so a seed run with this plan given explicitly (`go(plan)`) is
+        the same run: a failing seed's plan can be kept as a scenario."""
+        rng = random.Random(f"plan-{self.seed}")
         t = self.world.now + 1.0
         end = self.world.now + self.duration
         out = []
