@@ -35,15 +35,6 @@ def _retrieve(f: asyncio.Future[Message]) -> None:
         f.exception()
 
 
-def _raise_first(done: set[asyncio.Future[Message]]) -> None:
-    """Raise the first failure among `done`, having looked at every one (the others
-    fail for the same reason; asyncio would log each as never retrieved)."""
-    errors = [f.exception() for f in done if not f.cancelled()]
-    for e in errors:
-        if e is not None:
-            raise e
-
-
 class Copier:
     def __init__(self, mgr: ManagerPort, remote: CopyFeedPort) -> None:
         self.mgr = mgr
@@ -57,7 +48,9 @@ class Copier:
         rec.copy_source = self.mgr.node.name
         rec.copy_total = pr.dirty.count()
         self.mgr.save(pr)
-        inflight: set[asyncio.Future[Message]] = set()
+        # In send order (a list, not a set: replies come in order on the ordered link,
+        # and waiting in one order every run lets the simulator replay a seed).
+        inflight: list[asyncio.Future[Message]] = []
         # Spans (first chunk, count) sent since the last checkpoint: bits cleared once acked.
         sent: list[tuple[int, int]] = []
         pace = Pace()
@@ -77,14 +70,14 @@ class Copier:
                 pos = first + count
                 pr.copied_bytes += nbytes
                 sent.append((first, count))
-                inflight.add(fut)
+                inflight.append(fut)
                 if len(inflight) >= COPY_WINDOW:
-                    done, inflight = await asyncio.wait(inflight,
-                                                        return_when=asyncio.FIRST_COMPLETED)
-                    _raise_first(done)
+                    await inflight[0]   # the oldest; a failure raises (the rest: below)
+                    while inflight and inflight[0].done():
+                        inflight.pop(0).result()
                 if len(sent) >= CURSOR_EVERY:
                     await self.checkpoint(pr, inflight, sent)
-                    inflight = set()
+                    inflight = []
                 if len(sent) % PACE_EVERY == 0:
                     wait = pace.delay(rec.copy_rate, pr.copied_bytes, clock.monotonic())
                     if wait:
@@ -150,7 +143,7 @@ class Copier:
         return link.request(dm.encode(dm.Copy(pr.rec.name, off=off, length=n, j=j)),
                             store.pread(off, n)), 1, n, data_end
 
-    async def checkpoint(self, pr: PairRuntime, inflight: set[asyncio.Future[Message]],
+    async def checkpoint(self, pr: PairRuntime, inflight: list[asyncio.Future[Message]],
                           sent: list[tuple[int, int]]) -> None:
         """Wait for acks, then durably record the progress (bits and cursor)."""
         if inflight:
