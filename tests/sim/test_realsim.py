@@ -61,3 +61,25 @@ def test_a_far_copy_missing_records_is_found(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(FarTarget, "apply_record", skip_some)
     broken = [run_real(seed, 8) for seed in range(1, 4)]
     assert all(any("not a prefix" in f for f in r.findings.far) for r in broken)
+
+
+# Found by seeds 7000-7199 (7 of them) before the far site synced its journal ahead of
+# applying records: a power loss at C kept a later record's data in its volume while
+# losing an earlier one (7189: C said consistent, holding torn blocks), or lost records
+# it had applied so that the group stayed suspended (7049). Kept as scenarios: each
+# fails on that code.
+POWER_AT_C = {
+    7049: [(1.0, "kill_witness", "B", 2.734), (6.175, "read_errors", "A", 1.897),
+           (10.634, "power_far", "C", 1.867), (14.39, "one_way_to_peer", "B", 2.927),
+           (18.372, "kill_far", "C", 2.994)],
+    7189: [(1.0, "kill_witness", "A", 1.946), (3.639, "power_far", "C", 2.089),
+           (7.568, "cut_peer", "B", 1.791), (11.402, "one_way_from_witness", "A", 0.935),
+           (13.528, "cut_peer", "B", 1.024), (17.047, "read_errors", "A", 0.869),
+           (18.574, "kill_far", "C", 2.351)],
+}
+
+
+@pytest.mark.parametrize("seed", sorted(POWER_AT_C))
+def test_power_losses_at_the_far_site_keep_its_copy_a_prefix(seed: int) -> None:
+    r = run_real(seed, plan=[Fault(*f) for f in POWER_AT_C[seed]])
+    assert r.ok, r.line() + "\n" + "\n".join(r.findings.far + r.findings.other)
