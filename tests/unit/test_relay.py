@@ -155,8 +155,8 @@ def _drain(s: socket.socket) -> bytes:
 
 @contextmanager
 def rig(*, structured: bool = True, meta: bool = True, read_only: bool = False,
-        paths: int = 1, ctx: int = 1, **tuning: int) -> Iterator[Rig]:
-    relay = relay_mod._relay.Relay(SIZE, **tuning)
+        paths: int = 1, ctx: int = 1, size: int = SIZE, **tuning: int) -> Iterator[Rig]:
+    relay = relay_mod._relay.Relay(size, **tuning)
     c_test, c_relay = socket.socketpair()
     socks = []
     try:
@@ -352,6 +352,108 @@ def test_large_write_and_read_pass_through_intact() -> None:
         (c,) = parse_replies(got, {2: len(big)})
         assert isinstance(c, Chunk) and c.cookie == 2 and c.type == Reply.OFFSET_DATA
         assert c.payload[8:] == big
+
+
+def stream(r: Rig, msg: bytes, path: int = 0, *, until: int | None = None) -> bytes:
+    """Send `msg` from the client as its socket takes it, letting the relay read and send
+    on, and return what reached the node on `path` until nothing more comes (or, with
+    until=N, once N bytes came, leaving the rest in the relay and the node's socket)."""
+    view = memoryview(msg)
+    r.client.setblocking(False)
+    sock = r.paths[path]
+    sock.setblocking(False)
+    got = bytearray()
+    for _ in range(100_000):
+        if view:
+            with contextlib.suppress(BlockingIOError):
+                view = view[r.client.send(view):]
+        r.ev(r.relay.client_readable())
+        if r.relay.path_fd(path) >= 0:
+            r.ev(r.relay.writable(r.relay.path_fd(path)))
+        n = len(got)
+        with contextlib.suppress(BlockingIOError):
+            got += sock.recv(256 * 1024 if until is not None else 1 << 20)
+        if until is not None and len(got) >= until:
+            break
+        if not view and len(got) == n and r.relay.stats()["client_in"] == 0:
+            break
+    return bytes(got)
+
+
+LARGE = 64 << 20
+
+
+def test_large_writes_pass_through_byte_for_byte_at_unaligned_offsets() -> None:
+    """1 MiB, 4 MiB and 32 MiB writes, pipelined with a small read between them: each
+    large payload goes straight into place (after the first, the relay reads just the
+    next header), and the node gets every byte as sent."""
+    sizes = [(1 << 20, 12345), (4 << 20, (5 << 20) + 7), (32 << 20, (20 << 20) + 511)]
+    with rig(structured=True, paths=1, size=LARGE) as r:
+        payloads = [os.urandom(n) for n, _ in sizes]
+        msg = (request(Cmd.WRITE, cookie=1, offset=sizes[0][1], payload=payloads[0])
+               + request(Cmd.READ, cookie=2, offset=4093, length=4096)
+               + b"".join(request(Cmd.WRITE, cookie=3 + i, offset=off, payload=pl)
+                          for i, ((_, off), pl) in enumerate(zip(sizes[1:], payloads[1:],
+                                                                 strict=True))))
+        want = sum(HDR.size + n for n, _ in sizes) + HDR.size
+        data = stream(r, msg)
+        assert len(data) == want
+        reqs = []
+        pos = 0
+        while pos < len(data):
+            q = _parse_one(data[pos:])
+            reqs.append(q)
+            pos += HDR.size + (q[4] if q[1] == Cmd.WRITE else 0)
+        assert [(q[1], q[3], q[4]) for q in reqs] == [
+            (Cmd.WRITE, 12345, 1 << 20), (Cmd.READ, 4093, 4096),
+            (Cmd.WRITE, (5 << 20) + 7, 4 << 20), (Cmd.WRITE, (20 << 20) + 511, 32 << 20)]
+        assert [q[5] for q in reqs if q[1] == Cmd.WRITE] == payloads
+        r.reply(0, b"".join(node_reply(q) for q in reqs))
+        got = {c.cookie: c for c in parse_replies(r.client_out(), {2: 4096})}
+        assert sorted(got) == [1, 2, 3, 4]
+        assert got[2].payload[8:] == pattern(4093, 4096)
+        assert r.relay.outstanding == 0 and r.relay.stats()["out_bytes"] == 0
+
+
+def test_a_path_lost_mid_way_through_a_large_write_gets_it_resent_whole() -> None:
+    """Node A dies having read a quarter of a 4 MiB write: the relay keeps the payload
+    until the write is answered, so B gets the whole request, byte for byte."""
+    with rig(paths=2, size=LARGE) as r:
+        big = os.urandom(4 << 20)
+        msg = request(Cmd.WRITE, cookie=7, offset=(3 << 20) + 3, payload=big)
+        part = stream(r, msg, 0, until=1 << 20)
+        assert len(part) < len(msg)  # the rest is still on its way to A
+        r.paths[0].close()
+        r.ev(r.relay.path_readable(0))
+        assert ("path_lost", 0, "node A closed the connection") in r.events
+        assert ("retried", 1) in r.events
+        data = stream(r, b"", 1)
+        _flags, cmd, handle, off, n, payload = _parse_one(data)
+        assert (cmd, off, n) == (Cmd.WRITE, (3 << 20) + 3, len(big)) and payload == big
+        r.reply(1, ok(handle))
+        assert r.client_out() == ok(7)
+
+
+def test_a_client_gone_mid_payload_sends_nothing_on() -> None:
+    """After a complete 1 MiB write (the relay then reads just the next header), the
+    client sends half of the next one's payload and disconnects: the half write never
+    reaches a node, and the relay reports why."""
+    with rig(paths=1, size=LARGE) as r:
+        first = os.urandom(1 << 20)
+        data = stream(r, request(Cmd.WRITE, cookie=1, offset=0, payload=first))
+        assert _parse_one(data)[5] == first
+        r.reply(0, ok(_parse_one(data)[2]))
+        assert r.client_out() == ok(1)
+        assert stream(r, request(Cmd.WRITE, cookie=2, offset=0, length=1 << 20)
+                      + b"x" * (300 * 1024)) == b""
+        r.client.close()
+        r.pump_client()
+        for _ in range(10):
+            r.ev(r.relay.client_readable())
+        assert ("client_closed", "client disconnected in the middle of a write payload",
+                True) in r.events
+        assert _drain(r.paths[0]) == b""
+        assert r.relay.path_stats(0)[0] == 0  # nothing in flight on the path
 
 
 def _parse_one(data: bytes) -> tuple[int, int, int, int, int, bytes]:
