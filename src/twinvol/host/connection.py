@@ -15,10 +15,8 @@ In transmission requests go to the session and its replies come back here
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import socket
 import struct
 from typing import Any, Protocol
 
@@ -30,10 +28,10 @@ from twinvol.nbd.constants import IHAVEOPT, MAX_OPTION_DATA, NEED_DATA, Cmd, Opt
 from twinvol.nbd.guard import Guard, Standing, describe_tls_error
 from twinvol.nbd.server import Phase
 from twinvol.nbd.server_events import Disconnect, ExportInfo, Ready, Request, StartTls
+from twinvol.receive import Receiver, nodelay
 
 log = logging.getLogger("twinvol.host")
 
-SCRATCH_SIZE = 256 * 1024
 MAX_OUTSTANDING = 256  # requests per client connection before reading from it pauses
 MAX_NEGOTIATION_BACKLOG = 256 * 1024  # unfed option bytes before reading pauses
 MAX_CANDIDATES = 4  # exports one connection may have open paths for while negotiating
@@ -110,8 +108,7 @@ class AgentProtocol(asyncio.BufferedProtocol):
         self._transmission = False
         self._closed = False
         self._drain_close = False
-        self._scratch = memoryview(bytearray(SCRATCH_SIZE))
-        self._into_payload = False
+        self._rx = Receiver()
         self._replies: list[bytes | bytearray | memoryview] = []
         self._flush_scheduled = False
         self._read_paused = False
@@ -126,33 +123,25 @@ class AgentProtocol(asyncio.BufferedProtocol):
         if not self._standing.admit(transport):
             return
         self.peer = self._standing.peer
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family != socket.AF_UNIX:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        nodelay(transport)
         self.agent.connections.add(self)
         transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._transmission:
-            buf = self.conn.payload_buffer()
-            if buf is not None and len(buf) >= 65536:
-                self._into_payload = True
-                return buf
-        self._into_payload = False
-        return self._scratch
+        return self._rx.buffer(self.conn.payload_buffer() if self._transmission else None)
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._handed_over:
             return
-        if self._into_payload:
+        data = self._rx.received(nbytes)
+        if data is None:
             self.conn.payload_received(nbytes)
             self._pump()
         elif self._transmission:
-            self.conn.receive_data(self._scratch[:nbytes])
+            self.conn.receive_data(data)
             self._pump()
         else:
-            self._neg += self._scratch[:nbytes]
+            self._neg += data
             self._negotiate()
             if self._resolving is not None and len(self._neg) > MAX_NEGOTIATION_BACKLOG \
                     and self.transport is not None and not self._read_paused:

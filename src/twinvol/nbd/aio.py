@@ -9,11 +9,9 @@ flowing and their replies may overtake it (replies are out of order by design).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import math
-import socket
 import ssl
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -33,6 +31,7 @@ from twinvol.nbd.server_events import (
     Request,
     StartTls,
 )
+from twinvol.receive import Receiver, nodelay
 from twinvol.storage.backing import NotFast
 
 log = logging.getLogger("twinvol.nbd")
@@ -72,7 +71,6 @@ def nbd_errno(e: OSError) -> int:
     return Err.EIO
 
 
-SCRATCH_SIZE = 256 * 1024
 LARGE_WRITE = 256 * 1024
 SMALL_READ = 4096
 _ASYNC_CMDS = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES, Cmd.FLUSH)
@@ -109,10 +107,9 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         self._paused_pending = False
         self._write_paused = False
         self._closing = False
-        self._scratch = memoryview(bytearray(SCRATCH_SIZE))
+        self._rx = Receiver()
         self._replies: list[bytes | bytearray | memoryview] = []
         self._flush_pending = False
-        self._into_payload = False
         self._large = False  # the last request was a large write (see get_buffer)
         self._held = False  # reading paused while the backend is swapped (see rebind)
 
@@ -121,10 +118,7 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self._loop = asyncio.get_running_loop()  # asking per call costs a getpid()
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        nodelay(transport)
         if not self._standing.admit(transport, self._too_slow):
             self._closing = True
             return
@@ -171,25 +165,19 @@ class NbdServerProtocol(asyncio.BufferedProtocol):
         self._pump()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        buf = self.conn.payload_buffer()
-        if buf is not None and len(buf) >= 65536:
-            self._into_payload = True
-            return buf
-        self._into_payload = False
-        if self._large:
-            # After a large write the next is likely large too: read little more than
-            # its header, so its payload goes straight into its own buffer (no copy).
-            return self._scratch[:SMALL_READ]
-        return self._scratch
+        # After a large write the next is likely large too: read little more than its
+        # header, so its payload goes straight into its own buffer (no copy).
+        return self._rx.buffer(self.conn.payload_buffer(), SMALL_READ if self._large else 0)
 
     def buffer_updated(self, nbytes: int) -> None:
+        data = self._rx.received(nbytes)
         if self._tls_early is not None:
-            self._tls_early += self._scratch[:nbytes]
+            self._tls_early += self._rx.scratch[:nbytes]
             return
-        if self._into_payload:
+        if data is None:
             self.conn.payload_received(nbytes)
         else:
-            self.conn.receive_data(self._scratch[:nbytes])
+            self.conn.receive_data(data)
         self._pump()
 
     def eof_received(self) -> bool:

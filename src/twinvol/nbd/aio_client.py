@@ -16,10 +16,8 @@ received straight into the request's buffer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import socket
 import ssl
 from collections.abc import Callable
 from functools import partial
@@ -35,11 +33,11 @@ from twinvol.nbd.client_events import (
     TlsReady,
 )
 from twinvol.nbd.constants import Cmd, Err, Rep, TxFlag
+from twinvol.receive import Receiver, nodelay
 from twinvol.tls.psk import PskClientContext
 
 log = logging.getLogger("twinvol.nbd.client")
 
-SCRATCH_SIZE = 256 * 1024
 PSK_TIMEOUT = 30.0  # seconds for a TLS-PSK handshake
 DIRECT_RECV = 16 * 1024  # read data at least this big is received in place
 
@@ -88,29 +86,21 @@ class _Protocol(asyncio.BufferedProtocol):
     def __init__(self, client: NbdClient) -> None:
         self.client = client
         self.conn = client.conn
-        self._scratch = memoryview(bytearray(SCRATCH_SIZE))
-        self._direct = False
+        self._rx = Receiver(DIRECT_RECV)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.client._transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        nodelay(transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        buf = self.conn.payload_buffer()
-        if buf is not None and len(buf) >= DIRECT_RECV:
-            self._direct = True
-            return buf
-        self._direct = False
-        return self._scratch
+        return self._rx.buffer(self.conn.payload_buffer())
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._direct:
+        data = self._rx.received(nbytes)
+        if data is None:
             self.conn.payload_received(nbytes)
         else:
-            self.conn.receive_data(self._scratch[:nbytes])
+            self.conn.receive_data(data)
         self.client._pump()
 
     def eof_received(self) -> bool:

@@ -18,13 +18,13 @@ import hmac
 import itertools
 import logging
 import secrets
-import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from twinvol import clock
 from twinvol.cluster import ClusterConfig
+from twinvol.receive import Receiver, nodelay
 from twinvol.replication import data_messages as dm
 from twinvol.replication.wire import (
     MAX_FRAME_PAYLOAD,
@@ -121,7 +121,6 @@ def _mac(secret: str, nonce: str, sender: str, receiver: str) -> str:
     return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()
 
 
-SCRATCH_SIZE = 256 * 1024
 
 
 class PeerLink(asyncio.BufferedProtocol):
@@ -158,36 +157,26 @@ class PeerLink(asyncio.BufferedProtocol):
         self._parts: list[Payload] = []
         self._plen = 0
         self._flush_scheduled = False
-        self._scratch = memoryview(bytearray(SCRATCH_SIZE))
-        self._into_payload = False
+        self._rx = Receiver()
 
     # ---- asyncio ----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:  # small acks must not wait for Nagle
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        nodelay(transport)
         self._send({"t": "hello", "v": PROTOCOL_VERSION,
                     "cluster": self.service.cluster.cluster.name,
                     "node": self.service.node, "nonce": self.nonce})
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        buf = self.decoder.payload_buffer()
-        if buf is not None and len(buf) >= 65536:
-            self._into_payload = True
-            return buf
-        self._into_payload = False
-        return self._scratch
+        return self._rx.buffer(self.decoder.payload_buffer())
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last_rx = clock.monotonic()
         try:
-            if self._into_payload:
-                frames = self.decoder.payload_received(nbytes)
-            else:
-                frames = self.decoder.feed(self._scratch[:nbytes])
+            data = self._rx.received(nbytes)
+            frames = (self.decoder.payload_received(nbytes) if data is None
+                      else self.decoder.feed(data))
         except WireError as e:
             PROTOCOL_ERRORS[self.service.node] += 1
             addr = self.transport.get_extra_info("peername") if self.transport else None
