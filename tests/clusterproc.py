@@ -167,3 +167,13 @@ class ClusterProc:
                 return
             time.sleep(0.1)
         raise AssertionError(f"no peer link {a}->{b}")
+
+
+def qemu_io(uri: str, *cmds: str) -> str:
+    """Run qemu-io commands against `uri`; its output (a failed verify fails the test)."""
+    argv = ["qemu-io", "-f", "raw"]
+    for cmd in cmds:
+        argv += ["-c", cmd]
+    p = subprocess.run([*argv, uri], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "verification failed" not in p.stdout, p.stdout + p.stderr
+    return p.stdout

@@ -13,30 +13,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from clusterproc import ClusterProc
+from clusterproc import ClusterProc, qemu_io
 from linkproxy import LinkProxy
 
 pytestmark = pytest.mark.e2e
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def two(tmp_path: object) -> Iterator[ClusterProc]:
-    c = ClusterProc(str(tmp_path))
-    c.start()
-    c.wait_peer("A", "B")
-    yield c
-    c.stop()
-
-
-def qemu_io(uri: str, *cmds: str) -> str:
-    argv = ["qemu-io", "-f", "raw"]
-    for c in cmds:
-        argv += ["-c", c]
-    p = subprocess.run([*argv, uri], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0 and "verification failed" not in p.stdout, p.stdout + p.stderr
-    return p.stdout
 
 
 def digest(uri: str, size: int) -> str:

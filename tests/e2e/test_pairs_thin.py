@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 
-from clusterproc import ClusterProc
+from clusterproc import ClusterProc, qemu_io
 
 pytestmark = pytest.mark.e2e
 
@@ -27,24 +26,6 @@ WRITTEN = [(0, 1 * MiB, 0x11), (17 * GiB + 4 * KiB, 260 * KiB, 0x22),
            (5 * GiB + 512 * KiB, 4 * KiB, 0x55)]
 # Old data on B where A has holes (and one chunk A writes part of).
 OLD_ON_B = [(5 * GiB, 1 * MiB), (30 * GiB, CHUNK), (SIZE - 2 * CHUNK, CHUNK)]
-
-
-@pytest.fixture
-def two(tmp_path: object) -> Iterator[ClusterProc]:
-    c = ClusterProc(str(tmp_path))
-    c.start()
-    c.wait_peer("A", "B")
-    yield c
-    c.stop()
-
-
-def qemu_io(uri: str, *cmds: str) -> str:
-    argv = ["qemu-io", "-f", "raw"]
-    for cmd in cmds:
-        argv += ["-c", cmd]
-    p = subprocess.run([*argv, uri], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0 and "verification failed" not in p.stdout, p.stdout + p.stderr
-    return p.stdout
 
 
 def data_chunks() -> set[int]:

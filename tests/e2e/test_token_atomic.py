@@ -9,8 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -18,16 +16,6 @@ from clusterproc import ClusterProc
 from twinvol.access import hash_token
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def two(tmp_path: Any) -> Iterator[ClusterProc]:
-    c = ClusterProc(str(tmp_path))
-    try:
-        c.start()
-        yield c
-    finally:
-        c.stop()
 
 
 def held(c: ClusterProc, node: str) -> dict[str, str]:
