@@ -145,13 +145,13 @@ def test_cluster_file_typo_names_table_and_line(node: NodeProc, tmp_path: object
         line = one_error_line(node.cli(*args, "--cluster", bad))
         assert line == (f"twinvol: error: cluster file {bad}, line 12, [nodes.B]: unknown key "
                         "`sitee` (known keys: site, nbd, api, data_dir, peer, faults, tls, "
-                        "api_tls)")
+                        "api_tls, tls_psk)")
     p = node.cli("config", "check", "--cluster", bad, "--json")
     assert p.returncode == 1 and json.loads(p.stdout)["error"].endswith("unknown key `sitee` "
                                                                         "(known keys: site, "
                                                                         "nbd, api, data_dir, "
                                                                         "peer, faults, tls, "
-                                                                        "api_tls)")
+                                                                        "api_tls, tls_psk)")
 
 
 def test_two_nodes_on_one_address_are_refused(node: NodeProc, tmp_path: object) -> None:

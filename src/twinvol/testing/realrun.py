@@ -379,7 +379,18 @@ class RealRun:
 
     def close(self) -> None:
         self.world.close()
-        gc.collect()
+        self.nodes.clear()
+        self.witness = None
+        gc.collect()   # objects that close their own descriptors (SQLite, files) go here
+        # What is left is raw descriptors the nodes opened (stores, bitmaps, journals):
+        # a dead process's descriptors close with it.
+        # (SQLite's own descriptors are left to its connections, which close them.)
+        for fd in map(int, os.listdir("/proc/self/fd")):
+            with contextlib.suppress(OSError):
+                path = os.readlink(f"/proc/self/fd/{fd}")
+                if path.startswith(self.tmp + os.sep) and ".sqlite" not in path \
+                        and not path.endswith((".db", "-wal", "-shm")):
+                    os.close(fd)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
