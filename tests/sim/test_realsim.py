@@ -26,7 +26,8 @@ def test_many_seeds_of_the_real_code_find_nothing() -> None:
     assert all(r.ops > 500 for r in results)
     kinds = {f.split()[1] for r in results for f in r.faults}
     assert {"kill", "pause", "cut_peer", "isolate", "kill_witness", "one_way_to_peer",
-            "kill_far", "pause_far", "cut_far", "power", "power_far", "read_errors"} <= kinds
+            "kill_far", "pause_far", "cut_far", "power", "power_far", "read_errors",
+            "damage_far"} <= kinds
     assert all(r.far_samples > 50 for r in results)  # C's copy was looked at, often
 
 
@@ -83,3 +84,14 @@ POWER_AT_C = {
 def test_power_losses_at_the_far_site_keep_its_copy_a_prefix(seed: int) -> None:
     r = run_real(seed, plan=[Fault(*f) for f in POWER_AT_C[seed]])
     assert r.ok, r.line() + "\n" + "\n".join(r.findings.far + r.findings.other)
+
+
+def test_a_damaged_receive_journal_at_the_far_site_is_fetched_again() -> None:
+    """A byte of C's receive journal flips while C is down: C ends its journal before
+    the damaged record, says it is not consistent until it has everything the feeder had
+    written, and gets the rest again (it used to stay suspended for an operator)."""
+    for seed in range(4):
+        r = run_real(seed, 16, plan=[Fault(2.0 + 2.5 * k, "damage_far", "C", 1.0)
+                                     for k in range(5)])
+        assert any("flipped byte" in line for line in r.trace)
+        assert r.ok, r.line() + "\n" + "\n".join(r.findings.far + r.findings.other)

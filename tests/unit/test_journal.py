@@ -122,6 +122,35 @@ def test_flipped_byte_is_found(tmp_path: str) -> None:
         j2.append(rec(11))
 
 
+def test_a_damaged_receive_journal_is_cut_before_the_damage_and_goes_on(tmp_path: str) -> None:
+    """The far site's journal: records from the damaged one on are fetched again, so
+    the journal ends before it (later segments too) and takes them in order again."""
+    j = Journal(str(tmp_path), limit=1 << 20)
+    j.segment_bytes = len(encode_record(rec(1))) * 4   # segments of four records
+    for s in range(1, 13):
+        j.append(rec(s))
+    j.close()
+    assert len(os.listdir(tmp_path)) == 3
+    seg = os.path.join(tmp_path, sorted(os.listdir(tmp_path))[1])   # records 5-8
+    pos = len(encode_record(rec(1))) * 2 + 60    # inside record 7's data
+    with open(seg, "r+b") as f:
+        f.seek(pos)
+        b = f.read(1)
+        f.seek(pos)
+        f.write(bytes([b[0] ^ 0x40]))
+    j2 = Journal(str(tmp_path), limit=1 << 20)
+    assert (j2.last, j2.corrupt_at) == (6, 7)
+    assert j2.drop_damaged() == 7
+    assert (j2.last, j2.corrupt_at, len(os.listdir(tmp_path))) == (6, None, 2)
+    for s in range(7, 10):
+        j2.append(rec(s, data=b"y" * 100))
+    j2.close()
+    j3 = Journal(str(tmp_path), limit=1 << 20)
+    assert [(r.seq, r.data[:1]) for r in j3.iter_from(5)] == \
+        [(5, b"x"), (6, b"x"), (7, b"y"), (8, b"y"), (9, b"y")]
+    assert j3.drop_damaged() is None
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.binary(max_size=300), min_size=1, max_size=12), st.data())
 def test_any_flipped_byte_never_yields_a_wrong_record(payloads: list[bytes],

@@ -45,7 +45,7 @@ from twinvol.replication.remote_setup import RemoteSetup
 from twinvol.replication.remote_ship import Shipper
 from twinvol.replication.remote_standby import Standby
 from twinvol.replication.remote_status import group_view
-from twinvol.replication.remote_target import FarTarget
+from twinvol.replication.remote_target import FarTarget, refetch_damaged
 from twinvol.replication.runtime import GroupRecord, GroupRuntime, PairRuntime
 from twinvol.replication.wire import Payload
 from twinvol.storage.journal import (
@@ -91,7 +91,9 @@ class RemoteCopy:
             rec.written = max(rec.written, journal.last)
         elif rec.role == "standby":
             rec.seq_seen = max(rec.seq_seen, journal.last)
-        if journal.corrupt_at is not None:
+        if journal.corrupt_at is not None and rec.role == "secondary":
+            refetch_damaged(rec, journal)
+        elif journal.corrupt_at is not None:
             rec.state = GroupState.SUSPENDED
             rec.reason = f"journal damaged at sequence {journal.corrupt_at}"
         return g

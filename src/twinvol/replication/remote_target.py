@@ -16,9 +16,9 @@ from twinvol.replication.core.types import GroupRole, GroupState, Mode, PairStat
 from twinvol.replication.pairs import PairRecord
 from twinvol.replication.peer import Message, RemoteError
 from twinvol.replication.ports import RemotePort
-from twinvol.replication.runtime import GroupRuntime, PairRuntime
+from twinvol.replication.runtime import UNKNOWN_END, GroupRecord, GroupRuntime, PairRuntime
 from twinvol.replication.wire import Payload
-from twinvol.storage.journal import JournalCorrupt, JournalError, Record, decode_one
+from twinvol.storage.journal import Journal, JournalCorrupt, JournalError, Record, decode_one
 
 log = logging.getLogger("twinvol.remote")
 
@@ -86,6 +86,11 @@ class FarTarget:
         if isinstance(msg, rm.StatRequest):
             g.rec.written = max(g.rec.written, msg.written)
             g.rec.written_time = max(g.rec.written_time, msg.wtime)
+        written = getattr(msg, "written", 0)
+        if g.rec.consistent_at == UNKNOWN_END and written > 0:
+            # Whatever this copy had applied, the feeder had written it by now.
+            g.rec.consistent_at = written
+            self.remote.save(g)
         committed = getattr(msg, "committed", -1)
         if committed >= 0:
             self.committed(g, committed)
@@ -246,3 +251,20 @@ class FarTarget:
         if pr is None:
             raise RemoteError(f"no pair {msg.pair!r} in group {msg.group!r}", "not_found")
         return rm.encode(rm.BitsReply(chunks=pr.dirty.count())), bytes(pr.dirty.bits)
+
+
+def refetch_damaged(rec: GroupRecord, journal: Journal) -> None:
+    """The far site's receive journal is damaged (a flipped byte, a torn sector): end it
+    before the damaged record and fetch what follows again from the feeder, which keeps
+    every record not durably applied here. Until then the volume may hold writes past
+    what it received (applied before the crash), so the copy is not consistent until it
+    has received all the feeder had written when it next hears from it (`heard`)."""
+    dropped = journal.drop_damaged()
+    if journal.last < rec.applied:
+        journal.reset()   # what it held is applied durably: the next record is new
+    rec.state = GroupState.COPYING
+    rec.reason = (f"receive journal damaged at sequence {dropped}: fetching the records "
+                  "again from the feeder")
+    rec.consistent_at = UNKNOWN_END
+    log.warning("receive journal damaged: records fetched again from the feeder",
+                extra={"group": rec.name, "from": dropped, "applied": rec.applied})

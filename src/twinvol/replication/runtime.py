@@ -19,6 +19,9 @@ from twinvol.storage.journal import Journal
 from twinvol.storage.volumes import Volume
 
 DEFAULT_JOURNAL = 256 * 1024 * 1024
+# `consistent_at` of a far copy that lost track of how far its volume went (a damaged
+# receive journal): set to what the feeder has written when it is next heard from.
+UNKNOWN_END = 1 << 62
 
 
 @dataclass

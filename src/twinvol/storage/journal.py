@@ -318,6 +318,35 @@ class Journal:
             freed += seg.size
         return freed
 
+    def drop_damaged(self) -> int | None:
+        """Cut the journal before its first damaged record and drop every later segment,
+        for a journal whose records can be fetched again (the far site's receive journal:
+        its feeder keeps whatever was not durably applied here). Returns the first
+        sequence number dropped, or None when nothing is damaged."""
+        at = self.corrupt_at
+        if at is None:
+            return None
+        self._retire_fd()
+        tail = self.segments[-1] if self.segments else None
+        if tail is not None:
+            end = 0
+            if tail.last:
+                _, pos, size = self.index[tail.last]
+                end = pos + size
+            os.truncate(tail.path, end)
+            self.size -= tail.size - end
+            tail.size = end
+            if end == 0:
+                os.unlink(tail.path)
+                self.segments.pop()
+        keep = {seg.path for seg in self.segments}
+        for name in os.listdir(self.dir):
+            path = os.path.join(self.dir, name)
+            if name.endswith(".jnl") and path not in keep:
+                os.unlink(path)
+        self.corrupt_at = None
+        return at
+
     def reset(self) -> None:
         """Discard every record (overflow to bitmaps, or a journal restarted elsewhere)."""
         self._retire_fd()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import glob
 import hashlib
 import logging
 import math
@@ -55,7 +56,7 @@ PAIR, VOLUME = "p", "v"
 FAULTS = ("kill", "pause", "cut_peer", "cut_witness", "isolate", "pause_witness",
           "kill_witness", "cut_host", "one_way_to_peer", "one_way_to_witness",
           "one_way_from_witness", "power", "read_errors")
-FAR_FAULTS = ("kill_far", "pause_far", "cut_far", "power_far")
+FAR_FAULTS = ("kill_far", "pause_far", "cut_far", "power_far", "damage_far")
 SAMPLE_EVERY = 0.1   # how often C's copy is looked at while it says it is consistent
 
 
@@ -218,6 +219,24 @@ class RealRun:
         self.disks.power_loss(name)
         self.note(f"power loss {name}: {self.disks.lost - before} unsynced writes lost or torn")
 
+    def damage(self, name: str) -> None:
+        """The machine goes down and a byte of its newest journal segment flips (bit rot,
+        a torn sector): it must find it when it starts, not apply or serve it."""
+        self.kill(name)
+        segments = sorted(glob.glob(os.path.join(self.cluster.data_dir(name), "**", "*.jnl"),
+                                    recursive=True))
+        size = os.path.getsize(segments[-1]) if segments else 0
+        if not size:
+            self.note(f"damage {name}: no journal to damage")
+            return
+        pos = self.disks.rng.randrange(size)
+        with open(segments[-1], "r+b") as f:
+            f.seek(pos)
+            byte = f.read(1)[0]
+            f.seek(pos)
+            f.write(bytes([byte ^ 0x10]))
+        self.note(f"damage {name}: flipped byte {pos} of {os.path.basename(segments[-1])}")
+
     def read_errors(self, name: str, on: bool) -> None:
         (self.disks.failing.add if on else self.disks.failing.discard)(name)
         self.note(f"{name}'s volume reads {'fail' if on else 'work again'}")
@@ -297,9 +316,11 @@ class RealRun:
         for f in plan:
             t, fault, node, span = f.at, f.kind, f.node, f.span
             other = "B" if node == "A" else "A"
-            if fault in ("kill", "kill_far", "kill_witness", "power", "power_far"):
+            if fault in ("kill", "kill_far", "kill_witness", "power", "power_far", "damage_far"):
                 name = "W" if fault == "kill_witness" else node
-                at(t, self.power if fault.startswith("power") else self.kill, name)
+                down = {"power": self.power, "power_far": self.power,
+                        "damage_far": self.damage}.get(fault, self.kill)
+                at(t, down, name)
                 at(t + span, self.start, name)
             elif fault == "read_errors":
                 at(t, self.read_errors, node, True)
