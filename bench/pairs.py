@@ -100,10 +100,13 @@ def fio(uri: str, rw: str, bs: str, qd: int, size: int, runtime: float,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for name, pid in pids.items() if profile is not None]
     cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    out = subprocess.run(["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
-                          f"--bs={bs}", f"--iodepth={qd}", f"--size={size}", "--time_based",
-                          f"--runtime={runtime}", "--output-format=json"],
-                         capture_output=True, text=True, check=True).stdout
+    p = subprocess.run(["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
+                        f"--bs={bs}", f"--iodepth={qd}", f"--size={size}", "--time_based",
+                        f"--runtime={runtime}", "--output-format=json"],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"fio {rw} {bs} on {uri} failed: {p.stderr.strip()[-2000:]}")
+    out = p.stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]
     io = job["write"] if "write" in rw else job["read"]
     ios = max(1, int(io["total_ios"]))

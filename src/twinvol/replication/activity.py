@@ -14,6 +14,8 @@ import logging
 import os
 
 from twinvol import clock
+from twinvol.replication import data_messages as dm
+from twinvol.replication.peer import PeerDown, RemoteError
 from twinvol.replication.ports import ManagerPort
 
 log = logging.getLogger("twinvol.replication")
@@ -22,11 +24,13 @@ AL_IDLE = 1.0          # seconds without writes before an activity-log extent is
 
 
 async def retire_idle_extents(mgr: ManagerPort) -> None:
-    """Retire idle activity-log extents, once their data is durable: the bit is what
-    marks an extent for repair after a power loss, so it may go only after the
-    writes it covers reached the disk (a flush first; found by the simulator's
-    power losses: an extent retired with its writes in the page cache came back
-    stale and unmarked)."""
+    """Retire idle activity-log extents once their data is durable on both copies: the
+    bit is what marks an extent for repair after a power loss (of this machine, or of
+    the partner's: a meeting with a partner whose machine restarted copies this side's
+    extents to it), so it may go only after the writes it covers reached both disks: a
+    flush here and one at the partner, sent after those writes on the ordered link.
+    While the partner is away the extents stay. (Found by the simulator's power losses:
+    extents retired with their writes in a page cache came back stale and unmarked.)"""
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(AL_IDLE)
@@ -38,8 +42,13 @@ async def retire_idle_extents(mgr: ManagerPort) -> None:
                 continue
             try:
                 await loop.run_in_executor(mgr.node.executor, pr.vol.store.flush)
-            except OSError as e:
-                log.warning("activity log kept: flush failed", extra={
+                if not pr.rec.remote:
+                    link = mgr.link_or_none(pr.rec.partner)
+                    if link is None or pr.rec.io_mode != "mirror":
+                        continue   # the partner's copy of these writes may not be durable
+                    await link.request(dm.encode(dm.Flush(pr.rec.name)))
+            except (OSError, PeerDown, RemoteError) as e:
+                log.info("activity log kept: flush failed", extra={
                     "pair": pr.rec.name, "error": str(e)})
                 continue
             changed = False

@@ -1,9 +1,10 @@
 """The partner's side of mirrored writes: what a copy does with the writes, copy chunks
 and flushes its partner sends (the primary's side is `writes.py`).
 
-Each write is applied in the order it arrived on the ordered peer link, after the
-activity-log bit of its extent is durable here (`cover`), so a machine that loses
-power repairs from its partner what its disk may have lost.
+Each write is applied in the order it arrived on the ordered peer link. What this
+machine's disk may lose in a power loss is covered by the primary's activity log (its
+extents leave it only after a flush here too), copied here when the copies meet again
+after this machine restarted (`activity.py`, `partners.reconcile`).
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable
 
-from twinvol import clock
 from twinvol.nbd.constants import Cmd
 from twinvol.replication import data_messages as dm
-from twinvol.replication.bitmap import AL_EXTENT, chunks_of
+from twinvol.replication.bitmap import chunks_of
 from twinvol.replication.peer import Later, Message, RemoteError
 from twinvol.replication.ports import JournalFeedPort, ManagerPort
 from twinvol.replication.runtime import PairRuntime
@@ -60,7 +60,6 @@ class PartnerApply:
                     raise RemoteError(f"write [{off}, +{n}) outside volume {volume}", "invalid")
                 if flags & 1:
                     raise RemoteError("a FUA write cannot be batched", "invalid")
-                self.cover(pr, off, n)
                 self.mgr.apply(pr, cmd, off, n, data, flags)
                 if feeds:
                     if j >= 0:
@@ -73,27 +72,6 @@ class PartnerApply:
                 out.append(e if isinstance(e, RemoteError) else
                            RemoteError(f"{type(e).__name__}: {e}", "internal"))
         return out
-
-    @staticmethod
-    def cover(pr: PairRuntime, off: int, n: int) -> None:
-        """The partner's side of the activity log: a mirrored write lands only in an
-        extent whose bit is durable here, so if this machine loses power before the
-        write reaches its disk, the restart marks the extent dirty and the meeting
-        copies it from the primary (without it the extent came back stale and unmarked:
-        the simulator's power losses). The bit is new only when an extent becomes
-        active, so the synchronous fdatasync is rare."""
-        al = pr.al
-        bits = al.bits
-        now = clock.monotonic()
-        last = pr.al_last
-        new = []
-        for x in chunks_of(off, n, AL_EXTENT):
-            last[x] = now
-            if not bits[x >> 3] & (1 << (x & 7)):
-                new.append(x)
-        if new or not al.durable:
-            al.set_many(new)
-            al.sync_now()
 
     def inside(self, pr: PairRuntime, off: int, n: int) -> None:
         if off + n > pr.vol.record.size:
@@ -129,7 +107,6 @@ class PartnerApply:
                 raise RemoteError(f"mirrored write refers to forwarded write {msg.fwd}, "
                                   "whose data this node does not hold", "invalid")
             payload = held
-        self.cover(pr, off, n)
         self.mgr.apply(pr, cmd, off, n, payload, flags)
         if self.remote.feeds:
             if msg.j != dm.NONE:

@@ -205,6 +205,11 @@ class Partners:
             return
         if plan is Meeting.SEND:
             pr.dirty.merge(peer_bits)
+            if theirs.rebooted:
+                # The partner's machine restarted: its disk may have lost mirrored writes
+                # still in its page cache, which this side's activity log covers.
+                for ext in list(pr.al.iter_set()):
+                    pr.dirty.set_many(extent_chunks(ext, pr.vol.record.size))
             rec.role = Role.PRIMARY
             if rec.io_mode == "block":
                 # Neither side continued alone (e.g. both restarted): this side serves.
