@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from clusterproc import ClusterProc
+from clusterproc import ClusterProc, qemu_io
 from linkproxy import LinkProxy
 from twinvol.cluster import split_hostport
 from twinvol.witness import Backend, WitnessConfig
@@ -47,14 +47,6 @@ def one_write(uri: str) -> str:
     out = subprocess.run(["/usr/bin/python3", "-c", ONE_WRITE, uri], capture_output=True,
                          text=True, timeout=60)
     return out.stdout.strip() + out.stderr.strip()
-
-
-def qemu_io(uri: str, *cmds: str) -> None:
-    argv = ["qemu-io", "-f", "raw"]
-    for c in cmds:
-        argv += ["-c", c]
-    p = subprocess.run([*argv, uri], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0 and "verification failed" not in p.stdout, p.stdout + p.stderr
 
 
 def make_pair(c: ClusterProc, size: int = 8 * MiB) -> None:

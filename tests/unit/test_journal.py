@@ -22,6 +22,14 @@ from twinvol.storage.journal import (
 )
 
 
+def flip(path: str, pos: int, bit: int = 0x40) -> None:
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        b = f.read(1)
+        f.seek(pos)
+        f.write(bytes([b[0] ^ bit]))
+
+
 def rec(seq: int, data: bytes = b"x" * 100, pair: str = "p") -> Record:
     return Record(seq=seq, pair=pair, cmd=1, flags=0, offset=seq * 4096, length=len(data),
                   time=1000.0 + seq, data=data)
@@ -103,12 +111,7 @@ def test_flipped_byte_is_found(tmp_path: str) -> None:
     for s in range(1, 11):
         j.append(rec(s))
     seg = os.path.join(tmp_path, sorted(os.listdir(tmp_path))[0])
-    pos = len(encode_record(rec(1))) * 5 + 60    # inside record 6's data
-    with open(seg, "r+b") as f:
-        f.seek(pos)
-        b = f.read(1)
-        f.seek(pos)
-        f.write(bytes([b[0] ^ 0x40]))
+    flip(seg, len(encode_record(rec(1))) * 5 + 60)    # inside record 6's data
     # A running journal finds it when reading ...
     with pytest.raises(JournalCorrupt, match="record 6") as e:
         list(j.iter_from(1))
@@ -132,12 +135,7 @@ def test_a_damaged_receive_journal_is_cut_before_the_damage_and_goes_on(tmp_path
     j.close()
     assert len(os.listdir(tmp_path)) == 3
     seg = os.path.join(tmp_path, sorted(os.listdir(tmp_path))[1])   # records 5-8
-    pos = len(encode_record(rec(1))) * 2 + 60    # inside record 7's data
-    with open(seg, "r+b") as f:
-        f.seek(pos)
-        b = f.read(1)
-        f.seek(pos)
-        f.write(bytes([b[0] ^ 0x40]))
+    flip(seg, len(encode_record(rec(1))) * 2 + 60)    # inside record 7's data
     j2 = Journal(str(tmp_path), limit=1 << 20)
     assert (j2.last, j2.corrupt_at) == (6, 7)
     assert j2.drop_damaged() == 7
