@@ -101,7 +101,7 @@ def test_torn_tail_is_dropped(tmp_path: str) -> None:
     with open(seg, "ab") as f:
         f.write(encode_record(rec(4))[:-10])        # a crash in the middle of an append
     j2 = Journal(str(tmp_path), limit=1 << 20)
-    assert (j2.last, j2.corrupt_at) == (3, None)
+    assert (j2.last, j2.corrupt_at, j2.cut_tail) == (3, None, True)
     j2.append(rec(4))
     assert j2.read(4)[0].seq == 4
 

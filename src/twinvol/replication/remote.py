@@ -91,7 +91,7 @@ class RemoteCopy:
             rec.written = max(rec.written, journal.last)
         elif rec.role == "standby":
             rec.seq_seen = max(rec.seq_seen, journal.last)
-        if journal.corrupt_at is not None and rec.role == "secondary":
+        if rec.role == "secondary" and (journal.corrupt_at is not None or journal.cut_tail):
             refetch_damaged(rec, journal)
         elif journal.corrupt_at is not None:
             rec.state = GroupState.SUSPENDED

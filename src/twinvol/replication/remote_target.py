@@ -254,12 +254,13 @@ class FarTarget:
 
 
 def refetch_damaged(rec: GroupRecord, journal: Journal) -> None:
-    """The far site's receive journal is damaged (a flipped byte, a torn sector): end it
-    before the damaged record and fetch what follows again from the feeder, which keeps
-    every record not durably applied here. Until then the volume may hold writes past
-    what it received (applied before the crash), so the copy is not consistent until it
-    has received all the feeder had written when it next hears from it (`heard`)."""
-    dropped = journal.drop_damaged()
+    """The far site's receive journal is damaged (a flipped byte, a torn sector) or lost
+    its tail: end it before the damaged record and fetch what follows again from the
+    feeder, which keeps every record not durably applied here. Until then the volume may
+    hold writes past what it received (applied before the crash; a flipped length field
+    looks like a record cut short), so the copy is not consistent until it has received
+    all the feeder had written when it next hears from it (`heard`)."""
+    dropped = journal.drop_damaged() or journal.last + 1
     if journal.last < rec.applied:
         journal.reset()   # what it held is applied durably: the next record is new
     rec.state = GroupState.COPYING

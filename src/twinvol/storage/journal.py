@@ -144,6 +144,7 @@ class Journal:
         self.segments: list[_Segment] = []
         self.index: dict[int, tuple[_Segment, int, int]] = {}  # seq -> segment, pos, size
         self.corrupt_at: int | None = None   # first sequence number that could not be read
+        self.cut_tail = False   # opening dropped a record cut short at the very end
         self.size = 0
         self._fd = -1
         self._dirty = False
@@ -184,6 +185,7 @@ class Journal:
                     # A record cut short by a crash during its append: never acknowledged.
                     os.truncate(seg.path, pos)
                     seg.size = pos
+                    self.cut_tail = True
                 else:
                     self.corrupt_at = last + 1
             if seg.size == 0:
