@@ -124,3 +124,12 @@ def test_a_journal_that_looks_cut_short_at_the_far_site_is_fetched_again() -> No
     r = run_real(10259)
     assert any("damage_far" in f for f in r.faults)
     assert r.ok, r.line() + "\n" + "\n".join(r.findings.far)
+
+
+def test_a_resync_stopped_by_a_read_error_at_the_source_starts_again() -> None:
+    """Seed 10923 of the final sweep (its random plan): A came back after a kill -9 and
+    began the resync to B while its disk failed reads; the copy died on the first EIO
+    and nothing restarted it, so B stayed blocked and A wrote alone for good."""
+    r = run_real(10923)
+    assert any("read_errors" in f for f in r.faults)
+    assert r.ok, r.line() + "\n" + "\n".join(r.findings.lost[:3] + r.findings.other)

@@ -26,6 +26,7 @@ from twinvol.replication.runtime import PairRuntime
 log = logging.getLogger("twinvol.replication")
 
 COPY_WINDOW = 16    # chunks in flight
+COPY_RETRY = 2.0    # seconds before a copy stopped by an I/O error here starts again
 CURSOR_EVERY = 64   # chunks between durable checkpoints of the copy cursor
 PACE_EVERY = 4      # chunks between looks at the copy rate
 
@@ -105,6 +106,7 @@ class Copier:
                 self.mgr.set_state(pr, "mirrored")
                 self.mgr.set_mode(pr, "mirror")
                 self.mgr.release(pr)
+            pr.copy_error = ""
             self.mgr.node.events.publish("copy_done", pair=rec.name, bytes=pr.copied_bytes,
                                      seconds=round(clock.monotonic() - pr.copy_started, 3))
         except (PeerDown, RemoteError) as e:
@@ -113,6 +115,24 @@ class Copier:
             for f in inflight:  # their failure is this one: not "never retrieved" noise
                 f.add_done_callback(_retrieve)
             self.mgr.save(pr)
+        except OSError as e:
+            # This disk failed a read (or the bitmap a write): the chunks keep their bits
+            # and the copy starts again in a while; nothing else would restart it (the
+            # link stays up), and the partner waits blocked until it is done.
+            if pr.copy_error != str(e):
+                pr.copy_error = str(e)
+                log.warning("copy stopped by an I/O error here; retrying", extra={
+                    "pair": rec.name, "error": str(e)})
+                self.mgr.node.events.publish("copy_failed", pair=rec.name, error=str(e))
+            for f in inflight:
+                f.add_done_callback(_retrieve)
+            self.mgr.spawn(self._again(pr))
+
+    async def _again(self, pr: PairRuntime) -> None:
+        await asyncio.sleep(COPY_RETRY)
+        if pr.rec.copy_source == self.mgr.node.name and self.mgr.pairs.get(pr.rec.name) is pr \
+                and self.mgr.peers.is_up(pr.rec.partner):
+            self.mgr.start_copy(pr)
 
     def send_chunk(self, pr: PairRuntime, link: Any, chunk: int) -> asyncio.Future[Message]:
         """Send one chunk (verify's repair); its reply future."""

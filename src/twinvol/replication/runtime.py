@@ -40,6 +40,7 @@ class PairRuntime:
     verify: dict[str, Any] = field(default_factory=dict)
     copied_bytes: int = 0       # bytes sent by the running/last copy
     copy_started: float = 0.0
+    copy_error: str = ""        # the I/O error that stopped the last copy (told once)
     decide_task: asyncio.Task[None] | None = None
     # Chunks marked again while a copy runs (async catch-up): their bits stay set after
     # being sent, since the copy may have read them before the newest write.
