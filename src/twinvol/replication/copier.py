@@ -19,7 +19,7 @@ from twinvol.replication.core.pace import Pace
 from twinvol.replication.core.spans import ZERO_SPAN, zero_chunks
 from twinvol.replication.core.types import Role
 from twinvol.replication.messages import PairDone, encode
-from twinvol.replication.peer import Message, PeerDown, RemoteError
+from twinvol.replication.peer import Message, PeerDown, RemoteError, forget
 from twinvol.replication.ports import CopyFeedPort, ManagerPort
 from twinvol.replication.runtime import PairRuntime
 
@@ -29,11 +29,6 @@ COPY_WINDOW = 16    # chunks in flight
 COPY_RETRY = 2.0    # seconds before a copy stopped by an I/O error here starts again
 CURSOR_EVERY = 64   # chunks between durable checkpoints of the copy cursor
 PACE_EVERY = 4      # chunks between looks at the copy rate
-
-
-def _retrieve(f: asyncio.Future[Message]) -> None:
-    if not f.cancelled():
-        f.exception()
 
 
 class Copier:
@@ -112,8 +107,7 @@ class Copier:
         except (PeerDown, RemoteError) as e:
             # Chunks sent but not acknowledged keep their dirty bit: they go again next time.
             log.warning("copy interrupted", extra={"pair": rec.name, "error": str(e)})
-            for f in inflight:  # their failure is this one: not "never retrieved" noise
-                f.add_done_callback(_retrieve)
+            forget(inflight)   # their failure is this one
             self.mgr.save(pr)
         except OSError as e:
             # This disk failed a read (or the bitmap a write): the chunks keep their bits
@@ -124,8 +118,7 @@ class Copier:
                 log.warning("copy stopped by an I/O error here; retrying", extra={
                     "pair": rec.name, "error": str(e)})
                 self.mgr.node.events.publish("copy_failed", pair=rec.name, error=str(e))
-            for f in inflight:
-                f.add_done_callback(_retrieve)
+            forget(inflight)
             self.mgr.spawn(self._again(pr))
 
     async def _again(self, pr: PairRuntime) -> None:

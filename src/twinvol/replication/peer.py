@@ -19,7 +19,7 @@ import itertools
 import logging
 import secrets
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 from twinvol import clock
@@ -58,6 +58,19 @@ PROTOCOL_ERRORS: Counter[str] = Counter()
 FLUSH_NOW = 256 * 1024  # a payload this large leaves at once, not at the end of the step
 MAX_ROWS = 4096         # requests in one batch frame
 _ACKS = ("acks", "")
+
+
+def forget(futures: Iterable[asyncio.Future[Message]]) -> None:
+    """Stop waiting for replies whose failure is handled already (the link went down,
+    the batch was refused): asyncio would log each failed one as "exception never
+    retrieved" when it is collected."""
+    for fut in futures:
+        fut.add_done_callback(_seen)
+
+
+def _seen(fut: asyncio.Future[Message]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _tag(h: Header) -> object:

@@ -15,20 +15,13 @@ from twinvol.replication import remote_messages as rm
 from twinvol.replication.core.stall import Stalled
 from twinvol.replication.core.types import GroupRole, GroupState, JournalMode, Role
 from twinvol.replication.messages import BadMessage
-from twinvol.replication.peer import Message, PeerDown, PeerLink, RemoteError
+from twinvol.replication.peer import Message, PeerDown, PeerLink, RemoteError, forget
 from twinvol.replication.ports import RemotePort
 from twinvol.replication.runtime import GroupRuntime
 from twinvol.storage.journal import JournalCorrupt
 
 log = logging.getLogger("twinvol.remote")
 
-
-def _drop(window: list[asyncio.Future[Message]]) -> None:
-    """Forget record batches in flight: they fail for the reason already handled, and
-    asyncio would log each as "exception never retrieved" (the simulator saw it)."""
-    for fut in window:
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-    window.clear()
 
 BATCH_BYTES = 1024 * 1024
 WINDOW = 4                 # journal batches in flight to the target
@@ -55,7 +48,8 @@ class Shipper:
                     or not self.serving(g):
                 if g.waiters:
                     self.release_waiters(g, None)
-                _drop(window)
+                forget(window)
+                window.clear()
                 g.need_stat = True
                 if link is not None and rec.feeder == self.node.name \
                         and rec.state != GroupState.SUSPENDED \
@@ -109,7 +103,8 @@ class Shipper:
                                  "past it is shipped; resync the pair to repair the copy")
                 self.node.events.publish("journal_corrupt", group=rec.name, seq=e.seq + 1)
             except RemoteError as e:
-                _drop(window)
+                forget(window)
+                window.clear()
                 if e.code == "corrupt":
                     self.remote.suspend(g, f"the target refused a damaged record: {e}")
                     self.node.events.publish("journal_corrupt", group=rec.name, error=str(e))
@@ -119,13 +114,15 @@ class Shipper:
                     g.need_stat = True
                     await asyncio.sleep(0.5)
             except PeerDown:
-                _drop(window)
+                forget(window)
+                window.clear()
                 g.need_stat = True
                 if g.waiters:
                     self.release_waiters(g, None)
             except Exception as e:  # a bug must not stop the copy while status says mirrored
                 log.exception("journal shipping failed", extra={"group": rec.name})
-                _drop(window)
+                forget(window)
+                window.clear()
                 g.need_stat = True
                 self.stalled(g, Stalled(f"shipping failed: {type(e).__name__}: {e}"))
                 await asyncio.sleep(1.0)
@@ -234,7 +231,7 @@ class Shipper:
                 g.rec.name, written=g.rec.written, wtime=g.rec.written_time,
                 received=g.rec.received, applied=g.rec.applied, atime=g.rec.applied_time,
                 state=g.rec.state, at=clock.wall())))
-            fut.add_done_callback(lambda f: f.exception())
+            forget([fut])
             return
 
     def watch(self, g: GroupRuntime) -> None:

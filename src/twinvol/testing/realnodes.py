@@ -24,7 +24,7 @@ from twinvol.cluster import ClusterConfig, ClusterSection, NodeConfig
 from twinvol.nbd.aio import NbdServerProtocol
 from twinvol.node.node import Node
 from twinvol.replication.core.types import Role
-from twinvol.testing.simloop import InlineExecutor, SimLoop, World
+from twinvol.testing.simloop import InlineExecutor, SimLoop
 from twinvol.tls.context import nbd_guard
 from twinvol.witness import witness_settings
 from twinvol.witness.client import WitnessRejected, WitnessUnreachable
@@ -228,9 +228,3 @@ def block_value(block: int, data: bytes) -> int:
 def read_store(node: Node, volume: str, blocks: int) -> list[int]:
     store = node.volumes.get(volume).store
     return [block_value(b, bytes(store.pread(b * BLOCK_SPACING, BLOCK))) for b in range(blocks)]
-
-
-def world_loop(world: World, name: str, drift: float) -> SimLoop:
-    from twinvol.testing.sim import Clock
-    return world.loop(name, Clock(world.rng.uniform(0, 1000),
-                                  1 + world.rng.uniform(-drift, drift)))

@@ -144,7 +144,8 @@ class Host:
                 self.drop(node)
                 await asyncio.sleep(self.rng.uniform(0.05, 0.3))
             finally:
-                self.writing.discard(op.block) if op.kind == "w" else None
+                if op.kind == "w":
+                    self.writing.discard(op.block)
 
 
 class RealRun:

@@ -212,17 +212,16 @@ class Endpoint(asyncio.Transport):
         return False
 
     def close(self) -> None:
-        if self.closing:
-            return
-        self.closing = True
-        self.net.send(self, _FIN)
-        self.loop.call_soon(self._lose, None)
+        self._shut(_FIN)
 
     def abort(self) -> None:
+        self._shut(_RST)
+
+    def _shut(self, how: object) -> None:
         if self.closing:
             return
         self.closing = True
-        self.net.send(self, _RST)
+        self.net.send(self, how)
         self.loop.call_soon(self._lose, None)
 
     def is_closing(self) -> bool:
